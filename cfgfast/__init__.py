@@ -1,0 +1,48 @@
+"""cfgfast: classifier-free guided diffusion sampling (Ho & Salimans) with fused reverse-step kernels."""
+
+from __future__ import annotations
+
+import torch
+
+from . import _ext
+from ._version import __version__
+from .backends import available_backends
+from .noise import normal_noise
+from .schedule import alpha_sigma, sampling_lambdas, step_coefficients, training_lambdas
+from .step import reverse_step
+
+__all__ = [
+    "__version__",
+    "alpha_sigma",
+    "available_backends",
+    "build_info",
+    "normal_noise",
+    "reverse_step",
+    "sampling_lambdas",
+    "step_coefficients",
+    "training_lambdas",
+]
+
+
+def build_info() -> dict:
+    """What this installation can run: the compiled kernels, the CPU instruction set, CUDA arch, triton."""
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    info = {
+        "version": __version__,
+        "torch": torch.__version__,
+        "cpu_kernel": False,
+        "cuda_kernel": False,
+        "cuda_arch": [],
+        "triton": triton_version,
+    }
+    module = _ext.load()
+    if module is None:
+        info["extension_error"] = _ext.error()
+    else:
+        info.update(module.build_info())
+    return info

@@ -1,0 +1,43 @@
+"""The optional compiled extension, cfgfast._C.
+
+`import cfgfast` works without it (the reference backend is plain PyTorch); asking for a compiled
+backend then raises one message with the command that rebuilds it.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+REBUILD = "pip install --no-build-isolation ."
+
+_module = None
+_error: str | None = None
+
+
+def load():
+    """cfgfast._C, or None if it is missing or was built against another torch."""
+    global _module, _error
+    if _module is None and _error is None:
+        try:
+            _module = importlib.import_module("cfgfast._C")
+            from cfgfast import _ops  # noqa: F401  (fake kernels for the ops just registered)
+        except (ImportError, OSError) as exc:
+            _error = f"{type(exc).__name__}: {exc}"
+    return _module
+
+
+def error() -> str | None:
+    """Why the extension could not be loaded (None if it loaded)."""
+    load()
+    return _error
+
+
+def require(what: str):
+    """cfgfast._C, or a RuntimeError naming what needed it and how to rebuild."""
+    module = load()
+    if module is None:
+        raise RuntimeError(
+            f"cfgfast: {what} needs the compiled extension cfgfast._C, which could not be loaded "
+            f"({_error}). Rebuild it against the installed torch from the source folder with: {REBUILD}"
+        )
+    return module

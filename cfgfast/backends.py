@@ -1,0 +1,105 @@
+"""Backends of the reverse step and the noise, and the choice between them.
+
+Each backend says what it supports and why it refuses an input (`refusals`); "auto" takes the first
+that accepts, in the order of SPEC §4 (cuda, triton on CUDA tensors; cpu on CPU tensors; reference last);
+a backend named explicitly that cannot run raises with its reasons.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import _ext
+from ._checks import seed_as_int64
+from .reference import normal_noise_reference, reverse_step_reference
+from .schedule import StepCoefficients
+
+BACKEND_NAMES = ("reference", "cpu", "triton", "cuda")
+
+
+class Backend:
+    name: str = ""
+
+    def refusals(self, device: torch.device) -> list[str]:
+        """Why this backend cannot run on `device` (empty: it can)."""
+        raise NotImplementedError
+
+    def reverse_step(self, out, z, eps_cond, eps_uncond, w, noise, coef: StepCoefficients, seed, step,
+                     index_offset, clip, last) -> None:
+        raise NotImplementedError
+
+    def normal_noise(self, out, seed, step, stream, index_offset) -> None:
+        raise NotImplementedError
+
+
+class ReferenceBackend(Backend):
+    """Plain PyTorch on any device: the oracle."""
+
+    name = "reference"
+
+    def refusals(self, device):
+        return []
+
+    def reverse_step(self, out, z, eps_cond, eps_uncond, w, noise, coef, seed, step, index_offset, clip, last):
+        if noise is None and not last:
+            noise = normal_noise_reference(z.shape, seed, step, 1, index_offset, device=z.device)
+        out.copy_(reverse_step_reference(z, eps_cond, eps_uncond, w, coef, noise, clip, last))
+
+    def normal_noise(self, out, seed, step, stream, index_offset):
+        out.copy_(normal_noise_reference(out.shape, seed, step, stream, index_offset, device=out.device))
+
+
+class CpuBackend(Backend):
+    """The fused C++ kernel (AVX2 where the CPU has it) on CPU tensors."""
+
+    name = "cpu"
+
+    def refusals(self, device):
+        reasons = []
+        if device.type != "cpu":
+            reasons.append(f"it runs on CPU tensors, got {device}")
+        if _ext.error() is not None:
+            reasons.append(f"the compiled extension is missing ({_ext.error()}); rebuild: {_ext.REBUILD}")
+        return reasons
+
+    def reverse_step(self, out, z, eps_cond, eps_uncond, w, noise, coef, seed, step, index_offset, clip, last):
+        torch.ops.cfgfast.reverse_step_(
+            out, z, eps_cond, eps_uncond, w, noise, coef.as_list(), seed_as_int64(seed), step, index_offset, clip, last
+        )
+
+    def normal_noise(self, out, seed, step, stream, index_offset):
+        torch.ops.cfgfast.normal_noise_(out, seed_as_int64(seed), step, stream, index_offset)
+
+
+_BACKENDS: dict[str, Backend] = {b.name: b for b in (ReferenceBackend(), CpuBackend())}
+_AUTO_ORDER = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "reference")}
+
+
+def available_backends() -> list[str]:
+    """The backends that can run on this machine (on its CPU or its GPU), in BACKEND_NAMES order."""
+    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    return [
+        name
+        for name in BACKEND_NAMES
+        if name in _BACKENDS and any(not _BACKENDS[name].refusals(d) for d in devices)
+    ]
+
+
+def choose(backend: str, device: torch.device) -> Backend:
+    """The backend to run on `device`: the named one, or with "auto" the first that accepts."""
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a str, got {type(backend).__name__}")
+    if backend == "auto":
+        for name in _AUTO_ORDER.get(device.type, ("reference",)):
+            if name in _BACKENDS and not _BACKENDS[name].refusals(device):
+                return _BACKENDS[name]
+        return _BACKENDS["reference"]
+    if backend not in BACKEND_NAMES:
+        raise ValueError(f"backend must be 'auto' or one of {list(BACKEND_NAMES)}, got {backend!r}")
+    if backend not in _BACKENDS:
+        raise RuntimeError(f"cfgfast: backend {backend!r} is not part of this version of cfgfast")
+    chosen = _BACKENDS[backend]
+    reasons = chosen.refusals(device)
+    if reasons:
+        raise RuntimeError(f"cfgfast: backend {backend!r} cannot run here: " + "; ".join(reasons))
+    return chosen

@@ -1,0 +1,62 @@
+"""One reverse step lam -> lam_next of classifier-free guided sampling (SPEC §2), on any backend."""
+
+from __future__ import annotations
+
+import torch
+
+from . import _checks
+from .backends import choose
+from .schedule import step_coefficients
+
+
+def reverse_step(z, eps_cond, eps_uncond, lam, lam_next, w, v=0.3, *, noise=None, seed=0, step=0, index_offset=0,
+                 last=False, clip=None, backend="auto", out=None) -> torch.Tensor:
+    """z' = mu~ + sqrt((sigma~^2)^(1-v) (sigma^2)^v) n  with  eps~ = (1 + w) eps_cond - w eps_uncond.
+
+    z: float32 [B, ...] at log-SNR lam; eps_cond, eps_uncond: the model's predictions, float32,
+    bfloat16 or float16, z's shape; w: a number or one per sample [B]; v: variance interpolation in
+    [0, 1]. The noise n is that of SPEC §3 (stream 1, t = step, samples index_offset ...) unless
+    `noise` is given. last=True returns x~ = (z - sigma eps~) / alpha with no noise. clip=c clamps x~
+    to [-c, c] first. out: an optional contiguous float32 tensor of z's shape to write into (may be z).
+    """
+    z = _checks.tensor("z", z)
+    if z.dtype != torch.float32:
+        raise TypeError(f"z must be float32, got {z.dtype}")
+    if z.dim() < 1:
+        raise ValueError("z must have a batch dimension [B, ...], got a 0-d tensor")
+    for name, eps in (("eps_cond", eps_cond), ("eps_uncond", eps_uncond)):
+        _checks.like_z(name, eps, z)
+        if eps.dtype not in _checks.EPS_DTYPES:
+            raise TypeError(f"{name} must be float32, bfloat16 or float16, got {eps.dtype}")
+    if eps_uncond.dtype != eps_cond.dtype:
+        raise TypeError(f"eps_uncond must have eps_cond's dtype {eps_cond.dtype}, got {eps_uncond.dtype}")
+    lam = _checks.real("lam", lam)
+    lam_next = _checks.real("lam_next", lam_next)
+    if not isinstance(last, bool):
+        raise TypeError(f"last must be a bool, got {type(last).__name__}")
+    if not last and not lam < lam_next:
+        raise ValueError(f"lam must be below lam_next on a non-last step, got lam={lam} >= lam_next={lam_next}")
+    batch = z.shape[0]
+    w = _checks.guidance(w, batch, z.device)
+    v = _checks.unit_interval("v", v)
+    if noise is not None:
+        noise = _checks.like_z("noise", noise, z)
+        if not noise.is_floating_point():
+            raise TypeError(f"noise must be a floating-point tensor, got {noise.dtype}")
+        noise = noise.float()
+    seed = _checks.seed(seed)
+    step = _checks.integer("step", step, high=_checks.MAX_WORD)
+    index_offset = _checks.integer("index_offset", index_offset, high=_checks.MAX_WORD - batch + 1)
+    if clip is not None:
+        clip = _checks.real("clip", clip)
+        if clip <= 0:
+            raise ValueError(f"clip must be positive, got {clip}")
+    if out is None:
+        out = torch.empty(z.shape, dtype=torch.float32, device=z.device)
+    elif not (isinstance(out, torch.Tensor) and out.dtype == torch.float32 and out.shape == z.shape
+              and out.device == z.device and out.is_contiguous()):
+        raise ValueError(f"out must be a contiguous float32 tensor of z's shape {tuple(z.shape)} on {z.device}")
+    coef = step_coefficients(lam, lam_next, v)
+    choose(backend, z.device).reverse_step(out, z, eps_cond, eps_uncond, w, noise, coef, seed, step, index_offset,
+                                           clip, last)
+    return out

@@ -1,0 +1,85 @@
+// The fused CPU kernel, free of torch: the op layer (ops_cpu.cpp) checks and parallelises, the
+// C++ unit tests call these functions directly.
+//
+// Work is cut into groups of four elements of one sample (one Philox call each, SPEC §3). Groups
+// [g0, g1) of sample b cover elements 4*g0 .. min(4*g1, N) - 1 of that sample.
+#pragma once
+
+#include <cstdint>
+
+#include "cfgfast/normal.h"
+#include "cfgfast/step.h"
+
+// The AVX2 body is compiled (with a per-file target pragma, never -march) on x86-64 with GCC or Clang,
+// and chosen at run time only where the CPU has AVX2, FMA and F16C.
+#if defined(__x86_64__) && defined(__GNUC__)
+#define CFGFAST_HAVE_AVX2 1
+#endif
+
+namespace cfgfast::cpu {
+
+// Raw 16-bit storage of the two half-precision ε types.
+struct bf16_t { uint16_t bits; };
+struct f16_t { uint16_t bits; };
+
+enum class EpsType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
+
+struct StepArgs {
+  float* out;
+  const float* z;
+  const void* eps_cond;
+  const void* eps_uncond;
+  EpsType eps_type;
+  const float* w;          // [B], one guidance strength per sample
+  const float* noise;      // explicit noise (C order, like z) or nullptr for the in-kernel draw
+  int64_t numel_per_sample;
+  StepCoef coef;
+  float clip;              // used when has_clip
+  bool has_clip;
+  bool last;
+  NoiseKey key;            // stream 1, t = step
+  uint64_t index_offset;   // global index of sample 0
+};
+
+struct NoiseArgs {
+  float* out;
+  int64_t numel_per_sample;
+  NoiseKey key;
+  uint64_t index_offset;
+};
+
+// Instruction sets with a kernel; "scalar" always works, the others only where the CPU has them.
+enum class Isa : int { kScalar = 0, kAvx2 = 1 };
+const char* isa_name(Isa isa);
+bool isa_compiled(Isa isa);   // built into this binary
+bool isa_supported(Isa isa);  // built and this CPU runs it
+Isa best_isa();
+Isa active_isa();
+void set_active_isa(Isa isa);  // for tests and CFGFAST_CPU_ISA; caller checks isa_supported
+
+void step_groups(const StepArgs& args, int64_t b, int64_t g0, int64_t g1);
+void noise_groups(const NoiseArgs& args, int64_t b, int64_t g0, int64_t g1);
+
+// Per-ISA entry points: they process whole vectors of complete groups from g0 on (g1 <= N / 4) and
+// return the first group they left for the scalar tail.
+int64_t step_groups_avx2(const StepArgs& args, int64_t b, int64_t g0, int64_t g1);
+int64_t noise_groups_avx2(const NoiseArgs& args, int64_t b, int64_t g0, int64_t g1);
+
+// Calls K<EpsT, kClip, kLast, kExplicitNoise>::run(args, rest...) for the runtime flags of args.
+template <template <class, bool, bool, bool> class K, class R, class... A>
+R dispatch_step(const StepArgs& args, A... rest) {
+  const bool clip = args.has_clip, noise = args.noise != nullptr;
+  auto by_eps = [&](auto eps_tag) -> R {
+    using E = decltype(eps_tag);
+    if (args.last) return clip ? K<E, true, true, false>::run(args, rest...) : K<E, false, true, false>::run(args, rest...);
+    if (clip) return noise ? K<E, true, false, true>::run(args, rest...) : K<E, true, false, false>::run(args, rest...);
+    return noise ? K<E, false, false, true>::run(args, rest...) : K<E, false, false, false>::run(args, rest...);
+  };
+  switch (args.eps_type) {
+    case EpsType::kBFloat16: return by_eps(bf16_t{});
+    case EpsType::kFloat16: return by_eps(f16_t{});
+    default: return by_eps(float{});
+  }
+}
+
+}  // namespace cfgfast::cpu

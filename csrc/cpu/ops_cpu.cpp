@@ -1,0 +1,83 @@
+// CPU implementations of the cfgfast ops: check, make inputs contiguous, split the work over
+// threads (ATen's parallel_for) in blocks of groups, run the fused kernel of kernel.cpp.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <torch/library.h>
+
+#include "kernel.h"
+#include "op_checks.h"
+
+namespace cfgfast {
+namespace {
+
+// 2048 groups = 8192 elements per task: a few tens of microseconds of work, 32 KiB per stream.
+constexpr int64_t kBlockGroups = 2048;
+
+template <class Fn>
+void for_each_block(int64_t batch, int64_t numel_per_sample, Fn fn) {
+  const int64_t groups = (numel_per_sample + 3) / 4;
+  const int64_t blocks = (groups + kBlockGroups - 1) / kBlockGroups;
+  if (batch == 0 || blocks == 0) return;
+  at::parallel_for(0, batch * blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / blocks, g0 = (task % blocks) * kBlockGroups;
+      fn(b, g0, g0 + kBlockGroups < groups ? g0 + kBlockGroups : groups);
+    }
+  });
+}
+
+cpu::EpsType eps_type_of(const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kBFloat16: return cpu::EpsType::kBFloat16;
+    case at::kHalf: return cpu::EpsType::kFloat16;
+    default: return cpu::EpsType::kFloat32;
+  }
+}
+
+void reverse_step_cpu(at::Tensor& out, const at::Tensor& z, const at::Tensor& eps_cond, const at::Tensor& eps_uncond,
+                      const at::Tensor& w, const c10::optional<at::Tensor>& noise, c10::ArrayRef<double> coef,
+                      int64_t seed, int64_t step, int64_t index_offset, c10::optional<double> clip, bool last) {
+  check_step_args(out, z, eps_cond, eps_uncond, w, noise, coef, step, index_offset);
+  TORCH_CHECK_VALUE(z.device().is_cpu(), "cfgfast: the cpu kernel needs CPU tensors, got ", z.device());
+  // Logical C order everywhere: the noise index j does not depend on the memory format.
+  const at::Tensor zc = z.contiguous(), ec = eps_cond.contiguous(), eu = eps_uncond.contiguous(), wc = w.contiguous();
+  at::Tensor nc;
+  if (noise.has_value()) nc = noise->contiguous();
+  const int64_t batch = z.size(0);
+  cpu::StepArgs args{};
+  args.out = out.data_ptr<float>();
+  args.z = zc.const_data_ptr<float>();
+  args.eps_cond = ec.const_data_ptr();
+  args.eps_uncond = eu.const_data_ptr();
+  args.eps_type = eps_type_of(ec);
+  args.w = wc.const_data_ptr<float>();
+  args.noise = noise.has_value() ? nc.const_data_ptr<float>() : nullptr;
+  args.numel_per_sample = batch == 0 ? 0 : z.numel() / batch;
+  args.coef = step_coef_from(coef);
+  args.has_clip = clip.has_value();
+  args.clip = clip.has_value() ? static_cast<float>(*clip) : 0.0f;
+  args.last = last;
+  args.key = noise_key(seed, step, /*stream=*/1);
+  args.index_offset = static_cast<uint64_t>(index_offset);
+  for_each_block(batch, args.numel_per_sample,
+                 [&](int64_t b, int64_t g0, int64_t g1) { cpu::step_groups(args, b, g0, g1); });
+}
+
+void normal_noise_cpu(at::Tensor& out, int64_t seed, int64_t step, int64_t stream, int64_t index_offset) {
+  check_noise_out(out, step, stream, index_offset);
+  TORCH_CHECK_VALUE(out.device().is_cpu(), "cfgfast: the cpu kernel needs a CPU tensor, got ", out.device());
+  const int64_t batch = out.size(0);
+  cpu::NoiseArgs args{out.data_ptr<float>(), batch == 0 ? 0 : out.numel() / batch, noise_key(seed, step, stream),
+                      static_cast<uint64_t>(index_offset)};
+  for_each_block(batch, args.numel_per_sample,
+                 [&](int64_t b, int64_t g0, int64_t g1) { cpu::noise_groups(args, b, g0, g1); });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(cfgfast, CPU, m) {
+  m.impl("reverse_step_", &reverse_step_cpu);
+  m.impl("normal_noise_", &normal_noise_cpu);
+}
+
+}  // namespace cfgfast

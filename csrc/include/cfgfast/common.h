@@ -1,0 +1,69 @@
+// Shared by every compiled backend: the host (CPU) kernels, the CUDA kernels and the C++ unit tests.
+// Nothing here includes torch, so the formulas can be tested on a machine without libtorch or a GPU.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define CFGFAST_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define CFGFAST_HOST_DEVICE inline __attribute__((always_inline))
+#endif
+
+namespace cfgfast {
+
+// Scalar overloads of the few operations the templated formulas use. SIMD types provide the same
+// names for their lanes (found by argument-dependent lookup), so a formula is written once and
+// compiled for float, for AVX2 vectors and in CUDA.
+CFGFAST_HOST_DEVICE float fmadd(float a, float b, float c) { return a * b + c; }
+CFGFAST_HOST_DEVICE float select(bool m, float a, float b) { return m ? a : b; }
+CFGFAST_HOST_DEVICE bool nonzero(uint32_t x) { return x != 0u; }
+CFGFAST_HOST_DEVICE float to_float(uint32_t x) { return static_cast<float>(static_cast<int32_t>(x)); }
+
+CFGFAST_HOST_DEVICE uint32_t float_bits(float x) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_uint(x);
+#else
+  uint32_t u;
+  std::memcpy(&u, &x, sizeof u);
+  return u;
+#endif
+}
+
+CFGFAST_HOST_DEVICE float bits_float(uint32_t u) {
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(u);
+#else
+  float x;
+  std::memcpy(&x, &u, sizeof x);
+  return x;
+#endif
+}
+
+CFGFAST_HOST_DEVICE float sqrt_(float x) {
+#if defined(__CUDA_ARCH__)
+  return __fsqrt_rn(x);
+#else
+  return __builtin_sqrtf(x);
+#endif
+}
+
+// clamp that propagates NaN, as torch.clamp does
+CFGFAST_HOST_DEVICE float clamp_(float x, float lo, float hi) { return x < lo ? lo : (x > hi ? hi : x); }
+
+// bfloat16 and IEEE half stored as raw 16-bit words, widened exactly to float.
+CFGFAST_HOST_DEVICE float bf16_to_float(uint16_t h) { return bits_float(static_cast<uint32_t>(h) << 16); }
+
+CFGFAST_HOST_DEVICE float half_to_float(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  const uint32_t exp = (h >> 10) & 0x1fu;
+  const uint32_t man = h & 0x3ffu;
+  if (exp == 0x1fu) return bits_float(sign | 0x7f800000u | (man << 13));  // inf / nan
+  if (exp != 0) return bits_float(sign | ((exp + 112u) << 23) | (man << 13));
+  // zero or subnormal: man * 2^-24, exact in float
+  const float mag = static_cast<float>(man) * 5.9604644775390625e-8f;
+  return bits_float(sign | float_bits(mag));
+}
+
+}  // namespace cfgfast
