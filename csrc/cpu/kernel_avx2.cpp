@@ -106,15 +106,32 @@ inline F8 load(const bf16_t* p) {
 inline F8 load(const f16_t* p) { return F8(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)))); }
 inline void store(float* p, F8 x) { _mm256_storeu_ps(p, x.v[0]); }
 
-// Normals of groups g .. g + kLanes - 1 in C order: out[m] holds elements 8m .. 8m + 7 of the run.
-inline void group_normals(const NoiseKey& key, int64_t g, uint32_t sample, F8 out[4 * kRegs]) {
-  VU<kRegs> groups;
-  for (int r = 0; r < kRegs; ++r) {
-    groups.v[r] = _mm256_add_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
-                                   _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(g) + 8u * r)));
+// The per-call constants of the noise: the ten round keys, broadcast once (not once per iteration).
+struct NoiseConstants {
+  VU<kRegs> k0[10], k1[10];
+  VU<kRegs> sample, step, stream;
+  explicit NoiseConstants(const NoiseKey& key, uint32_t sample_index)
+      : sample(sample_index), step(key.step), stream(key.stream) {
+    uint32_t a = key.k0, b = key.k1;
+    for (int round = 0; round < 10; ++round, a += kPhiloxW0, b += kPhiloxW1) {
+      k0[round] = VU<kRegs>(a);
+      k1[round] = VU<kRegs>(b);
+    }
   }
+};
+
+// Normals of groups g .. g + kLanes - 1 in C order: out[m] holds elements 8m .. 8m + 7 of the run.
+inline void group_normals(const NoiseConstants& c, int64_t g, F8 out[4 * kRegs]) {
+  VU<kRegs> x0;
+  for (int r = 0; r < kRegs; ++r) {
+    x0.v[r] = _mm256_add_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+                               _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(g) + 8u * r)));
+  }
+  VU<kRegs> x1 = c.sample, x2 = c.step, x3 = c.stream;
+#pragma GCC unroll 10
+  for (int round = 0; round < 10; ++round) philox_round(x0, x1, x2, x3, c.k0[round], c.k1[round]);
   VF<kRegs> n0, n1, n2, n3;
-  normals4<VF<kRegs>, VU<kRegs>>(key, groups, sample, n0, n1, n2, n3);
+  box_muller4<VF<kRegs>, VU<kRegs>>(x0, x1, x2, x3, n0, n1, n2, n3);
   for (int r = 0; r < kRegs; ++r) {
     // one normal per lane (lane = group) -> four consecutive normals per group
     const __m256 t0 = _mm256_unpacklo_ps(n0.v[r], n1.v[r]), t1 = _mm256_unpackhi_ps(n0.v[r], n1.v[r]);
@@ -137,11 +154,11 @@ struct Avx2Step {
     const auto* ec = static_cast<const EpsT*>(a.eps_cond);
     const auto* eu = static_cast<const EpsT*>(a.eps_uncond);
     const F8 w(a.w[b]), one_plus_w(1.0f + a.w[b]);
-    const auto sample = static_cast<uint32_t>(a.index_offset + static_cast<uint64_t>(b));
+    const NoiseConstants noise(a.key, static_cast<uint32_t>(a.index_offset + static_cast<uint64_t>(b)));
     int64_t g = g0;
     for (; g + kLanes <= g1; g += kLanes) {
       F8 n[4 * kRegs];
-      if (!kLast && !kExplicitNoise) group_normals(a.key, g, sample, n);
+      if (!kLast && !kExplicitNoise) group_normals(noise, g, n);
       const int64_t i0 = base + 4 * g;
       for (int k = 0; k < 4 * kRegs; ++k) {
         const int64_t i = i0 + 8 * k;
@@ -168,11 +185,11 @@ int64_t step_groups_avx2(const StepArgs& args, int64_t b, int64_t g0, int64_t g1
 
 int64_t noise_groups_avx2(const NoiseArgs& a, int64_t b, int64_t g0, int64_t g1) {
   float* out = a.out + b * a.numel_per_sample;
-  const auto sample = static_cast<uint32_t>(a.index_offset + static_cast<uint64_t>(b));
+  const NoiseConstants noise(a.key, static_cast<uint32_t>(a.index_offset + static_cast<uint64_t>(b)));
   int64_t g = g0;
   for (; g + kLanes <= g1; g += kLanes) {
     F8 n[4 * kRegs];
-    group_normals(a.key, g, sample, n);
+    group_normals(noise, g, n);
     for (int k = 0; k < 4 * kRegs; ++k) store(out + 4 * g + 8 * k, n[k]);
   }
   return g;

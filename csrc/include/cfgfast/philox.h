@@ -16,8 +16,22 @@ CFGFAST_HOST_DEVICE void mulhilo(uint32_t m, uint32_t x, uint32_t& hi, uint32_t&
   lo = static_cast<uint32_t>(p);
 }
 
-// Ten rounds on the counter (x0, x1, x2, x3) in place; U is uint32_t or a vector of lanes with
-// mulhilo and ^ defined. The key is the same for every lane.
+// One Philox round on the counter (x0, x1, x2, x3) in place; U is uint32_t or a vector of lanes with
+// mulhilo and ^ defined; K is uint32_t or (for SIMD code that precomputes the key schedule) a U.
+template <class U, class K>
+CFGFAST_HOST_DEVICE void philox_round(U& x0, U& x1, U& x2, U& x3, K k0, K k1) {
+  U hi0, lo0, hi1, lo1;
+  mulhilo(kPhiloxM0, x0, hi0, lo0);
+  mulhilo(kPhiloxM1, x2, hi1, lo1);
+  const U y0 = hi1 ^ x1 ^ k0;
+  const U y2 = hi0 ^ x3 ^ k1;
+  x0 = y0;
+  x1 = lo1;
+  x2 = y2;
+  x3 = lo0;
+}
+
+// Ten rounds, the key bumped by the Weyl constants between rounds.
 template <class U>
 CFGFAST_HOST_DEVICE void philox4x32_10(U& x0, U& x1, U& x2, U& x3, uint32_t k0, uint32_t k1) {
 #if defined(__CUDA_ARCH__)
@@ -26,15 +40,7 @@ CFGFAST_HOST_DEVICE void philox4x32_10(U& x0, U& x1, U& x2, U& x3, uint32_t k0, 
 #pragma GCC unroll 10
 #endif
   for (int round = 0; round < 10; ++round) {
-    U hi0, lo0, hi1, lo1;
-    mulhilo(kPhiloxM0, x0, hi0, lo0);
-    mulhilo(kPhiloxM1, x2, hi1, lo1);
-    const U y0 = hi1 ^ x1 ^ k0;
-    const U y2 = hi0 ^ x3 ^ k1;
-    x0 = y0;
-    x1 = lo1;
-    x2 = y2;
-    x3 = lo0;
+    philox_round(x0, x1, x2, x3, k0, k1);
     k0 += kPhiloxW0;
     k1 += kPhiloxW1;
   }

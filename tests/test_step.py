@@ -1,0 +1,231 @@
+"""reverse_step on every backend vs the reference vs the SPEC §2 formulas evaluated in float64.
+
+The float64 oracle below is written from the spec independently of cfgfast.schedule: sigmoids and
+1 - r formed directly (accurate in float64 for the gaps used here), mu from its *first* form.
+Tolerance: the float32 evaluation rounds each product and sum once, so its error is a few float32 ulps
+of the largest magnitude that enters the sum; we allow 16 ulps (2^-20) of that magnitude.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import cfgfast
+
+EPS_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+ULP_BUDGET = 2.0**-20  # 16 float32 ulps, relative to the magnitude of the terms summed
+
+
+def sigmoid64(x: float) -> float:
+    return 1.0 / (1.0 + math.exp(-x))
+
+
+def step_float64(z, eps_cond, eps_uncond, w, lam, lam_next, v, noise, clip=None, last=False):
+    """(z' in float64, magnitude of the terms summed) from SPEC §2; inputs as float64 numpy arrays."""
+    shape = (-1,) + (1,) * (z.ndim - 1)
+    w = np.broadcast_to(np.asarray(w, dtype=np.float64).reshape(shape), z.shape)
+    eps = (1 + w) * eps_cond - w * eps_uncond
+    eps_mag = np.abs(1 + w) * np.abs(eps_cond) + np.abs(w) * np.abs(eps_uncond)
+    alpha, sigma = math.sqrt(sigmoid64(lam)), math.sqrt(sigmoid64(-lam))
+    x = (z - sigma * eps) / alpha
+    x_mag = (np.abs(z) + sigma * eps_mag) / alpha
+    if clip is not None:
+        x = np.clip(x, -clip, clip)  # 1-Lipschitz: the error of x before clipping bounds it after
+    if last:
+        return x, x_mag
+    alpha_next, sigma_next = math.sqrt(sigmoid64(lam_next)), math.sqrt(sigmoid64(-lam_next))
+    r = math.exp(lam - lam_next)
+    mean = r * (alpha_next / alpha) * z + (1 - r) * alpha_next * x
+    var_small, var_large = (1 - r) * sigma_next**2, (1 - r) * sigma**2
+    std = math.sqrt(var_small ** (1 - v) * var_large**v)
+    if clip is None:
+        # the kernels use mu's second form: alpha'/alpha z - (1 - r) alpha' sigma / alpha eps
+        mag = alpha_next / alpha * np.abs(z) + (1 - r) * alpha_next * sigma / alpha * eps_mag
+    else:
+        mag = r * alpha_next / alpha * np.abs(z) + (1 - r) * alpha_next * x_mag
+    return mean + std * noise, mag + std * np.abs(noise)
+
+
+def as64(t: torch.Tensor) -> np.ndarray:
+    return t.detach().double().cpu().numpy()
+
+
+def backends():
+    """("reference", None) and ("cpu", isa) for each instruction set this CPU runs."""
+    out = [("reference", None)]
+    if "cpu" in cfgfast.available_backends():
+        out += [("cpu", isa) for isa in cfgfast.build_info()["cpu_isa_supported"]]
+    return out
+
+
+@pytest.fixture(params=backends(), ids=lambda b: b[0] if b[1] is None else f"cpu-{b[1]}")
+def backend(request):
+    name, isa = request.param
+    if isa is None:
+        yield name
+        return
+    from cfgfast import _C
+
+    previous = _C.set_cpu_isa(isa)
+    try:
+        yield name
+    finally:
+        _C.set_cpu_isa(previous)
+
+
+def make_inputs(shape, eps_dtype, seed, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(shape, generator=g) * scale
+    eps_cond = torch.randn(shape, generator=g).to(eps_dtype)
+    eps_uncond = torch.randn(shape, generator=g).to(eps_dtype)
+    return z, eps_cond, eps_uncond
+
+
+def check_against_float64(out, z, eps_cond, eps_uncond, w, lam, lam_next, v, noise, clip=None, last=False):
+    assert out.dtype == torch.float32 and out.shape == z.shape
+    w64 = as64(w) if isinstance(w, torch.Tensor) else np.full(z.shape[0], float(w))
+    expected, mag = step_float64(as64(z), as64(eps_cond), as64(eps_uncond), w64, lam, lam_next, v,
+                                 as64(noise) if noise is not None else 0.0, clip, last)
+    err = np.abs(as64(out) - expected)
+    bound = ULP_BUDGET * mag + 1e-30
+    worst = np.argmax(err / bound)
+    assert np.all(np.isfinite(as64(out))), "non-finite output (an element was not written?)"
+    assert np.all(err <= bound), (
+        f"max error {err.flat[worst]:.3g} exceeds bound {bound.flat[worst]:.3g} at flat index {worst} "
+        f"(got {as64(out).flat[worst]}, expected {expected.flat[worst]})"
+    )
+
+
+GRID = cfgfast.sampling_lambdas(64).tolist()
+# consecutive pairs of the sampling grid, both ends included, and wide jumps across the range
+LAMBDA_PAIRS = [(GRID[0], GRID[1]), (GRID[1], GRID[2]), (GRID[31], GRID[32]), (GRID[-2], GRID[-1]),
+                (-20.0, 20.0), (-5.0, 3.5), (0.0, 1e-3), (19.0, 20.0)]
+
+
+@pytest.mark.parametrize("lam,lam_next", LAMBDA_PAIRS)
+@pytest.mark.parametrize("eps_dtype", EPS_DTYPES, ids=str)
+def test_step_matches_float64_formula(backend, lam, lam_next, eps_dtype):
+    rng = np.random.default_rng(abs(hash((lam, lam_next))) % 2**32)
+    v = float(rng.uniform())
+    shape = (5, 201)  # 50 groups per sample: whole SIMD blocks, scalar groups and a partial group
+    z, ec, eu = make_inputs(shape, eps_dtype, seed=1)
+    w = torch.tensor([0.0, 0.3, 1.0, 4.0, 10.0])
+    seed, step = int(rng.integers(2**40)), int(rng.integers(1000))
+    out = torch.full(shape, float("nan"))  # poisoned: every element must be written
+    cfgfast.reverse_step(z, ec, eu, lam, lam_next, w, v, seed=seed, step=step, index_offset=3, backend=backend,
+                         out=out)
+    noise = cfgfast.normal_noise(shape, seed, step=step, stream=1, index_offset=3, backend="reference")
+    check_against_float64(out, z, ec, eu, w, lam, lam_next, v, noise)
+
+
+@pytest.mark.parametrize("per_sample", [(1,), (7,), (4097,), (3, 5, 7)], ids=str)
+@pytest.mark.parametrize("eps_dtype", EPS_DTYPES, ids=str)
+@pytest.mark.parametrize("mode", ["plain", "clip", "last", "last-clip", "noise"])
+def test_step_modes_and_odd_sizes(backend, per_sample, eps_dtype, mode):
+    shape = (3,) + per_sample
+    z, ec, eu = make_inputs(shape, eps_dtype, seed=2, scale=2.0)
+    lam, lam_next, v, w = -2.5, -1.75, 0.3, 2.0
+    clip = 1.0 if "clip" in mode else None
+    last = mode.startswith("last")
+    noise = torch.randn(shape, generator=torch.Generator().manual_seed(9)) if mode == "noise" else None
+    out = torch.full(shape, float("nan"))
+    cfgfast.reverse_step(z, ec, eu, lam, lam_next, w, v, noise=noise, seed=11, step=5, clip=clip, last=last,
+                         backend=backend, out=out)
+    if noise is None and not last:
+        noise = cfgfast.normal_noise(shape, 11, step=5, stream=1, backend="reference")
+    check_against_float64(out, z, ec, eu, w, lam, lam_next, v, noise, clip, last)
+    if clip is not None and last:
+        assert out.abs().max() <= clip
+
+
+@pytest.mark.parametrize("lam", [-20.0, -3.0, 0.0, 20.0])
+def test_last_step_returns_x_prediction(backend, lam):
+    shape = (4, 9)
+    z, ec, eu = make_inputs(shape, torch.float32, seed=3)
+    out = cfgfast.reverse_step(z, ec, eu, lam, lam, torch.tensor([0.0, 1.0, 2.0, 3.0]), last=True, backend=backend)
+    check_against_float64(out, z, ec, eu, torch.tensor([0.0, 1.0, 2.0, 3.0]), lam, lam, 0.3, None, last=True)
+
+
+def test_v_interpolates_the_variance():
+    """v = 0 gives the posterior variance (1 - r) sigma'^2, v = 1 the forward one (1 - r) sigma^2."""
+    shape = (2, 4096)
+    z = torch.zeros(shape)
+    zero = torch.zeros(shape)
+    lam, lam_next = -1.0, 0.5
+    r = math.exp(lam - lam_next)
+    for v, var in ((0.0, (1 - r) * sigmoid64(-lam_next)), (1.0, (1 - r) * sigmoid64(-lam))):
+        out = cfgfast.reverse_step(z, zero, zero, lam, lam_next, 0.0, v, seed=1)
+        noise = cfgfast.normal_noise(shape, 1, step=0, stream=1)
+        torch.testing.assert_close(out, math.sqrt(var) * noise, rtol=1e-6, atol=1e-7)
+
+
+def test_noncontiguous_views_use_logical_order(backend):
+    base = torch.randn(6, 3, 10, 8)
+    z = base[::2, :, 1:9, :].transpose(2, 3)  # strided, non-contiguous, [3, 3, 8, 8]
+    ec = torch.randn(3, 8, 8, 3).permute(0, 3, 1, 2).to(torch.bfloat16)  # channels-last-like layout
+    eu = torch.randn(3, 3, 8, 8).contiguous(memory_format=torch.channels_last).to(torch.bfloat16)
+    w = torch.tensor([0.5, 1.5, 3.0]).flip(0)  # a view with a negative stride
+    assert not z.is_contiguous() and not ec.is_contiguous()
+    out = cfgfast.reverse_step(z, ec, eu, -4.0, -3.0, w, 0.2, seed=5, step=2, backend=backend)
+    dense = cfgfast.reverse_step(z.contiguous(), ec.contiguous(), eu.contiguous(), -4.0, -3.0, w.contiguous(), 0.2,
+                                 seed=5, step=2, backend=backend)
+    torch.testing.assert_close(out, dense, rtol=0, atol=0)
+    noise = cfgfast.normal_noise(z.shape, 5, step=2, stream=1, backend="reference")
+    check_against_float64(out, z, ec, eu, w, -4.0, -3.0, 0.2, noise)
+
+
+def test_in_place_update(backend):
+    z, ec, eu = make_inputs((4, 33), torch.float32, seed=4)
+    expected = cfgfast.reverse_step(z, ec, eu, 1.0, 2.0, 1.0, seed=3, backend=backend)
+    state = z.clone()
+    result = cfgfast.reverse_step(state, ec, eu, 1.0, 2.0, 1.0, seed=3, backend=backend, out=state)
+    assert result.data_ptr() == state.data_ptr()
+    torch.testing.assert_close(state, expected, rtol=0, atol=0)
+
+
+def test_in_kernel_noise_equals_explicit_spec_noise(backend):
+    shape = (3, 2, 50)
+    z, ec, eu = make_inputs(shape, torch.float32, seed=6)
+    a = cfgfast.reverse_step(z, ec, eu, -1.0, -0.5, 2.0, seed=2**33 + 1, step=17, index_offset=40, backend=backend)
+    noise = cfgfast.normal_noise(shape, 2**33 + 1, step=17, stream=1, index_offset=40, backend="reference")
+    b = cfgfast.reverse_step(z, ec, eu, -1.0, -0.5, 2.0, noise=noise, backend="reference")
+    torch.testing.assert_close(a, b, rtol=2e-6, atol=2e-6)
+
+
+def test_batch_split_gives_the_same_samples(backend):
+    """Noise follows the global sample index: a batch split with index_offset equals the whole."""
+    shape = (6, 3, 5)
+    z, ec, eu = make_inputs(shape, torch.float32, seed=7)
+    w = torch.linspace(0, 5, 6)
+    whole = cfgfast.reverse_step(z, ec, eu, 0.5, 1.0, w, seed=8, step=3, backend=backend)
+    parts = [cfgfast.reverse_step(z[i:j], ec[i:j], eu[i:j], 0.5, 1.0, w[i:j], seed=8, step=3, index_offset=i,
+                                  backend=backend) for i, j in ((0, 1), (1, 4), (4, 6))]
+    torch.testing.assert_close(torch.cat(parts), whole, rtol=0, atol=0)
+
+
+def test_cpu_matches_reference_on_a_sampling_trajectory():
+    """Chain the cpu step over a coarse grid with a fixed 'model' and compare to the reference chain."""
+    if "cpu" not in cfgfast.available_backends():
+        pytest.skip(f"cpu backend unavailable: {cfgfast._ext.error()}")
+    lams = cfgfast.sampling_lambdas(16).tolist()
+    shape = (4, 3, 8, 8)
+    z_cpu = z_ref = cfgfast.normal_noise(shape, 0, step=0, stream=0)
+    for t in range(len(lams) - 1):
+        last = t == len(lams) - 2
+        eps_c, eps_u = torch.tanh(z_ref) * 0.5, torch.tanh(z_ref) * 0.25  # the same eps for both chains
+        z_cpu = cfgfast.reverse_step(z_cpu, eps_c, eps_u, lams[t], lams[t + 1], 1.5, seed=0, step=t, last=last,
+                                     backend="cpu")
+        z_ref = cfgfast.reverse_step(z_ref, eps_c, eps_u, lams[t], lams[t + 1], 1.5, seed=0, step=t, last=last,
+                                     backend="reference")
+        torch.testing.assert_close(z_cpu, z_ref, rtol=1e-5, atol=1e-5 * z_ref.abs().max().item())
+
+
+def test_auto_backend_picks_cpu_kernel_on_cpu_tensors():
+    from cfgfast.backends import choose
+
+    expected = "cpu" if "cpu" in cfgfast.available_backends() else "reference"
+    assert choose("auto", torch.device("cpu")).name == expected
