@@ -1,0 +1,125 @@
+"""SPEC §5: every bad input to reverse_step gets a ValueError/TypeError naming the argument, on every
+backend, and a direct call of the compiled op with bad arguments raises instead of crashing."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import cfgfast
+
+BACKENDS = [b for b in ("reference", "cpu") if b in cfgfast.available_backends()]
+
+
+def good(**overrides):
+    z = torch.randn(3, 4, 5)
+    kwargs = dict(z=z, eps_cond=torch.randn_like(z), eps_uncond=torch.randn_like(z), lam=-1.0, lam_next=0.0, w=1.0,
+                  v=0.3)
+    kwargs.update(overrides)
+    return kwargs
+
+
+def call(backend, **overrides):
+    kwargs = good(**overrides)
+    args = [kwargs.pop(k) for k in ("z", "eps_cond", "eps_uncond", "lam", "lam_next", "w", "v")]
+    return cfgfast.reverse_step(*args, backend=backend, **kwargs)
+
+
+CASES = [
+    # (overrides, exception, message that names the argument)
+    (dict(z=torch.randn(3, 4, 5, dtype=torch.float64)), TypeError, "z must be float32"),
+    (dict(z=[1.0, 2.0]), TypeError, "z must be a torch.Tensor"),
+    (dict(z=torch.tensor(1.0)), ValueError, "batch dimension"),
+    (dict(eps_cond=torch.randn(3, 4, 6)), ValueError, "eps_cond must have the shape of z"),
+    (dict(eps_uncond=torch.randn(3, 20)), ValueError, "eps_uncond must have the shape of z"),
+    (dict(eps_cond=torch.ones(3, 4, 5, dtype=torch.int32)), TypeError, "eps_cond must be float32, bfloat16"),
+    (dict(eps_uncond=torch.randn(3, 4, 5, dtype=torch.float16)), TypeError, "eps_uncond must have eps_cond's dtype"),
+    (dict(eps_cond=torch.randn(3, 4, 5, device="meta")), ValueError, "eps_cond must be on z's device"),
+    (dict(noise=torch.randn(3, 4, 4)), ValueError, "noise must have the shape of z"),
+    (dict(noise=torch.randn(3, 4, 5, device="meta")), ValueError, "noise must be on z's device"),
+    (dict(noise=torch.ones(3, 4, 5, dtype=torch.int64)), TypeError, "noise must be a floating-point"),
+    (dict(w=torch.ones(2)), ValueError, r"w must be a number or a tensor of shape \[3\]"),
+    (dict(w=torch.ones(3, 1)), ValueError, r"w must be a number or a tensor of shape \[3\]"),
+    (dict(w=float("nan")), ValueError, "w must be finite"),
+    (dict(w=math.inf), ValueError, "w must be finite"),
+    (dict(w=torch.tensor([1.0, float("inf"), 0.0])), ValueError, "w must be finite"),
+    (dict(w="2"), TypeError, "w must be a real number"),
+    (dict(v=-0.1), ValueError, r"v must be in \[0, 1\]"),
+    (dict(v=1.5), ValueError, r"v must be in \[0, 1\]"),
+    (dict(v=float("nan")), ValueError, "v must be finite"),
+    (dict(lam=0.0, lam_next=0.0), ValueError, "lam must be below lam_next"),
+    (dict(lam=1.0, lam_next=-1.0), ValueError, "lam must be below lam_next"),
+    (dict(lam=float("nan")), ValueError, "lam must be finite"),
+    (dict(lam_next=float("inf")), ValueError, "lam_next must be finite"),
+    (dict(lam=torch.tensor([1.0, 2.0])), ValueError, "lam must be a number or a one-element tensor"),
+    (dict(seed=-1), ValueError, "seed must be at least 0"),
+    (dict(seed=2**64), ValueError, "seed must be at least 0, below"),
+    (dict(seed=1.5), TypeError, "seed must be an int"),
+    (dict(step=-3), ValueError, "step must be at least 0"),
+    (dict(step=2**32), ValueError, "step must be at least 0, below"),
+    (dict(index_offset=-1), ValueError, "index_offset must be at least 0"),
+    (dict(index_offset=2**32 - 2), ValueError, "index_offset must be at least 0, below"),  # + batch 3 > 2^32
+    (dict(clip=0.0), ValueError, "clip must be positive"),
+    (dict(clip=float("nan")), ValueError, "clip must be finite"),
+    (dict(last=1), TypeError, "last must be a bool"),
+    (dict(out=torch.empty(3, 4, 5, dtype=torch.float64)), ValueError, "out must be a contiguous float32"),
+    (dict(out=torch.empty(5, 4, 3).transpose(0, 2)), ValueError, "out must be a contiguous float32"),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("overrides,exc,message", CASES, ids=[c[2][:40] for c in CASES])
+def test_bad_input_is_named(backend, overrides, exc, message):
+    with pytest.raises(exc, match=message):
+        call(backend, **overrides)
+
+
+def test_last_step_accepts_any_lam_next():
+    out = call("reference", lam=2.0, lam_next=2.0, last=True)
+    assert torch.isfinite(out).all()
+
+
+def test_unknown_backend():
+    with pytest.raises(ValueError, match="backend must be 'auto' or one of"):
+        call("tpu")
+    with pytest.raises(TypeError, match="backend must be a str"):
+        call(None)
+
+
+def test_cpu_backend_refuses_other_devices():
+    if "cpu" not in BACKENDS:
+        pytest.skip("cpu backend unavailable")
+    z = torch.randn(2, 3, device="meta")
+    with pytest.raises(RuntimeError, match="backend 'cpu' cannot run here: it runs on CPU tensors"):
+        cfgfast.reverse_step(z, torch.randn_like(z), torch.randn_like(z), 0.0, 1.0, 1.0, backend="cpu")
+
+
+def test_sampling_lambdas_needs_two_steps():
+    with pytest.raises(ValueError, match="steps must be at least 2"):
+        cfgfast.sampling_lambdas(1)
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="cpu backend unavailable")
+@pytest.mark.parametrize(
+    "mutate,exc,message",
+    [
+        (lambda a: a.update(z=a["z"].double()), TypeError, "z must be float32"),
+        (lambda a: a.update(eps_cond=a["eps_cond"][:2]), ValueError, "eps_cond must have the shape of z"),
+        (lambda a: a.update(eps_uncond=a["eps_uncond"].half()), TypeError, "eps_uncond must have the dtype"),
+        (lambda a: a.update(w=a["w"][:1]), ValueError, "w must have shape"),
+        (lambda a: a.update(noise=torch.randn(1)), ValueError, "noise must have the shape of z"),
+        (lambda a: a.update(out=torch.empty(1)), ValueError, "out must be a contiguous float32"),
+        (lambda a: a.update(coef=[1.0, 2.0]), ValueError, "coef must hold 7 numbers"),
+        (lambda a: a.update(step=-1), ValueError, "step must be in"),
+        (lambda a: a.update(index_offset=2**32), ValueError, "index_offset"),
+    ],
+)
+def test_direct_op_call_checks_its_arguments(mutate, exc, message):
+    z = torch.randn(3, 8)
+    args = dict(out=torch.empty_like(z), z=z, eps_cond=torch.randn_like(z), eps_uncond=torch.randn_like(z),
+                w=torch.ones(3), noise=None, coef=[1.0] * 7, seed=0, step=0, index_offset=0, clip=None, last=False)
+    mutate(args)
+    with pytest.raises(exc, match=message):
+        torch.ops.cfgfast.reverse_step_(*args.values())

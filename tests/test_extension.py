@@ -1,0 +1,80 @@
+"""The compiled extension: registration (opcheck), build facts, and life without it."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import cfgfast
+
+needs_extension = pytest.mark.skipif(cfgfast._ext.error() is not None,
+                                     reason=f"cfgfast._C unavailable: {cfgfast._ext.error()}")
+
+
+@needs_extension
+@pytest.mark.parametrize("eps_dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("mode", ["noise-in-kernel", "explicit-noise", "clip", "last"])
+def test_opcheck_reverse_step(eps_dtype, mode):
+    z = torch.randn(3, 2, 37)
+    coef = cfgfast.step_coefficients(-1.0, -0.5, 0.3).as_list()
+    noise = torch.randn_like(z) if mode == "explicit-noise" else None
+    args = (torch.empty_like(z), z, torch.randn_like(z).to(eps_dtype), torch.randn_like(z).to(eps_dtype),
+            torch.rand(3), noise, coef, 7, 2, 5, 1.0 if mode == "clip" else None, mode == "last")
+    torch.library.opcheck(torch.ops.cfgfast.reverse_step_.default, args)
+
+
+@needs_extension
+def test_build_info_reports_the_cpu_kernel():
+    info = cfgfast.build_info()
+    assert info["cpu_kernel"] is True
+    assert info["version"] == cfgfast.__version__
+    assert info["torch_built_against"] == torch.__version__.split("+")[0]
+    assert info["cpu_isa"] in info["cpu_isa_supported"]
+    assert set(info["cpu_isa_supported"]) <= set(info["cpu_isa_compiled"])
+    assert cfgfast.available_backends()[:2] == ["reference", "cpu"]
+
+
+@needs_extension
+def test_cpu_isa_override_from_environment():
+    code = "import cfgfast; print(cfgfast.build_info()['cpu_isa'])"
+    env = {**__import__("os").environ, "CFGFAST_CPU_ISA": "scalar"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "scalar"
+
+
+@needs_extension
+def test_unknown_isa_is_refused():
+    from cfgfast import _C
+
+    with pytest.raises(ValueError, match="unknown cpu isa"):
+        _C.set_cpu_isa("avx9000")
+
+
+def test_import_and_reference_work_without_the_extension():
+    """With cfgfast._C unimportable, import works, auto falls back to the reference backend, and asking
+    for the cpu backend names the rebuild command."""
+    code = textwrap.dedent(
+        """
+        import sys
+        sys.modules["cfgfast._C"] = None  # makes `import cfgfast._C` raise ImportError
+        import torch, cfgfast
+        info = cfgfast.build_info()
+        assert info["cpu_kernel"] is False and "extension_error" in info, info
+        assert cfgfast.available_backends() == ["reference"], cfgfast.available_backends()
+        z = torch.randn(2, 5)
+        out = cfgfast.reverse_step(z, z, z, 0.0, 1.0, 1.0)
+        assert torch.isfinite(out).all()
+        try:
+            cfgfast.reverse_step(z, z, z, 0.0, 1.0, 1.0, backend="cpu")
+        except RuntimeError as exc:
+            assert "pip install --no-build-isolation ." in str(exc), exc
+            print("ok")
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
