@@ -11,14 +11,15 @@ from dataclasses import astuple, dataclass
 
 import torch
 
+from . import _checks
+
 LAMBDA_MIN = -20.0
 LAMBDA_MAX = 20.0
 
 
 def _check_range(lambda_min: float, lambda_max: float) -> None:
-    for name, value in (("lambda_min", lambda_min), ("lambda_max", lambda_max)):
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
-            raise ValueError(f"{name} must be a finite number, got {value!r}")
+    _checks.real("lambda_min", lambda_min)
+    _checks.real("lambda_max", lambda_max)
     if not lambda_min < lambda_max:
         raise ValueError(f"lambda_min must be below lambda_max, got {lambda_min} >= {lambda_max}")
 
@@ -35,10 +36,7 @@ def sampling_lambdas(steps: int, lambda_min: float = LAMBDA_MIN, lambda_max: flo
 
     lam_t = -2 log tan(a u_t + b) at u_t = 1 - t / (steps - 1): evenly spaced in u, not in lambda.
     """
-    if not isinstance(steps, int) or isinstance(steps, bool):
-        raise TypeError(f"steps must be an int, got {type(steps).__name__}")
-    if steps < 2:
-        raise ValueError(f"steps must be at least 2, got {steps}")
+    steps = _checks.integer("steps", steps, low=2)
     _check_range(lambda_min, lambda_max)
     u = 1.0 - torch.arange(steps, dtype=torch.float64) / (steps - 1)
     lam = _sech_map(u, lambda_min, lambda_max)
@@ -51,7 +49,8 @@ def training_lambdas(
 ) -> torch.Tensor:
     """Training log-SNRs from u ~ U(0, 1) (paper, Algorithm 1), in u's floating dtype.
 
-    The truncated hyperbolic secant of SPEC §1, or with uniform=True lambda uniform on the range.
+    The truncated hyperbolic secant of SPEC §1, or with uniform=True lambda uniform on the range;
+    either way u = 0 gives lambda_max and u = 1 lambda_min, as on the sampling grid.
     """
     if not isinstance(u, torch.Tensor):
         raise TypeError(f"u must be a tensor, got {type(u).__name__}")
@@ -59,8 +58,10 @@ def training_lambdas(
         raise TypeError(f"u must be a floating-point tensor, got {u.dtype}")
     _check_range(lambda_min, lambda_max)
     u64 = u.double()
+    if not bool(((u64 >= 0) & (u64 <= 1)).all()):
+        raise ValueError("u must lie in [0, 1], got values outside it (or nan)")
     if uniform:
-        lam = lambda_min + (lambda_max - lambda_min) * u64
+        lam = lambda_max - (lambda_max - lambda_min) * u64
     else:
         lam = _sech_map(u64, lambda_min, lambda_max)
     return lam.clamp(lambda_min, lambda_max).to(u.dtype)

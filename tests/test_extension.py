@@ -11,11 +11,7 @@ import torch
 
 import cfgfast
 
-needs_extension = pytest.mark.skipif(cfgfast._ext.error() is not None,
-                                     reason=f"cfgfast._C unavailable: {cfgfast._ext.error()}")
-
-
-@needs_extension
+@pytest.mark.needs_extension
 @pytest.mark.parametrize("eps_dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("mode", ["noise-in-kernel", "explicit-noise", "clip", "last"])
 def test_opcheck_reverse_step(eps_dtype, mode):
@@ -27,7 +23,7 @@ def test_opcheck_reverse_step(eps_dtype, mode):
     torch.library.opcheck(torch.ops.cfgfast.reverse_step_.default, args)
 
 
-@needs_extension
+@pytest.mark.needs_extension
 def test_build_info_reports_the_cpu_kernel():
     info = cfgfast.build_info()
     assert info["cpu_kernel"] is True
@@ -38,7 +34,7 @@ def test_build_info_reports_the_cpu_kernel():
     assert cfgfast.available_backends()[:2] == ["reference", "cpu"]
 
 
-@needs_extension
+@pytest.mark.needs_extension
 def test_cpu_isa_override_from_environment():
     code = "import cfgfast; print(cfgfast.build_info()['cpu_isa'])"
     env = {**__import__("os").environ, "CFGFAST_CPU_ISA": "scalar"}
@@ -46,7 +42,7 @@ def test_cpu_isa_override_from_environment():
     assert out.stdout.strip() == "scalar"
 
 
-@needs_extension
+@pytest.mark.needs_extension
 def test_unknown_isa_is_refused():
     from cfgfast import _C
 

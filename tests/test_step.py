@@ -54,29 +54,6 @@ def as64(t: torch.Tensor) -> np.ndarray:
     return t.detach().double().cpu().numpy()
 
 
-def backends():
-    """("reference", None) and ("cpu", isa) for each instruction set this CPU runs."""
-    out = [("reference", None)]
-    if "cpu" in cfgfast.available_backends():
-        out += [("cpu", isa) for isa in cfgfast.build_info()["cpu_isa_supported"]]
-    return out
-
-
-@pytest.fixture(params=backends(), ids=lambda b: b[0] if b[1] is None else f"cpu-{b[1]}")
-def backend(request):
-    name, isa = request.param
-    if isa is None:
-        yield name
-        return
-    from cfgfast import _C
-
-    previous = _C.set_cpu_isa(isa)
-    try:
-        yield name
-    finally:
-        _C.set_cpu_isa(previous)
-
-
 def make_inputs(shape, eps_dtype, seed, scale=1.0):
     g = torch.Generator().manual_seed(seed)
     z = torch.randn(shape, generator=g) * scale

@@ -1,7 +1,8 @@
 // Philox words to standard normals (SPEC §3, Box–Muller), written once for scalars and SIMD lanes.
 //
 // ln, sin and cos are float32 polynomials (Cephes' logf, sinf, cosf), not the libm calls, so that
-// the scalar, AVX2 and CUDA builds evaluate the same operations and agree to a few float32 ulps.
+// the scalar, AVX2 and CUDA builds evaluate the same formulas and agree to a few float32 ulps (not
+// bit for bit: fmadd is a fused multiply-add in the SIMD and CUDA builds, a*b + c in the scalar one).
 // The angle 2*pi*f is reduced exactly in fixed point: f has 24 fraction bits, so f - k/4 is exact.
 #pragma once
 
