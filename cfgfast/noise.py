@@ -10,12 +10,13 @@ from .backends import choose
 
 
 def normal_noise(shape, seed: int, step: int = 0, stream: int = 1, index_offset: int = 0, *, device="cpu",
-                 backend: str = "auto") -> torch.Tensor:
+                 backend: str = "auto", out: torch.Tensor | None = None) -> torch.Tensor:
     """Standard normals of SPEC §3, float32 of `shape` = [B, *sample_shape].
 
     Sample i of the result is global sample index_offset + i; element j of a sample is its C-order
     index. stream 0, step 0 is the initial z of the sampler; stream 1, step t the noise of the
-    transition lam_t -> lam_(t+1).
+    transition lam_t -> lam_(t+1). out: an optional contiguous float32 tensor of `shape` on `device`
+    to write into (saves the allocation when drawing repeatedly).
     """
     if isinstance(shape, torch.Size) or (isinstance(shape, (tuple, list))):
         shape = tuple(_checks.integer("shape", s) for s in shape)
@@ -28,6 +29,10 @@ def normal_noise(shape, seed: int, step: int = 0, stream: int = 1, index_offset:
     stream = _checks.integer("stream", stream, high=_checks.MAX_WORD)
     index_offset = _checks.integer("index_offset", index_offset, high=_checks.MAX_WORD - shape[0] + 1)
     device = torch.device(device)
-    out = torch.empty(shape, dtype=torch.float32, device=device)
+    if out is None:
+        out = torch.empty(shape, dtype=torch.float32, device=device)
+    elif not (isinstance(out, torch.Tensor) and out.dtype == torch.float32 and tuple(out.shape) == shape
+              and out.device == device and out.is_contiguous()):
+        raise ValueError(f"out must be a contiguous float32 tensor of shape {shape} on {device}")
     choose(backend, device).normal_noise(out, seed, step, stream, index_offset)
     return out

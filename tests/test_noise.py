@@ -360,3 +360,16 @@ def test_cpu_backend_without_extension(monkeypatch):
         cfgfast.normal_noise((2, 3), 0, backend="cpu")
     fallback = cfgfast.normal_noise((2, 3), 4, 1, 1, 2)
     assert_close_to_exact(fallback, normals_np((2, 3), 4, 1, 1, 2), "reference")
+
+
+@pytest.mark.parametrize("backend_name", ["reference", pytest.param("cpu", marks=pytest.mark.needs_extension)])
+def test_normal_noise_writes_into_out(backend_name):
+    shape = (3, 2, 11)
+    out = torch.full(shape, float("nan"))
+    result = cfgfast.normal_noise(shape, 5, step=2, out=out, backend=backend_name)
+    assert result.data_ptr() == out.data_ptr()
+    expected = cfgfast.normal_noise(shape, 5, step=2, backend="reference")
+    torch.testing.assert_close(out, expected, rtol=5e-7, atol=1e-12)
+    for bad in (torch.empty(3, 2, 10), torch.empty(shape, dtype=torch.float64), torch.empty(2, 11, 3).transpose(0, 2)):
+        with pytest.raises(ValueError, match="out must be a contiguous float32 tensor"):
+            cfgfast.normal_noise(shape, 5, out=bad, backend=backend_name)

@@ -12,13 +12,17 @@ namespace {
 
 // 2048 groups = 8192 elements per task: a few tens of microseconds of work, 32 KiB per stream.
 constexpr int64_t kBlockGroups = 2048;
+// Below about this many elements a second thread costs more than it saves.
+constexpr int64_t kMinElementsPerThread = 65536;
 
 template <class Fn>
 void for_each_block(int64_t batch, int64_t numel_per_sample, Fn fn) {
   const int64_t groups = (numel_per_sample + 3) / 4;
   const int64_t blocks = (groups + kBlockGroups - 1) / kBlockGroups;
   if (batch == 0 || blocks == 0) return;
-  at::parallel_for(0, batch * blocks, 1, [&](int64_t begin, int64_t end) {
+  const int64_t elements_per_task = numel_per_sample < 4 * kBlockGroups ? numel_per_sample : 4 * kBlockGroups;
+  const int64_t grain = (kMinElementsPerThread + elements_per_task - 1) / elements_per_task;
+  at::parallel_for(0, batch * blocks, grain, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / blocks, g0 = (task % blocks) * kBlockGroups;
       fn(b, g0, g0 + kBlockGroups < groups ? g0 + kBlockGroups : groups);

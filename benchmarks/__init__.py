@@ -1,0 +1,1 @@
+"""Speed benchmarks of cfgfast (pytest-benchmark): `pytest benchmarks/ --benchmark-only`."""

@@ -1,0 +1,172 @@
+"""Fixtures of the step benchmarks and the summary printed after them: per size, the median of every
+variant measured in this run and the ratios the speed target is stated in."""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+from .utils import (
+    COPY_LABEL,
+    EAGER_LABEL,
+    FAST_BACKENDS,
+    RANDN_LABEL,
+    REFERENCE_LABEL,
+    SIZES,
+    device_info,
+    fused_label,
+    make_step_inputs,
+    noise_label,
+    synchronized,
+)
+
+TARGET_SPEEDUP = 10.0  # the issue's bar: fused step >= 10x faster than the eager PyTorch step
+MIN_ROUND_S = 1e-3  # rounds shorter than this loop several calls, so the timer's resolution is no issue
+SLOW_CALL_S = 0.5  # calls slower than this (the reference backend) get 3 rounds, not --benchmark-min-rounds
+
+
+@dataclass
+class Record:
+    median_s: float
+    min_s: float  # best round: what the variant costs when the machine leaves it alone
+    rounds: int
+    gb_per_s: float  # at the median
+
+
+# (device, size) -> {label: Record}, and (device, size) -> device_info; filled by the `step_benchmark` fixture.
+RESULTS: dict[tuple[str, str], dict[str, Record]] = {}
+DEVICE_INFO: dict[tuple[str, str], dict] = {}
+
+_HERE = Path(__file__).resolve().parent
+_LOAD_AT_START: list[float] = []
+
+
+def pytest_configure(config):
+    # CFGFAST_BENCH_THREADS=n: torch's intra-op threads (the fused kernel uses the same pool); on a
+    # machine shared with other work, fewer threads than cores keeps the timings from being quantised
+    # by the scheduler (a parallel region waits for its slowest thread).
+    threads = os.environ.get("CFGFAST_BENCH_THREADS")
+    if threads:
+        torch.set_num_threads(int(threads))
+    if hasattr(os, "getloadavg"):
+        _LOAD_AT_START[:] = [os.getloadavg()[0]]
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """Run the benchmarks size by size (stable order otherwise), so the variants compared in one
+    ratio run close together in time on a noisy machine."""
+    size_rank = {size: rank for rank, size in enumerate(SIZES)}
+    slots = [i for i, item in enumerate(items) if _HERE in Path(str(item.path)).resolve().parents]
+
+    def rank(item):
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        return size_rank.get(params.get("size"), len(size_rank))
+
+    for slot, item in zip(slots, sorted((items[i] for i in slots), key=rank)):
+        items[slot] = item
+
+
+@pytest.fixture(scope="session")
+def step_inputs():
+    """make_step_inputs(SIZES[size], eps_dtype, device), built once per session and shared."""
+    cache = {}
+
+    def get(size: str, eps_dtype: torch.dtype, device: str):
+        key = (size, eps_dtype, device)
+        if key not in cache:
+            cache[key] = make_step_inputs(SIZES[size], eps_dtype, device, seed=0)
+        return cache[key]
+
+    return get
+
+
+@pytest.fixture
+def step_benchmark(benchmark, request):
+    """Time fn (synchronised on its device) with pytest-benchmark and record the median for the summary.
+
+    Rounds: about --benchmark-max-time seconds of calls, at least --benchmark-min-rounds (3 for calls
+    slower than SLOW_CALL_S), after two untimed calls (first touch of out=, lazy init).
+    """
+
+    def run(fn, *, device: str, size: str, label: str, bytes_moved: int):
+        fn = synchronized(fn, device)
+        shape = SIZES[size]
+        info = device_info(device)
+        benchmark.group = f"{device} {size}"
+        benchmark.extra_info.update(
+            variant=label, shape=list(shape), elements=math.prod(shape), bytes_moved=bytes_moved, **info
+        )
+        if benchmark.disabled:  # --benchmark-disable: one plain call, nothing timed or recorded
+            return benchmark.pedantic(fn)
+        fn()
+        start = time.perf_counter()
+        fn()
+        call_s = max(time.perf_counter() - start, 1e-9)
+        config = request.config
+        max_time = float(config.getoption("benchmark_max_time"))
+        min_rounds = int(config.getoption("benchmark_min_rounds"))
+        if call_s > SLOW_CALL_S:
+            min_rounds = min(min_rounds, 3)
+        iterations = max(1, int(MIN_ROUND_S / call_s))
+        rounds = max(min_rounds, int(max_time / (call_s * iterations)))
+        result = benchmark.pedantic(fn, rounds=rounds, iterations=iterations)
+        median_s = benchmark.stats.stats.median
+        gb_per_s = bytes_moved / median_s / 1e9
+        benchmark.extra_info["gb_per_s"] = round(gb_per_s, 2)
+        RESULTS.setdefault((device, size), {})[label] = Record(median_s, benchmark.stats.stats.min, rounds, gb_per_s)
+        DEVICE_INFO[(device, size)] = info
+        return result
+
+    return run
+
+
+def _ratio_lines(rows: dict[str, Record]) -> list[str]:
+    lines = []
+    for backend in FAST_BACKENDS:
+        fused, noise = fused_label(backend), noise_label(backend)
+        pairs = [
+            (f"eager / fused {backend}", EAGER_LABEL, fused),
+            (f"reference / fused {backend}", REFERENCE_LABEL, fused),
+            (f"fused {backend} / copy floor", fused, COPY_LABEL),
+            (f"fused {backend} / noise floor ({backend})", fused, noise),
+            (f"randn / noise {backend}", RANDN_LABEL, noise),
+        ]
+        for name, top, bottom in pairs:
+            if top not in rows or bottom not in rows:
+                continue
+            by_median = rows[top].median_s / rows[bottom].median_s
+            by_min = rows[top].min_s / rows[bottom].min_s
+            note = ""
+            if top == EAGER_LABEL:
+                note = f"   target >= {TARGET_SPEEDUP:.0f}x: " + ("met" if by_median >= TARGET_SPEEDUP else "NOT met")
+            lines.append(f"  {name:<42} {by_median:8.2f}x {by_min:8.2f}x{note}")
+    if lines:
+        lines.insert(0, f"  {'ratio':<42} {'medians':>9} {'minima':>9}")
+    return lines
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    if not RESULTS:  # --benchmark-disable, --benchmark-skip, or nothing ran: nothing to compare
+        return
+    write = terminalreporter.write_line
+    terminalreporter.section("cfgfast step speed: medians and ratios, all measured in this run")
+    if _LOAD_AT_START:
+        write(f"load average before the run: {_LOAD_AT_START[0]:.2f} on {os.cpu_count()} CPUs "
+              "(other work on the machine slows the multi-threaded variants most)")
+    for (device, size), rows in RESULTS.items():
+        info = DEVICE_INFO[(device, size)]
+        isa = f", {info['cpu_isa']}" if info.get("cpu_isa") else ""
+        write(f"{size} on {device}: {info['device']}, {info['threads']} threads{isa}")
+        write(f"  {'variant':<42} {'median ms':>9} {'min ms':>9} {'GB/s':>8} {'rounds':>7}")
+        for label, r in rows.items():
+            write(f"  {label:<42} {r.median_s * 1e3:9.3f} {r.min_s * 1e3:9.3f} {r.gb_per_s:8.2f} {r.rounds:7d}")
+        for line in _ratio_lines(rows):
+            write(line)
+        write("")

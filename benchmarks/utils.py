@@ -1,0 +1,149 @@
+"""What every step benchmark shares: the sizes, the one input factory, the bytes each variant moves,
+the device it ran on, and the skips for backends or devices this machine lacks."""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import platform
+from typing import NamedTuple
+
+import pytest
+import torch
+
+import cfgfast
+from cfgfast.schedule import StepCoefficients
+
+# CFGFAST_BENCH_QUICK=1: one small size, so CI can smoke-run `pytest benchmarks/ --benchmark-disable`.
+QUICK = os.environ.get("CFGFAST_BENCH_QUICK", "") not in ("", "0")
+SIZES: dict[str, tuple[int, ...]] = (
+    {"8x3x16x16": (8, 3, 16, 16)}
+    if QUICK
+    else {"256x3x64x64": (256, 3, 64, 64), "1024x3x64x64": (1024, 3, 64, 64)}
+)
+SMALL_SIZE = next(iter(SIZES))  # the slow reference backend and the bfloat16 case run at this size only
+
+# The device each fast backend runs on; "reference" runs anywhere and is benchmarked on every device.
+BACKEND_DEVICE = {"cpu": "cpu", "cuda": "cuda", "triton": "cuda"}
+FAST_BACKENDS = tuple(BACKEND_DEVICE)
+DEVICES = ("cpu", "cuda")
+
+SEED = 1234
+STEPS = 256  # the grid the benchmarked transition is taken from (the paper's 256 steps)
+
+
+class StepInputs(NamedTuple):
+    z: torch.Tensor  # float32 [B, ...]
+    eps_cond: torch.Tensor  # eps_dtype, z's shape
+    eps_uncond: torch.Tensor
+    w: torch.Tensor  # float32 [B], one guidance strength per sample
+    lam: float
+    lam_next: float
+    v: float
+    coefficients: StepCoefficients  # step_coefficients(lam, lam_next, v), for the reference twin
+    step: int  # index of lam in the grid: the noise's t of SPEC §3
+    noise: torch.Tensor  # float32 standard normals like z, for the variants that take noise= explicitly
+
+
+def make_step_inputs(shape, eps_dtype=torch.float32, device="cpu", seed=0) -> StepInputs:
+    """The inputs of one reverse step, the same for every variant: the middle transition of the
+    STEPS-step grid, v = 0.3 (the paper's 64x64 value), w in [0, 4) per sample."""
+    generator = torch.Generator().manual_seed(seed)
+    z, eps_cond, eps_uncond, noise = (torch.randn(shape, generator=generator) for _ in range(4))
+    w = 4.0 * torch.rand(shape[0], generator=generator)
+    lambdas = cfgfast.sampling_lambdas(STEPS)
+    step = STEPS // 2
+    lam, lam_next, v = float(lambdas[step]), float(lambdas[step + 1]), 0.3
+    return StepInputs(
+        z=z.to(device),
+        eps_cond=eps_cond.to(device=device, dtype=eps_dtype),
+        eps_uncond=eps_uncond.to(device=device, dtype=eps_dtype),
+        w=w.to(device),
+        lam=lam,
+        lam_next=lam_next,
+        v=v,
+        coefficients=cfgfast.step_coefficients(lam, lam_next, v),
+        step=step,
+        noise=noise.to(device),
+    )
+
+
+def step_bytes(shape, eps_dtype=torch.float32, explicit_noise=False) -> int:
+    """Bytes one step must move at least: read z (f32), eps_cond and eps_uncond (their dtype), write z'
+    (f32), and read the noise when it comes from outside. Temporaries of the eager step are not counted."""
+    itemsize = torch.empty((), dtype=eps_dtype).element_size()
+    return math.prod(shape) * (4 + 2 * itemsize + 4 + (4 if explicit_noise else 0))
+
+
+@functools.cache
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def device_info(device) -> dict:
+    """The device a time was measured on, for extra_info and the summary."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return {"device": torch.cuda.get_device_name(device), "threads": torch.get_num_threads()}
+    return {
+        "device": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "cpu_isa": cfgfast.build_info().get("cpu_isa"),
+    }
+
+
+def synchronized(fn, device):
+    """fn, followed by a device synchronisation where the device runs asynchronously (CUDA)."""
+    if torch.device(device).type != "cuda":
+        return fn
+
+    def run():
+        result = fn()
+        torch.cuda.synchronize()
+        return result
+
+    return run
+
+
+def require_device(device: str) -> None:
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+
+
+def require_backend(backend: str) -> str:
+    """The device `backend` runs on; skips when this machine cannot run it."""
+    device = BACKEND_DEVICE[backend]
+    require_device(device)
+    available = cfgfast.available_backends()
+    if backend not in available:
+        pytest.skip(f"backend {backend!r} is not in cfgfast.available_backends() = {available}")
+    return device
+
+
+# Row labels of the summary: the conftest computes its ratios from these.
+def fused_label(backend: str, mode: str = "out") -> str:
+    return {
+        "out": f"fused {backend}, out=",
+        "no_out": f"fused {backend}, allocating",
+        "noise_arg": f"fused {backend}, noise=",
+        "bf16_out": f"fused {backend}, bf16 eps, out=",
+    }[mode]
+
+
+def noise_label(backend: str, mode: str = "out") -> str:
+    return {"out": f"noise {backend}, in place", "alloc": f"noise {backend}, normal_noise()"}[mode]
+
+
+EAGER_LABEL = "eager torch (reference twin + randn_like)"
+REFERENCE_LABEL = "reference backend (spec noise)"
+RANDN_LABEL = "torch.randn, in place"
+COPY_LABEL = "copy floor: 2 x out.copy_(z)"
