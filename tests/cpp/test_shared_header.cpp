@@ -1,0 +1,828 @@
+// Unit tests of the torch-free shared header (csrc/include/cfgfast) and the CPU kernel (csrc/cpu/kernel.h),
+// held to SPEC §2 (the step) and §3 (the noise) evaluated in double with <cmath>. No framework and no
+// torch: this is how the formulas that the CUDA kernels compile too are tested on a machine without a GPU.
+//
+// Tolerances are in units of 2^-24 (half a float32 ulp at 1) times the scale of the terms that are
+// rounded, so "within K" means K float32 roundings of the largest term; each test prints its worst case.
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "cfgfast/normal.h"
+#include "cfgfast/philox.h"
+#include "cfgfast/step.h"
+#include "cpu/kernel.h"
+
+namespace {
+
+int g_passed = 0;
+int g_failed = 0;
+
+// CHECK(condition, printf-style context): counts, and prints the failures only.
+#define CHECK(cond, ...)                                      \
+  do {                                                        \
+    if (cond) {                                               \
+      ++g_passed;                                             \
+    } else {                                                  \
+      ++g_failed;                                             \
+      std::printf("FAIL %s:%d: %s: ", __FILE__, __LINE__, #cond); \
+      std::printf(__VA_ARGS__);                               \
+      std::printf("\n");                                      \
+    }                                                         \
+  } while (0)
+
+constexpr double kTwoPi = 6.283185307179586476925286766559;
+constexpr double kEps24 = 5.9604644775390625e-8;  // 2^-24
+
+using cfgfast::cpu::bf16_t;
+using cfgfast::cpu::EpsType;
+using cfgfast::cpu::f16_t;
+using cfgfast::cpu::Isa;
+
+// splitmix64: a fixed, portable stream of test inputs.
+struct Rng {
+  uint64_t s;
+  uint64_t next() {
+    uint64_t z = (s += 0x9E3779B97F4A7C15ull);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+  }
+  uint32_t u32() { return static_cast<uint32_t>(next() >> 32); }
+  double uniform(double lo, double hi) { return lo + (hi - lo) * static_cast<double>(next() >> 11) * 0x1p-53; }
+};
+
+// ---------------------------------------------------------------- SPEC §3 in double
+
+struct Words {
+  uint32_t x[4];
+};
+
+// Philox words of one group: counter (floor(j/4), b, t, stream), key (seed mod 2^32, floor(seed/2^32)).
+Words spec_words(uint64_t seed, uint32_t group, uint32_t sample, uint32_t step, uint32_t stream) {
+  Words w{{group, sample, step, stream}};
+  cfgfast::philox4x32_10(w.x[0], w.x[1], w.x[2], w.x[3], static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
+  return w;
+}
+
+double spec_u(uint32_t x) { return ((x >> 8) + 1.0) * kEps24; }  // (0, 1]
+double spec_f(uint32_t x) { return (x >> 8) * kEps24; }          // [0, 1)
+double spec_rho(uint32_t x) { return std::sqrt(-2.0 * std::log(spec_u(x))); }
+
+// n[k] of one group, and the radius that scales its rounding error.
+void spec_normals(const Words& w, double n[4], double rho[4]) {
+  const double r0 = spec_rho(w.x[0]), t0 = kTwoPi * spec_f(w.x[1]);
+  const double r1 = spec_rho(w.x[2]), t1 = kTwoPi * spec_f(w.x[3]);
+  n[0] = r0 * std::cos(t0);
+  n[1] = r0 * std::sin(t0);
+  n[2] = r1 * std::cos(t1);
+  n[3] = r1 * std::sin(t1);
+  rho[0] = rho[1] = r0;
+  rho[2] = rho[3] = r1;
+}
+
+// ---------------------------------------------------------------- 16-bit decoding, independent of common.h
+
+double decode_half(uint16_t h) {
+  const int sign = h >> 15, exp = (h >> 10) & 0x1f, man = h & 0x3ff;
+  double mag;
+  if (exp == 0x1f) {
+    mag = man ? std::numeric_limits<double>::quiet_NaN() : std::numeric_limits<double>::infinity();
+  } else if (exp == 0) {
+    mag = std::ldexp(man, -24);
+  } else {
+    mag = std::ldexp(1024 + man, exp - 25);
+  }
+  return sign ? -mag : mag;
+}
+
+double decode_bf16(uint16_t h) {
+  const int sign = h >> 15, exp = (h >> 7) & 0xff, man = h & 0x7f;
+  double mag;
+  if (exp == 0xff) {
+    mag = man ? std::numeric_limits<double>::quiet_NaN() : std::numeric_limits<double>::infinity();
+  } else if (exp == 0) {
+    mag = std::ldexp(man, -133);
+  } else {
+    mag = std::ldexp(128 + man, exp - 134);
+  }
+  return sign ? -mag : mag;
+}
+
+// for "worst error so far": NaN is worse than anything, so an unwritten or broken value is reported
+bool worse(double err, double worst) { return std::isnan(err) ? !std::isnan(worst) : err > worst; }
+
+// same value, NaN equal to NaN, and the sign of zero kept
+bool same(double got, double want) {
+  if (std::isnan(want)) return std::isnan(got);
+  return got == want && std::signbit(got) == std::signbit(want);
+}
+
+// ---------------------------------------------------------------- SPEC §2 in double
+
+struct CoefD {
+  double alpha, sigma, alpha_next, sigma_next, r, one_minus_r, var_small, var_large, noise_std;
+};
+
+// lam -> lam_next with variance interpolation v, with the expm1 form of 1 - r.
+CoefD spec_coef(double lam, double lam_next, double v) {
+  auto sigmoid = [](double x) { return 1.0 / (1.0 + std::exp(-x)); };
+  CoefD c{};
+  c.alpha = std::sqrt(sigmoid(lam));
+  c.sigma = std::sqrt(sigmoid(-lam));
+  c.alpha_next = std::sqrt(sigmoid(lam_next));
+  c.sigma_next = std::sqrt(sigmoid(-lam_next));
+  c.r = std::exp(lam - lam_next);
+  c.one_minus_r = -std::expm1(lam - lam_next);
+  c.var_small = c.one_minus_r * c.sigma_next * c.sigma_next;  // posterior, sigma~^2
+  c.var_large = c.one_minus_r * c.sigma * c.sigma;            // forward, sigma^2
+  c.noise_std = std::sqrt(std::pow(c.var_small, 1.0 - v) * std::pow(c.var_large, v));
+  return c;
+}
+
+// StepCoef in the order of step.h, rounded to float once.
+cfgfast::StepCoef to_step_coef(const CoefD& c) {
+  return cfgfast::StepCoef{static_cast<float>(c.alpha),
+                           static_cast<float>(c.sigma),
+                           static_cast<float>(c.alpha_next / c.alpha),
+                           static_cast<float>(c.one_minus_r * c.alpha_next * c.sigma / c.alpha),
+                           static_cast<float>(c.r * c.alpha_next / c.alpha),
+                           static_cast<float>(c.one_minus_r * c.alpha_next),
+                           static_cast<float>(c.noise_std)};
+}
+
+// z' of SPEC §2 from its definition (x~, then the first form of mu~), not from StepCoef.
+double spec_step(const CoefD& c, double z, double eps_cond, double eps_uncond, double w, double n, bool clip,
+                 double clip_value, bool last) {
+  const double eps = (1.0 + w) * eps_cond - w * eps_uncond;
+  double x = (z - c.sigma * eps) / c.alpha;
+  if (clip) x = std::fmin(std::fmax(x, -clip_value), clip_value);
+  if (last) return x;
+  const double mu = c.r * (c.alpha_next / c.alpha) * z + c.one_minus_r * c.alpha_next * x;
+  return mu + c.noise_std * n;
+}
+
+// ---------------------------------------------------------------- tests
+
+void test_philox_known_answers() {
+  struct Kat {
+    uint32_t ctr[4], key[2], out[4];
+  };
+  // SPEC §3, from Random123's kat_vectors
+  const Kat kats[] = {
+      {{0, 0, 0, 0}, {0, 0}, {0x6627e8d5u, 0xe169c58du, 0xbc57ac4cu, 0x9b00dbd8u}},
+      {{0xffffffffu, 0xffffffffu, 0xffffffffu, 0xffffffffu},
+       {0xffffffffu, 0xffffffffu},
+       {0x408f276du, 0x41c83b0eu, 0xa20bc7c6u, 0x6d5451fdu}},
+      {{0x243f6a88u, 0x85a308d3u, 0x13198a2eu, 0x03707344u},
+       {0xa4093822u, 0x299f31d0u},
+       {0xd16cfe09u, 0x94fdccebu, 0x5001e420u, 0x24126ea1u}},
+  };
+  for (const Kat& k : kats) {
+    uint32_t x0 = k.ctr[0], x1 = k.ctr[1], x2 = k.ctr[2], x3 = k.ctr[3];
+    cfgfast::philox4x32_10<uint32_t>(x0, x1, x2, x3, k.key[0], k.key[1]);
+    CHECK(x0 == k.out[0] && x1 == k.out[1] && x2 == k.out[2] && x3 == k.out[3],
+          "ctr %08x.. key %08x %08x: got %08x %08x %08x %08x, want %08x %08x %08x %08x", k.ctr[0], k.key[0],
+          k.key[1], x0, x1, x2, x3, k.out[0], k.out[1], k.out[2], k.out[3]);
+  }
+  // key (k0, k1) = (seed mod 2^32, floor(seed / 2^32))
+  const uint64_t seed = 0x0123456789abcdefull;
+  CHECK(cfgfast::seed_key0(seed) == 0x89abcdefu && cfgfast::seed_key1(seed) == 0x01234567u, "seed key split");
+}
+
+// ln over every u = k * 2^-24, k = 1 .. 2^24: all the inputs Box–Muller ever gives it.
+void test_log_positive_exhaustive() {
+  double worst = 0.0;
+  uint32_t worst_k = 0;
+  bool exact_at_one = true;
+  for (uint32_t k = 1; k <= (1u << 24); ++k) {
+    const float u = static_cast<float>(k) * 5.9604644775390625e-8f;  // exact
+    const double got = cfgfast::log_positive<float, uint32_t>(u);
+    const double want = std::log(static_cast<double>(u));
+    if (want == 0.0) {
+      exact_at_one = exact_at_one && got == 0.0;
+      continue;
+    }
+    // error in float32 ulps of the true value
+    const double ulp = std::ldexp(1.0, std::ilogb(want) - 23);
+    const double err = std::fabs(got - want) / ulp;
+    if (worse(err, worst)) worst = err, worst_k = k;
+  }
+  std::printf("  log_positive: worst %.3f ulp at u = %u * 2^-24\n", worst, worst_k);
+  // Cephes logf is documented at < 1 ulp rms, 2 ulp peak in float arithmetic.
+  CHECK(worst <= 2.0, "log_positive worst error %.3f ulp at u = %u * 2^-24", worst, worst_k);
+  CHECK(exact_at_one, "log_positive(1) must be 0");
+}
+
+// sin/cos of 2 pi f over every f = q * 2^-24, q = 0 .. 2^24 - 1.
+void test_sincos_turns_exhaustive() {
+  double worst = 0.0;
+  uint32_t worst_q = 0;
+  for (uint32_t q = 0; q < (1u << 24); ++q) {
+    const uint32_t x = (q << 8) | (q & 0xffu);  // the low 8 bits are not used
+    float s, c;
+    cfgfast::sincos_turns<float, uint32_t>(x, s, c);
+    const double theta = kTwoPi * (q * kEps24);
+    const double err = std::fmax(std::fabs(s - std::sin(theta)), std::fabs(c - std::cos(theta))) / kEps24;
+    if (worse(err, worst)) worst = err, worst_q = q;
+  }
+  std::printf("  sincos_turns: worst %.3f * 2^-24 (absolute) at f = %u * 2^-24\n", worst, worst_q);
+  // |sin|, |cos| <= 1: one float32 rounding of the result is <= 2^-24, the polynomial and the float 2*pi add ~1.
+  CHECK(worst <= 3.0, "sincos_turns worst error %.3f * 2^-24 at f = %u * 2^-24", worst, worst_q);
+  // the quarter turns are exact: the reduction f - k/4 is done in fixed point
+  const struct {
+    uint32_t q;
+    float s, c;
+  } quarters[] = {{0, 0.f, 1.f}, {1u << 22, 1.f, 0.f}, {2u << 22, 0.f, -1.f}, {3u << 22, -1.f, 0.f}};
+  for (const auto& e : quarters) {
+    float s, c;
+    cfgfast::sincos_turns<float, uint32_t>(e.q << 8, s, c);
+    CHECK(s == e.s && c == e.c, "sincos_turns at %u quarter turns: got (%g, %g), want (%g, %g)", e.q >> 22, s, c, e.s,
+          e.c);
+  }
+}
+
+// radius sqrt(-2 ln u) for every u, relative error
+void test_box_muller_radius_exhaustive() {
+  double worst = 0.0;
+  uint32_t worst_q = 0;
+  for (uint32_t q = 0; q < (1u << 24); ++q) {
+    const float got = cfgfast::box_muller_radius<float, uint32_t>(q << 8);
+    const double want = spec_rho(q << 8);
+    if (want == 0.0) {
+      CHECK(got == 0.0f, "radius at u = 1 must be 0, got %g", got);
+      continue;
+    }
+    const double err = std::fabs(got - want) / (want * kEps24);
+    if (worse(err, worst)) worst = err, worst_q = q;
+  }
+  std::printf("  box_muller_radius: worst relative error %.3f * 2^-24 at x >> 8 = %u\n", worst, worst_q);
+  // half of ln's relative error (<= 2 ulp = 4 * 2^-24) plus the sqrt rounding (1 * 2^-24), with a margin
+  CHECK(worst <= 4.0, "box_muller_radius worst relative error %.3f * 2^-24 at x >> 8 = %u", worst, worst_q);
+}
+
+// Error of float normals against SPEC §3 in double, relative to the radius: n = rho * trig, so
+// |dn| <= rho * (|drho / rho| + |dtrig|) <= rho * (4 + 3) * 2^-24 by the two exhaustive tests above,
+// plus one rounding of the product. 8 * 2^-24 * rho is 4 float32 ulps of rho.
+constexpr double kNormalTol = 8.0;
+
+double normal_error(float got, double want, double rho) {
+  if (rho == 0.0) return got == 0.0f ? 0.0 : std::numeric_limits<double>::infinity();
+  return std::fabs(got - want) / (rho * kEps24);
+}
+
+void test_box_muller4_words() {
+  // extremes: u = 2^-24 (largest radius, 5.77), u = 1 (radius 0), f = 0, f = 1/2, f just below 1
+  std::vector<uint32_t> words = {0x00000000u, 0x000000ffu, 0xffffffffu, 0x80000000u, 0x7fffffffu, 0x00000100u,
+                                 0xffffff00u, 0x40000000u, 0xc0000000u, 0x20000000u, 0x60000000u, 0x12345678u};
+  Rng rng{12345};
+  for (int i = 0; i < 52; ++i) words.push_back(rng.u32());
+  double worst = 0.0, worst_abs_rel = 0.0;
+  uint32_t worst_a = 0, worst_b = 0;
+  int worst_k = 0;
+  for (uint32_t a : words) {
+    for (uint32_t b : words) {
+      // x0 = a, x1 = b, x2 = b, x3 = a: each word serves as a radius and as an angle
+      float n[4];
+      cfgfast::box_muller4<float, uint32_t>(a, b, b, a, n[0], n[1], n[2], n[3]);
+      double want[4], rho[4];
+      spec_normals(Words{{a, b, b, a}}, want, rho);
+      for (int k = 0; k < 4; ++k) {
+        const double err = normal_error(n[k], want[k], rho[k]);
+        worst_abs_rel = std::fmax(worst_abs_rel, std::fabs(n[k] - want[k]) / std::fmax(1.0, std::fabs(want[k])));
+        if (worse(err, worst)) worst = err, worst_a = a, worst_b = b, worst_k = k;
+      }
+    }
+  }
+  CHECK(worst <= kNormalTol, "box_muller4(%08x, %08x, %08x, %08x)[%d] off SPEC by %.2f * 2^-24 rho", worst_a, worst_b,
+        worst_b, worst_a, worst_k, worst);
+  // the named extremes exactly: u = 1 gives 0; f = 0 gives (rho, 0); f = 1/2 gives (-rho, 0)
+  float n[4];
+  cfgfast::box_muller4<float, uint32_t>(0xffffffffu, 0u, 0x00000000u, 0x80000000u, n[0], n[1], n[2], n[3]);
+  const float rho_max = cfgfast::box_muller_radius<float, uint32_t>(0u);
+  CHECK(n[0] == 0.0f && n[1] == 0.0f, "radius 0: got (%g, %g)", n[0], n[1]);
+  CHECK(n[2] == -rho_max && n[3] == 0.0f, "half turn: got (%g, %g), want (%g, 0)", n[2], n[3], -rho_max);
+  CHECK(std::fabs(rho_max - std::sqrt(48.0 * std::log(2.0))) <= 4 * kEps24 * 5.8, "largest radius %.9g", rho_max);
+  std::printf("  box_muller4: %zu x %zu word pairs, worst %.3f * 2^-24 rho, worst |diff| / max(1, |n|) = %.3g\n",
+              words.size(), words.size(), worst, worst_abs_rel);
+}
+
+void test_normals4_counter() {
+  // normals4 = Box–Muller of the Philox block at counter (group, sample, step, stream), key from the seed
+  const uint64_t seeds[] = {0ull, 42ull, 0x0123456789abcdefull, ~0ull};
+  const uint32_t groups[] = {0u, 1u, 1023u, 0xffffffffu};
+  const uint32_t samples[] = {0u, 7u, 0xfffffffeu};
+  int failures = 0;
+  double worst = 0.0;
+  for (uint64_t seed : seeds) {
+    for (uint32_t stream : {0u, 1u}) {
+      const cfgfast::NoiseKey key{cfgfast::seed_key0(seed), cfgfast::seed_key1(seed), 255u, stream};
+      for (uint32_t g : groups) {
+        for (uint32_t b : samples) {
+          float n[4];
+          cfgfast::normals4<float, uint32_t>(key, g, b, n[0], n[1], n[2], n[3]);
+          const Words w = spec_words(seed, g, b, 255u, stream);
+          float m[4];
+          cfgfast::box_muller4<float, uint32_t>(w.x[0], w.x[1], w.x[2], w.x[3], m[0], m[1], m[2], m[3]);
+          double want[4], rho[4];
+          spec_normals(w, want, rho);
+          for (int k = 0; k < 4; ++k) {
+            failures += std::memcmp(&n[k], &m[k], sizeof(float)) != 0;
+            const double err = normal_error(n[k], want[k], rho[k]);
+            worst = std::fmax(worst, err);
+            failures += !(err <= kNormalTol);
+          }
+        }
+      }
+    }
+  }
+  CHECK(failures == 0, "%d normals4 values differ from Box–Muller of the SPEC counter", failures);
+  std::printf("  normals4: worst %.3f * 2^-24 rho\n", worst);
+}
+
+void test_half_and_bf16_widening() {
+  const struct {
+    uint16_t bits;
+    double value;
+  } halves[] = {
+      {0x3c00, 1.0},          {0xc000, -2.0},       {0x7bff, 65504.0},        {0x0001, 0x1p-24},
+      {0x03ff, 1023 * 0x1p-24}, {0x0400, 0x1p-14},  {0x8000, -0.0},           {0x0000, 0.0},
+      {0x3555, 0x1.554p-2},   {0x7c00, INFINITY},   {0xfc00, -INFINITY},      {0x7e00, NAN},
+      {0x7c01, NAN},          {0xfe00, NAN},
+  };
+  for (const auto& h : halves) {
+    const float got = cfgfast::half_to_float(h.bits);
+    CHECK(same(got, h.value), "half_to_float(0x%04x) = %a, want %a", h.bits, got, h.value);
+  }
+  const struct {
+    uint16_t bits;
+    double value;
+  } bf16s[] = {
+      {0x3f80, 1.0},     {0xc000, -2.0},       {0x7f7f, 0x1.fep127},  {0x0001, 0x1p-133}, {0x0080, 0x1p-126},
+      {0x8000, -0.0},    {0x0000, 0.0},        {0x7f80, INFINITY},    {0xff80, -INFINITY}, {0x7fc0, NAN},
+      {0x7f81, NAN},
+  };
+  for (const auto& h : bf16s) {
+    const float got = cfgfast::bf16_to_float(h.bits);
+    CHECK(same(got, h.value), "bf16_to_float(0x%04x) = %a, want %a", h.bits, got, h.value);
+  }
+  // every 16-bit pattern against an independent decoder
+  int half_bad = 0, bf16_bad = 0;
+  for (uint32_t b = 0; b <= 0xffffu; ++b) {
+    half_bad += !same(cfgfast::half_to_float(static_cast<uint16_t>(b)), decode_half(static_cast<uint16_t>(b)));
+    bf16_bad += !same(cfgfast::bf16_to_float(static_cast<uint16_t>(b)), decode_bf16(static_cast<uint16_t>(b)));
+  }
+  CHECK(half_bad == 0, "half_to_float wrong on %d of 65536 patterns", half_bad);
+  CHECK(bf16_bad == 0, "bf16_to_float wrong on %d of 65536 patterns", bf16_bad);
+}
+
+// Error of a float z' against spec_step, in units of 2^-24 times the terms it is made of.
+struct StepInput {
+  double z, eps_cond, eps_uncond, w, n;
+};
+
+double step_scale(const cfgfast::StepCoef& c, const StepInput& in, double noise_scale, bool clip, bool last) {
+  const double eps_mag = std::fabs((1.0 + in.w) * in.eps_cond) + std::fabs(in.w * in.eps_uncond);
+  const double x_mag = (std::fabs(in.z) + c.sigma * eps_mag) / c.alpha;
+  if (last) return x_mag;
+  if (clip) return std::fabs(c.mean_z_clip * in.z) + c.mean_x_clip * x_mag + c.noise_std * noise_scale;
+  return std::fabs(c.mean_z * in.z) + c.mean_eps * eps_mag + c.noise_std * noise_scale;
+}
+
+// Each z' is a handful of float32 operations (widening exact; 1 + w, two products and a difference for
+// eps~; then up to three products, two sums and a division), each rounding by <= 2^-24 of a term of the
+// scale, plus the float rounding of the seven coefficients: <= ~12 * 2^-24 * scale, 16 with a margin.
+constexpr double kStepTol = 16.0;
+
+void test_step_hand_computed() {
+  // lam = 0, lam' = ln 3, v = 1/2:
+  //   alpha^2 = sigmoid(0) = 1/2, sigma^2 = 1/2;  alpha'^2 = sigmoid(ln 3) = 3/4, sigma'^2 = 1/4;  r = e^(-ln 3) = 1/3
+  //   mean_z      = alpha'/alpha                     = sqrt(3/2)                 = 1.2247448713915890
+  //   mean_eps    = (1 - r) alpha' sigma / alpha     = (2/3)(sqrt(3)/2)          = 1/sqrt(3) = 0.57735026918962576
+  //   mean_z_clip = r alpha'/alpha                   = sqrt(3/2)/3               = 0.40824829046386302
+  //   mean_x_clip = (1 - r) alpha'                   = 1/sqrt(3)                 = 0.57735026918962576
+  //   sigma~^2 = (2/3)(1/4) = 1/6, sigma^2 = (2/3)(1/2) = 1/3
+  //   noise_std = sqrt((1/6)^(1/2) (1/3)^(1/2)) = (1/18)^(1/4)                    = 0.48549177170732342
+  const double lam = 0.0, lam_next = std::log(3.0), v = 0.5;
+  const CoefD cd = spec_coef(lam, lam_next, v);
+  const cfgfast::StepCoef c = to_step_coef(cd);
+  const double hand[7] = {std::sqrt(0.5), std::sqrt(0.5), 1.2247448713915890, 0.57735026918962576,
+                          0.40824829046386302, 0.57735026918962576, 0.48549177170732342};
+  const float got_coef[7] = {c.alpha, c.sigma, c.mean_z, c.mean_eps, c.mean_z_clip, c.mean_x_clip, c.noise_std};
+  for (int i = 0; i < 7; ++i) {
+    CHECK(got_coef[i] == static_cast<float>(hand[i]), "coefficient %d: %.9g, by hand %.9g", i, got_coef[i], hand[i]);
+  }
+
+  // z = 1, eps_c = 1/2, eps_u = 1/4, w = 2, n = 1:  eps~ = 3 * 1/2 - 2 * 1/4 = 1
+  //   z'          = 1.2247448713915890 * 1 - 0.57735026918962576 * 1 + 0.48549177170732342 * 1 = 1.1328863739092867
+  //   x~          = (1 - sqrt(1/2) * 1) / sqrt(1/2) = sqrt(2) - 1                             = 0.41421356237309505
+  //   clip 1/4:  z' = 0.40824829046386302 * 1 + 0.57735026918962576 * 1/4 + 0.48549177170732342 = 1.0380776294685929
+  const float eps = cfgfast::guided_eps(0.5f, 0.25f, 3.0f, 2.0f);
+  CHECK(eps == 1.0f, "guided_eps = %.9g, want 1", eps);
+  const struct {
+    const char* what;
+    float got;
+    double want;
+  } cases[] = {
+      {"step_value<false>", cfgfast::step_value<false>(1.0f, eps, 1.0f, c, 0.0f), 1.1328863739092867},
+      {"step_value<true> clip 1/4", cfgfast::step_value<true>(1.0f, eps, 1.0f, c, 0.25f), 1.0380776294685929},
+      {"step_value<true> clip 10 (= unclipped)", cfgfast::step_value<true>(1.0f, eps, 1.0f, c, 10.0f),
+       1.1328863739092867},
+      {"last_value<false>", cfgfast::last_value<false>(1.0f, eps, c, 0.0f), 0.41421356237309505},
+      {"last_value<true> clip 1/4", cfgfast::last_value<true>(1.0f, eps, c, 0.25f), 0.25},
+  };
+  for (const auto& e : cases) {
+    // every term here is <= 1.3: 16 roundings of 2^-24 bound the error
+    CHECK(std::fabs(e.got - e.want) <= kStepTol * kEps24 * 1.3, "%s = %.9g, by hand %.17g", e.what, e.got, e.want);
+    // the hand value is the SPEC's own definition of the step
+  }
+  const double spec = spec_step(cd, 1.0, 0.5, 0.25, 2.0, 1.0, false, 0.0, false);
+  CHECK(std::fabs(spec - 1.1328863739092867) <= 1e-15, "spec_step = %.17g, by hand 1.1328863739092867", spec);
+}
+
+void test_step_formula() {
+  struct Schedule {
+    double lam, lam_next, v;
+  };
+  const Schedule schedules[] = {{-1.0, 0.5, 0.3}, {-20.0, -19.0, 0.3}, {19.5, 20.0, 0.2}, {2.0, 2.001, 0.0},
+                                {-5.0, 5.0, 1.0}};
+  const StepInput inputs[] = {
+      {0.3, 0.1, -0.2, 1.0, 0.7},  {-1.7, 1.2, 0.9, 4.0, -2.1}, {2.5, -0.4, -0.4, 0.0, 0.0},
+      {0.0, 3.0, -3.0, 0.5, 1.0},  {1e-3, -2.0, 2.5, 7.5, 3.9}, {-0.25, 0.75, 0.5, -0.5, -0.33},
+  };
+  double worst = 0.0;
+  for (const Schedule& s : schedules) {
+    const CoefD cd = spec_coef(s.lam, s.lam_next, s.v);
+    const cfgfast::StepCoef c = to_step_coef(cd);
+    for (const StepInput& in : inputs) {
+      const float eps = cfgfast::guided_eps(static_cast<float>(in.eps_cond), static_cast<float>(in.eps_uncond),
+                                            static_cast<float>(1.0 + in.w), static_cast<float>(in.w));
+      const float z = static_cast<float>(in.z), n = static_cast<float>(in.n);
+      const float clip = 1.5f;
+      const struct {
+        const char* what;
+        float got;
+        bool clip, last;
+      } forms[] = {
+          {"step_value<false>", cfgfast::step_value<false>(z, eps, n, c, clip), false, false},
+          {"step_value<true>", cfgfast::step_value<true>(z, eps, n, c, clip), true, false},
+          {"last_value<false>", cfgfast::last_value<false>(z, eps, c, clip), false, true},
+          {"last_value<true>", cfgfast::last_value<true>(z, eps, c, clip), true, true},
+      };
+      for (const auto& f : forms) {
+        const double want = spec_step(cd, in.z, in.eps_cond, in.eps_uncond, in.w, in.n, f.clip, clip, f.last);
+        const double err = std::fabs(f.got - want) / (kEps24 * step_scale(c, in, std::fabs(in.n), f.clip, f.last));
+        worst = std::fmax(worst, err);
+        CHECK(err <= kStepTol, "%s lam %g -> %g v %g, z %g eps (%g, %g) w %g n %g: %.9g, SPEC %.9g (%.2f units)",
+              f.what, s.lam, s.lam_next, s.v, in.z, in.eps_cond, in.eps_uncond, in.w, in.n, f.got, want, err);
+      }
+    }
+  }
+  std::printf("  step formula: worst %.3f * 2^-24 scale\n", worst);
+}
+
+// ---------------------------------------------------------------- the CPU kernel, scalar against AVX2
+
+// Moderate values of each eps type as raw storage, subnormals included for the 16-bit types.
+struct EpsData {
+  std::vector<float> f32;
+  std::vector<uint16_t> bits;
+  EpsType type;
+  const void* data() const { return type == EpsType::kFloat32 ? static_cast<const void*>(f32.data()) : bits.data(); }
+  double at(size_t i) const {
+    switch (type) {
+      case EpsType::kBFloat16: return decode_bf16(bits[i]);
+      case EpsType::kFloat16: return decode_half(bits[i]);
+      default: return f32[i];
+    }
+  }
+};
+
+EpsData make_eps(EpsType type, size_t count, Rng& rng) {
+  EpsData e{{}, {}, type};
+  for (size_t i = 0; i < count; ++i) {
+    if (type == EpsType::kFloat32) {
+      e.f32.push_back(static_cast<float>(rng.uniform(-3.0, 3.0)));
+    } else {
+      const uint32_t r = rng.u32();
+      const uint32_t sign = (r & 1u) << 15;
+      if (type == EpsType::kFloat16) {
+        const uint32_t exp = (r >> 1) % 17u;  // 0 (subnormal) .. 16: |eps| < 4
+        e.bits.push_back(static_cast<uint16_t>(sign | (exp << 10) | ((r >> 8) & 0x3ffu)));
+      } else {
+        const uint32_t exp = 112u + (r >> 1) % 17u;  // 2^-15 .. |eps| < 4
+        e.bits.push_back(static_cast<uint16_t>(sign | (exp << 7) | ((r >> 8) & 0x7fu)));
+      }
+    }
+  }
+  return e;
+}
+
+const char* eps_name(EpsType t) {
+  return t == EpsType::kBFloat16 ? "bf16" : (t == EpsType::kFloat16 ? "f16" : "f32");
+}
+
+constexpr int64_t kGuard = 19;  // elements past the end of out that the kernel must not touch
+constexpr float kGuardValue = -12345.0f;
+
+std::vector<float> poisoned(int64_t n) {
+  std::vector<float> out(static_cast<size_t>(n + kGuard), kGuardValue);
+  for (int64_t i = 0; i < n; ++i) out[static_cast<size_t>(i)] = std::numeric_limits<float>::quiet_NaN();
+  return out;
+}
+
+bool guard_intact(const std::vector<float>& out, int64_t n) {
+  for (int64_t i = n; i < n + kGuard; ++i) {
+    if (out[static_cast<size_t>(i)] != kGuardValue) return false;
+  }
+  return true;
+}
+
+// Runs step_groups over every sample with the given ISA; split > 0 cuts each sample's groups in two there.
+std::vector<float> run_step(cfgfast::cpu::StepArgs args, int64_t batch, Isa isa, int64_t split) {
+  cfgfast::cpu::set_active_isa(isa);
+  std::vector<float> out = poisoned(batch * args.numel_per_sample);
+  args.out = out.data();
+  const int64_t groups = (args.numel_per_sample + 3) / 4;
+  for (int64_t b = 0; b < batch; ++b) {
+    if (split > 0 && split < groups) {
+      cfgfast::cpu::step_groups(args, b, split, groups);  // out of order on purpose
+      cfgfast::cpu::step_groups(args, b, 0, split);
+    } else {
+      cfgfast::cpu::step_groups(args, b, 0, groups);
+    }
+  }
+  return out;
+}
+
+std::vector<float> run_noise(cfgfast::cpu::NoiseArgs args, int64_t batch, Isa isa) {
+  cfgfast::cpu::set_active_isa(isa);
+  std::vector<float> out = poisoned(batch * args.numel_per_sample);
+  args.out = out.data();
+  const int64_t groups = (args.numel_per_sample + 3) / 4;
+  for (int64_t b = 0; b < batch; ++b) cfgfast::cpu::noise_groups(args, b, 0, groups);
+  return out;
+}
+
+const int64_t kSizes[] = {1, 7, 37, 63, 64, 65, 4097};
+
+std::vector<Isa> isas_to_test() {
+  std::vector<Isa> isas = {Isa::kScalar};
+  if (cfgfast::cpu::isa_supported(Isa::kAvx2)) {
+    isas.push_back(Isa::kAvx2);
+  } else {
+    std::printf("  AVX2 kernel: SKIPPED (%s)\n",
+                cfgfast::cpu::isa_compiled(Isa::kAvx2) ? "this CPU lacks AVX2/FMA/F16C" : "not compiled in");
+  }
+  return isas;
+}
+
+void test_kernel_noise() {
+  const std::vector<Isa> isas = isas_to_test();
+  const uint64_t seeds[] = {0ull, 0x100000007ull, ~0ull};
+  const uint64_t offsets[] = {0ull, 5ull, 0xfffffff0ull};
+  const int64_t batch = 3;
+  double worst = 0.0, worst_cross = 0.0;
+  for (uint64_t seed : seeds) {
+    for (uint64_t offset : offsets) {
+      for (int64_t numel : kSizes) {
+        const cfgfast::NoiseKey key{cfgfast::seed_key0(seed), cfgfast::seed_key1(seed), 3u, 0u};
+        const cfgfast::cpu::NoiseArgs args{nullptr, numel, key, offset};
+        std::vector<std::vector<float>> outs;
+        for (Isa isa : isas) {
+          const std::vector<float> out = run_noise(args, batch, isa);
+          int bad = 0;
+          double isa_worst = 0.0;
+          for (int64_t b = 0; b < batch; ++b) {
+            for (int64_t j = 0; j < numel; ++j) {
+              const Words w = spec_words(seed, static_cast<uint32_t>(j / 4), static_cast<uint32_t>(offset + b), 3u, 0u);
+              double want[4], rho[4];
+              spec_normals(w, want, rho);
+              const double err = normal_error(out[static_cast<size_t>(b * numel + j)], want[j % 4], rho[j % 4]);
+              isa_worst = std::fmax(isa_worst, err);
+              bad += !(err <= kNormalTol);
+            }
+          }
+          worst = std::fmax(worst, isa_worst);
+          CHECK(bad == 0 && guard_intact(out, batch * numel),
+                "noise_groups[%s] seed %llx offset %llu numel %lld: %d values off SPEC (worst %.2f * 2^-24 rho)%s",
+                cfgfast::cpu::isa_name(isa), static_cast<unsigned long long>(seed),
+                static_cast<unsigned long long>(offset), static_cast<long long>(numel), bad, isa_worst,
+                guard_intact(out, batch * numel) ? "" : ", wrote past the end");
+          outs.push_back(out);
+        }
+        // scalar against AVX2: the same words, so the same normals up to float rounding
+        for (size_t k = 1; k < outs.size(); ++k) {
+          for (int64_t i = 0; i < batch * numel; ++i) {
+            const float a = outs[0][static_cast<size_t>(i)], v = outs[k][static_cast<size_t>(i)];
+            worst_cross = std::fmax(worst_cross, std::fabs(a - v) / (kEps24 * std::fmax(std::fabs(a), 1.0)));
+          }
+        }
+      }
+    }
+  }
+  CHECK(worst_cross <= 2 * kNormalTol * 5.8, "scalar and AVX2 normals differ by %.2f * 2^-24 max(|n|, 1)",
+        worst_cross);
+  std::printf("  noise_groups: worst %.3f * 2^-24 rho against SPEC; scalar vs AVX2 worst %.3f * 2^-24 max(|n|, 1)\n",
+              worst, worst_cross);
+
+  // The noise of sample b depends on its global index only: sample b of a batch at offset 0 equals
+  // sample 0 of a batch at offset b, bit for bit, for every ISA.
+  for (Isa isa : isas) {
+    for (int64_t numel : {int64_t{7}, int64_t{4097}}) {
+      const cfgfast::NoiseKey key{cfgfast::seed_key0(99), cfgfast::seed_key1(99), 11u, 1u};
+      const int64_t batch4 = 4;
+      const std::vector<float> whole = run_noise({nullptr, numel, key, 0}, batch4, isa);
+      int mismatches = 0;
+      for (int64_t b = 0; b < batch4; ++b) {
+        const std::vector<float> single = run_noise({nullptr, numel, key, static_cast<uint64_t>(b)}, 1, isa);
+        mismatches += std::memcmp(single.data(), whole.data() + b * numel, sizeof(float) * numel) != 0;
+      }
+      CHECK(mismatches == 0, "noise_groups[%s] numel %lld: %d samples depend on their position in the batch",
+            cfgfast::cpu::isa_name(isa), static_cast<long long>(numel), mismatches);
+    }
+  }
+  cfgfast::cpu::set_active_isa(cfgfast::cpu::best_isa());
+}
+
+void test_kernel_step() {
+  const std::vector<Isa> isas = isas_to_test();
+  const CoefD cd = spec_coef(-1.0, 0.5, 0.3);
+  const cfgfast::StepCoef coef = to_step_coef(cd);
+  const uint64_t seed = 0x0123456789abcdefull, offset = 5;
+  const uint32_t step = 17;
+  const int64_t batch = 3;
+  const float w[batch] = {0.0f, 1.5f, 7.25f};
+  const float clip = 1.0f;
+  double worst[2] = {0.0, 0.0}, worst_cross = 0.0;
+  int combos = 0;
+  Rng rng{2024};
+  for (int64_t numel : kSizes) {
+    const size_t total = static_cast<size_t>(batch * numel);
+    std::vector<float> z(total), noise(total);
+    for (auto& v : z) v = static_cast<float>(rng.uniform(-2.0, 2.0));
+    for (auto& v : noise) v = static_cast<float>(rng.uniform(-3.0, 3.0));
+    for (EpsType type : {EpsType::kFloat32, EpsType::kBFloat16, EpsType::kFloat16}) {
+      const EpsData ec = make_eps(type, total, rng), eu = make_eps(type, total, rng);
+      for (int flags = 0; flags < 8; ++flags) {
+        const bool has_clip = flags & 1, last = flags & 2, explicit_noise = flags & 4;
+        if (last && explicit_noise) continue;  // the last step draws no noise
+        ++combos;
+        cfgfast::cpu::StepArgs args{};
+        args.z = z.data();
+        args.eps_cond = ec.data();
+        args.eps_uncond = eu.data();
+        args.eps_type = type;
+        args.w = w;
+        args.noise = explicit_noise ? noise.data() : nullptr;
+        args.numel_per_sample = numel;
+        args.coef = coef;
+        args.clip = clip;
+        args.has_clip = has_clip;
+        args.last = last;
+        args.key = cfgfast::NoiseKey{cfgfast::seed_key0(seed), cfgfast::seed_key1(seed), step, 1u};
+        args.index_offset = offset;
+
+        // SPEC §2 in double from the same float inputs, with SPEC §3 noise
+        std::vector<double> want(total), scale(total);
+        for (int64_t b = 0; b < batch; ++b) {
+          for (int64_t j = 0; j < numel; ++j) {
+            const size_t i = static_cast<size_t>(b * numel + j);
+            double n = noise[i], noise_scale = std::fabs(noise[i]);
+            if (!explicit_noise) {
+              double ns[4], rho[4];
+              spec_normals(spec_words(seed, static_cast<uint32_t>(j / 4), static_cast<uint32_t>(offset + b), step, 1u),
+                           ns, rho);
+              n = ns[j % 4];
+              noise_scale = rho[j % 4];
+            }
+            const StepInput in{z[i], ec.at(i), eu.at(i), w[b], n};
+            want[i] = spec_step(cd, in.z, in.eps_cond, in.eps_uncond, in.w, in.n, has_clip, clip, last);
+            scale[i] = step_scale(coef, in, noise_scale, has_clip, last);
+          }
+        }
+
+        std::vector<std::vector<float>> outs;
+        for (Isa isa : isas) {
+          // split 5: the AVX2 body starts mid-sample; split 16: at a multiple of its 16-group width
+          for (int64_t split : {int64_t{0}, int64_t{5}, int64_t{16}}) {
+            const std::vector<float> out = run_step(args, batch, isa, split);
+            int bad = 0;
+            double run_worst = 0.0;
+            for (size_t i = 0; i < total; ++i) {
+              const double err = std::fabs(out[i] - want[i]) / (kEps24 * scale[i]);
+              run_worst = std::fmax(run_worst, err);
+              bad += !(err <= kStepTol);  // NaN (an unwritten element) counts as bad
+            }
+            worst[isa == Isa::kAvx2] = std::fmax(worst[isa == Isa::kAvx2], run_worst);
+            CHECK(bad == 0 && guard_intact(out, static_cast<int64_t>(total)),
+                  "step_groups[%s] %s numel %lld clip %d last %d noise %s split %lld: %d values off SPEC (worst %.2f)%s",
+                  cfgfast::cpu::isa_name(isa), eps_name(type), static_cast<long long>(numel), has_clip, last,
+                  explicit_noise ? "explicit" : "drawn", static_cast<long long>(split), bad, run_worst,
+                  guard_intact(out, static_cast<int64_t>(total)) ? "" : ", wrote past the end");
+            if (split == 0) {
+              outs.push_back(out);
+            } else if (isa == Isa::kScalar || split % 16 == 0) {
+              // Splitting a sample's groups changes nothing, bit for bit, unless it moves elements between
+              // the AVX2 body (FMA-contracted) and the scalar tail: then they are only both within SPEC.
+              CHECK(std::memcmp(out.data(), outs.back().data(), sizeof(float) * total) == 0,
+                    "step_groups[%s] %s numel %lld: a run split at group %lld differs from the whole run",
+                    cfgfast::cpu::isa_name(isa), eps_name(type), static_cast<long long>(numel),
+                    static_cast<long long>(split));
+            }
+          }
+        }
+        for (size_t k = 1; k < outs.size(); ++k) {
+          for (size_t i = 0; i < total; ++i) {
+            worst_cross = std::fmax(worst_cross, std::fabs(outs[0][i] - outs[k][i]) / (kEps24 * scale[i]));
+          }
+        }
+      }
+    }
+  }
+  CHECK(worst_cross <= 2 * kStepTol, "scalar and AVX2 steps differ by %.2f * 2^-24 scale", worst_cross);
+  std::printf("  step_groups: %d cases; worst %.3f (scalar), %.3f (AVX2) * 2^-24 scale against SPEC; "
+              "scalar vs AVX2 %.3f\n",
+              combos, worst[0], worst[1], worst_cross);
+
+  // The step's own draw is SPEC §3 stream 1 at t = step: with z = eps = 0 and noise_std = 1 the step
+  // returns its noise, equal bit for bit to noise_groups (same ISA).
+  for (Isa isa : isas) {
+    const int64_t numel = 4097;
+    const std::vector<float> zeros(static_cast<size_t>(batch * numel), 0.0f);
+    cfgfast::cpu::StepArgs args{};
+    args.z = zeros.data();
+    args.eps_cond = zeros.data();
+    args.eps_uncond = zeros.data();
+    args.eps_type = EpsType::kFloat32;
+    args.w = w;
+    args.numel_per_sample = numel;
+    args.coef = cfgfast::StepCoef{1.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 1.0f};
+    args.key = cfgfast::NoiseKey{cfgfast::seed_key0(seed), cfgfast::seed_key1(seed), step, 1u};
+    args.index_offset = offset;
+    const std::vector<float> stepped = run_step(args, batch, isa, 0);
+    const std::vector<float> drawn = run_noise({nullptr, numel, args.key, offset}, batch, isa);
+    CHECK(std::memcmp(stepped.data(), drawn.data(), sizeof(float) * batch * numel) == 0,
+          "step_groups[%s] noise differs from noise_groups(stream 1, t = step)", cfgfast::cpu::isa_name(isa));
+  }
+
+  // NaN in eps propagates through the clip (torch.clamp does), in every ISA
+  for (Isa isa : isas) {
+    const int64_t numel = 64;
+    std::vector<float> zs(static_cast<size_t>(numel), 0.5f), ecs(zs.size(), 0.1f), eus(zs.size(), 0.2f);
+    ecs[3] = ecs[40] = std::numeric_limits<float>::quiet_NaN();
+    cfgfast::cpu::StepArgs args{};
+    args.z = zs.data();
+    args.eps_cond = ecs.data();
+    args.eps_uncond = eus.data();
+    args.eps_type = EpsType::kFloat32;
+    args.w = w;
+    args.numel_per_sample = numel;
+    args.coef = coef;
+    args.clip = clip;
+    args.has_clip = true;
+    args.key = cfgfast::NoiseKey{1u, 2u, 3u, 1u};
+    for (bool last : {false, true}) {
+      args.last = last;
+      const std::vector<float> out = run_step(args, 1, isa, 0);
+      int nans = 0;
+      for (int64_t i = 0; i < numel; ++i) nans += std::isnan(out[static_cast<size_t>(i)]);
+      CHECK(std::isnan(out[3]) && std::isnan(out[40]) && nans == 2, "step_groups[%s] clip last %d: NaN eps gave %d NaNs",
+            cfgfast::cpu::isa_name(isa), last, nans);
+    }
+  }
+  cfgfast::cpu::set_active_isa(cfgfast::cpu::best_isa());
+}
+
+}  // namespace
+
+int main() {
+  const struct {
+    const char* name;
+    void (*fn)();
+  } tests[] = {
+      {"philox_known_answers", test_philox_known_answers},
+      {"log_positive_exhaustive", test_log_positive_exhaustive},
+      {"sincos_turns_exhaustive", test_sincos_turns_exhaustive},
+      {"box_muller_radius_exhaustive", test_box_muller_radius_exhaustive},
+      {"box_muller4_words", test_box_muller4_words},
+      {"normals4_counter", test_normals4_counter},
+      {"half_and_bf16_widening", test_half_and_bf16_widening},
+      {"step_hand_computed", test_step_hand_computed},
+      {"step_formula", test_step_formula},
+      {"kernel_noise", test_kernel_noise},
+      {"kernel_step", test_kernel_step},
+  };
+  std::printf("cpu isa: best %s\n", cfgfast::cpu::isa_name(cfgfast::cpu::best_isa()));
+  for (const auto& t : tests) {
+    const int failed_before = g_failed;
+    std::printf("%s\n", t.name);
+    t.fn();
+    std::printf("%s: %s\n", t.name, g_failed == failed_before ? "ok" : "FAILED");
+  }
+  std::printf("%d passed, %d failed\n", g_passed, g_failed);
+  return g_failed == 0 ? 0 : 1;
+}
