@@ -11,6 +11,10 @@ from .noise import normal_noise
 from .schedule import alpha_sigma, sampling_lambdas, step_coefficients, training_lambdas
 from .step import reverse_step
 
+# Load the compiled ops now (or note why they cannot be), not lazily inside a call that torch.compile
+# may be tracing.
+_ext.load()
+
 __all__ = [
     "__version__",
     "alpha_sigma",

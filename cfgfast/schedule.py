@@ -7,7 +7,7 @@ expm1 / log-sigmoid forms, never as 1 - sigmoid(.) in float32, and rounded to fl
 from __future__ import annotations
 
 import math
-from dataclasses import astuple, dataclass
+from dataclasses import dataclass
 
 import torch
 
@@ -99,7 +99,9 @@ class StepCoefficients:
     noise_std: float
 
     def as_list(self) -> list[float]:
-        return list(astuple(self))
+        # explicit, not dataclasses.astuple (which deep-copies): torch.compile traces this
+        return [self.alpha, self.sigma, self.mean_z, self.mean_eps, self.mean_z_clip, self.mean_x_clip,
+                self.noise_std]
 
 
 def step_coefficients(lam: float, lam_next: float, v: float) -> StepCoefficients:

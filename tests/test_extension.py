@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -35,10 +36,12 @@ def test_build_info_reports_the_cpu_kernel():
 
 
 @pytest.mark.needs_extension
-def test_cpu_isa_override_from_environment():
+def test_cpu_isa_override_from_environment(tmp_path):
     code = "import cfgfast; print(cfgfast.build_info()['cpu_isa'])"
-    env = {**__import__("os").environ, "CFGFAST_CPU_ISA": "scalar"}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    env = {**os.environ, "CFGFAST_CPU_ISA": "scalar"}
+    # cwd away from the source tree, so the child imports the cfgfast this test runs on, not ./cfgfast
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True,
+                         check=True)
     assert out.stdout.strip() == "scalar"
 
 
@@ -50,7 +53,7 @@ def test_unknown_isa_is_refused():
         _C.set_cpu_isa("avx9000")
 
 
-def test_import_and_reference_work_without_the_extension():
+def test_import_and_reference_work_without_the_extension(tmp_path):
     """With cfgfast._C unimportable, import works, auto falls back to the reference backend, and asking
     for the cpu backend names the rebuild command."""
     code = textwrap.dedent(
@@ -71,6 +74,6 @@ def test_import_and_reference_work_without_the_extension():
             print("ok")
         """
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"
