@@ -28,6 +28,7 @@ from .utils import (
 
 TARGET_SPEEDUP = 10.0  # the issue's bar: fused step >= 10x faster than the eager PyTorch step
 MIN_ROUND_S = 1e-3  # rounds shorter than this loop several calls, so the timer's resolution is no issue
+WARMUP_S = 0.3  # untimed calls before each variant's rounds
 SLOW_CALL_S = 0.5  # calls slower than this (the reference backend) get 3 rounds, not --benchmark-min-rounds
 
 
@@ -91,7 +92,8 @@ def step_benchmark(benchmark, request):
     """Time fn (synchronised on its device) with pytest-benchmark and record the median for the summary.
 
     Rounds: about --benchmark-max-time seconds of calls, at least --benchmark-min-rounds (3 for calls
-    slower than SLOW_CALL_S), after two untimed calls (first touch of out=, lazy init).
+    slower than SLOW_CALL_S), after WARMUP_S of untimed calls (first touch of out=, lazy init, and time
+    for the clock and the thread pool to wake up: otherwise whichever variant runs first pays for it).
     """
 
     def run(fn, *, device: str, size: str, label: str, bytes_moved: int):
@@ -104,7 +106,10 @@ def step_benchmark(benchmark, request):
         )
         if benchmark.disabled:  # --benchmark-disable: one plain call, nothing timed or recorded
             return benchmark.pedantic(fn)
-        fn()
+        warm_until, calls = time.perf_counter() + WARMUP_S, 0
+        while calls < 2 or time.perf_counter() < warm_until:
+            fn()
+            calls += 1
         start = time.perf_counter()
         fn()
         call_s = max(time.perf_counter() - start, 1e-9)
