@@ -8,8 +8,8 @@ from . import _ext
 from ._version import __version__
 from .backends import available_backends
 from .noise import normal_noise
-from .schedule import alpha_sigma, sampling_lambdas, step_coefficients, training_lambdas
-from .step import reverse_step
+from .schedule import alpha_sigma, coefficient_table, sampling_lambdas, step_coefficients, training_lambdas
+from .step import reverse_step, reverse_step_table
 
 # Load the compiled ops now (or note why they cannot be), not lazily inside a call that torch.compile
 # may be tracing.
@@ -20,8 +20,10 @@ __all__ = [
     "alpha_sigma",
     "available_backends",
     "build_info",
+    "coefficient_table",
     "normal_noise",
     "reverse_step",
+    "reverse_step_table",
     "sampling_lambdas",
     "step_coefficients",
     "training_lambdas",

@@ -50,6 +50,12 @@ def like_z(name: str, value, z: torch.Tensor) -> torch.Tensor:
     value = tensor(name, value)
     if value.shape != z.shape:
         raise ValueError(f"{name} must have the shape of z {tuple(z.shape)}, got {tuple(value.shape)}")
+    return like_device(name, value, z)
+
+
+def like_device(name: str, value, z: torch.Tensor) -> torch.Tensor:
+    """A tensor on z's device."""
+    value = tensor(name, value)
     if value.device != z.device:
         raise ValueError(f"{name} must be on z's device {z.device}, got {value.device}")
     return value

@@ -37,3 +37,11 @@ def _check_noise_out(out, step, stream, index_offset):
 @torch.library.register_fake("cfgfast::normal_noise_")
 def _normal_noise_fake(out, seed, step, stream, index_offset):
     _check_noise_out(out, step, stream, index_offset)
+
+
+@torch.library.register_fake("cfgfast::reverse_step_table_")
+def _reverse_step_table_fake(out, z, eps_cond, eps_uncond, w, coef_table, step, seed, index_offset, clip):
+    torch._check(coef_table.dtype == torch.float64, lambda: f"cfgfast: coef_table must be float64, got {coef_table.dtype}")
+    torch._check(coef_table.dim() == 2 and coef_table.shape[1] == 7, lambda: "cfgfast: coef_table must be [T, 7]")
+    torch._check(step.dtype == torch.int64 and step.numel() == 1, lambda: "cfgfast: step must be one int64")
+    _reverse_step_fake(out, z, eps_cond, eps_uncond, w, None, [1.0] * 7, seed, 0, index_offset, clip, False)

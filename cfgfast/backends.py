@@ -31,6 +31,21 @@ class Backend:
     def normal_noise(self, out, seed, step, stream, index_offset) -> None:
         raise NotImplementedError
 
+    def reverse_step_table(self, out, z, eps_cond, eps_uncond, w, coef_table, step, seed, index_offset, clip) -> None:
+        """The step whose coefficients are row step[0] of coef_table (see schedule.coefficient_table)."""
+        t = int(step.reshape(-1)[0])
+        steps = coef_table.shape[0]
+        if not 0 <= t < steps:
+            raise ValueError(f"step must index coef_table's {steps} rows, got {t}")
+        coef = StepCoefficients(*coef_table[t].tolist())
+        self.reverse_step(out, z, eps_cond, eps_uncond, w, None, coef, seed, t, index_offset, clip, t == steps - 1)
+
+
+def _extension_refusals() -> list[str]:
+    if _ext.error() is not None:
+        return [f"the compiled extension is missing ({_ext.error()}); rebuild: {_ext.REBUILD}"]
+    return []
+
 
 class ReferenceBackend(Backend):
     """Plain PyTorch on any device: the oracle."""
@@ -55,12 +70,8 @@ class CpuBackend(Backend):
     name = "cpu"
 
     def refusals(self, device):
-        reasons = []
-        if device.type != "cpu":
-            reasons.append(f"it runs on CPU tensors, got {device}")
-        if _ext.error() is not None:
-            reasons.append(f"the compiled extension is missing ({_ext.error()}); rebuild: {_ext.REBUILD}")
-        return reasons
+        reasons = [] if device.type == "cpu" else [f"it runs on CPU tensors, got {device}"]
+        return reasons + _extension_refusals()
 
     def reverse_step(self, out, z, eps_cond, eps_uncond, w, noise, coef, seed, step, index_offset, clip, last):
         torch.ops.cfgfast.reverse_step_(
@@ -70,8 +81,28 @@ class CpuBackend(Backend):
     def normal_noise(self, out, seed, step, stream, index_offset):
         torch.ops.cfgfast.normal_noise_(out, seed_as_int64(seed), step, stream, index_offset)
 
+    def reverse_step_table(self, out, z, eps_cond, eps_uncond, w, coef_table, step, seed, index_offset, clip):
+        torch.ops.cfgfast.reverse_step_table_(out, z, eps_cond, eps_uncond, w, coef_table, step,
+                                              seed_as_int64(seed), index_offset, clip)
 
-_BACKENDS: dict[str, Backend] = {b.name: b for b in (ReferenceBackend(), CpuBackend())}
+
+class CudaBackend(CpuBackend):
+    """The fused CUDA kernel (csrc/cuda) on CUDA tensors; the same ops as the cpu backend, dispatched by device."""
+
+    name = "cuda"
+
+    def refusals(self, device):
+        reasons = [] if device.type == "cuda" else [f"it runs on CUDA tensors, got {device}"]
+        reasons += _extension_refusals()
+        if not reasons and not _ext.load().build_info()["cuda_kernel"]:
+            reasons.append("the extension was built without its CUDA kernels (no CUDA toolkit at build time, or "
+                           f"CFGFAST_SKIP_CUDA=1); rebuild with a toolkit: FORCE_CUDA=1 {_ext.REBUILD}")
+        if device.type == "cuda" and not torch.cuda.is_available():
+            reasons.append("torch sees no CUDA device")
+        return reasons
+
+
+_BACKENDS: dict[str, Backend] = {b.name: b for b in (ReferenceBackend(), CpuBackend(), CudaBackend())}
 _AUTO_ORDER = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "reference")}
 
 

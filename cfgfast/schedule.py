@@ -132,3 +132,23 @@ def step_coefficients(lam: float, lam_next: float, v: float) -> StepCoefficients
         mean_x_clip=one_minus_r * alpha_next,
         noise_std=math.exp(0.5 * log_var),
     )
+
+
+def coefficient_table(lambdas, v: float) -> torch.Tensor:
+    """float64 [T, 7]: row t holds step_coefficients(lam_t, lam_t+1, v) in the kernels' order; the last
+    row (the last step, which returns x~) holds alpha and sigma of lam_T-1 and nan elsewhere.
+
+    With cfgfast.reverse_step_table this lets one captured CUDA graph replay every step.
+    """
+    v = _checks.unit_interval("v", v)
+    lam = torch.as_tensor(lambdas, dtype=torch.float64).flatten().tolist()
+    if len(lam) < 2:
+        raise ValueError(f"lambdas must hold at least 2 values, got {len(lam)}")
+    if not all(math.isfinite(x) for x in lam):
+        raise ValueError("lambdas must be finite")
+    for t in range(len(lam) - 1):
+        if not lam[t] < lam[t + 1]:
+            raise ValueError(f"lambdas must be increasing, got lambdas[{t}]={lam[t]} >= lambdas[{t + 1}]={lam[t + 1]}")
+    rows = [step_coefficients(lam[t], lam[t + 1], v).as_list() for t in range(len(lam) - 1)]
+    rows.append(step_coefficients(lam[-1], lam[-1], v).as_list())
+    return torch.tensor(rows, dtype=torch.float64)

@@ -6,6 +6,8 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <vector>
+
 #include "cfgfast/normal.h"
 #include "cfgfast/philox.h"
 #include "cfgfast/step.h"
@@ -65,6 +67,24 @@ inline void check_step_args(const at::Tensor& out, const at::Tensor& z, const at
   TORCH_CHECK_VALUE(coef.size() == kNumStepCoef, "cfgfast: coef must hold ", kNumStepCoef, " numbers, got ",
                     coef.size());
   check_noise_out(out, step, /*stream=*/1, index_offset);
+}
+
+// The table variant: coef_table float64 [T, 7] (row t: the step lam_t -> lam_t+1; the last row: x~ at
+// lam_T-1), step an int64 tensor of one element holding t, both on z's device.
+inline void check_table_args(const at::Tensor& out, const at::Tensor& z, const at::Tensor& eps_cond,
+                             const at::Tensor& eps_uncond, const at::Tensor& w, const at::Tensor& coef_table,
+                             const at::Tensor& step, int64_t index_offset) {
+  TORCH_CHECK_TYPE(coef_table.scalar_type() == at::kDouble, "cfgfast: coef_table must be float64, got ",
+                   coef_table.scalar_type());
+  TORCH_CHECK_VALUE(coef_table.dim() == 2 && coef_table.size(1) == kNumStepCoef && coef_table.size(0) >= 1,
+                    "cfgfast: coef_table must have shape [T, ", kNumStepCoef, "], got ", coef_table.sizes());
+  TORCH_CHECK_TYPE(step.scalar_type() == at::kLong, "cfgfast: step must be an int64 tensor, got ", step.scalar_type());
+  TORCH_CHECK_VALUE(step.numel() == 1, "cfgfast: step must hold one number, got shape ", step.sizes());
+  TORCH_CHECK_VALUE(coef_table.device() == z.device() && step.device() == z.device(),
+                    "cfgfast: coef_table and step must be on ", z.device());
+  TORCH_CHECK_VALUE(coef_table.size(0) <= kMaxSampleIndex, "cfgfast: at most 2^32 steps");
+  const std::vector<double> unit(kNumStepCoef, 1.0);
+  check_step_args(out, z, eps_cond, eps_uncond, w, c10::nullopt, unit, 0, index_offset);
 }
 
 inline StepCoef step_coef_from(c10::ArrayRef<double> coef) {

@@ -10,6 +10,9 @@ from __future__ import annotations
 import os
 
 import pytest
+import torch
+
+import cfgfast
 
 from cfgfast import _ext
 
@@ -47,14 +50,21 @@ def cpu_isas(request):
         _ext.load().set_cpu_isa(previous)
 
 
+# The GPU backends join the battery where a GPU is present (their tests put tensors on "cuda"); without
+# one, test_triton.py runs the Triton kernel under TRITON_INTERPRET=1 on small shapes instead.
+GPU_BACKENDS = [b for b in ("cuda", "triton") if torch.cuda.is_available() and b in cfgfast.available_backends()]
+
+
 @pytest.fixture(
     params=["reference"] + [pytest.param(("cpu", isa), id=f"cpu-{isa}") for isa in CPU_ISAS]
     + ([] if CPU_ISAS else [pytest.param(("cpu", None), id="cpu-missing", marks=_SKIP_NO_EXTENSION)])
+    + GPU_BACKENDS
 )
 def backend(request):
-    """A backend name for the `backend=` argument; for "cpu", with each instruction set in turn."""
-    if request.param == "reference":
-        yield "reference"
+    """A backend name for the `backend=` argument; for "cpu", with each instruction set in turn; "cuda" and
+    "triton" where a GPU is present."""
+    if isinstance(request.param, str):
+        yield request.param
         return
     previous = _ext.load().set_cpu_isa(request.param[1])
     try:

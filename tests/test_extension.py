@@ -77,3 +77,37 @@ def test_import_and_reference_work_without_the_extension(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"
+
+
+@pytest.mark.needs_extension
+@pytest.mark.parametrize("clip", [None, 2.0])
+def test_opcheck_reverse_step_table(clip):
+    z = torch.randn(3, 2, 37)
+    table = cfgfast.coefficient_table(cfgfast.sampling_lambdas(5), 0.3)
+    for t in (0, 4):
+        args = (torch.empty_like(z), z, torch.randn_like(z), torch.randn_like(z), torch.rand(3), table,
+                torch.tensor([t]), 7, 5, clip)
+        torch.library.opcheck(torch.ops.cfgfast.reverse_step_table_.default, args)
+
+
+def test_cuda_backend_states_its_reasons():
+    from cfgfast.backends import choose
+
+    with pytest.raises(RuntimeError, match="backend 'cuda' cannot run here: it runs on CUDA tensors"):
+        choose("cuda", torch.device("cpu"))
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="torch sees no CUDA device"):
+            choose("cuda", torch.device("cuda"))
+        assert "cuda" not in cfgfast.available_backends()
+
+
+@pytest.mark.needs_extension
+def test_build_info_says_whether_cuda_was_compiled():
+    """cuda_kernel is True whenever the CUDA sources were compiled in, GPU or not; with them, the archs."""
+    info = cfgfast.build_info()
+    if info["cuda_kernel"]:
+        assert info["cuda_arch"], info
+    else:
+        assert info["cuda_arch"] == []
+    if os.environ.get("CFGFAST_EXPECT_CUDA_KERNEL") == "1":  # set by CI, whose machine has the toolkit
+        assert info["cuda_kernel"], info

@@ -54,6 +54,18 @@ def as64(t: torch.Tensor) -> np.ndarray:
     return t.detach().double().cpu().numpy()
 
 
+def device_of(backend: str) -> str:
+    """Where a backend's tensors live: the GPU backends take CUDA tensors."""
+    return "cuda" if backend in ("cuda", "triton") else "cpu"
+
+
+def on(backend: str, *tensors):
+    """The tensors moved to the backend's device (None stays None)."""
+    device = device_of(backend)
+    moved = tuple(t.to(device) if isinstance(t, torch.Tensor) else t for t in tensors)
+    return moved if len(moved) > 1 else moved[0]
+
+
 def make_inputs(shape, eps_dtype, seed, scale=1.0):
     g = torch.Generator().manual_seed(seed)
     z = torch.randn(shape, generator=g) * scale
@@ -89,10 +101,9 @@ def test_step_matches_float64_formula(backend, lam, lam_next, eps_dtype):
     rng = np.random.default_rng(abs(hash((lam, lam_next))) % 2**32)
     v = float(rng.uniform())
     shape = (5, 201)  # 50 groups per sample: whole SIMD blocks, scalar groups and a partial group
-    z, ec, eu = make_inputs(shape, eps_dtype, seed=1)
-    w = torch.tensor([0.0, 0.3, 1.0, 4.0, 10.0])
+    z, ec, eu, w = on(backend, *make_inputs(shape, eps_dtype, seed=1), torch.tensor([0.0, 0.3, 1.0, 4.0, 10.0]))
     seed, step = int(rng.integers(2**40)), int(rng.integers(1000))
-    out = torch.full(shape, float("nan"))  # poisoned: every element must be written
+    out = on(backend, torch.full(shape, float("nan")))  # poisoned: every element must be written
     cfgfast.reverse_step(z, ec, eu, lam, lam_next, w, v, seed=seed, step=step, index_offset=3, backend=backend,
                          out=out)
     noise = cfgfast.normal_noise(shape, seed, step=step, stream=1, index_offset=3, backend="reference")
@@ -104,12 +115,12 @@ def test_step_matches_float64_formula(backend, lam, lam_next, eps_dtype):
 @pytest.mark.parametrize("mode", ["plain", "clip", "last", "last-clip", "noise"])
 def test_step_modes_and_odd_sizes(backend, per_sample, eps_dtype, mode):
     shape = (3,) + per_sample
-    z, ec, eu = make_inputs(shape, eps_dtype, seed=2, scale=2.0)
+    z, ec, eu = on(backend, *make_inputs(shape, eps_dtype, seed=2, scale=2.0))
     lam, lam_next, v, w = -2.5, -1.75, 0.3, 2.0
     clip = 1.0 if "clip" in mode else None
     last = mode.startswith("last")
     noise = torch.randn(shape, generator=torch.Generator().manual_seed(9)) if mode == "noise" else None
-    out = torch.full(shape, float("nan"))
+    noise, out = on(backend, noise, torch.full(shape, float("nan")))
     cfgfast.reverse_step(z, ec, eu, lam, lam_next, w, v, noise=noise, seed=11, step=5, clip=clip, last=last,
                          backend=backend, out=out)
     if noise is None and not last:
@@ -122,9 +133,9 @@ def test_step_modes_and_odd_sizes(backend, per_sample, eps_dtype, mode):
 @pytest.mark.parametrize("lam", [-20.0, -3.0, 0.0, 20.0])
 def test_last_step_returns_x_prediction(backend, lam):
     shape = (4, 9)
-    z, ec, eu = make_inputs(shape, torch.float32, seed=3)
-    out = cfgfast.reverse_step(z, ec, eu, lam, lam, torch.tensor([0.0, 1.0, 2.0, 3.0]), last=True, backend=backend)
-    check_against_float64(out, z, ec, eu, torch.tensor([0.0, 1.0, 2.0, 3.0]), lam, lam, 0.3, None, last=True)
+    z, ec, eu, w = on(backend, *make_inputs(shape, torch.float32, seed=3), torch.tensor([0.0, 1.0, 2.0, 3.0]))
+    out = cfgfast.reverse_step(z, ec, eu, lam, lam, w, last=True, backend=backend)
+    check_against_float64(out, z, ec, eu, w, lam, lam, 0.3, None, last=True)
 
 
 def test_v_interpolates_the_variance():
@@ -141,11 +152,12 @@ def test_v_interpolates_the_variance():
 
 
 def test_noncontiguous_views_use_logical_order(backend):
-    base = torch.randn(6, 3, 10, 8)
+    device = device_of(backend)
+    base = torch.randn(6, 3, 10, 8, device=device)
     z = base[::2, :, 1:9, :].transpose(2, 3)  # strided, non-contiguous, [3, 3, 8, 8]
-    ec = torch.randn(3, 8, 8, 3).permute(0, 3, 1, 2).to(torch.bfloat16)  # channels-last-like layout
-    eu = torch.randn(3, 3, 8, 8).contiguous(memory_format=torch.channels_last).to(torch.bfloat16)
-    w = torch.tensor([0.5, 1.5, 3.0]).flip(0)  # a view with a negative stride
+    ec = torch.randn(3, 8, 8, 3, device=device).permute(0, 3, 1, 2).to(torch.bfloat16)  # channels-last-like
+    eu = torch.randn(3, 3, 8, 8, device=device).contiguous(memory_format=torch.channels_last).to(torch.bfloat16)
+    w = torch.tensor([0.5, 1.5, 3.0], device=device).flip(0)  # a view with a negative stride
     assert not z.is_contiguous() and not ec.is_contiguous()
     out = cfgfast.reverse_step(z, ec, eu, -4.0, -3.0, w, 0.2, seed=5, step=2, backend=backend)
     dense = cfgfast.reverse_step(z.contiguous(), ec.contiguous(), eu.contiguous(), -4.0, -3.0, w.contiguous(), 0.2,
@@ -156,7 +168,7 @@ def test_noncontiguous_views_use_logical_order(backend):
 
 
 def test_in_place_update(backend):
-    z, ec, eu = make_inputs((4, 33), torch.float32, seed=4)
+    z, ec, eu = on(backend, *make_inputs((4, 33), torch.float32, seed=4))
     expected = cfgfast.reverse_step(z, ec, eu, 1.0, 2.0, 1.0, seed=3, backend=backend)
     state = z.clone()
     result = cfgfast.reverse_step(state, ec, eu, 1.0, 2.0, 1.0, seed=3, backend=backend, out=state)
@@ -166,18 +178,17 @@ def test_in_place_update(backend):
 
 def test_in_kernel_noise_equals_explicit_spec_noise(backend):
     shape = (3, 2, 50)
-    z, ec, eu = make_inputs(shape, torch.float32, seed=6)
+    z, ec, eu = on(backend, *make_inputs(shape, torch.float32, seed=6))
     a = cfgfast.reverse_step(z, ec, eu, -1.0, -0.5, 2.0, seed=2**33 + 1, step=17, index_offset=40, backend=backend)
     noise = cfgfast.normal_noise(shape, 2**33 + 1, step=17, stream=1, index_offset=40, backend="reference")
-    b = cfgfast.reverse_step(z, ec, eu, -1.0, -0.5, 2.0, noise=noise, backend="reference")
+    b = cfgfast.reverse_step(*on(backend, z, ec, eu), -1.0, -0.5, 2.0, noise=on(backend, noise), backend="reference")
     torch.testing.assert_close(a, b, rtol=2e-6, atol=2e-6)
 
 
 def test_batch_split_gives_the_same_samples(backend):
     """Noise follows the global sample index: a batch split with index_offset equals the whole."""
     shape = (6, 3, 5)
-    z, ec, eu = make_inputs(shape, torch.float32, seed=7)
-    w = torch.linspace(0, 5, 6)
+    z, ec, eu, w = on(backend, *make_inputs(shape, torch.float32, seed=7), torch.linspace(0, 5, 6))
     whole = cfgfast.reverse_step(z, ec, eu, 0.5, 1.0, w, seed=8, step=3, backend=backend)
     parts = [cfgfast.reverse_step(z[i:j], ec[i:j], eu[i:j], 0.5, 1.0, w[i:j], seed=8, step=3, index_offset=i,
                                   backend=backend) for i, j in ((0, 1), (1, 4), (4, 6))]
@@ -206,3 +217,38 @@ def test_auto_backend_picks_cpu_kernel_on_cpu_tensors():
 
     expected = "cpu" if "cpu" in cfgfast.available_backends() else "reference"
     assert choose("auto", torch.device("cpu")).name == expected
+
+
+def test_table_step_replays_the_per_step_loop(backend):
+    """reverse_step_table with a step counter, advanced after each call, gives the per-step loop's samples:
+    what one captured CUDA graph replays."""
+    lams = cfgfast.sampling_lambdas(12)
+    table, counter = on(backend, cfgfast.coefficient_table(lams, 0.3), torch.zeros(1, dtype=torch.int64))
+    shape = (3, 2, 37)
+    z_table = z_loop = on(backend, cfgfast.normal_noise(shape, 4, step=0, stream=0))
+    w = on(backend, torch.tensor([0.0, 1.0, 3.0]))
+    for t in range(len(lams)):
+        last = t == len(lams) - 1
+        eps_c, eps_u = torch.tanh(z_loop) * 0.5, torch.sin(z_loop) * 0.5
+        z_loop = cfgfast.reverse_step(z_loop, eps_c, eps_u, lams[t].item(), lams[min(t + 1, len(lams) - 1)].item(), w,
+                                      0.3, seed=4, step=t, index_offset=2, last=last, backend=backend)
+        z_table = cfgfast.reverse_step_table(z_table, eps_c, eps_u, table, counter, w, seed=4, index_offset=2,
+                                             backend=backend)
+        counter += 1
+        torch.testing.assert_close(z_table, z_loop, rtol=0, atol=0)
+
+
+def test_table_step_bad_input():
+    z = torch.randn(2, 5)
+    table = cfgfast.coefficient_table(cfgfast.sampling_lambdas(4), 0.3)
+    with pytest.raises(ValueError, match="coef_table must be a float64 tensor"):
+        cfgfast.reverse_step_table(z, z, z, table.float(), torch.zeros(1, dtype=torch.int64), 1.0)
+    with pytest.raises(ValueError, match="step must be an int64 tensor"):
+        cfgfast.reverse_step_table(z, z, z, table, torch.zeros(2, dtype=torch.int64), 1.0)
+    for backend in cfgfast.available_backends():
+        with pytest.raises(ValueError, match="step"):
+            cfgfast.reverse_step_table(z, z, z, table, torch.tensor([4]), 1.0, backend=backend)
+    with pytest.raises(ValueError, match="lambdas must be increasing"):
+        cfgfast.coefficient_table([0.0, 1.0, 1.0], 0.3)
+    with pytest.raises(ValueError, match=r"v must be in \[0, 1\]"):
+        cfgfast.coefficient_table([0.0, 1.0], 2.0)

@@ -67,6 +67,19 @@ void reverse_step_cpu(at::Tensor& out, const at::Tensor& z, const at::Tensor& ep
                  [&](int64_t b, int64_t g0, int64_t g1) { cpu::step_groups(args, b, g0, g1); });
 }
 
+// The table variant on the CPU (for tests and for CPU code written against it): t is read on the host.
+void reverse_step_table_cpu(at::Tensor& out, const at::Tensor& z, const at::Tensor& eps_cond,
+                            const at::Tensor& eps_uncond, const at::Tensor& w, const at::Tensor& coef_table,
+                            const at::Tensor& step, int64_t seed, int64_t index_offset, c10::optional<double> clip) {
+  check_table_args(out, z, eps_cond, eps_uncond, w, coef_table, step, index_offset);
+  const int64_t t = step.item<int64_t>(), steps = coef_table.size(0);
+  TORCH_CHECK_VALUE(t >= 0 && t < steps, "cfgfast: step ", t, " is outside the table of ", steps, " steps");
+  const at::Tensor row = coef_table[t].contiguous();
+  const double* r = row.const_data_ptr<double>();
+  reverse_step_cpu(out, z, eps_cond, eps_uncond, w, c10::nullopt, c10::ArrayRef<double>(r, kNumStepCoef), seed, t,
+                   index_offset, clip, t == steps - 1);
+}
+
 void normal_noise_cpu(at::Tensor& out, int64_t seed, int64_t step, int64_t stream, int64_t index_offset) {
   check_noise_out(out, step, stream, index_offset);
   TORCH_CHECK_VALUE(out.device().is_cpu(), "cfgfast: the cpu kernel needs a CPU tensor, got ", out.device());
@@ -81,6 +94,7 @@ void normal_noise_cpu(at::Tensor& out, int64_t seed, int64_t step, int64_t strea
 
 TORCH_LIBRARY_IMPL(cfgfast, CPU, m) {
   m.impl("reverse_step_", &reverse_step_cpu);
+  m.impl("reverse_step_table_", &reverse_step_table_cpu);
   m.impl("normal_noise_", &normal_noise_cpu);
 }
 

@@ -34,7 +34,7 @@ CFGFAST_HOST_DEVICE void philox_round(U& x0, U& x1, U& x2, U& x3, K k0, K k1) {
 // Ten rounds, the key bumped by the Weyl constants between rounds.
 template <class U>
 CFGFAST_HOST_DEVICE void philox4x32_10(U& x0, U& x1, U& x2, U& x3, uint32_t k0, uint32_t k1) {
-#if defined(__CUDA_ARCH__)
+#if defined(__CUDACC__)
 #pragma unroll
 #else
 #pragma GCC unroll 10

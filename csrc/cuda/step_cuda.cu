@@ -1,0 +1,255 @@
+// CUDA implementations of the cfgfast ops: the fused reverse step (SPEC §2) and the noise (SPEC §3),
+// compiled from the same shared header as the CPU kernel (Philox, Box–Muller, the step formulas).
+//
+// One thread per group of four elements of one sample (one Philox call), grid-stride over all groups;
+// 16-byte loads and stores when every pointer is aligned and the sample length is a multiple of 4.
+// Only c10/cuda headers: ATen/cuda/CUDAContext.h would need cuSPARSE's headers at build time.
+#include <ATen/core/Tensor.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <cuda_runtime.h>
+
+#include "cfgfast/normal.h"
+#include "cfgfast/step.h"
+#include "op_checks.h"
+
+namespace cfgfast {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kBlocksPerSm = 8;
+
+struct DeviceStepArgs {
+  float* out;
+  const float* z;
+  const void* eps_cond;
+  const void* eps_uncond;
+  const float* w;
+  const float* noise;       // explicit noise or nullptr
+  int64_t numel_per_sample;
+  int64_t groups_per_sample;
+  int64_t total_groups;
+  StepCoef coef;
+  NoiseKey key;
+  uint64_t index_offset;
+  float clip;
+  bool has_clip;
+  bool last;
+  const double* table;      // [table_len, 7] coefficients per step, or nullptr
+  const int64_t* step_ptr;  // the step counter on the device (with table)
+  int64_t table_len;
+};
+
+template <class T>
+__device__ __forceinline__ float widen(T x) {
+  return static_cast<float>(x);
+}
+
+// Four consecutive ε values: 16 bytes of float32 or 8 bytes of bfloat16 / float16, loaded at once.
+template <class T>
+struct alignas(4 * sizeof(T)) Vec4 {
+  T v[4];
+};
+
+// z' (or x~ on the last step) of one element.
+__device__ __forceinline__ float element(float z, float eps, float n, const StepCoef& c, bool has_clip, float clip,
+                                         bool last) {
+  if (last) return has_clip ? last_value<true>(z, eps, c, clip) : last_value<false>(z, eps, c, clip);
+  return has_clip ? step_value<true>(z, eps, n, c, clip) : step_value<false>(z, eps, n, c, clip);
+}
+
+template <class EpsT, bool kVec>
+__global__ void __launch_bounds__(kThreads) reverse_step_kernel(DeviceStepArgs a) {
+  StepCoef coef = a.coef;
+  NoiseKey key = a.key;
+  bool last = a.last;
+  if (a.table != nullptr) {
+    // The graph-replayable variant: the step index lives on the device. An index outside the table
+    // (which the host cannot check without a sync) gives NaN everywhere rather than a wild read.
+    int64_t t = *a.step_ptr;
+    const bool valid = t >= 0 && t < a.table_len;
+    t = valid ? t : 0;
+    const double* row = a.table + 7 * t;
+    coef = StepCoef{static_cast<float>(row[0]), static_cast<float>(row[1]), static_cast<float>(row[2]),
+                    static_cast<float>(row[3]), static_cast<float>(row[4]), static_cast<float>(row[5]),
+                    static_cast<float>(row[6])};
+    key.step = static_cast<uint32_t>(t);
+    last = t == a.table_len - 1;
+    if (!valid) coef.alpha = __int_as_float(0x7fc00000);  // x~ and z' become NaN
+  }
+  const auto* ec = static_cast<const EpsT*>(a.eps_cond);
+  const auto* eu = static_cast<const EpsT*>(a.eps_uncond);
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t task = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; task < a.total_groups;
+       task += stride) {
+    const int64_t b = task / a.groups_per_sample, g = task - b * a.groups_per_sample;
+    const float w = a.w[b], one_plus_w = 1.0f + w;
+    float n[4] = {0.f, 0.f, 0.f, 0.f};
+    if (!last && a.noise == nullptr) {
+      normals4<float, uint32_t>(key, static_cast<uint32_t>(g), static_cast<uint32_t>(a.index_offset + b), n[0], n[1],
+                                n[2], n[3]);
+    }
+    const int64_t i0 = b * a.numel_per_sample + 4 * g;
+    if (kVec) {
+      const float4 z4 = *reinterpret_cast<const float4*>(a.z + i0);
+      const Vec4<EpsT> c4 = *reinterpret_cast<const Vec4<EpsT>*>(ec + i0);
+      const Vec4<EpsT> u4 = *reinterpret_cast<const Vec4<EpsT>*>(eu + i0);
+      if (!last && a.noise != nullptr) {
+        const float4 n4 = *reinterpret_cast<const float4*>(a.noise + i0);
+        n[0] = n4.x, n[1] = n4.y, n[2] = n4.z, n[3] = n4.w;
+      }
+      const float zs[4] = {z4.x, z4.y, z4.z, z4.w};
+      float r[4];
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        const float eps = guided_eps(widen(c4.v[k]), widen(u4.v[k]), one_plus_w, w);
+        r[k] = element(zs[k], eps, n[k], coef, a.has_clip, a.clip, last);
+      }
+      *reinterpret_cast<float4*>(a.out + i0) = make_float4(r[0], r[1], r[2], r[3]);
+    } else {
+      const int64_t count = a.numel_per_sample - 4 * g < 4 ? a.numel_per_sample - 4 * g : 4;
+      for (int64_t k = 0; k < count; ++k) {
+        const int64_t i = i0 + k;
+        const float eps = guided_eps(widen(ec[i]), widen(eu[i]), one_plus_w, w);
+        const float nk = (!last && a.noise != nullptr) ? a.noise[i] : n[k];
+        a.out[i] = element(a.z[i], eps, nk, coef, a.has_clip, a.clip, last);
+      }
+    }
+  }
+}
+
+__global__ void __launch_bounds__(kThreads)
+    normal_noise_kernel(float* out, int64_t numel_per_sample, int64_t groups_per_sample, int64_t total_groups,
+                        NoiseKey key, uint64_t index_offset, bool vec) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t task = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; task < total_groups;
+       task += stride) {
+    const int64_t b = task / groups_per_sample, g = task - b * groups_per_sample;
+    float n[4];
+    normals4<float, uint32_t>(key, static_cast<uint32_t>(g), static_cast<uint32_t>(index_offset + b), n[0], n[1],
+                              n[2], n[3]);
+    float* o = out + b * numel_per_sample + 4 * g;
+    if (vec) {
+      *reinterpret_cast<float4*>(o) = make_float4(n[0], n[1], n[2], n[3]);
+    } else {
+      const int64_t count = numel_per_sample - 4 * g < 4 ? numel_per_sample - 4 * g : 4;
+      for (int64_t k = 0; k < count; ++k) o[k] = n[k];
+    }
+  }
+}
+
+int grid_for(int64_t total_groups, c10::DeviceIndex device) {
+  int sms = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  const int64_t needed = (total_groups + kThreads - 1) / kThreads;
+  const int64_t cap = static_cast<int64_t>(sms) * kBlocksPerSm;
+  return static_cast<int>(needed < cap ? needed : cap);
+}
+
+bool aligned(const void* p, size_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
+
+void launch_step(DeviceStepArgs& a, at::ScalarType eps_type, const at::Tensor& like) {
+  if (a.total_groups == 0) return;
+  const size_t eps_bytes = eps_type == at::kFloat ? 16 : 8;
+  const bool vec = a.numel_per_sample % 4 == 0 && aligned(a.out, 16) && aligned(a.z, 16) &&
+                   aligned(a.eps_cond, eps_bytes) && aligned(a.eps_uncond, eps_bytes) &&
+                   (a.noise == nullptr || aligned(a.noise, 16));
+  const int blocks = grid_for(a.total_groups, like.device().index());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(like.device().index()).stream();
+  auto go = [&](auto eps_tag) {
+    using E = decltype(eps_tag);
+    if (vec) {
+      reverse_step_kernel<E, true><<<blocks, kThreads, 0, stream>>>(a);
+    } else {
+      reverse_step_kernel<E, false><<<blocks, kThreads, 0, stream>>>(a);
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  };
+  switch (eps_type) {
+    case at::kBFloat16: go(c10::BFloat16{}); break;
+    case at::kHalf: go(c10::Half{}); break;
+    default: go(float{}); break;
+  }
+}
+
+DeviceStepArgs step_args(at::Tensor& out, const at::Tensor& z, const at::Tensor& ec, const at::Tensor& eu,
+                         const at::Tensor& w, const at::Tensor& noise, int64_t seed, int64_t index_offset,
+                         c10::optional<double> clip) {
+  const int64_t batch = z.size(0);
+  DeviceStepArgs a{};
+  a.out = out.data_ptr<float>();
+  a.z = z.const_data_ptr<float>();
+  a.eps_cond = ec.const_data_ptr();
+  a.eps_uncond = eu.const_data_ptr();
+  a.w = w.const_data_ptr<float>();
+  a.noise = noise.defined() ? noise.const_data_ptr<float>() : nullptr;
+  a.numel_per_sample = batch == 0 ? 0 : z.numel() / batch;
+  a.groups_per_sample = (a.numel_per_sample + 3) / 4;
+  a.total_groups = batch * a.groups_per_sample;
+  a.key = noise_key(seed, 0, /*stream=*/1);
+  a.index_offset = static_cast<uint64_t>(index_offset);
+  a.has_clip = clip.has_value();
+  a.clip = clip.has_value() ? static_cast<float>(*clip) : 0.0f;
+  return a;
+}
+
+void reverse_step_cuda(at::Tensor& out, const at::Tensor& z, const at::Tensor& eps_cond, const at::Tensor& eps_uncond,
+                       const at::Tensor& w, const c10::optional<at::Tensor>& noise, c10::ArrayRef<double> coef,
+                       int64_t seed, int64_t step, int64_t index_offset, c10::optional<double> clip, bool last) {
+  check_step_args(out, z, eps_cond, eps_uncond, w, noise, coef, step, index_offset);
+  TORCH_CHECK_VALUE(z.device().is_cuda(), "cfgfast: the cuda kernel needs CUDA tensors, got ", z.device());
+  const c10::cuda::CUDAGuard guard(z.device());
+  const at::Tensor zc = z.contiguous(), ec = eps_cond.contiguous(), eu = eps_uncond.contiguous(), wc = w.contiguous();
+  const at::Tensor nc = noise.has_value() ? noise->contiguous() : at::Tensor();
+  DeviceStepArgs a = step_args(out, zc, ec, eu, wc, nc, seed, index_offset, clip);
+  a.coef = step_coef_from(coef);
+  a.key.step = static_cast<uint32_t>(step);
+  a.last = last;
+  launch_step(a, ec.scalar_type(), z);
+}
+
+void reverse_step_table_cuda(at::Tensor& out, const at::Tensor& z, const at::Tensor& eps_cond,
+                             const at::Tensor& eps_uncond, const at::Tensor& w, const at::Tensor& coef_table,
+                             const at::Tensor& step, int64_t seed, int64_t index_offset, c10::optional<double> clip) {
+  check_table_args(out, z, eps_cond, eps_uncond, w, coef_table, step, index_offset);
+  TORCH_CHECK_VALUE(z.device().is_cuda(), "cfgfast: the cuda kernel needs CUDA tensors, got ", z.device());
+  const c10::cuda::CUDAGuard guard(z.device());
+  const at::Tensor zc = z.contiguous(), ec = eps_cond.contiguous(), eu = eps_uncond.contiguous(), wc = w.contiguous();
+  const at::Tensor table = coef_table.contiguous();
+  DeviceStepArgs a = step_args(out, zc, ec, eu, wc, at::Tensor(), seed, index_offset, clip);
+  a.table = table.const_data_ptr<double>();
+  a.step_ptr = step.const_data_ptr<int64_t>();
+  a.table_len = table.size(0);
+  launch_step(a, ec.scalar_type(), z);
+}
+
+void normal_noise_cuda(at::Tensor& out, int64_t seed, int64_t step, int64_t stream, int64_t index_offset) {
+  check_noise_out(out, step, stream, index_offset);
+  TORCH_CHECK_VALUE(out.device().is_cuda(), "cfgfast: the cuda kernel needs a CUDA tensor, got ", out.device());
+  const c10::cuda::CUDAGuard guard(out.device());
+  const int64_t batch = out.size(0);
+  const int64_t n_per = batch == 0 ? 0 : out.numel() / batch;
+  const int64_t groups = (n_per + 3) / 4, total = batch * groups;
+  if (total == 0) return;
+  const bool vec = n_per % 4 == 0 && aligned(out.data_ptr(), 16);
+  normal_noise_kernel<<<grid_for(total, out.device().index()), kThreads, 0,
+                        c10::cuda::getCurrentCUDAStream(out.device().index()).stream()>>>(
+      out.data_ptr<float>(), n_per, groups, total, noise_key(seed, step, stream), static_cast<uint64_t>(index_offset),
+      vec);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(cfgfast, CUDA, m) {
+  m.impl("reverse_step_", &reverse_step_cuda);
+  m.impl("reverse_step_table_", &reverse_step_table_cuda);
+  m.impl("normal_noise_", &normal_noise_cuda);
+}
+
+}  // namespace cfgfast
