@@ -5,7 +5,8 @@
 #   bash benchmarks/gpu_check.sh            (logs under $OUT when set, else ./gpu-check/)
 set -uo pipefail
 cd "$(dirname "$0")/.."
-LOG="${OUT:-gpu-check}"
+REPO=$(pwd)
+LOG="${OUT:-$REPO/gpu-check}"
 mkdir -p "$LOG"
 export PYTHONUNBUFFERED=1 MAX_JOBS="${MAX_JOBS:-16}"
 py=$(command -v python3)
@@ -19,10 +20,10 @@ if ! TORCH_CUDA_ARCH_LIST="$arch+PTX" FORCE_CUDA=1 "$py" -m pip install --no-bui
     > "$LOG/build.log" 2>&1; then
   tail -40 "$LOG/build.log"; echo "build failed"; exit 1
 fi
-cd "$LOG"  # import the installed package, not ../cfgfast
+cd "$LOG"  # import the installed package, not $REPO/cfgfast
 
 step "tests"
-"$py" -m pytest ../tests -q -x -p no:cacheprovider 2>&1 | tee tests.log | tail -15 || status=1
+"$py" -m pytest "$REPO/tests" -q -p no:cacheprovider 2>&1 | tee tests.log | tail -15 || status=1
 
 step "compute-sanitizer memcheck"
 cat > memcheck.py <<'PY'
@@ -50,6 +51,6 @@ fi
 
 step "table"
 # the installed cfgfast first on the path, this tree's benchmarks package after it
-"$py" -c "import sys; sys.path.append('..'); from benchmarks.gpu_table import main; main()" --out gpu_table.json \
+"$py" -c "import sys; sys.path.append('$REPO'); from benchmarks.gpu_table import main; main()" --out gpu_table.json \
   2>&1 | tee gpu_table.txt || status=1
 exit $status
