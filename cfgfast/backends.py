@@ -7,6 +7,8 @@ a backend named explicitly that cannot run raises with its reasons.
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from . import _ext
@@ -102,7 +104,40 @@ class CudaBackend(CpuBackend):
         return reasons
 
 
-_BACKENDS: dict[str, Backend] = {b.name: b for b in (ReferenceBackend(), CpuBackend(), CudaBackend())}
+class TritonBackend(Backend):
+    """The fused Triton kernel (cfgfast/triton_step.py) on CUDA tensors, or on CPU tensors under
+    TRITON_INTERPRET=1. reverse_step_table reads the step index on the host (a sync): graph-replayable
+    table stepping is the cuda backend's."""
+
+    name = "triton"
+
+    def refusals(self, device):
+        return _triton_step().refusals(device)
+
+    def reverse_step(self, out, z, eps_cond, eps_uncond, w, noise, coef, seed, step, index_offset, clip, last):
+        _triton_step().reverse_step_triton(out, z, eps_cond, eps_uncond, w, noise, coef.as_list(), seed, step,
+                                           index_offset, clip, last)
+
+    def normal_noise(self, out, seed, step, stream, index_offset):
+        _triton_step().normal_noise_triton(out, seed, step, stream, index_offset)
+
+
+def _triton_step():
+    """cfgfast.triton_step, imported on first use: importing triton costs a second or two."""
+    from . import triton_step
+
+    return triton_step
+
+
+# Where the triton backend can matter, import it (and register its ops) now rather than inside a call
+# that torch.compile may be tracing.
+if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
+    _triton_step()
+
+
+_BACKENDS: dict[str, Backend] = {
+    b.name: b for b in (ReferenceBackend(), CpuBackend(), TritonBackend(), CudaBackend())
+}
 _AUTO_ORDER = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "reference")}
 
 
@@ -113,6 +148,7 @@ def available_backends() -> list[str]:
         name
         for name in BACKEND_NAMES
         if name in _BACKENDS and any(not _BACKENDS[name].refusals(d) for d in devices)
+        and not (name == "triton" and not torch.cuda.is_available())  # the interpreter is for tests, not use
     ]
 
 

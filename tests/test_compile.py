@@ -1,5 +1,6 @@
 """torch.compile(fullgraph=True) traces through reverse_step and normal_noise (fake kernels, no graph
-breaks) and gives what eager mode gives."""
+breaks) and gives what eager mode gives: on the CPU here, and with the cuda and triton backends where a
+GPU is present."""
 
 from __future__ import annotations
 
@@ -8,15 +9,22 @@ import torch
 
 import cfgfast
 
+CASES = [pytest.param("cpu", "cpu", marks=pytest.mark.needs_extension)] + [
+    pytest.param("cuda", backend, id=f"cuda-{backend}")
+    for backend in ("cuda", "triton")
+    if torch.cuda.is_available() and backend in cfgfast.available_backends()
+]
 
-@pytest.mark.needs_extension
-def test_compiled_step_equals_eager():
-    z = torch.randn(4, 3, 8, 8)
-    eps_cond, eps_uncond, w = torch.randn_like(z), torch.randn_like(z).to(torch.bfloat16), torch.rand(4)
+
+@pytest.mark.parametrize("device,backend", CASES)
+def test_compiled_step_equals_eager(device, backend):
+    z = torch.randn(4, 3, 8, 8, device=device)
+    eps_cond, w = torch.randn_like(z), torch.rand(4, device=device)
+    eps_uncond = torch.randn_like(z).to(torch.bfloat16)
 
     def f(z, eps_cond, eps_uncond, w):
-        z = cfgfast.reverse_step(z, eps_cond, eps_uncond.float(), -1.0, -0.5, w, 0.3, seed=3, step=2)
-        return z + cfgfast.normal_noise(z.shape, 3, step=9)
+        z = cfgfast.reverse_step(z, eps_cond, eps_uncond.float(), -1.0, -0.5, w, 0.3, seed=3, step=2, backend=backend)
+        return z + cfgfast.normal_noise(z.shape, 3, step=9, device=device, backend=backend)
 
     compiled = torch.compile(f, fullgraph=True)
     torch.testing.assert_close(compiled(z, eps_cond, eps_uncond, w), f(z, eps_cond, eps_uncond, w), rtol=0, atol=0)

@@ -1,0 +1,315 @@
+"""The Triton backend: the reverse step of SPEC §2 with the noise of SPEC §3 fused into one pass, and the noise
+alone. Kernels, launchers and settings live here together (as Liger-Kernel's rms_norm.py does); the ops are
+registered with torch.library.triton_op, so torch.compile sees the kernels on a GPU.
+
+Layout: inputs are contiguous [B, N] (N = elements per sample). Program p handles BLOCK_GROUPS groups of four
+elements of one sample b = p // blocks_per_sample: one Philox4x32-10 call per group (counter (group, b +
+index_offset, step, stream), key (seed mod 2^32, seed >> 32)), Box–Muller to four normals laid out
+contiguously, the step, one store. Without a GPU the kernels run under TRITON_INTERPRET=1 on CPU tensors.
+
+Import never fails: without triton the module only reports why in `refusals`.
+"""
+
+# No `from __future__ import annotations` here: torch.library.triton_op reads the op schema from live annotations.
+import math
+import os
+from typing import Optional
+
+import torch
+
+from ._checks import EPS_DTYPES, seed_as_int64
+
+try:
+    import triton
+    import triton.language as tl
+except Exception as error:  # missing or broken (a failing backend import): the backend refuses with this reason
+    triton = None
+    _TRITON_ERROR: Optional[str] = f"triton cannot be imported ({error}); install it: pip install triton"
+else:
+    _TRITON_ERROR = None
+
+# Triton picks interpreted or compiled kernels when they are defined (at import), from this variable.
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+# H100 settings. The step is memory bound (12-16 bytes per element against ~40 integer and float operations),
+# so a plain elementwise shape does: 256 groups = 1024 elements per program, 4 warps = 8 elements (two 16-byte
+# vectors of float32) per thread and input. No autotune: the kernel writes `out` in place and out may alias z,
+# so autotune's repeated benchmark launches would apply the step several times; and the shape (N per model)
+# would cost a tuning run per model for a kernel whose best setting hardly depends on it.
+BLOCK_GROUPS = 256
+NUM_WARPS = 4
+# the testing helpers (Philox words, words to normals) are one word / one group per lane
+HELPER_BLOCK = 1024
+
+MAX_PER_SAMPLE = 2**30  # element offsets inside a sample (plus a block) are int32
+_MAX_WORD = 2**32
+
+
+def refusals(device: torch.device) -> list[str]:
+    """Why the triton backend cannot run on `device` (empty: it can)."""
+    device = torch.device(device)
+    reasons = []
+    if _TRITON_ERROR is not None:
+        reasons.append(_TRITON_ERROR)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            reasons.append("it runs on CUDA tensors, but CUDA is not available")
+    elif not (device.type == "cpu" and INTERPRETED):
+        reasons.append(f"it runs on CUDA tensors (or on CPU tensors with TRITON_INTERPRET=1 set before cfgfast is "
+                       f"imported), got {device}")
+    return reasons
+
+
+def _require(device: torch.device) -> None:
+    reasons = refusals(device)
+    if reasons:
+        raise RuntimeError("cfgfast: backend 'triton' cannot run here: " + "; ".join(reasons))
+
+
+if triton is not None:
+    _TWO_PI_2M24 = tl.constexpr(2.0 * math.pi * 2.0**-24)  # one turn over 2^24 steps of f; fp32(2 pi) * 2^-24
+    _TWO_M24 = tl.constexpr(2.0**-24)
+
+    @triton.jit
+    def _box_muller_radius(x):
+        """sqrt(-2 ln u), u(x) = ((x >> 8) + 1) 2^-24 in (0, 1] (SPEC §3); x uint32, so >> is logical."""
+        u = ((x >> 8) + 1).to(tl.float32) * _TWO_M24  # exact: at most 2^24
+        return tl.sqrt_rn(-2.0 * tl.log(u))
+
+    @triton.jit
+    def _sincos_turns(x):
+        """(sin, cos) of 2 pi f, f(x) = (x >> 8) 2^-24 in [0, 1).
+
+        Reduced exactly to the nearest quarter turn in fixed point (as csrc/include/cfgfast/normal.h), so the
+        float32 angle is |a| <= pi/4 with a relative rounding error, not an absolute one of ulp(2 pi).
+        """
+        q = x >> 8
+        k = (q + (1 << 21)) >> 22  # nearest quarter turn, 0..4
+        r = (q - (k << 22)).to(tl.int32, bitcast=True)  # f - k/4 in [-1/8, 1/8) in units of 2^-24
+        a = r.to(tl.float32) * _TWO_PI_2M24
+        sin_a = tl.sin(a)
+        cos_a = tl.cos(a)
+        odd = (k & 1) != 0  # rotate by k quarter turns: swap on odd k, then the signs
+        s = tl.where(odd, cos_a, sin_a)
+        c = tl.where(odd, sin_a, cos_a)
+        s = tl.where((k & 2) != 0, -s, s)
+        c = tl.where(((k + 1) & 2) != 0, -c, c)
+        return s, c
+
+    @triton.jit
+    def _words_to_normals(x0, x1, x2, x3, BLOCK: tl.constexpr):
+        """Box–Muller of SPEC §3: [4 BLOCK] normals, group q's four at 4q .. 4q + 3, from [BLOCK] uint32 words."""
+        rho = _box_muller_radius(tl.join(x0, x2))  # [BLOCK, 2]: rho0, rho1
+        s, c = _sincos_turns(tl.join(x1, x3))  # theta0, theta1
+        # [BLOCK, 2, 2] in C order: rho0 cos0, rho0 sin0, rho1 cos1, rho1 sin1
+        return tl.reshape(tl.join(rho * c, rho * s), [4 * BLOCK])
+
+    @triton.jit
+    def _philox(seed, c0, c1, c2, c3):
+        """Philox4x32-10 (Random123) with key (seed mod 2^32, seed >> 32): tl.random.philox splits its 64-bit
+        seed so. The seed arrives as int64 (two's complement of a seed >= 2^63) or int32 when small; widening
+        to int64 sign-extends, then philox reinterprets it as uint64."""
+        return tl.random.philox(seed.to(tl.int64), c0, c1, c2, c3)
+
+    @triton.jit
+    def _sample_normals(seed, group, sample, step, stream, BLOCK: tl.constexpr):
+        """[4 BLOCK] normals of the [BLOCK] groups `group` (int32) of global sample `sample` (int64)."""
+        c0 = group.to(tl.uint32)
+        zero = c0 * 0
+        # step and stream may be int32 or int64 scalars, or a constant: made uint32 words first
+        x0, x1, x2, x3 = _philox(seed, c0, zero + sample.to(tl.uint32), zero + tl.to_tensor(step).to(tl.uint32),
+                                 zero + tl.to_tensor(stream).to(tl.uint32))
+        return _words_to_normals(x0, x1, x2, x3, BLOCK)
+
+    @triton.jit(do_not_specialize=["seed", "step", "index_offset"])
+    def _reverse_step_kernel(
+        out_ptr, z_ptr, eps_cond_ptr, eps_uncond_ptr, w_ptr, noise_ptr,
+        alpha, sigma, mean_z, mean_eps, mean_z_clip, mean_x_clip, noise_std, clip,
+        seed, step, index_offset, per_sample, blocks_per_sample,
+        HAS_NOISE: tl.constexpr, CLIP: tl.constexpr, LAST: tl.constexpr, BLOCK: tl.constexpr,
+    ):
+        """One reverse step (SPEC §2) of 4 BLOCK elements of one sample; the formulas of
+        csrc/include/cfgfast/step.h in float32. out may alias z: each element is read before it is written."""
+        pid = tl.program_id(0)
+        b = pid // blocks_per_sample
+        group = (pid - b * blocks_per_sample) * BLOCK + tl.arange(0, BLOCK)
+        j = (pid - b * blocks_per_sample) * (4 * BLOCK) + tl.arange(0, 4 * BLOCK)  # element index in the sample
+        mask = j < per_sample
+        offset = b.to(tl.int64) * per_sample + j
+        z = tl.load(z_ptr + offset, mask=mask, other=0.0)
+        eps_cond = tl.load(eps_cond_ptr + offset, mask=mask, other=0.0).to(tl.float32)
+        eps_uncond = tl.load(eps_uncond_ptr + offset, mask=mask, other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + b)
+        eps = (1.0 + w) * eps_cond - w * eps_uncond  # paper Eq. 6
+        if CLIP or LAST:
+            x = tl.div_rn(z - sigma * eps, alpha)  # x~ = (z - sigma eps~) / alpha
+            if CLIP:
+                x = tl.where(x < -clip, -clip, tl.where(x > clip, clip, x))  # NaN passes, as torch.clamp
+        if LAST:
+            result = x
+        else:
+            if HAS_NOISE:
+                n = tl.load(noise_ptr + offset, mask=mask, other=0.0)
+            else:
+                n = _sample_normals(seed, group, b.to(tl.int64) + index_offset, step, 1, BLOCK)
+            if CLIP:
+                result = mean_z_clip * z + mean_x_clip * x + noise_std * n  # mu, first form
+            else:
+                result = mean_z * z - mean_eps * eps + noise_std * n  # mu, second form
+        tl.store(out_ptr + offset, result, mask=mask)
+
+    @triton.jit(do_not_specialize=["seed", "step", "stream", "index_offset"])
+    def _normal_noise_kernel(out_ptr, seed, step, stream, index_offset, per_sample, blocks_per_sample,
+                             BLOCK: tl.constexpr):
+        """The noise of SPEC §3 for 4 BLOCK elements of one sample."""
+        pid = tl.program_id(0)
+        b = pid // blocks_per_sample
+        group = (pid - b * blocks_per_sample) * BLOCK + tl.arange(0, BLOCK)
+        j = (pid - b * blocks_per_sample) * (4 * BLOCK) + tl.arange(0, 4 * BLOCK)
+        n = _sample_normals(seed, group, b.to(tl.int64) + index_offset, step, stream, BLOCK)
+        tl.store(out_ptr + b.to(tl.int64) * per_sample + j, n, mask=j < per_sample)
+
+    @triton.jit(do_not_specialize=["seed"])
+    def _philox_words_kernel(x0_ptr, x1_ptr, x2_ptr, x3_ptr, c0_ptr, c1_ptr, c2_ptr, c3_ptr, seed, numel,
+                             BLOCK: tl.constexpr):
+        """Testing helper: raw Philox words for counters held in int64 (written back as int64 in [0, 2^32))."""
+        i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = i < numel
+        c0 = tl.load(c0_ptr + i, mask=mask, other=0).to(tl.uint32)
+        c1 = tl.load(c1_ptr + i, mask=mask, other=0).to(tl.uint32)
+        c2 = tl.load(c2_ptr + i, mask=mask, other=0).to(tl.uint32)
+        c3 = tl.load(c3_ptr + i, mask=mask, other=0).to(tl.uint32)
+        x0, x1, x2, x3 = _philox(seed, c0, c1, c2, c3)
+        tl.store(x0_ptr + i, x0.to(tl.int64), mask=mask)
+        tl.store(x1_ptr + i, x1.to(tl.int64), mask=mask)
+        tl.store(x2_ptr + i, x2.to(tl.int64), mask=mask)
+        tl.store(x3_ptr + i, x3.to(tl.int64), mask=mask)
+
+    @triton.jit
+    def _words_to_normals_kernel(out_ptr, x0_ptr, x1_ptr, x2_ptr, x3_ptr, groups, BLOCK: tl.constexpr):
+        """Testing helper: the Box–Muller mapping alone, [groups, 4] normals from four int64 word tensors."""
+        g = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = g < groups
+        x0 = tl.load(x0_ptr + g, mask=mask, other=0).to(tl.uint32)
+        x1 = tl.load(x1_ptr + g, mask=mask, other=0).to(tl.uint32)
+        x2 = tl.load(x2_ptr + g, mask=mask, other=0).to(tl.uint32)
+        x3 = tl.load(x3_ptr + g, mask=mask, other=0).to(tl.uint32)
+        j = tl.program_id(0) * (4 * BLOCK) + tl.arange(0, 4 * BLOCK)
+        tl.store(out_ptr + j, _words_to_normals(x0, x1, x2, x3, BLOCK), mask=j < 4 * groups)
+
+    def _check_counters(out: torch.Tensor, step: int, stream: int, index_offset: int) -> None:
+        torch._check(out.dtype == torch.float32, lambda: f"cfgfast: out must be float32, got {out.dtype}")
+        torch._check(out.dim() >= 1, lambda: "cfgfast: out needs a batch dimension")
+        torch._check(out.is_contiguous(), lambda: "cfgfast: out must be contiguous")
+        torch._check(0 <= step < _MAX_WORD, lambda: f"cfgfast: step must be in [0, 2^32), got {step}")
+        torch._check(0 <= stream < _MAX_WORD, lambda: f"cfgfast: stream must be in [0, 2^32), got {stream}")
+        torch._check(0 <= index_offset and index_offset + out.shape[0] <= _MAX_WORD,
+                     lambda: f"cfgfast: index_offset + batch must be in [0, 2^32], got index_offset={index_offset}")
+        torch._check(out.numel() // max(out.shape[0], 1) < MAX_PER_SAMPLE,
+                     lambda: "cfgfast: the triton backend takes fewer than 2^30 elements per sample")
+
+    def _launch_shape(out: torch.Tensor) -> tuple[int, int, tuple[int]]:
+        """(elements per sample, programs per sample, grid)."""
+        batch = out.shape[0]
+        per_sample = out.numel() // batch
+        blocks = triton.cdiv(per_sample, 4 * BLOCK_GROUPS)
+        return per_sample, blocks, (batch * blocks,)
+
+    @torch.library.triton_op("cfgfast::triton_reverse_step_", mutates_args=("out",))
+    def _reverse_step_op(
+        out: torch.Tensor,
+        z: torch.Tensor,
+        eps_cond: torch.Tensor,
+        eps_uncond: torch.Tensor,
+        w: torch.Tensor,
+        noise: Optional[torch.Tensor],
+        coef: list[float],
+        seed: int,
+        step: int,
+        index_offset: int,
+        clip: Optional[float],
+        last: bool,
+    ) -> None:
+        torch._check(z.dtype == torch.float32, lambda: f"cfgfast: z must be float32, got {z.dtype}")
+        torch._check(z.dim() >= 1, lambda: "cfgfast: z needs a batch dimension")
+        torch._check(eps_cond.dtype in EPS_DTYPES, lambda: f"cfgfast: bad eps_cond dtype {eps_cond.dtype}")
+        torch._check(eps_uncond.dtype == eps_cond.dtype, lambda: "cfgfast: eps_uncond must have the dtype of eps_cond")
+        torch._check(eps_cond.shape == z.shape and eps_uncond.shape == z.shape,
+                     lambda: "cfgfast: eps must have z's shape")
+        torch._check(w.dtype == torch.float32 and w.shape == (z.shape[0],), lambda: "cfgfast: w must be float32 [B]")
+        torch._check(noise is None or (noise.shape == z.shape and noise.dtype == torch.float32),
+                     lambda: "cfgfast: noise must be float32 like z")
+        torch._check(out.shape == z.shape, lambda: "cfgfast: out must have z's shape")
+        torch._check(len(coef) == 7, lambda: "cfgfast: coef must hold 7 numbers")
+        tensors = (z, eps_cond, eps_uncond, w) + (() if noise is None else (noise,))
+        torch._check(all(t.is_contiguous() for t in tensors),
+                     lambda: "cfgfast: the triton kernel takes contiguous inputs")
+        torch._check(all(t.device == out.device for t in tensors),
+                     lambda: "cfgfast: all tensors must be on out's device")
+        _check_counters(out, step, 1, index_offset)
+        if out.numel() == 0:
+            return
+        per_sample, blocks, grid = _launch_shape(out)
+        alpha, sigma, mean_z, mean_eps, mean_z_clip, mean_x_clip, noise_std = coef
+        torch.library.wrap_triton(_reverse_step_kernel)[grid](
+            out, z, eps_cond, eps_uncond, w, z if noise is None else noise,
+            alpha, sigma, mean_z, mean_eps, mean_z_clip, mean_x_clip, noise_std, 0.0 if clip is None else clip,
+            seed, step, index_offset, per_sample, blocks,
+            HAS_NOISE=noise is not None, CLIP=clip is not None, LAST=last, BLOCK=BLOCK_GROUPS, num_warps=NUM_WARPS,
+        )
+
+    @torch.library.triton_op("cfgfast::triton_normal_noise_", mutates_args=("out",))
+    def _normal_noise_op(out: torch.Tensor, seed: int, step: int, stream: int, index_offset: int) -> None:
+        _check_counters(out, step, stream, index_offset)
+        if out.numel() == 0:
+            return
+        per_sample, blocks, grid = _launch_shape(out)
+        torch.library.wrap_triton(_normal_noise_kernel)[grid](
+            out, seed, step, stream, index_offset, per_sample, blocks, BLOCK=BLOCK_GROUPS, num_warps=NUM_WARPS
+        )
+
+
+def reverse_step_triton(out, z, eps_cond, eps_uncond, w, noise, coef: list[float], seed: int, step: int,
+                        index_offset: int, clip: Optional[float], last: bool) -> None:
+    """One reverse step into `out` (contiguous float32 like z; may be z itself). Inputs may be views: they are
+    made contiguous (C order over each sample, as SPEC §3 counts elements). seed in [0, 2^64); coef: the seven
+    float64 numbers of StepCoefficients.as_list(), used as float32."""
+    _require(z.device)
+    torch.ops.cfgfast.triton_reverse_step_(
+        out, z.contiguous(), eps_cond.contiguous(), eps_uncond.contiguous(), w.contiguous(),
+        None if noise is None else noise.contiguous(), [float(c) for c in coef], seed_as_int64(seed), step,
+        index_offset, None if clip is None else float(clip), bool(last),
+    )
+
+
+def normal_noise_triton(out, seed: int, step: int, stream: int, index_offset: int) -> None:
+    """The noise of SPEC §3 into `out` (contiguous float32 [B, ...]); seed in [0, 2^64)."""
+    _require(out.device)
+    torch.ops.cfgfast.triton_normal_noise_(out, seed_as_int64(seed), step, stream, index_offset)
+
+
+def philox_words_triton(c0, c1, c2, c3, seed: int) -> tuple[torch.Tensor, ...]:
+    """Testing helper: Philox4x32-10 words for counter tensors (any integer dtype, values in [0, 2^32), one
+    shape) under key (seed mod 2^32, seed >> 32); four int64 tensors of 32-bit values."""
+    device = next((c.device for c in (c0, c1, c2, c3) if isinstance(c, torch.Tensor)), torch.device("cpu"))
+    _require(device)
+    counters = torch.broadcast_tensors(*(torch.as_tensor(c, device=device) for c in (c0, c1, c2, c3)))
+    counters = [c.to(torch.int64).contiguous() for c in counters]
+    words = [torch.empty_like(counters[0]) for _ in range(4)]
+    numel = counters[0].numel()
+    if numel:
+        grid = (triton.cdiv(numel, HELPER_BLOCK),)
+        _philox_words_kernel[grid](*words, *counters, seed_as_int64(seed), numel, BLOCK=HELPER_BLOCK)
+    return tuple(words)
+
+
+def words_to_normals_triton(x0, x1, x2, x3) -> torch.Tensor:
+    """Testing helper: the kernels' Box–Muller on given words (int64 tensors of one shape [...]); float32 [..., 4]."""
+    words = [torch.as_tensor(x).to(torch.int64).contiguous() for x in (x0, x1, x2, x3)]
+    _require(words[0].device)
+    out = torch.empty(words[0].shape + (4,), dtype=torch.float32, device=words[0].device)
+    groups = words[0].numel()
+    if groups:
+        grid = (triton.cdiv(groups, HELPER_BLOCK),)
+        _words_to_normals_kernel[grid](out, *words, groups, BLOCK=HELPER_BLOCK)
+    return out
