@@ -102,12 +102,13 @@ def extensions():
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCH_LIST)
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
-    print(f"cfgfast: CUDA kernels {'ON' if build_cuda else 'OFF'} ({why})")
+    note = f"CUDA kernels {'ON' if build_cuda else 'OFF'} ({why})"
+    print("cfgfast: " + note)
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     # The C++ standard is the one torch asks for. -fopenmp: at::parallel_for is inline OpenMP code in
     # torch's headers, serial without it; the libgomp it links is the one torch already loaded.
     cxx_flags = ["-O3", "-fvisibility=hidden", "-fopenmp"]
-    define_macros = []
+    define_macros = [("CFGFAST_CUDA_NOTE", '"' + note.replace("\\", "/").replace('"', "'") + '"')]
     ext_cls = CppExtension
     extra = {"cxx": cxx_flags}
     if build_cuda:

@@ -16,6 +16,9 @@ namespace py = pybind11;
 #ifndef CFGFAST_CUDA_ARCH_LIST
 #define CFGFAST_CUDA_ARCH_LIST ""
 #endif
+#ifndef CFGFAST_CUDA_NOTE
+#define CFGFAST_CUDA_NOTE "not recorded (built outside setup.py)"
+#endif
 
 namespace {
 
@@ -63,6 +66,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     info["cuda_kernel"] = false;
 #endif
     info["cuda_arch"] = split_arch(CFGFAST_CUDA_ARCH_LIST);
+    info["cuda_build"] = std::string(CFGFAST_CUDA_NOTE);  // why the CUDA kernels were or were not built
     info["torch_built_against"] = std::string(TORCH_VERSION);
 #if defined(__VERSION__)
     info["compiler"] = std::string(__VERSION__);
