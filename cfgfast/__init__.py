@@ -8,6 +8,7 @@ from . import _ext
 from ._version import __version__
 from .backends import available_backends
 from .noise import normal_noise
+from .sampler import sample
 from .schedule import alpha_sigma, coefficient_table, sampling_lambdas, step_coefficients, training_lambdas
 from .step import reverse_step, reverse_step_table
 
@@ -24,6 +25,7 @@ __all__ = [
     "normal_noise",
     "reverse_step",
     "reverse_step_table",
+    "sample",
     "sampling_lambdas",
     "step_coefficients",
     "training_lambdas",

@@ -1,5 +1,5 @@
 """Command line: `cfgfast info` (what this installation runs) and `cfgfast step-demo` (guided sampling of
-two Gaussian classes with their exact noise predictions, step by step through cfgfast.reverse_step)."""
+two Gaussian classes with their exact noise predictions, cfgfast.toy, through cfgfast.sample)."""
 
 from __future__ import annotations
 
@@ -11,22 +11,7 @@ import time
 import torch
 
 import cfgfast
-
-
-def exact_eps(z: torch.Tensor, lam: float, labels: torch.Tensor, means: torch.Tensor, spread: float):
-    """eps*(z, c) and eps*(z) for data x ~ N(mu_c, spread^2 I), classes equally likely.
-
-    z_lam | c ~ N(alpha mu_c, (alpha^2 spread^2 + sigma^2) I), so eps*(z, c) = sigma (z - alpha mu_c) / var;
-    the unconditional eps* averages that over the classes' posterior responsibilities.
-    """
-    alpha, sigma = cfgfast.alpha_sigma(lam)
-    var = alpha**2 * spread**2 + sigma**2
-    resid = z[:, None, :] - alpha * means[None, :, :]  # [B, K, D]
-    resp = torch.softmax(-0.5 * resid.pow(2).sum(-1) / var, dim=1)  # p(c | z_lam)
-    eps_all = sigma * resid / var
-    eps_cond = eps_all[torch.arange(z.shape[0]), labels]
-    eps_uncond = (resp[..., None] * eps_all).sum(1)
-    return eps_cond, eps_uncond
+from cfgfast.toy import GaussianClasses
 
 
 TWO_CLASS_MEANS = ((-1.0, 0.0), (1.0, 0.0))
@@ -34,17 +19,11 @@ TWO_CLASS_SPREAD = 0.6
 
 
 def two_class_samples(w, num=4000, steps=256, v=0.3, seed=0, backend="auto"):
-    """(samples [num, 2], labels) drawn with guidance w from the exact eps of two Gaussian classes."""
-    means = torch.tensor(TWO_CLASS_MEANS)
+    """(samples [num, 2], labels) drawn with guidance w from the exact eps of two isotropic Gaussian classes."""
+    cov = (TWO_CLASS_SPREAD**2 * torch.eye(2)).expand(2, 2, 2)
     labels = torch.arange(num) % 2
-    lams = cfgfast.sampling_lambdas(steps).tolist()
-    z = cfgfast.normal_noise((num, 2), seed, step=0, stream=0)
-    for t in range(steps):
-        eps_cond, eps_uncond = exact_eps(z, lams[t], labels, means, TWO_CLASS_SPREAD)
-        last = t == steps - 1
-        z = cfgfast.reverse_step(z, eps_cond, eps_uncond, lams[t], lams[t if last else t + 1], w, v, seed=seed,
-                                 step=t, last=last, backend=backend)
-    return z, labels
+    model = GaussianClasses(TWO_CLASS_MEANS, cov)
+    return cfgfast.sample(model, labels, w, steps, v=v, seed=seed, backend=backend, progress=False), labels
 
 
 def step_demo(args) -> int:

@@ -20,7 +20,7 @@ def class_stats(z, labels):
 
 @pytest.mark.parametrize("backend", cfgfast.available_backends())
 def test_unguided_sampling_reproduces_the_data(backend):
-    z, labels = two_class_samples(0.0, num=4000, steps=64, backend=backend)
+    z, labels = two_class_samples(0.0, num=4000, steps=128, backend=backend)
     gap, within = class_stats(z, labels)
     # 4000 samples: the standard error of the gap is about 0.02 and of the spread about 0.005
     assert gap == pytest.approx(2.0, abs=0.08)

@@ -1,0 +1,138 @@
+"""cfgfast.sample: the paper's Algorithm 2 (classifier-free guided ancestral sampling) over the lambda grid
+of SPEC §1, with the fused step of SPEC §2 and the noise of SPEC §3."""
+
+from __future__ import annotations
+
+import math
+import sys
+
+import torch
+
+from . import _checks
+from .noise import normal_noise
+from .schedule import LAMBDA_MAX, LAMBDA_MIN, sampling_lambdas
+from .step import reverse_step
+
+
+def _model_device(model, labels: torch.Tensor) -> torch.device:
+    params = getattr(model, "parameters", None)
+    if callable(params):
+        for p in params():
+            return p.device
+    return labels.device
+
+
+def _grid(steps, lambdas, lambda_min, lambda_max) -> list[float]:
+    if lambdas is None:
+        return sampling_lambdas(steps, lambda_min, lambda_max).tolist()
+    grid = torch.as_tensor(lambdas, dtype=torch.float64).flatten().tolist()
+    if len(grid) < 2:
+        raise ValueError(f"lambdas must hold at least 2 values, got {len(grid)}")
+    for t in range(len(grid) - 1):
+        if not (math.isfinite(grid[t]) and grid[t] < grid[t + 1]):
+            raise ValueError(f"lambdas must be finite and increasing, got lambdas[{t}]={grid[t]}, "
+                             f"lambdas[{t + 1}]={grid[t + 1]}")
+    return grid
+
+
+def _interval(guidance_interval):
+    if guidance_interval is None:
+        return -math.inf, math.inf
+    try:
+        lo, hi = guidance_interval
+    except (TypeError, ValueError):
+        raise TypeError(f"guidance_interval must be a pair (lam_lo, lam_hi), got {guidance_interval!r}") from None
+    lo, hi = float(lo), float(hi)
+    if not lo <= hi or math.isnan(lo) or math.isnan(hi):
+        raise ValueError(f"guidance_interval must have lam_lo <= lam_hi, got ({lo}, {hi})")
+    return lo, hi
+
+
+def _predict(model, z, lam, labels, null_labels, guided: bool, step: int):
+    """(eps_cond, eps_uncond) from one forward pass of batch 2B, or of batch B when unguided."""
+    batch = z.shape[0]
+    lam_b = torch.full((batch,), lam, dtype=torch.float32, device=z.device)
+    if guided:
+        eps = model(torch.cat([z, z]), torch.cat([lam_b, lam_b]), torch.cat([labels, null_labels]))
+        expected = (2 * batch,) + tuple(z.shape[1:])
+    else:
+        eps = model(z, lam_b, labels)
+        expected = tuple(z.shape)
+    if not isinstance(eps, torch.Tensor) or tuple(eps.shape) != expected:
+        got = tuple(eps.shape) if isinstance(eps, torch.Tensor) else type(eps).__name__
+        raise ValueError(f"model must return eps of shape {expected} at step {step} (lam={lam:.4g}), got {got}")
+    if eps.dtype not in _checks.EPS_DTYPES:
+        eps = eps.float()
+    if guided:
+        return eps[:batch], eps[batch:]
+    return eps, eps
+
+
+@torch.no_grad()
+def sample(model, labels, w, steps=256, *, v=0.3, seed=0, shape=None, null_label=None,
+           lambda_min=LAMBDA_MIN, lambda_max=LAMBDA_MAX, clip=None, index_offset=0, backend="auto", progress=None,
+           guidance_interval=None, lambdas=None) -> torch.Tensor:
+    """Samples x [B, *shape] of a class-conditional model with classifier-free guidance (SPEC §4).
+
+    model(z, lam, labels) -> eps with lam float32 [B] and labels int64 [B]; `null_label` (default
+    model.null_label) means "no class". w: a number or one per sample; 0 everywhere skips the
+    unconditional pass. The state starts as the noise of stream 0 and stays float32 (the model may
+    return bfloat16 or float16, e.g. under autocast). guidance_interval=(lam_lo, lam_hi) guides only
+    where lam_lo <= lam <= lam_hi. lambdas= replaces the grid (any increasing sequence; steps = its
+    length). Sample i is global sample index_offset + i: the same seed gives the same samples for any
+    batch split, batch size and backend.
+    """
+    if not callable(model):
+        raise TypeError(f"model must be callable as model(z, lam, labels), got {type(model).__name__}")
+    labels = _checks.tensor("labels", labels)
+    if labels.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8) or labels.dim() != 1:
+        raise TypeError(f"labels must be a 1-D integer tensor [B], got {labels.dtype} of shape {tuple(labels.shape)}")
+    device = _model_device(model, labels)
+    labels = labels.to(device=device, dtype=torch.int64)
+    batch = labels.shape[0]
+    null_label = getattr(model, "null_label", None) if null_label is None else null_label
+    if null_label is None:
+        raise ValueError("null_label is unknown: pass null_label= or give the model a null_label attribute")
+    null_label = _checks.integer("null_label", null_label)
+    if batch and (int(labels.min()) < 0 or int(labels.max()) > null_label):
+        raise ValueError(f"labels must lie in [0, {null_label}] (null_label {null_label}), got values in "
+                         f"[{int(labels.min())}, {int(labels.max())}]")
+    shape = getattr(model, "sample_shape", None) if shape is None else shape
+    if shape is None:
+        raise ValueError("shape is unknown: pass shape= or give the model a sample_shape attribute")
+    shape = tuple(_checks.integer("shape", s, low=1) for s in shape)
+    w = _checks.guidance(w, batch, device)
+    v = _checks.unit_interval("v", v)
+    if lambdas is None:
+        steps = _checks.integer("steps", steps, low=2)
+    grid = _grid(steps, lambdas, lambda_min, lambda_max)
+    lam_lo, lam_hi = _interval(guidance_interval)
+    seed = _checks.seed(seed)
+    index_offset = _checks.integer("index_offset", index_offset, high=_checks.MAX_WORD - batch + 1)
+    if progress is None:
+        progress = sys.stderr.isatty()
+
+    null_labels = torch.full_like(labels, null_label)
+    any_guidance = bool((w != 0).any()) if batch else False
+    zero_w = torch.zeros_like(w)
+    z = normal_noise((batch,) + shape, seed, step=0, stream=0, index_offset=index_offset, device=device)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(grid), desc="cfgfast.sample", unit="step")
+    for t, lam in enumerate(grid):
+        last = t == len(grid) - 1
+        guided = any_guidance and lam_lo <= lam <= lam_hi
+        eps_cond, eps_uncond = _predict(model, z, lam, labels, null_labels, guided, t)
+        z = reverse_step(z, eps_cond, eps_uncond, lam, grid[t] if last else grid[t + 1], w if guided else zero_w, v,
+                         seed=seed, step=t, index_offset=index_offset, last=last, clip=clip, backend=backend,
+                         out=z if not last else None)
+        if not bool(torch.isfinite(z).all()):
+            raise ValueError(f"the sample became non-finite at step {t} (lam={lam:.4g}): the model returned "
+                             "non-finite eps, or w is too large for this model")
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    return z

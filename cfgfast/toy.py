@@ -1,0 +1,55 @@
+"""An exact toy model (the paper's Figure 2 setting): classes are 2-D Gaussians N(mu_k, Sigma_k), and the
+optimal noise predictions are analytic, so guided sampling can be checked against known distributions.
+
+At log-SNR lam, z | c=k ~ N(alpha mu_k, alpha^2 Sigma_k + sigma^2 I), hence
+    eps*(z, k) = sigma (alpha^2 Sigma_k + sigma^2 I)^-1 (z - alpha mu_k)
+and the unconditional marginal is the mixture over classes, eps*(z) = sum_k p(k | z) eps*(z, k).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .schedule import alpha_sigma
+
+
+class GaussianClasses:
+    """model(z, lam, labels) -> eps* for classes N(means[k], covs[k]) with prior weights; label K = null."""
+
+    def __init__(self, means, covs, weights=None):
+        self.means = torch.as_tensor(means, dtype=torch.float64)
+        self.covs = torch.as_tensor(covs, dtype=torch.float64)
+        k, d = self.means.shape
+        if self.covs.shape != (k, d, d):
+            raise ValueError(f"covs must have shape {(k, d, d)}, got {tuple(self.covs.shape)}")
+        weights = torch.full((k,), 1.0 / k, dtype=torch.float64) if weights is None else torch.as_tensor(
+            weights, dtype=torch.float64)
+        if weights.shape != (k,) or bool((weights <= 0).any()):
+            raise ValueError(f"weights must be {k} positive numbers")
+        self.log_weights = torch.log(weights / weights.sum())
+        self.num_classes = k
+        self.null_label = k
+        self.sample_shape = (d,)
+
+    def __call__(self, z: torch.Tensor, lam: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        z64 = z.double().cpu()
+        alpha, sigma = alpha_sigma(lam.double().cpu())  # [B]
+        eye = torch.eye(self.sample_shape[0], dtype=torch.float64)
+        cov = alpha[:, None, None, None] ** 2 * self.covs + sigma[:, None, None, None] ** 2 * eye  # [B, K, D, D]
+        resid = z64[:, None, :] - alpha[:, None, None] * self.means  # [B, K, D]
+        solved = torch.linalg.solve(cov, resid.unsqueeze(-1)).squeeze(-1)  # cov^-1 (z - alpha mu_k)
+        eps_k = sigma[:, None, None] * solved
+        log_p = (self.log_weights - 0.5 * (resid * solved).sum(-1) - 0.5 * torch.logdet(cov))  # [B, K]
+        resp = torch.softmax(log_p, dim=1)
+        eps_uncond = (resp[..., None] * eps_k).sum(1)
+        cond = labels.cpu() < self.num_classes
+        eps_cond = eps_k[torch.arange(z.shape[0]), labels.cpu().clamp(max=self.num_classes - 1)]
+        eps = torch.where(cond[:, None], eps_cond, eps_uncond)
+        return eps.to(device=z.device, dtype=torch.float32)
+
+
+def three_classes() -> GaussianClasses:
+    """Three overlapping 2-D classes, like the paper's Figure 2."""
+    means = [[-1.0, 0.0], [1.0, 0.0], [0.0, 1.5]]
+    covs = [[[0.5, 0.2], [0.2, 0.4]], [[0.4, -0.15], [-0.15, 0.5]], [[0.6, 0.0], [0.0, 0.3]]]
+    return GaussianClasses(means, covs)
