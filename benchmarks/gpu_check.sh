@@ -35,11 +35,15 @@ for shape in [(3, 7), (5, 4097), (2, 3, 64, 64)]:
         for kw in ({}, {"clip": 1.0}, {"last": True}, {"noise": torch.randn(shape, device="cuda")}):
             for backend in [b for b in ("cuda", "triton") if b in cfgfast.available_backends()]:
                 cfgfast.reverse_step(z, e, e, -1.0, 0.0, 2.0, backend=backend, **kw)
-                cfgfast.reverse_step(z[:, None][:, 0], e, e, -1.0, 0.0, 2.0, backend=backend, **kw)
+                # misaligned base pointers (the scalar path even where the sample length is a multiple of 4)
+                zu = torch.empty(z.numel() + 1, device="cuda")[1:].view(shape).copy_(z)
+                eu = torch.empty(z.numel() + 1, device="cuda", dtype=dt)[1:].view(shape).copy_(e)
+                cfgfast.reverse_step(zu, eu, eu, -1.0, 0.0, 2.0, backend=backend, **kw)
     cfgfast.normal_noise(shape, 3, device="cuda")
 table = cfgfast.coefficient_table(cfgfast.sampling_lambdas(4), 0.3).cuda()
 for t in range(5):  # t = 4 is outside the table: NaN, not a wild read
-    cfgfast.reverse_step_table(z, z, z, table, torch.tensor([t], device="cuda"), 1.0, backend="cuda")
+    out = cfgfast.reverse_step_table(z, z, z, table, torch.tensor([t], device="cuda"), 1.0, backend="cuda")
+    assert torch.isnan(out).all() == (t == 4), t
 torch.cuda.synchronize()
 print("memcheck script done")
 PY

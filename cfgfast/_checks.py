@@ -33,7 +33,10 @@ def real(name: str, value) -> float:
         value = value.item()
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    value = float(value)
+    try:
+        value = float(value)
+    except OverflowError:
+        raise ValueError(f"{name} must be finite, got a number too large for a float") from None
     if not math.isfinite(value):
         raise ValueError(f"{name} must be finite, got {value}")
     return value
@@ -71,10 +74,16 @@ def guidance(w, batch: int, device: torch.device) -> torch.Tensor:
         if not (w.is_floating_point() or w.dtype in (torch.int32, torch.int64)):
             raise TypeError(f"w must be a real tensor, got {w.dtype}")
         w = w.to(device=device, dtype=torch.float32)
-        if not torch.compiler.is_compiling() and not bool(torch.isfinite(w).all()):
-            raise ValueError("w must be finite, got a non-finite value")
+        # The check reads w on the host: not possible while torch.compile traces or a CUDA graph captures
+        # (there w was checked when it was made, or the caller's loop checks it once before capture).
+        capturing = w.is_cuda and torch.cuda.is_current_stream_capturing()
+        if not torch.compiler.is_compiling() and not capturing and not bool(torch.isfinite(w).all()):
+            raise ValueError("w must be finite (in float32), got a non-finite value")
         return w.contiguous()
-    return torch.full((batch,), real("w", w), dtype=torch.float32, device=device)
+    value = real("w", w)
+    if abs(value) > torch.finfo(torch.float32).max:
+        raise ValueError(f"w must be finite in float32, got {value}")
+    return torch.full((batch,), value, dtype=torch.float32, device=device)
 
 
 def unit_interval(name: str, value) -> float:
@@ -91,3 +100,50 @@ def seed(value) -> int:
 def seed_as_int64(value: int) -> int:
     """The op schema carries the seed as int64: two's complement of a seed in [0, 2^64)."""
     return value - 2**64 if value >= 2**63 else value
+
+
+def _byte_range(t: torch.Tensor) -> tuple[int, int]:
+    if t.numel() == 0:
+        return 0, 0
+    start = t.data_ptr() + t.element_size() * sum(min(0, st * (sz - 1)) for st, sz in zip(t.stride(), t.shape))
+    end = t.data_ptr() + t.element_size() * (1 + sum(max(0, st * (sz - 1)) for st, sz in zip(t.stride(), t.shape)))
+    return start, end
+
+
+def out_may_alias(out: torch.Tensor, **inputs: torch.Tensor | None) -> None:
+    """out may be one of the inputs exactly (an in-place step) but must not partly overlap any."""
+    lo, hi = _byte_range(out)
+    for name, t in inputs.items():
+        if t is None or t.device != out.device:
+            continue
+        same = t.data_ptr() == out.data_ptr() and t.stride() == out.stride() and t.shape == out.shape
+        t_lo, t_hi = _byte_range(t)
+        if not same and t_lo < hi and lo < t_hi:
+            raise ValueError(f"out must not partly overlap {name} (it may be {name} itself, for an in-place step)")
+
+
+# ---- the ops' own checks, as torch._check (they hold under torch.compile's fake tensors): shared by the fake
+# kernels of the compiled ops (cfgfast/_ops.py) and the Triton ops; csrc/op_checks.h is their C++ twin.
+
+def op_noise_out(out, step, stream, index_offset) -> None:
+    torch._check(out.dtype == torch.float32, lambda: f"cfgfast: out must be float32, got {out.dtype}")
+    torch._check(out.dim() >= 1, lambda: "cfgfast: out needs a batch dimension")
+    torch._check(out.is_contiguous(), lambda: "cfgfast: out must be contiguous")
+    torch._check(0 <= step < MAX_WORD, lambda: f"cfgfast: step must be in [0, 2^32), got {step}")
+    torch._check(0 <= stream < MAX_WORD, lambda: f"cfgfast: stream must be in [0, 2^32), got {stream}")
+    torch._check(0 <= index_offset and index_offset + out.shape[0] <= MAX_WORD,
+                 lambda: f"cfgfast: index_offset + batch must be in [0, 2^32], got index_offset={index_offset}")
+
+
+def op_step_args(out, z, eps_cond, eps_uncond, w, noise, coef, step, index_offset) -> None:
+    torch._check(z.dtype == torch.float32, lambda: f"cfgfast: z must be float32, got {z.dtype}")
+    torch._check(z.dim() >= 1, lambda: "cfgfast: z needs a batch dimension")
+    torch._check(eps_cond.dtype in EPS_DTYPES, lambda: f"cfgfast: bad eps_cond dtype {eps_cond.dtype}")
+    torch._check(eps_uncond.dtype == eps_cond.dtype, lambda: "cfgfast: eps_uncond must have the dtype of eps_cond")
+    torch._check(eps_cond.shape == z.shape and eps_uncond.shape == z.shape, lambda: "cfgfast: eps must have z's shape")
+    torch._check(w.dtype == torch.float32 and w.shape == (z.shape[0],), lambda: "cfgfast: w must be float32 [B]")
+    torch._check(noise is None or (noise.shape == z.shape and noise.dtype == torch.float32),
+                 lambda: "cfgfast: noise must be float32 like z")
+    torch._check(out.shape == z.shape, lambda: "cfgfast: out must have z's shape")
+    torch._check(len(coef) == 7, lambda: "cfgfast: coef must hold 7 numbers")
+    op_noise_out(out, step, 1, index_offset)

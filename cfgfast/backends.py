@@ -96,7 +96,7 @@ class CudaBackend(CpuBackend):
     def refusals(self, device):
         reasons = [] if device.type == "cuda" else [f"it runs on CUDA tensors, got {device}"]
         reasons += _extension_refusals()
-        if not reasons and not _ext.load().build_info()["cuda_kernel"]:
+        if not reasons and not _ext.cuda_kernel:
             reasons.append("the extension was built without its CUDA kernels (no CUDA toolkit at build time, or "
                            f"CFGFAST_SKIP_CUDA=1); rebuild with a toolkit: FORCE_CUDA=1 {_ext.REBUILD}")
         if device.type == "cuda" and not torch.cuda.is_available():

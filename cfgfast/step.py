@@ -36,6 +36,8 @@ def _check_common(z, eps_cond, eps_uncond, w, seed, index_offset, clip, out):
     elif not (isinstance(out, torch.Tensor) and out.dtype == torch.float32 and out.shape == z.shape
               and out.device == z.device and out.is_contiguous()):
         raise ValueError(f"out must be a contiguous float32 tensor of z's shape {tuple(z.shape)} on {z.device}")
+    else:
+        _checks.out_may_alias(out, z=z, eps_cond=eps_cond, eps_uncond=eps_uncond, w=w)
     return w, seed, index_offset, clip, out
 
 
@@ -62,6 +64,7 @@ def reverse_step(z, eps_cond, eps_uncond, lam, lam_next, w, v=0.3, *, noise=None
         if not noise.is_floating_point():
             raise TypeError(f"noise must be a floating-point tensor, got {noise.dtype}")
         noise = noise.float()
+        _checks.out_may_alias(out, noise=noise)
     step = _checks.integer("step", step, high=_checks.MAX_WORD)
     coef = step_coefficients(lam, lam_next, v)
     choose(backend, z.device).reverse_step(out, z, eps_cond, eps_uncond, w, noise, coef, seed, step, index_offset,

@@ -17,7 +17,7 @@ from typing import Optional
 
 import torch
 
-from ._checks import EPS_DTYPES, seed_as_int64
+from ._checks import op_noise_out, op_step_args, seed_as_int64
 
 try:
     import triton
@@ -42,7 +42,6 @@ NUM_WARPS = 4
 HELPER_BLOCK = 1024
 
 MAX_PER_SAMPLE = 2**30  # element offsets inside a sample (plus a block) are int32
-_MAX_WORD = 2**32
 
 
 def refusals(device: torch.device) -> list[str]:
@@ -71,24 +70,50 @@ if triton is not None:
     _TWO_M24 = tl.constexpr(2.0**-24)
 
     @triton.jit
+    def _log_positive(x):
+        """ln x for positive normal float32 x: Cephes' logf, the same operations as log_positive in
+        csrc/include/cfgfast/normal.h (tl.log may lower to an approximate instruction on NVIDIA GPUs, whose
+        absolute error near x = 1 would swamp -2 ln u there)."""
+        bits = x.to(tl.uint32, bitcast=True)
+        e = ((bits >> 23) - 126).to(tl.int32, bitcast=True).to(tl.float32)  # x = m 2^e, m in [0.5, 1)
+        m = ((bits & 0x007FFFFF) | 0x3F000000).to(tl.float32, bitcast=True)
+        small = m < 0.70710678118654752
+        e = e - tl.where(small, 1.0, 0.0)
+        m = tl.where(small, m + m, m) - 1.0
+        z = m * m
+        z2 = z * z
+        p01 = tl.fma(m, -2.4999993993e-1, 3.3333331174e-1)
+        p23 = tl.fma(m, -1.6668057665e-1, 2.0000714765e-1)
+        p45 = tl.fma(m, -1.2420140846e-1, 1.4249322787e-1)
+        p67 = tl.fma(m, -1.1514610310e-1, 1.1676998740e-1)
+        y = tl.fma(z2, tl.fma(z2, 7.0376836292e-2, tl.fma(z, p67, p45)), tl.fma(z, p23, p01))
+        y = y * m * z
+        y = tl.fma(e, -2.12194440e-4, y)
+        y = tl.fma(z, -0.5, y)
+        return tl.fma(e, 0.693359375, m + y)
+
+    @triton.jit
     def _box_muller_radius(x):
         """sqrt(-2 ln u), u(x) = ((x >> 8) + 1) 2^-24 in (0, 1] (SPEC §3); x uint32, so >> is logical."""
         u = ((x >> 8) + 1).to(tl.float32) * _TWO_M24  # exact: at most 2^24
-        return tl.sqrt_rn(-2.0 * tl.log(u))
+        return tl.sqrt_rn(-2.0 * _log_positive(u))
 
     @triton.jit
     def _sincos_turns(x):
-        """(sin, cos) of 2 pi f, f(x) = (x >> 8) 2^-24 in [0, 1).
+        """(sin, cos) of 2 pi f, f(x) = (x >> 8) 2^-24 in [0, 1), as sincos_turns in normal.h.
 
-        Reduced exactly to the nearest quarter turn in fixed point (as csrc/include/cfgfast/normal.h), so the
-        float32 angle is |a| <= pi/4 with a relative rounding error, not an absolute one of ulp(2 pi).
+        Reduced exactly to the nearest quarter turn in fixed point, so the float32 angle is |a| <= pi/4 with a
+        relative rounding error, not an absolute one of ulp(2 pi); then Cephes' sinf/cosf polynomials.
         """
         q = x >> 8
         k = (q + (1 << 21)) >> 22  # nearest quarter turn, 0..4
         r = (q - (k << 22)).to(tl.int32, bitcast=True)  # f - k/4 in [-1/8, 1/8) in units of 2^-24
         a = r.to(tl.float32) * _TWO_PI_2M24
-        sin_a = tl.sin(a)
-        cos_a = tl.cos(a)
+        z = a * a
+        sp = tl.fma(tl.fma(z, -1.9515295891e-4, 8.3321608736e-3), z, -1.6666654611e-1)
+        sin_a = tl.fma(sp * z, a, a)
+        cp = tl.fma(tl.fma(z, 2.443315711809948e-5, -1.388731625493765e-3), z, 4.166664568298827e-2)
+        cos_a = tl.fma(cp * z, z, tl.fma(z, -0.5, 1.0))
         odd = (k & 1) != 0  # rotate by k quarter turns: swap on odd k, then the signs
         s = tl.where(odd, cos_a, sin_a)
         c = tl.where(odd, sin_a, cos_a)
@@ -197,14 +222,7 @@ if triton is not None:
         j = tl.program_id(0) * (4 * BLOCK) + tl.arange(0, 4 * BLOCK)
         tl.store(out_ptr + j, _words_to_normals(x0, x1, x2, x3, BLOCK), mask=j < 4 * groups)
 
-    def _check_counters(out: torch.Tensor, step: int, stream: int, index_offset: int) -> None:
-        torch._check(out.dtype == torch.float32, lambda: f"cfgfast: out must be float32, got {out.dtype}")
-        torch._check(out.dim() >= 1, lambda: "cfgfast: out needs a batch dimension")
-        torch._check(out.is_contiguous(), lambda: "cfgfast: out must be contiguous")
-        torch._check(0 <= step < _MAX_WORD, lambda: f"cfgfast: step must be in [0, 2^32), got {step}")
-        torch._check(0 <= stream < _MAX_WORD, lambda: f"cfgfast: stream must be in [0, 2^32), got {stream}")
-        torch._check(0 <= index_offset and index_offset + out.shape[0] <= _MAX_WORD,
-                     lambda: f"cfgfast: index_offset + batch must be in [0, 2^32], got index_offset={index_offset}")
+    def _check_per_sample(out: torch.Tensor) -> None:
         torch._check(out.numel() // max(out.shape[0], 1) < MAX_PER_SAMPLE,
                      lambda: "cfgfast: the triton backend takes fewer than 2^30 elements per sample")
 
@@ -230,23 +248,13 @@ if triton is not None:
         clip: Optional[float],
         last: bool,
     ) -> None:
-        torch._check(z.dtype == torch.float32, lambda: f"cfgfast: z must be float32, got {z.dtype}")
-        torch._check(z.dim() >= 1, lambda: "cfgfast: z needs a batch dimension")
-        torch._check(eps_cond.dtype in EPS_DTYPES, lambda: f"cfgfast: bad eps_cond dtype {eps_cond.dtype}")
-        torch._check(eps_uncond.dtype == eps_cond.dtype, lambda: "cfgfast: eps_uncond must have the dtype of eps_cond")
-        torch._check(eps_cond.shape == z.shape and eps_uncond.shape == z.shape,
-                     lambda: "cfgfast: eps must have z's shape")
-        torch._check(w.dtype == torch.float32 and w.shape == (z.shape[0],), lambda: "cfgfast: w must be float32 [B]")
-        torch._check(noise is None or (noise.shape == z.shape and noise.dtype == torch.float32),
-                     lambda: "cfgfast: noise must be float32 like z")
-        torch._check(out.shape == z.shape, lambda: "cfgfast: out must have z's shape")
-        torch._check(len(coef) == 7, lambda: "cfgfast: coef must hold 7 numbers")
+        op_step_args(out, z, eps_cond, eps_uncond, w, noise, coef, step, index_offset)
         tensors = (z, eps_cond, eps_uncond, w) + (() if noise is None else (noise,))
         torch._check(all(t.is_contiguous() for t in tensors),
                      lambda: "cfgfast: the triton kernel takes contiguous inputs")
         torch._check(all(t.device == out.device for t in tensors),
                      lambda: "cfgfast: all tensors must be on out's device")
-        _check_counters(out, step, 1, index_offset)
+        _check_per_sample(out)
         if out.numel() == 0:
             return
         per_sample, blocks, grid = _launch_shape(out)
@@ -260,7 +268,8 @@ if triton is not None:
 
     @torch.library.triton_op("cfgfast::triton_normal_noise_", mutates_args=("out",))
     def _normal_noise_op(out: torch.Tensor, seed: int, step: int, stream: int, index_offset: int) -> None:
-        _check_counters(out, step, stream, index_offset)
+        op_noise_out(out, step, stream, index_offset)
+        _check_per_sample(out)
         if out.numel() == 0:
             return
         per_sample, blocks, grid = _launch_shape(out)

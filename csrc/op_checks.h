@@ -3,6 +3,7 @@
 // these keep a direct torch.ops call from reading out of bounds.
 #pragma once
 
+#include <ATen/MemoryOverlap.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
@@ -64,6 +65,11 @@ inline void check_step_args(const at::Tensor& out, const at::Tensor& z, const at
     TORCH_CHECK_VALUE(noise->device() == z.device(), "cfgfast: noise must be on ", z.device(), ", got ",
                       noise->device());
   }
+  // out may be z itself (an in-place step), but must not partly overlap an input: the kernels read each
+  // element just before writing it, never another element.
+  at::assert_no_internal_overlap(out);
+  for (const auto& t : {z, eps_cond, eps_uncond, w}) at::assert_no_partial_overlap(out, t);
+  if (noise.has_value()) at::assert_no_partial_overlap(out, *noise);
   TORCH_CHECK_VALUE(coef.size() == kNumStepCoef, "cfgfast: coef must hold ", kNumStepCoef, " numbers, got ",
                     coef.size());
   check_noise_out(out, step, /*stream=*/1, index_offset);

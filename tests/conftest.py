@@ -75,3 +75,9 @@ def backend(request):
         yield "cpu"
     finally:
         _ext.load().set_cpu_isa(previous)
+
+
+@pytest.fixture
+def device(backend):
+    """The device the current backend's tensors live on."""
+    return "cuda" if backend in ("cuda", "triton") else "cpu"

@@ -123,3 +123,25 @@ def test_direct_op_call_checks_its_arguments(mutate, exc, message):
     mutate(args)
     with pytest.raises(exc, match=message):
         torch.ops.cfgfast.reverse_step_(*args.values())
+
+
+def test_out_must_not_partly_overlap_an_input():
+    buf = torch.randn(1, 4097)
+    z = buf[:, :4096]
+    eps = torch.randn(1, 4096)
+    for backend in BACKENDS:
+        with pytest.raises(ValueError, match="out must not partly overlap z"):
+            cfgfast.reverse_step(z, eps, eps, 0.0, 1.0, 1.0, backend=backend, out=buf[:, 1:])
+    if "cpu" in BACKENDS:  # the op itself refuses too
+        with pytest.raises(RuntimeError, match="unsupported operation"):
+            torch.ops.cfgfast.reverse_step_(buf[:, 1:], z, eps, eps, torch.ones(1), None, [1.0] * 7, 0, 0, 0, None,
+                                            False)
+
+
+def test_huge_numbers_are_named():
+    with pytest.raises(ValueError, match="w must be finite in float32"):
+        call("reference", w=1e39)
+    with pytest.raises(ValueError, match="lam must be finite"):
+        call("reference", lam=-10**400)
+    with pytest.raises(ValueError, match="w must be finite"):
+        call("reference", w=10**400)

@@ -18,7 +18,7 @@ def class_stats(z, labels):
     return gap, within
 
 
-@pytest.mark.parametrize("backend", cfgfast.available_backends())
+@pytest.mark.parametrize("backend", [b for b in ("reference", "cpu") if b in cfgfast.available_backends()])
 def test_unguided_sampling_reproduces_the_data(backend):
     z, labels = two_class_samples(0.0, num=4000, steps=128, backend=backend)
     gap, within = class_stats(z, labels)

@@ -111,3 +111,57 @@ def test_build_info_says_whether_cuda_was_compiled():
         assert info["cuda_arch"] == []
     if os.environ.get("CFGFAST_EXPECT_CUDA_KERNEL") == "1":  # set by CI, whose machine has the toolkit
         assert info["cuda_kernel"], info
+
+
+GPU_OP_CASES = [pytest.param(b, id=b) for b in ("cuda",) if torch.cuda.is_available() and b in cfgfast.available_backends()]
+
+
+@pytest.mark.parametrize("backend", GPU_OP_CASES)
+@pytest.mark.parametrize("eps_dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_opcheck_cuda_ops(backend, eps_dtype):
+    z = torch.randn(3, 2, 37, device="cuda")
+    coef = cfgfast.step_coefficients(-1.0, -0.5, 0.3).as_list()
+    for noise, clip, last in ((None, None, False), (torch.randn_like(z), 1.0, False), (None, None, True)):
+        args = (torch.empty_like(z), z, torch.randn_like(z).to(eps_dtype), torch.randn_like(z).to(eps_dtype),
+                torch.rand(3, device="cuda"), noise, coef, 7, 2, 5, clip, last)
+        torch.library.opcheck(torch.ops.cfgfast.reverse_step_.default, args)
+    table = cfgfast.coefficient_table(cfgfast.sampling_lambdas(5), 0.3).cuda()
+    args = (torch.empty_like(z), z, torch.randn_like(z), torch.randn_like(z), torch.rand(3, device="cuda"), table,
+            torch.tensor([2], device="cuda"), 7, 5, None)
+    torch.library.opcheck(torch.ops.cfgfast.reverse_step_table_.default, args)
+    torch.library.opcheck(torch.ops.cfgfast.normal_noise_.default, (torch.empty(3, 37, device="cuda"), 1, 2, 1, 0))
+
+
+@pytest.mark.parametrize("backend", GPU_OP_CASES)
+def test_cuda_graph_replays_every_step(backend):
+    """One captured graph (model, table step, counter += 1) replayed T times equals the per-step loop;
+    a replay past the table gives NaN, not a wild read."""
+    lams = cfgfast.sampling_lambdas(10)
+    table = cfgfast.coefficient_table(lams, 0.3).cuda()
+    counter = torch.zeros(1, dtype=torch.int64, device="cuda")
+    w = torch.tensor([0.0, 2.0, 4.0], device="cuda")
+    z0 = cfgfast.normal_noise((3, 1000), 5, step=0, stream=0, device="cuda")
+
+    def model(z):
+        return torch.tanh(z) * 0.5, torch.sin(z) * 0.5
+
+    expected = z0.clone()
+    for t in range(len(lams)):
+        last = t == len(lams) - 1
+        eps_c, eps_u = model(expected)
+        expected = cfgfast.reverse_step(expected, eps_c, eps_u, lams[t].item(), lams[min(t + 1, 9)].item(), w, 0.3,
+                                        seed=5, step=t, last=last, backend=backend)
+    state, out = z0.clone(), torch.empty_like(z0)
+    cfgfast.reverse_step_table(state, *model(state), table, counter, w, seed=5, out=out)  # warm-up, then reset
+    counter.zero_()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        eps_c, eps_u = model(state)
+        cfgfast.reverse_step_table(state, eps_c, eps_u, table, counter, w, seed=5, out=out)
+        state.copy_(out)
+        counter.add_(1)
+    for _ in range(len(lams)):
+        graph.replay()
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    graph.replay()  # counter == T: outside the table
+    assert torch.isnan(out).all()

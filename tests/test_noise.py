@@ -62,6 +62,7 @@ def normals_np(shape, seed, step=0, stream=1, index_offset=0):
 
 def assert_close_to_exact(got: torch.Tensor, exact: np.ndarray, backend: str):
     """got (float32) against the float64 values, at the tolerance of the backend (module docstring)."""
+    got = got.cpu()
     assert got.dtype == torch.float32 and tuple(got.shape) == exact.shape
     g = got.double().numpy()
     err = np.abs(g - exact)
@@ -107,10 +108,10 @@ def test_philox_known_answers_numpy_oracle(counter, key, expected):
     assert [int(w) for w in philox_np(counter, key)] == list(expected)
 
 
-def test_known_answer_layout(backend):
+def test_known_answer_layout(backend, device):
     """Counter (j/4, b, t, stream) = 0 and seed 0 is the first known-answer vector: its normals come first."""
     exact = box_muller_np(*(np.uint64(w) for w in KNOWN_ANSWERS[0][2]))
-    got = cfgfast.normal_noise((1, 4), seed=0, step=0, stream=0, index_offset=0, backend=backend)
+    got = cfgfast.normal_noise((1, 4), seed=0, step=0, stream=0, index_offset=0, backend=backend, device=device)
     assert_close_to_exact(got, exact.reshape(1, 4), backend)
 
 
@@ -131,10 +132,10 @@ KEYS = [  # (seed, step, stream, index_offset); index_offset None: the largest a
 
 @pytest.mark.parametrize("seed, step, stream, index_offset", KEYS)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_normal_noise_matches_float64(backend, shape, seed, step, stream, index_offset):
+def test_normal_noise_matches_float64(backend, device, shape, seed, step, stream, index_offset):
     if index_offset is None:
         index_offset = 2**32 - shape[0]
-    got = cfgfast.normal_noise(shape, seed, step, stream, index_offset, backend=backend)
+    got = cfgfast.normal_noise(shape, seed, step, stream, index_offset, backend=backend, device=device)
     assert_close_to_exact(got, normals_np(shape, seed, step, stream, index_offset), backend)
 
 
@@ -187,8 +188,8 @@ def test_auto_backend():
 
 
 @pytest.mark.parametrize("shape", [(0,), (0, 5), (3, 0), (2, 0, 7)])
-def test_empty(backend, shape):
-    out = cfgfast.normal_noise(shape, 1, backend=backend)
+def test_empty(backend, device, shape):
+    out = cfgfast.normal_noise(shape, 1, backend=backend, device=device)
     assert out.shape == shape and out.dtype == torch.float32
 
 
@@ -250,14 +251,14 @@ SPLIT_CASES = [((5, 7), 0), ((4, 3, 5), 12), ((6, 2, 1, 3, 3), 2**32 - 6), ((3, 
 
 
 @pytest.mark.parametrize("shape, index_offset", SPLIT_CASES)
-def test_batch_position_invariance(backend, shape, index_offset):
-    whole = cfgfast.normal_noise(shape, 77, 9, 1, index_offset, backend=backend)
+def test_batch_position_invariance(backend, device, shape, index_offset):
+    whole = cfgfast.normal_noise(shape, 77, 9, 1, index_offset, backend=backend, device=device)
     for i in range(shape[0]):
-        alone = cfgfast.normal_noise((1,) + shape[1:], 77, 9, 1, index_offset + i, backend=backend)
+        alone = cfgfast.normal_noise((1,) + shape[1:], 77, 9, 1, index_offset + i, backend=backend, device=device)
         assert torch.equal(whole[i], alone[0]), f"sample {i}"
     for cut in (1, shape[0] // 2, shape[0] - 1):
-        head = cfgfast.normal_noise((cut,) + shape[1:], 77, 9, 1, index_offset, backend=backend)
-        tail = cfgfast.normal_noise((shape[0] - cut,) + shape[1:], 77, 9, 1, index_offset + cut, backend=backend)
+        head = cfgfast.normal_noise((cut,) + shape[1:], 77, 9, 1, index_offset, backend=backend, device=device)
+        tail = cfgfast.normal_noise((shape[0] - cut,) + shape[1:], 77, 9, 1, index_offset + cut, backend=backend, device=device)
         assert torch.equal(torch.cat([head, tail]), whole), f"split at {cut}"
 
 

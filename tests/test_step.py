@@ -54,14 +54,9 @@ def as64(t: torch.Tensor) -> np.ndarray:
     return t.detach().double().cpu().numpy()
 
 
-def device_of(backend: str) -> str:
-    """Where a backend's tensors live: the GPU backends take CUDA tensors."""
-    return "cuda" if backend in ("cuda", "triton") else "cpu"
-
-
 def on(backend: str, *tensors):
-    """The tensors moved to the backend's device (None stays None)."""
-    device = device_of(backend)
+    """The tensors moved to the backend's device (None stays None): the GPU backends take CUDA tensors."""
+    device = "cuda" if backend in ("cuda", "triton") else "cpu"
     moved = tuple(t.to(device) if isinstance(t, torch.Tensor) else t for t in tensors)
     return moved if len(moved) > 1 else moved[0]
 
@@ -151,8 +146,7 @@ def test_v_interpolates_the_variance():
         torch.testing.assert_close(out, math.sqrt(var) * noise, rtol=1e-6, atol=1e-7)
 
 
-def test_noncontiguous_views_use_logical_order(backend):
-    device = device_of(backend)
+def test_noncontiguous_views_use_logical_order(backend, device):
     base = torch.randn(6, 3, 10, 8, device=device)
     z = base[::2, :, 1:9, :].transpose(2, 3)  # strided, non-contiguous, [3, 3, 8, 8]
     ec = torch.randn(3, 8, 8, 3, device=device).permute(0, 3, 1, 2).to(torch.bfloat16)  # channels-last-like
@@ -245,9 +239,10 @@ def test_table_step_bad_input():
         cfgfast.reverse_step_table(z, z, z, table.float(), torch.zeros(1, dtype=torch.int64), 1.0)
     with pytest.raises(ValueError, match="step must be an int64 tensor"):
         cfgfast.reverse_step_table(z, z, z, table, torch.zeros(2, dtype=torch.int64), 1.0)
-    for backend in cfgfast.available_backends():
-        with pytest.raises(ValueError, match="step"):
-            cfgfast.reverse_step_table(z, z, z, table, torch.tensor([4]), 1.0, backend=backend)
+    for backend in ("reference", "cpu"):
+        if backend in cfgfast.available_backends():
+            with pytest.raises(ValueError, match="step"):
+                cfgfast.reverse_step_table(z, z, z, table, torch.tensor([4]), 1.0, backend=backend)
     with pytest.raises(ValueError, match="lambdas must be increasing"):
         cfgfast.coefficient_table([0.0, 1.0, 1.0], 0.3)
     with pytest.raises(ValueError, match=r"v must be in \[0, 1\]"):

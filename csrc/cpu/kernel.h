@@ -10,9 +10,9 @@
 #include "cfgfast/normal.h"
 #include "cfgfast/step.h"
 
-// The AVX2 body is compiled (with a per-file target pragma, never -march) on x86-64 with GCC or Clang,
-// and chosen at run time only where the CPU has AVX2, FMA and F16C.
-#if defined(__x86_64__) && defined(__GNUC__)
+// The AVX2 body is compiled (with a per-file GCC target pragma, never -march) on x86-64 with GCC, and
+// chosen at run time only where the CPU has AVX2, FMA and F16C. Clang ignores that pragma: scalar there.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define CFGFAST_HAVE_AVX2 1
 #endif
 

@@ -4,7 +4,7 @@
 // may use AVX2/FMA/F16C. Everything defined here has internal linkage (anonymous namespace, or a
 // template instantiated on its types), so no AVX2 copy of a shared inline function can leak into
 // code that runs on older CPUs.
-#if defined(__x86_64__) && defined(__GNUC__)
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #pragma GCC target("avx2,fma,f16c")
 #include <immintrin.h>
 

@@ -80,7 +80,10 @@ __global__ void __launch_bounds__(kThreads) reverse_step_kernel(DeviceStepArgs a
                     static_cast<float>(row[6])};
     key.step = static_cast<uint32_t>(t);
     last = t == a.table_len - 1;
-    if (!valid) coef.alpha = __int_as_float(0x7fc00000);  // x~ and z' become NaN
+    if (!valid) {  // every coefficient NaN: x~ and z' are NaN in every mode
+      const float nan = __int_as_float(0x7fc00000);
+      coef = StepCoef{nan, nan, nan, nan, nan, nan, nan};
+    }
   }
   const auto* ec = static_cast<const EpsT*>(a.eps_cond);
   const auto* eu = static_cast<const EpsT*>(a.eps_uncond);
