@@ -1,43 +1,61 @@
-"""Command line: `cfgfast info` (what this installation runs) and `cfgfast step-demo` (guided sampling of
-two Gaussian classes with their exact noise predictions, cfgfast.toy, through cfgfast.sample)."""
+"""Command line: `cfgfast info` (what this installation runs) and `cfgfast toy` (the paper's Figure 2 setting:
+guided sampling of three 2-D Gaussian classes with their exact noise predictions, drawn side by side)."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 
+import numpy as np
 import torch
 
 import cfgfast
-from cfgfast.toy import GaussianClasses
+from cfgfast._png import scatter_panel, write_png
+from cfgfast.toy import three_classes
+
+CLASS_COLORS = np.array([[214, 39, 40], [31, 119, 180], [44, 160, 44]], dtype=np.uint8)
 
 
-TWO_CLASS_MEANS = ((-1.0, 0.0), (1.0, 0.0))
-TWO_CLASS_SPREAD = 0.6
+def writable_path(path: str) -> str:
+    """The path, if a file can be created there (checked before any long work starts)."""
+    folder = os.path.dirname(os.path.abspath(path)) or "."
+    if not os.path.isdir(folder):
+        raise ValueError(f"--out: folder {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise ValueError(f"--out: folder {folder} is not writable")
+    return path
 
 
-def two_class_samples(w, num=4000, steps=256, v=0.3, seed=0, backend="auto"):
-    """(samples [num, 2], labels) drawn with guidance w from the exact eps of two isotropic Gaussian classes."""
-    cov = (TWO_CLASS_SPREAD**2 * torch.eye(2)).expand(2, 2, 2)
-    labels = torch.arange(num) % 2
-    model = GaussianClasses(TWO_CLASS_MEANS, cov)
-    return cfgfast.sample(model, labels, w, steps, v=v, seed=seed, backend=backend, progress=False), labels
-
-
-def step_demo(args) -> int:
-    print(f"cfgfast {cfgfast.__version__}: {args.steps} steps, {args.num} samples of two 2-D Gaussian classes "
-          f"(means -1 and +1, spread {TWO_CLASS_SPREAD}), backend {args.backend}")
-    print(f"{'w':>5} {'class gap':>10} {'spread':>8} {'ms/step':>8}")
+def toy(args) -> int:
+    out = writable_path(args.out)
+    model = three_classes()
+    labels = torch.arange(3 * args.num) % 3
+    data = model.sample_data(labels, torch.Generator().manual_seed(args.seed))  # the classes themselves
+    colors = CLASS_COLORS[labels.numpy()]
+    panels = [scatter_panel(data.numpy(), colors, args.size, args.extent)]
+    print(f"cfgfast {cfgfast.__version__}: three 2-D Gaussian classes, {args.num} samples each, {args.steps} steps, "
+          f"v={args.v}, backend {args.backend}")
+    print(f"{'panel':>8} {'min class gap':>14} {'mean spread':>12} {'s':>6}")
     for w in args.w:
         start = time.perf_counter()
-        z, labels = two_class_samples(w, args.num, args.steps, args.v, args.seed, args.backend)
-        ms = (time.perf_counter() - start) / args.steps * 1e3
-        gap = (z[labels == 1, 0].mean() - z[labels == 0, 0].mean()).item()
-        within = torch.cat([z[labels == k] - z[labels == k].mean(0) for k in (0, 1)]).std().item()
-        print(f"{w:5.1f} {gap:10.3f} {within:8.3f} {ms:8.3f}")
-    print("w = 0 reproduces the data (gap 2, spread 0.6); larger w pushes the classes apart and tightens them.")
+        x = cfgfast.sample(model, labels, w, args.steps, v=args.v, seed=args.seed, backend=args.backend,
+                           progress=None)
+        seconds = time.perf_counter() - start
+        means = torch.stack([x[labels == k].mean(0) for k in range(3)])
+        spread = torch.stack([x[labels == k].std(0).mean() for k in range(3)]).mean()
+        print(f"{'w=' + format(w, 'g'):>8} {torch.pdist(means).min().item():14.3f} {spread.item():12.3f} "
+              f"{seconds:6.2f}")
+        panels.append(scatter_panel(x.numpy(), colors, args.size, args.extent))
+    gap = np.full((args.size, 8, 3), 255, dtype=np.uint8)
+    row = [panels[0]]
+    for p in panels[1:]:
+        row += [gap, p]
+    write_png(out, np.concatenate(row, axis=1))
+    print(f"wrote {out}: panels left to right = the classes themselves, then w = "
+          + ", ".join(format(w, "g") for w in args.w))
     return 0
 
 
@@ -50,14 +68,17 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="cfgfast", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="build facts and available backends").set_defaults(run=info)
-    demo = sub.add_parser("step-demo", help="guided sampling of two Gaussian classes with exact eps")
-    demo.add_argument("--num", type=int, default=4000, help="samples (default 4000)")
+    demo = sub.add_parser("toy", help="guided samples of three exact 2-D Gaussian classes, drawn side by side")
+    demo.add_argument("--out", default="toy.png", help="PNG to write (default toy.png)")
+    demo.add_argument("--w", type=float, nargs="+", default=[0.0, 1.0, 3.0], help="guidance strengths (0 1 3)")
+    demo.add_argument("--num", type=int, default=1000, help="samples per class (default 1000)")
     demo.add_argument("--steps", type=int, default=256, help="sampling steps (default 256)")
-    demo.add_argument("--w", type=float, nargs="+", default=[0.0, 1.0, 4.0], help="guidance strengths")
     demo.add_argument("--v", type=float, default=0.3, help="variance interpolation (default 0.3)")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--backend", default="auto", help="auto, reference or cpu")
-    demo.set_defaults(run=step_demo)
+    demo.add_argument("--size", type=int, default=320, help="panel size in pixels")
+    demo.add_argument("--extent", type=float, default=3.0, help="half-width of the plotted square")
+    demo.set_defaults(run=toy)
     args = parser.parse_args(argv)
     try:
         return args.run(args)

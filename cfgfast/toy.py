@@ -27,6 +27,10 @@ class GaussianClasses:
         if weights.shape != (k,) or bool((weights <= 0).any()):
             raise ValueError(f"weights must be {k} positive numbers")
         self.log_weights = torch.log(weights / weights.sum())
+        # Sigma_k = Q_k diag(s_k) Q_k^T, so (alpha^2 Sigma_k + sigma^2 I)^-1 = Q_k diag(1 / (alpha^2 s_k + sigma^2)) Q_k^T
+        self.eigvals, self.eigvecs = torch.linalg.eigh(self.covs)
+        if bool((self.eigvals <= 0).any()):
+            raise ValueError("covs must be positive definite")
         self.num_classes = k
         self.null_label = k
         self.sample_shape = (d,)
@@ -34,18 +38,24 @@ class GaussianClasses:
     def __call__(self, z: torch.Tensor, lam: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         z64 = z.double().cpu()
         alpha, sigma = alpha_sigma(lam.double().cpu())  # [B]
-        eye = torch.eye(self.sample_shape[0], dtype=torch.float64)
-        cov = alpha[:, None, None, None] ** 2 * self.covs + sigma[:, None, None, None] ** 2 * eye  # [B, K, D, D]
+        var = alpha[:, None, None] ** 2 * self.eigvals + sigma[:, None, None] ** 2  # [B, K, D]
         resid = z64[:, None, :] - alpha[:, None, None] * self.means  # [B, K, D]
-        solved = torch.linalg.solve(cov, resid.unsqueeze(-1)).squeeze(-1)  # cov^-1 (z - alpha mu_k)
+        rotated = torch.einsum("kde,bkd->bke", self.eigvecs, resid)  # Q_k^T (z - alpha mu_k)
+        solved = torch.einsum("kde,bke->bkd", self.eigvecs, rotated / var)  # cov^-1 (z - alpha mu_k)
         eps_k = sigma[:, None, None] * solved
-        log_p = (self.log_weights - 0.5 * (resid * solved).sum(-1) - 0.5 * torch.logdet(cov))  # [B, K]
+        log_p = self.log_weights - 0.5 * (rotated**2 / var).sum(-1) - 0.5 * torch.log(var).sum(-1)  # [B, K]
         resp = torch.softmax(log_p, dim=1)
         eps_uncond = (resp[..., None] * eps_k).sum(1)
         cond = labels.cpu() < self.num_classes
         eps_cond = eps_k[torch.arange(z.shape[0]), labels.cpu().clamp(max=self.num_classes - 1)]
         eps = torch.where(cond[:, None], eps_cond, eps_uncond)
         return eps.to(device=z.device, dtype=torch.float32)
+
+    def sample_data(self, labels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Exact draws x ~ N(mu_c, Sigma_c) for the given labels, float32 [B, D]."""
+        n = torch.randn(labels.shape[0], self.sample_shape[0], dtype=torch.float64, generator=generator)
+        scale = self.eigvecs[labels] * self.eigvals[labels].sqrt()[:, None, :]  # Q diag(sqrt s)
+        return (self.means[labels] + torch.einsum("bde,be->bd", scale, n)).float()
 
 
 def three_classes() -> GaussianClasses:

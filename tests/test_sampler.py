@@ -149,3 +149,31 @@ def test_missing_shape_and_null_label_are_named():
         cfgfast.sample(lambda z, lam, labels: z, torch.tensor([0]), 1.0, steps=4, shape=(2,))
     with pytest.raises(ValueError, match="shape is unknown"):
         cfgfast.sample(lambda z, lam, labels: z, torch.tensor([0]), 1.0, steps=4, null_label=1)
+
+
+def test_toy_eps_is_the_exact_score():
+    """eps*(z, c) = -sigma grad log p(z_lam | c), checked against autograd of the closed-form log density."""
+    model = three_classes()
+    z = torch.randn(5, 2, dtype=torch.float64, requires_grad=True)
+    lam = torch.full((5,), 0.7)
+    alpha, sigma = cfgfast.alpha_sigma(0.7)
+    for k in range(3):
+        dist = torch.distributions.MultivariateNormal(alpha * model.means[k], alpha**2 * model.covs[k]
+                                                      + sigma**2 * torch.eye(2, dtype=torch.float64))
+        (grad,) = torch.autograd.grad(dist.log_prob(z).sum(), z)
+        eps = model(z.detach().float(), lam, torch.full((5,), k))
+        torch.testing.assert_close(eps.double(), -sigma * grad, rtol=1e-5, atol=1e-6)
+    mixture = torch.stack([torch.distributions.MultivariateNormal(
+        alpha * model.means[k], alpha**2 * model.covs[k] + sigma**2 * torch.eye(2, dtype=torch.float64)).log_prob(z)
+        for k in range(3)]).logsumexp(0)
+    (grad,) = torch.autograd.grad(mixture.sum(), z)
+    eps = model(z.detach().float(), lam, torch.full((5,), 3))
+    torch.testing.assert_close(eps.double(), -sigma * grad, rtol=1e-5, atol=1e-6)
+
+
+def test_toy_sample_data_has_the_class_moments():
+    model = three_classes()
+    labels = torch.arange(30000) % 3
+    x = model.sample_data(labels, torch.Generator().manual_seed(0)).double()
+    for k in range(3):
+        torch.testing.assert_close(torch.cov(x[labels == k].T), model.covs[k], rtol=0, atol=0.03)
