@@ -45,6 +45,21 @@ struct DeviceStepArgs {
   int64_t table_len;
 };
 
+// (sample, group) of a flat group index; 32-bit division when everything fits (the usual case), which is
+// several times cheaper on the GPU than the 64-bit one.
+__device__ __forceinline__ void split_task(int64_t task, int64_t groups_per_sample, bool narrow, int64_t& b,
+                                           int64_t& g) {
+  if (narrow) {
+    const uint32_t t = static_cast<uint32_t>(task), n = static_cast<uint32_t>(groups_per_sample);
+    const uint32_t q = t / n;
+    b = q;
+    g = t - q * n;
+  } else {
+    b = task / groups_per_sample;
+    g = task - b * groups_per_sample;
+  }
+}
+
 template <class T>
 __device__ __forceinline__ float widen(T x) {
   return static_cast<float>(x);
@@ -88,9 +103,11 @@ __global__ void __launch_bounds__(kThreads) reverse_step_kernel(DeviceStepArgs a
   const auto* ec = static_cast<const EpsT*>(a.eps_cond);
   const auto* eu = static_cast<const EpsT*>(a.eps_uncond);
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  const bool narrow = a.total_groups + stride <= UINT32_MAX;
   for (int64_t task = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; task < a.total_groups;
        task += stride) {
-    const int64_t b = task / a.groups_per_sample, g = task - b * a.groups_per_sample;
+    int64_t b, g;
+    split_task(task, a.groups_per_sample, narrow, b, g);
     const float w = a.w[b], one_plus_w = 1.0f + w;
     float n[4] = {0.f, 0.f, 0.f, 0.f};
     if (!last && a.noise == nullptr) {
@@ -130,9 +147,11 @@ __global__ void __launch_bounds__(kThreads)
     normal_noise_kernel(float* out, int64_t numel_per_sample, int64_t groups_per_sample, int64_t total_groups,
                         NoiseKey key, uint64_t index_offset, bool vec) {
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  const bool narrow = total_groups + stride <= UINT32_MAX;
   for (int64_t task = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; task < total_groups;
        task += stride) {
-    const int64_t b = task / groups_per_sample, g = task - b * groups_per_sample;
+    int64_t b, g;
+    split_task(task, groups_per_sample, narrow, b, g);
     float n[4];
     normals4<float, uint32_t>(key, static_cast<uint32_t>(g), static_cast<uint32_t>(index_offset + b), n[0], n[1],
                               n[2], n[3]);
