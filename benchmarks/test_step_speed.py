@@ -5,8 +5,10 @@
 
 Variants per size: the fused step (in-kernel noise, into out=; allocating; with noise=; bfloat16 eps at
 the small size), the eager step as users write it (the reference twin imported from cfgfast.reference,
-noise from torch.randn_like), the reference backend (spec noise in plain torch, small size only),
-and the floors: drawing the noise alone (cfgfast and torch.randn) and moving the bytes.
+noise from torch.randn_like), that eager step under torch.compile (--benchmark-only runs; compiling is
+too slow for the CI smoke run), diffusers' DDPMScheduler.step configured to the same transition (where
+diffusers is installed), the reference backend (spec noise in plain torch, small size only), and the
+floors: drawing the noise alone (cfgfast and torch.randn) and moving the bytes.
 
 The copy floor is two out.copy_(z): a copy reads one float32 array and writes one, so two copies move
 the four float32 arrays the step must (read z, eps_cond, eps_uncond; write z'), with the same
@@ -24,8 +26,10 @@ import cfgfast
 from cfgfast.reference import reverse_step_reference
 
 from .utils import (
+    COMPILED_LABEL,
     COPY_LABEL,
     DEVICES,
+    DIFFUSERS_LABEL,
     EAGER_LABEL,
     FAST_BACKENDS,
     RANDN_LABEL,
@@ -33,6 +37,8 @@ from .utils import (
     SEED,
     SIZES,
     SMALL_SIZE,
+    STEPS,
+    StepInputs,
     fused_label,
     noise_label,
     require_backend,
@@ -76,6 +82,90 @@ def test_eager_step(step_benchmark, step_inputs, size, device):
         return reverse_step_reference(x.z, x.eps_cond, x.eps_uncond, x.w, x.coefficients, torch.randn_like(x.z))
 
     step_benchmark(step, device=device, size=size, label=EAGER_LABEL,
+                   bytes_moved=step_bytes(x.z.shape, explicit_noise=True))
+
+
+def _eager_step(x: StepInputs):
+    def step(z, eps_cond, eps_uncond, w):
+        return reverse_step_reference(z, eps_cond, eps_uncond, w, x.coefficients, torch.randn_like(z))
+
+    return step
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("size", SIZES)
+def test_compiled_eager_step(step_benchmark, step_inputs, request, size, device):
+    """The eager step under torch.compile (default inductor backend, static shapes), compiled once per
+    size before timing. Its noise is inductor's own generator, not torch.randn's: same distribution,
+    other numbers."""
+    require_device(device)
+    if request.config.getoption("benchmark_disable"):
+        pytest.skip("torch.compile takes 5-10 s per size on a CPU, too slow for the --benchmark-disable smoke run "
+                    "(tests/test_compile.py covers compiling cfgfast's ops)")
+    if device == "cuda":
+        pytest.importorskip("triton", reason="inductor needs triton on CUDA")
+    x = step_inputs(size, torch.float32, device)
+    compiled = torch.compile(_eager_step(x), dynamic=False)
+    compiled(x.z, x.eps_cond, x.eps_uncond, x.w)  # the compile, outside the timed calls
+
+    def step():
+        return compiled(x.z, x.eps_cond, x.eps_uncond, x.w)
+
+    step_benchmark(step, device=device, size=size, label=COMPILED_LABEL,
+                   bytes_moved=step_bytes(x.z.shape, explicit_noise=True))
+
+
+def _ddpm_scheduler(diffusers, x: StepInputs):
+    """A DDPMScheduler over cfgfast's STEPS-step grid: timestep k has alphas_cumprod = sigmoid(lam_(STEPS-1-k))
+    (diffusers counts down to the clean end, the grid counts up), so the step from timestep
+    STEPS - 1 - x.step to the one below is our lam -> lam_next."""
+    log_alpha2 = torch.nn.functional.logsigmoid(cfgfast.sampling_lambdas(STEPS).flip(0))  # float64, k = 0 clean
+    # beta_k = 1 - alphabar_k / alphabar_(k-1), and beta_0 = 1 - alphabar_0: formed in float64, stored float32
+    betas = -torch.expm1(torch.diff(log_alpha2, prepend=torch.zeros(1, dtype=torch.float64)))
+    return diffusers.DDPMScheduler(num_train_timesteps=STEPS, trained_betas=betas.tolist(),
+                                   variance_type="learned_range", clip_sample=False, prediction_type="epsilon")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("size", SIZES)
+def test_diffusers_step(step_benchmark, step_inputs, size, device):
+    """Peer: diffusers' DDPMScheduler.step for the benchmarked transition, timed alone.
+
+    Equivalent: the mean and the variance. DDPM's alphabar_t is our alpha^2 = sigmoid(lam), its beta_t
+    = 1 - alphabar_t / alphabar_(t-1) equals the paper's sigma^2_(lam|lam') = (1 - e^(lam - lam')) sigma^2,
+    its posterior variance the paper's sigma~^2, and learned_range with the model's variance output
+    fixed at 2v - 1 interpolates their logs with weight v: the paper's step. The step is checked
+    against reverse_step_reference with diffusers' own noise before it is timed (float32 tolerance:
+    diffusers forms alphas_cumprod by a float32 cumprod of the betas).
+    Not equivalent: the guided eps (paper Eq. 6) is computed in torch beforehand, untimed, so diffusers
+    is spared the read of two eps tensors; in return it reads a model output of 2C channels (eps and
+    the constant variance channel, as a learned_range model returns them), takes an elementwise log/exp
+    of that variance channel, draws its noise with torch.randn (not cfgfast's Philox noise), allocates
+    its outputs (prev_sample and pred_original_sample; no out=), and forms its coefficients from float32
+    tensors. bytes_moved is the eager step's, so GB/s compare the same work, not the bytes diffusers moves.
+    """
+    require_device(device)
+    try:
+        import diffusers
+    except ImportError as error:  # not installed, or an install that does not fit this torch
+        pytest.skip(f"diffusers cannot be imported ({error}); pip install diffusers to time it")
+    x = step_inputs(size, torch.float32, device)
+    scheduler = _ddpm_scheduler(diffusers, x)
+    timestep = STEPS - 1 - x.step
+    w = x.w.reshape(-1, 1, 1, 1)
+    eps = (1 + w) * x.eps_cond - w * x.eps_uncond  # paper Eq. 6, outside the timed call
+    model_output = torch.cat([eps, torch.full_like(eps, 2 * x.v - 1)], dim=1)
+
+    generator = torch.Generator(device).manual_seed(SEED)
+    got = scheduler.step(model_output, timestep, x.z, generator=generator).prev_sample
+    noise = torch.randn(x.z.shape, generator=torch.Generator(device).manual_seed(SEED), device=device)
+    want = reverse_step_reference(x.z, x.eps_cond, x.eps_uncond, x.w, x.coefficients, noise)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg="the diffusers scheduler is not our step")
+
+    def step():
+        return scheduler.step(model_output, timestep, x.z).prev_sample
+
+    step_benchmark(step, device=device, size=size, label=DIFFUSERS_LABEL,
                    bytes_moved=step_bytes(x.z.shape, explicit_noise=True))
 
 

@@ -147,3 +147,12 @@ EAGER_LABEL = "eager torch (reference twin + randn_like)"
 REFERENCE_LABEL = "reference backend (spec noise)"
 RANDN_LABEL = "torch.randn, in place"
 COPY_LABEL = "copy floor: 2 x out.copy_(z)"
+COMPILED_LABEL = "torch.compile(eager step), inductor"
+DIFFUSERS_LABEL = "diffusers DDPMScheduler.step, eps pre-guided"
+SAMPLE_LABEL = "cfgfast.sample"
+HAND_LOOP_LABEL = "hand loop: 2 model calls + eager step"
+
+# sample() end to end on the exact toy model (cfgfast.toy.three_classes, 2-D samples): the issue asks for
+# the digits model, which does not exist yet.
+TOY_BATCH, TOY_STEPS = (64, 8) if QUICK else (4096, 64)
+TOY_SIZE = f"toy {TOY_BATCH}x2, {TOY_STEPS} steps"

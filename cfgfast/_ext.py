@@ -1,7 +1,7 @@
 """The optional compiled extension, cfgfast._C.
 
 `import cfgfast` works without it (the reference backend is plain PyTorch); asking for a compiled
-backend then raises one message with the command that rebuilds it.
+backend then raises one message with the command that rebuilds it (cfgfast.backends).
 """
 
 from __future__ import annotations
@@ -33,14 +33,3 @@ def error() -> str | None:
     """Why the extension could not be loaded (None if it loaded)."""
     load()
     return _error
-
-
-def require(what: str):
-    """cfgfast._C, or a RuntimeError naming what needed it and how to rebuild."""
-    module = load()
-    if module is None:
-        raise RuntimeError(
-            f"cfgfast: {what} needs the compiled extension cfgfast._C, which could not be loaded "
-            f"({_error}). Rebuild it against the installed torch from the source folder with: {REBUILD}"
-        )
-    return module
