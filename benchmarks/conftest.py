@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from .utils import (
+    COMPILED_FALLBACK_LABEL,
     COMPILED_LABEL,
     COPY_LABEL,
     DIFFUSERS_LABEL,
@@ -150,6 +151,7 @@ def _ratio_lines(rows: dict[str, Record]) -> list[str]:
         pairs += [
             (f"eager / fused {backend}", EAGER_LABEL, fused),
             (f"compiled eager / fused {backend}", COMPILED_LABEL, fused),
+            (f"compiled eager, torch.randn / fused {backend}", COMPILED_FALLBACK_LABEL, fused),
             (f"diffusers step / fused {backend}", DIFFUSERS_LABEL, fused),
             (f"reference / fused {backend}", REFERENCE_LABEL, fused),
             (f"fused {backend} / copy floor", fused, COPY_LABEL),
@@ -158,6 +160,7 @@ def _ratio_lines(rows: dict[str, Record]) -> list[str]:
         ]
     pairs += [
         ("eager / compiled eager", EAGER_LABEL, COMPILED_LABEL),
+        ("eager / compiled eager, torch.randn", EAGER_LABEL, COMPILED_FALLBACK_LABEL),
         ("hand loop / sample", HAND_LOOP_LABEL, SAMPLE_LABEL),
     ]
     lines = []

@@ -26,6 +26,7 @@ import cfgfast
 from cfgfast.reference import reverse_step_reference
 
 from .utils import (
+    COMPILED_FALLBACK_LABEL,
     COMPILED_LABEL,
     COPY_LABEL,
     DEVICES,
@@ -92,12 +93,15 @@ def _eager_step(x: StepInputs):
     return step
 
 
+@pytest.mark.parametrize("random", ["inductor", "fallback"])
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("size", SIZES)
-def test_compiled_eager_step(step_benchmark, step_inputs, request, size, device):
+def test_compiled_eager_step(step_benchmark, step_inputs, request, size, device, random):
     """The eager step under torch.compile (default inductor backend, static shapes), compiled once per
-    size before timing. Its noise is inductor's own generator, not torch.randn's: same distribution,
-    other numbers."""
+    size before timing. random="inductor" is the default: randn_like becomes inductor's own generator
+    (same distribution, other numbers), which on CPU is several times slower than torch.randn and costs
+    more than the step's arithmetic; random="fallback" compiles with fallback_random=True, so the noise
+    is torch.randn's and only the arithmetic is fused."""
     require_device(device)
     if request.config.getoption("benchmark_disable"):
         pytest.skip("torch.compile takes 5-10 s per size on a CPU, too slow for the --benchmark-disable smoke run "
@@ -105,13 +109,14 @@ def test_compiled_eager_step(step_benchmark, step_inputs, request, size, device)
     if device == "cuda":
         pytest.importorskip("triton", reason="inductor needs triton on CUDA")
     x = step_inputs(size, torch.float32, device)
-    compiled = torch.compile(_eager_step(x), dynamic=False)
+    compiled = torch.compile(_eager_step(x), dynamic=False, options={"fallback_random": random == "fallback"})
     compiled(x.z, x.eps_cond, x.eps_uncond, x.w)  # the compile, outside the timed calls
 
     def step():
         return compiled(x.z, x.eps_cond, x.eps_uncond, x.w)
 
-    step_benchmark(step, device=device, size=size, label=COMPILED_LABEL,
+    label = COMPILED_LABEL if random == "inductor" else COMPILED_FALLBACK_LABEL
+    step_benchmark(step, device=device, size=size, label=label,
                    bytes_moved=step_bytes(x.z.shape, explicit_noise=True))
 
 
