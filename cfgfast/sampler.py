@@ -121,6 +121,8 @@ def sample(model, labels, w, steps=256, *, v=0.3, seed=0, shape=None, null_label
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(grid), desc="cfgfast.sample", unit="step")
+    # The first step whose state is non-finite, kept on the device (no sync per step), checked at the end.
+    first_bad = torch.full((), len(grid), dtype=torch.int64, device=device)
     for t, lam in enumerate(grid):
         last = t == len(grid) - 1
         guided = any_guidance and lam_lo <= lam <= lam_hi
@@ -128,11 +130,13 @@ def sample(model, labels, w, steps=256, *, v=0.3, seed=0, shape=None, null_label
         z = reverse_step(z, eps_cond, eps_uncond, lam, grid[t] if last else grid[t + 1], w if guided else zero_w, v,
                          seed=seed, step=t, index_offset=index_offset, last=last, clip=clip, backend=backend,
                          out=z if not last else None)
-        if not bool(torch.isfinite(z).all()):
-            raise ValueError(f"the sample became non-finite at step {t} (lam={lam:.4g}): the model returned "
-                             "non-finite eps, or w is too large for this model")
+        first_bad = torch.where(torch.isfinite(z).all(), first_bad, first_bad.clamp(max=t))
         if bar is not None:
             bar.update(1)
     if bar is not None:
         bar.close()
+    bad = int(first_bad)
+    if bad < len(grid):
+        raise ValueError(f"the sample became non-finite at step {bad} (lam={grid[bad]:.4g}): the model returned "
+                         "non-finite eps, or w is too large for this model")
     return z

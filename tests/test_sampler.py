@@ -177,3 +177,15 @@ def test_toy_sample_data_has_the_class_moments():
     x = model.sample_data(labels, torch.Generator().manual_seed(0)).double()
     for k in range(3):
         torch.testing.assert_close(torch.cov(x[labels == k].T), model.covs[k], rtol=0, atol=0.03)
+
+
+def test_non_finite_names_the_first_bad_step():
+    model = three_classes()
+    grid = cfgfast.sampling_lambdas(10).tolist()
+
+    def breaks_at_step_4(z, lam, labels):
+        eps = model(z, lam, labels)
+        return eps * float("inf") if abs(lam[0].item() - grid[4]) < 1e-6 else eps
+
+    with pytest.raises(ValueError, match=f"non-finite at step 4 \\(lam={grid[4]:.4g}\\)"):
+        cfgfast.sample(breaks_at_step_4, torch.tensor([0, 1]), 1.0, steps=10, null_label=3, shape=(2,))
