@@ -10,7 +10,7 @@ import torch
 
 from . import _checks
 from .noise import normal_noise
-from .schedule import LAMBDA_MAX, LAMBDA_MIN, sampling_lambdas
+from .schedule import LAMBDA_MAX, LAMBDA_MIN, alpha_sigma, sampling_lambdas
 from .step import reverse_step
 
 
@@ -48,6 +48,30 @@ def _interval(guidance_interval):
     return lo, hi
 
 
+def _classifier_eps_uncond(classifier, z, lam, labels, eps_cond, step: int):
+    """eps_cond + sigma grad_z log softmax(classifier(z, lam))[labels]: with it the CFG step becomes classifier
+    guidance, eps~ = eps_cond - w sigma grad log p(c | z_lam) (SPEC §4), on the same kernel."""
+    batch = z.shape[0]
+    lam_b = torch.full((batch,), lam, dtype=torch.float32, device=z.device)
+    with torch.enable_grad():
+        z_in = z.detach().requires_grad_(True)
+        logits = classifier(z_in, lam_b)
+        if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[0] != batch:
+            got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+            raise ValueError(f"classifier must return logits of shape [{batch}, num_classes] at step {step} "
+                             f"(lam={lam:.4g}), got {got}")
+        if int(labels.max()) >= logits.shape[1]:
+            raise ValueError(f"labels must lie in [0, {logits.shape[1]}) for a classifier of {logits.shape[1]} "
+                             f"classes, got {int(labels.max())}")
+        if not bool(torch.isfinite(logits).all()):
+            raise ValueError(f"classifier returned non-finite logits at step {step} (lam={lam:.4g})")
+        logits = logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
+        log_p = torch.log_softmax(logits, dim=1).gather(1, labels[:, None]).sum()
+        (grad,) = torch.autograd.grad(log_p, z_in)
+    sigma = alpha_sigma(lam)[1]
+    return eps_cond.float() + sigma * grad.float()
+
+
 def _predict(model, z, lam, labels, null_labels, guided: bool, step: int):
     """(eps_cond, eps_uncond) from one forward pass of batch 2B, or of batch B when unguided."""
     batch = z.shape[0]
@@ -71,7 +95,7 @@ def _predict(model, z, lam, labels, null_labels, guided: bool, step: int):
 @torch.no_grad()
 def sample(model, labels, w, steps=256, *, v=0.3, seed=0, shape=None, null_label=None,
            lambda_min=LAMBDA_MIN, lambda_max=LAMBDA_MAX, clip=None, index_offset=0, backend="auto", progress=None,
-           guidance_interval=None, lambdas=None) -> torch.Tensor:
+           guidance_interval=None, classifier=None, lambdas=None) -> torch.Tensor:
     """Samples x [B, *shape] of a class-conditional model with classifier-free guidance (SPEC §4).
 
     model(z, lam, labels) -> eps with lam float32 [B] and labels int64 [B]; `null_label` (default
@@ -81,6 +105,10 @@ def sample(model, labels, w, steps=256, *, v=0.3, seed=0, shape=None, null_label
     where lam_lo <= lam <= lam_hi. lambdas= replaces the grid (any increasing sequence; steps = its
     length). Sample i is global sample index_offset + i: the same seed gives the same samples for any
     batch split, batch size and backend.
+
+    classifier(z, lam) -> logits [B, num_classes] switches to classifier guidance (Dhariwal & Nichol):
+    only the model's conditional pass runs (an unconditional model simply ignores the labels) and
+    eps~ = eps(z, c) - w sigma grad_z log softmax(logits)[c], the gradient taken with autograd; w >= 0.
     """
     if not callable(model):
         raise TypeError(f"model must be callable as model(z, lam, labels), got {type(model).__name__}")
@@ -91,17 +119,25 @@ def sample(model, labels, w, steps=256, *, v=0.3, seed=0, shape=None, null_label
     labels = labels.to(device=device, dtype=torch.int64)
     batch = labels.shape[0]
     null_label = getattr(model, "null_label", None) if null_label is None else null_label
-    if null_label is None:
-        raise ValueError("null_label is unknown: pass null_label= or give the model a null_label attribute")
-    null_label = _checks.integer("null_label", null_label)
-    if batch and (int(labels.min()) < 0 or int(labels.max()) > null_label):
-        raise ValueError(f"labels must lie in [0, {null_label}] (null_label {null_label}), got values in "
-                         f"[{int(labels.min())}, {int(labels.max())}]")
+    if classifier is not None:
+        if not callable(classifier):
+            raise TypeError(f"classifier must be callable as classifier(z, lam), got {type(classifier).__name__}")
+        if batch and int(labels.min()) < 0:
+            raise ValueError(f"labels must be non-negative, got {int(labels.min())}")
+    else:
+        if null_label is None:
+            raise ValueError("null_label is unknown: pass null_label= or give the model a null_label attribute")
+        null_label = _checks.integer("null_label", null_label)
+        if batch and (int(labels.min()) < 0 or int(labels.max()) > null_label):
+            raise ValueError(f"labels must lie in [0, {null_label}] (null_label {null_label}), got values in "
+                             f"[{int(labels.min())}, {int(labels.max())}]")
     shape = getattr(model, "sample_shape", None) if shape is None else shape
     if shape is None:
         raise ValueError("shape is unknown: pass shape= or give the model a sample_shape attribute")
     shape = tuple(_checks.integer("shape", s, low=1) for s in shape)
     w = _checks.guidance(w, batch, device)
+    if classifier is not None and batch and bool((w < 0).any()):
+        raise ValueError("w must be >= 0 with a classifier (a negative w would push samples away from their class)")
     v = _checks.unit_interval("v", v)
     if lambdas is None:
         steps = _checks.integer("steps", steps, low=2)
@@ -112,7 +148,7 @@ def sample(model, labels, w, steps=256, *, v=0.3, seed=0, shape=None, null_label
     if progress is None:
         progress = sys.stderr.isatty()
 
-    null_labels = torch.full_like(labels, null_label)
+    null_labels = None if classifier is not None else torch.full_like(labels, null_label)
     any_guidance = bool((w != 0).any()) if batch else False
     zero_w = torch.zeros_like(w)
     z = normal_noise((batch,) + shape, seed, step=0, stream=0, index_offset=index_offset, device=device)
@@ -126,7 +162,11 @@ def sample(model, labels, w, steps=256, *, v=0.3, seed=0, shape=None, null_label
     for t, lam in enumerate(grid):
         last = t == len(grid) - 1
         guided = any_guidance and lam_lo <= lam <= lam_hi
-        eps_cond, eps_uncond = _predict(model, z, lam, labels, null_labels, guided, t)
+        if classifier is not None:
+            eps_cond, _ = _predict(model, z, lam, labels, None, False, t)
+            eps_uncond = _classifier_eps_uncond(classifier, z, lam, labels, eps_cond, t) if guided else eps_cond
+        else:
+            eps_cond, eps_uncond = _predict(model, z, lam, labels, null_labels, guided, t)
         z = reverse_step(z, eps_cond, eps_uncond, lam, grid[t] if last else grid[t + 1], w if guided else zero_w, v,
                          seed=seed, step=t, index_offset=index_offset, last=last, clip=clip, backend=backend,
                          out=z if not last else None)

@@ -8,6 +8,8 @@ and the unconditional marginal is the mixture over classes, eps*(z) = sum_k p(k 
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .schedule import alpha_sigma
@@ -35,21 +37,31 @@ class GaussianClasses:
         self.null_label = k
         self.sample_shape = (d,)
 
-    def __call__(self, z: torch.Tensor, lam: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        z64 = z.double().cpu()
-        alpha, sigma = alpha_sigma(lam.double().cpu())  # [B]
+    def _terms(self, z: torch.Tensor, lam: torch.Tensor):
+        """Per sample b and class k, in float64: Q_k^T (z - alpha mu_k), the variances of z_lam | k along
+        Q_k, sigma, and log pi_k + log N(z; alpha mu_k, alpha^2 Sigma_k + sigma^2 I) (the Bayes logits)."""
+        alpha, sigma = alpha_sigma(lam.double())  # [B]
         var = alpha[:, None, None] ** 2 * self.eigvals + sigma[:, None, None] ** 2  # [B, K, D]
-        resid = z64[:, None, :] - alpha[:, None, None] * self.means  # [B, K, D]
+        resid = z.double()[:, None, :] - alpha[:, None, None] * self.means  # [B, K, D]
         rotated = torch.einsum("kde,bkd->bke", self.eigvecs, resid)  # Q_k^T (z - alpha mu_k)
-        solved = torch.einsum("kde,bke->bkd", self.eigvecs, rotated / var)  # cov^-1 (z - alpha mu_k)
-        eps_k = sigma[:, None, None] * solved
-        log_p = self.log_weights - 0.5 * (rotated**2 / var).sum(-1) - 0.5 * torch.log(var).sum(-1)  # [B, K]
-        resp = torch.softmax(log_p, dim=1)
+        log_joint = (self.log_weights - 0.5 * (rotated**2 / var).sum(-1) - 0.5 * torch.log(var).sum(-1)
+                     - 0.5 * self.sample_shape[0] * math.log(2 * math.pi))
+        return rotated, var, sigma, log_joint
+
+    def __call__(self, z: torch.Tensor, lam: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        rotated, var, sigma, log_joint = self._terms(z.cpu(), lam.cpu())
+        eps_k = sigma[:, None, None] * torch.einsum("kde,bke->bkd", self.eigvecs, rotated / var)  # sigma cov^-1 (..)
+        resp = torch.softmax(log_joint, dim=1)  # p(k | z_lam)
         eps_uncond = (resp[..., None] * eps_k).sum(1)
         cond = labels.cpu() < self.num_classes
         eps_cond = eps_k[torch.arange(z.shape[0]), labels.cpu().clamp(max=self.num_classes - 1)]
         eps = torch.where(cond[:, None], eps_cond, eps_uncond)
         return eps.to(device=z.device, dtype=torch.float32)
+
+    def log_posterior(self, z: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+        """The Bayes classifier's logits log p(k | z_lam) + const, float64 [B, K], differentiable in z:
+        the exact noisy classifier, for classifier guidance."""
+        return self._terms(z, lam)[3]
 
     def sample_data(self, labels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Exact draws x ~ N(mu_c, Sigma_c) for the given labels, float32 [B, D]."""
