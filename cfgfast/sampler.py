@@ -10,8 +10,8 @@ import torch
 
 from . import _checks
 from .noise import normal_noise
-from .schedule import LAMBDA_MAX, LAMBDA_MIN, alpha_sigma, sampling_lambdas
-from .step import reverse_step
+from .schedule import LAMBDA_MAX, LAMBDA_MIN, alpha_sigma, sampling_lambdas, step_coefficients
+from .backends import choose
 
 
 def _model_device(model, labels: torch.Tensor) -> torch.device:
@@ -85,6 +85,8 @@ def _predict(model, z, lam, labels, null_labels, guided: bool, step: int):
     if not isinstance(eps, torch.Tensor) or tuple(eps.shape) != expected:
         got = tuple(eps.shape) if isinstance(eps, torch.Tensor) else type(eps).__name__
         raise ValueError(f"model must return eps of shape {expected} at step {step} (lam={lam:.4g}), got {got}")
+    if eps.device != z.device:
+        raise ValueError(f"model must return eps on {z.device} at step {step}, got {eps.device}")
     if eps.dtype not in _checks.EPS_DTYPES:
         eps = eps.float()
     if guided:
@@ -148,6 +150,12 @@ def sample(model, labels, w, steps=256, *, v=0.3, seed=0, shape=None, null_label
     if progress is None:
         progress = sys.stderr.isatty()
 
+    if clip is not None:
+        clip = _checks.real("clip", clip)
+        if clip <= 0:
+            raise ValueError(f"clip must be positive, got {clip}")
+    stepper = choose(backend, device)
+    coefs = [step_coefficients(lam, grid[min(t + 1, len(grid) - 1)], v) for t, lam in enumerate(grid)]
     null_labels = None if classifier is not None else torch.full_like(labels, null_label)
     any_guidance = bool((w != 0).any()) if batch else False
     zero_w = torch.zeros_like(w)
@@ -164,12 +172,16 @@ def sample(model, labels, w, steps=256, *, v=0.3, seed=0, shape=None, null_label
         guided = any_guidance and lam_lo <= lam <= lam_hi
         if classifier is not None:
             eps_cond, _ = _predict(model, z, lam, labels, None, False, t)
+            eps_cond = eps_cond.float()
             eps_uncond = _classifier_eps_uncond(classifier, z, lam, labels, eps_cond, t) if guided else eps_cond
         else:
             eps_cond, eps_uncond = _predict(model, z, lam, labels, null_labels, guided, t)
-        z = reverse_step(z, eps_cond, eps_uncond, lam, grid[t] if last else grid[t + 1], w if guided else zero_w, v,
-                         seed=seed, step=t, index_offset=index_offset, last=last, clip=clip, backend=backend,
-                         out=z if not last else None)
+        # Inputs were checked once above; per step only the model's output is (in _predict). z is updated in
+        # place; the last step writes x~ to a new tensor.
+        out = z if not last else torch.empty_like(z)
+        stepper.reverse_step(out, z, eps_cond, eps_uncond, w if guided else zero_w, None, coefs[t], seed, t,
+                             index_offset, clip, last)
+        z = out
         first_bad = torch.where(torch.isfinite(z).all(), first_bad, first_bad.clamp(max=t))
         if bar is not None:
             bar.update(1)

@@ -64,3 +64,13 @@ def test_classifier_guidance_separates_classes():
 def test_bad_classifier_input(classifier, w, exc, message):
     with pytest.raises(exc, match=message):
         cfgfast.sample(three_classes(), torch.tensor([0, 2]), w, steps=4, classifier=classifier)
+
+
+def test_bfloat16_model_with_classifier():
+    model = three_classes()
+
+    def bf16_model(z, lam, labels):
+        return model(z, lam, labels).to(torch.bfloat16)
+
+    x = cfgfast.sample(bf16_model, torch.tensor([0, 1, 2]), 2.0, steps=16, shape=(2,), classifier=model.log_posterior)
+    assert x.dtype == torch.float32 and torch.isfinite(x).all()

@@ -132,6 +132,9 @@ def test_custom_lambda_grid():
         (dict(model=lambda z, lam, labels: z[:, :1]), ValueError, r"model must return eps of shape \(4, 2\) at step 0"),
         (dict(model=lambda z, lam, labels: z * float("nan")), ValueError, "non-finite at step 0"),
         (dict(model=object()), TypeError, "model must be callable"),
+        (dict(clip=0.0), ValueError, "clip must be positive"),
+        (dict(model=lambda z, lam, labels: torch.zeros(z.shape, device="meta")), ValueError,
+         "model must return eps on cpu at step 0"),
     ],
 )
 def test_bad_input(kwargs, exc, message):
