@@ -22,6 +22,8 @@ CLASS_COLORS = np.array([[214, 39, 40], [31, 119, 180], [44, 160, 44]], dtype=np
 def writable_path(path: str) -> str:
     """The path, if a file can be created there (checked before any long work starts)."""
     folder = os.path.dirname(os.path.abspath(path)) or "."
+    if os.path.isdir(path):
+        raise ValueError(f"--out: {path} is a folder; give a file name such as {os.path.join(path, 'toy.png')}")
     if not os.path.isdir(folder):
         raise ValueError(f"--out: folder {folder} does not exist")
     if not os.access(folder, os.W_OK):
@@ -31,6 +33,11 @@ def writable_path(path: str) -> str:
 
 def toy(args) -> int:
     out = writable_path(args.out)
+    for name, value, low in (("--num", args.num, 1), ("--size", args.size, 8)):
+        if value < low:
+            raise ValueError(f"{name} must be at least {low}, got {value}")
+    if not args.extent > 0:
+        raise ValueError(f"--extent must be positive, got {args.extent}")
     model = three_classes()
     labels = torch.arange(3 * args.num) % 3
     data = model.sample_data(labels, torch.Generator().manual_seed(args.seed))  # the classes themselves
@@ -82,7 +89,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.run(args)
-    except (ValueError, TypeError, RuntimeError) as exc:
+    except (ValueError, TypeError, RuntimeError, OSError) as exc:
         print(f"cfgfast: error: {exc}", file=sys.stderr)
         return 2
 

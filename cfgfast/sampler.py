@@ -29,9 +29,11 @@ def _grid(steps, lambdas, lambda_min, lambda_max) -> list[float]:
     if len(grid) < 2:
         raise ValueError(f"lambdas must hold at least 2 values, got {len(grid)}")
     for t in range(len(grid) - 1):
-        if not (math.isfinite(grid[t]) and grid[t] < grid[t + 1]):
-            raise ValueError(f"lambdas must be finite and increasing, got lambdas[{t}]={grid[t]}, "
-                             f"lambdas[{t + 1}]={grid[t + 1]}")
+        if not grid[t] < grid[t + 1]:
+            raise ValueError(f"lambdas must be increasing, got lambdas[{t}]={grid[t]}, lambdas[{t + 1}]={grid[t + 1]}")
+    if not (lambda_min <= grid[0] and grid[-1] <= lambda_max):  # also refuses inf and nan
+        raise ValueError(f"lambdas must lie in [lambda_min, lambda_max] = [{lambda_min}, {lambda_max}] (SPEC §1), "
+                         f"got [{grid[0]}, {grid[-1]}]")
     return grid
 
 
@@ -52,9 +54,11 @@ def _classifier_eps_uncond(classifier, z, lam, labels, eps_cond, step: int):
     """eps_cond + sigma grad_z log softmax(classifier(z, lam))[labels]: with it the CFG step becomes classifier
     guidance, eps~ = eps_cond - w sigma grad log p(c | z_lam) (SPEC §4), on the same kernel."""
     batch = z.shape[0]
-    lam_b = torch.full((batch,), lam, dtype=torch.float32, device=z.device)
-    with torch.enable_grad():
-        z_in = z.detach().requires_grad_(True)
+    # inference_mode(False) and fresh tensors: this also works when the caller samples under inference_mode
+    with torch.inference_mode(False), torch.enable_grad():
+        z_in = z.detach().clone().requires_grad_(True)  # a copy: the classifier may keep or change its input
+        lam_b = torch.full((batch,), lam, dtype=torch.float32, device=z.device)
+        labels = labels.clone()
         logits = classifier(z_in, lam_b)
         if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[0] != batch:
             got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
@@ -64,7 +68,11 @@ def _classifier_eps_uncond(classifier, z, lam, labels, eps_cond, step: int):
             raise ValueError(f"labels must lie in [0, {logits.shape[1]}) for a classifier of {logits.shape[1]} "
                              f"classes, got {int(labels.max())}")
         if not bool(torch.isfinite(logits).all()):
-            raise ValueError(f"classifier returned non-finite logits at step {step} (lam={lam:.4g})")
+            raise ValueError(f"classifier returned non-finite logits at step {step} (lam={lam:.4g}); if the model's "
+                             "eps were non-finite at the step before, the state was already")
+        if not logits.requires_grad:
+            raise ValueError("classifier's logits do not depend on z (no gradient): classifier guidance needs "
+                             "a differentiable classifier(z, lam)")
         logits = logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
         log_p = torch.log_softmax(logits, dim=1).gather(1, labels[:, None]).sum()
         (grad,) = torch.autograd.grad(log_p, z_in)
@@ -87,6 +95,8 @@ def _predict(model, z, lam, labels, null_labels, guided: bool, step: int):
         raise ValueError(f"model must return eps of shape {expected} at step {step} (lam={lam:.4g}), got {got}")
     if eps.device != z.device:
         raise ValueError(f"model must return eps on {z.device} at step {step}, got {eps.device}")
+    if not eps.is_floating_point():
+        raise TypeError(f"model must return floating-point eps at step {step}, got {eps.dtype}")
     if eps.dtype not in _checks.EPS_DTYPES:
         eps = eps.float()
     if guided:
@@ -136,6 +146,8 @@ def sample(model, labels, w, steps=256, *, v=0.3, seed=0, shape=None, null_label
     shape = getattr(model, "sample_shape", None) if shape is None else shape
     if shape is None:
         raise ValueError("shape is unknown: pass shape= or give the model a sample_shape attribute")
+    if not isinstance(shape, (tuple, list, torch.Size)):
+        raise TypeError(f"shape must be a tuple of ints (one sample's shape), got {type(shape).__name__}")
     shape = tuple(_checks.integer("shape", s, low=1) for s in shape)
     w = _checks.guidance(w, batch, device)
     if classifier is not None and batch and bool((w < 0).any()):
@@ -148,7 +160,7 @@ def sample(model, labels, w, steps=256, *, v=0.3, seed=0, shape=None, null_label
     seed = _checks.seed(seed)
     index_offset = _checks.integer("index_offset", index_offset, high=_checks.MAX_WORD - batch + 1)
     if progress is None:
-        progress = sys.stderr.isatty()
+        progress = sys.stderr is not None and sys.stderr.isatty()
 
     if clip is not None:
         clip = _checks.real("clip", clip)
@@ -157,16 +169,31 @@ def sample(model, labels, w, steps=256, *, v=0.3, seed=0, shape=None, null_label
     stepper = choose(backend, device)
     coefs = [step_coefficients(lam, grid[min(t + 1, len(grid) - 1)], v) for t, lam in enumerate(grid)]
     null_labels = None if classifier is not None else torch.full_like(labels, null_label)
+    z = normal_noise((batch,) + shape, seed, step=0, stream=0, index_offset=index_offset, device=device)
+    if classifier is not None and batch:
+        # the classifier's class count bounds the labels: checked before any model pass, even where w = 0
+        _classifier_eps_uncond(classifier, z, grid[0], labels, torch.zeros_like(z), 0)
     any_guidance = bool((w != 0).any()) if batch else False
     zero_w = torch.zeros_like(w)
-    z = normal_noise((batch,) + shape, seed, step=0, stream=0, index_offset=index_offset, device=device)
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(grid), desc="cfgfast.sample", unit="step")
+    try:
+        z = _loop(model, classifier, z, grid, labels, null_labels, w, zero_w, any_guidance, lam_lo, lam_hi, stepper,
+                  coefs, seed, index_offset, clip, bar)
+    finally:
+        if bar is not None:
+            bar.close()
+    return z
+
+
+def _loop(model, classifier, z, grid, labels, null_labels, w, zero_w, any_guidance, lam_lo, lam_hi, stepper, coefs,
+          seed, index_offset, clip, bar):
+    """The steps of Algorithm 2 on checked inputs; returns x~ of the last step."""
     # The first step whose state is non-finite, kept on the device (no sync per step), checked at the end.
-    first_bad = torch.full((), len(grid), dtype=torch.int64, device=device)
+    first_bad = torch.full((), len(grid), dtype=torch.int64, device=z.device)
     for t, lam in enumerate(grid):
         last = t == len(grid) - 1
         guided = any_guidance and lam_lo <= lam <= lam_hi
@@ -176,17 +203,15 @@ def sample(model, labels, w, steps=256, *, v=0.3, seed=0, shape=None, null_label
             eps_uncond = _classifier_eps_uncond(classifier, z, lam, labels, eps_cond, t) if guided else eps_cond
         else:
             eps_cond, eps_uncond = _predict(model, z, lam, labels, null_labels, guided, t)
-        # Inputs were checked once above; per step only the model's output is (in _predict). z is updated in
-        # place; the last step writes x~ to a new tensor.
-        out = z if not last else torch.empty_like(z)
+        # Inputs were checked once above; per step only the model's output is (in _predict). Each step writes a
+        # new tensor: the model may keep the z it was given.
+        out = torch.empty_like(z)
         stepper.reverse_step(out, z, eps_cond, eps_uncond, w if guided else zero_w, None, coefs[t], seed, t,
                              index_offset, clip, last)
         z = out
         first_bad = torch.where(torch.isfinite(z).all(), first_bad, first_bad.clamp(max=t))
         if bar is not None:
             bar.update(1)
-    if bar is not None:
-        bar.close()
     bad = int(first_bad)
     if bad < len(grid):
         raise ValueError(f"the sample became non-finite at step {bad} (lam={grid[bad]:.4g}): the model returned "

@@ -59,6 +59,7 @@ def test_classifier_guidance_separates_classes():
         (lambda z, lam: torch.zeros(z.shape[0], 1) + z.sum(), 1.0, ValueError, r"labels must lie in \[0, 1\)"),
         ("not callable", 1.0, TypeError, "classifier must be callable"),
         (three_classes().log_posterior, -1.0, ValueError, "w must be >= 0 with a classifier"),
+        (lambda z, lam: torch.zeros(z.shape[0], 3), 1.0, ValueError, "logits do not depend on z"),
     ],
 )
 def test_bad_classifier_input(classifier, w, exc, message):
@@ -74,3 +75,18 @@ def test_bfloat16_model_with_classifier():
 
     x = cfgfast.sample(bf16_model, torch.tensor([0, 1, 2]), 2.0, steps=16, shape=(2,), classifier=model.log_posterior)
     assert x.dtype == torch.float32 and torch.isfinite(x).all()
+
+
+def test_labels_beyond_the_classifier_are_refused_before_sampling_even_at_w_0():
+    model = ConditionalOnly()
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\)"):
+        cfgfast.sample(model, torch.tensor([0, 7]), 0.0, steps=4, classifier=model.model.log_posterior)
+    assert model.batches == []
+
+
+def test_classifier_guidance_under_inference_mode():
+    model = three_classes()
+    with torch.inference_mode():
+        x = cfgfast.sample(model, torch.tensor([0, 1]), 2.0, steps=8, classifier=model.log_posterior)
+    y = cfgfast.sample(model, torch.tensor([0, 1]), 2.0, steps=8, classifier=model.log_posterior)
+    torch.testing.assert_close(x, y, rtol=0, atol=0)

@@ -36,3 +36,16 @@ def test_unwritable_output_fails_before_sampling(tmp_path, capsys):
 def test_bad_arguments_give_a_clear_error(capsys):
     assert main(["toy", "--out", "/tmp/x.png", "--num", "10", "--steps", "1"]) == 2
     assert "steps must be at least 2" in capsys.readouterr().err
+
+
+def test_bad_toy_arguments_are_named_before_sampling(tmp_path, capsys):
+    for argv, message in (
+        (["--out", str(tmp_path)], "is a folder"),
+        (["--num", "0"], "--num must be at least 1"),
+        (["--size", "0"], "--size must be at least 8"),
+        (["--extent", "-1"], "--extent must be positive"),
+    ):
+        args = ["toy", "--out", str(tmp_path / "t.png"), "--steps", "4"] + argv
+        assert main(args) == 2
+        assert message in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
