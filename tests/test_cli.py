@@ -6,7 +6,7 @@ import json
 import zlib
 
 import cfgfast
-from cfgfast.__main__ import main
+from cfgfast.cli import main
 
 
 def test_info_prints_build_facts(capsys):

@@ -1,0 +1,29 @@
+"""Command line (SPEC §4): one module per subcommand, each with `add_parser(subparsers)` and `run(args)`.
+
+`cfgfast info` prints the build facts; `toy`, `demo`, `sample`, `train`, `train-classifier` and `evaluate`
+live in their own modules."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# subcommand -> module in this package
+COMMANDS = {
+    "info": "info",
+    "toy": "toy",
+}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="cfgfast", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, module in COMMANDS.items():
+        importlib.import_module(f"cfgfast.cli.{module}").add_parser(sub, name)
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except (ValueError, TypeError, RuntimeError, OSError) as exc:
+        print(f"cfgfast: error: {exc}", file=sys.stderr)
+        return 2
