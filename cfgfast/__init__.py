@@ -7,6 +7,7 @@ import torch
 from . import _ext
 from ._version import __version__
 from .backends import available_backends
+from .models.checkpoint import load_pretrained
 from .noise import normal_noise
 from .sampler import sample
 from .schedule import alpha_sigma, coefficient_table, sampling_lambdas, step_coefficients, training_lambdas
@@ -22,6 +23,7 @@ __all__ = [
     "available_backends",
     "build_info",
     "coefficient_table",
+    "load_pretrained",
     "normal_noise",
     "reverse_step",
     "reverse_step_table",

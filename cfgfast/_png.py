@@ -1,14 +1,14 @@
-"""A dependency-free RGB PNG writer and a scatter-plot rasteriser, for the pictures the command line draws.
-Writes go to a temporary file renamed when complete, so no partial file is ever left behind."""
+"""A dependency-free PNG writer and reader (8-bit grey/RGB/RGBA), a scatter-plot rasteriser and an image grid,
+for the pictures the command line draws and the image-folder datasets. Writes are atomic (cfgfast._io)."""
 
 from __future__ import annotations
 
-import os
 import struct
-import tempfile
 import zlib
 
 import numpy as np
+
+from ._io import atomic_open
 
 
 def write_png(path: str, rgb: np.ndarray) -> None:
@@ -23,18 +23,8 @@ def write_png(path: str, rgb: np.ndarray) -> None:
 
     png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
            + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b""))
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".png")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(png)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; give it the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    with atomic_open(path) as f:
+        f.write(png)
 
 
 def scatter_panel(points: np.ndarray, colors: np.ndarray, size: int, extent: float) -> np.ndarray:
@@ -51,3 +41,79 @@ def scatter_panel(points: np.ndarray, colors: np.ndarray, size: int, extent: flo
             panel[py[keep] + dy, px[keep] + dx] = colors[keep]
     panel[0, :] = panel[-1, :] = panel[:, 0] = panel[:, -1] = 150
     return panel
+
+
+def read_png(path: str) -> np.ndarray:
+    """uint8 [H, W, C] (C = 1, 3 or 4) from an 8-bit, non-interlaced grey, RGB, grey+alpha or RGBA PNG."""
+    with open(path, "rb") as f:
+        data = f.read()
+    if data[:8] != b"\x89PNG\r\n\x1a\n":
+        raise ValueError(f"{path} is not a PNG file")
+    pos, idat, header = 8, [], None
+    while pos + 8 <= len(data):
+        length, kind = struct.unpack(">I4s", data[pos:pos + 8])
+        body = data[pos + 8:pos + 8 + length]
+        if kind == b"IHDR":
+            header = struct.unpack(">IIBBBBB", body)
+        elif kind == b"IDAT":
+            idat.append(body)
+        elif kind == b"IEND":
+            break
+        pos += 12 + length
+    if header is None or not idat:
+        raise ValueError(f"{path} is a truncated PNG file")
+    width, height, depth, color, _, _, interlace = header
+    channels = {0: 1, 2: 3, 4: 2, 6: 4}.get(color)
+    if depth != 8 or channels is None or interlace:
+        raise ValueError(f"{path}: only 8-bit non-interlaced grey/RGB/RGBA PNGs are read (got bit depth {depth}, "
+                         f"colour type {color}, interlace {interlace}); convert it or install Pillow")
+    try:
+        raw = np.frombuffer(zlib.decompress(b"".join(idat)), dtype=np.uint8)
+    except zlib.error as exc:
+        raise ValueError(f"{path} is a corrupt PNG file: {exc}") from None
+    stride = width * channels
+    if raw.size != height * (stride + 1):
+        raise ValueError(f"{path} is a corrupt PNG file (image data of the wrong size)")
+    rows = raw.reshape(height, stride + 1)
+    out = np.zeros((height, stride), dtype=np.int32)
+    for y in range(height):  # undo the per-row filters of the PNG standard
+        kind, line = rows[y, 0], rows[y, 1:].astype(np.int32)
+        up = out[y - 1] if y else np.zeros(stride, dtype=np.int32)
+        if kind == 0:
+            out[y] = line
+        elif kind == 2:
+            out[y] = (line + up) & 255
+        elif kind in (1, 3, 4):
+            cur = out[y]
+            for x in range(stride):
+                left = cur[x - channels] if x >= channels else 0
+                if kind == 1:
+                    pred = left
+                elif kind == 3:
+                    pred = (left + up[x]) >> 1
+                else:
+                    upleft = up[x - channels] if x >= channels else 0
+                    p = left + up[x] - upleft
+                    pa, pb, pc = abs(p - left), abs(p - up[x]), abs(p - upleft)
+                    pred = left if pa <= pb and pa <= pc else (up[x] if pb <= pc else upleft)
+                cur[x] = (line[x] + pred) & 255
+        else:
+            raise ValueError(f"{path} is a corrupt PNG file (filter type {kind})")
+    return out.astype(np.uint8).reshape(height, width, channels)
+
+
+def image_grid(images: np.ndarray, rows: int, cols: int, scale: int = 1, pad: int = 2) -> np.ndarray:
+    """uint8 [rows * cols, H, W, C] (C = 1 or 3), row-major, -> one RGB picture with white gaps, each pixel
+    drawn as a scale x scale square."""
+    n, height, width, channels = images.shape
+    if n != rows * cols:
+        raise ValueError(f"image_grid: {n} images do not fill {rows} x {cols}")
+    if channels == 1:
+        images = np.repeat(images, 3, axis=3)
+    images = images.repeat(scale, axis=1).repeat(scale, axis=2)
+    h, w = height * scale, width * scale
+    grid = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, 3), 255, dtype=np.uint8)
+    for i in range(n):
+        r, c = divmod(i, cols)
+        grid[pad + r * (h + pad):pad + r * (h + pad) + h, pad + c * (w + pad):pad + c * (w + pad) + w] = images[i]
+    return grid

@@ -11,8 +11,10 @@ import sys
 
 # subcommand -> module in this package
 COMMANDS = {
+    "demo": "demo",
     "info": "info",
     "toy": "toy",
+    "train": "train",
 }
 
 

@@ -1,0 +1,67 @@
+"""`cfgfast train`: the paper's Algorithm 1 on digits, an image folder or an ADM .npz; checkpoints with --resume."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+
+from cfgfast.cli.common import writable_path
+
+
+def run(args) -> int:
+    from cfgfast.data import load_dataset
+    from cfgfast.models.unet import PRESETS
+    from cfgfast.training import TrainConfig, train
+
+    out = writable_path(args.out)
+    if args.export is not None:
+        writable_path(args.export, "--export")
+    config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, p_uncond=args.p_uncond,
+                         ema_decay=args.ema_decay, seed=args.seed, checkpoint_every=args.checkpoint_every)
+    data = load_dataset(args.dataset)
+    overrides = {"image_size": data.images.shape[-1], "in_channels": data.images.shape[1],
+                 "num_classes": data.num_classes}
+    if data.images.shape[-1] != data.images.shape[-2]:
+        raise ValueError(f"--dataset {args.dataset}: images must be square, got {tuple(data.images.shape[-2:])}")
+    for name in ("base_channels", "num_res_blocks", "channel_mult", "attention_resolutions", "groups"):
+        if getattr(args, name) is not None:
+            overrides[name] = getattr(args, name)
+    model_config = dataclasses.replace(PRESETS[args.preset], **overrides)
+    print(f"cfgfast train: {data.name}, {len(data.labels)} images of shape {tuple(data.images.shape[1:])}, "
+          f"{data.num_classes} classes; {config.steps} steps of batch {config.batch_size}, p_uncond {config.p_uncond}")
+    start = time.perf_counter()
+    train(model_config, data, out, config, resume=args.resume, log=functools.partial(print, flush=True))
+    print(f"wrote {out} ({time.perf_counter() - start:.0f} s)")
+    if args.export is not None:
+        from cfgfast.models.checkpoint import export
+
+        export(out, args.export)
+        print(f"wrote {args.export} (config and EMA weights only, for sampling and shipping)")
+    return 0
+
+
+def add_parser(sub, name: str) -> None:
+    from cfgfast.models.unet import PRESETS
+    from cfgfast.training import TrainConfig
+
+    d = TrainConfig()
+    p = sub.add_parser(name, help="train a class-conditional U-Net with label dropout (Algorithm 1)")
+    p.add_argument("--dataset", required=True, help="digits, a folder with one subfolder per class, or FILE.npz")
+    p.add_argument("--out", required=True, help="checkpoint to write (rewritten every --checkpoint-every steps)")
+    p.add_argument("--export", help="also write a slim copy (config + EMA weights) for sampling, when done")
+    p.add_argument("--resume", action="store_true", help="continue from --out if it exists")
+    p.add_argument("--preset", default="digits", choices=sorted(PRESETS), help="network preset (default digits)")
+    p.add_argument("--steps", type=int, default=d.steps, help=f"optimizer steps (default {d.steps})")
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--p-uncond", type=float, default=d.p_uncond, help="label dropout probability (default 0.1)")
+    p.add_argument("--ema-decay", type=float, default=d.ema_decay)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
+    p.add_argument("--base-channels", type=int)
+    p.add_argument("--num-res-blocks", type=int)
+    p.add_argument("--channel-mult", type=int, nargs="+")
+    p.add_argument("--attention-resolutions", type=int, nargs="*")
+    p.add_argument("--groups", type=int)
+    p.set_defaults(run=run)

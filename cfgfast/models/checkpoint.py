@@ -1,0 +1,82 @@
+"""Checkpoints: plain dicts of tensors and numbers (loadable with torch.load(weights_only=True)) holding the model
+config beside the weights, so a file alone rebuilds the network. Written atomically (cfgfast._io)."""
+
+from __future__ import annotations
+
+import os
+import zipfile
+import pickle
+
+import torch
+
+from .._io import atomic_open
+from .unet import UNet, UNetConfig
+
+FORMAT = "cfgfast-unet"
+VERSION = 1
+PRETRAINED = {"digits": "digits.pt"}  # name -> file in cfgfast/models/weights/
+
+
+def save(path: str, payload: dict) -> None:
+    """Write a checkpoint dict (adds the format tag) atomically."""
+    with atomic_open(path) as f:
+        torch.save({"format": FORMAT, "version": VERSION, **payload}, f)
+
+
+def read(path: str, kind: str = FORMAT) -> dict:
+    """The checkpoint dict at path, with a clear error for a file that is missing, corrupt or not ours."""
+    if not os.path.isfile(path):
+        raise ValueError(f"checkpoint {path}: no such file")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, EOFError, OSError, ValueError) as exc:
+        raise ValueError(f"checkpoint {path} is corrupt or not a torch file: {str(exc).splitlines()[0]}") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != kind:
+        raise ValueError(f"checkpoint {path} is not a {kind} checkpoint (no format tag {kind!r}); "
+                         f"was it written by cfgfast?")
+    if ckpt.get("version") != VERSION:
+        raise ValueError(f"checkpoint {path} has format version {ckpt.get('version')}, this cfgfast reads {VERSION}")
+    return ckpt
+
+
+def build(ckpt: dict, weights: str = "ema", path: str = "checkpoint") -> UNet:
+    """The network of a checkpoint dict, in eval mode, with its EMA weights (or 'model')."""
+    try:
+        model = UNet(UNetConfig(**ckpt["config"]))
+    except (KeyError, TypeError) as exc:
+        raise ValueError(f"{path}: bad model config in checkpoint: {exc}") from None
+    state = ckpt.get(weights)
+    if state is None:
+        raise ValueError(f"{path}: checkpoint has no {weights!r} weights (has {sorted(k for k in ckpt if k in ('model', 'ema'))})")
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise ValueError(f"{path}: weights do not fit the config: {str(exc).splitlines()[0]}") from None
+    return model.eval().requires_grad_(False)
+
+
+def export(path: str, out: str) -> None:
+    """A slim copy of a training checkpoint for shipping and sampling: config and EMA weights only."""
+    ckpt = read(path)
+    save(out, {k: ckpt[k] for k in ("config", "ema", "train_config", "step", "dataset", "class_names") if k in ckpt})
+
+
+def pretrained_path(name: str) -> str:
+    if name not in PRETRAINED:
+        raise ValueError(f"name must be one of {sorted(PRETRAINED)} (the models shipped with cfgfast), got {name!r}")
+    return os.path.join(os.path.dirname(__file__), "weights", PRETRAINED[name])
+
+
+def load_pretrained(name: str = "digits") -> UNet:
+    """A model shipped inside the package, ready for cfgfast.sample (EMA weights, eval mode, CPU)."""
+    path = pretrained_path(name)
+    if not os.path.isfile(path):
+        raise ValueError(f"the pretrained {name!r} model is missing from this installation ({path}); reinstall cfgfast")
+    return build(read(path), "ema", path)
+
+
+def load_model(spec: str, weights: str = "ema") -> UNet:
+    """A shipped model by name ('digits') or a checkpoint file written by `cfgfast train`."""
+    if spec in PRETRAINED:
+        return load_pretrained(spec)
+    return build(read(spec), weights, spec)

@@ -1,0 +1,151 @@
+"""Training with label dropout: the paper's Algorithm 1. One network learns ε(z, c) and, with the label replaced
+by the null label with probability p_uncond, ε(z); λ ~ training_lambdas(u), z = α x + σ ε, loss ||ε_θ − ε||².
+AdamW with warm-up, gradient clipping, an EMA of the weights (the one used for sampling), and checkpoints that
+hold everything needed to resume exactly: weights, EMA, optimizer, RNG state, config and step."""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+from .data import Dataset
+from .models import checkpoint
+from .models.unet import UNet, UNetConfig
+from .schedule import LAMBDA_MAX, LAMBDA_MIN, alpha_sigma, training_lambdas
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 6000
+    batch_size: int = 128
+    lr: float = 1e-3
+    warmup: int = 200
+    weight_decay: float = 0.0
+    p_uncond: float = 0.1  # the paper's default
+    ema_decay: float = 0.999
+    grad_clip: float = 1.0
+    seed: int = 0
+    checkpoint_every: int = 500
+    lambda_min: float = LAMBDA_MIN
+    lambda_max: float = LAMBDA_MAX
+
+    def __post_init__(self):
+        if not 0.0 <= self.p_uncond < 1.0:
+            raise ValueError(f"p_uncond must lie in [0, 1) (1 would never train the conditional model), got "
+                             f"{self.p_uncond}")
+        for name in ("steps", "batch_size", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be positive, got {self.lr}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must lie in [0, 1), got {self.ema_decay}")
+
+
+def diffusion_loss(model, x: torch.Tensor, labels: torch.Tensor, null_label: int, config: TrainConfig,
+                   generator: torch.Generator) -> torch.Tensor:
+    """Algorithm 1 on one batch: drop labels, draw λ and ε, noise x, regress ε."""
+    batch = x.shape[0]
+    drop = torch.rand(batch, generator=generator) < config.p_uncond
+    labels = torch.where(drop, torch.full_like(labels, null_label), labels)
+    lam = training_lambdas(torch.rand(batch, generator=generator, dtype=torch.float64), config.lambda_min,
+                           config.lambda_max)
+    alpha, sigma = alpha_sigma(lam)
+    eps = torch.randn(x.shape, generator=generator)
+    z = alpha.float().view(-1, 1, 1, 1) * x + sigma.float().view(-1, 1, 1, 1) * eps
+    return torch.nn.functional.mse_loss(model(z, lam.float(), labels), eps)
+
+
+def _check_fits(model_config: UNetConfig, data: Dataset) -> None:
+    shape = tuple(data.images.shape[1:])
+    want = (model_config.in_channels, model_config.image_size, model_config.image_size)
+    if shape != want:
+        raise ValueError(f"the model config produces images of shape {want} but dataset {data.name} holds {shape}: "
+                         f"set image_size/in_channels to match")
+    if model_config.num_classes != data.num_classes:
+        raise ValueError(f"the model config has num_classes={model_config.num_classes} but dataset {data.name} has "
+                         f"{data.num_classes} classes")
+
+
+def train(model_config: UNetConfig, data: Dataset, out: str, config: TrainConfig, *, resume: bool = False,
+          progress: bool | None = None, log=print) -> UNet:
+    """Train (or resume) and write checkpoints to `out` every config.checkpoint_every steps and at the end; an
+    interrupted run loses at most the steps since the last checkpoint. Returns the EMA model."""
+    _check_fits(model_config, data)
+    torch.manual_seed(config.seed)  # the initial weights
+    model = UNet(model_config)
+    ema = copy.deepcopy(model).requires_grad_(False)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    generator = torch.Generator().manual_seed(config.seed)
+    step = 0
+    if resume and os.path.exists(out):
+        ckpt = checkpoint.read(out)
+        if ckpt.get("config") != model_config.to_dict():
+            raise ValueError(f"--resume: {out} was trained with model config {ckpt.get('config')}, not "
+                             f"{model_config.to_dict()}")
+        saved = {k: v for k, v in ckpt.get("train_config", {}).items() if k != "steps"}
+        if saved != {k: v for k, v in asdict(config).items() if k != "steps"}:
+            raise ValueError(f"--resume: {out} was trained with settings {saved}; resume with the same settings "
+                             "(only --steps may change)")
+        model.load_state_dict(ckpt["model"])
+        ema.load_state_dict(ckpt["ema"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        generator.set_state(ckpt["rng"])
+        step = int(ckpt["step"])
+        log(f"resumed {out} at step {step}")
+    elif resume:
+        log(f"--resume: {out} does not exist yet, starting from step 0")
+
+    def save():
+        checkpoint.save(out, {"config": model_config.to_dict(), "train_config": asdict(config), "step": step,
+                              "model": model.state_dict(), "ema": ema.state_dict(),
+                              "optimizer": optimizer.state_dict(), "rng": generator.get_state(),
+                              "dataset": data.name, "class_names": list(data.class_names)})
+
+    if progress is None:
+        progress = os.isatty(2)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=config.steps, initial=step, desc="cfgfast train", unit="step")
+    model.train()
+    images, labels = data.images, data.labels
+    n = len(labels)
+    start, running = time.perf_counter(), None
+    try:
+        while step < config.steps:
+            index = torch.randint(0, n, (config.batch_size,), generator=generator)
+            for group in optimizer.param_groups:  # linear warm-up, then constant (as in ADM)
+                group["lr"] = config.lr * min(1.0, (step + 1) / max(config.warmup, 1))
+            loss = diffusion_loss(model, images[index], labels[index], model.null_label, config, generator)
+            if not math.isfinite(loss.item()):
+                raise RuntimeError(f"training diverged at step {step} (loss {loss.item()}); lower --lr")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            optimizer.step()
+            with torch.no_grad():
+                # warm the EMA up from the start (decay grows to ema_decay) so short runs still sample well
+                decay = min(config.ema_decay, (1 + step) / (10 + step))
+                for e, p in zip(ema.parameters(), model.parameters()):
+                    e.lerp_(p, 1 - decay)
+            step += 1
+            running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{running:.4f}")
+            elif step % max(1, config.steps // 20) == 0:
+                log(f"step {step}/{config.steps} loss {running:.4f} ({time.perf_counter() - start:.0f} s)")
+            if step % config.checkpoint_every == 0 and step < config.steps:
+                save()
+        save()
+    finally:
+        if bar is not None:
+            bar.close()
+    return ema.eval()

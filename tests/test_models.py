@@ -1,0 +1,291 @@
+"""The U-Net, training (Algorithm 1), checkpoints, datasets and the bundled model."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import struct
+import zlib
+
+import numpy as np
+import pytest
+import torch
+
+import cfgfast
+from cfgfast.cli import main
+from cfgfast.data import image_folder, load_dataset, npz_file, to_uint8, to_unit_range
+from cfgfast.models import PRESETS, UNet, UNetConfig, checkpoint
+from cfgfast.models.unet import lambda_features
+from cfgfast.training import TrainConfig, diffusion_loss, train
+from cfgfast._png import read_png, write_png
+
+TINY = UNetConfig(image_size=8, in_channels=1, num_classes=3, base_channels=8, channel_mult=(1, 2),
+                  num_res_blocks=1, attention_resolutions=(4,), num_heads=2, groups=4)
+
+
+def tiny_data(n=24, classes=3, size=8, channels=1, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    images = (torch.rand(n, channels, size, size, generator=g) * 2 - 1)
+    return cfgfast.data.Dataset(images, torch.arange(n) % classes, classes, [str(k) for k in range(classes)], "tiny")
+
+
+def test_unet_shapes_and_protocol():
+    torch.manual_seed(0)
+    model = UNet(TINY)
+    assert model.null_label == 3 and model.sample_shape == (1, 8, 8)
+    z = torch.randn(5, 1, 8, 8)
+    eps = model(z, torch.linspace(-20, 20, 5), torch.tensor([0, 1, 2, 3, 0]))
+    assert eps.shape == z.shape
+    # zero-initialised output layer: an untrained model predicts eps = 0 exactly
+    assert torch.equal(eps, torch.zeros_like(eps))
+
+
+def test_unet_depends_on_lambda_and_label():
+    torch.manual_seed(0)
+    model = UNet(TINY)
+    for p in model.parameters():  # leave the zero init so the output depends on its inputs
+        torch.nn.init.normal_(p, std=0.1)
+    z = torch.randn(1, 1, 8, 8).repeat(3, 1, 1, 1)
+    eps = model(z, torch.tensor([-3.0, 3.0, 3.0]), torch.tensor([0, 0, 3]))
+    assert not torch.allclose(eps[0], eps[1]) and not torch.allclose(eps[1], eps[2])
+
+
+def test_lambda_features_span():
+    feats = lambda_features(torch.tensor([-20.0, 0.0, 20.0]), 16)
+    assert feats.shape == (3, 32)
+    assert torch.allclose(feats[1], torch.cat([torch.zeros(16), torch.ones(16)]))
+    # the slowest frequency has one period over [-20, 20]: sin at -20 and +20 agree, cos = -1 at the ends
+    assert torch.allclose(feats[0, 16], torch.tensor(-1.0), atol=1e-5)
+
+
+def test_presets_build():
+    assert UNet(PRESETS["digits"]).sample_shape == (1, 8, 8)
+    big = PRESETS["imagenet64"]
+    assert (big.image_size, big.in_channels, big.num_classes) == (64, 3, 1000)
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(image_size=6, channel_mult=(1, 2, 2)), "cannot be halved"),
+    (dict(base_channels=10), "multiple of groups"),
+    (dict(num_classes=0), "num_classes"),
+    (dict(dropout=1.0), "dropout"),
+])
+def test_unet_config_errors(change, message):
+    with pytest.raises(ValueError, match=message):
+        dataclasses.replace(TINY, **change)
+
+
+def test_unet_wrong_input_shape():
+    with pytest.raises(ValueError, match="z must have shape"):
+        UNet(TINY)(torch.zeros(2, 3, 8, 8), torch.zeros(2), torch.zeros(2, dtype=torch.int64))
+
+
+def test_model_sample_hands_loop_to_cfgfast_sample():
+    torch.manual_seed(0)
+    model = UNet(TINY).eval()
+    labels = torch.tensor([0, 1, 2, 0])
+    a = model.sample(labels, 2.0, steps=4, seed=3, backend="reference")
+    b = cfgfast.sample(model, labels, 2.0, 4, seed=3, backend="reference")
+    assert torch.equal(a, b)
+
+
+def test_diffusion_loss_is_algorithm_1():
+    """With p_uncond = 0 and a model that returns the true eps through z, the loss is exactly 0; the
+    dropped labels are the null label with the requested frequency."""
+    seen = []
+
+    def oracle(z, lam, labels):
+        seen.append(labels.clone())
+        return oracle.eps
+
+    x = torch.rand(4096, 1, 2, 2) * 2 - 1
+    labels = torch.zeros(4096, dtype=torch.int64)
+    config = TrainConfig(p_uncond=0.25)
+    g = torch.Generator().manual_seed(0)
+    # replay the generator to learn eps
+    g2 = torch.Generator().manual_seed(0)
+    torch.rand(4096, generator=g2)
+    torch.rand(4096, generator=g2, dtype=torch.float64)
+    oracle.eps = torch.randn(x.shape, generator=g2)
+    assert diffusion_loss(oracle, x, labels, 7, config, g).item() == 0.0
+    dropped = (seen[0] == 7).float().mean().item()
+    assert abs(dropped - 0.25) < 0.03 and set(seen[0].tolist()) <= {0, 7}
+
+
+def test_train_writes_checkpoint_and_resumes_exactly(tmp_path):
+    data = tiny_data()
+    config = TrainConfig(steps=6, batch_size=8, checkpoint_every=3, warmup=2)
+    straight = train(TINY, data, str(tmp_path / "a.pt"), config, progress=False, log=lambda *a: None)
+    # interrupted after the checkpoint at step 3, then resumed: the same EMA weights, bit for bit
+    train(TINY, data, str(tmp_path / "b.pt"), dataclasses.replace(config, steps=3), progress=False,
+          log=lambda *a: None)
+    resumed = train(TINY, data, str(tmp_path / "b.pt"), config, resume=True, progress=False, log=lambda *a: None)
+    for p, q in zip(straight.state_dict().values(), resumed.state_dict().values()):
+        assert torch.equal(p, q)
+    ckpt = torch.load(tmp_path / "a.pt", weights_only=True)
+    assert ckpt["step"] == 6 and {"model", "ema", "optimizer", "config", "rng"} <= set(ckpt)
+    loaded = checkpoint.load_model(str(tmp_path / "a.pt"))
+    for p, q in zip(straight.state_dict().values(), loaded.state_dict().values()):
+        assert torch.equal(p, q)
+
+
+def test_resume_refuses_other_settings(tmp_path):
+    data = tiny_data()
+    config = TrainConfig(steps=2, batch_size=4)
+    train(TINY, data, str(tmp_path / "a.pt"), config, progress=False, log=lambda *a: None)
+    with pytest.raises(ValueError, match="same settings"):
+        train(TINY, data, str(tmp_path / "a.pt"), dataclasses.replace(config, lr=3e-4), resume=True,
+              progress=False, log=lambda *a: None)
+    with pytest.raises(ValueError, match="model config"):
+        train(dataclasses.replace(TINY, base_channels=16), data, str(tmp_path / "a.pt"), config, resume=True,
+              progress=False, log=lambda *a: None)
+
+
+def test_train_refuses_mismatched_data_and_bad_settings(tmp_path):
+    with pytest.raises(ValueError, match="shape"):
+        train(TINY, tiny_data(size=4), str(tmp_path / "a.pt"), TrainConfig(steps=1), progress=False)
+    with pytest.raises(ValueError, match="num_classes"):
+        train(TINY, tiny_data(classes=4), str(tmp_path / "a.pt"), TrainConfig(steps=1), progress=False)
+    for p in (1.0, -0.1):
+        with pytest.raises(ValueError, match="p_uncond"):
+            TrainConfig(p_uncond=p)
+
+
+def test_checkpoint_errors(tmp_path):
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="corrupt"):
+        checkpoint.load_model(str(tmp_path / "junk.pt"))
+    torch.save({"state_dict": {}}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="not a cfgfast-unet checkpoint"):
+        checkpoint.load_model(str(tmp_path / "other.pt"))
+    with pytest.raises(ValueError, match="no such file"):
+        checkpoint.load_model(str(tmp_path / "missing.pt"))
+    # a truncated real checkpoint
+    checkpoint.save(str(tmp_path / "ok.pt"), {"config": TINY.to_dict(), "ema": UNet(TINY).state_dict()})
+    data = (tmp_path / "ok.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="corrupt"):
+        checkpoint.load_model(str(tmp_path / "cut.pt"))
+    with pytest.raises(ValueError, match="name must be one of"):
+        cfgfast.load_pretrained("imagenet")
+
+
+def test_digits_dataset():
+    pytest.importorskip("sklearn")
+    data = load_dataset("digits")
+    assert data.images.shape == (1797, 1, 8, 8) and data.num_classes == 10
+    assert data.images.min() == -1 and data.images.max() == 1
+    assert torch.equal(torch.bincount(data.labels) > 170, torch.ones(10, dtype=torch.bool))
+
+
+def test_image_folder_and_npz(tmp_path):
+    rng = np.random.default_rng(0)
+    pictures = rng.integers(0, 256, (4, 6, 6, 3), dtype=np.uint8)
+    for i, name in enumerate(["cat", "cat", "dog", "dog"]):
+        (tmp_path / "folder" / name).mkdir(parents=True, exist_ok=True)
+        write_png(str(tmp_path / "folder" / name / f"{i}.png"), pictures[i])
+    data = load_dataset(str(tmp_path / "folder"))
+    assert data.class_names == ["cat", "dog"] and data.labels.tolist() == [0, 0, 1, 1]
+    assert np.array_equal(to_uint8(data.images), pictures)
+    np.savez(tmp_path / "d.npz", arr_0=pictures, arr_1=np.array([1, 0, 1, 2]))
+    data = load_dataset(str(tmp_path / "d.npz"))
+    assert data.num_classes == 3 and np.array_equal(to_uint8(data.images), pictures)
+
+
+def test_dataset_errors(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no class subfolders"):
+        image_folder(str(tmp_path / "empty"))
+    (tmp_path / "mixed" / "a").mkdir(parents=True)
+    write_png(str(tmp_path / "mixed" / "a" / "1.png"), np.zeros((4, 4, 3), np.uint8))
+    write_png(str(tmp_path / "mixed" / "a" / "2.png"), np.zeros((5, 4, 3), np.uint8))
+    with pytest.raises(ValueError, match="mixed sizes"):
+        image_folder(str(tmp_path / "mixed"))
+    np.savez(tmp_path / "bad.npz", arr_0=np.zeros((2, 4, 4, 3), np.float32), arr_1=np.zeros(2, np.int64))
+    with pytest.raises(ValueError, match="arr_0 must be uint8"):
+        npz_file(str(tmp_path / "bad.npz"))
+    with pytest.raises(ValueError, match="--dataset must be"):
+        load_dataset(str(tmp_path / "nothing.txt"))
+
+
+def _png_with_filters(image: np.ndarray) -> bytes:
+    """An RGB PNG whose rows use filter types 1-4 in turn (our writer only uses type 0)."""
+    h, w, _ = image.shape
+    flat = image.reshape(h, w * 3).astype(np.int32)
+    rows = []
+    for y in range(h):
+        kind = 1 + y % 4
+        up = flat[y - 1] if y else np.zeros(w * 3, np.int32)
+        left = np.concatenate([np.zeros(3, np.int32), flat[y, :-3]])
+        upleft = np.concatenate([np.zeros(3, np.int32), up[:-3]])
+        if kind == 1:
+            pred = left
+        elif kind == 2:
+            pred = up
+        elif kind == 3:
+            pred = (left + up) >> 1
+        else:
+            p = left + up - upleft
+            pa, pb, pc = abs(p - left), abs(p - up), abs(p - upleft)
+            pred = np.where((pa <= pb) & (pa <= pc), left, np.where(pb <= pc, up, upleft))
+        rows.append(bytes([kind]) + ((flat[y] - pred) & 255).astype(np.uint8).tobytes())
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"".join(rows))) + chunk(b"IEND", b""))
+
+
+def test_png_reader_all_filters(tmp_path):
+    image = np.random.default_rng(1).integers(0, 256, (9, 5, 3), dtype=np.uint8)
+    (tmp_path / "f.png").write_bytes(_png_with_filters(image))
+    assert np.array_equal(read_png(str(tmp_path / "f.png")), image)
+    (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    with pytest.raises(ValueError, match="truncated"):
+        read_png(str(tmp_path / "bad.png"))
+
+
+def test_unit_range_round_trip():
+    pixels = np.arange(256, dtype=np.uint8).reshape(1, 16, 16, 1)
+    assert np.array_equal(to_uint8(to_unit_range(pixels)), pixels)
+
+
+def test_cli_train_then_sample_the_checkpoint(tmp_path, capsys):
+    np.savez(tmp_path / "d.npz", arr_0=np.random.default_rng(0).integers(0, 256, (12, 8, 8, 1), dtype=np.uint8),
+             arr_1=np.arange(12) % 3)
+    out = tmp_path / "m.pt"
+    args = ["train", "--dataset", str(tmp_path / "d.npz"), "--out", str(out), "--steps", "3", "--batch-size", "4",
+            "--base-channels", "8", "--groups", "4", "--channel-mult", "1", "--attention-resolutions",
+            "--export", str(tmp_path / "slim.pt")]
+    assert main(args) == 0
+    slim = checkpoint.read(str(tmp_path / "slim.pt"))
+    assert "optimizer" not in slim and slim["step"] == 3
+    model = checkpoint.load_model(str(tmp_path / "slim.pt"))
+    assert model.sample(torch.tensor([0, 1, 2]), 1.0, steps=3, backend="reference").shape == (3, 1, 8, 8)
+    assert main(["train", "--dataset", str(tmp_path / "d.npz"), "--out", str(out), "--p-uncond", "1"]) == 2
+    assert "p_uncond" in capsys.readouterr().err
+    assert not any(f.name.startswith(".tmp-") for f in tmp_path.iterdir())  # no partial files left
+
+
+BUNDLED = os.path.join(os.path.dirname(cfgfast.__file__), "models", "weights", "digits.pt")
+
+
+@pytest.mark.skipif(not os.path.exists(BUNDLED), reason="the bundled model file is not in this checkout")
+def test_bundled_model_loads_small_and_samples():
+    assert os.path.getsize(BUNDLED) <= 5 * 2**20
+    model = cfgfast.load_pretrained("digits")
+    assert model.null_label == 10 and model.sample_shape == (1, 8, 8)
+    x = model.sample(torch.arange(10), 3.0, steps=16, clip=1.0)
+    assert x.shape == (10, 1, 8, 8) and x.abs().max() <= 1
+
+
+def test_demo_writes_picture(tmp_path, capsys):
+    if not os.path.exists(BUNDLED):
+        pytest.skip("the bundled model file is not in this checkout")
+    assert main(["demo", "--out", str(tmp_path), "--steps", "8", "--per-cell", "1"]) == 0
+    picture = read_png(str(tmp_path / "cfg_demo.png"))
+    # 10 rows of 8x8 images at scale 4 with 1-pixel gaps; 4 w blocks of 1 image with a blank between
+    assert picture.shape == (10 * 33 + 1, 7 * 33 + 1, 3)
+    assert "backend" in capsys.readouterr().out
+    assert main(["demo", "--out", str(tmp_path / "nope")]) == 2
