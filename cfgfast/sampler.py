@@ -10,7 +10,7 @@ import torch
 
 from . import _checks
 from .noise import normal_noise
-from .schedule import LAMBDA_MAX, LAMBDA_MIN, alpha_sigma, sampling_lambdas, step_coefficients
+from .schedule import LAMBDA_MAX, LAMBDA_MIN, alpha_sigma, coefficient_table, sampling_lambdas, step_coefficients
 from .backends import choose
 
 
@@ -107,7 +107,7 @@ def _predict(model, z, lam, labels, null_labels, guided: bool, step: int):
 @torch.no_grad()
 def sample(model, labels, w, steps=256, *, v=0.3, seed=0, shape=None, null_label=None,
            lambda_min=LAMBDA_MIN, lambda_max=LAMBDA_MAX, clip=None, index_offset=0, backend="auto", progress=None,
-           guidance_interval=None, classifier=None, lambdas=None) -> torch.Tensor:
+           guidance_interval=None, classifier=None, cuda_graph=False, lambdas=None) -> torch.Tensor:
     """Samples x [B, *shape] of a class-conditional model with classifier-free guidance (SPEC §4).
 
     model(z, lam, labels) -> eps with lam float32 [B] and labels int64 [B]; `null_label` (default
@@ -121,6 +121,10 @@ def sample(model, labels, w, steps=256, *, v=0.3, seed=0, shape=None, null_label
     classifier(z, lam) -> logits [B, num_classes] switches to classifier guidance (Dhariwal & Nichol):
     only the model's conditional pass runs (an unconditional model simply ignores the labels) and
     eps~ = eps(z, c) - w sigma grad_z log softmax(logits)[c], the gradient taken with autograd; w >= 0.
+
+    cuda_graph=True (a CUDA model and the compiled cuda backend): one step (the model's forward pass and the
+    fused step reading its coefficients from a device table at a device-side step counter) is captured once as
+    a CUDA graph and replayed for every step, removing the per-step launch overhead. Same samples as without.
     """
     if not callable(model):
         raise TypeError(f"model must be callable as model(z, lam, labels), got {type(model).__name__}")
@@ -167,6 +171,8 @@ def sample(model, labels, w, steps=256, *, v=0.3, seed=0, shape=None, null_label
         if clip <= 0:
             raise ValueError(f"clip must be positive, got {clip}")
     stepper = choose(backend, device)
+    if cuda_graph:
+        _check_cuda_graph(device, stepper, classifier)
     coefs = [step_coefficients(lam, grid[min(t + 1, len(grid) - 1)], v) for t, lam in enumerate(grid)]
     null_labels = None if classifier is not None else torch.full_like(labels, null_label)
     z = normal_noise((batch,) + shape, seed, step=0, stream=0, index_offset=index_offset, device=device)
@@ -181,8 +187,13 @@ def sample(model, labels, w, steps=256, *, v=0.3, seed=0, shape=None, null_label
 
         bar = tqdm(total=len(grid), desc="cfgfast.sample", unit="step")
     try:
-        z = _loop(model, classifier, z, grid, labels, null_labels, w, zero_w, any_guidance, lam_lo, lam_hi, stepper,
-                  coefs, seed, index_offset, clip, bar)
+        if cuda_graph:
+            guided = [any_guidance and lam_lo <= lam <= lam_hi for lam in grid]
+            z = _loop_table(model, z, grid, labels, null_labels, w, guided, stepper, v, seed, index_offset, clip, bar,
+                            capture=True)
+        else:
+            z = _loop(model, classifier, z, grid, labels, null_labels, w, zero_w, any_guidance, lam_lo, lam_hi,
+                      stepper, coefs, seed, index_offset, clip, bar)
     finally:
         if bar is not None:
             bar.close()
@@ -217,3 +228,70 @@ def _loop(model, classifier, z, grid, labels, null_labels, w, zero_w, any_guidan
         raise ValueError(f"the sample became non-finite at step {bad} (lam={grid[bad]:.4g}): the model returned "
                          "non-finite eps, or w is too large for this model")
     return z
+
+
+def _check_cuda_graph(device, stepper, classifier) -> None:
+    if device.type != "cuda":
+        raise ValueError(f"cuda_graph=True needs the model on a CUDA device, got {device}")
+    if stepper.name != "cuda":
+        raise ValueError(f"cuda_graph=True needs the cuda backend (its step reads the step counter on the device), "
+                         f"got backend {stepper.name!r}")
+    if classifier is not None:
+        raise ValueError("cuda_graph=True cannot capture classifier guidance (autograd per step); use "
+                         "cuda_graph=False with a classifier")
+
+
+def _loop_table(model, z, grid, labels, null_labels, w, guided, stepper, v, seed, index_offset, clip, bar, capture):
+    """Algorithm 2 with every per-step quantity on the device: λ, the guidance mask and the step's coefficients
+    are looked up at a step counter that the step itself advances, so one recorded step replays them all. With
+    capture=True (CUDA) the step is captured as a CUDA graph after a warm-up; capture=False runs the same step
+    eagerly (the CPU tests of this path)."""
+    device, batch, steps = z.device, z.shape[0], len(grid)
+    any_guided = any(guided)
+    table = coefficient_table(grid, v).to(device)
+    lam_table = torch.tensor(grid, dtype=torch.float32, device=device)
+    guided_table = torch.tensor(guided, dtype=torch.float32, device=device)
+    counter = torch.zeros(1, dtype=torch.int64, device=device)
+    first_bad = torch.full((), steps, dtype=torch.int64, device=device)
+    z_state, z_next = z.clone(), torch.empty_like(z)
+    both_labels = torch.cat([labels, null_labels]) if any_guided else labels
+
+    def step():
+        z_in = torch.cat([z_state, z_state]) if any_guided else z_state
+        lam_b = lam_table.index_select(0, counter).expand(z_in.shape[0])
+        eps = model(z_in, lam_b, both_labels)
+        eps_cond, eps_uncond = (eps[:batch], eps[batch:]) if any_guided else (eps, eps)
+        w_t = w * guided_table.index_select(0, counter)  # w = 0 outside the guidance interval
+        stepper.reverse_step_table(z_next, z_state, eps_cond, eps_uncond, w_t, table, counter, seed, index_offset, clip)
+        first_bad.copy_(torch.where(torch.isfinite(z_next).all(), first_bad, torch.minimum(first_bad, counter[0])))
+        z_state.copy_(z_next)
+        counter.add_(1)
+
+    # one eager step checks what the model returns (no errors can be raised from inside a replay)
+    _predict(model, z, grid[0], labels, null_labels, any_guided, 0)
+    if capture:
+        z0 = z_state.clone()
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):  # warm-up on a side stream, as torch.cuda.graphs asks; state reset below
+            for _ in range(2):
+                step()
+        torch.cuda.current_stream(device).wait_stream(side)
+        z_state.copy_(z0)
+        counter.zero_()
+        first_bad.fill_(steps)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step()
+        run_step = graph.replay
+    else:
+        run_step = step
+    for _ in range(steps):
+        run_step()
+        if bar is not None:
+            bar.update(1)
+    bad = int(first_bad)
+    if bad < steps:
+        raise ValueError(f"the sample became non-finite at step {bad} (lam={grid[bad]:.4g}): the model returned "
+                         "non-finite eps, or w is too large for this model")
+    return z_state

@@ -220,3 +220,58 @@ def test_non_finite_names_the_first_bad_step():
 
     with pytest.raises(ValueError, match=f"non-finite at step 4 \\(lam={grid[4]:.4g}\\)"):
         cfgfast.sample(breaks_at_step_4, torch.tensor([0, 1]), 1.0, steps=10, null_label=3, shape=(2,))
+
+
+def _tiny_unet():
+    from cfgfast.models import UNet, UNetConfig
+
+    torch.manual_seed(0)
+    model = UNet(UNetConfig(image_size=8, in_channels=1, num_classes=3, base_channels=8, channel_mult=(1,),
+                            num_res_blocks=1, attention_resolutions=(8,), num_heads=2, groups=4)).eval()
+    for p in model.parameters():  # no zero-initialised output: the samples then depend on the model
+        p.data.normal_(0, 0.05)
+    return model
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("interval", [None, (-5.0, 5.0)])
+def test_device_table_loop_equals_sample(backend, interval):
+    """cuda_graph=True's loop (λ, guidance mask and coefficients looked up at a device step counter, the
+    step advancing the counter) run eagerly on the CPU: the same samples as sample()."""
+    from cfgfast import sampler
+    from cfgfast.backends import choose
+
+    if backend == "cpu" and "cpu" not in cfgfast.available_backends():
+        pytest.skip("the compiled CPU kernel is not built")
+    model = _tiny_unet()
+    labels = torch.tensor([0, 1, 2, 1, 0])
+    w = torch.tensor([0.0, 1.0, 3.0, 0.5, 2.0])
+    grid = cfgfast.sampling_lambdas(6).tolist()
+    expected = cfgfast.sample(model, labels, w, 6, seed=5, index_offset=3, guidance_interval=interval,
+                              backend=backend, clip=1.5)
+    lo, hi = interval or (-float("inf"), float("inf"))
+    z = cfgfast.normal_noise((5, 1, 8, 8), 5, step=0, stream=0, index_offset=3)
+    with torch.no_grad():
+        got = sampler._loop_table(model, z, grid, labels, torch.full_like(labels, 3), w,
+                                  [lo <= lam <= hi for lam in grid], choose(backend, z.device), 0.3, 5, 3, 1.5, None,
+                                  capture=False)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_cuda_graph_refusals():
+    model = _tiny_unet()
+    with pytest.raises(ValueError, match="cuda_graph=True needs the model on a CUDA device"):
+        cfgfast.sample(model, torch.tensor([0]), 1.0, 4, cuda_graph=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_graph_equals_uncaptured_run():
+    if "cuda" not in cfgfast.available_backends():
+        pytest.fail("a GPU is present but the cuda backend is not built")
+    model = _tiny_unet().cuda()
+    labels = torch.arange(12, device="cuda") % 3
+    w = torch.linspace(0, 4, 12, device="cuda")
+    for interval in (None, (-5.0, 5.0)):
+        plain = cfgfast.sample(model, labels, w, 32, seed=1, guidance_interval=interval)
+        graphed = cfgfast.sample(model, labels, w, 32, seed=1, guidance_interval=interval, cuda_graph=True)
+        torch.testing.assert_close(graphed, plain, rtol=1e-4, atol=1e-4)
