@@ -19,6 +19,7 @@ from .utils import (
     DIFFUSERS_LABEL,
     EAGER_LABEL,
     FAST_BACKENDS,
+    FORWARD_LABEL,
     HAND_LOOP_LABEL,
     RANDN_LABEL,
     REFERENCE_LABEL,
@@ -174,6 +175,10 @@ def _ratio_lines(rows: dict[str, Record]) -> list[str]:
             text, target = _TARGETS[top]
             note = "   " + text.format(target) + ": " + ("met" if by_median >= target else "NOT met")
         lines.append(f"  {name:<42} {by_median:8.2f}x {by_min:8.2f}x{note}")
+    if SAMPLE_LABEL in rows and FORWARD_LABEL in rows:
+        # what sample() adds to the model's own work: the step, the noise, the bookkeeping
+        share = 1 - rows[FORWARD_LABEL].median_s / rows[SAMPLE_LABEL].median_s
+        lines.append(f"  {'share of sample outside the forward passes':<42} {100 * share:8.1f}%")
     if lines:
         lines.insert(0, f"  {'ratio':<42} {'medians':>9} {'minima':>9}")
     return lines

@@ -153,7 +153,18 @@ DIFFUSERS_LABEL = "diffusers DDPMScheduler.step, eps given"
 SAMPLE_LABEL = "cfgfast.sample"
 HAND_LOOP_LABEL = "hand loop: 2 model calls + eager step"
 
-# sample() end to end on the exact toy model (cfgfast.toy.three_classes, 2-D samples): the issue asks for
-# the digits model, which does not exist yet.
-TOY_BATCH, TOY_STEPS = (64, 8) if QUICK else (4096, 64)
-TOY_SIZE = f"toy {TOY_BATCH}x2, {TOY_STEPS} steps"
+FORWARD_LABEL = "model forward alone (one pass of 2B per step)"
+
+# sample() end to end, per model: (batch, steps). Every step of the grid costs the same, so a few steps give the
+# per-step ratio of a 256-step run. The toy is exact (2-D, analytic eps); "digits" is the bundled model at the
+# issue's batch 256; "unet64" an untrained 3x64x64 U-Net at batch 16 (benchmarks/test_sample_speed.py).
+SAMPLE_MODELS: dict[str, tuple[int, int]] = (
+    {"toy": (64, 8), "digits": (16, 4)}
+    if QUICK
+    else {"toy": (4096, 64), "digits": (256, 16), "unet64": (16, 2)}
+)
+
+
+def sample_size(model: str) -> str:
+    batch, steps = SAMPLE_MODELS[model]
+    return f"sample {model}, batch {batch}, {steps} steps"
