@@ -223,11 +223,16 @@ def _loop(model, classifier, z, grid, labels, null_labels, w, zero_w, any_guidan
         first_bad = torch.where(torch.isfinite(z).all(), first_bad, first_bad.clamp(max=t))
         if bar is not None:
             bar.update(1)
+    _check_finite(first_bad, grid)
+    return z
+
+
+def _check_finite(first_bad: torch.Tensor, grid: list[float]) -> None:
+    """Names the first step whose state was non-finite (tracked on the device, read once at the end)."""
     bad = int(first_bad)
     if bad < len(grid):
         raise ValueError(f"the sample became non-finite at step {bad} (lam={grid[bad]:.4g}): the model returned "
                          "non-finite eps, or w is too large for this model")
-    return z
 
 
 def _check_cuda_graph(device, stepper, classifier) -> None:
@@ -290,8 +295,5 @@ def _loop_table(model, z, grid, labels, null_labels, w, guided, stepper, v, seed
         run_step()
         if bar is not None:
             bar.update(1)
-    bad = int(first_bad)
-    if bad < steps:
-        raise ValueError(f"the sample became non-finite at step {bad} (lam={grid[bad]:.4g}): the model returned "
-                         "non-finite eps, or w is too large for this model")
+    _check_finite(first_bad, grid)
     return z_state
