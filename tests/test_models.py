@@ -271,7 +271,6 @@ def test_cli_train_then_sample_the_checkpoint(tmp_path, capsys):
 BUNDLED = os.path.join(os.path.dirname(cfgfast.__file__), "models", "weights", "digits.pt")
 
 
-@pytest.mark.skipif(not os.path.exists(BUNDLED), reason="the bundled model file is not in this checkout")
 def test_bundled_model_loads_small_and_samples():
     assert os.path.getsize(BUNDLED) <= 5 * 2**20
     model = cfgfast.load_pretrained("digits")
@@ -281,8 +280,6 @@ def test_bundled_model_loads_small_and_samples():
 
 
 def test_demo_writes_picture(tmp_path, capsys):
-    if not os.path.exists(BUNDLED):
-        pytest.skip("the bundled model file is not in this checkout")
     assert main(["demo", "--out", str(tmp_path), "--steps", "8", "--per-cell", "1"]) == 0
     picture = read_png(str(tmp_path / "cfg_demo.png"))
     # 10 rows of 8x8 images at scale 4 with 1-pixel gaps; 4 w blocks of 1 image with a blank between
