@@ -17,6 +17,8 @@ from .utils import (
     COMPILED_LABEL,
     COPY_LABEL,
     DIFFUSERS_LABEL,
+    DIT_DIFFUSERS_LABEL,
+    DIT_SAMPLE_LABEL,
     EAGER_LABEL,
     FAST_BACKENDS,
     FORWARD_LABEL,
@@ -163,6 +165,7 @@ def _ratio_lines(rows: dict[str, Record]) -> list[str]:
         ("eager / compiled eager", EAGER_LABEL, COMPILED_LABEL),
         ("eager / compiled eager, torch.randn", EAGER_LABEL, COMPILED_FALLBACK_LABEL),
         ("hand loop / sample", HAND_LOOP_LABEL, SAMPLE_LABEL),
+        ("diffusers loop / sample (DiT)", DIT_DIFFUSERS_LABEL, DIT_SAMPLE_LABEL),
     ]
     lines = []
     for name, top, bottom in pairs:

@@ -153,6 +153,8 @@ DIFFUSERS_LABEL = "diffusers DDPMScheduler.step, eps given"
 SAMPLE_LABEL = "cfgfast.sample"
 HAND_LOOP_LABEL = "hand loop: 2 model calls + eager step"
 
+DIT_SAMPLE_LABEL = "cfgfast.sample, DiT adapter"
+DIT_DIFFUSERS_LABEL = "diffusers DDPMScheduler loop, DiT"
 FORWARD_LABEL = "model forward alone (one pass of 2B per step)"
 
 # sample() end to end, per model: (batch, steps). Every step of the grid costs the same, so a few steps give the

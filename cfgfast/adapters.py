@@ -1,0 +1,289 @@
+"""Adapters: diffusers' class-conditional models behind cfgfast's model protocol `model(z, lam, labels) -> eps`.
+
+    from diffusers import DiTTransformer2DModel, DDPMScheduler
+    from cfgfast.adapters import DiTAdapter
+
+    model = DiTAdapter(DiTTransformer2DModel.from_pretrained(repo, subfolder="transformer"),
+                       DDPMScheduler.from_pretrained(repo, subfolder="scheduler"))
+    latents = cfgfast.sample(model, labels, w=3.0, v=0.0, lambdas=model.model_lambdas(250))
+
+A diffusers model was trained on a discrete schedule: timestep k in 0 .. T-1 has alphas_cumprod[k], the
+alpha_bar of DDPM, which is cfgfast's alpha^2, so its log-SNR is lambda_k = log(alpha_bar_k / (1 - alpha_bar_k))
+(SPEC §1: alpha^2 = sigmoid(lambda)). The adapter maps cfgfast's continuous lambda to the model's continuous
+timestep by interpolating lambda linearly between neighbouring integer timesteps and inverting (exact at the
+integers); lambda outside the trained range [lambda_(T-1), lambda_0] is clamped to it (t in [0, T - 1]).
+The model's learned-variance channels, if any, are dropped: cfgfast's step needs eps only.
+
+The model's own grid, `model_lambdas(num_inference_steps)`, is the lambda of the timesteps diffusers'
+`DDPMScheduler.set_timesteps(num_inference_steps)` visits (with the config's timestep_spacing and
+steps_offset), in increasing order. DDPM's step from timestep tau_i to tau_(i+1) is cfgfast's step
+lambda_i -> lambda_(i+1): same posterior mean, its "fixed_small" variance is cfgfast's sigma~^2 (v = 0),
+"fixed_large" is sigma^2 (v = 1), and "learned_range" with a model variance output held at 2v - 1
+interpolates their logs with weight v. DDPM's last step (to "timestep -1", alpha_bar = 1) returns its
+x0 prediction from the last visited timestep, which is cfgfast's last grid point returning x~. So
+
+    cfgfast.sample(model, labels, w, v=0.0, lambdas=model.model_lambdas(n), seed=s)
+
+equals, to float32 rounding, the loop over `DDPMScheduler.from_config(config, variance_type="fixed_small",
+clip_sample=False).set_timesteps(n)` with the guided eps (1 + w) eps_cond - w eps_uncond (diffusers'
+guidance_scale is 1 + w), started from cfgfast.normal_noise(shape, s, step=0, stream=0) and drawing at
+loop index i the noise cfgfast.normal_noise(shape, s, step=i, stream=1). Details of that correspondence:
+
+- clip_sample=True in diffusers is cfgfast's clip=clip_sample_range (both clamp x0 and use the x0 form of
+  the mean); dynamic thresholding has no cfgfast counterpart.
+- Where the last visited timestep is above 0 ("trailing" spacing, or steps_offset >= 1) diffusers' last
+  step still adds noise of std 1e-10 (fixed_small, its variance clamped at 1e-20) or
+  sqrt(beta^v 1e-20^(1-v)) (learned_range): below float32 rounding of the sample; cfgfast adds none.
+- The grid must lie in sample()'s [lambda_min, lambda_max] (default [-20, 20]). diffusers' beta schedules
+  at 1000 timesteps stay inside (squaredcos_cap_v2 reaches -19.8); where a grid leaves it (that schedule
+  with more timesteps, some trained_betas) pass lambda_min=model.lambda_min, lambda_max=model.lambda_max.
+- sample() hands the model lambda in float32, so the timestep the model sees equals diffusers' integer
+  up to that rounding: exactly at most timesteps, else one float32 ulp of t away (at most ~6e-5).
+- The default grid of sample() (no lambdas=) also works: its lambda beyond the model's range reaches the
+  model as timestep 0 or T - 1, but those steps are spent outside what the model was trained on.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping
+
+import torch
+
+try:
+    import diffusers
+except ImportError as error:  # diffusers is an optional extra
+    raise ImportError(f"cfgfast.adapters needs diffusers ({error}): pip install 'cfgfast[diffusers]'") from error
+
+from . import _checks
+
+# Beta schedules of DDPMScheduler that read beta_start and beta_end (squaredcos_cap_v2 and laplace do not).
+_BETA_RANGE_SCHEDULES = ("linear", "scaled_linear", "sigmoid")
+_DDPM_KEYS = frozenset(inspect.signature(diffusers.DDPMScheduler.__init__).parameters) - {"self"}
+
+
+def _ddpm_config(scheduler) -> dict:
+    """The DDPMScheduler config behind `scheduler`: a diffusers scheduler (its config) or a config mapping
+    (e.g. a scheduler_config.json read as a dict), which must say where its betas come from."""
+    if isinstance(scheduler, Mapping):
+        config = dict(scheduler)
+        if config.get("trained_betas") is None:
+            if "beta_schedule" not in config:
+                raise ValueError("scheduler config must give its betas: 'trained_betas' or 'beta_schedule' "
+                                 f"(diffusers' defaults would be a guess), got keys {sorted(config)}")
+            needed = ["num_train_timesteps"]
+            if config["beta_schedule"] in _BETA_RANGE_SCHEDULES:
+                needed += ["beta_start", "beta_end"]
+            missing = [key for key in needed if key not in config]
+            if missing:
+                raise ValueError(f"scheduler config with beta_schedule {config['beta_schedule']!r} must give "
+                                 f"{missing}, got keys {sorted(config)}")
+    elif isinstance(getattr(scheduler, "config", None), Mapping):
+        config = dict(scheduler.config)  # a scheduler object: its config holds every value it was built with
+    else:
+        raise TypeError("scheduler must be a diffusers scheduler (e.g. DDPMScheduler) or its config as a dict, "
+                        f"got {type(scheduler).__name__}")
+    # keys of other schedulers (DDIM's set_alpha_to_one, ...) and the bookkeeping keys do not concern DDPM
+    return {key: value for key, value in config.items() if key in _DDPM_KEYS}
+
+
+class DDPMLambdas:
+    """The log-SNRs of a discrete DDPM schedule and the map between them and continuous timesteps.
+
+    lambdas[k] = log(alpha_bar_k) - log(1 - alpha_bar_k) in float64 from diffusers' float32 alphas_cumprod
+    (the values its scheduler steps with), strictly decreasing in k = 0 .. T - 1.
+    """
+
+    def __init__(self, scheduler):
+        config = _ddpm_config(scheduler)
+        prediction_type = config.get("prediction_type", "epsilon")
+        if prediction_type != "epsilon":
+            raise ValueError(f"scheduler's prediction_type must be 'epsilon' (the adapters pass the model's "
+                             f"output on as eps), got {prediction_type!r}")
+        self._scheduler = diffusers.DDPMScheduler.from_config(config)  # our own: set_timesteps mutates it
+        alpha_bar = self._scheduler.alphas_cumprod.double()
+        if alpha_bar.shape[0] != self._scheduler.config.num_train_timesteps:
+            # set_timesteps spaces num_train_timesteps, so it would visit timesteps the betas do not have
+            raise ValueError(f"scheduler's num_train_timesteps must equal the number of trained_betas "
+                             f"{alpha_bar.shape[0]}, got {self._scheduler.config.num_train_timesteps}")
+        if not bool(((alpha_bar > 0) & (alpha_bar < 1)).all()):
+            k = int(torch.nonzero((alpha_bar <= 0) | (alpha_bar >= 1))[0])
+            raise ValueError(f"scheduler's alphas_cumprod must lie in (0, 1) for a finite log-SNR, got "
+                             f"{float(alpha_bar[k])} at timestep {k} (a zero-terminal-SNR schedule, "
+                             "rescale_betas_zero_snr=True, has no finite lambda at its last timestep)")
+        self.lambdas = torch.log(alpha_bar) - torch.log1p(-alpha_bar)
+        steps = torch.diff(self.lambdas)
+        if not bool((steps < 0).all()):
+            k = int(torch.nonzero(steps >= 0)[0])
+            raise ValueError(f"scheduler's betas must be positive (log-SNR strictly decreasing in t), got a "
+                             f"non-decreasing step at timestep {k + 1}")
+        self._increasing = self.lambdas.flip(0)  # searchsorted wants increasing knots
+        self._on_device = {torch.device("cpu"): self._increasing}
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return self.lambdas.shape[0]
+
+    @property
+    def lambda_min(self) -> float:
+        """lambda of the noisiest timestep T - 1."""
+        return float(self.lambdas[-1])
+
+    @property
+    def lambda_max(self) -> float:
+        """lambda of the cleanest timestep 0."""
+        return float(self.lambdas[0])
+
+    def _knots(self, device: torch.device) -> torch.Tensor:
+        if device not in self._on_device:
+            self._on_device[device] = self._increasing.to(device)
+        return self._on_device[device]
+
+    def timestep(self, lam: torch.Tensor) -> torch.Tensor:
+        """The continuous timestep (float64, in [0, T - 1]) whose interpolated log-SNR is lam; lam outside
+        [lambda_min, lambda_max] gives the nearest end."""
+        lam = _checks.tensor("lam", lam)
+        if not lam.is_floating_point():
+            raise TypeError(f"lam must be a floating-point tensor, got {lam.dtype}")
+        knots = self._knots(lam.device)
+        lam = lam.double().clamp(knots[0], knots[-1])
+        last = knots.shape[0] - 1
+        upper = torch.searchsorted(knots, lam, right=True).clamp(1, last)  # knots[upper - 1] <= lam <= knots[upper]
+        below = knots[upper - 1]
+        position = (upper - 1) + (lam - below) / (knots[upper] - below)  # exact at the knots
+        return last - position
+
+    def lam(self, t: torch.Tensor) -> torch.Tensor:
+        """The log-SNR (float64) at continuous timesteps t in [0, T - 1], linear between integers."""
+        t = _checks.tensor("t", t).double()
+        last = self.num_train_timesteps - 1
+        if not bool(((t >= 0) & (t <= last)).all()):
+            raise ValueError(f"t must lie in [0, {last}] (the scheduler's timesteps), got values outside it")
+        knots = self.lambdas.to(t.device)
+        lower = t.floor().long().clamp(max=last - 1)
+        return torch.lerp(knots[lower], knots[lower + 1], t - lower)
+
+    def model_lambdas(self, num_inference_steps: int) -> torch.Tensor:
+        """float64 [num_inference_steps], increasing: lambda of the timesteps that DDPMScheduler.set_timesteps
+        (num_inference_steps) visits, noisiest first. As `lambdas=` of cfgfast.sample, the last point is the
+        step that returns x~: DDPM's x0 prediction at its last timestep."""
+        n = _checks.integer("num_inference_steps", num_inference_steps, low=2,
+                            high=self.num_train_timesteps + 1)
+        self._scheduler.set_timesteps(n)
+        timesteps = self._scheduler.timesteps  # decreasing: noisiest first, as lambda increases
+        if timesteps.shape[0] != n or not bool((torch.diff(timesteps) < 0).all()):
+            raise ValueError(f"the scheduler's set_timesteps({n}) visits {timesteps.tolist()}: not {n} distinct "
+                             f"timesteps, so it has no grid of {n} steps")
+        return self.lam(timesteps.double())
+
+
+def _eps_channels(name: str, in_channels: int, out_channels: int) -> None:
+    if out_channels not in (in_channels, 2 * in_channels):
+        raise ValueError(f"{name} must output eps with in_channels={in_channels} channels, or "
+                         f"{2 * in_channels} (eps and learned variance), got out_channels={out_channels}")
+
+
+class _DiffusersAdapter(torch.nn.Module):
+    """model(z, lam, labels) -> eps around a diffusers module called as module(z, t, class_labels)."""
+
+    def __init__(self, module: torch.nn.Module, scheduler, *, in_channels: int, sample_shape, num_labels: int,
+                 null_label: int):
+        super().__init__()
+        self.module = module
+        self.schedule = DDPMLambdas(scheduler)
+        self.in_channels = in_channels
+        self.sample_shape = sample_shape
+        self.num_labels = num_labels  # rows of the class embedding, null_label included
+        self.null_label = null_label
+
+    @property
+    def lambda_min(self) -> float:
+        return self.schedule.lambda_min
+
+    @property
+    def lambda_max(self) -> float:
+        return self.schedule.lambda_max
+
+    def model_lambdas(self, num_inference_steps: int) -> torch.Tensor:
+        """The model's own grid for cfgfast.sample(..., lambdas=): see DDPMLambdas.model_lambdas."""
+        return self.schedule.model_lambdas(num_inference_steps)
+
+    def forward(self, z: torch.Tensor, lam: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        z = _checks.tensor("z", z)
+        if z.dim() != 4 or z.shape[1] != self.in_channels:
+            raise ValueError(f"z must be [B, {self.in_channels}, H, W], got shape {tuple(z.shape)}")
+        batch = z.shape[0]
+        for name, value in (("lam", lam), ("labels", labels)):
+            if _checks.like_device(name, value, z).shape != (batch,):
+                raise ValueError(f"{name} must have shape [{batch}] (one per sample of z), got {tuple(value.shape)}")
+        if labels.dtype != torch.int64:
+            raise TypeError(f"labels must be int64, got {labels.dtype}")
+        if batch:
+            low, high = (int(x) for x in torch.aminmax(labels))
+            if low < 0 or high >= self.num_labels:
+                raise ValueError(f"labels must lie in [0, {self.num_labels - 1}] (the model's {self.num_labels} "
+                                 f"class embeddings, null_label {self.null_label} included), got values in "
+                                 f"[{low}, {high}]")
+        if self.module.training:
+            raise ValueError(f"the {type(self.module).__name__} is in training mode (random label dropout, "
+                             "dropout): call .eval() on it or on the adapter first")
+        t = self.schedule.timestep(lam).float()  # the models embed timesteps in float32
+        dtype = next(self.module.parameters()).dtype  # the input layer's (module.dtype walks every submodule)
+        out = self.module(z.to(dtype), t, labels, return_dict=False)[0]
+        return out[:, : self.in_channels]  # eps; the learned-variance channels, if any, follow it
+
+
+class DiTAdapter(_DiffusersAdapter):
+    """A diffusers DiTTransformer2DModel (Peebles & Xie) as a cfgfast model.
+
+    null_label = num_embeds_ada_norm (1000 for ImageNet DiT: the row its label dropout trained as "no
+    class"); labels in [0, num_embeds_ada_norm]. sample_shape = (in_channels, sample_size, sample_size):
+    DiT works in a VAE's latent space, so cfgfast.sample returns latents (decode them with the VAE).
+    With out_channels = 2 in_channels (learned sigma) the variance channels are dropped.
+    scheduler: the DDPMScheduler (or any diffusers scheduler, or its config dict) the model was trained
+    with; see the module's docstring for the timestep map and the grid.
+    """
+
+    def __init__(self, transformer, scheduler):
+        if not isinstance(transformer, diffusers.DiTTransformer2DModel):
+            raise TypeError(f"transformer must be a diffusers DiTTransformer2DModel, got {type(transformer).__name__}")
+        config = transformer.config
+        in_channels = config.in_channels
+        out_channels = in_channels if config.out_channels is None else config.out_channels
+        _eps_channels("transformer", in_channels, out_channels)
+        num_classes = config.num_embeds_ada_norm
+        super().__init__(transformer, scheduler, in_channels=in_channels,
+                         sample_shape=(in_channels, config.sample_size, config.sample_size),
+                         num_labels=num_classes + 1, null_label=num_classes)
+
+
+class UNet2DAdapter(_DiffusersAdapter):
+    """A class-conditional diffusers UNet2DModel (num_class_embeds, class_embed_type None) as a cfgfast model.
+
+    null_label: the class embedding row the model was trained with as "no class"; default the last row,
+    num_class_embeds - 1 (cfgfast.sample accepts labels up to null_label only). sample_shape =
+    (in_channels, *sample_size), or None where the config has no sample_size (pass shape= to sample).
+    With out_channels = 2 in_channels (learned variance) the variance channels are dropped.
+    scheduler: as for DiTAdapter.
+    """
+
+    def __init__(self, unet, scheduler, null_label: int | None = None):
+        if not isinstance(unet, diffusers.UNet2DModel):
+            raise TypeError(f"unet must be a diffusers UNet2DModel, got {type(unet).__name__}")
+        config = unet.config
+        if config.num_class_embeds is None or config.class_embed_type is not None:
+            raise ValueError("unet must be class-conditional through a class embedding table (num_class_embeds "
+                             f"set, class_embed_type None), got num_class_embeds={config.num_class_embeds}, "
+                             f"class_embed_type={config.class_embed_type!r}")
+        if config.time_embedding_type != "positional":
+            # "learned" embeds integer timesteps only; "fourier" takes noise levels sigma, not DDPM timesteps
+            raise ValueError("unet must embed its timesteps with time_embedding_type 'positional', got "
+                             f"{config.time_embedding_type!r}")
+        _eps_channels("unet", config.in_channels, config.out_channels)
+        rows = config.num_class_embeds
+        null_label = rows - 1 if null_label is None else _checks.integer("null_label", null_label, high=rows)
+        size = config.sample_size
+        sample_shape = None if size is None else (config.in_channels,) + (
+            (size, size) if isinstance(size, int) else tuple(size))
+        super().__init__(unet, scheduler, in_channels=config.in_channels, sample_shape=sample_shape,
+                         num_labels=rows, null_label=null_label)

@@ -1,0 +1,264 @@
+"""cfgfast.adapters on small randomly initialised diffusers models (no downloads): the lambda <-> timestep
+map, the output-channel rule, the model's own grid, and cfgfast.sample against a hand-written diffusers
+DDPMScheduler loop with the same model, grid and noise, to float32 rounding; and bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+diffusers = pytest.importorskip("diffusers")
+
+import cfgfast  # noqa: E402
+from cfgfast.adapters import DDPMLambdas, DiTAdapter, UNet2DAdapter  # noqa: E402
+from diffusers.schedulers import scheduling_ddpm  # noqa: E402
+
+SEED = 7
+STEPS = 10  # inference steps of the sampling comparisons
+LINEAR = {"num_train_timesteps": 1000, "beta_schedule": "linear", "beta_start": 1e-4, "beta_end": 0.02}
+
+
+def small_dit(out_channels=8):
+    torch.manual_seed(0)
+    return diffusers.DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4,
+                                           out_channels=out_channels, num_layers=2, sample_size=8, patch_size=2,
+                                           num_embeds_ada_norm=10).eval()
+
+
+def small_unet(out_channels=3, **config):
+    torch.manual_seed(0)
+    return diffusers.UNet2DModel(sample_size=8, in_channels=3, out_channels=out_channels, block_out_channels=(8, 16),
+                                 down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                                 up_block_types=("AttnUpBlock2D", "UpBlock2D"), layers_per_block=1,
+                                 norm_num_groups=4, attention_head_dim=4, **{"num_class_embeds": 6, **config}).eval()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Models this small run faster on one thread, and on a loaded machine far faster: a parallel region
+    over tensors of a few thousand elements costs more than its work."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def dit():
+    return small_dit()
+
+
+@pytest.fixture(scope="module")
+def unet():
+    return small_unet(out_channels=6)  # learned variance: eps and 3 variance channels
+
+
+# ---- lambda <-> timestep
+
+@pytest.mark.parametrize("beta_schedule", ["linear", "scaled_linear", "squaredcos_cap_v2"])
+def test_lambda_timestep_round_trip(beta_schedule):
+    schedule = DDPMLambdas({**LINEAR, "beta_schedule": beta_schedule})
+    alpha_bar = diffusers.DDPMScheduler(**{**LINEAR, "beta_schedule": beta_schedule}).alphas_cumprod.double()
+    k = torch.arange(1000, dtype=torch.float64)
+    # at the integers: log(alpha_bar / (1 - alpha_bar)) of the scheduler's own alphas_cumprod, exactly
+    torch.testing.assert_close(schedule.lam(k), torch.log(alpha_bar / (1 - alpha_bar)), rtol=1e-12, atol=1e-12)
+    assert torch.equal(schedule.timestep(schedule.lam(k)), k)
+    t = torch.linspace(0, 999, 4001, dtype=torch.float64)
+    torch.testing.assert_close(schedule.timestep(schedule.lam(t)), t, rtol=0, atol=1e-9)
+    lam = torch.linspace(schedule.lambda_min, schedule.lambda_max, 3001, dtype=torch.float64)
+    torch.testing.assert_close(schedule.lam(schedule.timestep(lam)), lam, rtol=0, atol=1e-9)
+    assert bool((torch.diff(schedule.timestep(lam)) < 0).all())  # higher log-SNR, earlier (cleaner) timestep
+    # outside the trained range: the nearest end
+    assert schedule.timestep(torch.tensor([-30.0, 30.0])).tolist() == [999.0, 0.0]
+
+
+def test_float32_lambda_gives_the_integer_timestep_to_float32_rounding():
+    schedule = DDPMLambdas(LINEAR)
+    t = schedule.timestep(schedule.lambdas.float()).float()
+    torch.testing.assert_close(t, torch.arange(1000, dtype=torch.float32), rtol=0, atol=2e-5)
+
+
+@pytest.mark.parametrize("spacing, offset", [("leading", 0), ("leading", 1), ("trailing", 0), ("linspace", 0)])
+def test_model_lambdas_are_the_set_timesteps_log_snrs_increasing(spacing, offset):
+    scheduler = diffusers.DDPMScheduler(**LINEAR, timestep_spacing=spacing, steps_offset=offset)
+    grid = DDPMLambdas(scheduler).model_lambdas(STEPS)
+    scheduler.set_timesteps(STEPS)
+    alpha_bar = scheduler.alphas_cumprod.double()[scheduler.timesteps]
+    assert grid.dtype == torch.float64 and grid.shape == (STEPS,)
+    torch.testing.assert_close(grid, torch.log(alpha_bar) - torch.log1p(-alpha_bar), rtol=1e-12, atol=1e-12)
+    assert bool((torch.diff(grid) > 0).all())
+
+
+def test_scheduler_object_config_dict_and_other_scheduler_agree():
+    from_dict = DDPMLambdas(LINEAR).lambdas
+    assert torch.equal(DDPMLambdas(diffusers.DDPMScheduler(**LINEAR)).lambdas, from_dict)
+    assert torch.equal(DDPMLambdas(diffusers.DDIMScheduler(**LINEAR)).lambdas, from_dict)
+
+
+# ---- the model protocol
+
+@pytest.mark.parametrize("out_channels", [4, 8])
+def test_dit_keeps_eps_and_drops_learned_sigma(out_channels):
+    module = small_dit(out_channels)
+    model = DiTAdapter(module, LINEAR)
+    assert model.null_label == 10 and model.sample_shape == (4, 8, 8)
+    table = module.transformer_blocks[0].norm1.emb.class_embedder.embedding_table
+    assert table.num_embeddings == model.null_label + 1  # the null row exists: DiT trained with label dropout
+    z = torch.randn(3, 4, 8, 8)
+    t = torch.tensor([999, 500, 0])
+    labels = torch.tensor([0, 9, 10])
+    with torch.no_grad():
+        eps = model(z, model.schedule.lam(t).float(), labels)
+        want = module(z, t, labels).sample[:, :4]
+    assert eps.shape == (3, 4, 8, 8)
+    torch.testing.assert_close(eps, want)
+
+
+def test_unet_keeps_eps_and_drops_learned_variance(unet):
+    model = UNet2DAdapter(unet, LINEAR)
+    assert model.null_label == 5 and model.sample_shape == (3, 8, 8)
+    assert UNet2DAdapter(unet, LINEAR, null_label=0).null_label == 0
+    z = torch.randn(2, 3, 8, 8)
+    t = torch.tensor([700, 3])
+    labels = torch.tensor([4, 5])
+    with torch.no_grad():
+        eps = model(z, model.schedule.lam(t).float(), labels)
+        want = unet(z, t, labels).sample[:, :3]
+    torch.testing.assert_close(eps, want)
+
+
+# ---- cfgfast.sample == the diffusers DDPMScheduler loop
+
+def diffusers_loop(module, scheduler, labels, null_label, sample_shape, w, v, monkeypatch):
+    """DDPM ancestral sampling as a diffusers user writes it: one batched cond/uncond pass, the paper's
+    guidance (1 + w) eps_c - w eps_u on the eps channels, scheduler.step; a learned_range scheduler gets the
+    constant variance output 2v - 1. Its noise is cfgfast's (SPEC §3), fed through diffusers' randn_tensor."""
+    channels = sample_shape[0]
+    loop_index = []
+
+    def spec_noise(noise_shape, generator=None, device=None, dtype=None):
+        # loop index i draws stream 1, step i: the noise of cfgfast's step lambda_i -> lambda_(i+1)
+        return cfgfast.normal_noise(noise_shape, SEED, step=loop_index[-1], stream=1)
+
+    monkeypatch.setattr(scheduling_ddpm, "randn_tensor", spec_noise)
+    z = cfgfast.normal_noise((len(labels),) + sample_shape, SEED, step=0, stream=0)  # the initial z of sample()
+    w = w.reshape(-1, 1, 1, 1)
+    null_labels = torch.full_like(labels, null_label)
+    with torch.no_grad():
+        for i, t in enumerate(scheduler.timesteps):
+            loop_index.append(i)
+            out = module(torch.cat([z, z]), t.expand(2 * len(labels)), torch.cat([labels, null_labels])).sample
+            eps_cond, eps_uncond = out[:, :channels].chunk(2)
+            eps = (1 + w) * eps_cond - w * eps_uncond
+            if scheduler.config.variance_type == "learned_range":
+                eps = torch.cat([eps, torch.full_like(eps, 2 * v - 1)], dim=1)
+            z = scheduler.step(eps, t, z).prev_sample
+    return z
+
+
+@pytest.mark.parametrize("which, variance_type, v, extra", [
+    ("dit", "fixed_small", 0.0, {}),
+    ("dit", "learned_range", 0.3, {}),
+    ("unet", "fixed_small", 0.0, {}),
+    ("unet", "learned_range", 0.2, {}),
+    ("dit", "fixed_large", 1.0, {}),
+    ("dit", "fixed_small", 0.0, {"clip_sample": True}),  # cfgfast's clip=clip_sample_range
+    ("dit", "learned_range", 0.3, {"timestep_spacing": "trailing"}),  # last timestep 99: a tiny last noise
+])
+def test_sample_equals_the_diffusers_ddpm_loop(request, monkeypatch, which, variance_type, v, extra):
+    module = request.getfixturevalue(which)
+    config = {"clip_sample": False, **extra}
+    scheduler = diffusers.DDPMScheduler(**LINEAR, variance_type=variance_type, **config)
+    adapter = (DiTAdapter if which == "dit" else UNet2DAdapter)(module, scheduler)  # its grid: this spacing
+    scheduler.set_timesteps(STEPS)
+    labels = torch.tensor([0, 3, adapter.null_label - 1, 1])
+    w = torch.tensor([0.0, 1.0, 2.5, 4.0])
+    want = diffusers_loop(module, scheduler, labels, adapter.null_label, adapter.sample_shape, w, v, monkeypatch)
+    clip = scheduler.config.clip_sample_range if config["clip_sample"] else None
+    got = cfgfast.sample(adapter, labels, w, v=v, lambdas=adapter.model_lambdas(STEPS), seed=SEED, clip=clip)
+    # a random model's eps does not cancel z's noise, so samples reach |x| ~ 1e2 - 1e3; both float32 loops lie
+    # within ~1e-6 max|x| of a float64 run of the diffusers loop: hold them to ~30 float32 ulps of max|x|
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=4e-6 * float(want.abs().max()))
+
+
+# ---- bad input
+
+def test_output_channels_neither_c_nor_2c_are_refused():
+    with pytest.raises(ValueError, match=r"out_channels=6"):
+        DiTAdapter(small_dit(out_channels=6), LINEAR)
+    with pytest.raises(ValueError, match=r"out_channels=4"):
+        UNet2DAdapter(small_unet(out_channels=4), LINEAR)
+
+
+@pytest.mark.parametrize("scheduler, message", [
+    ({"num_train_timesteps": 1000}, "'trained_betas' or 'beta_schedule'"),
+    ({"beta_schedule": "linear", "num_train_timesteps": 1000}, r"\['beta_start', 'beta_end'\]"),
+    ({"beta_schedule": "squaredcos_cap_v2"}, r"\['num_train_timesteps'\]"),
+    ({**LINEAR, "prediction_type": "v_prediction"}, "prediction_type must be 'epsilon'"),
+    ({**LINEAR, "rescale_betas_zero_snr": True}, "zero-terminal-SNR"),
+    ({"trained_betas": [0.1, 0.0, 0.2], "num_train_timesteps": 3}, "betas must be positive"),
+    ({"trained_betas": [0.1, 0.2, 0.3]}, "num_train_timesteps must equal the number of trained_betas 3, got 1000"),
+])
+def test_bad_scheduler_configs_are_refused(scheduler, message):
+    with pytest.raises(ValueError, match=message):
+        DDPMLambdas(scheduler)
+
+
+def test_bad_models_and_schedulers_are_named(dit):
+    with pytest.raises(TypeError, match="scheduler must be a diffusers scheduler"):
+        DiTAdapter(dit, "linear")
+    with pytest.raises(TypeError, match="transformer must be a diffusers DiTTransformer2DModel"):
+        DiTAdapter(small_unet(), LINEAR)
+    with pytest.raises(ValueError, match="num_class_embeds=None"):
+        UNet2DAdapter(small_unet(num_class_embeds=None), LINEAR)
+    with pytest.raises(ValueError, match="time_embedding_type 'positional', got 'learned'"):
+        UNet2DAdapter(small_unet(time_embedding_type="learned", num_train_timesteps=1000), LINEAR)
+    with pytest.raises(ValueError, match="null_label must be at least 0, below 6"):
+        UNet2DAdapter(small_unet(), LINEAR, null_label=6)
+
+
+def test_labels_beyond_the_class_count_are_refused(dit):
+    model = DiTAdapter(dit, LINEAR)
+    z, lam = torch.zeros(2, 4, 8, 8), torch.zeros(2)
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 10\] .* got values in \[0, 11\]"):
+        model(z, lam, torch.tensor([0, 11]))
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 10\]"):
+        model(z, lam, torch.tensor([-1, 3]))
+    with pytest.raises(TypeError, match="labels must be int64"):
+        model(z, lam, torch.tensor([0, 1], dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"lam must have shape \[2\]"):
+        model(z, torch.zeros(3), torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match=r"z must be \[B, 4, H, W\]"):
+        model(torch.zeros(2, 3, 8, 8), lam, torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 10\]"):  # sample's own check, before any pass
+        cfgfast.sample(model, torch.tensor([11]), 1.0, lambdas=model.model_lambdas(4))
+
+
+def test_grid_that_is_not_increasing_is_refused(dit):
+    model = DiTAdapter(dit, LINEAR)
+    with pytest.raises(ValueError, match="lambdas must be increasing"):
+        cfgfast.sample(model, torch.tensor([0]), 1.0, lambdas=model.model_lambdas(4).flip(0))
+    with pytest.raises(ValueError, match="num_inference_steps must be at least 2"):
+        model.model_lambdas(1)
+    with pytest.raises(ValueError, match="below 1001"):
+        model.model_lambdas(1001)
+
+
+def test_grid_beyond_the_default_lambda_range_samples_with_the_models_range():
+    module = small_dit()
+    model = DiTAdapter(module, {"num_train_timesteps": 4000, "beta_schedule": "squaredcos_cap_v2",
+                                "timestep_spacing": "trailing"})  # trailing: the grid starts at t = T - 1
+    grid = model.model_lambdas(3)
+    assert grid[0] == model.lambda_min < -20
+    with pytest.raises(ValueError, match=r"lambdas must lie in \[lambda_min, lambda_max\]"):
+        cfgfast.sample(model, torch.tensor([1]), 1.0, lambdas=grid)
+    x = cfgfast.sample(model, torch.tensor([1]), 1.0, lambdas=grid, lambda_min=model.lambda_min,
+                       lambda_max=model.lambda_max)
+    assert x.shape == (1, 4, 8, 8) and bool(torch.isfinite(x).all())
+
+
+def test_training_mode_is_refused():
+    module = small_dit().train()
+    model = DiTAdapter(module, LINEAR)
+    with pytest.raises(ValueError, match=r"training mode .* call \.eval\(\)"):
+        model(torch.zeros(1, 4, 8, 8), torch.zeros(1), torch.tensor([0]))
