@@ -85,8 +85,10 @@ def test_model_sample_hands_loop_to_cfgfast_sample():
     model = UNet(TINY).eval()
     labels = torch.tensor([0, 1, 2, 0])
     a = model.sample(labels, 2.0, steps=4, seed=3, backend="reference")
-    b = cfgfast.sample(model, labels, 2.0, 4, seed=3, backend="reference")
+    b = cfgfast.sample(model, labels, 2.0, 4, seed=3, backend="reference", clip=1.0)  # images: x~ clipped to [-1, 1]
     assert torch.equal(a, b)
+    c = model.sample(labels, 2.0, steps=4, seed=3, backend="reference", clip=None)
+    assert torch.equal(c, cfgfast.sample(model, labels, 2.0, 4, seed=3, backend="reference"))
 
 
 def test_diffusion_loss_is_algorithm_1():

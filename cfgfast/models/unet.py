@@ -192,8 +192,11 @@ class UNet(nn.Module):
         return self.head(h)
 
     @torch.no_grad()
-    def sample(self, labels, w, steps: int = 256, **kwargs) -> torch.Tensor:
-        """Guided samples x [B, C, H, W]: the whole loop is cfgfast.sample's (SPEC §4)."""
+    def sample(self, labels, w, steps: int = 256, *, clip=1.0, **kwargs) -> torch.Tensor:
+        """Guided samples x [B, C, H, W] in [-1, 1]: the whole loop is cfgfast.sample's (SPEC §4). x~ is clipped
+        to the data range [-1, 1] by default (clip=None turns it off): at λ near λ_min, x~ = (z - σ ε)/α divides
+        the model's error by α ≈ e^-10, and clipping keeps that from reaching the sample, as
+        ADM's and diffusers' image samplers do (clip_sample)."""
         from ..sampler import sample
 
-        return sample(self, labels, w, steps, **kwargs)
+        return sample(self, labels, w, steps, clip=clip, **kwargs)

@@ -1,0 +1,390 @@
+"""`cfgfast sample`: N guided samples of a class-conditional model into one ADM-format .npz (arr_0 uint8
+[N, H, W, C], arr_1 int64 labels), optionally a PNG grid; resumable, and split over ranks under torchrun.
+
+Shards: the global sample indices are cut into batches of --batch-size, [0, B), [B, 2B), ...; each batch is
+written atomically to FILE.npz.parts/<start>-<end>.npy beside a manifest.json of the configuration. When all
+are there, rank 0 joins them into FILE.npz (atomic) and removes the folder. Sample i is the same whichever
+process draws it (cfgfast.sample's index_offset), so --resume may run with any number of processes, and the
+file equals that of one uninterrupted single-process run with the same --batch-size, byte for byte.
+
+Under torchrun put `--` before `sample` (torchrun's own parser would take --num and --v for abbreviations of
+its --numa-binding and --virtual-local-rank):
+
+    torchrun --nproc_per_node K -m cfgfast -- sample --model digits --num N --w W --out FILE.npz"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time
+import zipfile
+
+import numpy as np
+import torch
+
+from cfgfast.cli.common import writable_path
+
+PARTS_FORMAT = "cfgfast-sample-parts"
+PARTS_VERSION = 1
+DEFAULT_BATCH_SIZE = 64
+SHARD_NAME = re.compile(r"^\d{10}-\d{10}\.npy$")
+# manifest key -> the option it comes from, to name what differs on a refused --resume
+MANIFEST_OPTIONS = {"model_sha256": "--model", "num": "--num", "w": "--w", "steps": "--steps", "v": "--v",
+                    "seed": "--seed", "clip": "--clip", "labels": "--labels", "batch_size": "--batch-size",
+                    "shape": "image shape"}
+GRID_MAX = 16  # at most 16 classes x 16 samples in the PNG grid
+GRID_PIXELS = 64  # small images are enlarged to about this many pixels a side
+
+
+class _World:
+    """This process's place among the torchrun ranks (rank 0 of 1 without torchrun)."""
+
+    def __init__(self, device: torch.device):
+        self.size = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.device = device
+        if self.size > 1:
+            import torch.distributed as dist
+
+            if device.type == "cuda":
+                torch.cuda.set_device(device)  # NCCL's object collectives use the current device
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+
+    def close(self) -> None:
+        if self.size > 1:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+    def agree(self, error: Exception | None, plan):
+        """Raise any rank's error on every rank (so none waits forever for one that stopped), else return
+        rank 0's plan."""
+        if self.size == 1:
+            if error is not None:
+                raise error
+            return plan
+        import torch.distributed as dist
+
+        errors = [None] * self.size
+        dist.all_gather_object(errors, None if error is None else (type(error).__name__, str(error)))
+        for found in errors:
+            if found is not None:
+                kind, message = found
+                raise (TypeError if kind == "TypeError" else ValueError)(message)
+        shared = [plan]
+        dist.broadcast_object_list(shared, src=0)
+        return shared[0]
+
+    def gather(self, images: np.ndarray, rows: int) -> list[np.ndarray] | None:
+        """Every rank's images (padded to `rows` for the collective) on rank 0; None elsewhere."""
+        if self.size == 1:
+            return [images]
+        import torch.distributed as dist
+
+        buffer = torch.zeros((rows,) + images.shape[1:], dtype=torch.uint8, device=self.device)
+        buffer[:len(images)] = torch.from_numpy(images).to(self.device)
+        buffers = [torch.empty_like(buffer) for _ in range(self.size)] if self.rank == 0 else None
+        dist.gather(buffer, buffers, dst=0)
+        return None if buffers is None else [b.cpu().numpy() for b in buffers]
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("--device cuda: no CUDA device is available here")
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))  # one GPU per rank under torchrun
+    return torch.device("cpu")
+
+
+def _check_options(args) -> None:
+    """Everything about the options that needs no model or file, so a mistake stops the run at once."""
+    if args.num < 1:
+        raise ValueError(f"--num must be at least 1, got {args.num}")
+    if args.batch_size is not None and args.batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.steps < 2:
+        raise ValueError(f"--steps must be at least 2, got {args.steps}")
+    if not 0.0 <= args.v <= 1.0:
+        raise ValueError(f"--v must be in [0, 1], got {args.v}")
+    if not math.isfinite(args.w):
+        raise ValueError(f"--w must be finite, got {args.w}")
+    if not args.clip >= 0:
+        raise ValueError(f"--clip must be positive (or 0 for no clipping), got {args.clip}")
+    args.clip = args.clip or None
+    if not 0 <= args.seed < 2**64:
+        raise ValueError(f"--seed must be in [0, 2^64), got {args.seed}")
+    if not args.out.endswith(".npz"):
+        raise ValueError(f"--out must name a .npz file (the ADM sample format), got {args.out}")
+    if args.grid is not None and not args.grid.lower().endswith(".png"):
+        raise ValueError(f"--grid must name a .png file, got {args.grid}")
+
+
+def _model_sha256(spec: str) -> str:
+    from cfgfast.models.checkpoint import PRETRAINED, pretrained_path
+
+    digest = hashlib.sha256()
+    with open(pretrained_path(spec) if spec in PRETRAINED else spec, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _label_of(args, num_classes: int):
+    """Global sample index -> class: --labels cycled, or i mod num_classes (SPEC §4)."""
+    cycle = args.labels if args.labels else list(range(num_classes))
+    return lambda start, end: torch.tensor([cycle[i % len(cycle)] for i in range(start, end)], dtype=torch.int64)
+
+
+def _shard_name(start: int, end: int) -> str:
+    return f"{start:010d}-{end:010d}.npy"
+
+
+def _shards(num: int, batch_size: int) -> list[tuple[int, int]]:
+    return [(start, min(start + batch_size, num)) for start in range(0, num, batch_size)]
+
+
+def _shown(key: str, value) -> str:
+    if value is None:
+        return "unset"
+    return f"sha256 {value[:12]}" if key == "model_sha256" else repr(value)
+
+
+def _finished(args, parts: str, manifest: dict) -> list[tuple[int, int]]:
+    """The shards an interrupted run in `parts` finished, once its manifest matches ([] for a fresh run).
+    Fills in manifest["batch_size"]: the option's, else the interrupted run's, else the default."""
+    if not os.path.exists(parts):
+        manifest["batch_size"] = manifest["batch_size"] or DEFAULT_BATCH_SIZE
+        return []
+    if not args.resume:
+        raise ValueError(f"--out: {parts} holds an interrupted run; add --resume to finish it, or delete the "
+                         "folder to start over")
+    try:
+        with open(os.path.join(parts, "manifest.json")) as f:
+            found = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"--resume: {parts} has no readable manifest.json ({exc}); delete the folder to start "
+                         "over") from None
+    if not isinstance(found, dict) or found.get("format") != PARTS_FORMAT or found.get("version") != PARTS_VERSION:
+        raise ValueError(f"--resume: {parts}/manifest.json is not a {PARTS_FORMAT} manifest of version "
+                         f"{PARTS_VERSION}; delete the folder to start over")
+    manifest["batch_size"] = manifest["batch_size"] or found.get("batch_size")
+    differ = [f"{option} {_shown(key, found.get(key))} there, {_shown(key, manifest[key])} now"
+              for key, option in MANIFEST_OPTIONS.items() if found.get(key) != manifest[key]]
+    if differ:
+        raise ValueError(f"--resume: {parts} was written by a run with another configuration ("
+                         + "; ".join(differ) + "); give the same options, or delete the folder to start over")
+    expected = _shards(args.num, manifest["batch_size"])
+    present = {name for name in os.listdir(parts) if SHARD_NAME.match(name)}
+    strangers = present - {_shard_name(*s) for s in expected}
+    if strangers:
+        raise ValueError(f"--resume: {parts} holds shards this configuration does not make ({min(strangers)}); "
+                         "the folder was changed by hand: delete it to start over")
+    return [s for s in expected if _shard_name(*s) in present]
+
+
+def _create_parts(parts: str, manifest: dict) -> None:
+    """The parts folder with its manifest, made under a temporary name and renamed: it exists whole or not."""
+    folder = tempfile.mkdtemp(dir=os.path.dirname(os.path.abspath(parts)), prefix=".tmp-")
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(folder, 0o777 & ~umask)  # mkdtemp makes the folder private; give it the usual permissions
+        with open(os.path.join(folder, "manifest.json"), "w") as f:
+            json.dump(manifest, f, indent=1)
+        os.rename(folder, parts)
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+
+
+def _join(parts: str, shards: list[tuple[int, int]], image_shape: tuple) -> np.ndarray:
+    """The shard files as one array [N, H, W, C]."""
+    images = np.empty((shards[-1][1],) + image_shape, dtype=np.uint8)
+    for start, end in shards:
+        path = os.path.join(parts, _shard_name(start, end))
+        shard = np.load(path)
+        if shard.shape != (end - start,) + image_shape or shard.dtype != np.uint8:
+            raise ValueError(f"{path}: expected uint8 {[end - start, *image_shape]}, got {shard.dtype} "
+                             f"{list(shard.shape)}; the folder was changed by hand: delete it to start over")
+        images[start:end] = shard
+    return images
+
+
+def _write_npz(path: str, **arrays: np.ndarray) -> None:
+    """np.savez, atomically, with fixed member timestamps: equal samples give byte-equal files."""
+    from cfgfast._io import atomic_open
+
+    with atomic_open(path) as f, zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
+        for name, array in arrays.items():
+            with archive.open(zipfile.ZipInfo(name + ".npy", date_time=(1980, 1, 1, 0, 0, 0)), "w",
+                              force_zip64=True) as member:
+                np.lib.format.write_array(member, np.ascontiguousarray(array))
+
+
+def _grid_picture(images: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """One row per class (the first 16 classes, up to 16 samples each); a single class fills a square."""
+    from cfgfast._png import image_grid
+
+    classes = np.unique(labels)[:GRID_MAX]
+    scale = max(1, GRID_PIXELS // max(images.shape[1:3]))
+    if len(classes) == 1:
+        cols = math.ceil(math.sqrt(min(len(images), GRID_MAX * GRID_MAX)))
+        rows = max(1, min(len(images), GRID_MAX * GRID_MAX) // cols)
+        return image_grid(images[:rows * cols], rows, cols, scale)
+    cols = min(GRID_MAX, min(int((labels == k).sum()) for k in classes))
+    picked = np.concatenate([np.flatnonzero(labels == k)[:cols] for k in classes])
+    return image_grid(images[picked], len(classes), cols, scale)
+
+
+def _prepare(args, world: _World):
+    """All checks before sampling starts: every rank loads the model; rank 0 also checks the output paths
+    and the parts folder. Returns (model, manifest, (all shards, finished shards)); the last two on rank 0 only."""
+    from cfgfast.backends import choose
+    from cfgfast.models.checkpoint import load_model
+
+    if world.rank == 0:
+        writable_path(args.out)
+        if args.grid is not None:
+            writable_path(args.grid, "--grid")
+    model = load_model(args.model).to(world.device)
+    num_classes = model.config.num_classes
+    for label in args.labels or []:
+        if not 0 <= label < num_classes:
+            raise ValueError(f"--labels must lie in [0, {num_classes}) for this model of {num_classes} classes, "
+                             f"got {label}")
+    channels, height, width = model.sample_shape
+    if args.grid is not None and channels not in (1, 3):
+        raise ValueError(f"--grid draws grey or RGB images, got a model with {channels} channels")
+    choose(args.backend, world.device)
+    if world.rank != 0:
+        return model, None, None
+    manifest = {"format": PARTS_FORMAT, "version": PARTS_VERSION, "model": args.model,
+                "model_sha256": _model_sha256(args.model), "num": args.num, "w": args.w, "steps": args.steps,
+                "v": args.v, "seed": args.seed, "clip": args.clip, "labels": args.labels,
+                "batch_size": args.batch_size, "shape": [height, width, channels]}
+    finished = _finished(args, args.out + ".parts", manifest)
+    return model, manifest, (_shards(args.num, manifest["batch_size"]), finished)
+
+
+class _Progress:
+    """A tqdm bar over samples on a terminal, else one line per shard (rank 0 only)."""
+
+    def __init__(self, total: int, done: int, show: bool):
+        self.total, self.done, self.show, self.start = total, done, show, time.perf_counter()
+        self.bar = None
+        if show and sys.stderr is not None and sys.stderr.isatty():
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, initial=done, unit="sample", desc="cfgfast sample")
+
+    def update(self, start: int, end: int) -> None:
+        self.done += end - start
+        if self.bar is not None:
+            self.bar.update(end - start)
+        elif self.show:
+            print(f"samples {start}-{end - 1} done: {self.done}/{self.total}, "
+                  f"{time.perf_counter() - self.start:.1f} s", flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def run(args) -> int:
+    import cfgfast
+    from cfgfast._io import atomic_open
+    from cfgfast._png import write_png
+    from cfgfast.data import to_uint8
+
+    _check_options(args)
+    world = _World(_device(args.device))
+    try:
+        error, model, manifest, plan = None, None, None, None
+        try:
+            model, manifest, plan = _prepare(args, world)
+        except (ValueError, TypeError, RuntimeError, OSError) as exc:
+            error = exc
+        shards, finished = world.agree(error, plan)
+        todo = [s for s in shards if s not in finished]
+        parts = args.out + ".parts"
+        label_of = _label_of(args, model.config.num_classes)
+        channels, height, width = model.sample_shape
+        image_shape = (height, width, channels)
+        if world.rank == 0:
+            if not os.path.exists(parts):
+                _create_parts(parts, manifest)
+            resumed = f", resuming with {sum(e - s for s, e in finished)} done" if finished else ""
+            print(f"cfgfast {cfgfast.__version__}: {args.num} samples of {args.model}, w={args.w:g}, "
+                  f"{args.steps} steps, v={args.v:g}, seed {args.seed}, batch {manifest['batch_size']}, "
+                  f"{world.size} process(es) on {world.device.type}{resumed}", flush=True)
+        progress = _Progress(args.num, sum(e - s for s, e in finished), world.rank == 0)
+        try:
+            for first in range(0, len(todo), world.size):
+                # one shard per rank per round; rank 0 writes them all, so only it needs the output folder
+                round_shards = todo[first:first + world.size]
+                mine = round_shards[world.rank] if world.rank < len(round_shards) else None
+                images = np.zeros((0,) + image_shape, dtype=np.uint8)
+                if mine is not None:
+                    x = cfgfast.sample(model, label_of(*mine), args.w, args.steps, v=args.v, seed=args.seed,
+                                       clip=args.clip, index_offset=mine[0], backend=args.backend, progress=False)
+                    images = to_uint8(x)
+                for (start, end), received in zip(round_shards, world.gather(images, shards[0][1]) or []):
+                    with atomic_open(os.path.join(parts, _shard_name(start, end))) as f:
+                        np.save(f, received[:end - start])
+                    progress.update(start, end)
+        finally:
+            progress.close()
+        if world.rank != 0:
+            return 0
+        images, labels = _join(parts, shards, image_shape), label_of(0, args.num).numpy()
+        _write_npz(args.out, arr_0=images, arr_1=labels)
+        print(f"wrote {args.out}: arr_0 uint8 {list(images.shape)}, arr_1 int64 labels "
+              f"({time.perf_counter() - progress.start:.1f} s)")
+        if args.grid is not None:
+            write_png(args.grid, _grid_picture(images, labels))
+            print(f"wrote {args.grid}")
+        shutil.rmtree(parts)
+        return 0
+    finally:
+        world.close()
+
+
+def add_parser(sub, name: str) -> None:
+    p = sub.add_parser(name, help="guided samples of a model into an ADM-format .npz (resumable; works under "
+                                  "torchrun)", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, metavar="digits|CKPT",
+                   help="digits (the bundled model) or a checkpoint of cfgfast train")
+    p.add_argument("--num", type=int, required=True, metavar="N", help="number of samples")
+    p.add_argument("--w", type=float, required=True, metavar="W", help="guidance strength (0: no guidance)")
+    p.add_argument("--out", required=True, metavar="FILE.npz",
+                   help="the samples: arr_0 uint8 [N, H, W, C], arr_1 int64 labels (the ADM evaluator format)")
+    p.add_argument("--grid", metavar="FILE.png", help="also draw the samples: one row per class, up to 16 x 16")
+    p.add_argument("--resume", action="store_true",
+                   help="finish the interrupted run whose shards are in FILE.npz.parts (same options; any number "
+                        "of processes). Without it an existing parts folder is an error")
+    p.add_argument("--labels", type=int, nargs="+", metavar="K",
+                   help="classes cycled over the samples: sample i gets the (i mod count)-th K, so one K gives "
+                        "every sample that class (default: sample i gets class i mod num_classes)")
+    p.add_argument("--steps", type=int, default=256, help="sampling steps (default 256)")
+    p.add_argument("--v", type=float, default=0.3, help="variance interpolation (default 0.3)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--clip", type=float, metavar="C", default=1.0,
+                   help="clip the predicted x to [-C, C] at every step (default 1: images live in [-1, 1]; "
+                        "0 turns clipping off)")
+    p.add_argument("--batch-size", type=int, metavar="B",
+                   help=f"samples per model call and per shard file, on each process (default {DEFAULT_BATCH_SIZE}; "
+                        "with --resume, the interrupted run's)")
+    p.add_argument("--backend", default="auto", help="auto, reference, cpu, triton or cuda")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                   help="auto: CUDA when available (one GPU per torchrun process), else CPU")
+    p.set_defaults(run=run)

@@ -1,0 +1,188 @@
+"""`cfgfast sample`: the ADM .npz and the PNG grid, every check before sampling starts, shards and --resume
+(after an interruption and after a real SIGKILL), and torchrun with 2 CPU processes writing the
+single-process file byte for byte."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import cfgfast
+from cfgfast._png import read_png
+from cfgfast.cli import main
+from cfgfast.data import to_uint8
+from cfgfast.models import checkpoint
+from cfgfast.models.unet import UNet, UNetConfig
+
+# the folder this cfgfast was imported from: subprocesses import the same one, installed or not
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(cfgfast.__file__)))
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])),
+       "OMP_NUM_THREADS": "1"}
+# "--": torchrun's own parser would read --num and --v as abbreviations of its --numa-binding, --virtual-local-rank
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "cfgfast",
+            "--"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> str:
+    """A tiny random U-Net checkpoint; its zero-initialised layers get random weights so labels and w matter."""
+    config = UNetConfig(image_size=8, in_channels=1, num_classes=10, base_channels=8, channel_mult=(1,),
+                        num_res_blocks=1, attention_resolutions=(), num_heads=1, groups=4)
+    model = UNet(config)
+    generator = torch.Generator().manual_seed(0)
+    for p in model.parameters():
+        p.data = torch.randn(p.shape, generator=generator) * 0.2
+    path = str(tmp_path_factory.mktemp("model") / "tiny.pt")
+    checkpoint.save(path, {"config": config.to_dict(), "ema": model.state_dict()})
+    return path
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # a tiny model gains nothing from threads, and on a busy machine OpenMP threads stall each other
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def args(model, out, *extra, num=12):
+    # --clip 1: a random model's x-prediction is far outside [-1, 1], and an image of only 0 and 255 shows little
+    return ["sample", "--model", model, "--num", str(num), "--w", "2", "--steps", "4", "--clip", "1", "--device",
+            "cpu", "--out", str(out), *extra]
+
+
+def test_writes_adm_npz_and_grid_and_nothing_else(tiny, tmp_path, capsys):
+    out, grid = tmp_path / "s.npz", tmp_path / "s.png"
+    assert main(args(tiny, out, "--grid", str(grid))) == 0
+    with np.load(out) as f:
+        assert sorted(f.files) == ["arr_0", "arr_1"]
+        images, labels = f["arr_0"], f["arr_1"]
+    assert images.dtype == np.uint8 and images.shape == (12, 8, 8, 1)
+    assert labels.dtype == np.int64 and labels.tolist() == [i % 10 for i in range(12)]
+    x = cfgfast.sample(checkpoint.load_model(tiny), torch.arange(12) % 10, 2.0, 4, clip=1.0, progress=False)
+    assert np.array_equal(images, to_uint8(x))
+    picture = read_png(str(grid))
+    assert picture.shape == (10 * 66 + 2, 66 + 2, 3)  # one row per class, 8x8 drawn 8x larger, 2-pixel gaps
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.npz", "s.png"]  # no parts folder, no temp file
+    printed = capsys.readouterr().out
+    assert "batch 64" in printed and "samples 0-11 done: 12/12" in printed
+
+
+def test_labels_cycle(tiny, tmp_path):
+    assert main(args(tiny, tmp_path / "c.npz", "--labels", "1", "4")) == 0
+    assert main(args(tiny, tmp_path / "d.npz", "--labels", "4")) == 0
+    with np.load(tmp_path / "c.npz") as c, np.load(tmp_path / "d.npz") as d:
+        assert c["arr_1"].tolist() == [1, 4] * 6 and d["arr_1"].tolist() == [4] * 12
+        # the same global index and class give the same sample; another class, another one
+        assert np.array_equal(c["arr_0"][1::2], d["arr_0"][1::2])
+        assert all(not np.array_equal(c["arr_0"][i], d["arr_0"][i]) for i in range(0, 12, 2))
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--num", "0"], "--num must be at least 1, got 0"),
+    (["--labels", "3", "10"], "--labels must lie in [0, 10) for this model of 10 classes, got 10"),
+    (["--steps", "1"], "--steps must be at least 2, got 1"),
+    (["--w", "nan"], "--w must be finite"),
+    (["--v", "1.5"], "--v must be in [0, 1], got 1.5"),
+    (["--clip", "-1"], "--clip must be positive (or 0 for no clipping), got -1.0"),
+    (["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+    (["--backend", "fast"], "backend must be 'auto' or one of"),
+    (["--out", "OUT/s.txt"], "--out must name a .npz file"),
+    (["--out", "OUT/missing/s.npz"], "does not exist"),
+    (["--grid", "OUT/missing/s.png"], "--grid: folder"),
+    (["--model", "OUT/none.pt"], "no such file"),
+    (["--model", "OUT/bad.pt"], "is corrupt or not a torch file"),
+])
+def test_bad_input_is_named_before_sampling(tiny, tmp_path, capsys, monkeypatch, extra, message):
+    def no_sampling(*args, **kwargs):
+        raise AssertionError("sampling started")
+
+    monkeypatch.setattr(cfgfast, "sample", no_sampling)
+    (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
+    extra = [e.replace("OUT", str(tmp_path)) for e in extra]
+    assert main(args(tiny, tmp_path / "s.npz") + extra) == 2
+    assert message in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.pt"]
+
+
+def test_an_interrupted_run_resumes_to_the_same_file(tiny, tmp_path, monkeypatch, capsys):
+    assert main(args(tiny, tmp_path / "whole.npz", "--grid", str(tmp_path / "whole.png"), "--batch-size", "2")) == 0
+    out, parts = tmp_path / "s.npz", tmp_path / "s.npz.parts"
+    sample, calls = cfgfast.sample, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(kwargs["index_offset"])
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # Ctrl-C while the third shard is sampled
+        return sample(*args, **kwargs)
+
+    monkeypatch.setattr(cfgfast, "sample", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        main(args(tiny, out, "--batch-size", "2"))
+    monkeypatch.setattr(cfgfast, "sample", sample)
+    assert not out.exists() and sorted(p.name for p in parts.iterdir()) == [
+        "0000000000-0000000002.npy", "0000000002-0000000004.npy", "manifest.json"]
+    capsys.readouterr()
+    assert main(args(tiny, out)) == 2
+    assert "holds an interrupted run; add --resume" in capsys.readouterr().err
+    assert main(args(tiny, out, "--resume", "--steps", "5", "--labels", "3", "--batch-size", "3")) == 2
+    err = capsys.readouterr().err
+    assert "--steps 4 there, 5 now" in err and "--labels unset there, [3] now" in err and "--w" not in err
+    assert "--batch-size 2 there, 3 now" in err and not out.exists()
+    assert main(args(tiny, out, "--resume", "--grid", str(tmp_path / "s.png"))) == 0  # batch size 2 from the parts
+    assert "batch 2, 1 process(es) on cpu, resuming with 4 done" in capsys.readouterr().out
+    assert out.read_bytes() == (tmp_path / "whole.npz").read_bytes()
+    assert (tmp_path / "s.png").read_bytes() == (tmp_path / "whole.png").read_bytes()
+    assert not parts.exists()
+
+
+def test_torchrun_writes_the_single_process_file(tiny, tmp_path):
+    assert main(args(tiny, tmp_path / "one.npz", "--grid", str(tmp_path / "one.png"), "--batch-size", "3",
+                     num=11)) == 0
+    command = TORCHRUN + args(tiny, tmp_path / "two.npz", "--grid", str(tmp_path / "two.png"),
+                                                  "--batch-size", "3", num=11)
+    done = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "two.npz").read_bytes() == (tmp_path / "one.npz").read_bytes()
+    assert (tmp_path / "two.png").read_bytes() == (tmp_path / "one.png").read_bytes()
+    assert done.stdout.count("wrote") == 2  # rank 0 alone writes and reports
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one.npz", "one.png", "two.npz", "two.png"]
+
+
+def test_a_killed_run_resumes_under_torchrun(tiny, tmp_path):
+    # 16 shards of 8 steps: the run is killed right after the first shard lands, long before the last
+    out, parts = tmp_path / "s.npz", tmp_path / "s.npz.parts"
+    run = args(tiny, out, "--batch-size", "1", num=16)
+    run[run.index("--steps") + 1] = "8"
+    killed = subprocess.Popen([sys.executable, "-m", "cfgfast"] + run, env=ENV, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while not (parts.is_dir() and any(p.suffix == ".npy" for p in parts.iterdir())):
+        assert killed.poll() is None, killed.stderr.read().decode()
+        assert time.monotonic() < deadline, "no shard within 120 s"
+        time.sleep(0.005)
+    killed.kill()
+    killed.wait()
+    killed.stderr.close()
+    assert not out.exists()
+    shards = [p for p in parts.iterdir() if p.suffix == ".npy"]
+    assert 1 <= len(shards) < 16
+
+    # without --resume rank 0 refuses the parts folder, and the other rank stops too instead of waiting for it
+    refused = subprocess.run(TORCHRUN + run, env=ENV, capture_output=True, text=True, timeout=120)
+    assert refused.returncode != 0 and refused.stderr.count("holds an interrupted run; add --resume") == 2
+
+    # another world size finishes it: shards are by global index (the batch size is the parts folder's)
+    done = subprocess.run(TORCHRUN + run[:-2] + ["--resume"], env=ENV, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    whole = tmp_path / "whole.npz"
+    assert main([str(whole) if a == str(out) else a for a in run]) == 0
+    assert out.read_bytes() == whole.read_bytes() and not parts.exists()
