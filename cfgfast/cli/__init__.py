@@ -14,7 +14,10 @@ COMMANDS = {
     "demo": "demo",
     "info": "info",
     "toy": "toy",
+    "sample": "sample",
     "train": "train",
+    "train-classifier": "train_classifier",
+    "evaluate": "evaluate",
 }
 
 

@@ -1,0 +1,339 @@
+"""The paper's w trade-off (Figure 4, Table 1) at digits scale: sample at each guidance strength w with
+classifier-free guidance and, given a noise-conditional classifier, classifier guidance; score the samples in the
+feature space of a small classifier trained here on real digits (seeded, with a held-out split):
+
+- FD: Fréchet distance between Gaussian fits of the penultimate features of samples and of the training digits;
+- IS: the Inception-style score exp(E_x KL(p(y|x) || p(y))) of its softmax (at most the number of classes);
+- accuracy: the fraction of samples it assigns to their intended class.
+
+Two reference rows score real digits the same way: held-out ones (unseen by the feature classifier: what a model
+that makes new digits of the data's distribution would score) and as many of its training ones (seen by it: what
+a model that copies its training images would score). FD is biased upward at small sample counts, so each point
+also reports fd_matched, the FD of its first samples as many as the held-out images, to compare with them."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+
+import numpy as np
+import torch
+
+from ._io import atomic_open
+from ._png import image_grid, write_png
+from .data import Dataset, to_uint8
+from .models.classifier import Classifier, ClassifierConfig, accuracy, heldout_split, train_classifier
+from .sampler import sample
+
+DEFAULT_WS = (0.0, 0.1, 0.3, 0.5, 1.0, 2.0, 3.0, 4.0)
+FEATURE_STEPS = 500  # the feature classifier's training steps (batch 128): 99.4% held-out on digits
+GUIDANCE_KINDS = ("classifier-free", "classifier")
+
+
+def gaussian_fit(features) -> tuple[np.ndarray, np.ndarray]:
+    """(mean [D], covariance [D, D]) of features [N, D], float64."""
+    f = np.asarray(features, dtype=np.float64)
+    if f.ndim != 2 or f.shape[0] < 2:
+        raise ValueError(f"features must be [N, D] with N >= 2, got shape {f.shape}")
+    return f.mean(axis=0), np.cov(f, rowvar=False).reshape(f.shape[1], f.shape[1])
+
+
+def frechet_distance(mu1, cov1, mu2, cov2) -> float:
+    """||mu1 - mu2||^2 + tr(cov1 + cov2 - 2 (cov1 cov2)^(1/2)) in float64.
+
+    tr (cov1 cov2)^(1/2) = tr (s cov2 s)^(1/2) with s = cov1^(1/2): s cov2 s is symmetric, so both roots come
+    from eigendecompositions (eigenvalues clipped at 0 against rounding), no scipy needed."""
+    mu1, mu2 = np.asarray(mu1, dtype=np.float64), np.asarray(mu2, dtype=np.float64)
+    cov1, cov2 = np.asarray(cov1, dtype=np.float64), np.asarray(cov2, dtype=np.float64)
+    if mu1.shape != mu2.shape or cov1.shape != cov2.shape or cov1.shape != mu1.shape * 2:
+        raise ValueError(f"means and covariances must be [D] and [D, D] alike, got {mu1.shape}, {cov1.shape}, "
+                         f"{mu2.shape}, {cov2.shape}")
+    values, vectors = np.linalg.eigh(cov1)
+    root1 = (vectors * np.sqrt(np.clip(values, 0, None))) @ vectors.T
+    inner = root1 @ cov2 @ root1
+    trace_root = np.sqrt(np.clip(np.linalg.eigvalsh((inner + inner.T) / 2), 0, None)).sum()
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(cov1) + np.trace(cov2) - 2 * trace_root)
+
+
+def inception_score(log_probs) -> float:
+    """exp(E_x KL(p(y|x) || p(y))) with p(y) the mean of p(y|x); log_probs [N, K] (log-softmax rows)."""
+    lp = np.asarray(log_probs, dtype=np.float64)
+    if lp.ndim != 2 or lp.shape[0] < 1:
+        raise ValueError(f"log_probs must be [N, K] with N >= 1, got shape {lp.shape}")
+    log_marginal = np.log(np.exp(lp).mean(axis=0))
+    kl = (np.exp(lp) * (lp - log_marginal)).sum(axis=1)
+    return float(np.exp(kl.mean()))
+
+
+def feature_classifier(data: Dataset, *, steps: int = FEATURE_STEPS, seed: int = 0, log=None):
+    """The clean classifier of the metrics, trained on data less a seeded, class-balanced 20%: (clf, train indices,
+    held-out indices, held-out accuracy)."""
+    train, heldout = heldout_split(data.labels, 0.2, seed)
+    config = ClassifierConfig(image_size=data.images.shape[-1], in_channels=data.images.shape[1],
+                              num_classes=data.num_classes, noise_conditional=False)
+    clf = train_classifier(config, data.images[train], data.labels[train], steps=steps, seed=seed, log=log)
+    return clf, train, heldout, accuracy(clf, data.images[heldout], data.labels[heldout])
+
+
+@torch.no_grad()
+def score(clf: Classifier, images: torch.Tensor, labels: torch.Tensor, reference, matched: int | None = None) -> dict:
+    """FD against reference = gaussian_fit of real features, IS and class accuracy of images [N, C, H, W]; with
+    matched, also fd_matched: the FD of the first `matched` images alone."""
+    features = clf.features(images.float().cpu()).numpy()
+    log_probs = torch.log_softmax(clf.out(torch.from_numpy(features)), dim=1)
+    result = {"fd": frechet_distance(*gaussian_fit(features), *reference)}
+    if matched is not None:
+        result["fd_matched"] = frechet_distance(*gaussian_fit(features[:matched]), *reference)
+    return {**result, "is": inception_score(log_probs.numpy()),
+            "accuracy": (log_probs.argmax(1) == labels.cpu()).float().mean().item()}
+
+
+def _sample_grid(x: torch.Tensor, num_classes: int) -> np.ndarray:
+    """Rows = the first 10 classes, columns = up to 10 samples of each (sample i has label i mod num_classes)."""
+    rows, cols = min(num_classes, 10), min(10, len(x) // num_classes)
+    if cols == 0:  # fewer samples than classes: one row
+        rows, cols = 1, min(len(x), 10)
+        index = list(range(cols))
+    else:
+        index = [c * num_classes + r for r in range(rows) for c in range(cols)]
+    return image_grid(to_uint8(x[index]), rows, cols, scale=4)
+
+
+def _w_name(w: float) -> str:
+    return format(w, "g")
+
+
+def sweep(model, data: Dataset, out: str, *, ws=DEFAULT_WS, num: int = 1000, steps: int = 256,
+          classifier=None, model_name: str = "model", classifier_name: str | None = None, seed: int = 0,
+          batch_size: int = 500, feature_steps: int = FEATURE_STEPS, v: float = 0.3, log=print) -> dict:
+    """Score num samples (labels i mod num_classes) at each w in ws, with classifier-free guidance and, given a
+    noise-conditional classifier(z, lam), classifier guidance; write out/results.md, metrics.json, fd_is.png and
+    grid_w<w>.png (grid_w<w>_classifier.png), rewritten after every point. Returns the metrics dict."""
+    ws = [float(w) for w in ws]
+    if not ws or any(not math.isfinite(w) or w < 0 for w in ws):
+        raise ValueError(f"ws must be non-empty, finite and >= 0, got {ws}")
+    for name, value, low in (("num", num, 2), ("steps", steps, 2), ("batch_size", batch_size, 1),
+                             ("feature_steps", feature_steps, 1)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise ValueError(f"{name} must be an int of at least {low}, got {value!r}")
+    shape = tuple(data.images.shape[1:])
+    if tuple(model.sample_shape) != shape or model.null_label != data.num_classes:
+        raise ValueError(f"the model samples {tuple(model.sample_shape)} with {model.null_label} classes but dataset "
+                         f"{data.name} holds {shape} with {data.num_classes}")
+    if classifier is not None:
+        config = classifier.config
+        if not config.noise_conditional or config.num_classes != data.num_classes \
+                or (config.in_channels, config.image_size, config.image_size) != shape:
+            raise ValueError(f"classifier must be noise-conditional for {data.num_classes} classes of shape {shape}, "
+                             f"got noise_conditional={config.noise_conditional}, {config.num_classes} classes of "
+                             f"shape {(config.in_channels, config.image_size, config.image_size)}")
+    os.makedirs(out, exist_ok=True)
+    start = time.perf_counter()
+    log(f"training the feature classifier on real {data.name} ({feature_steps} steps, seed {seed}) ...")
+    clf, train, heldout, heldout_accuracy = feature_classifier(data, steps=feature_steps, seed=seed)
+    with torch.no_grad():
+        reference = gaussian_fit(clf.features(data.images[train]).numpy())
+    # as many seen images as held-out ones, class-balanced alike, so the two rows share FD's sample-count bias
+    seen = train[heldout_split(data.labels[train], seed=seed, per_class=len(heldout) // data.num_classes)[1]]
+    references = {name: {"images": len(index), **score(clf, data.images[index], data.labels[index], reference)}
+                  for name, index in (("heldout", heldout), ("train", seen))}
+    log(f"feature classifier: held-out accuracy {heldout_accuracy:.2%} on {len(heldout)} images "
+        f"({time.perf_counter() - start:.0f} s); real digits, held-out: FD {references['heldout']['fd']:.3f} "
+        f"IS {references['heldout']['is']:.3f}; seen in training: FD {references['train']['fd']:.3f} "
+        f"IS {references['train']['is']:.3f}")
+    metrics = {
+        "model": model_name, "classifier": classifier_name, "dataset": data.name, "num": num, "steps": steps, "v": v,
+        "seed": seed, "clip": 1.0, "matched": min(num, len(heldout)),
+        "feature_classifier": {"steps": feature_steps, "seed": seed, "train_images": len(train),
+                               "heldout_images": len(heldout), "heldout_accuracy": heldout_accuracy,
+                               "feature_dim": clf.feature_dim},
+        "reference": references,
+        "points": [],
+    }
+    device = next(model.parameters()).device
+    guide = None if classifier is None else classifier.to(device)
+    kinds = GUIDANCE_KINDS if classifier is not None else GUIDANCE_KINDS[:1]
+    plan = [(kind, w) for kind in kinds for w in ws if not (kind == "classifier" and w == 0)]
+    labels = torch.arange(num) % data.num_classes
+    for i, (kind, w) in enumerate(plan):
+        tic = time.perf_counter()
+        x = torch.cat([sample(model, labels[s:s + batch_size].to(device), w, steps, v=v, seed=seed, clip=1.0,
+                              index_offset=s, classifier=guide if kind == "classifier" else None).cpu()
+                       for s in range(0, num, batch_size)])
+        seconds = time.perf_counter() - tic
+        point = {"guidance": kind, "w": w, **score(clf, x, labels, reference, metrics["matched"]),
+                 "seconds": seconds}
+        metrics["points"].append(point)
+        suffix = "" if kind == "classifier-free" else "_classifier"
+        write_png(os.path.join(out, f"grid_w{_w_name(w)}{suffix}.png"), _sample_grid(x, data.num_classes))
+        write_results(out, metrics)
+        log(f"[{i + 1}/{len(plan)}] {kind} w={_w_name(w)}: FD {point['fd']:.3f} (first {metrics['matched']}: "
+            f"{point['fd_matched']:.3f})  IS {point['is']:.3f}  accuracy {point['accuracy']:.1%}  ({seconds:.0f} s)")
+    return metrics
+
+
+def _rows(metrics: dict) -> dict:
+    """{kind: {w: point}}; w = 0 (no guidance, the same sampler for both kinds) is shared."""
+    rows = {kind: {} for kind in GUIDANCE_KINDS}
+    for p in metrics["points"]:
+        rows[p["guidance"]][p["w"]] = p
+    if rows["classifier"] and 0.0 in rows["classifier-free"]:
+        rows["classifier"][0.0] = rows["classifier-free"][0.0]
+    return rows
+
+
+def results_markdown(metrics: dict) -> str:
+    rows = _rows(metrics)
+    fc, matched = metrics["feature_classifier"], metrics["matched"]
+    lines = [
+        f"# Guidance strength w on {metrics['dataset']}: FD and IS",
+        "",
+        f"Model `{metrics['model']}`, {metrics['num']} samples per point (labels i mod K), {metrics['steps']} steps, "
+        f"v = {metrics['v']}, seed {metrics['seed']}, x̃ clipped to [-1, 1]; every w shares the same noise.",
+        f"Features: a small CNN trained on {fc['train_images']} real images ({fc['steps']} steps, seed {fc['seed']}; "
+        f"held-out accuracy {fc['heldout_accuracy']:.2%} on {fc['heldout_images']}). FD: Fréchet distance of its "
+        f"{fc['feature_dim']}-d penultimate features to those of its training images (lower is closer); IS: "
+        "exp E KL(p(y|x) || p(y)) of its softmax (higher is more confident and balanced, at most K); accuracy: "
+        "samples assigned to their intended class.",
+        f"FD is biased upward at small sample counts: compare the real rows with `FD (first {matched})`, the FD of "
+        f"as many samples as they hold. The seen real images belong to the set FD compares with, so their FD is "
+        "almost all bias; the held-out ones are new to the feature classifier, as new digits from a model would be.",
+    ]
+    for kind in GUIDANCE_KINDS:
+        if not rows[kind]:
+            continue
+        title = "Classifier-free guidance" if kind == "classifier-free" else \
+            f"Classifier guidance (noise-conditional classifier `{metrics['classifier']}`; w = 0 is shared)"
+        lines += ["", f"## {title}", "",
+                  f"| w | FD ({metrics['num']} samples) | FD (first {matched}) | IS | accuracy | seconds |",
+                  "|---:|---:|---:|---:|---:|---:|"]
+        for name, ref in (("real held-out", metrics["reference"]["heldout"]),
+                          ("real, seen by the feature classifier", metrics["reference"]["train"])):
+            lines.append(f"| {name} ({ref['images']} images) | – | {ref['fd']:.3f} | {ref['is']:.3f} | "
+                         f"{ref['accuracy']:.1%} | – |")
+        for w, p in sorted(rows[kind].items()):
+            lines.append(f"| {_w_name(w)} | {p['fd']:.3f} | {p['fd_matched']:.3f} | {p['is']:.3f} | "
+                         f"{p['accuracy']:.1%} | {p['seconds']:.0f} |")
+    with_classifier = bool(rows["classifier"])
+    lines += ["", "![FD and IS against w](fd_is.png)", "",
+              f"FD ({metrics['num']} samples) and IS against w. Blue: classifier-free guidance"
+              + ("; orange: classifier guidance" if with_classifier else "")
+              + "; grey dashes: IS of real held-out images. Sample grids: `grid_w<w>.png`"
+              + (" and `grid_w<w>_classifier.png`" if with_classifier else "") + " (rows = classes).", ""]
+    return "\n".join(lines)
+
+
+def write_results(out: str, metrics: dict) -> None:
+    """results.md, metrics.json and fd_is.png in out, each written atomically."""
+    with atomic_open(os.path.join(out, "metrics.json")) as f:
+        f.write((json.dumps(metrics, indent=2) + "\n").encode())
+    with atomic_open(os.path.join(out, "results.md")) as f:
+        f.write(results_markdown(metrics).encode())
+    rows = _rows(metrics)
+    # no real line in the FD panel: the held-out FD holds fewer images than the samples, so it is not comparable
+    panels = [plot_panel(key.upper(), {kind: sorted((w, p[key]) for w, p in rows[kind].items()) for kind in rows},
+                         floor) for key, floor in (("fd", None), ("is", metrics["reference"]["heldout"]["is"]))]
+    gap = np.full((panels[0].shape[0], 12, 3), 255, dtype=np.uint8)
+    write_png(os.path.join(out, "fd_is.png"), np.concatenate([panels[0], gap, panels[1]], axis=1))
+
+
+# --- the plot: drawn with numpy (no matplotlib), text in a 3x5 bitmap font --------------------------------------
+
+GLYPHS = {
+    "0": "111101101101111", "1": "010110010010111", "2": "111001111100111", "3": "111001111001111",
+    "4": "101101111001001", "5": "111100111001111", "6": "111100111101111", "7": "111001001001001",
+    "8": "111101111101111", "9": "111101111001111", ".": "000000000000010", "-": "000000111000000",
+    " ": "000000000000000", "A": "010101111101101", "C": "111100100100111", "D": "110101101101110",
+    "E": "111100110100111", "F": "111100110100100", "I": "111010010010111", "L": "100100100100111",
+    "R": "110101110101101", "S": "011100010001110", "W": "101101101111101",
+}
+COLORS = {"classifier-free": (31, 119, 180), "classifier": (255, 127, 14)}
+GREY, INK = (150, 150, 150), (0, 0, 0)
+
+
+def draw_text(canvas: np.ndarray, text: str, x: int, y: int, scale: int = 2, color=INK) -> int:
+    """Draw text with its top-left corner at (x, y); returns the x after it."""
+    for ch in text.upper():
+        glyph = np.array([int(b) for b in GLYPHS[ch]], dtype=bool).reshape(5, 3)
+        block = glyph.repeat(scale, 0).repeat(scale, 1)
+        region = canvas[y:y + 5 * scale, x:x + 3 * scale]
+        region[block[:region.shape[0], :region.shape[1]]] = color
+        x += 4 * scale
+    return x
+
+
+def _ticks(lo: float, hi: float, count: int = 5) -> list[float]:
+    """Round-numbered ticks covering [lo, hi] (steps of 1, 2 or 5 times a power of ten)."""
+    raw = (hi - lo) / count
+    step = min(m * 10 ** math.floor(math.log10(raw)) for m in (1, 2, 5, 10)
+               if m * 10 ** math.floor(math.log10(raw)) >= raw)
+    first = math.floor(lo / step)
+    return [round(k * step, 10) for k in range(first, math.ceil(hi / step) + 1)]
+
+
+def _number(t: float) -> str:
+    """A tick label without exponent (the bitmap font has no 'e' or '+')."""
+    text = f"{t:.6f}".rstrip("0").rstrip(".")
+    return "0" if text in ("-0", "") else text
+
+
+def _line(canvas: np.ndarray, p: tuple, q: tuple, color, dashed: bool = False) -> None:
+    n = int(max(abs(q[0] - p[0]), abs(q[1] - p[1]))) + 1
+    for t in range(n):
+        if dashed and (t // 6) % 2:
+            continue
+        x = round(p[0] + (q[0] - p[0]) * t / max(n - 1, 1))
+        y = round(p[1] + (q[1] - p[1]) * t / max(n - 1, 1))
+        canvas[y:y + 2, x:x + 2] = color
+
+
+def plot_panel(title: str, series: dict, floor: float | None, width: int = 420, height: int = 300) -> np.ndarray:
+    """One panel: series {kind: [(w, value), ...]} as lines with markers against w; floor (real held-out images), if
+    given, as a grey dashed line where it falls inside the series' range, and its value in the legend."""
+    canvas = np.full((height, width, 3), 255, dtype=np.uint8)
+    left, right, top, bottom = 56, width - 16, 30, height - 58
+    series = {kind: [(w, val) for w, val in pts if math.isfinite(val)] for kind, pts in series.items()}
+    points = [pt for pts in series.values() for pt in pts] or [(0.0, 0.0), (1.0, 1.0)]
+    ws, values = [w for w, _ in points], [val for _, val in points]
+    x_ticks = _ticks(min(ws), max(ws) if max(ws) > min(ws) else min(ws) + 1)
+    # the axis spans the series, not zero: the trend in w is the point, and the tick labels give the scale
+    pad = 0.1 * (max(values) - min(values)) or 0.1 * max(abs(max(values)), 1e-3)
+    y_ticks = _ticks(min(values) - pad, max(values) + pad)
+
+    def px(w, val):
+        return (left + (w - x_ticks[0]) / (x_ticks[-1] - x_ticks[0]) * (right - left),
+                bottom - (val - y_ticks[0]) / (y_ticks[-1] - y_ticks[0]) * (bottom - top))
+
+    for t in x_ticks:
+        x = round(px(t, 0)[0])
+        canvas[bottom:bottom + 5, x] = INK
+        label = _number(t)
+        draw_text(canvas, label, x - 4 * len(label) + 1, bottom + 8)
+    for t in y_ticks:
+        y = round(px(0, t)[1])
+        canvas[y, left - 5:left] = INK
+        canvas[y, left + 1:right:4] = (225, 225, 225)  # light grid line
+        label = _number(t)
+        draw_text(canvas, label, max(0, left - 8 - 8 * len(label)), y - 5)
+    canvas[top:bottom + 1, left] = canvas[bottom, left:right + 1] = INK
+    draw_text(canvas, title, (left + right) // 2 - 8 * len(title) // 2, 8)
+    draw_text(canvas, "W", right - 6, bottom + 24)
+    if floor is not None and y_ticks[0] <= floor <= y_ticks[-1]:
+        y_floor = px(x_ticks[0], floor)[1]
+        _line(canvas, (left, y_floor), (right, y_floor), GREY, dashed=True)
+    for kind, half in (("classifier", 4), ("classifier-free", 2)):  # the smaller marker on top: both stay visible
+        pts = series.get(kind, [])
+        for a, b in zip(pts, pts[1:]):
+            _line(canvas, px(*a), px(*b), COLORS[kind])
+        for pt in pts:
+            x, y = (round(c) for c in px(*pt))
+            canvas[max(y - half, 0):y + half + 1, max(x - half, 0):x + half + 1] = COLORS[kind]
+    x = left
+    legend = [(kind, COLORS[kind]) for kind in GUIDANCE_KINDS if series.get(kind)]
+    legend += [] if floor is None else [(f"real {floor:.3f}", GREY)]
+    for text, color in legend:  # under the axis
+        canvas[height - 20:height - 12, x:x + 8] = color
+        x = draw_text(canvas, text, x + 12, height - 21) + 14
+    return canvas
