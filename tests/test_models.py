@@ -288,3 +288,18 @@ def test_demo_writes_picture(tmp_path, capsys):
     assert picture.shape == (10 * 33 + 1, 7 * 33 + 1, 3)
     assert "backend" in capsys.readouterr().out
     assert main(["demo", "--out", str(tmp_path / "nope")]) == 2
+
+
+def test_bundled_model_samples_are_their_class_at_w3():
+    """The bundled model's bar: at w = 3 a classifier trained on real digits recognises >= 90% of its samples
+    as their intended class (the full evaluation, 1000 samples and 128 steps, measured 100%)."""
+    pytest.importorskip("sklearn")
+    from cfgfast.evaluate import feature_classifier
+
+    clf, _, _, heldout_accuracy = feature_classifier(load_dataset("digits"), steps=300, seed=0)
+    assert heldout_accuracy > 0.97
+    labels = torch.arange(100) % 10
+    x = cfgfast.load_pretrained("digits").sample(labels, 3.0, steps=64, seed=1)
+    with torch.no_grad():
+        recognised = (clf(x).argmax(1) == labels).float().mean().item()
+    assert recognised >= 0.9, f"only {recognised:.0%} of the w = 3 samples are recognised as their class"
