@@ -152,3 +152,10 @@ def coefficient_table(lambdas, v: float) -> torch.Tensor:
     rows = [step_coefficients(lam[t], lam[t + 1], v).as_list() for t in range(len(lam) - 1)]
     rows.append(step_coefficients(lam[-1], lam[-1], v).as_list())
     return torch.tensor(rows, dtype=torch.float64)
+
+
+def diffuse(x: torch.Tensor, lam: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """The forward process: z_λ = α_λ x + σ_λ ε per sample (lam [B]), in x's float32."""
+    alpha, sigma = alpha_sigma(lam)
+    per_sample = (-1,) + (1,) * (x.dim() - 1)
+    return alpha.float().view(per_sample) * x + sigma.float().view(per_sample) * eps

@@ -16,7 +16,7 @@ import torch
 from .data import Dataset
 from .models import checkpoint
 from .models.unet import UNet, UNetConfig
-from .schedule import LAMBDA_MAX, LAMBDA_MIN, alpha_sigma, training_lambdas
+from .schedule import LAMBDA_MAX, LAMBDA_MIN, diffuse, training_lambdas
 
 
 @dataclass
@@ -55,10 +55,8 @@ def diffusion_loss(model, x: torch.Tensor, labels: torch.Tensor, null_label: int
     labels = torch.where(drop, torch.full_like(labels, null_label), labels)
     lam = training_lambdas(torch.rand(batch, generator=generator, dtype=torch.float64), config.lambda_min,
                            config.lambda_max)
-    alpha, sigma = alpha_sigma(lam)
     eps = torch.randn(x.shape, generator=generator)
-    z = alpha.float().view(-1, 1, 1, 1) * x + sigma.float().view(-1, 1, 1, 1) * eps
-    return torch.nn.functional.mse_loss(model(z, lam.float(), labels), eps)
+    return torch.nn.functional.mse_loss(model(diffuse(x, lam, eps), lam.float(), labels), eps)
 
 
 def _check_fits(model_config: UNetConfig, data: Dataset) -> None:

@@ -81,3 +81,13 @@ def backend(request):
 def device(backend):
     """The device the current backend's tensors live on."""
     return "cuda" if backend in ("cuda", "triton") else "cpu"
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models gain nothing from a second thread, and on a busy machine OpenMP barrier waits make them up to
+    80x slower; the test files of tiny models use this for every test."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -33,14 +33,7 @@ def small_unet(out_channels=3, **config):
                                  norm_num_groups=4, attention_head_dim=4, **{"num_class_embeds": 6, **config}).eval()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Models this small run faster on one thread, and on a loaded machine far faster: a parallel region
-    over tensors of a few thousand elements costs more than its work."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,9 @@ from cfgfast.models.classifier import Classifier, ClassifierConfig, heldout_spli
 from cfgfast.models.unet import ResBlock, UNet, UNetConfig
 
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
+
+
 def tiny_unet() -> UNet:
     torch.manual_seed(0)
     return UNet(UNetConfig(image_size=8, in_channels=1, num_classes=10, base_channels=8, channel_mult=(1,),

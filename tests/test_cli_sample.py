@@ -43,13 +43,7 @@ def tiny(tmp_path_factory) -> str:
     return path
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # a tiny model gains nothing from threads, and on a busy machine OpenMP threads stall each other
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
 
 
 def args(model, out, *extra, num=12):

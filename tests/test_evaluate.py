@@ -18,6 +18,9 @@ from cfgfast.models.classifier import Classifier, ClassifierConfig, save_classif
 from cfgfast.models.unet import UNet, UNetConfig
 
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
+
+
 def tiny_model_file(tmp_path) -> str:
     """A checkpoint of a tiny random U-Net for 8x8 digits."""
     torch.manual_seed(0)

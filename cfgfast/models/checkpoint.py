@@ -17,10 +17,10 @@ VERSION = 1
 PRETRAINED = {"digits": "digits.pt"}  # name -> file in cfgfast/models/weights/
 
 
-def save(path: str, payload: dict) -> None:
-    """Write a checkpoint dict (adds the format tag) atomically."""
+def save(path: str, payload: dict, kind: str = FORMAT) -> None:
+    """Write a checkpoint dict atomically, tagged with its format `kind` (what read() checks)."""
     with atomic_open(path) as f:
-        torch.save({"format": FORMAT, "version": VERSION, **payload}, f)
+        torch.save({**payload, "format": kind, "version": VERSION}, f)
 
 
 def read(path: str, kind: str = FORMAT) -> dict:

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..schedule import alpha_sigma, training_lambdas
+from ..schedule import diffuse, training_lambdas
 from . import checkpoint
 from .unet import ResBlock, lambda_features
 
@@ -117,12 +117,6 @@ class Classifier(nn.Module):
         return self.out(self.features(z, lam))
 
 
-def diffuse(x: torch.Tensor, lam: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-    """z_λ = α_λ x + σ_λ ε, per sample (lam [B])."""
-    alpha, sigma = alpha_sigma(lam)
-    return alpha.float().view(-1, 1, 1, 1) * x + sigma.float().view(-1, 1, 1, 1) * eps
-
-
 def heldout_split(labels: torch.Tensor, fraction: float = 0.2, seed: int = 0, *,
                   per_class: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(train, held-out) indices, the held-out part class-balanced: per_class images of each class (default
@@ -212,8 +206,7 @@ def accuracy(clf: Classifier, images: torch.Tensor, labels: torch.Tensor, lam: f
 
 def save_classifier(path: str, clf: Classifier, **info) -> None:
     """Write config and weights (plus info: dataset, step, accuracies) atomically, tagged FORMAT."""
-    # the payload's format tag replaces the U-Net's that checkpoint.save puts first
-    checkpoint.save(path, {"format": FORMAT, "config": clf.config.to_dict(), "weights": clf.state_dict(), **info})
+    checkpoint.save(path, {"config": clf.config.to_dict(), "weights": clf.state_dict(), **info}, kind=FORMAT)
 
 
 def load_classifier(spec: str) -> Classifier:
