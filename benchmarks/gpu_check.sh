@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# On a fresh GPU machine with its own torch and no network (the device tool's machines): build cfgfast
-# from this tree, run the whole test suite (the cuda and triton backends join the battery there), the
-# noise and step kernels under compute-sanitizer memcheck, and print one table of the GPU step.
+# On a fresh GPU machine with its own torch and no network (the device tool's machines), in one call: build
+# cfgfast from this tree, print the table of the GPU step (with a sweep of the Triton block settings), run the
+# tests that involve the GPU backends, the kernels under compute-sanitizer memcheck, and the GPU part of the
+# benchmark suite. Each stage has its own time limit, so one that hangs costs only its own stage.
 #   bash benchmarks/gpu_check.sh            (logs under $OUT when set, else ./gpu-check/)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -9,23 +10,46 @@ REPO=$(pwd)
 LOG="${OUT:-$REPO/gpu-check}"
 mkdir -p "$LOG"
 export PYTHONUNBUFFERED=1 MAX_JOBS="${MAX_JOBS:-16}"
+unset TRITON_INTERPRET
 py=$(command -v python3)
 status=0
-step() { echo "== $*"; }
+t0=$(date +%s)
+# stage NAME SECONDS LINES COMMAND...: run with a time limit, its output into $LOG/NAME.log and its last LINES
+# lines here; a failure is noted and the script goes on
+stage() {
+  local name=$1 limit=$2 lines=$3
+  shift 3
+  echo "== $name (limit ${limit}s, at $(( $(date +%s) - t0 ))s)"
+  timeout -k 10 "$limit" "$@" > "$LOG/$name.log" 2>&1
+  local rc=$?
+  tail -n "$lines" "$LOG/$name.log"
+  if [ $rc -ne 0 ]; then echo "!! $name: exit status $rc$([ $rc -eq 124 ] && echo ', time limit')"; status=1; fi
+  return $rc
+}
 
-step "build ($("$py" -c 'import torch; print(torch.__version__)'), $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1))"
-# arch of this GPU only: minutes saved; PTX of it too
+echo "== machine"
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader
+"$py" -c 'import torch, triton; print("torch", torch.__version__, "cuda", torch.version.cuda, "triton", triton.__version__)'
+nvcc --version | tail -2 | head -1
+
+# This GPU's arch only (minutes saved), with its PTX.
 arch=$("$py" -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())')
-if ! TORCH_CUDA_ARCH_LIST="$arch+PTX" FORCE_CUDA=1 "$py" -m pip install --no-build-isolation --no-deps -q . \
-    > "$LOG/build.log" 2>&1; then
-  tail -40 "$LOG/build.log"; echo "build failed"; exit 1
+export TORCH_CUDA_ARCH_LIST="$arch+PTX" FORCE_CUDA=1
+if ! stage build 300 30 "$py" -m pip install --no-build-isolation --no-deps -v .; then
+  echo "CUDA build failed: building without the CUDA kernels, so the Triton backend can still be checked"
+  FORCE_CUDA=0 CFGFAST_SKIP_CUDA=1 "$py" -m pip install --no-build-isolation --no-deps -q . > "$LOG/build-nocuda.log" 2>&1 || exit 1
 fi
-cd "$LOG"  # import the installed package, not $REPO/cfgfast
+# The benchmarks import this tree's cfgfast (their package puts the tree first on sys.path): give it the build.
+mkdir -p /tmp/gpu-check && cd /tmp/gpu-check
+so=$("$py" -c 'import cfgfast._C as m; print(m.__file__)') && cp "$so" "$REPO/cfgfast/"
+"$py" -c 'import cfgfast; print("backends", cfgfast.available_backends()); print(cfgfast.build_info())'
 
-step "tests"
-"$py" -m pytest "$REPO/tests" -q -p no:cacheprovider 2>&1 | tee tests.log | tail -15 || status=1
+stage table 150 100 "$py" -c "import sys; sys.path.append('$REPO'); from benchmarks.gpu_table import main; main()" \
+  --sweep --out "$LOG/gpu_table.json"
 
-step "compute-sanitizer memcheck"
+stage tests 240 25 "$py" -m pytest -q -p no:cacheprovider -rfE \
+  "$REPO"/tests/test_{step,noise,triton,extension,compile,bad_input,sampler}.py
+
 cat > memcheck.py <<'PY'
 import torch, cfgfast
 for shape in [(3, 7), (5, 4097), (2, 3, 64, 64)]:
@@ -39,22 +63,24 @@ for shape in [(3, 7), (5, 4097), (2, 3, 64, 64)]:
                 zu = torch.empty(z.numel() + 1, device="cuda")[1:].view(shape).copy_(z)
                 eu = torch.empty(z.numel() + 1, device="cuda", dtype=dt)[1:].view(shape).copy_(e)
                 cfgfast.reverse_step(zu, eu, eu, -1.0, 0.0, 2.0, backend=backend, **kw)
-    cfgfast.normal_noise(shape, 3, device="cuda")
-table = cfgfast.coefficient_table(cfgfast.sampling_lambdas(4), 0.3).cuda()
-for t in range(5):  # t = 4 is outside the table: NaN, not a wild read
-    out = cfgfast.reverse_step_table(z, z, z, table, torch.tensor([t], device="cuda"), 1.0, backend="cuda")
-    assert torch.isnan(out).all() == (t == 4), t
+    for backend in [b for b in ("cuda", "triton") if b in cfgfast.available_backends()]:
+        cfgfast.normal_noise(shape, 3, device="cuda", backend=backend)
+if "cuda" in cfgfast.available_backends():
+    table = cfgfast.coefficient_table(cfgfast.sampling_lambdas(4), 0.3).cuda()
+    for t in range(5):  # t = 4 is outside the table: NaN, not a wild read
+        out = cfgfast.reverse_step_table(z, z, z, table, torch.tensor([t], device="cuda"), 1.0, backend="cuda")
+        assert torch.isnan(out).all() == (t == 4), t
 torch.cuda.synchronize()
 print("memcheck script done")
 PY
 if command -v compute-sanitizer > /dev/null; then
-  compute-sanitizer --tool memcheck --error-exitcode 9 "$py" memcheck.py 2>&1 | tee memcheck.log | tail -5 || status=1
+  stage memcheck 120 6 compute-sanitizer --tool memcheck --error-exitcode 9 "$py" memcheck.py
 else
-  echo "compute-sanitizer not found"; status=1
+  echo "!! compute-sanitizer not found"; status=1
 fi
 
-step "table"
-# the installed cfgfast first on the path, this tree's benchmarks package after it
-"$py" -c "import sys; sys.path.append('$REPO'); from benchmarks.gpu_table import main; main()" --out gpu_table.json \
-  2>&1 | tee gpu_table.txt || status=1
+stage benchmarks 200 0 "$py" -m pytest -q -p no:cacheprovider "$REPO"/benchmarks/test_{step,sample}_speed.py \
+  --benchmark-only -k "cuda or triton" --benchmark-max-time 0.5 --benchmark-json "$LOG/benchmarks.json"
+sed -n '/cfgfast step speed/,$p' "$LOG/benchmarks.log"
+echo "== done in $(( $(date +%s) - t0 ))s, status $status"
 exit $status

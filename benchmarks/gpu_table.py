@@ -2,7 +2,7 @@
 float32), the ratio to a device-to-device copy measured in the same run, and the speed-up over the eager
 PyTorch step with torch.randn noise. Run by benchmarks/gpu_check.sh on a machine with a GPU.
 
-    python benchmarks/gpu_table.py [--sizes 1 16 64] [--out results.json]
+    python -m benchmarks.gpu_table [--sizes 1 16 64] [--bf16 64] [--sweep] [--out results.json]
 """
 
 from __future__ import annotations
@@ -35,47 +35,87 @@ def time_ms(fn, warmup=10, repeat=50) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def rows(sizes_m: list[int]) -> list[dict]:
+def _step(x, backend, out):
+    return lambda: cfgfast.reverse_step(x.z, x.eps_cond, x.eps_uncond, x.lam, x.lam_next, x.w, x.v, seed=1,
+                                        step=x.step, backend=backend, out=out)
+
+
+def rows(sizes_m: list[int], bf16_size_m: int | None = None) -> list[dict]:
+    """Per size (and float32 eps; bfloat16 eps too at bf16_size_m), the copy, the eager step and each backend."""
     out_rows = []
     backends = [b for b in ("cuda", "triton") if b in cfgfast.available_backends()]
-    for millions in sizes_m:
+    cases = [(m, torch.float32) for m in sizes_m] + ([(bf16_size_m, torch.bfloat16)] if bf16_size_m else [])
+    for millions, eps_dtype in cases:
         shape = (max(1, millions * 16), 65536)  # [B, N]: millions * 2^20 elements
-        x = make_step_inputs(shape, torch.float32, "cuda", seed=0)
+        x = make_step_inputs(shape, eps_dtype, "cuda", seed=0)
         out = torch.empty_like(x.z)
         elements = math.prod(shape)
-        step_bytes = 16 * elements  # z, eps_cond, eps_uncond read; z' written; float32
+        step_bytes = (8 + 2 * x.eps_cond.element_size()) * elements  # z, eps_cond, eps_uncond read; z' written
         copy_ms = time_ms(lambda: out.copy_(x.z))
         copy_gbs = 8 * elements / copy_ms / 1e6
         eager_ms = time_ms(lambda: reverse_step_reference(x.z, x.eps_cond, x.eps_uncond, x.w, x.coefficients,
                                                           torch.randn_like(x.z)))
         for backend in backends:
-            ms = time_ms(lambda: cfgfast.reverse_step(x.z, x.eps_cond, x.eps_uncond, x.lam, x.lam_next, x.w, x.v,
-                                                      seed=1, step=x.step, backend=backend, out=out))
+            ms = time_ms(_step(x, backend, out))
             gbs = step_bytes / ms / 1e6
-            out_rows.append(dict(backend=backend, elements=elements, ms=ms, gb_per_s=gbs, copy_gb_per_s=copy_gbs,
-                                 of_copy=gbs / copy_gbs, eager_ms=eager_ms, speedup=eager_ms / ms))
+            out_rows.append(dict(backend=backend, eps=str(eps_dtype).removeprefix("torch."), elements=elements, ms=ms,
+                                 gb_per_s=gbs, copy_gb_per_s=copy_gbs, of_copy=gbs / copy_gbs, eager_ms=eager_ms,
+                                 speedup=eager_ms / ms))
         del x, out
         torch.cuda.empty_cache()
     return out_rows
 
 
+def sweep(millions: int, settings: list[tuple[int, int]]) -> list[dict]:
+    """The Triton kernel at one size under each (groups per program, warps) setting: the data for choosing
+    triton_step.BLOCK_GROUPS and NUM_WARPS. The module's settings are restored after."""
+    from cfgfast import triton_step
+
+    if "triton" not in cfgfast.available_backends():
+        return []
+    shape = (millions * 16, 65536)
+    x = make_step_inputs(shape, torch.float32, "cuda", seed=0)
+    out = torch.empty_like(x.z)
+    copy_gbs = 8 * out.numel() / time_ms(lambda: out.copy_(x.z)) / 1e6
+    saved = triton_step.BLOCK_GROUPS, triton_step.NUM_WARPS
+    result = []
+    try:
+        for groups, warps in settings:
+            triton_step.BLOCK_GROUPS, triton_step.NUM_WARPS = groups, warps
+            gbs = 16 * out.numel() / time_ms(_step(x, "triton", out)) / 1e6
+            result.append(dict(block_groups=groups, num_warps=warps, gb_per_s=gbs, of_copy=gbs / copy_gbs))
+    finally:
+        triton_step.BLOCK_GROUPS, triton_step.NUM_WARPS = saved
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--sizes", type=int, nargs="+", default=[1, 16, 64], help="millions (2^20) of elements")
+    parser.add_argument("--bf16", type=int, default=64, help="also time bfloat16 eps at this size (0: no)")
+    parser.add_argument("--sweep", action="store_true", help="also time Triton block settings at the largest size")
     parser.add_argument("--out", help="write the rows as JSON here too")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("gpu_table: no CUDA device")
-    table = rows(args.sizes)
+    table = rows(args.sizes, args.bf16 or None)
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, cfgfast {cfgfast.__version__}")
-    print(f"{'backend':8} {'elements':>10} {'ms':>8} {'GB/s':>8} {'copy GB/s':>10} {'of copy':>8} {'eager ms':>9} "
-          f"{'speed-up':>9}")
+    print(f"{'backend':8} {'eps':9} {'elements':>9} {'ms':>8} {'GB/s':>7} {'copy GB/s':>9} {'of copy':>8} "
+          f"{'eager ms':>9} {'speed-up':>9}")
     for r in table:
-        print(f"{r['backend']:8} {r['elements'] / 2**20:9.0f}M {r['ms']:8.3f} {r['gb_per_s']:8.0f} "
-              f"{r['copy_gb_per_s']:10.0f} {100 * r['of_copy']:7.1f}% {r['eager_ms']:9.3f} {r['speedup']:8.1f}x")
+        print(f"{r['backend']:8} {r['eps']:9} {r['elements'] / 2**20:8.0f}M {r['ms']:8.3f} {r['gb_per_s']:7.0f} "
+              f"{r['copy_gb_per_s']:9.0f} {100 * r['of_copy']:7.1f}% {r['eager_ms']:9.3f} {r['speedup']:8.1f}x")
+    swept = []
+    if args.sweep:
+        settings = [(g, w) for g in (64, 128, 256, 512, 1024) for w in (2, 4, 8)]
+        swept = sweep(max(args.sizes), settings)
+        print(f"triton settings at {max(args.sizes)}M float32 elements (groups of 4 per program, warps):")
+        for r in swept:
+            print(f"  BLOCK_GROUPS {r['block_groups']:5d} num_warps {r['num_warps']}: {r['gb_per_s']:7.0f} GB/s, "
+                  f"{100 * r['of_copy']:5.1f}% of copy")
     if args.out:
         with open(args.out, "w") as f:
-            json.dump(table, f, indent=1)
+            json.dump({"rows": table, "triton_sweep": swept}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -151,22 +151,25 @@ COMPILED_LABEL = "torch.compile(eager step), inductor randn"
 COMPILED_FALLBACK_LABEL = "torch.compile(eager step), torch.randn"
 DIFFUSERS_LABEL = "diffusers DDPMScheduler.step, eps given"
 SAMPLE_LABEL = "cfgfast.sample"
+SAMPLE_GRAPH_LABEL = "cfgfast.sample, cuda_graph=True"
 HAND_LOOP_LABEL = "hand loop: 2 model calls + eager step"
 
 DIT_SAMPLE_LABEL = "cfgfast.sample, DiT adapter"
 DIT_DIFFUSERS_LABEL = "diffusers DDPMScheduler loop, DiT"
 FORWARD_LABEL = "model forward alone (one pass of 2B per step)"
 
-# sample() end to end, per model: (batch, steps). Every step of the grid costs the same, so a few steps give the
-# per-step ratio of a 256-step run. The toy is exact (2-D, analytic eps); "digits" is the bundled model at the
-# issue's batch 256; "unet64" an untrained 3x64x64 U-Net at batch 16 (benchmarks/test_sample_speed.py).
-SAMPLE_MODELS: dict[str, tuple[int, int]] = (
-    {"toy": (64, 8), "digits": (16, 4)}
+# sample() end to end, per device and model: (batch, steps). Every step of the grid costs the same, so a few steps
+# give the per-step ratio of a 256-step run. The toy is exact (2-D, analytic eps, CPU only); "digits" is the bundled
+# model at the batch 256; "unet64" an untrained 3x64x64 U-Net at batch 16 (benchmarks/test_sample_speed.py).
+# On a GPU the digits model runs the paper's 256 steps: a CUDA graph's capture is paid once per sample() call.
+SAMPLE_MODELS: dict[str, dict[str, tuple[int, int]]] = (
+    {"cpu": {"toy": (64, 8), "digits": (16, 4)}, "cuda": {"digits": (16, 4)}}
     if QUICK
-    else {"toy": (4096, 64), "digits": (256, 16), "unet64": (16, 2)}
+    else {"cpu": {"toy": (4096, 64), "digits": (256, 16), "unet64": (16, 2)},
+          "cuda": {"digits": (256, 256), "unet64": (16, 64)}}
 )
 
 
-def sample_size(model: str) -> str:
-    batch, steps = SAMPLE_MODELS[model]
+def sample_size(device: str, model: str) -> str:
+    batch, steps = SAMPLE_MODELS[device][model]
     return f"sample {model}, batch {batch}, {steps} steps"

@@ -141,9 +141,10 @@ if triton is not None:
         """[4 BLOCK] normals of the [BLOCK] groups `group` (int32) of global sample `sample` (int64)."""
         c0 = group.to(tl.uint32)
         zero = c0 * 0
-        # step and stream may be int32 or int64 scalars, or a constant: made uint32 words first
-        x0, x1, x2, x3 = _philox(seed, c0, zero + sample.to(tl.uint32), zero + tl.to_tensor(step).to(tl.uint32),
-                                 zero + tl.to_tensor(stream).to(tl.uint32))
+        # step and stream may be int32 or int64 scalars, or a constant (Triton makes an argument equal to 1 one):
+        # added to a uint32 block first (a constant stays uint32, an int64 widens it), then made uint32 words
+        x0, x1, x2, x3 = _philox(seed, c0, zero + sample.to(tl.uint32), (zero + step).to(tl.uint32),
+                                 (zero + stream).to(tl.uint32))
         return _words_to_normals(x0, x1, x2, x3, BLOCK)
 
     @triton.jit(do_not_specialize=["seed", "step", "index_offset"])
@@ -222,6 +223,16 @@ if triton is not None:
         j = tl.program_id(0) * (4 * BLOCK) + tl.arange(0, 4 * BLOCK)
         tl.store(out_ptr + j, _words_to_normals(x0, x1, x2, x3, BLOCK), mask=j < 4 * groups)
 
+    def _wrapped(kernel):
+        """The kernel as torch.compile must see it inside a triton_op. Under TRITON_INTERPRET=1 older torch
+        (2.11) refuses to wrap an interpreted kernel; there it is called directly (eagerly, the same launch)."""
+        try:
+            return torch.library.wrap_triton(kernel)
+        except RuntimeError:
+            if INTERPRETED:
+                return kernel
+            raise
+
     def _check_per_sample(out: torch.Tensor) -> None:
         torch._check(out.numel() // max(out.shape[0], 1) < MAX_PER_SAMPLE,
                      lambda: "cfgfast: the triton backend takes fewer than 2^30 elements per sample")
@@ -259,7 +270,7 @@ if triton is not None:
             return
         per_sample, blocks, grid = _launch_shape(out)
         alpha, sigma, mean_z, mean_eps, mean_z_clip, mean_x_clip, noise_std = coef
-        torch.library.wrap_triton(_reverse_step_kernel)[grid](
+        _wrapped(_reverse_step_kernel)[grid](
             out, z, eps_cond, eps_uncond, w, z if noise is None else noise,
             alpha, sigma, mean_z, mean_eps, mean_z_clip, mean_x_clip, noise_std, 0.0 if clip is None else clip,
             seed, step, index_offset, per_sample, blocks,
@@ -273,7 +284,7 @@ if triton is not None:
         if out.numel() == 0:
             return
         per_sample, blocks, grid = _launch_shape(out)
-        torch.library.wrap_triton(_normal_noise_kernel)[grid](
+        _wrapped(_normal_noise_kernel)[grid](
             out, seed, step, stream, index_offset, per_sample, blocks, BLOCK=BLOCK_GROUPS, num_warps=NUM_WARPS
         )
 
