@@ -107,7 +107,7 @@ def main() -> None:
               f"{r['copy_gb_per_s']:9.0f} {100 * r['of_copy']:7.1f}% {r['eager_ms']:9.3f} {r['speedup']:8.1f}x")
     swept = []
     if args.sweep:
-        settings = [(g, w) for g in (64, 128, 256, 512, 1024) for w in (2, 4, 8)]
+        settings = [(g, w) for g in (128, 256, 512, 1024) for w in (4, 8)]
         swept = sweep(max(args.sizes), settings)
         print(f"triton settings at {max(args.sizes)}M float32 elements (groups of 4 per program, warps):")
         for r in swept:
