@@ -43,11 +43,15 @@ fi
 mkdir -p /tmp/gpu-check && cd /tmp/gpu-check
 so=$("$py" -c 'import cfgfast._C as m; print(m.__file__)') && cp "$so" "$REPO/cfgfast/"
 "$py" -c 'import cfgfast; print("backends", cfgfast.available_backends()); print(cfgfast.build_info())'
+# registers, shared memory and stack of each kernel (spills show as stack)
+command -v cuobjdump > /dev/null && cuobjdump -res-usage "$so" 2>&1 | grep -A1 "Function" | grep -o "Function [^:]*\|REG:[0-9]*\|STACK:[0-9]*" | paste - - - | sed 's/^/  /' | head -40
 
 stage table 120 100 "$py" -c "import sys; sys.path.append('$REPO'); from benchmarks.gpu_table import main; main()" \
   --sweep --out "$LOG/gpu_table.json"
 
-stage tests 200 25 "$py" -m pytest -q -p no:cacheprovider -rfE \
+# with pytest-xdist where present: a test that crashes its process is reported and the others still run
+xdist=$("$py" -c 'import xdist' 2> /dev/null && echo "-n 8")
+stage tests 200 25 "$py" -m pytest -q -p no:cacheprovider -rfE $xdist \
   "$REPO"/tests/test_{step,noise,triton,extension,compile,bad_input,sampler}.py
 
 cat > memcheck.py <<'PY'

@@ -1,6 +1,6 @@
 """One table of the GPU reverse step: per backend and size, time, achieved GB/s (3 reads + 1 write of
-float32), the ratio to a device-to-device copy measured in the same run, and the speed-up over the eager
-PyTorch step with torch.randn noise. Run by benchmarks/gpu_check.sh on a machine with a GPU.
+float32), the ratio to a device-to-device copy measured in the same run, the speed-up over the eager
+PyTorch step with torch.randn noise, and the time of the noise alone (its arithmetic without the reads). Run by benchmarks/gpu_check.sh on a machine with a GPU.
 
     python -m benchmarks.gpu_table [--sizes 1 16 64] [--bf16 64] [--sweep] [--out results.json]
 """
@@ -58,12 +58,38 @@ def rows(sizes_m: list[int], bf16_size_m: int | None = None) -> list[dict]:
         for backend in backends:
             ms = time_ms(_step(x, backend, out))
             gbs = step_bytes / ms / 1e6
+            # the noise alone into out (one write): what the step's arithmetic costs without its reads
+            noise_ms = time_ms(lambda: cfgfast.normal_noise(shape, 1, 3, device="cuda", backend=backend, out=out)) \
+                if eps_dtype == torch.float32 else math.nan
             out_rows.append(dict(backend=backend, eps=str(eps_dtype).removeprefix("torch."), elements=elements, ms=ms,
                                  gb_per_s=gbs, copy_gb_per_s=copy_gbs, of_copy=gbs / copy_gbs, eager_ms=eager_ms,
-                                 speedup=eager_ms / ms))
+                                 speedup=eager_ms / ms, noise_ms=noise_ms))
         del x, out
         torch.cuda.empty_cache()
     return out_rows
+
+
+def cuda_sweep(millions: int) -> list[dict]:
+    """The CUDA step kernel at one size with 1 and 2 groups of four elements per thread and round."""
+    from cfgfast import _ext
+
+    module = _ext.load()
+    if "cuda" not in cfgfast.available_backends() or not hasattr(module, "set_cuda_groups_per_thread"):
+        return []
+    shape = (millions * 16, 65536)
+    x = make_step_inputs(shape, torch.float32, "cuda", seed=0)
+    out = torch.empty_like(x.z)
+    copy_gbs = 8 * out.numel() / time_ms(lambda: out.copy_(x.z)) / 1e6
+    result = []
+    saved = module.set_cuda_groups_per_thread(1)
+    try:
+        for groups in (1, 2):
+            module.set_cuda_groups_per_thread(groups)
+            gbs = 16 * out.numel() / time_ms(_step(x, "cuda", out)) / 1e6
+            result.append(dict(groups_per_thread=groups, gb_per_s=gbs, of_copy=gbs / copy_gbs))
+    finally:
+        module.set_cuda_groups_per_thread(saved)
+    return result
 
 
 def sweep(millions: int, settings: list[tuple[int, int]]) -> list[dict]:
@@ -101,12 +127,18 @@ def main() -> None:
     table = rows(args.sizes, args.bf16 or None)
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, cfgfast {cfgfast.__version__}")
     print(f"{'backend':8} {'eps':9} {'elements':>9} {'ms':>8} {'GB/s':>7} {'copy GB/s':>9} {'of copy':>8} "
-          f"{'eager ms':>9} {'speed-up':>9}")
+          f"{'eager ms':>9} {'speed-up':>9} {'noise ms':>9}")
     for r in table:
         print(f"{r['backend']:8} {r['eps']:9} {r['elements'] / 2**20:8.0f}M {r['ms']:8.3f} {r['gb_per_s']:7.0f} "
-              f"{r['copy_gb_per_s']:9.0f} {100 * r['of_copy']:7.1f}% {r['eager_ms']:9.3f} {r['speedup']:8.1f}x")
-    swept = []
+              f"{r['copy_gb_per_s']:9.0f} {100 * r['of_copy']:7.1f}% {r['eager_ms']:9.3f} {r['speedup']:8.1f}x "
+              f"{r['noise_ms']:9.3f}")
+    swept, cuda_swept = [], []
     if args.sweep:
+        cuda_swept = cuda_sweep(max(args.sizes))
+        print(f"cuda settings at {max(args.sizes)}M float32 elements:")
+        for r in cuda_swept:
+            print(f"  groups per thread {r['groups_per_thread']}: {r['gb_per_s']:7.0f} GB/s, "
+                  f"{100 * r['of_copy']:5.1f}% of copy")
         settings = [(g, w) for g in (128, 256, 512, 1024) for w in (4, 8)]
         swept = sweep(max(args.sizes), settings)
         print(f"triton settings at {max(args.sizes)}M float32 elements (groups of 4 per program, warps):")
@@ -115,7 +147,7 @@ def main() -> None:
                   f"{100 * r['of_copy']:5.1f}% of copy")
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"rows": table, "triton_sweep": swept}, f, indent=1)
+            json.dump({"rows": table, "cuda_sweep": cuda_swept, "triton_sweep": swept}, f, indent=1)
 
 
 if __name__ == "__main__":

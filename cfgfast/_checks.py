@@ -64,6 +64,15 @@ def like_device(name: str, value, z: torch.Tensor) -> torch.Tensor:
     return value
 
 
+def resolve_device(device) -> torch.device:
+    """torch.device(device), with the current GPU's index where none is named ("cuda" is cuda:0 there), so that
+    it compares equal to the device of a tensor on it."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None and torch.cuda.is_available():
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 def guidance(w, batch: int, device: torch.device) -> torch.Tensor:
     """w as a float32 tensor [batch] on device: a number, a 0-d tensor or one value per sample."""
     if isinstance(w, torch.Tensor):

@@ -28,7 +28,7 @@ def normal_noise(shape, seed: int, step: int = 0, stream: int = 1, index_offset:
     step = _checks.integer("step", step, high=_checks.MAX_WORD)
     stream = _checks.integer("stream", stream, high=_checks.MAX_WORD)
     index_offset = _checks.integer("index_offset", index_offset, high=_checks.MAX_WORD - shape[0] + 1)
-    device = torch.device(device)
+    device = _checks.resolve_device(device)
     if out is None:
         out = torch.empty(shape, dtype=torch.float32, device=device)
     elif not (isinstance(out, torch.Tensor) and out.dtype == torch.float32 and tuple(out.shape) == shape

@@ -10,6 +10,9 @@
 
 #include "cfgfast/philox.h"
 #include "cpu/kernel.h"
+#ifdef CFGFAST_WITH_CUDA
+#include "cuda/step_cuda.h"
+#endif
 
 namespace py = pybind11;
 
@@ -88,6 +91,17 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         return previous;
       },
       "Choose the CPU kernel's instruction set (tests compare them); returns the previous one.");
+
+#ifdef CFGFAST_WITH_CUDA
+  m.def(
+      "set_cuda_groups_per_thread",
+      [](int n) {
+        if (n != 1 && n != 2) throw py::value_error("cfgfast: groups per thread must be 1 or 2, got " + std::to_string(n));
+        return cfgfast::set_cuda_groups_per_thread(n);
+      },
+      "The CUDA step kernel's groups of four elements per thread and round (1 or 2), a tuning knob for "
+      "benchmarks; returns the previous setting.");
+#endif
 
   m.def(
       "philox4x32_10",

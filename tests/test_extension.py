@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import cfgfast
+from cfgfast import _ext
 
 @pytest.mark.needs_extension
 @pytest.mark.parametrize("eps_dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
@@ -114,6 +115,31 @@ def test_build_info_says_whether_cuda_was_compiled():
 
 
 GPU_OP_CASES = [pytest.param(b, id=b) for b in ("cuda",) if torch.cuda.is_available() and b in cfgfast.available_backends()]
+
+
+@pytest.mark.parametrize("backend", GPU_OP_CASES)
+@pytest.mark.parametrize("shape", [(3, 7), (5, 4097), (3, 1_000_003), (2, 3, 512, 512)], ids=str)
+@pytest.mark.parametrize("mode", ["noise", "clip", "explicit", "last"])
+def test_cuda_groups_per_thread_give_the_same_bits(backend, shape, mode):
+    """The CUDA step kernel's tuning knob (1 or 2 groups of four per thread and round) changes nothing: the
+    vectorised and the scalar path, one round of the grid-stride loop and several, a partial last round."""
+    module = _ext.load()
+    z = torch.randn(shape, device="cuda")
+    eps_c, eps_u = torch.randn_like(z), torch.randn_like(z)
+    w = torch.rand(shape[0], device="cuda") * 3
+    kwargs = {"noise": dict(), "clip": dict(clip=1.0), "explicit": dict(noise=torch.randn_like(z)),
+              "last": dict(last=True)}[mode]
+    results = []
+    for groups in (1, 2):
+        previous = module.set_cuda_groups_per_thread(groups)
+        try:
+            results.append(cfgfast.reverse_step(z, eps_c, eps_u, -1.0, -0.5, w, seed=3, step=5, backend=backend,
+                                                **kwargs))
+        finally:
+            module.set_cuda_groups_per_thread(previous)
+    assert torch.equal(results[0], results[1])
+    with pytest.raises(ValueError, match="groups per thread must be 1 or 2"):
+        module.set_cuda_groups_per_thread(3)
 
 
 @pytest.mark.parametrize("backend", GPU_OP_CASES)

@@ -115,6 +115,15 @@ def test_known_answer_layout(backend, device):
     assert_close_to_exact(got, exact.reshape(1, 4), backend)
 
 
+def test_out_on_the_device_as_named(backend, device):
+    """out= on the device as users name it: "cuda" for a tensor on cuda:0 (a tensor's device has an index)."""
+    shape = (2, 3, 5)
+    out = torch.full(shape, float("nan"), device=device)
+    got = cfgfast.normal_noise(shape, 5, 2, 1, 3, backend=backend, device=device, out=out)
+    assert got is out
+    assert_close_to_exact(out, normals_np(shape, 5, 2, 1, 3), backend)
+
+
 # ---------------------------------------------------------------- values on every backend
 
 SHAPES = [

@@ -14,8 +14,11 @@
 
 #include <cuda_runtime.h>
 
+#include <atomic>
+
 #include "cfgfast/normal.h"
 #include "cfgfast/step.h"
+#include "cuda/step_cuda.h"
 #include "op_checks.h"
 
 namespace cfgfast {
@@ -23,6 +26,7 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kBlocksPerSm = 8;
+constexpr int kDefaultGroupsPerThread = 1;
 
 struct DeviceStepArgs {
   float* out;
@@ -78,7 +82,10 @@ __device__ __forceinline__ float element(float z, float eps, float n, const Step
   return has_clip ? step_value<true>(z, eps, n, c, clip) : step_value<false>(z, eps, n, c, clip);
 }
 
-template <class EpsT, bool kVec>
+// Thread j handles the kGroups groups j, j + stride, ... of each round of the grid-stride loop. Every load of
+// a round is issued before its noise is computed, so the reads are in flight while Philox and Box–Muller run
+// (the noise is most of the arithmetic: computed first, it kept the loads waiting behind it).
+template <class EpsT, bool kVec, int kGroups>
 __global__ void __launch_bounds__(kThreads) reverse_step_kernel(DeviceStepArgs a) {
   StepCoef coef = a.coef;
   NoiseKey key = a.key;
@@ -100,44 +107,77 @@ __global__ void __launch_bounds__(kThreads) reverse_step_kernel(DeviceStepArgs a
       coef = StepCoef{nan, nan, nan, nan, nan, nan, nan};
     }
   }
+  const bool draw = !last && a.noise == nullptr;
+  const bool read_noise = !last && a.noise != nullptr;
   const auto* ec = static_cast<const EpsT*>(a.eps_cond);
   const auto* eu = static_cast<const EpsT*>(a.eps_uncond);
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  const bool narrow = a.total_groups + stride <= UINT32_MAX;
-  for (int64_t task = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; task < a.total_groups;
-       task += stride) {
-    int64_t b, g;
-    split_task(task, a.groups_per_sample, narrow, b, g);
-    const float w = a.w[b], one_plus_w = 1.0f + w;
-    float n[4] = {0.f, 0.f, 0.f, 0.f};
-    if (!last && a.noise == nullptr) {
-      normals4<float, uint32_t>(key, static_cast<uint32_t>(g), static_cast<uint32_t>(a.index_offset + b), n[0], n[1],
-                                n[2], n[3]);
-    }
-    const int64_t i0 = b * a.numel_per_sample + 4 * g;
-    if (kVec) {
-      const float4 z4 = *reinterpret_cast<const float4*>(a.z + i0);
-      const Vec4<EpsT> c4 = *reinterpret_cast<const Vec4<EpsT>*>(ec + i0);
-      const Vec4<EpsT> u4 = *reinterpret_cast<const Vec4<EpsT>*>(eu + i0);
-      if (!last && a.noise != nullptr) {
-        const float4 n4 = *reinterpret_cast<const float4*>(a.noise + i0);
-        n[0] = n4.x, n[1] = n4.y, n[2] = n4.z, n[3] = n4.w;
+  const bool narrow = a.total_groups + kGroups * stride <= UINT32_MAX;
+  for (int64_t first = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; first < a.total_groups;
+       first += kGroups * stride) {
+    float zs[kGroups][4], cs[kGroups][4], us[kGroups][4], n[kGroups][4], w[kGroups];
+    int64_t b[kGroups], g[kGroups], i0[kGroups], count[kGroups];
+#pragma unroll
+    for (int u = 0; u < kGroups; ++u) {
+      const int64_t task = first + u * stride;
+      count[u] = 0;
+#pragma unroll
+      for (int k = 0; k < 4; ++k) zs[u][k] = cs[u][k] = us[u][k] = n[u][k] = 0.f;
+      w[u] = 0.f;
+      b[u] = g[u] = i0[u] = 0;
+      if (task >= a.total_groups) continue;
+      split_task(task, a.groups_per_sample, narrow, b[u], g[u]);
+      i0[u] = b[u] * a.numel_per_sample + 4 * g[u];
+      w[u] = a.w[b[u]];
+      if (kVec) {
+        count[u] = 4;
+        const float4 z4 = *reinterpret_cast<const float4*>(a.z + i0[u]);
+        const Vec4<EpsT> c4 = *reinterpret_cast<const Vec4<EpsT>*>(ec + i0[u]);
+        const Vec4<EpsT> u4 = *reinterpret_cast<const Vec4<EpsT>*>(eu + i0[u]);
+        zs[u][0] = z4.x, zs[u][1] = z4.y, zs[u][2] = z4.z, zs[u][3] = z4.w;
+#pragma unroll
+        for (int k = 0; k < 4; ++k) cs[u][k] = widen(c4.v[k]), us[u][k] = widen(u4.v[k]);
+        if (read_noise) {
+          const float4 n4 = *reinterpret_cast<const float4*>(a.noise + i0[u]);
+          n[u][0] = n4.x, n[u][1] = n4.y, n[u][2] = n4.z, n[u][3] = n4.w;
+        }
+      } else {
+        count[u] = a.numel_per_sample - 4 * g[u] < 4 ? a.numel_per_sample - 4 * g[u] : 4;
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+          if (k < count[u]) {
+            const int64_t i = i0[u] + k;
+            zs[u][k] = a.z[i], cs[u][k] = widen(ec[i]), us[u][k] = widen(eu[i]);
+            if (read_noise) n[u][k] = a.noise[i];
+          }
+        }
       }
-      const float zs[4] = {z4.x, z4.y, z4.z, z4.w};
+    }
+    if (draw) {
+#pragma unroll
+      for (int u = 0; u < kGroups; ++u) {
+        if (count[u] > 0) {
+          normals4<float, uint32_t>(key, static_cast<uint32_t>(g[u]), static_cast<uint32_t>(a.index_offset + b[u]),
+                                    n[u][0], n[u][1], n[u][2], n[u][3]);
+        }
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kGroups; ++u) {
+      const float one_plus_w = 1.0f + w[u];
       float r[4];
 #pragma unroll
       for (int k = 0; k < 4; ++k) {
-        const float eps = guided_eps(widen(c4.v[k]), widen(u4.v[k]), one_plus_w, w);
-        r[k] = element(zs[k], eps, n[k], coef, a.has_clip, a.clip, last);
+        const float eps = guided_eps(cs[u][k], us[u][k], one_plus_w, w[u]);
+        r[k] = element(zs[u][k], eps, n[u][k], coef, a.has_clip, a.clip, last);
       }
-      *reinterpret_cast<float4*>(a.out + i0) = make_float4(r[0], r[1], r[2], r[3]);
-    } else {
-      const int64_t count = a.numel_per_sample - 4 * g < 4 ? a.numel_per_sample - 4 * g : 4;
-      for (int64_t k = 0; k < count; ++k) {
-        const int64_t i = i0 + k;
-        const float eps = guided_eps(widen(ec[i]), widen(eu[i]), one_plus_w, w);
-        const float nk = (!last && a.noise != nullptr) ? a.noise[i] : n[k];
-        a.out[i] = element(a.z[i], eps, nk, coef, a.has_clip, a.clip, last);
+      if (kVec) {
+        if (count[u] > 0) *reinterpret_cast<float4*>(a.out + i0[u]) = make_float4(r[0], r[1], r[2], r[3]);
+      } else {
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+          if (k < count[u]) a.out[i0[u] + k] = r[k];
+        }
       }
     }
   }
@@ -165,10 +205,14 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-int grid_for(int64_t total_groups, c10::DeviceIndex device) {
+// Groups per thread and round of the step kernel: 1 or 2 (set_groups_per_thread; gpu_table.py times both).
+std::atomic<int> groups_per_thread{kDefaultGroupsPerThread};
+
+int grid_for(int64_t total_groups, c10::DeviceIndex device, int groups_per_thread = 1) {
   int sms = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  const int64_t needed = (total_groups + kThreads - 1) / kThreads;
+  const int64_t per_block = static_cast<int64_t>(kThreads) * groups_per_thread;
+  const int64_t needed = (total_groups + per_block - 1) / per_block;
   const int64_t cap = static_cast<int64_t>(sms) * kBlocksPerSm;
   return static_cast<int>(needed < cap ? needed : cap);
 }
@@ -181,14 +225,21 @@ void launch_step(DeviceStepArgs& a, at::ScalarType eps_type, const at::Tensor& l
   const bool vec = a.numel_per_sample % 4 == 0 && aligned(a.out, 16) && aligned(a.z, 16) &&
                    aligned(a.eps_cond, eps_bytes) && aligned(a.eps_uncond, eps_bytes) &&
                    (a.noise == nullptr || aligned(a.noise, 16));
-  const int blocks = grid_for(a.total_groups, like.device().index());
+  const int per_thread = groups_per_thread.load(std::memory_order_relaxed);
+  const int blocks = grid_for(a.total_groups, like.device().index(), per_thread);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(like.device().index()).stream();
   auto go = [&](auto eps_tag) {
     using E = decltype(eps_tag);
-    if (vec) {
-      reverse_step_kernel<E, true><<<blocks, kThreads, 0, stream>>>(a);
+    if (per_thread == 2) {
+      if (vec) {
+        reverse_step_kernel<E, true, 2><<<blocks, kThreads, 0, stream>>>(a);
+      } else {
+        reverse_step_kernel<E, false, 2><<<blocks, kThreads, 0, stream>>>(a);
+      }
+    } else if (vec) {
+      reverse_step_kernel<E, true, 1><<<blocks, kThreads, 0, stream>>>(a);
     } else {
-      reverse_step_kernel<E, false><<<blocks, kThreads, 0, stream>>>(a);
+      reverse_step_kernel<E, false, 1><<<blocks, kThreads, 0, stream>>>(a);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
@@ -267,6 +318,8 @@ void normal_noise_cuda(at::Tensor& out, int64_t seed, int64_t step, int64_t stre
 }
 
 }  // namespace
+
+int set_cuda_groups_per_thread(int n) { return groups_per_thread.exchange(n == 2 ? 2 : 1); }
 
 TORCH_LIBRARY_IMPL(cfgfast, CUDA, m) {
   m.impl("reverse_step_", &reverse_step_cuda);

@@ -1,0 +1,10 @@
+// What the CUDA translation unit offers the Python module besides its ops (built with CFGFAST_WITH_CUDA only).
+#pragma once
+
+namespace cfgfast {
+
+// The step kernel's groups of four elements per thread and round of its grid-stride loop, 1 or 2; returns the
+// previous setting. A tuning knob for benchmarks/gpu_table.py; the samples do not depend on it.
+int set_cuda_groups_per_thread(int n);
+
+}  // namespace cfgfast
