@@ -92,6 +92,25 @@ def cuda_plan(torch):
     return False, None, reason
 
 
+def loaded_libstdcxx():
+    """The shared libstdc++ this process (which imported torch) runs with, as a link input, on Linux.
+
+    Some toolchains link libstdc++ statically by default (one seen on a GPU machine: /opt/gcc's g++ 13.3). A
+    static copy inside the extension has its own, uninitialised locale: its first number written to a stream
+    (any error message with a number, built by c10::str) crashed the interpreter. Naming the shared library
+    before the compiler's own -lstdc++ resolves every libstdc++ symbol there, as torch's own libraries do.
+    """
+    if not sys.platform.startswith("linux"):
+        return []
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = {line.split()[-1] for line in maps if "libstdc++.so" in line}
+    except OSError:
+        return []
+    paths = sorted(p for p in paths if os.path.isfile(p))
+    return paths[:1]
+
+
 def extensions():
     import torch
 
@@ -123,7 +142,7 @@ def extensions():
         include_dirs=[os.path.join(ROOT, "csrc", "include"), os.path.join(ROOT, "csrc")],
         define_macros=define_macros,
         extra_compile_args=extra,
-        extra_link_args=["-fopenmp"],
+        extra_link_args=["-fopenmp"] + loaded_libstdcxx(),
     )
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 

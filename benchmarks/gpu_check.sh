@@ -4,6 +4,8 @@
 # tests that involve the GPU backends, the kernels under compute-sanitizer memcheck, and the GPU part of the
 # benchmark suite. Each stage has its own time limit, so one that hangs costs only its own stage.
 #   bash benchmarks/gpu_check.sh            (logs under $OUT when set, else ./gpu-check/)
+#   GPU_CHECK_STAGES="tests table" bash benchmarks/gpu_check.sh     (some stages only; the build always runs)
+#   GPU_CHECK_SWEEP=0 ...                                           (the table without the block-setting sweeps)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 REPO=$(pwd)
@@ -14,6 +16,8 @@ unset TRITON_INTERPRET
 py=$(command -v python3)
 status=0
 t0=$(date +%s)
+stages=" ${GPU_CHECK_STAGES:-table tests memcheck benchmarks} "
+want() { [[ "$stages" == *" $1 "* ]]; }
 # stage NAME SECONDS LINES COMMAND...: run with a time limit, its output into $LOG/NAME.log and its last LINES
 # lines here; a failure is noted and the script goes on
 stage() {
@@ -35,7 +39,7 @@ nvcc --version | tail -2 | head -1
 # This GPU's arch only (minutes saved), with its PTX.
 arch=$("$py" -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())')
 export TORCH_CUDA_ARCH_LIST="$arch+PTX" FORCE_CUDA=1
-if ! stage build 300 30 "$py" -m pip install --no-build-isolation --no-deps -v .; then
+if ! stage build 300 2 "$py" -m pip install --no-build-isolation --no-deps -v .; then
   echo "CUDA build failed: building without the CUDA kernels, so the Triton backend can still be checked"
   FORCE_CUDA=0 CFGFAST_SKIP_CUDA=1 "$py" -m pip install --no-build-isolation --no-deps -q . > "$LOG/build-nocuda.log" 2>&1 || exit 1
 fi
@@ -44,14 +48,16 @@ mkdir -p /tmp/gpu-check && cd /tmp/gpu-check
 so=$("$py" -c 'import cfgfast._C as m; print(m.__file__)') && cp "$so" "$REPO/cfgfast/"
 "$py" -c 'import cfgfast; print("backends", cfgfast.available_backends()); print(cfgfast.build_info())'
 # registers, shared memory and stack of each kernel (spills show as stack)
-command -v cuobjdump > /dev/null && cuobjdump -res-usage "$so" 2>&1 | grep -A1 "Function" | grep -o "Function [^:]*\|REG:[0-9]*\|STACK:[0-9]*" | paste - - - | sed 's/^/  /' | head -40
+command -v cuobjdump > /dev/null && cuobjdump -res-usage "$so" 2>&1 | grep -A1 "Function" \
+  | grep -o "Function [^:]*\|REG:[0-9]*\|STACK:[0-9]*" | paste - - - > "$LOG/resources.txt" && cat "$LOG/resources.txt"
 
-stage table 120 100 "$py" -c "import sys; sys.path.append('$REPO'); from benchmarks.gpu_table import main; main()" \
-  --sweep --out "$LOG/gpu_table.json"
+sweep=$([ "${GPU_CHECK_SWEEP:-1}" = 1 ] && echo --sweep)
+want table && stage table 120 100 "$py" -c "import sys; sys.path.append('$REPO'); from benchmarks.gpu_table import main; main()" \
+  $sweep --out "$LOG/gpu_table.json"
 
 # with pytest-xdist where present: a test that crashes its process is reported and the others still run
-xdist=$("$py" -c 'import xdist' 2> /dev/null && echo "-n 8")
-stage tests 200 25 "$py" -m pytest -q -p no:cacheprovider -rfE $xdist \
+xdist=$("$py" -c 'import xdist' 2> /dev/null && echo "-n 12")
+want tests && stage tests 200 25 "$py" -m pytest -q -p no:cacheprovider -rfE $xdist \
   "$REPO"/tests/test_{step,noise,triton,extension,compile,bad_input,sampler}.py
 
 cat > memcheck.py <<'PY'
@@ -77,15 +83,17 @@ if "cuda" in cfgfast.available_backends():
 torch.cuda.synchronize()
 print("memcheck script done")
 PY
-if command -v compute-sanitizer > /dev/null; then
+if ! want memcheck; then
+  :
+elif command -v compute-sanitizer > /dev/null; then
   stage memcheck 90 6 compute-sanitizer --tool memcheck --error-exitcode 9 "$py" memcheck.py
 else
   echo "!! compute-sanitizer not found"; status=1
 fi
 
 # (torch.compile with torch.randn, the "fallback" variant, is left out here: each compile costs half a minute)
-stage benchmarks 180 0 "$py" -m pytest -q -p no:cacheprovider "$REPO"/benchmarks/test_{step,sample}_speed.py \
+want benchmarks && stage benchmarks 180 0 "$py" -m pytest -q -p no:cacheprovider "$REPO"/benchmarks/test_{step,sample}_speed.py \
   --benchmark-only -k "(cuda or triton) and not fallback" --benchmark-max-time 0.3 --benchmark-json "$LOG/benchmarks.json"
-sed -n '/cfgfast step speed/,$p' "$LOG/benchmarks.log"
+want benchmarks && sed -n '/cfgfast step speed/,$p' "$LOG/benchmarks.log"
 echo "== done in $(( $(date +%s) - t0 ))s, status $status"
 exit $status

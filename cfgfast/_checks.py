@@ -85,9 +85,10 @@ def guidance(w, batch: int, device: torch.device) -> torch.Tensor:
         w = w.to(device=device, dtype=torch.float32)
         # The check reads w on the host: not possible while torch.compile traces or a CUDA graph captures
         # (there w was checked when it was made, or the caller's loop checks it once before capture).
-        capturing = w.is_cuda and torch.cuda.is_current_stream_capturing()
-        if not torch.compiler.is_compiling() and not capturing and not bool(torch.isfinite(w).all()):
-            raise ValueError("w must be finite (in float32), got a non-finite value")
+        # (is_compiling first: is_current_stream_capturing returns a bool, which torch.compile cannot trace)
+        if not torch.compiler.is_compiling() and not (w.is_cuda and torch.cuda.is_current_stream_capturing()):
+            if not bool(torch.isfinite(w).all()):
+                raise ValueError("w must be finite (in float32), got a non-finite value")
         return w.contiguous()
     value = real("w", w)
     if abs(value) > torch.finfo(torch.float32).max:

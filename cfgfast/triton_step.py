@@ -156,6 +156,12 @@ if triton is not None:
     ):
         """One reverse step (SPEC §2) of 4 BLOCK elements of one sample; the formulas of
         csrc/include/cfgfast/step.h in float32. out may alias z: each element is read before it is written."""
+        # The coefficients in float32, as the launch passes them eagerly; torch.compile's launch of the same
+        # kernel may type Python floats otherwise, and the step must not depend on who launches it.
+        alpha, sigma, clip = tl.cast(alpha, tl.float32), tl.cast(sigma, tl.float32), tl.cast(clip, tl.float32)
+        mean_z, mean_eps = tl.cast(mean_z, tl.float32), tl.cast(mean_eps, tl.float32)
+        mean_z_clip, mean_x_clip = tl.cast(mean_z_clip, tl.float32), tl.cast(mean_x_clip, tl.float32)
+        noise_std = tl.cast(noise_std, tl.float32)
         pid = tl.program_id(0)
         b = pid // blocks_per_sample
         group = (pid - b * blocks_per_sample) * BLOCK + tl.arange(0, BLOCK)

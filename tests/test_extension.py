@@ -64,7 +64,8 @@ def test_import_and_reference_work_without_the_extension(tmp_path):
         import torch, cfgfast
         info = cfgfast.build_info()
         assert info["cpu_kernel"] is False and "extension_error" in info, info
-        assert cfgfast.available_backends() == ["reference"], cfgfast.available_backends()
+        # the compiled backends are gone; triton (no _C needed) stays where a GPU is
+        assert cfgfast.available_backends() in (["reference"], ["reference", "triton"]), cfgfast.available_backends()
         z = torch.randn(2, 5)
         out = cfgfast.reverse_step(z, z, z, 0.0, 1.0, 1.0)
         assert torch.isfinite(out).all()

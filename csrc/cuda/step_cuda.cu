@@ -26,7 +26,7 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kBlocksPerSm = 8;
-constexpr int kDefaultGroupsPerThread = 1;
+constexpr int kDefaultGroupsPerThread = 2;  // 5% faster than 1 at 64M elements on an H200 (gpu_table --sweep)
 
 struct DeviceStepArgs {
   float* out;
