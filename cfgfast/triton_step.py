@@ -190,15 +190,16 @@ if triton is not None:
                 result = mean_z * z - mean_eps * eps + noise_std * n  # mu, second form
         tl.store(out_ptr + offset, result, mask=mask)
 
-    @triton.jit(do_not_specialize=["seed", "step", "stream", "index_offset"])
-    def _normal_noise_kernel(out_ptr, seed, step, stream, index_offset, per_sample, blocks_per_sample,
+    # (noise_stream, not stream: torch.compile's launcher of a user kernel has its own argument named stream)
+    @triton.jit(do_not_specialize=["seed", "step", "noise_stream", "index_offset"])
+    def _normal_noise_kernel(out_ptr, seed, step, noise_stream, index_offset, per_sample, blocks_per_sample,
                              BLOCK: tl.constexpr):
         """The noise of SPEC §3 for 4 BLOCK elements of one sample."""
         pid = tl.program_id(0)
         b = pid // blocks_per_sample
         group = (pid - b * blocks_per_sample) * BLOCK + tl.arange(0, BLOCK)
         j = (pid - b * blocks_per_sample) * (4 * BLOCK) + tl.arange(0, 4 * BLOCK)
-        n = _sample_normals(seed, group, b.to(tl.int64) + index_offset, step, stream, BLOCK)
+        n = _sample_normals(seed, group, b.to(tl.int64) + index_offset, step, noise_stream, BLOCK)
         tl.store(out_ptr + b.to(tl.int64) * per_sample + j, n, mask=j < per_sample)
 
     @triton.jit(do_not_specialize=["seed"])

@@ -344,6 +344,25 @@ def test_ops_are_registered():
         assert re.search(r"\(Tensor\(a\d*!\) out,", schema), schema  # out, and only out, is written
 
 
+def test_kernel_arguments_leave_inductors_launcher_names_free():
+    """torch.compile's launcher of a user Triton kernel takes its own `stream` argument: a kernel argument of that
+    name stopped compilation on a GPU (SyntaxError: duplicate argument 'stream'), which the interpreter never sees."""
+    for kernel in (triton_step._reverse_step_kernel, triton_step._normal_noise_kernel):
+        assert not {"stream", "grid", "function"} & set(kernel.arg_names), kernel.arg_names
+
+
+@pytest.mark.skipif(INTERPRETED, reason="torch.compile of a Triton op needs a GPU (the interpreter cannot be traced)")
+def test_torch_compile_sees_the_noise_kernel(device):
+    def draw(z):
+        out = torch.empty_like(z)
+        torch.ops.cfgfast.triton_normal_noise_(out, 3, 4, 1, 2)
+        return out + z
+
+    z = torch.zeros(3, 5, 7, device=device)
+    compiled = torch.compile(draw, fullgraph=True)
+    torch.testing.assert_close(compiled(z), draw(z), rtol=0, atol=0)
+
+
 @pytest.mark.skipif(INTERPRETED, reason="torch.compile of a Triton op needs a GPU (the interpreter cannot be traced)")
 def test_torch_compile_sees_the_kernels(device):
     shape = (4, 3, 17)
