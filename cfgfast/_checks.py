@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import weakref
 
 import torch
 
@@ -73,23 +74,38 @@ def resolve_device(device) -> torch.device:
     return device
 
 
+# The last w tensor found finite and its version counter (which every in-place change of it or of a view of it
+# advances): a sampling loop that passes the same w at every step pays for one check, and on a GPU one
+# host-device synchronisation, not one per step.
+_FINITE_W: tuple[weakref.ref, int] | None = None
+
+
+def _check_finite_w(w: torch.Tensor) -> None:
+    global _FINITE_W
+    last = _FINITE_W
+    if last is not None and last[0]() is w and last[1] == w._version:
+        return
+    # in float32, as the kernels read it: 1e300 in float64 is not finite there
+    if not bool(torch.isfinite(w.to(torch.float32)).all()):
+        raise ValueError("w must be finite (in float32), got a non-finite value")
+    _FINITE_W = (weakref.ref(w), w._version)
+
+
 def guidance(w, batch: int, device: torch.device) -> torch.Tensor:
     """w as a float32 tensor [batch] on device: a number, a 0-d tensor or one value per sample."""
     if isinstance(w, torch.Tensor):
-        if w.dim() == 0:
-            w = w.reshape(1).expand(batch)
-        elif w.shape != (batch,):
+        if w.dim() != 0 and w.shape != (batch,):
             raise ValueError(f"w must be a number or a tensor of shape [{batch}] (one per sample), got {tuple(w.shape)}")
         if not (w.is_floating_point() or w.dtype in (torch.int32, torch.int64)):
             raise TypeError(f"w must be a real tensor, got {w.dtype}")
-        w = w.to(device=device, dtype=torch.float32)
         # The check reads w on the host: not possible while torch.compile traces or a CUDA graph captures
         # (there w was checked when it was made, or the caller's loop checks it once before capture).
         # (is_compiling first: is_current_stream_capturing returns a bool, which torch.compile cannot trace)
         if not torch.compiler.is_compiling() and not (w.is_cuda and torch.cuda.is_current_stream_capturing()):
-            if not bool(torch.isfinite(w).all()):
-                raise ValueError("w must be finite (in float32), got a non-finite value")
-        return w.contiguous()
+            _check_finite_w(w)
+        if w.dim() == 0:
+            w = w.reshape(1).expand(batch)
+        return w.to(device=device, dtype=torch.float32).contiguous()
     value = real("w", w)
     if abs(value) > torch.finfo(torch.float32).max:
         raise ValueError(f"w must be finite in float32, got {value}")
@@ -115,6 +131,8 @@ def seed_as_int64(value: int) -> int:
 def _byte_range(t: torch.Tensor) -> tuple[int, int]:
     if t.numel() == 0:
         return 0, 0
+    if t.is_contiguous():  # the usual case, without walking the strides in Python
+        return t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
     start = t.data_ptr() + t.element_size() * sum(min(0, st * (sz - 1)) for st, sz in zip(t.stride(), t.shape))
     end = t.data_ptr() + t.element_size() * (1 + sum(max(0, st * (sz - 1)) for st, sz in zip(t.stride(), t.shape)))
     return start, end
@@ -124,11 +142,13 @@ def out_may_alias(out: torch.Tensor, **inputs: torch.Tensor | None) -> None:
     """out may be one of the inputs exactly (an in-place step) but must not partly overlap any."""
     lo, hi = _byte_range(out)
     for name, t in inputs.items():
-        if t is None or t.device != out.device:
+        if t is None or t is out or t.device != out.device:
             continue
         same = t.data_ptr() == out.data_ptr() and t.stride() == out.stride() and t.shape == out.shape
+        if same:
+            continue
         t_lo, t_hi = _byte_range(t)
-        if not same and t_lo < hi and lo < t_hi:
+        if t_lo < hi and lo < t_hi:
             raise ValueError(f"out must not partly overlap {name} (it may be {name} itself, for an in-place step)")
 
 

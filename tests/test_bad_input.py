@@ -76,6 +76,21 @@ def test_bad_input_is_named(backend, overrides, exc, message):
         call(backend, **overrides)
 
 
+@pytest.mark.parametrize("change", ["in_place", "through_a_view", "zero_dim"])
+def test_w_changed_after_a_check_is_checked_again(change):
+    """A w tensor found finite is not read again while unchanged (one host read per sampling loop, not per step);
+    any in-place change, also through a view, makes the next step check it again."""
+    w = torch.tensor(2.0) if change == "zero_dim" else torch.tensor([1.0, 2.0, 3.0])
+    call("reference", w=w)
+    call("reference", w=w)
+    if change == "through_a_view":
+        w[1:].fill_(float("nan"))
+    else:
+        w.fill_(float("inf"))
+    with pytest.raises(ValueError, match="w must be finite"):
+        call("reference", w=w)
+
+
 def test_last_step_accepts_any_lam_next():
     out = call("reference", lam=2.0, lam_next=2.0, last=True)
     assert torch.isfinite(out).all()
