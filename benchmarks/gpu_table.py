@@ -70,23 +70,28 @@ def rows(sizes_m: list[int], bf16_size_m: int | None = None) -> list[dict]:
 
 
 def cuda_sweep(millions: int) -> list[dict]:
-    """The CUDA step kernel at one size with 1 and 2 groups of four elements per thread and round."""
+    """The CUDA step kernel at one size (float32 and bfloat16 eps) with 1 and 2 groups of four elements per
+    thread and round: the data behind the kernel's default (0: chosen by eps dtype)."""
     from cfgfast import _ext
 
     module = _ext.load()
     if "cuda" not in cfgfast.available_backends() or not hasattr(module, "set_cuda_groups_per_thread"):
         return []
     shape = (millions * 16, 65536)
-    x = make_step_inputs(shape, torch.float32, "cuda", seed=0)
-    out = torch.empty_like(x.z)
-    copy_gbs = 8 * out.numel() / time_ms(lambda: out.copy_(x.z)) / 1e6
     result = []
     saved = module.set_cuda_groups_per_thread(1)
     try:
-        for groups in (1, 2):
-            module.set_cuda_groups_per_thread(groups)
-            gbs = 16 * out.numel() / time_ms(_step(x, "cuda", out)) / 1e6
-            result.append(dict(groups_per_thread=groups, gb_per_s=gbs, of_copy=gbs / copy_gbs))
+        for eps_dtype in (torch.float32, torch.bfloat16):
+            x = make_step_inputs(shape, eps_dtype, "cuda", seed=0)
+            out = torch.empty_like(x.z)
+            copy_gbs = 8 * out.numel() / time_ms(lambda: out.copy_(x.z)) / 1e6
+            step_bytes = (8 + 2 * x.eps_cond.element_size()) * out.numel()
+            for groups in (1, 2):
+                module.set_cuda_groups_per_thread(groups)
+                gbs = step_bytes / time_ms(_step(x, "cuda", out)) / 1e6
+                result.append(dict(eps=str(eps_dtype).removeprefix("torch."), groups_per_thread=groups,
+                                   gb_per_s=gbs, of_copy=gbs / copy_gbs))
+            del x, out
     finally:
         module.set_cuda_groups_per_thread(saved)
     return result
@@ -137,7 +142,7 @@ def main() -> None:
         cuda_swept = cuda_sweep(max(args.sizes))
         print(f"cuda settings at {max(args.sizes)}M float32 elements:")
         for r in cuda_swept:
-            print(f"  groups per thread {r['groups_per_thread']}: {r['gb_per_s']:7.0f} GB/s, "
+            print(f"  {r['eps']:8} eps, groups per thread {r['groups_per_thread']}: {r['gb_per_s']:7.0f} GB/s, "
                   f"{100 * r['of_copy']:5.1f}% of copy")
         settings = [(g, w) for g in (128, 256, 512, 1024) for w in (4, 8)]
         swept = sweep(max(args.sizes), settings)

@@ -96,11 +96,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def(
       "set_cuda_groups_per_thread",
       [](int n) {
-        if (n != 1 && n != 2) throw py::value_error("cfgfast: groups per thread must be 1 or 2, got " + std::to_string(n));
+        if (n < 0 || n > 2) {
+          throw py::value_error("cfgfast: groups per thread must be 1 or 2 (or 0: chosen by eps dtype), got " +
+                                std::to_string(n));
+        }
         return cfgfast::set_cuda_groups_per_thread(n);
       },
-      "The CUDA step kernel's groups of four elements per thread and round (1 or 2), a tuning knob for "
-      "benchmarks; returns the previous setting.");
+      "The CUDA step kernel's groups of four elements per thread and round: 1 or 2, or 0 (the default) to choose "
+      "by eps dtype. A tuning knob for benchmarks; returns the previous setting.");
 #endif
 
   m.def(

@@ -121,12 +121,13 @@ GPU_OP_CASES = [pytest.param(b, id=b) for b in ("cuda",) if torch.cuda.is_availa
 @pytest.mark.parametrize("backend", GPU_OP_CASES)
 @pytest.mark.parametrize("shape", [(3, 7), (5, 4097), (3, 1_000_003), (2, 3, 512, 512)], ids=str)
 @pytest.mark.parametrize("mode", ["noise", "clip", "explicit", "last"])
-def test_cuda_groups_per_thread_give_the_same_bits(backend, shape, mode):
+@pytest.mark.parametrize("eps_dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cuda_groups_per_thread_give_the_same_bits(backend, shape, mode, eps_dtype):
     """The CUDA step kernel's tuning knob (1 or 2 groups of four per thread and round) changes nothing: the
     vectorised and the scalar path, one round of the grid-stride loop and several, a partial last round."""
     module = _ext.load()
     z = torch.randn(shape, device="cuda")
-    eps_c, eps_u = torch.randn_like(z), torch.randn_like(z)
+    eps_c, eps_u = torch.randn_like(z).to(eps_dtype), torch.randn_like(z).to(eps_dtype)
     w = torch.rand(shape[0], device="cuda") * 3
     kwargs = {"noise": dict(), "clip": dict(clip=1.0), "explicit": dict(noise=torch.randn_like(z)),
               "last": dict(last=True)}[mode]
@@ -139,6 +140,7 @@ def test_cuda_groups_per_thread_give_the_same_bits(backend, shape, mode):
         finally:
             module.set_cuda_groups_per_thread(previous)
     assert torch.equal(results[0], results[1])
+    assert module.set_cuda_groups_per_thread(0) == 0  # the default: chosen by eps dtype
     with pytest.raises(ValueError, match="groups per thread must be 1 or 2"):
         module.set_cuda_groups_per_thread(3)
 

@@ -26,7 +26,6 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kBlocksPerSm = 8;
-constexpr int kDefaultGroupsPerThread = 2;  // 5% faster than 1 at 64M elements on an H200 (gpu_table --sweep)
 
 struct DeviceStepArgs {
   float* out;
@@ -205,8 +204,10 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// Groups per thread and round of the step kernel: 1 or 2 (set_groups_per_thread; gpu_table.py times both).
-std::atomic<int> groups_per_thread{kDefaultGroupsPerThread};
+// Groups per thread and round of the step kernel: 1 or 2, or 0 for the choice by ε's dtype that the H200
+// measurements of gpu_table.py made: 2 for float32 ε (5% faster than 1 at 64M elements), 1 for bfloat16 and
+// float16 ε (where 2 was 23% slower). set_cuda_groups_per_thread forces one.
+std::atomic<int> groups_per_thread{0};
 
 int grid_for(int64_t total_groups, c10::DeviceIndex device, int groups_per_thread = 1) {
   int sms = 0;
@@ -225,7 +226,8 @@ void launch_step(DeviceStepArgs& a, at::ScalarType eps_type, const at::Tensor& l
   const bool vec = a.numel_per_sample % 4 == 0 && aligned(a.out, 16) && aligned(a.z, 16) &&
                    aligned(a.eps_cond, eps_bytes) && aligned(a.eps_uncond, eps_bytes) &&
                    (a.noise == nullptr || aligned(a.noise, 16));
-  const int per_thread = groups_per_thread.load(std::memory_order_relaxed);
+  const int setting = groups_per_thread.load(std::memory_order_relaxed);
+  const int per_thread = setting != 0 ? setting : (eps_type == at::kFloat ? 2 : 1);
   const int blocks = grid_for(a.total_groups, like.device().index(), per_thread);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(like.device().index()).stream();
   auto go = [&](auto eps_tag) {
@@ -319,7 +321,7 @@ void normal_noise_cuda(at::Tensor& out, int64_t seed, int64_t step, int64_t stre
 
 }  // namespace
 
-int set_cuda_groups_per_thread(int n) { return groups_per_thread.exchange(n == 2 ? 2 : 1); }
+int set_cuda_groups_per_thread(int n) { return groups_per_thread.exchange(n == 1 || n == 2 ? n : 0); }
 
 TORCH_LIBRARY_IMPL(cfgfast, CUDA, m) {
   m.impl("reverse_step_", &reverse_step_cuda);

@@ -3,8 +3,9 @@
 
 namespace cfgfast {
 
-// The step kernel's groups of four elements per thread and round of its grid-stride loop, 1 or 2; returns the
-// previous setting. A tuning knob for benchmarks/gpu_table.py; the samples do not depend on it.
+// The step kernel's groups of four elements per thread and round of its grid-stride loop: 1 or 2, or 0 (the
+// default) for the choice by ε's dtype; returns the previous setting. A tuning knob for benchmarks/gpu_table.py;
+// the samples do not depend on it.
 int set_cuda_groups_per_thread(int n);
 
 }  // namespace cfgfast
