@@ -22,6 +22,7 @@ from .utils import (
     EAGER_LABEL,
     FAST_BACKENDS,
     FORWARD_LABEL,
+    GPU_ONLY_SIZES,
     HAND_LOOP_LABEL,
     RANDN_LABEL,
     REFERENCE_LABEL,
@@ -32,6 +33,7 @@ from .utils import (
     fused_label,
     make_step_inputs,
     noise_label,
+    runs_on,
     synchronized,
 )
 
@@ -81,6 +83,11 @@ def pytest_collection_modifyitems(session, config, items):
 
     for slot, item in zip(slots, sorted((items[i] for i in slots), key=rank)):
         items[slot] = item
+    gpu_only = pytest.mark.skip(reason="a GPU-only size (16M and 64M elements are timed on a GPU)")
+    for i in slots:
+        params = getattr(getattr(items[i], "callspec", None), "params", {})
+        if params.get("size") in GPU_ONLY_SIZES and runs_on(params) == "cpu":
+            items[i].add_marker(gpu_only)
 
 
 @pytest.fixture(scope="session")

@@ -20,12 +20,23 @@ QUICK = os.environ.get("CFGFAST_BENCH_QUICK", "") not in ("", "0")
 SIZES: dict[str, tuple[int, ...]] = (
     {"8x3x16x16": (8, 3, 16, 16)}
     if QUICK
-    else {"256x3x64x64": (256, 3, 64, 64), "1024x3x64x64": (1024, 3, 64, 64)}
+    else {"64x3x64x64": (64, 3, 64, 64), "256x3x64x64": (256, 3, 64, 64), "1024x3x64x64": (1024, 3, 64, 64),
+          "16M": (256, 65536), "64M": (1024, 65536)}
 )
-SMALL_SIZE = next(iter(SIZES))  # the slow reference backend and the bfloat16 case run at this size only
+# Sizes timed on a GPU only (2^24 and 2^26 elements: large enough to leave the L2 and the launch behind).
+GPU_ONLY_SIZES = frozenset({"16M", "64M"})
+# the slow reference backend and the bfloat16 case run at this size only
+SMALL_SIZE = "8x3x16x16" if QUICK else "256x3x64x64"
 
 # The device each fast backend runs on; "reference" runs anywhere and is benchmarked on every device.
 BACKEND_DEVICE = {"cpu": "cpu", "cuda": "cuda", "triton": "cuda"}
+
+
+def runs_on(params: dict) -> str | None:
+    """The device a benchmark's parameters put it on (its device, or its backend's), None when neither."""
+    if "device" in params:
+        return params["device"]
+    return BACKEND_DEVICE.get(params.get("backend"))
 FAST_BACKENDS = tuple(BACKEND_DEVICE)
 DEVICES = ("cpu", "cuda")
 

@@ -15,6 +15,8 @@ MAX_WORD = 2**32  # counter words of SPEC §3 are 32 bits
 
 def integer(name: str, value, *, low: int = 0, high: int | None = None) -> int:
     """A Python int (or integral 0-d tensor) in [low, high)."""
+    if type(value) is int and value >= low and (high is None or value < high):  # the usual case, fast
+        return value
     if isinstance(value, torch.Tensor) and value.dim() == 0 and not value.is_floating_point():
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
@@ -28,6 +30,8 @@ def integer(name: str, value, *, low: int = 0, high: int | None = None) -> int:
 
 def real(name: str, value) -> float:
     """A finite Python float from a real number or a 0-d tensor."""
+    if type(value) is float and math.isfinite(value):  # the usual case, fast
+        return value
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:
             raise ValueError(f"{name} must be a number or a one-element tensor, got shape {tuple(value.shape)}")

@@ -152,15 +152,23 @@ def available_backends() -> list[str]:
     ]
 
 
+# "auto"'s choice per device and extension state: what the backends accept on a device does not change while
+# the process runs (the extension, triton and the GPUs are found once), and choosing costs more than a small step.
+_AUTO_CHOICE: dict[tuple[torch.device, str | None], Backend] = {}
+
+
 def choose(backend: str, device: torch.device) -> Backend:
     """The backend to run on `device`: the named one, or with "auto" the first that accepts."""
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a str, got {type(backend).__name__}")
     if backend == "auto":
-        for name in _AUTO_ORDER.get(device.type, ("reference",)):
-            if name in _BACKENDS and not _BACKENDS[name].refusals(device):
-                return _BACKENDS[name]
-        return _BACKENDS["reference"]
+        key = (device, _ext.error())
+        chosen = _AUTO_CHOICE.get(key)
+        if chosen is None:
+            chosen = next((_BACKENDS[name] for name in _AUTO_ORDER.get(device.type, ("reference",))
+                           if name in _BACKENDS and not _BACKENDS[name].refusals(device)), _BACKENDS["reference"])
+            _AUTO_CHOICE[key] = chosen
+        return chosen
     if backend not in BACKEND_NAMES:
         raise ValueError(f"backend must be 'auto' or one of {list(BACKEND_NAMES)}, got {backend!r}")
     if backend not in _BACKENDS:
