@@ -61,21 +61,26 @@ want tests && stage tests 200 25 "$py" -m pytest -q -p no:cacheprovider -rfE $xd
   "$REPO"/tests/test_{step,noise,triton,extension,compile,bad_input,sampler}.py
 
 cat > memcheck.py <<'PY'
-import torch, cfgfast
-for shape in [(3, 7), (5, 4097), (2, 3, 64, 64)]:
-    for dt in (torch.float32, torch.bfloat16, torch.float16):
-        z = torch.randn(shape, device="cuda")
-        e = torch.randn(shape, device="cuda").to(dt)
-        for kw in ({}, {"clip": 1.0}, {"last": True}, {"noise": torch.randn(shape, device="cuda")}):
-            for backend in [b for b in ("cuda", "triton") if b in cfgfast.available_backends()]:
-                cfgfast.reverse_step(z, e, e, -1.0, 0.0, 2.0, backend=backend, **kw)
-                # misaligned base pointers (the scalar path even where the sample length is a multiple of 4)
-                zu = torch.empty(z.numel() + 1, device="cuda")[1:].view(shape).copy_(z)
-                eu = torch.empty(z.numel() + 1, device="cuda", dtype=dt)[1:].view(shape).copy_(e)
-                cfgfast.reverse_step(zu, eu, eu, -1.0, 0.0, 2.0, backend=backend, **kw)
-    for backend in [b for b in ("cuda", "triton") if b in cfgfast.available_backends()]:
+import itertools, torch, cfgfast
+from cfgfast import _ext
+knob = getattr(_ext.load(), "set_cuda_groups_per_thread", lambda n: 0)
+backends = [b for b in ("cuda", "triton") if b in cfgfast.available_backends()]
+# both CUDA settings (1 and 2 groups of four a thread); (3, 1000003): several grid-stride rounds, a partial last
+for groups, shape, dt in itertools.product((1, 2), [(3, 7), (5, 4097), (2, 3, 64, 64), (3, 1_000_003)],
+                                           (torch.float32, torch.bfloat16, torch.float16)):
+    knob(groups)
+    z = torch.randn(shape, device="cuda")
+    e = torch.randn(shape, device="cuda").to(dt)
+    # misaligned base pointers: the scalar path, even where the sample length is a multiple of 4
+    zu = torch.empty(z.numel() + 1, device="cuda")[1:].view(shape).copy_(z)
+    eu = torch.empty(z.numel() + 1, device="cuda", dtype=dt)[1:].view(shape).copy_(e)
+    for kw, backend in itertools.product(({}, {"clip": 1.0}, {"last": True}, {"noise": torch.randn_like(z)}), backends):
+        cfgfast.reverse_step(z, e, e, -1.0, 0.0, 2.0, backend=backend, **kw)
+        cfgfast.reverse_step(zu, eu, eu, -1.0, 0.0, 2.0, backend=backend, **kw)
+    for backend in backends:
         cfgfast.normal_noise(shape, 3, device="cuda", backend=backend)
-if "cuda" in cfgfast.available_backends():
+knob(0)
+if "cuda" in backends:
     table = cfgfast.coefficient_table(cfgfast.sampling_lambdas(4), 0.3).cuda()
     for t in range(5):  # t = 4 is outside the table: NaN, not a wild read
         out = cfgfast.reverse_step_table(z, z, z, table, torch.tensor([t], device="cuda"), 1.0, backend="cuda")
@@ -86,13 +91,13 @@ PY
 if ! want memcheck; then
   :
 elif command -v compute-sanitizer > /dev/null; then
-  stage memcheck 90 6 compute-sanitizer --tool memcheck --error-exitcode 9 "$py" memcheck.py
+  stage memcheck 150 6 compute-sanitizer --tool memcheck --error-exitcode 9 "$py" memcheck.py
 else
   echo "!! compute-sanitizer not found"; status=1
 fi
 
 # (torch.compile with torch.randn, the "fallback" variant, is left out here: each compile costs half a minute)
-want benchmarks && stage benchmarks 180 0 "$py" -m pytest -q -p no:cacheprovider "$REPO"/benchmarks/test_{step,sample}_speed.py \
+want benchmarks && stage benchmarks 300 0 "$py" -m pytest -q -p no:cacheprovider "$REPO"/benchmarks/test_{step,sample}_speed.py \
   --benchmark-only -k "(cuda or triton) and not fallback" --benchmark-max-time 0.3 --benchmark-json "$LOG/benchmarks.json"
 want benchmarks && sed -n '/cfgfast step speed/,$p' "$LOG/benchmarks.log"
 echo "== done in $(( $(date +%s) - t0 ))s, status $status"
