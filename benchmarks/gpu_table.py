@@ -1,6 +1,8 @@
 """One table of the GPU reverse step: per backend and size, time, achieved GB/s (3 reads + 1 write of
 float32), the ratio to a device-to-device copy measured in the same run, the speed-up over the eager
-PyTorch step with torch.randn noise, and the time of the noise alone (its arithmetic without the reads). Run by benchmarks/gpu_check.sh on a machine with a GPU.
+PyTorch step with torch.randn noise, and the time of the noise alone (its arithmetic without the reads).
+Each figure is the best of 3 interleaved rounds of 50 calls (best_of_rounds). Run by benchmarks/gpu_check.sh on
+a machine with a GPU.
 
     python -m benchmarks.gpu_table [--sizes 1 16 64] [--bf16 64] [--sweep] [--out results.json]
 """
@@ -8,8 +10,11 @@ PyTorch step with torch.randn noise, and the time of the noise alone (its arithm
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
+import time
+from typing import Callable
 
 import torch
 
@@ -19,29 +24,67 @@ from cfgfast.reference import reverse_step_reference
 from .utils import make_step_inputs
 
 
-def time_ms(fn, warmup=10, repeat=50) -> float:
-    """Median of `repeat` calls timed with CUDA events, after `warmup` calls."""
-    for _ in range(warmup):
-        fn()
+ROUNDS = 3  # interleaved rounds per measurement; each variant's best round is reported
+
+
+def time_ms(fn, warmup_ms=25.0, repeat=50) -> float:
+    """Median of `repeat` calls timed with CUDA events, after at least warmup_ms of untimed calls (a new Triton
+    setting compiles in the first one; the clocks settle in the rest)."""
+    fn()
     torch.cuda.synchronize()
+    start = time.perf_counter()
+    while (time.perf_counter() - start) * 1e3 < warmup_ms:
+        fn()
+        torch.cuda.synchronize()
     times = []
     for _ in range(repeat):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
         fn()
         end.record()
         end.synchronize()
-        times.append(start.elapsed_time(end))
+        times.append(begin.elapsed_time(end))
     return sorted(times)[len(times) // 2]
 
 
-def _step(x, backend, out):
-    return lambda: cfgfast.reverse_step(x.z, x.eps_cond, x.eps_uncond, x.lam, x.lam_next, x.w, x.v, seed=1,
-                                        step=x.step, backend=backend, out=out)
+def best_of_rounds(variants: dict[str, Callable[[], object]], timer: Callable | None = None,
+                   rounds: int = ROUNDS) -> dict[str, float]:
+    """Every variant timed in each of `rounds` rounds, the rounds interleaved (a b c, a b c, ...) so that a slow
+    patch of the machine (clocks, power, a neighbour) falls on all variants alike; per variant its best round.
+    Two sweeps of the Triton settings measured one after the other disagreed on the best setting; this is why."""
+    timer = timer or time_ms
+    best = {name: math.inf for name in variants}
+    for _ in range(rounds):
+        for name, fn in variants.items():
+            best[name] = min(best[name], timer(fn))
+    return best
+
+
+def _step(x, backend, out, setting=None):
+    """One step on `backend` into out; setting() first (a tuning knob), inside the timed call: a Python
+    assignment or two, nothing on the GPU."""
+    def run():
+        if setting is not None:
+            setting()
+        return cfgfast.reverse_step(x.z, x.eps_cond, x.eps_uncond, x.lam, x.lam_next, x.w, x.v, seed=1,
+                                    step=x.step, backend=backend, out=out)
+    return run
+
+
+def triton_step_setting() -> tuple[int, int]:
+    """The Triton kernel's (BLOCK_GROUPS, NUM_WARPS) in force now."""
+    from cfgfast import triton_step
+
+    return triton_step.BLOCK_GROUPS, triton_step.NUM_WARPS
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def rows(sizes_m: list[int], bf16_size_m: int | None = None) -> list[dict]:
-    """Per size (and float32 eps; bfloat16 eps too at bf16_size_m), the copy, the eager step and each backend."""
+    """Per size (and float32 eps; bfloat16 eps too at bf16_size_m), the copy, the eager step, each backend and
+    (float32) each backend's noise alone."""
     out_rows = []
     backends = [b for b in ("cuda", "triton") if b in cfgfast.available_backends()]
     cases = [(m, torch.float32) for m in sizes_m] + ([(bf16_size_m, torch.bfloat16)] if bf16_size_m else [])
@@ -51,20 +94,25 @@ def rows(sizes_m: list[int], bf16_size_m: int | None = None) -> list[dict]:
         out = torch.empty_like(x.z)
         elements = math.prod(shape)
         step_bytes = (8 + 2 * x.eps_cond.element_size()) * elements  # z, eps_cond, eps_uncond read; z' written
-        copy_ms = time_ms(lambda: out.copy_(x.z))
-        copy_gbs = 8 * elements / copy_ms / 1e6
-        eager_ms = time_ms(lambda: reverse_step_reference(x.z, x.eps_cond, x.eps_uncond, x.w, x.coefficients,
-                                                          torch.randn_like(x.z)))
+        variants = {
+            "copy": lambda: out.copy_(x.z),
+            "eager": lambda: reverse_step_reference(x.z, x.eps_cond, x.eps_uncond, x.w, x.coefficients,
+                                                    torch.randn_like(x.z)),
+        }
         for backend in backends:
-            ms = time_ms(_step(x, backend, out))
-            gbs = step_bytes / ms / 1e6
-            # the noise alone into out (one write): what the step's arithmetic costs without its reads
-            noise_ms = time_ms(lambda: cfgfast.normal_noise(shape, 1, 3, device="cuda", backend=backend, out=out)) \
-                if eps_dtype == torch.float32 else math.nan
-            out_rows.append(dict(backend=backend, eps=str(eps_dtype).removeprefix("torch."), elements=elements, ms=ms,
-                                 gb_per_s=gbs, copy_gb_per_s=copy_gbs, of_copy=gbs / copy_gbs, eager_ms=eager_ms,
-                                 speedup=eager_ms / ms, noise_ms=noise_ms))
-        del x, out
+            variants[backend] = _step(x, backend, out)
+            if eps_dtype == torch.float32:
+                # the noise alone into out (one write): what the step's arithmetic costs without its reads
+                variants["noise " + backend] = functools.partial(cfgfast.normal_noise, shape, 1, 3, device="cuda",
+                                                                 backend=backend, out=out)
+        ms = best_of_rounds(variants)
+        copy_gbs = 8 * elements / ms["copy"] / 1e6
+        for backend in backends:
+            gbs = step_bytes / ms[backend] / 1e6
+            out_rows.append(dict(backend=backend, eps=_dtype_name(eps_dtype), elements=elements, ms=ms[backend],
+                                 gb_per_s=gbs, copy_gb_per_s=copy_gbs, of_copy=gbs / copy_gbs, eager_ms=ms["eager"],
+                                 speedup=ms["eager"] / ms[backend], noise_ms=ms.get("noise " + backend, math.nan)))
+        del x, out, variants
         torch.cuda.empty_cache()
     return out_rows
 
@@ -79,19 +127,22 @@ def cuda_sweep(millions: int) -> list[dict]:
         return []
     shape = (millions * 16, 65536)
     result = []
-    saved = module.set_cuda_groups_per_thread(1)
+    saved = module.set_cuda_groups_per_thread(0)
     try:
         for eps_dtype in (torch.float32, torch.bfloat16):
             x = make_step_inputs(shape, eps_dtype, "cuda", seed=0)
             out = torch.empty_like(x.z)
-            copy_gbs = 8 * out.numel() / time_ms(lambda: out.copy_(x.z)) / 1e6
             step_bytes = (8 + 2 * x.eps_cond.element_size()) * out.numel()
+            variants = {"copy": lambda: out.copy_(x.z)}
             for groups in (1, 2):
-                module.set_cuda_groups_per_thread(groups)
-                gbs = step_bytes / time_ms(_step(x, "cuda", out)) / 1e6
-                result.append(dict(eps=str(eps_dtype).removeprefix("torch."), groups_per_thread=groups,
-                                   gb_per_s=gbs, of_copy=gbs / copy_gbs))
-            del x, out
+                variants[groups] = _step(x, "cuda", out, functools.partial(module.set_cuda_groups_per_thread, groups))
+            ms = best_of_rounds(variants)
+            copy_gbs = 8 * out.numel() / ms["copy"] / 1e6
+            for groups in (1, 2):
+                gbs = step_bytes / ms[groups] / 1e6
+                result.append(dict(eps=_dtype_name(eps_dtype), groups_per_thread=groups, gb_per_s=gbs,
+                                   of_copy=gbs / copy_gbs))
+            del x, out, variants
     finally:
         module.set_cuda_groups_per_thread(saved)
     return result
@@ -107,16 +158,22 @@ def sweep(millions: int, settings: list[tuple[int, int]]) -> list[dict]:
     shape = (millions * 16, 65536)
     x = make_step_inputs(shape, torch.float32, "cuda", seed=0)
     out = torch.empty_like(x.z)
-    copy_gbs = 8 * out.numel() / time_ms(lambda: out.copy_(x.z)) / 1e6
     saved = triton_step.BLOCK_GROUPS, triton_step.NUM_WARPS
-    result = []
+
+    def use(groups, warps):
+        triton_step.BLOCK_GROUPS, triton_step.NUM_WARPS = groups, warps
+
+    variants = {"copy": lambda: out.copy_(x.z)}
+    variants.update({setting: _step(x, "triton", out, functools.partial(use, *setting)) for setting in settings})
     try:
-        for groups, warps in settings:
-            triton_step.BLOCK_GROUPS, triton_step.NUM_WARPS = groups, warps
-            gbs = 16 * out.numel() / time_ms(_step(x, "triton", out)) / 1e6
-            result.append(dict(block_groups=groups, num_warps=warps, gb_per_s=gbs, of_copy=gbs / copy_gbs))
+        ms = best_of_rounds(variants)
     finally:
-        triton_step.BLOCK_GROUPS, triton_step.NUM_WARPS = saved
+        use(*saved)
+    copy_gbs = 8 * out.numel() / ms["copy"] / 1e6
+    result = []
+    for groups, warps in settings:
+        gbs = 16 * out.numel() / ms[(groups, warps)] / 1e6
+        result.append(dict(block_groups=groups, num_warps=warps, gb_per_s=gbs, of_copy=gbs / copy_gbs))
     return result
 
 
@@ -140,9 +197,9 @@ def main() -> None:
     swept, cuda_swept = [], []
     if args.sweep:
         cuda_swept = cuda_sweep(max(args.sizes))
-        print(f"cuda settings at {max(args.sizes)}M float32 elements:")
+        print(f"cuda settings at {max(args.sizes)}M elements (groups of 4 per thread and round):")
         for r in cuda_swept:
-            print(f"  {r['eps']:8} eps, groups per thread {r['groups_per_thread']}: {r['gb_per_s']:7.0f} GB/s, "
+            print(f"  {r['eps']:8} eps, {r['groups_per_thread']} per thread: {r['gb_per_s']:7.0f} GB/s, "
                   f"{100 * r['of_copy']:5.1f}% of copy")
         settings = [(g, w) for g in (128, 256, 512, 1024) for w in (4, 8)]
         swept = sweep(max(args.sizes), settings)

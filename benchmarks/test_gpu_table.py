@@ -1,0 +1,73 @@
+"""benchmarks/gpu_table.py's measuring logic on the CPU, with a stand-in timer (the table itself needs a GPU)."""
+
+from __future__ import annotations
+
+from .gpu_table import best_of_rounds
+
+
+def test_rounds_are_interleaved_and_the_best_round_is_kept():
+    calls = []
+    # a machine that slows down and recovers: each call of the timer costs what the clock says at that moment
+    clock = iter([5.0, 6.0, 7.0, 3.0, 9.0, 4.0, 8.0, 8.0, 2.0])
+
+    def timer(fn):
+        calls.append(fn())
+        return next(clock)
+
+    best = best_of_rounds({"a": lambda: "a", "b": lambda: "b", "c": lambda: "c"}, timer=timer, rounds=3)
+    assert calls == ["a", "b", "c"] * 3
+    assert best == {"a": 3.0, "b": 6.0, "c": 2.0}
+
+
+def test_the_whole_table_runs(monkeypatch, tmp_path, capsys):
+    """main() end to end with the GPU stood in for: every kernel call counted, the timer a constant per variant
+    kind, the inputs tiny CPU tensors. Catches what would otherwise fail only on a lent GPU's clock."""
+    import json
+    import sys
+
+    import torch
+
+    import cfgfast
+
+    from . import gpu_table
+
+    calls = []
+
+    def fake_step(*args, backend, out, **kwargs):
+        calls.append(("step", backend, gpu_table.triton_step_setting()))
+        return out
+
+    def fake_noise(shape, seed, step, *, device, backend, out):
+        calls.append(("noise", backend))
+        return out
+
+    def fake_timer(fn):
+        fn()
+        return 2.0
+
+    small = gpu_table.make_step_inputs
+    monkeypatch.setattr(gpu_table, "make_step_inputs", lambda shape, dtype, device, seed: small((2, 8), dtype, "cpu"))
+    monkeypatch.setattr(gpu_table, "time_ms", fake_timer)
+    monkeypatch.setattr(gpu_table.cfgfast, "reverse_step", fake_step)
+    monkeypatch.setattr(gpu_table.cfgfast, "normal_noise", fake_noise)
+    monkeypatch.setattr(gpu_table.cfgfast, "available_backends", lambda: ["reference", "cpu", "triton", "cuda"])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Stand-in GPU")
+    out = tmp_path / "table.json"
+    monkeypatch.setattr(sys, "argv", ["gpu_table", "--sizes", "1", "4", "--bf16", "4", "--sweep", "--out", str(out)])
+    gpu_table.main()
+    result = json.loads(out.read_text())
+    assert [(r["backend"], r["eps"], r["elements"]) for r in result["rows"]] == [
+        ("cuda", "float32", 2**20), ("triton", "float32", 2**20), ("cuda", "float32", 2**22),
+        ("triton", "float32", 2**22), ("cuda", "bfloat16", 2**22), ("triton", "bfloat16", 2**22)]
+    row = result["rows"][0]
+    assert row["of_copy"] == 2.0 and row["speedup"] == 1.0  # 16 bytes per element against a copy's 8, same time
+    assert [(r["eps"], r["groups_per_thread"]) for r in result["cuda_sweep"]] == [
+        ("float32", 1), ("float32", 2), ("bfloat16", 1), ("bfloat16", 2)]
+    assert len(result["triton_sweep"]) == 8
+    # each Triton setting was in force while its own variant ran, and the module's setting is restored after
+    swept = {c[2] for c in calls if c[:2] == ("step", "triton")}
+    assert {(r["block_groups"], r["num_warps"]) for r in result["triton_sweep"]} <= swept
+    assert gpu_table.triton_step_setting() == (256, 4)
+    assert "Stand-in GPU" in capsys.readouterr().out
+    assert cfgfast.reverse_step is fake_step  # the stand-ins were the ones called
