@@ -122,12 +122,21 @@ if triton is not None:
         return s, c
 
     @triton.jit
-    def _words_to_normals(x0, x1, x2, x3, BLOCK: tl.constexpr):
-        """Box–Muller of SPEC §3: [4 BLOCK] normals, group q's four at 4q .. 4q + 3, from [BLOCK] uint32 words."""
-        rho = _box_muller_radius(tl.join(x0, x2))  # [BLOCK, 2]: rho0, rho1
-        s, c = _sincos_turns(tl.join(x1, x3))  # theta0, theta1
-        # [BLOCK, 2, 2] in C order: rho0 cos0, rho0 sin0, rho1 cos1, rho1 sin1
-        return tl.reshape(tl.join(rho * c, rho * s), [4 * BLOCK])
+    def _words_to_normals(x0, x1, x2, x3):
+        """Box–Muller of SPEC §3: [BLOCK, 4] normals, row q the four of group q, from [BLOCK] uint32 words.
+
+        Built by broadcasting each group's radii and angles along the row (not by joining and reshaping), so the
+        normals share the [BLOCK, 4] layout of the step's loads: no shuffle through shared memory (checked by
+        tests/test_codegen.py)."""
+        rho0, rho1 = _box_muller_radius(x0)[:, None], _box_muller_radius(x2)[:, None]
+        s0, c0 = _sincos_turns(x1)
+        s1, c1 = _sincos_turns(x3)
+        col = tl.arange(0, 4)[None, :]
+        first = col < 2  # columns 0, 1: rho0 cos0, rho0 sin0; columns 2, 3: rho1 cos1, rho1 sin1
+        rho = tl.where(first, rho0, rho1)
+        cos = tl.where(first, c0[:, None], c1[:, None])
+        sin = tl.where(first, s0[:, None], s1[:, None])
+        return rho * tl.where((col & 1) == 0, cos, sin)
 
     @triton.jit
     def _philox(seed, c0, c1, c2, c3):
@@ -137,15 +146,15 @@ if triton is not None:
         return tl.random.philox(seed.to(tl.int64), c0, c1, c2, c3)
 
     @triton.jit
-    def _sample_normals(seed, group, sample, step, stream, BLOCK: tl.constexpr):
-        """[4 BLOCK] normals of the [BLOCK] groups `group` (int32) of global sample `sample` (int64)."""
+    def _sample_normals(seed, group, sample, step, stream):
+        """[BLOCK, 4] normals of the [BLOCK] groups `group` (int32) of global sample `sample` (int64)."""
         c0 = group.to(tl.uint32)
         zero = c0 * 0
         # step and stream may be int32 or int64 scalars, or a constant (Triton makes an argument equal to 1 one):
         # added to a uint32 block first (a constant stays uint32, an int64 widens it), then made uint32 words
         x0, x1, x2, x3 = _philox(seed, c0, zero + sample.to(tl.uint32), (zero + step).to(tl.uint32),
                                  (zero + stream).to(tl.uint32))
-        return _words_to_normals(x0, x1, x2, x3, BLOCK)
+        return _words_to_normals(x0, x1, x2, x3)
 
     @triton.jit(do_not_specialize=["seed", "step", "index_offset"])
     def _reverse_step_kernel(
@@ -165,7 +174,7 @@ if triton is not None:
         pid = tl.program_id(0)
         b = pid // blocks_per_sample
         group = (pid - b * blocks_per_sample) * BLOCK + tl.arange(0, BLOCK)
-        j = (pid - b * blocks_per_sample) * (4 * BLOCK) + tl.arange(0, 4 * BLOCK)  # element index in the sample
+        j = group[:, None] * 4 + tl.arange(0, 4)[None, :]  # [BLOCK, 4]: element index in the sample
         mask = j < per_sample
         offset = b.to(tl.int64) * per_sample + j
         z = tl.load(z_ptr + offset, mask=mask, other=0.0)
@@ -183,7 +192,7 @@ if triton is not None:
             if HAS_NOISE:
                 n = tl.load(noise_ptr + offset, mask=mask, other=0.0)
             else:
-                n = _sample_normals(seed, group, b.to(tl.int64) + index_offset, step, 1, BLOCK)
+                n = _sample_normals(seed, group, b.to(tl.int64) + index_offset, step, 1)
             if CLIP:
                 result = mean_z_clip * z + mean_x_clip * x + noise_std * n  # mu, first form
             else:
@@ -198,8 +207,8 @@ if triton is not None:
         pid = tl.program_id(0)
         b = pid // blocks_per_sample
         group = (pid - b * blocks_per_sample) * BLOCK + tl.arange(0, BLOCK)
-        j = (pid - b * blocks_per_sample) * (4 * BLOCK) + tl.arange(0, 4 * BLOCK)
-        n = _sample_normals(seed, group, b.to(tl.int64) + index_offset, step, noise_stream, BLOCK)
+        j = group[:, None] * 4 + tl.arange(0, 4)[None, :]
+        n = _sample_normals(seed, group, b.to(tl.int64) + index_offset, step, noise_stream)
         tl.store(out_ptr + b.to(tl.int64) * per_sample + j, n, mask=j < per_sample)
 
     @triton.jit(do_not_specialize=["seed"])
@@ -227,8 +236,8 @@ if triton is not None:
         x1 = tl.load(x1_ptr + g, mask=mask, other=0).to(tl.uint32)
         x2 = tl.load(x2_ptr + g, mask=mask, other=0).to(tl.uint32)
         x3 = tl.load(x3_ptr + g, mask=mask, other=0).to(tl.uint32)
-        j = tl.program_id(0) * (4 * BLOCK) + tl.arange(0, 4 * BLOCK)
-        tl.store(out_ptr + j, _words_to_normals(x0, x1, x2, x3, BLOCK), mask=j < 4 * groups)
+        j = g[:, None] * 4 + tl.arange(0, 4)[None, :]
+        tl.store(out_ptr + j, _words_to_normals(x0, x1, x2, x3), mask=j < 4 * groups)
 
     def _wrapped(kernel):
         """The kernel as torch.compile must see it inside a triton_op. Under TRITON_INTERPRET=1 older torch
