@@ -107,4 +107,14 @@ def test_cuda_kernels_vectorise_and_do_not_spill():
             vectorised_steps += 1
             assert "LDG.E.128" in body and "STG.E.128" in body, f"{name} does not load and store 16 bytes at a time"
     assert vectorised_steps >= 6, "expected the vectorised step kernels of 3 eps dtypes x 1 and 2 groups"
+    # occupancy: the vectorised step kernels fit 6 (1 group a thread) or 4 (2 groups) blocks of 256 threads in an
+    # SM's 64K registers, as their __launch_bounds__ ask
+    usage = subprocess.run([tool, "-res-usage", _ext.load().__file__], capture_output=True, text=True,
+                           check=True).stdout
+    registers = dict(re.findall(r"Function (\S+):\s*\n?\s*REG:(\d+)", usage))
+    limits = {name: 40 if "Lb1ELi1E" in name else 64 for name in registers
+              if "reverse_step_kernel" in name and re.search(r"Lb1ELi[12]E", name)}
+    assert len(limits) == vectorised_steps, f"register counts not found in {usage[:500]}"
+    over = {name: int(registers[name]) for name, limit in limits.items() if int(registers[name]) > limit}
+    assert not over, f"vectorised step kernels over their register budget (40 / 64): {over}"
 

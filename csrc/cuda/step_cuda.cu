@@ -48,21 +48,6 @@ struct DeviceStepArgs {
   int64_t table_len;
 };
 
-// (sample, group) of a flat group index; 32-bit division when everything fits (the usual case), which is
-// several times cheaper on the GPU than the 64-bit one.
-__device__ __forceinline__ void split_task(int64_t task, int64_t groups_per_sample, bool narrow, int64_t& b,
-                                           int64_t& g) {
-  if (narrow) {
-    const uint32_t t = static_cast<uint32_t>(task), n = static_cast<uint32_t>(groups_per_sample);
-    const uint32_t q = t / n;
-    b = q;
-    g = t - q * n;
-  } else {
-    b = task / groups_per_sample;
-    g = task - b * groups_per_sample;
-  }
-}
-
 template <class T>
 __device__ __forceinline__ float widen(T x) {
   return static_cast<float>(x);
@@ -84,8 +69,12 @@ __device__ __forceinline__ float element(float z, float eps, float n, const Step
 // Thread j handles the kGroups groups j, j + stride, ... of each round of the grid-stride loop. Every load of
 // a round is issued before its noise is computed, so the reads are in flight while Philox and Box–Muller run
 // (the noise is most of the arithmetic: computed first, it kept the loads waiting behind it).
+// The vectorised kernels are held to the registers that 6 blocks (1 group a thread) or 4 blocks (2 groups) of 256
+// threads per SM leave them (40 and 64), the occupancy they had before the grid-stride cursors cost registers
+// (42 and 80 unbounded; bounded, no spills: tests/test_codegen.py). The scalar kernels would spill under such a
+// bound: 0 leaves them unbounded.
 template <class EpsT, bool kVec, int kGroups>
-__global__ void __launch_bounds__(kThreads) reverse_step_kernel(DeviceStepArgs a) {
+__global__ void __launch_bounds__(kThreads, kVec ? (kGroups == 1 ? 6 : 4) : 0) reverse_step_kernel(DeviceStepArgs a) {
   StepCoef coef = a.coef;
   NoiseKey key = a.key;
   bool last = a.last;
@@ -110,24 +99,31 @@ __global__ void __launch_bounds__(kThreads) reverse_step_kernel(DeviceStepArgs a
   const bool read_noise = !last && a.noise != nullptr;
   const auto* ec = static_cast<const EpsT*>(a.eps_cond);
   const auto* eu = static_cast<const EpsT*>(a.eps_uncond);
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  const bool narrow = a.total_groups + kGroups * stride <= UINT32_MAX;
-  for (int64_t first = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; first < a.total_groups;
-       first += kGroups * stride) {
+  const uint64_t total = static_cast<uint64_t>(a.total_groups);
+  const uint64_t per_sample = static_cast<uint64_t>(a.groups_per_sample);
+  const uint64_t stride = static_cast<uint64_t>(gridDim.x) * blockDim.x;
+  const uint64_t first = static_cast<uint64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  // Group u of a round is task + u * stride; its (sample, group) cursor jumps by a round without dividing.
+  const GroupCursor jump = GroupCursor::at(kGroups * stride, per_sample);
+  GroupCursor at[kGroups];
+#pragma unroll
+  for (int u = 0; u < kGroups; ++u) at[u] = GroupCursor::at(first + u * stride, per_sample);
+  for (uint64_t task = first; task < total; task += kGroups * stride) {
     float zs[kGroups][4], cs[kGroups][4], us[kGroups][4], n[kGroups][4], w[kGroups];
-    int64_t b[kGroups], g[kGroups], i0[kGroups], count[kGroups];
+    int64_t i0[kGroups], count[kGroups];
 #pragma unroll
     for (int u = 0; u < kGroups; ++u) {
-      const int64_t task = first + u * stride;
-      count[u] = 0;
+      if (u > 0 && task + u * stride >= total) {  // past the end (u = 0 never is: the loop's condition)
+        count[u] = i0[u] = 0;
+        w[u] = 0.f;
 #pragma unroll
-      for (int k = 0; k < 4; ++k) zs[u][k] = cs[u][k] = us[u][k] = n[u][k] = 0.f;
-      w[u] = 0.f;
-      b[u] = g[u] = i0[u] = 0;
-      if (task >= a.total_groups) continue;
-      split_task(task, a.groups_per_sample, narrow, b[u], g[u]);
-      i0[u] = b[u] * a.numel_per_sample + 4 * g[u];
-      w[u] = a.w[b[u]];
+        for (int k = 0; k < 4; ++k) zs[u][k] = cs[u][k] = us[u][k] = n[u][k] = 0.f;
+        continue;
+      }
+      // with kVec every sample is a whole number of groups, so element 4 task starts the group
+      i0[u] = kVec ? static_cast<int64_t>(4 * (task + u * stride))
+                   : static_cast<int64_t>(at[u].b) * a.numel_per_sample + 4 * static_cast<int64_t>(at[u].g);
+      w[u] = a.w[at[u].b];
       if (kVec) {
         count[u] = 4;
         const float4 z4 = *reinterpret_cast<const float4*>(a.z + i0[u]);
@@ -139,11 +135,16 @@ __global__ void __launch_bounds__(kThreads) reverse_step_kernel(DeviceStepArgs a
         if (read_noise) {
           const float4 n4 = *reinterpret_cast<const float4*>(a.noise + i0[u]);
           n[u][0] = n4.x, n[u][1] = n4.y, n[u][2] = n4.z, n[u][3] = n4.w;
+        } else {
+#pragma unroll
+          for (int k = 0; k < 4; ++k) n[u][k] = 0.f;
         }
       } else {
-        count[u] = a.numel_per_sample - 4 * g[u] < 4 ? a.numel_per_sample - 4 * g[u] : 4;
+        const int64_t left = a.numel_per_sample - 4 * static_cast<int64_t>(at[u].g);
+        count[u] = left < 4 ? left : 4;
 #pragma unroll
         for (int k = 0; k < 4; ++k) {
+          zs[u][k] = cs[u][k] = us[u][k] = n[u][k] = 0.f;
           if (k < count[u]) {
             const int64_t i = i0[u] + k;
             zs[u][k] = a.z[i], cs[u][k] = widen(ec[i]), us[u][k] = widen(eu[i]);
@@ -156,8 +157,9 @@ __global__ void __launch_bounds__(kThreads) reverse_step_kernel(DeviceStepArgs a
 #pragma unroll
       for (int u = 0; u < kGroups; ++u) {
         if (count[u] > 0) {
-          normals4<float, uint32_t>(key, static_cast<uint32_t>(g[u]), static_cast<uint32_t>(a.index_offset + b[u]),
-                                    n[u][0], n[u][1], n[u][2], n[u][3]);
+          normals4<float, uint32_t>(key, static_cast<uint32_t>(at[u].g),
+                                    static_cast<uint32_t>(a.index_offset + at[u].b), n[u][0], n[u][1], n[u][2],
+                                    n[u][3]);
         }
       }
     }
@@ -179,27 +181,29 @@ __global__ void __launch_bounds__(kThreads) reverse_step_kernel(DeviceStepArgs a
         }
       }
     }
+#pragma unroll
+    for (int u = 0; u < kGroups; ++u) at[u].advance(jump, per_sample);
   }
 }
 
 __global__ void __launch_bounds__(kThreads)
     normal_noise_kernel(float* out, int64_t numel_per_sample, int64_t groups_per_sample, int64_t total_groups,
                         NoiseKey key, uint64_t index_offset, bool vec) {
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  const bool narrow = total_groups + stride <= UINT32_MAX;
-  for (int64_t task = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; task < total_groups;
-       task += stride) {
-    int64_t b, g;
-    split_task(task, groups_per_sample, narrow, b, g);
+  const uint64_t total = static_cast<uint64_t>(total_groups), per_sample = static_cast<uint64_t>(groups_per_sample);
+  const uint64_t stride = static_cast<uint64_t>(gridDim.x) * blockDim.x;
+  const uint64_t first = static_cast<uint64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const GroupCursor jump = GroupCursor::at(stride, per_sample);
+  GroupCursor at = GroupCursor::at(first, per_sample);
+  for (uint64_t task = first; task < total; task += stride, at.advance(jump, per_sample)) {
     float n[4];
-    normals4<float, uint32_t>(key, static_cast<uint32_t>(g), static_cast<uint32_t>(index_offset + b), n[0], n[1],
-                              n[2], n[3]);
-    float* o = out + b * numel_per_sample + 4 * g;
-    if (vec) {
-      *reinterpret_cast<float4*>(o) = make_float4(n[0], n[1], n[2], n[3]);
+    normals4<float, uint32_t>(key, static_cast<uint32_t>(at.g), static_cast<uint32_t>(index_offset + at.b), n[0],
+                              n[1], n[2], n[3]);
+    if (vec) {  // every sample a whole number of groups: element 4 task starts the group
+      *reinterpret_cast<float4*>(out + 4 * task) = make_float4(n[0], n[1], n[2], n[3]);
     } else {
-      const int64_t count = numel_per_sample - 4 * g < 4 ? numel_per_sample - 4 * g : 4;
-      for (int64_t k = 0; k < count; ++k) o[k] = n[k];
+      float* o = out + static_cast<int64_t>(at.b) * numel_per_sample + 4 * static_cast<int64_t>(at.g);
+      const int64_t left = numel_per_sample - 4 * static_cast<int64_t>(at.g);
+      for (int64_t k = 0; k < left && k < 4; ++k) o[k] = n[k];
     }
   }
 }

@@ -797,6 +797,39 @@ void test_kernel_step() {
   cfgfast::cpu::set_active_isa(cfgfast::cpu::best_isa());
 }
 
+// GroupCursor (the CUDA kernels' grid-stride walk over (sample, group)) against a division at every jump,
+// for sample lengths from one group to 2^32 groups (the most SPEC's checks allow) and jumps shorter and
+// longer than a sample.
+void test_group_cursor() {
+  Rng rng{17};
+  const uint64_t lengths[] = {1, 2, 3, 7, 16, 192, 3072, 12289, 1ull << 20, (1ull << 32) - 1, 1ull << 32};
+  int worst_steps = 0;
+  for (const uint64_t per_sample : lengths) {
+    const uint64_t jumps[] = {1, 3, per_sample, per_sample + 1, 2 * per_sample - 1, 67584, 135168, 256 * 132 * 8 + 5};
+    for (const uint64_t jump_size : jumps) {
+      const uint64_t starts[] = {0, jump_size - 1, per_sample - 1, rng.next() % (jump_size + per_sample)};
+      for (const uint64_t start : starts) {
+        cfgfast::GroupCursor at = cfgfast::GroupCursor::at(start, per_sample);
+        const cfgfast::GroupCursor jump = cfgfast::GroupCursor::at(jump_size, per_sample);
+        bool ok = true;
+        uint64_t task = start;
+        int steps = 0;
+        for (; steps < 300; ++steps, task += jump_size, at.advance(jump, per_sample)) {
+          if (at.b != task / per_sample || at.g != task % per_sample) {
+            ok = false;
+            break;
+          }
+        }
+        worst_steps = steps > worst_steps ? steps : worst_steps;
+        CHECK(ok, "groups per sample %llu, jump %llu, start %llu: wrong at task %llu (b %llu g %llu)",
+              (unsigned long long)per_sample, (unsigned long long)jump_size, (unsigned long long)start,
+              (unsigned long long)task, (unsigned long long)at.b, (unsigned long long)at.g);
+      }
+    }
+  }
+  std::printf("  %d jumps per walk checked\n", worst_steps);
+}
+
 }  // namespace
 
 int main() {
@@ -815,6 +848,7 @@ int main() {
       {"step_formula", test_step_formula},
       {"kernel_noise", test_kernel_noise},
       {"kernel_step", test_kernel_step},
+      {"group_cursor", test_group_cursor},
   };
   std::printf("cpu isa: best %s\n", cfgfast::cpu::isa_name(cfgfast::cpu::best_isa()));
   for (const auto& t : tests) {
