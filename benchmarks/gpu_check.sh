@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # On a fresh GPU machine with its own torch and no network (the device tool's machines), in one call: build
 # cfgfast from this tree, print the table of the GPU step (with a sweep of the Triton block settings), run the
-# tests that involve the GPU backends, the kernels under compute-sanitizer memcheck, and the GPU part of the
-# benchmark suite. Each stage has its own time limit, so one that hangs costs only its own stage.
+# tests that involve the GPU backends, the kernels under compute-sanitizer memcheck, the step kernels at 64M
+# elements under Nsight Compute (where ncu can read the counters), and the GPU part of the benchmark suite. Each stage has its own time limit, so one that hangs costs only its own stage.
 #   bash benchmarks/gpu_check.sh            (logs under $OUT when set, else ./gpu-check/)
 #   GPU_CHECK_STAGES="tests table" bash benchmarks/gpu_check.sh     (some stages only; the build always runs)
 #   GPU_CHECK_SWEEP=0 ...                                           (the table without the block-setting sweeps)
@@ -16,7 +16,7 @@ unset TRITON_INTERPRET
 py=$(command -v python3)
 status=0
 t0=$(date +%s)
-stages=" ${GPU_CHECK_STAGES:-table tests memcheck benchmarks} "
+stages=" ${GPU_CHECK_STAGES:-table tests memcheck profile benchmarks} "
 want() { [[ "$stages" == *" $1 "* ]]; }
 # stage NAME SECONDS LINES COMMAND...: run with a time limit, its output into $LOG/NAME.log and its last LINES
 # lines here; a failure is noted and the script goes on
@@ -48,8 +48,9 @@ mkdir -p /tmp/gpu-check && cd /tmp/gpu-check
 so=$("$py" -c 'import cfgfast._C as m; print(m.__file__)') && cp "$so" "$REPO/cfgfast/"
 "$py" -c 'import cfgfast; print("backends", cfgfast.available_backends()); print(cfgfast.build_info())'
 # registers, shared memory and stack of each kernel (spills show as stack)
+# (appended to build.log: the device tool brings back 8 files at most)
 command -v cuobjdump > /dev/null && cuobjdump -res-usage "$so" 2>&1 | grep -A1 "Function" \
-  | grep -o "Function [^:]*\|REG:[0-9]*\|STACK:[0-9]*" | paste - - - > "$LOG/resources.txt" && cat "$LOG/resources.txt"
+  | grep -o "Function [^:]*\|REG:[0-9]*\|STACK:[0-9]*" | paste - - - | tee -a "$LOG/build.log"
 
 sweep=$([ "${GPU_CHECK_SWEEP:-1}" = 1 ] && echo --sweep)
 want table && stage table 120 100 "$py" -c "import sys; sys.path.append('$REPO'); from benchmarks.gpu_table import main; main()" \
@@ -94,6 +95,31 @@ elif command -v compute-sanitizer > /dev/null; then
   stage memcheck 150 6 compute-sanitizer --tool memcheck --error-exitcode 9 "$py" memcheck.py
 else
   echo "!! compute-sanitizer not found"; status=1
+fi
+
+# Where the step's time goes, from the hardware counters: how busy the SMs' issue slots and pipes are against the
+# memory system, the occupancy, and why warps stall. The CUDA step, then a small Triton step (its compile), then
+# the Triton step, all matched by the kernel-name filter; float32 eps, 64M elements, the noise drawn.
+cat > profile.py <<'PY'
+import torch, cfgfast
+z = torch.randn(1024, 65536, device="cuda")
+e = torch.randn_like(z)
+out = torch.empty_like(z)
+for backend in [b for b in ("cuda", "triton") if b in cfgfast.available_backends()]:
+    if backend == "triton":
+        cfgfast.reverse_step(z[:1, :64], e[:1, :64], e[:1, :64], -1.0, 0.0, 2.0, backend="triton")
+    cfgfast.reverse_step(z, e, e, -1.0, 0.0, 2.0, seed=1, step=3, backend=backend, out=out)
+torch.cuda.synchronize()
+print("profile script done")
+PY
+if want profile && command -v ncu > /dev/null; then
+  stage profile 150 0 ncu --clock-control none -k regex:reverse_step --launch-count 3 \
+    --section SpeedOfLight --section ComputeWorkloadAnalysis --section Occupancy --section WarpStateStats \
+    --section LaunchStats "$py" profile.py
+  grep -E "reverse_step|Throughput|Pipe|Issue|Occupancy|Registers|Stall|Warp Cycles|Duration|Executed Ipc" \
+    "$LOG/profile.log" | grep -v "^==PROF==" | head -90
+elif want profile; then
+  echo "(ncu not found: no profile)"
 fi
 
 # (torch.compile with torch.randn, the "fallback" variant, and compiles at the 16M / 64M sizes are left out here:

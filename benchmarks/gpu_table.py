@@ -1,6 +1,7 @@
 """One table of the GPU reverse step: per backend and size, time, achieved GB/s (3 reads + 1 write of
 float32), the ratio to a device-to-device copy measured in the same run, the speed-up over the eager
-PyTorch step with torch.randn noise, and the time of the noise alone (its arithmetic without the reads).
+PyTorch step with torch.randn noise, the time of the noise alone (its arithmetic without the reads) and that of
+the step without its noise (the last step: the same bytes, no arithmetic to hide).
 Each figure is the best of 3 interleaved rounds of 50 calls (best_of_rounds). Run by benchmarks/gpu_check.sh on
 a machine with a GPU.
 
@@ -60,14 +61,15 @@ def best_of_rounds(variants: dict[str, Callable[[], object]], timer: Callable | 
     return best
 
 
-def _step(x, backend, out, setting=None):
+def _step(x, backend, out, setting=None, last=False):
     """One step on `backend` into out; setting() first (a tuning knob), inside the timed call: a Python
-    assignment or two, nothing on the GPU."""
+    assignment or two, nothing on the GPU. last=True: the last step, x~ alone, the same reads and write with no
+    noise drawn."""
     def run():
         if setting is not None:
             setting()
         return cfgfast.reverse_step(x.z, x.eps_cond, x.eps_uncond, x.lam, x.lam_next, x.w, x.v, seed=1,
-                                    step=x.step, backend=backend, out=out)
+                                    step=x.step, backend=backend, out=out, last=last)
     return run
 
 
@@ -102,16 +104,20 @@ def rows(sizes_m: list[int], bf16_size_m: int | None = None) -> list[dict]:
         for backend in backends:
             variants[backend] = _step(x, backend, out)
             if eps_dtype == torch.float32:
-                # the noise alone into out (one write): what the step's arithmetic costs without its reads
+                # the noise alone into out (one write): what the step's arithmetic costs without its reads; and the
+                # step without its noise (the last step: the same bytes moved by the same kernel), the floor that the
+                # kernel's access pattern sets
                 variants["noise " + backend] = functools.partial(cfgfast.normal_noise, shape, 1, 3, device="cuda",
                                                                  backend=backend, out=out)
+                variants["last " + backend] = _step(x, backend, out, last=True)
         ms = best_of_rounds(variants)
         copy_gbs = 8 * elements / ms["copy"] / 1e6
         for backend in backends:
             gbs = step_bytes / ms[backend] / 1e6
             out_rows.append(dict(backend=backend, eps=_dtype_name(eps_dtype), elements=elements, ms=ms[backend],
                                  gb_per_s=gbs, copy_gb_per_s=copy_gbs, of_copy=gbs / copy_gbs, eager_ms=ms["eager"],
-                                 speedup=ms["eager"] / ms[backend], noise_ms=ms.get("noise " + backend, math.nan)))
+                                 speedup=ms["eager"] / ms[backend], noise_ms=ms.get("noise " + backend, math.nan),
+                                 last_ms=ms.get("last " + backend, math.nan)))
         del x, out, variants
         torch.cuda.empty_cache()
     return out_rows
@@ -189,11 +195,11 @@ def main() -> None:
     table = rows(args.sizes, args.bf16 or None)
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, cfgfast {cfgfast.__version__}")
     print(f"{'backend':8} {'eps':9} {'elements':>9} {'ms':>8} {'GB/s':>7} {'copy GB/s':>9} {'of copy':>8} "
-          f"{'eager ms':>9} {'speed-up':>9} {'noise ms':>9}")
+          f"{'eager ms':>9} {'speed-up':>9} {'noise ms':>9} {'no-noise ms':>11}")
     for r in table:
         print(f"{r['backend']:8} {r['eps']:9} {r['elements'] / 2**20:8.0f}M {r['ms']:8.3f} {r['gb_per_s']:7.0f} "
               f"{r['copy_gb_per_s']:9.0f} {100 * r['of_copy']:7.1f}% {r['eager_ms']:9.3f} {r['speedup']:8.1f}x "
-              f"{r['noise_ms']:9.3f}")
+              f"{r['noise_ms']:9.3f} {r['last_ms']:11.3f}")
     swept, cuda_swept = [], []
     if args.sweep:
         cuda_swept = cuda_sweep(max(args.sizes))

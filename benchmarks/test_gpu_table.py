@@ -33,8 +33,8 @@ def test_the_whole_table_runs(monkeypatch, tmp_path, capsys):
 
     calls = []
 
-    def fake_step(*args, backend, out, **kwargs):
-        calls.append(("step", backend, gpu_table.triton_step_setting()))
+    def fake_step(*args, backend, out, last=False, **kwargs):
+        calls.append(("last" if last else "step", backend, gpu_table.triton_step_setting()))
         return out
 
     def fake_noise(shape, seed, step, *, device, backend, out):
@@ -62,6 +62,10 @@ def test_the_whole_table_runs(monkeypatch, tmp_path, capsys):
         ("triton", "float32", 2**22), ("cuda", "bfloat16", 2**22), ("triton", "bfloat16", 2**22)]
     row = result["rows"][0]
     assert row["of_copy"] == 2.0 and row["speedup"] == 1.0  # 16 bytes per element against a copy's 8, same time
+    # the noise alone and the step without noise (the last step) are timed for float32 eps only
+    assert [(r["noise_ms"], r["last_ms"]) for r in result["rows"][:4]] == [(2.0, 2.0)] * 4
+    assert all(r["noise_ms"] != r["noise_ms"] and r["last_ms"] != r["last_ms"] for r in result["rows"][4:])  # NaN
+    assert {c[1] for c in calls if c[0] == "last"} == {"cuda", "triton"}
     assert [(r["eps"], r["groups_per_thread"]) for r in result["cuda_sweep"]] == [
         ("float32", 1), ("float32", 2), ("bfloat16", 1), ("bfloat16", 2)]
     assert len(result["triton_sweep"]) == 8
