@@ -133,27 +133,31 @@ def seed_as_int64(value: int) -> int:
 
 
 def _byte_range(t: torch.Tensor) -> tuple[int, int]:
-    if t.numel() == 0:
+    n = t.numel()
+    if n == 0:
         return 0, 0
+    start = t.data_ptr()
     if t.is_contiguous():  # the usual case, without walking the strides in Python
-        return t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
-    start = t.data_ptr() + t.element_size() * sum(min(0, st * (sz - 1)) for st, sz in zip(t.stride(), t.shape))
-    end = t.data_ptr() + t.element_size() * (1 + sum(max(0, st * (sz - 1)) for st, sz in zip(t.stride(), t.shape)))
-    return start, end
+        return start, start + n * t.element_size()
+    size = t.element_size()
+    low = start + size * sum(min(0, st * (sz - 1)) for st, sz in zip(t.stride(), t.shape))
+    return low, start + size * (1 + sum(max(0, st * (sz - 1)) for st, sz in zip(t.stride(), t.shape)))
 
 
 def out_may_alias(out: torch.Tensor, **inputs: torch.Tensor | None) -> None:
     """out may be one of the inputs exactly (an in-place step) but must not partly overlap any."""
     lo, hi = _byte_range(out)
     for name, t in inputs.items():
-        if t is None or t is out or t.device != out.device:
-            continue
-        same = t.data_ptr() == out.data_ptr() and t.stride() == out.stride() and t.shape == out.shape
-        if same:
+        if t is None or t is out:
             continue
         t_lo, t_hi = _byte_range(t)
-        if t_lo < hi and lo < t_hi:
-            raise ValueError(f"out must not partly overlap {name} (it may be {name} itself, for an in-place step)")
+        if not (t_lo < hi and lo < t_hi):  # disjoint: the usual case, decided by the address ranges alone
+            continue
+        if t.device != out.device:  # addresses on two devices say nothing
+            continue
+        if t.data_ptr() == out.data_ptr() and t.stride() == out.stride() and t.shape == out.shape:
+            continue  # the same elements: an in-place step
+        raise ValueError(f"out must not partly overlap {name} (it may be {name} itself, for an in-place step)")
 
 
 # ---- the ops' own checks, as torch._check (they hold under torch.compile's fake tensors): shared by the fake

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from . import _checks
 from .backends import choose
 from .schedule import step_coefficients
+
+# A loop that samples batch after batch asks for the same (lam, lam_next, v) again: the float64 formulas cost
+# more Python time than the rest of a small step's checks. (Not while torch.compile traces: it would graph-break
+# on the cache.)
+_cached_step_coefficients = functools.lru_cache(maxsize=4096)(step_coefficients)
 
 
 def _check_common(z, eps_cond, eps_uncond, w, seed, index_offset, clip, out):
@@ -66,7 +73,8 @@ def reverse_step(z, eps_cond, eps_uncond, lam, lam_next, w, v=0.3, *, noise=None
         noise = noise.float()
         _checks.out_may_alias(out, noise=noise)
     step = _checks.integer("step", step, high=_checks.MAX_WORD)
-    coef = step_coefficients(lam, lam_next, v)
+    coef = step_coefficients(lam, lam_next, v) if torch.compiler.is_compiling() else \
+        _cached_step_coefficients(lam, lam_next, v)
     choose(backend, z.device).reverse_step(out, z, eps_cond, eps_uncond, w, noise, coef, seed, step, index_offset,
                                            clip, last)
     return out
