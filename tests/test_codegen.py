@@ -111,10 +111,10 @@ def test_cuda_kernels_vectorise_and_do_not_spill():
     # SM's 64K registers, as their __launch_bounds__ ask
     usage = subprocess.run([tool, "-res-usage", _ext.load().__file__], capture_output=True, text=True,
                            check=True).stdout
-    registers = dict(re.findall(r"Function (\S+):\s*\n?\s*REG:(\d+)", usage))
-    limits = {name: 40 if "Lb1ELi1E" in name else 64 for name in registers
-              if "reverse_step_kernel" in name and re.search(r"Lb1ELi[12]E", name)}
-    assert len(limits) == vectorised_steps, f"register counts not found in {usage[:500]}"
-    over = {name: int(registers[name]) for name, limit in limits.items() if int(registers[name]) > limit}
+    # (one entry per kernel and architecture built: the default TORCH_CUDA_ARCH_LIST has three)
+    registers = [(name, int(count)) for name, count in re.findall(r"Function (\S+):\s*\n?\s*REG:(\d+)", usage)
+                 if "reverse_step_kernel" in name and re.search(r"Lb1ELi[12]E", name)]
+    assert len(registers) == vectorised_steps, f"register counts not found in {usage[:500]}"
+    over = [(name, count) for name, count in registers if count > (40 if "Lb1ELi1E" in name else 64)]
     assert not over, f"vectorised step kernels over their register budget (40 / 64): {over}"
 
