@@ -67,19 +67,16 @@ def _require(device: torch.device) -> None:
 
 if triton is not None:
     _TWO_PI_2M24 = tl.constexpr(2.0 * math.pi * 2.0**-24)  # one turn over 2^24 steps of f; fp32(2 pi) * 2^-24
-    _TWO_M24 = tl.constexpr(2.0**-24)
 
     @triton.jit
-    def _log_positive(x):
-        """ln x for positive normal float32 x: Cephes' logf, the same operations as log_positive in
+    def _log_positive(x, SCALE: tl.constexpr):
+        """ln(x 2^-SCALE) for positive normal float32 x: Cephes' logf, the same operations as log_positive in
         csrc/include/cfgfast/normal.h (tl.log may lower to an approximate instruction on NVIDIA GPUs, whose
-        absolute error near x = 1 would swamp -2 ln u there)."""
-        bits = x.to(tl.uint32, bitcast=True)
-        e = ((bits >> 23) - 126).to(tl.int32, bitcast=True).to(tl.float32)  # x = m 2^e, m in [0.5, 1)
-        m = ((bits & 0x007FFFFF) | 0x3F000000).to(tl.float32, bitcast=True)
-        small = m < 0.70710678118654752
-        e = e - tl.where(small, 1.0, 0.0)
-        m = tl.where(small, m + m, m) - 1.0
+        absolute error near x = 1 would swamp -2 ln u there). x = (1 + m) 2^e with 1 + m in [sqrt(1/2), sqrt(2)),
+        split exactly by integer arithmetic on the bits."""
+        ix = x.to(tl.uint32, bitcast=True) + (0x3F800000 - 0x3F3504F3)
+        e = ((ix >> 23) - (127 + SCALE)).to(tl.int32, bitcast=True).to(tl.float32)
+        m = ((ix & 0x007FFFFF) + 0x3F3504F3).to(tl.float32, bitcast=True) - 1.0
         z = m * m
         z2 = z * z
         p01 = tl.fma(m, -2.4999993993e-1, 3.3333331174e-1)
@@ -94,9 +91,9 @@ if triton is not None:
 
     @triton.jit
     def _box_muller_radius(x):
-        """sqrt(-2 ln u), u(x) = ((x >> 8) + 1) 2^-24 in (0, 1] (SPEC §3); x uint32, so >> is logical."""
-        u = ((x >> 8) + 1).to(tl.float32) * _TWO_M24  # exact: at most 2^24
-        return tl.sqrt_rn(-2.0 * _log_positive(u))
+        """sqrt(-2 ln u), u(x) = ((x >> 8) + 1) 2^-24 in (0, 1] (SPEC §3); x uint32, so >> is logical. The
+        integer (x >> 8) + 1 <= 2^24 converts exactly; the 2^-24 goes into the exponent."""
+        return tl.sqrt_rn(-2.0 * _log_positive(((x >> 8) + 1).to(tl.float32), 24))
 
     @triton.jit
     def _sincos_turns(x):

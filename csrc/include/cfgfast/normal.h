@@ -11,16 +11,15 @@
 
 namespace cfgfast {
 
-// ln(x) for positive, normal float x (here x = u(word) in [2^-24, 1]).
+// ln(x * 2^-scale) for positive, normal float x (here x = u(word) 2^24 in [1, 2^24], scale 24).
+// x = (1 + m) 2^e with 1 + m in [sqrt(1/2), sqrt(2)), split by integer arithmetic on the bits (musl's logf
+// does so): adding 1 - sqrt(1/2) to the significand carries into the exponent exactly when it is at least
+// sqrt(2), so e and m are exact, with no compare and select.
 template <class F, class U>
-CFGFAST_HOST_DEVICE F log_positive(F x) {
-  const U bits = float_bits(x);
-  // x = m * 2^e with m in [0.5, 1)
-  F e = to_float((bits >> 23) - 126u);
-  F m = bits_float((bits & 0x007fffffu) | 0x3f000000u);
-  const auto small = m < 0.70710678118654752f;
-  e = e - select(small, F(1.0f), F(0.0f));
-  m = select(small, m + m, m) - 1.0f;
+CFGFAST_HOST_DEVICE F log_positive(F x, uint32_t scale = 0) {
+  const U ix = float_bits(x) + (0x3f800000u - 0x3f3504f3u);
+  const F e = to_float((ix >> 23) - (127u + scale));
+  const F m = bits_float((ix & 0x007fffffu) + 0x3f3504f3u) - 1.0f;
   const F z = m * m;
   // Cephes' degree-8 polynomial, evaluated by Estrin's scheme: a shorter dependency chain than Horner.
   const F z2 = z * z;
@@ -37,11 +36,11 @@ CFGFAST_HOST_DEVICE F log_positive(F x) {
   return fmadd(e, F(0.693359375f), m + y);
 }
 
-// Box–Muller radius sqrt(-2 ln u), u(x) = ((x >> 8) + 1) * 2^-24 in (0, 1].
+// Box–Muller radius sqrt(-2 ln u), u(x) = ((x >> 8) + 1) * 2^-24 in (0, 1]: ln of the integer (x >> 8) + 1,
+// converted exactly, scaled by 2^-24 in the exponent.
 template <class F, class U>
 CFGFAST_HOST_DEVICE F box_muller_radius(U x) {
-  const F u = (to_float(x >> 8) + 1.0f) * 5.9604644775390625e-8f;
-  return sqrt_(log_positive<F, U>(u) * -2.0f);
+  return sqrt_(log_positive<F, U>(to_float((x >> 8) + 1u), 24) * -2.0f);
 }
 
 // sin and cos of 2*pi*f, f(x) = (x >> 8) * 2^-24 in [0, 1).
