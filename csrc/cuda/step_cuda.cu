@@ -14,6 +14,7 @@
 
 #include <cuda_runtime.h>
 
+#include <array>
 #include <atomic>
 
 #include "cfgfast/normal.h"
@@ -25,7 +26,6 @@ namespace cfgfast {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int kBlocksPerSm = 8;
 
 struct DeviceStepArgs {
   float* out;
@@ -210,16 +210,45 @@ __global__ void __launch_bounds__(kThreads)
 
 // Groups per thread and round of the step kernel: 1 or 2, or 0 for the choice by ε's dtype that the H200
 // measurements of gpu_table.py made: 2 for float32 ε (5% faster than 1 at 64M elements), 1 for bfloat16 and
-// float16 ε (where 2 was 23% slower). set_cuda_groups_per_thread forces one.
+// float16 ε (where 2 was 23% slower). set_cuda_groups_per_thread forces one. (Measured with the fixed grid of 8
+// blocks an SM, under which the 1-group kernels, 6 blocks an SM resident, ran a partial second wave and the
+// 2-group ones, 4 resident, two full waves: gpu_table.py's sweep should decide again.)
 std::atomic<int> groups_per_thread{0};
 
+// Blocks of kKernel that one SM of `device` holds at once (its registers decide), asked of the runtime once per
+// kernel and device. A grid-stride grid of SMs x this many blocks runs in one wave: a fixed 8 blocks an SM, as
+// before, left a second wave of 2 blocks an SM (a third of the occupancy) for the kernels that fit 6.
+template <auto kKernel>
+int resident_blocks(c10::DeviceIndex device) {
+  static std::array<std::atomic<int>, 64> cache{};  // 0: not asked yet
+  const bool cached = device >= 0 && device < static_cast<int>(cache.size());
+  if (cached) {
+    const int known = cache[device].load(std::memory_order_relaxed);
+    if (known > 0) return known;
+  }
+  int blocks = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kKernel, kThreads, 0));
+  blocks = blocks > 0 ? blocks : 1;
+  if (cached) cache[device].store(blocks, std::memory_order_relaxed);
+  return blocks;
+}
+
+// The grid for total_groups groups of four: one block per kThreads * groups_per_thread groups, at most one full
+// wave of resident blocks (the kernels loop over the rest).
+template <auto kKernel>
 int grid_for(int64_t total_groups, c10::DeviceIndex device, int groups_per_thread = 1) {
   int sms = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
   const int64_t per_block = static_cast<int64_t>(kThreads) * groups_per_thread;
   const int64_t needed = (total_groups + per_block - 1) / per_block;
-  const int64_t cap = static_cast<int64_t>(sms) * kBlocksPerSm;
+  const int64_t cap = static_cast<int64_t>(sms) * resident_blocks<kKernel>(device);
   return static_cast<int>(needed < cap ? needed : cap);
+}
+
+template <class EpsT, bool kVec, int kGroups>
+void launch_step_kernel(const DeviceStepArgs& a, c10::DeviceIndex device, cudaStream_t stream) {
+  constexpr auto kernel = &reverse_step_kernel<EpsT, kVec, kGroups>;
+  kernel<<<grid_for<kernel>(a.total_groups, device, kGroups), kThreads, 0, stream>>>(a);
 }
 
 bool aligned(const void* p, size_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
@@ -232,20 +261,14 @@ void launch_step(DeviceStepArgs& a, at::ScalarType eps_type, const at::Tensor& l
                    (a.noise == nullptr || aligned(a.noise, 16));
   const int setting = groups_per_thread.load(std::memory_order_relaxed);
   const int per_thread = setting != 0 ? setting : (eps_type == at::kFloat ? 2 : 1);
-  const int blocks = grid_for(a.total_groups, like.device().index(), per_thread);
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(like.device().index()).stream();
+  const c10::DeviceIndex device = like.device().index();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device).stream();
   auto go = [&](auto eps_tag) {
     using E = decltype(eps_tag);
     if (per_thread == 2) {
-      if (vec) {
-        reverse_step_kernel<E, true, 2><<<blocks, kThreads, 0, stream>>>(a);
-      } else {
-        reverse_step_kernel<E, false, 2><<<blocks, kThreads, 0, stream>>>(a);
-      }
-    } else if (vec) {
-      reverse_step_kernel<E, true, 1><<<blocks, kThreads, 0, stream>>>(a);
+      vec ? launch_step_kernel<E, true, 2>(a, device, stream) : launch_step_kernel<E, false, 2>(a, device, stream);
     } else {
-      reverse_step_kernel<E, false, 1><<<blocks, kThreads, 0, stream>>>(a);
+      vec ? launch_step_kernel<E, true, 1>(a, device, stream) : launch_step_kernel<E, false, 1>(a, device, stream);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
@@ -316,7 +339,7 @@ void normal_noise_cuda(at::Tensor& out, int64_t seed, int64_t step, int64_t stre
   const int64_t groups = (n_per + 3) / 4, total = batch * groups;
   if (total == 0) return;
   const bool vec = n_per % 4 == 0 && aligned(out.data_ptr(), 16);
-  normal_noise_kernel<<<grid_for(total, out.device().index()), kThreads, 0,
+  normal_noise_kernel<<<grid_for<&normal_noise_kernel>(total, out.device().index()), kThreads, 0,
                         c10::cuda::getCurrentCUDAStream(out.device().index()).stream()>>>(
       out.data_ptr<float>(), n_per, groups, total, noise_key(seed, step, stream), static_cast<uint64_t>(index_offset),
       vec);
