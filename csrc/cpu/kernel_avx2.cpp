@@ -112,10 +112,10 @@ struct NoiseConstants {
   VU<kRegs> sample, step, stream;
   explicit NoiseConstants(const NoiseKey& key, uint32_t sample_index)
       : sample(sample_index), step(key.step), stream(key.stream) {
-    uint32_t a = key.k0, b = key.k1;
-    for (int round = 0; round < 10; ++round, a += kPhiloxW0, b += kPhiloxW1) {
-      k0[round] = VU<kRegs>(a);
-      k1[round] = VU<kRegs>(b);
+    const PhiloxKeys keys = philox_keys(key.k0, key.k1);
+    for (int round = 0; round < 10; ++round) {
+      k0[round] = VU<kRegs>(keys.k0[round]);
+      k1[round] = VU<kRegs>(keys.k1[round]);
     }
   }
 };

@@ -39,6 +39,7 @@ struct DeviceStepArgs {
   int64_t total_groups;
   StepCoef coef;
   NoiseKey key;
+  PhiloxKeys keys;          // key.k0, key.k1's round keys: the XORs read them from the kernel parameters
   uint64_t index_offset;
   float clip;
   bool has_clip;
@@ -70,13 +71,14 @@ __device__ __forceinline__ float element(float z, float eps, float n, const Step
 // a round is issued before its noise is computed, so the reads are in flight while Philox and Box–Muller run
 // (the noise is most of the arithmetic: computed first, it kept the loads waiting behind it).
 // The vectorised kernels are held to the registers that 6 blocks (1 group a thread) or 4 blocks (2 groups) of 256
-// threads per SM leave them (40 and 64), the occupancy they had before the grid-stride cursors cost registers
-// (42 and 80 unbounded; bounded, no spills: tests/test_codegen.py). The scalar kernels would spill under such a
-// bound: 0 leaves them unbounded.
+// threads per SM leave them (40 and 64; tests/test_codegen.py checks both, and that nothing spills). With 32-bit
+// cursors and the round keys in the parameters they fit unbounded (37 and 63 on sm_90), so the bound is a guard
+// against a change that would cost a block per SM. The scalar kernels are not bounded (0).
 template <class EpsT, bool kVec, int kGroups>
 __global__ void __launch_bounds__(kThreads, kVec ? (kGroups == 1 ? 6 : 4) : 0) reverse_step_kernel(DeviceStepArgs a) {
   StepCoef coef = a.coef;
   NoiseKey key = a.key;
+  const PhiloxKeys keys = a.keys;
   bool last = a.last;
   if (a.table != nullptr) {
     // The graph-replayable variant: the step index lives on the device. An index outside the table
@@ -104,6 +106,7 @@ __global__ void __launch_bounds__(kThreads, kVec ? (kGroups == 1 ? 6 : 4) : 0) r
   const uint64_t stride = static_cast<uint64_t>(gridDim.x) * blockDim.x;
   const uint64_t first = static_cast<uint64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   // Group u of a round is task + u * stride; its (sample, group) cursor jumps by a round without dividing.
+  const uint32_t last_group = static_cast<uint32_t>(per_sample - 1);
   const GroupCursor jump = GroupCursor::at(kGroups * stride, per_sample);
   GroupCursor at[kGroups];
 #pragma unroll
@@ -157,7 +160,7 @@ __global__ void __launch_bounds__(kThreads, kVec ? (kGroups == 1 ? 6 : 4) : 0) r
 #pragma unroll
       for (int u = 0; u < kGroups; ++u) {
         if (count[u] > 0) {
-          normals4<float, uint32_t>(key, static_cast<uint32_t>(at[u].g),
+          normals4<float, uint32_t>(keys, key.step, key.stream, static_cast<uint32_t>(at[u].g),
                                     static_cast<uint32_t>(a.index_offset + at[u].b), n[u][0], n[u][1], n[u][2],
                                     n[u][3]);
         }
@@ -182,22 +185,23 @@ __global__ void __launch_bounds__(kThreads, kVec ? (kGroups == 1 ? 6 : 4) : 0) r
       }
     }
 #pragma unroll
-    for (int u = 0; u < kGroups; ++u) at[u].advance(jump, per_sample);
+    for (int u = 0; u < kGroups; ++u) at[u].advance(jump, last_group);
   }
 }
 
 __global__ void __launch_bounds__(kThreads)
     normal_noise_kernel(float* out, int64_t numel_per_sample, int64_t groups_per_sample, int64_t total_groups,
-                        NoiseKey key, uint64_t index_offset, bool vec) {
+                        NoiseKey key, PhiloxKeys keys, uint64_t index_offset, bool vec) {
   const uint64_t total = static_cast<uint64_t>(total_groups), per_sample = static_cast<uint64_t>(groups_per_sample);
   const uint64_t stride = static_cast<uint64_t>(gridDim.x) * blockDim.x;
   const uint64_t first = static_cast<uint64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const uint32_t last_group = static_cast<uint32_t>(per_sample - 1);
   const GroupCursor jump = GroupCursor::at(stride, per_sample);
   GroupCursor at = GroupCursor::at(first, per_sample);
-  for (uint64_t task = first; task < total; task += stride, at.advance(jump, per_sample)) {
+  for (uint64_t task = first; task < total; task += stride, at.advance(jump, last_group)) {
     float n[4];
-    normals4<float, uint32_t>(key, static_cast<uint32_t>(at.g), static_cast<uint32_t>(index_offset + at.b), n[0],
-                              n[1], n[2], n[3]);
+    normals4<float, uint32_t>(keys, key.step, key.stream, static_cast<uint32_t>(at.g),
+                              static_cast<uint32_t>(index_offset + at.b), n[0], n[1], n[2], n[3]);
     if (vec) {  // every sample a whole number of groups: element 4 task starts the group
       *reinterpret_cast<float4*>(out + 4 * task) = make_float4(n[0], n[1], n[2], n[3]);
     } else {
@@ -294,6 +298,7 @@ DeviceStepArgs step_args(at::Tensor& out, const at::Tensor& z, const at::Tensor&
   a.groups_per_sample = (a.numel_per_sample + 3) / 4;
   a.total_groups = batch * a.groups_per_sample;
   a.key = noise_key(seed, 0, /*stream=*/1);
+  a.keys = philox_keys(a.key.k0, a.key.k1);
   a.index_offset = static_cast<uint64_t>(index_offset);
   a.has_clip = clip.has_value();
   a.clip = clip.has_value() ? static_cast<float>(*clip) : 0.0f;
@@ -339,10 +344,11 @@ void normal_noise_cuda(at::Tensor& out, int64_t seed, int64_t step, int64_t stre
   const int64_t groups = (n_per + 3) / 4, total = batch * groups;
   if (total == 0) return;
   const bool vec = n_per % 4 == 0 && aligned(out.data_ptr(), 16);
+  const NoiseKey key = noise_key(seed, step, stream);
   normal_noise_kernel<<<grid_for<&normal_noise_kernel>(total, out.device().index()), kThreads, 0,
                         c10::cuda::getCurrentCUDAStream(out.device().index()).stream()>>>(
-      out.data_ptr<float>(), n_per, groups, total, noise_key(seed, step, stream), static_cast<uint64_t>(index_offset),
-      vec);
+      out.data_ptr<float>(), n_per, groups, total, key, philox_keys(key.k0, key.k1),
+      static_cast<uint64_t>(index_offset), vec);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

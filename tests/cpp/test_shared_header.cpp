@@ -814,7 +814,7 @@ void test_group_cursor() {
         bool ok = true;
         uint64_t task = start;
         int steps = 0;
-        for (; steps < 300; ++steps, task += jump_size, at.advance(jump, per_sample)) {
+        for (; steps < 300; ++steps, task += jump_size, at.advance(jump, static_cast<uint32_t>(per_sample - 1))) {
           if (at.b != task / per_sample || at.g != task % per_sample) {
             ok = false;
             break;

@@ -52,22 +52,26 @@ CFGFAST_HOST_DEVICE float sqrt_(float x) {
 // (sample b, group g) of the flat group index task = b * groups_per_sample + g, walked in jumps of a fixed
 // number of groups without a division per jump: the CUDA kernels' grid-stride loops divide once per thread
 // (a division by a runtime value is ~20 instructions on the GPU, a tenth of a group's whole noise).
-// Needs groups_per_sample <= 2^62, so g + jump.g cannot wrap.
+// 32-bit fields (two registers a cursor, not four): SPEC §3's counter words c0 = g and c1 = b are 32-bit, so
+// the ops allow at most 2^32 groups a sample and 2^32 samples, and every task below the total fits.
 struct GroupCursor {
-  uint64_t b, g;
+  uint32_t b, g;
 
   static CFGFAST_HOST_DEVICE GroupCursor at(uint64_t task, uint64_t groups_per_sample) {
     const uint64_t b = task / groups_per_sample;
-    return GroupCursor{b, task - b * groups_per_sample};
+    return GroupCursor{static_cast<uint32_t>(b), static_cast<uint32_t>(task - b * groups_per_sample)};
   }
 
-  // Moves forward by `jump` (itself a cursor: jump = jump.b * groups_per_sample + jump.g, jump.g < groups_per_sample).
-  CFGFAST_HOST_DEVICE void advance(const GroupCursor& jump, uint64_t groups_per_sample) {
-    b += jump.b;
-    g += jump.g;
-    if (g >= groups_per_sample) {
-      g -= groups_per_sample;
-      b += 1;
+  // Moves forward by `jump` (itself a cursor: jump = jump.b * groups_per_sample + jump.g, jump.g < groups_per_sample);
+  // last_group = groups_per_sample - 1, which fits 32 bits where groups_per_sample (up to 2^32) may not.
+  CFGFAST_HOST_DEVICE void advance(const GroupCursor& jump, uint32_t last_group) {
+    const uint32_t room = last_group - g;  // groups after g in this sample
+    if (jump.g > room) {                   // g + jump.g >= groups_per_sample: into the next sample
+      g = jump.g - room - 1u;
+      b += jump.b + 1u;
+    } else {
+      g += jump.g;
+      b += jump.b;
     }
   }
 };

@@ -87,10 +87,16 @@ struct NoiseKey {
 };
 
 template <class F, class U>
-CFGFAST_HOST_DEVICE void normals4(const NoiseKey& key, U group, uint32_t sample, F& n0, F& n1, F& n2, F& n3) {
-  U x0 = group, x1 = U(sample), x2 = U(key.step), x3 = U(key.stream);
-  philox4x32_10(x0, x1, x2, x3, key.k0, key.k1);
+CFGFAST_HOST_DEVICE void normals4(const PhiloxKeys& keys, uint32_t step, uint32_t stream, U group, uint32_t sample,
+                                  F& n0, F& n1, F& n2, F& n3) {
+  U x0 = group, x1 = U(sample), x2 = U(step), x3 = U(stream);
+  philox4x32_10(x0, x1, x2, x3, keys);
   box_muller4<F, U>(x0, x1, x2, x3, n0, n1, n2, n3);
+}
+
+template <class F, class U>
+CFGFAST_HOST_DEVICE void normals4(const NoiseKey& key, U group, uint32_t sample, F& n0, F& n1, F& n2, F& n3) {
+  normals4<F, U>(philox_keys(key.k0, key.k1), key.step, key.stream, group, sample, n0, n1, n2, n3);
 }
 
 }  // namespace cfgfast
