@@ -126,7 +126,7 @@ if want profile && command -v ncu > /dev/null; then
   stage profile 150 0 ncu --clock-control none -k regex:reverse_step --launch-count 3 \
     --section SpeedOfLight --section ComputeWorkloadAnalysis --section Occupancy --section WarpStateStats \
     --section SchedulerStats --section LaunchStats "$py" profile.py
-  grep -E "reverse_step|Throughput|Pipe|Issue|Eligible|Occupancy|Registers|Stall|Warp Cycles|Duration|Executed Ipc|Block Limit|Waves" \
+  grep -E "reverse_step|Throughput|Pipe|pipeline|Issue|Eligible|Occupancy|Registers|Stall|Warp Cycles|Duration|Executed Ipc|Block Limit|Waves" \
     "$LOG/profile.log" 2> /dev/null | grep -v "^==PROF==" | head -90
 elif want profile; then
   echo "(ncu not found: no profile)"
