@@ -115,6 +115,21 @@ def test_known_answer_layout(backend, device):
     assert_close_to_exact(got, exact.reshape(1, 4), backend)
 
 
+# Seed 0, step 3, stream 1, sample 14573718, group 0: x0 = 0xffffff7b, so u(x0) = 1 and the radius is zero (found by
+# searching the sample indices with philox_np; one group in 2^23 has such a radius word).
+ZERO_RADIUS = dict(seed=0, step=3, stream=1, index_offset=14573718)
+
+
+def test_zero_radius(backend, device):
+    """u = 1 exactly: ln u = 0 and a zero radius, so the group's first two normals are zeros (not NaN: the CUDA
+    kernels take the square root without the slow path that rsqrt(0) = inf would otherwise need)."""
+    words = philox_np((0, ZERO_RADIUS["index_offset"], ZERO_RADIUS["step"], ZERO_RADIUS["stream"]), (0, 0))
+    assert int(words[0]) >> 8 == 0xFFFFFF, "the counter no longer gives u = 1"
+    got = cfgfast.normal_noise((1, 4), **ZERO_RADIUS, backend=backend, device=device)
+    assert got[0, :2].tolist() == [0.0, 0.0]
+    assert_close_to_exact(got, normals_np((1, 4), **ZERO_RADIUS), backend)
+
+
 def test_out_on_the_device_as_named(backend, device):
     """out= on the device as users name it: "cuda" for a tensor on cuda:0 (a tensor's device has an index)."""
     shape = (2, 3, 5)

@@ -160,7 +160,7 @@ __global__ void __launch_bounds__(kThreads, kVec ? (kGroups == 1 ? 6 : 4) : 0) r
 #pragma unroll
       for (int u = 0; u < kGroups; ++u) {
         if (count[u] > 0) {
-          normals4<float, uint32_t>(keys, key.step, key.stream, static_cast<uint32_t>(at[u].g),
+          normals4<float, uint32_t, kGroups == 1>(keys, key.step, key.stream, static_cast<uint32_t>(at[u].g),
                                     static_cast<uint32_t>(a.index_offset + at[u].b), n[u][0], n[u][1], n[u][2],
                                     n[u][3]);
         }
@@ -200,7 +200,7 @@ __global__ void __launch_bounds__(kThreads)
   GroupCursor at = GroupCursor::at(first, per_sample);
   for (uint64_t task = first; task < total; task += stride, at.advance(jump, last_group)) {
     float n[4];
-    normals4<float, uint32_t>(keys, key.step, key.stream, static_cast<uint32_t>(at.g),
+    normals4<float, uint32_t, true>(keys, key.step, key.stream, static_cast<uint32_t>(at.g),
                               static_cast<uint32_t>(index_offset + at.b), n[0], n[1], n[2], n[3]);
     if (vec) {  // every sample a whole number of groups: element 4 task starts the group
       *reinterpret_cast<float4*>(out + 4 * task) = make_float4(n[0], n[1], n[2], n[3]);

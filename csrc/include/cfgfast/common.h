@@ -49,6 +49,22 @@ CFGFAST_HOST_DEVICE float sqrt_(float x) {
 #endif
 }
 
+// Correctly rounded square root of x = +-0 or a positive normal float below 2^126, such as the Box–Muller
+// radius's -2 ln u, which is -0 (u = 1) or in [1.2e-7, 33.3]. On the GPU this is __fsqrt_rn's own fast path
+// (reciprocal square root, then one Newton correction: the same instructions) without its branch to a slow
+// path for other inputs, whose divergence region keeps the compiler from interleaving the code around it.
+CFGFAST_HOST_DEVICE float sqrt_radius(float x) {
+#if defined(__CUDA_ARCH__)
+  float r;
+  asm("rsqrt.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
+  const float s = __fmul_rn(x, r);
+  const float y = __fmaf_rn(__fmaf_rn(-s, s, x), __fmul_rn(r, 0.5f), s);
+  return x == 0.0f ? x : y;  // rsqrt(+-0) is inf: +-0 itself, as sqrt gives
+#else
+  return sqrt_(x);
+#endif
+}
+
 // (sample b, group g) of the flat group index task = b * groups_per_sample + g, walked in jumps of a fixed
 // number of groups without a division per jump: the CUDA kernels' grid-stride loops divide once per thread
 // (a division by a runtime value is ~20 instructions on the GPU, a tenth of a group's whole noise).

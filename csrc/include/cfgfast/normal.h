@@ -37,10 +37,16 @@ CFGFAST_HOST_DEVICE F log_positive(F x, uint32_t scale = 0) {
 }
 
 // Box–Muller radius sqrt(-2 ln u), u(x) = ((x >> 8) + 1) * 2^-24 in (0, 1]: ln of the integer (x >> 8) + 1,
-// converted exactly, scaled by 2^-24 in the exponent.
-template <class F, class U>
+// converted exactly, scaled by 2^-24 in the exponent. kBranchFreeSqrt (scalar F only): sqrt_radius, the same
+// square roots without a branch; the CUDA kernels choose it where it does not cost them spills.
+template <class F, class U, bool kBranchFreeSqrt = false>
 CFGFAST_HOST_DEVICE F box_muller_radius(U x) {
-  return sqrt_(log_positive<F, U>(to_float((x >> 8) + 1u), 24) * -2.0f);
+  const F two_ln_u = log_positive<F, U>(to_float((x >> 8) + 1u), 24) * -2.0f;
+  if constexpr (kBranchFreeSqrt) {
+    return sqrt_radius(two_ln_u);
+  } else {
+    return sqrt_(two_ln_u);
+  }
 }
 
 // sin and cos of 2*pi*f, f(x) = (x >> 8) * 2^-24 in [0, 1).
@@ -66,10 +72,10 @@ CFGFAST_HOST_DEVICE void sincos_turns(U x, F& s, F& c) {
 }
 
 // Four normals from one Philox block (SPEC §3): n0 = rho0 cos, n1 = rho0 sin, n2 = rho1 cos, n3 = rho1 sin.
-template <class F, class U>
+template <class F, class U, bool kBranchFreeSqrt = false>
 CFGFAST_HOST_DEVICE void box_muller4(U x0, U x1, U x2, U x3, F& n0, F& n1, F& n2, F& n3) {
-  const F rho0 = box_muller_radius<F, U>(x0);
-  const F rho1 = box_muller_radius<F, U>(x2);
+  const F rho0 = box_muller_radius<F, U, kBranchFreeSqrt>(x0);
+  const F rho1 = box_muller_radius<F, U, kBranchFreeSqrt>(x2);
   F s0, c0, s1, c1;
   sincos_turns<F, U>(x1, s0, c0);
   sincos_turns<F, U>(x3, s1, c1);
@@ -86,12 +92,12 @@ struct NoiseKey {
   uint32_t stream;      // c3
 };
 
-template <class F, class U>
+template <class F, class U, bool kBranchFreeSqrt = false>
 CFGFAST_HOST_DEVICE void normals4(const PhiloxKeys& keys, uint32_t step, uint32_t stream, U group, uint32_t sample,
                                   F& n0, F& n1, F& n2, F& n3) {
   U x0 = group, x1 = U(sample), x2 = U(step), x3 = U(stream);
   philox4x32_10(x0, x1, x2, x3, keys);
-  box_muller4<F, U>(x0, x1, x2, x3, n0, n1, n2, n3);
+  box_muller4<F, U, kBranchFreeSqrt>(x0, x1, x2, x3, n0, n1, n2, n3);
 }
 
 template <class F, class U>
