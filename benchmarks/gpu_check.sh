@@ -63,7 +63,7 @@ command -v cuobjdump > /dev/null && cuobjdump -res-usage "$so" 2>&1 | grep -A1 "
   | grep -o "Function [^:]*\|REG:[0-9]*\|STACK:[0-9]*" | paste - - - | tee -a "$LOG/build.log"
 
 sweep=$([ "${GPU_CHECK_SWEEP:-1}" = 1 ] && echo --sweep)
-want table && stage table 120 100 "$py" -c "import sys; sys.path.append('$REPO'); from benchmarks.gpu_table import main; main()" \
+want table && stage table 150 100 "$py" -c "import sys; sys.path.append('$REPO'); from benchmarks.gpu_table import main; main()" \
   $sweep --out "$LOG/gpu_table.json"
 
 # with pytest-xdist where present: a test that crashes its process is reported and the others still run

@@ -73,11 +73,11 @@ def _step(x, backend, out, setting=None, last=False):
     return run
 
 
-def triton_step_setting() -> tuple[int, int]:
-    """The Triton kernel's (BLOCK_GROUPS, NUM_WARPS) in force now."""
+def triton_step_setting() -> tuple[int, int, bool]:
+    """The Triton kernel's (BLOCK_GROUPS, NUM_WARPS, LOADS_FIRST) in force now."""
     from cfgfast import triton_step
 
-    return triton_step.BLOCK_GROUPS, triton_step.NUM_WARPS
+    return triton_step.BLOCK_GROUPS, triton_step.NUM_WARPS, triton_step.LOADS_FIRST
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -154,9 +154,9 @@ def cuda_sweep(millions: int) -> list[dict]:
     return result
 
 
-def sweep(millions: int, settings: list[tuple[int, int]]) -> list[dict]:
-    """The Triton kernel at one size under each (groups per program, warps) setting: the data for choosing
-    triton_step.BLOCK_GROUPS and NUM_WARPS. The module's settings are restored after."""
+def sweep(millions: int, settings: list[tuple[int, int, bool]]) -> list[dict]:
+    """The Triton kernel at one size under each (groups per program, warps, loads first) setting: the data for
+    choosing triton_step.BLOCK_GROUPS, NUM_WARPS and LOADS_FIRST. The module's settings are restored after."""
     from cfgfast import triton_step
 
     if "triton" not in cfgfast.available_backends():
@@ -164,10 +164,10 @@ def sweep(millions: int, settings: list[tuple[int, int]]) -> list[dict]:
     shape = (millions * 16, 65536)
     x = make_step_inputs(shape, torch.float32, "cuda", seed=0)
     out = torch.empty_like(x.z)
-    saved = triton_step.BLOCK_GROUPS, triton_step.NUM_WARPS
+    saved = triton_step_setting()
 
-    def use(groups, warps):
-        triton_step.BLOCK_GROUPS, triton_step.NUM_WARPS = groups, warps
+    def use(groups, warps, loads_first):
+        triton_step.BLOCK_GROUPS, triton_step.NUM_WARPS, triton_step.LOADS_FIRST = groups, warps, loads_first
 
     variants = {"copy": lambda: out.copy_(x.z)}
     variants.update({setting: _step(x, "triton", out, functools.partial(use, *setting)) for setting in settings})
@@ -177,9 +177,10 @@ def sweep(millions: int, settings: list[tuple[int, int]]) -> list[dict]:
         use(*saved)
     copy_gbs = 8 * out.numel() / ms["copy"] / 1e6
     result = []
-    for groups, warps in settings:
-        gbs = 16 * out.numel() / ms[(groups, warps)] / 1e6
-        result.append(dict(block_groups=groups, num_warps=warps, gb_per_s=gbs, of_copy=gbs / copy_gbs))
+    for groups, warps, loads_first in settings:
+        gbs = 16 * out.numel() / ms[(groups, warps, loads_first)] / 1e6
+        result.append(dict(block_groups=groups, num_warps=warps, loads_first=loads_first, gb_per_s=gbs,
+                           of_copy=gbs / copy_gbs))
     return result
 
 
@@ -207,11 +208,14 @@ def main() -> None:
         for r in cuda_swept:
             print(f"  {r['eps']:8} eps, {r['groups_per_thread']} per thread: {r['gb_per_s']:7.0f} GB/s, "
                   f"{100 * r['of_copy']:5.1f}% of copy")
-        settings = [(g, w) for g in (128, 256, 512, 1024) for w in (4, 8)]
+        settings = [(g, w, False) for g in (128, 256, 512, 1024) for w in (4, 8)]
+        # loads above the noise where a thread has at most two groups (more would cost too many registers)
+        settings += [(g, w, True) for g, w in ((128, 4), (256, 4), (256, 8), (512, 8))]
         swept = sweep(max(args.sizes), settings)
         print(f"triton settings at {max(args.sizes)}M float32 elements (groups of 4 per program, warps):")
         for r in swept:
-            print(f"  BLOCK_GROUPS {r['block_groups']:5d} num_warps {r['num_warps']}: {r['gb_per_s']:7.0f} GB/s, "
+            print(f"  BLOCK_GROUPS {r['block_groups']:5d} num_warps {r['num_warps']} "
+                  f"loads first {str(r['loads_first']):5}: {r['gb_per_s']:7.0f} GB/s, "
                   f"{100 * r['of_copy']:5.1f}% of copy")
     if args.out:
         with open(args.out, "w") as f:

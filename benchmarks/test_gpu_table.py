@@ -68,10 +68,11 @@ def test_the_whole_table_runs(monkeypatch, tmp_path, capsys):
     assert {c[1] for c in calls if c[0] == "last"} == {"cuda", "triton"}
     assert [(r["eps"], r["groups_per_thread"]) for r in result["cuda_sweep"]] == [
         ("float32", 1), ("float32", 2), ("bfloat16", 1), ("bfloat16", 2)]
-    assert len(result["triton_sweep"]) == 8
+    assert len(result["triton_sweep"]) == 12
     # each Triton setting was in force while its own variant ran, and the module's setting is restored after
     swept = {c[2] for c in calls if c[:2] == ("step", "triton")}
-    assert {(r["block_groups"], r["num_warps"]) for r in result["triton_sweep"]} <= swept
-    assert gpu_table.triton_step_setting() == (256, 4)
+    assert {(r["block_groups"], r["num_warps"], r["loads_first"]) for r in result["triton_sweep"]} <= swept
+    assert sum(r["loads_first"] for r in result["triton_sweep"]) == 4
+    assert gpu_table.triton_step_setting() == (256, 4, False)
     assert "Stand-in GPU" in capsys.readouterr().out
     assert cfgfast.reverse_step is fake_step  # the stand-ins were the ones called

@@ -39,6 +39,11 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 # would cost a tuning run per model for a kernel whose best setting hardly depends on it.
 BLOCK_GROUPS = 256
 NUM_WARPS = 4
+# Where the step's loads go. False: where ptxas puts them, which is below the noise (it sinks them to save
+# registers: 32 a thread on sm_90), so a warp's reads are in flight only after its noise is computed and other
+# warps must hide the latency. True: above the noise, in flight while it is computed (as the CUDA kernel does),
+# at 56 registers. Neither measured yet: gpu_table.py --sweep times both.
+LOADS_FIRST = False
 # the testing helpers (Philox words, words to normals) are one word / one group per lane
 HELPER_BLOCK = 1024
 
@@ -168,6 +173,7 @@ if triton is not None:
         alpha, sigma, mean_z, mean_eps, mean_z_clip, mean_x_clip, noise_std, clip,
         seed, step, index_offset, per_sample, blocks_per_sample,
         HAS_NOISE: tl.constexpr, CLIP: tl.constexpr, LAST: tl.constexpr, BLOCK: tl.constexpr,
+        LOADS_FIRST: tl.constexpr = False,
     ):
         """One reverse step (SPEC §2) of 4 BLOCK elements of one sample; the formulas of
         csrc/include/cfgfast/step.h in float32. out may alias z: each element is read before it is written."""
@@ -198,7 +204,15 @@ if triton is not None:
             if HAS_NOISE:
                 n = tl.load(noise_ptr + offset, mask=mask, other=0.0)
             else:
-                n = _sample_normals(seed, group, b.to(tl.int64) + index_offset, step, 1)
+                if LOADS_FIRST:
+                    # step >= 0 always: a branch that the compiler cannot fold, and ptxas does not sink the loads
+                    # across it
+                    if step >= 0:
+                        n = _sample_normals(seed, group, b.to(tl.int64) + index_offset, step, 1)
+                    else:
+                        n = tl.zeros([BLOCK, 4], tl.float32)
+                else:
+                    n = _sample_normals(seed, group, b.to(tl.int64) + index_offset, step, 1)
             if CLIP:
                 result = mean_z_clip * z + mean_x_clip * x + noise_std * n  # mu, first form
             else:
@@ -296,7 +310,8 @@ if triton is not None:
             out, z, eps_cond, eps_uncond, w, z if noise is None else noise,
             alpha, sigma, mean_z, mean_eps, mean_z_clip, mean_x_clip, noise_std, 0.0 if clip is None else clip,
             seed, step, index_offset, per_sample, blocks,
-            HAS_NOISE=noise is not None, CLIP=clip is not None, LAST=last, BLOCK=BLOCK_GROUPS, num_warps=NUM_WARPS,
+            HAS_NOISE=noise is not None, CLIP=clip is not None, LAST=last, BLOCK=BLOCK_GROUPS,
+            LOADS_FIRST=LOADS_FIRST, num_warps=NUM_WARPS,
         )
 
     @torch.library.triton_op("cfgfast::triton_normal_noise_", mutates_args=("out",))

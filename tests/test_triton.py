@@ -252,6 +252,18 @@ def test_last_step_uses_only_alpha_and_sigma(device, lam):
     check_step(run_step(z, ec, eu, w, coef, last=True), z, ec, eu, w, coef, None, last=True)
 
 
+@pytest.mark.parametrize("eps_dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_loads_first_setting(device, eps_dtype, monkeypatch):
+    """triton_step.LOADS_FIRST (the loads kept above the noise by a branch on step >= 0): the same step."""
+    shape = (3, 37)
+    z, ec, eu, w = make_inputs(shape, eps_dtype, device, seed=4)
+    plain = run_step(z, ec, eu, w, COEF, seed=11, step=5, index_offset=2)
+    monkeypatch.setattr(triton_step, "LOADS_FIRST", True)
+    first = run_step(z, ec, eu, w, COEF, seed=11, step=5, index_offset=2)
+    check_step(first, z, ec, eu, w, COEF, normal_noise_reference(shape, 11, 5, 1, 2))
+    torch.testing.assert_close(first, plain, rtol=2.0**-22, atol=0)
+
+
 def test_in_kernel_noise_equals_noise_kernel(device):
     """The fused step draws exactly the noise that normal_noise_triton writes."""
     shape = (3, 2, 50)
