@@ -42,7 +42,8 @@ NUM_WARPS = 4
 # Where the step's loads go. False: where ptxas puts them, which is below the noise (it sinks them to save
 # registers: 32 a thread on sm_90), so a warp's reads are in flight only after its noise is computed and other
 # warps must hide the latency. True: above the noise, in flight while it is computed (as the CUDA kernel does),
-# at 56 registers. Neither measured yet: gpu_table.py --sweep times both.
+# at 53-54 registers (triton 3.6 and 3.8). Neither measured yet: gpu_table.py --sweep times both. (With one group
+# a thread, 128 groups and 4 warps, the loads come first at 32 registers either way.)
 LOADS_FIRST = False
 # the testing helpers (Philox words, words to normals) are one word / one group per lane
 HELPER_BLOCK = 1024
@@ -167,6 +168,14 @@ if triton is not None:
                                  (zero + stream).to(tl.uint32))
         return _words_to_normals(x0, x1, x2, x3)
 
+    @triton.jit
+    def _load_step_inputs(z_ptr, eps_cond_ptr, eps_uncond_ptr, offset, mask):
+        """z, eps_cond and eps_uncond at [BLOCK, 4] offsets, the eps widened to float32."""
+        z = tl.load(z_ptr + offset, mask=mask, other=0.0)
+        eps_cond = tl.load(eps_cond_ptr + offset, mask=mask, other=0.0).to(tl.float32)
+        eps_uncond = tl.load(eps_uncond_ptr + offset, mask=mask, other=0.0).to(tl.float32)
+        return z, eps_cond, eps_uncond
+
     @triton.jit(do_not_specialize=["seed", "step", "index_offset"])
     def _reverse_step_kernel(
         out_ptr, z_ptr, eps_cond_ptr, eps_uncond_ptr, w_ptr, noise_ptr,
@@ -189,9 +198,16 @@ if triton is not None:
         j = group[:, None] * 4 + tl.arange(0, 4)[None, :]  # [BLOCK, 4]: element index in the sample
         mask = j < per_sample
         offset = b.to(tl.int64) * per_sample + j
-        z = tl.load(z_ptr + offset, mask=mask, other=0.0)
-        eps_cond = tl.load(eps_cond_ptr + offset, mask=mask, other=0.0).to(tl.float32)
-        eps_uncond = tl.load(eps_uncond_ptr + offset, mask=mask, other=0.0).to(tl.float32)
+        if LOADS_FIRST:
+            # step >= 0 always: a branch that the compiler cannot fold, out of which ptxas does not sink the loads
+            if step >= 0:
+                z, eps_cond, eps_uncond = _load_step_inputs(z_ptr, eps_cond_ptr, eps_uncond_ptr, offset, mask)
+            else:
+                z = tl.zeros([BLOCK, 4], tl.float32)
+                eps_cond = z
+                eps_uncond = z
+        else:
+            z, eps_cond, eps_uncond = _load_step_inputs(z_ptr, eps_cond_ptr, eps_uncond_ptr, offset, mask)
         w = tl.load(w_ptr + b)
         eps = (1.0 + w) * eps_cond - w * eps_uncond  # paper Eq. 6
         if CLIP or LAST:
@@ -204,15 +220,7 @@ if triton is not None:
             if HAS_NOISE:
                 n = tl.load(noise_ptr + offset, mask=mask, other=0.0)
             else:
-                if LOADS_FIRST:
-                    # step >= 0 always: a branch that the compiler cannot fold, and ptxas does not sink the loads
-                    # across it
-                    if step >= 0:
-                        n = _sample_normals(seed, group, b.to(tl.int64) + index_offset, step, 1)
-                    else:
-                        n = tl.zeros([BLOCK, 4], tl.float32)
-                else:
-                    n = _sample_normals(seed, group, b.to(tl.int64) + index_offset, step, 1)
+                n = _sample_normals(seed, group, b.to(tl.int64) + index_offset, step, 1)
             if CLIP:
                 result = mean_z_clip * z + mean_x_clip * x + noise_std * n  # mu, first form
             else:
