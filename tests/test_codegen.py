@@ -34,14 +34,14 @@ from cfgfast import triton_step
 POINTERS = ("out_ptr", "z_ptr", "eps_cond_ptr", "eps_uncond_ptr", "w_ptr", "noise_ptr")
 results = {}
 for eps_type in ("fp32", "bf16"):
-    for mode in ("noise", "explicit", "clip", "last"):
+    for mode in ("noise", "explicit", "clip", "last", "loads-first"):
         signature = {name: "*fp32" for name in POINTERS}
         signature.update(eps_cond_ptr="*" + eps_type, eps_uncond_ptr="*" + eps_type)
         signature.update({name: "fp32" for name in ("alpha", "sigma", "mean_z", "mean_eps", "mean_z_clip",
                                                      "mean_x_clip", "noise_std", "clip")})
         signature.update(seed="i64", step="i32", index_offset="i32", per_sample="i32", blocks_per_sample="i32")
         constants = dict(HAS_NOISE=mode == "explicit", CLIP=mode == "clip", LAST=mode == "last",
-                         BLOCK=triton_step.BLOCK_GROUPS)
+                         BLOCK=triton_step.BLOCK_GROUPS, LOADS_FIRST=mode == "loads-first")
         signature.update({name: "constexpr" for name in constants})
         names = list(signature)
         if names != triton_step._reverse_step_kernel.arg_names:
@@ -72,7 +72,7 @@ def triton_sm90():
 
 
 @pytest.mark.parametrize("eps_type", ["fp32", "bf16"])
-@pytest.mark.parametrize("mode", ["noise", "explicit", "clip", "last"])
+@pytest.mark.parametrize("mode", ["noise", "explicit", "clip", "last", "loads-first"])
 def test_triton_step_vectorises_and_needs_no_shared_memory(triton_sm90, eps_type, mode):
     got = triton_sm90[f"{eps_type}-{mode}"]
     # every 32-bit stream (z, fp32 eps, explicit noise) comes in 16-byte loads; bf16 eps too (8 elements a load)
