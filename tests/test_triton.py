@@ -110,6 +110,10 @@ def test_philox_words_equal_reference(device, seed):
         assert torch.equal(a.cpu(), b), f"word x{word} differs"
 
 
+# u = 1: the radius's rsqrt(0) = inf (and 0 * inf) is computed and then discarded by a select; the interpreter's
+# NumPy says so
+@pytest.mark.filterwarnings("ignore:divide by zero encountered:RuntimeWarning",
+                            "ignore:invalid value encountered in multiply:RuntimeWarning")
 def test_words_to_normals_at_edge_words(device):
     """The word -> normal map where it turns: u = 1 and 2^-24, every quarter-turn boundary and its neighbours."""
     turns = [k << 22 for k in range(5)] + [(k << 22) + (1 << 21) for k in range(4)]
