@@ -72,7 +72,7 @@ __device__ __forceinline__ float element(float z, float eps, float n, const Step
 // (the noise is most of the arithmetic: computed first, it kept the loads waiting behind it).
 // The vectorised kernels are held to the registers that 6 blocks (1 group a thread) or 4 blocks (2 groups) of 256
 // threads per SM leave them (40 and 64; tests/test_codegen.py checks both, and that nothing spills). With 32-bit
-// cursors and the round keys in the parameters they fit unbounded (37 and 63 on sm_90), so the bound is a guard
+// cursors and the round keys in the parameters they fit unbounded (39 and 61-63 on sm_90), so the bound is a guard
 // against a change that would cost a block per SM. The scalar kernels are not bounded (0).
 template <class EpsT, bool kVec, int kGroups>
 __global__ void __launch_bounds__(kThreads, kVec ? (kGroups == 1 ? 6 : 4) : 0) reverse_step_kernel(DeviceStepArgs a) {
