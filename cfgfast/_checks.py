@@ -78,16 +78,18 @@ def resolve_device(device) -> torch.device:
     return device
 
 
-# The last w tensor found finite and its version counter (which every in-place change of it or of a view of it
-# advances): a sampling loop that passes the same w at every step pays for one check, and on a GPU one
-# host-device synchronisation, not one per step.
+# The last w tensor on a GPU found finite and its version counter (which every in-place change of it or of a view
+# of it advances): a sampling loop that passes the same w at every step pays for one check, one host-device
+# synchronisation, not one per step. Writes that bypass the counter (through .data, or by a CUDA graph's replay)
+# are not seen. A CPU w is checked at every call: it costs a few microseconds there, and a CPU tensor is also
+# written through NumPy views, which the counter does not see either.
 _FINITE_W: tuple[weakref.ref, int] | None = None
 
 
 def _check_finite_w(w: torch.Tensor) -> None:
     global _FINITE_W
     last = _FINITE_W
-    if last is not None and last[0]() is w and last[1] == w._version:
+    if last is not None and last[0]() is w and last[1] == w._version and w.device.type != "cpu":
         return
     # in float32, as the kernels read it: 1e300 in float64 is not finite there
     if not bool(torch.isfinite(w.to(torch.float32)).all()):
@@ -155,8 +157,9 @@ def out_may_alias(out: torch.Tensor, **inputs: torch.Tensor | None) -> None:
             continue
         if t.device != out.device:  # addresses on two devices say nothing
             continue
-        if t.data_ptr() == out.data_ptr() and t.stride() == out.stride() and t.shape == out.shape:
-            continue  # the same elements: an in-place step
+        if (t.data_ptr() == out.data_ptr() and t.stride() == out.stride() and t.shape == out.shape
+                and t.dtype == out.dtype):
+            continue  # the same elements: an in-place step (a 16-bit view of out's bytes is not)
         raise ValueError(f"out must not partly overlap {name} (it may be {name} itself, for an in-place step)")
 
 

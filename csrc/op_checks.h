@@ -25,7 +25,8 @@ inline void check_noise_out(const at::Tensor& out, int64_t step, int64_t stream,
   TORCH_CHECK_VALUE(out.is_contiguous(), "cfgfast: out must be contiguous");
   TORCH_CHECK_VALUE(step >= 0 && step < kMaxSampleIndex, "cfgfast: step must be in [0, 2^32), got ", step);
   TORCH_CHECK_VALUE(stream >= 0 && stream < kMaxSampleIndex, "cfgfast: stream must be in [0, 2^32), got ", stream);
-  TORCH_CHECK_VALUE(index_offset >= 0 && index_offset + out.size(0) <= kMaxSampleIndex,
+  // (written so that it cannot overflow: index_offset + batch wraps negative for index_offset near 2^63)
+  TORCH_CHECK_VALUE(index_offset >= 0 && index_offset <= kMaxSampleIndex - out.size(0),
                     "cfgfast: index_offset + batch must be in [0, 2^32], got index_offset=", index_offset);
   const int64_t batch = out.size(0);
   TORCH_CHECK_VALUE(batch == 0 || out.numel() / batch <= kMaxNumelPerSample,

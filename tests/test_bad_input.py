@@ -76,15 +76,20 @@ def test_bad_input_is_named(backend, overrides, exc, message):
         call(backend, **overrides)
 
 
-@pytest.mark.parametrize("change", ["in_place", "through_a_view", "zero_dim"])
+@pytest.mark.parametrize("change", ["in_place", "through_a_view", "zero_dim", "through_numpy", "through_data"])
 def test_w_changed_after_a_check_is_checked_again(change):
-    """A w tensor found finite is not read again while unchanged (one host read per sampling loop, not per step);
-    any in-place change, also through a view, makes the next step check it again."""
+    """A GPU w found finite is not read again while unchanged (one host read per sampling loop, not per step);
+    any in-place change, also through a view, makes the next step check it again. A CPU w is checked at every
+    call, so writes that its version counter does not see (NumPy, .data) are caught too."""
     w = torch.tensor(2.0) if change == "zero_dim" else torch.tensor([1.0, 2.0, 3.0])
     call("reference", w=w)
     call("reference", w=w)
     if change == "through_a_view":
         w[1:].fill_(float("nan"))
+    elif change == "through_numpy":
+        w.numpy()[1] = float("nan")
+    elif change == "through_data":
+        w.data.fill_(float("nan"))
     else:
         w.fill_(float("inf"))
     with pytest.raises(ValueError, match="w must be finite"):
@@ -129,6 +134,7 @@ def test_sampling_lambdas_needs_two_steps():
         (lambda a: a.update(coef=[1.0, 2.0]), ValueError, "coef must hold 7 numbers"),
         (lambda a: a.update(step=-1), ValueError, "step must be in"),
         (lambda a: a.update(index_offset=2**32), ValueError, "index_offset"),
+        (lambda a: a.update(index_offset=2**63 - 1), ValueError, "index_offset"),  # + batch overflows int64
     ],
 )
 def test_direct_op_call_checks_its_arguments(mutate, exc, message):
@@ -151,6 +157,15 @@ def test_out_must_not_partly_overlap_an_input():
         with pytest.raises(RuntimeError, match="unsupported operation"):
             torch.ops.cfgfast.reverse_step_(buf[:, 1:], z, eps, eps, torch.ones(1), None, [1.0] * 7, 0, 0, 0, None,
                                             False)
+
+
+def test_out_is_not_a_16_bit_view_of_eps():
+    # same address, shape and strides as out, but bfloat16: half of out's bytes, read while out is written
+    out = torch.randn(2, 64)
+    eps = torch.empty(0, dtype=torch.bfloat16).set_(out.untyped_storage(), 0, out.shape, out.stride())
+    for backend in BACKENDS:
+        with pytest.raises(ValueError, match="out must not partly overlap eps_cond"):
+            cfgfast.reverse_step(torch.randn(2, 64), eps, eps.clone(), 0.0, 1.0, 1.0, backend=backend, out=out)
 
 
 def test_huge_numbers_are_named():
