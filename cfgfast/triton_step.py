@@ -11,6 +11,7 @@ Import never fails: without triton the module only reports why in `refusals`.
 """
 
 # No `from __future__ import annotations` here: torch.library.triton_op reads the op schema from live annotations.
+import contextlib
 import math
 import os
 from typing import Optional
@@ -49,6 +50,7 @@ LOADS_FIRST = False
 HELPER_BLOCK = 1024
 
 MAX_PER_SAMPLE = 2**30  # element offsets inside a sample (plus a block) are int32
+MAX_PROGRAMS = 2**31  # CUDA's grid limit in x (2^31 - 1 blocks), which Triton's launcher reads as an int32
 
 
 def refusals(device: torch.device) -> list[str]:
@@ -243,7 +245,7 @@ if triton is not None:
     def _philox_words_kernel(x0_ptr, x1_ptr, x2_ptr, x3_ptr, c0_ptr, c1_ptr, c2_ptr, c3_ptr, seed, numel,
                              BLOCK: tl.constexpr):
         """Testing helper: raw Philox words for counters held in int64 (written back as int64 in [0, 2^32))."""
-        i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = i < numel
         c0 = tl.load(c0_ptr + i, mask=mask, other=0).to(tl.uint32)
         c1 = tl.load(c1_ptr + i, mask=mask, other=0).to(tl.uint32)
@@ -258,7 +260,7 @@ if triton is not None:
     @triton.jit
     def _words_to_normals_kernel(out_ptr, x0_ptr, x1_ptr, x2_ptr, x3_ptr, groups, BLOCK: tl.constexpr):
         """Testing helper: the Box–Muller mapping alone, [groups, 4] normals from four int64 word tensors."""
-        g = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        g = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # 4 g overflows int32 from 2^29 groups
         mask = g < groups
         x0 = tl.load(x0_ptr + g, mask=mask, other=0).to(tl.uint32)
         x1 = tl.load(x1_ptr + g, mask=mask, other=0).to(tl.uint32)
@@ -277,9 +279,23 @@ if triton is not None:
                 return kernel
             raise
 
-    def _check_per_sample(out: torch.Tensor) -> None:
-        torch._check(out.numel() // max(out.shape[0], 1) < MAX_PER_SAMPLE,
-                     lambda: "cfgfast: the triton backend takes fewer than 2^30 elements per sample")
+    def _check_launch(out: torch.Tensor) -> None:
+        """The sizes one launch takes: int32 offsets inside a sample, and a grid (batch x programs a sample) below
+        CUDA's 2^31 blocks, which Triton's launcher would refuse with an OverflowError from inside."""
+        per_sample = out.numel() // max(out.shape[0], 1)
+        torch._check_value(per_sample < MAX_PER_SAMPLE,
+                           lambda: "cfgfast: the triton backend takes fewer than 2^30 elements per sample")
+        programs = out.shape[0] * ((per_sample + 4 * BLOCK_GROUPS - 1) // (4 * BLOCK_GROUPS))
+        torch._check_value(programs < MAX_PROGRAMS,
+                           lambda: f"cfgfast: the triton backend launches fewer than 2^31 programs (batch x "
+                                   f"ceil(elements per sample / {4 * BLOCK_GROUPS})), got {programs}; use the "
+                                   f"cuda backend or smaller batches")
+
+    def _on_device(out: torch.Tensor):
+        """Triton launches on the current device and its current stream, whatever device the pointers are on: the
+        launch is made current on the tensors' device (as the cuda backend's device guard does), so tensors on a
+        GPU other than the current one are not read by kernels on the current one."""
+        return torch.cuda.device(out.device) if out.device.type == "cuda" else contextlib.nullcontext()
 
     def _launch_shape(out: torch.Tensor) -> tuple[int, int, tuple[int]]:
         """(elements per sample, programs per sample, grid)."""
@@ -309,29 +325,31 @@ if triton is not None:
                      lambda: "cfgfast: the triton kernel takes contiguous inputs")
         torch._check(all(t.device == out.device for t in tensors),
                      lambda: "cfgfast: all tensors must be on out's device")
-        _check_per_sample(out)
+        _check_launch(out)
         if out.numel() == 0:
             return
         per_sample, blocks, grid = _launch_shape(out)
         alpha, sigma, mean_z, mean_eps, mean_z_clip, mean_x_clip, noise_std = coef
-        _wrapped(_reverse_step_kernel)[grid](
-            out, z, eps_cond, eps_uncond, w, z if noise is None else noise,
-            alpha, sigma, mean_z, mean_eps, mean_z_clip, mean_x_clip, noise_std, 0.0 if clip is None else clip,
-            seed, step, index_offset, per_sample, blocks,
-            HAS_NOISE=noise is not None, CLIP=clip is not None, LAST=last, BLOCK=BLOCK_GROUPS,
-            LOADS_FIRST=LOADS_FIRST, num_warps=NUM_WARPS,
-        )
+        with _on_device(out):
+            _wrapped(_reverse_step_kernel)[grid](
+                out, z, eps_cond, eps_uncond, w, z if noise is None else noise,
+                alpha, sigma, mean_z, mean_eps, mean_z_clip, mean_x_clip, noise_std, 0.0 if clip is None else clip,
+                seed, step, index_offset, per_sample, blocks,
+                HAS_NOISE=noise is not None, CLIP=clip is not None, LAST=last, BLOCK=BLOCK_GROUPS,
+                LOADS_FIRST=LOADS_FIRST, num_warps=NUM_WARPS,
+            )
 
     @torch.library.triton_op("cfgfast::triton_normal_noise_", mutates_args=("out",))
     def _normal_noise_op(out: torch.Tensor, seed: int, step: int, stream: int, index_offset: int) -> None:
         op_noise_out(out, step, stream, index_offset)
-        _check_per_sample(out)
+        _check_launch(out)
         if out.numel() == 0:
             return
         per_sample, blocks, grid = _launch_shape(out)
-        _wrapped(_normal_noise_kernel)[grid](
-            out, seed, step, stream, index_offset, per_sample, blocks, BLOCK=BLOCK_GROUPS, num_warps=NUM_WARPS
-        )
+        with _on_device(out):
+            _wrapped(_normal_noise_kernel)[grid](
+                out, seed, step, stream, index_offset, per_sample, blocks, BLOCK=BLOCK_GROUPS, num_warps=NUM_WARPS
+            )
 
 
 def reverse_step_triton(out, z, eps_cond, eps_uncond, w, noise, coef: list[float], seed: int, step: int,

@@ -404,3 +404,26 @@ def test_opcheck(device):
                           **kwargs)
     torch.library.opcheck(torch.ops.cfgfast.triton_normal_noise_.default,
                           (torch.empty(2, 9, device=device), -1, 2, 1, 0), **kwargs)
+
+
+@pytest.mark.parametrize("shape,message", [((1, 2**30), "fewer than 2\\^30 elements per sample"),
+                                           ((2**31, 1), "fewer than 2\\^31 programs")])
+def test_launch_limits(shape, message):
+    # sizes the kernels cannot index or launch: a ValueError before the launch (meta tensors: no memory)
+    with pytest.raises(ValueError, match=message):
+        triton_step._check_launch(torch.empty(shape, device="meta"))
+    just_below = (shape[0], shape[1] - 1) if shape[0] == 1 else (shape[0] - 1, 1)
+    triton_step._check_launch(torch.empty(just_below, device="meta"))
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2 or INTERPRETED, reason="needs two CUDA GPUs")
+def test_tensors_on_a_gpu_that_is_not_the_current_one():
+    # Triton launches on the current device: the op makes the tensors' device current for the launch, and the
+    # results on cuda:1 are those on cuda:0 bit for bit
+    torch.cuda.set_device(0)
+    inputs = [torch.randn(3, 4099, device="cuda:0") for _ in range(3)]
+    steps = [cfgfast.reverse_step(*(t.to(device) for t in inputs), -1.0, 0.0, 2.0, seed=5, step=2, backend="triton")
+             for device in ("cuda:1", "cuda:0")]
+    assert steps[0].device == torch.device("cuda:1") and torch.equal(steps[0].cpu(), steps[1].cpu())
+    noises = [cfgfast.normal_noise((3, 4099), 5, device=device, backend="triton") for device in ("cuda:1", "cuda:0")]
+    assert torch.equal(noises[0].cpu(), noises[1].cpu())
