@@ -3,6 +3,7 @@ of SPEC §1, with the fused step of SPEC §2 and the noise of SPEC §3."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 
@@ -274,26 +275,29 @@ def _loop_table(model, z, grid, labels, null_labels, w, guided, stepper, v, seed
 
     # one eager step checks what the model returns (no errors can be raised from inside a replay)
     _predict(model, z, grid[0], labels, null_labels, any_guided, 0)
-    if capture:
-        z0 = z_state.clone()
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):  # warm-up on a side stream, as torch.cuda.graphs asks; state reset below
-            for _ in range(2):
+    # The model's device made current for the capture and the replays: torch.cuda.graph captures on a stream of
+    # the current device, and a replay launches on the current device's stream.
+    with torch.cuda.device(device) if capture else contextlib.nullcontext():
+        if capture:
+            z0 = z_state.clone()
+            side = torch.cuda.Stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):  # warm-up on a side stream, as torch.cuda.graphs asks; state reset below
+                for _ in range(2):
+                    step()
+            torch.cuda.current_stream(device).wait_stream(side)
+            z_state.copy_(z0)
+            counter.zero_()
+            first_bad.fill_(steps)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, stream=side):
                 step()
-        torch.cuda.current_stream(device).wait_stream(side)
-        z_state.copy_(z0)
-        counter.zero_()
-        first_bad.fill_(steps)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            step()
-        run_step = graph.replay
-    else:
-        run_step = step
-    for _ in range(steps):
-        run_step()
-        if bar is not None:
-            bar.update(1)
+            run_step = graph.replay
+        else:
+            run_step = step
+        for _ in range(steps):
+            run_step()
+            if bar is not None:
+                bar.update(1)
     _check_finite(first_bad, grid)
     return z_state

@@ -275,3 +275,17 @@ def test_cuda_graph_equals_uncaptured_run():
         plain = cfgfast.sample(model, labels, w, 32, seed=1, guidance_interval=interval)
         graphed = cfgfast.sample(model, labels, w, 32, seed=1, guidance_interval=interval, cuda_graph=True)
         torch.testing.assert_close(graphed, plain, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_cuda_graph_on_a_gpu_that_is_not_the_current_one():
+    # the capture and the replays run on the model's GPU, not on the current one (cuda:0)
+    if "cuda" not in cfgfast.available_backends():
+        pytest.fail("GPUs are present but the cuda backend is not built")
+    torch.cuda.set_device(0)
+    model = _tiny_unet().to("cuda:1")
+    labels = torch.arange(4, device="cuda:1") % 3
+    plain = cfgfast.sample(model, labels, 2.0, 16, seed=1)
+    graphed = cfgfast.sample(model, labels, 2.0, 16, seed=1, cuda_graph=True)
+    assert graphed.device == torch.device("cuda:1")
+    torch.testing.assert_close(graphed, plain, rtol=1e-4, atol=1e-4)
