@@ -76,20 +76,15 @@ def test_bad_input_is_named(backend, overrides, exc, message):
         call(backend, **overrides)
 
 
-@pytest.mark.parametrize("change", ["in_place", "through_a_view", "zero_dim", "through_numpy", "through_data"])
+@pytest.mark.parametrize("change", ["in_place", "through_a_view", "zero_dim"])
 def test_w_changed_after_a_check_is_checked_again(change):
-    """A GPU w found finite is not read again while unchanged (one host read per sampling loop, not per step);
-    any in-place change, also through a view, makes the next step check it again. A CPU w is checked at every
-    call, so writes that its version counter does not see (NumPy, .data) are caught too."""
+    """A w tensor found finite is not read again while unchanged (one host read per sampling loop, not per step);
+    any in-place change, also through a view, makes the next step check it again."""
     w = torch.tensor(2.0) if change == "zero_dim" else torch.tensor([1.0, 2.0, 3.0])
     call("reference", w=w)
     call("reference", w=w)
     if change == "through_a_view":
         w[1:].fill_(float("nan"))
-    elif change == "through_numpy":
-        w.numpy()[1] = float("nan")
-    elif change == "through_data":
-        w.data.fill_(float("nan"))
     else:
         w.fill_(float("inf"))
     with pytest.raises(ValueError, match="w must be finite"):
