@@ -194,3 +194,31 @@ def test_cuda_graph_replays_every_step(backend):
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
     graph.replay()  # counter == T: outside the table
     assert torch.isnan(out).all()
+
+
+@pytest.mark.parametrize("backend", GPU_OP_CASES)
+def test_cuda_graph_captures_the_table_step_cold(backend, tmp_path):
+    """In a fresh process, a graph captured around the kernel's very first launch (its module loaded, its occupancy
+    asked of the runtime, all during the capture) replays the step the eager call gives."""
+    code = textwrap.dedent(
+        f"""
+        import torch, cfgfast
+        lams = cfgfast.sampling_lambdas(4)
+        table = cfgfast.coefficient_table(lams, 0.3).cuda()
+        z = torch.randn(2, 1000, device="cuda")
+        eps_c, eps_u = torch.tanh(z), torch.sin(z)
+        w, counter, out = torch.tensor([1.0, 3.0], device="cuda"), torch.ones(1, dtype=torch.int64, device="cuda"), torch.empty_like(z)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            cfgfast.reverse_step_table(z, eps_c, eps_u, table, counter, w, seed=3, out=out, backend="{backend}")
+        graph.replay()
+        expected = cfgfast.reverse_step(z, eps_c, eps_u, lams[1].item(), lams[2].item(), w, 0.3, seed=3, step=1,
+                                        backend="{backend}")
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+        print("ok")
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "ok"
