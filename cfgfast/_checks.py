@@ -71,10 +71,20 @@ def like_device(name: str, value, z: torch.Tensor) -> torch.Tensor:
 
 def resolve_device(device) -> torch.device:
     """torch.device(device), with the current GPU's index where none is named ("cuda" is cuda:0 there), so that
-    it compares equal to the device of a tensor on it."""
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None and torch.cuda.is_available():
-        device = torch.device("cuda", torch.cuda.current_device())
+    it compares equal to the device of a tensor on it. A CUDA device that this machine lacks is refused here,
+    before anything is allocated on it."""
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"device must be a torch.device or a device string such as 'cpu' or 'cuda:0', "
+                         f"got {device!r} ({error})") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device} is not available: torch finds no CUDA GPU here")
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        elif device.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device} is not available: torch finds {torch.cuda.device_count()} CUDA GPU(s)")
     return device
 
 

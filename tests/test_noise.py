@@ -359,6 +359,8 @@ BAD_INPUTS = [
     (dict(backend="gpu"), ValueError, "backend"),
     (dict(backend="Reference"), ValueError, "backend"),
     (dict(backend=None), TypeError, "backend"),
+    (dict(device="gpu"), ValueError, "device must be"),
+    (dict(device=f"cuda:{torch.cuda.device_count()}"), ValueError, "device cuda:.* is not available"),  # one past the last
 ]
 
 
