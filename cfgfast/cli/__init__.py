@@ -1,4 +1,4 @@
-"""Command line (SPEC §4): one module per subcommand, each with `add_parser(subparsers)` and `run(args)`.
+"""Command line (SPEC §4): one module per subcommand, each with `add_parser(sub, name)` and `run(args)`.
 
 `cfgfast info` prints the build facts; `toy`, `demo`, `sample`, `train`, `train-classifier` and `evaluate`
 live in their own modules."""
@@ -8,6 +8,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+
+DESCRIPTION = ("Classifier-free guided diffusion (Ho & Salimans) with fused reverse-step kernels: sample from a "
+               "bundled or trained model, train one, evaluate the trade-off in w, or see what was built (info). "
+               "`cfgfast COMMAND --help` for each command.")
 
 # subcommand -> module in this package
 COMMANDS = {
@@ -22,7 +26,7 @@ COMMANDS = {
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="cfgfast", description=__doc__)
+    parser = argparse.ArgumentParser(prog="cfgfast", description=DESCRIPTION)
     sub = parser.add_subparsers(dest="command", required=True)
     for name, module in COMMANDS.items():
         importlib.import_module(f"cfgfast.cli.{module}").add_parser(sub, name)
