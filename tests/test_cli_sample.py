@@ -82,12 +82,15 @@ def test_labels_cycle(tiny, tmp_path):
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--num", "0"], "--num must be at least 1, got 0"),
+    (["--num", "0"], "--num must be in [1, 2^32]"),
+    (["--num", str(2**32 + 1)], "--num must be in [1, 2^32]"),
     (["--labels", "3", "10"], "--labels must lie in [0, 10) for this model of 10 classes, got 10"),
     (["--steps", "1"], "--steps must be at least 2, got 1"),
     (["--w", "nan"], "--w must be finite"),
+    (["--w", "1e39"], "--w must be finite in float32"),
     (["--v", "1.5"], "--v must be in [0, 1], got 1.5"),
-    (["--clip", "-1"], "--clip must be positive (or 0 for no clipping), got -1.0"),
+    (["--clip", "-1"], "--clip must be positive and finite (or 0 for no clipping), got -1.0"),
+    (["--clip", "inf"], "--clip must be positive and finite"),
     (["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
     (["--backend", "fast"], "backend must be 'auto' or one of"),
     (["--out", "OUT/s.txt"], "--out must name a .npz file"),
@@ -108,6 +111,18 @@ def test_bad_input_is_named_before_sampling(tiny, tmp_path, capsys, monkeypatch,
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.pt"]
 
 
+@pytest.mark.parametrize("error", [ValueError("refused by sample"), KeyboardInterrupt()])
+def test_a_run_that_fails_before_its_first_shard_leaves_no_parts(tiny, tmp_path, monkeypatch, capsys, error):
+    # nothing to resume: no parts folder to block the corrected rerun
+    def failing(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(cfgfast, "sample", failing)
+    assert main(args(tiny, tmp_path / "s.npz")) == (2 if isinstance(error, ValueError) else 130)
+    assert list(tmp_path.iterdir()) == []
+    assert "--resume" not in capsys.readouterr().err
+
+
 def test_an_interrupted_run_resumes_to_the_same_file(tiny, tmp_path, monkeypatch, capsys):
     assert main(args(tiny, tmp_path / "whole.npz", "--grid", str(tmp_path / "whole.png"), "--batch-size", "2")) == 0
     out, parts = tmp_path / "s.npz", tmp_path / "s.npz.parts"
@@ -120,8 +135,9 @@ def test_an_interrupted_run_resumes_to_the_same_file(tiny, tmp_path, monkeypatch
         return sample(*args, **kwargs)
 
     monkeypatch.setattr(cfgfast, "sample", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        main(args(tiny, out, "--batch-size", "2"))
+    capsys.readouterr()
+    assert main(args(tiny, out, "--batch-size", "2")) == 130
+    assert "interrupted; the finished shards are in" in capsys.readouterr().err
     monkeypatch.setattr(cfgfast, "sample", sample)
     assert not out.exists() and sorted(p.name for p in parts.iterdir()) == [
         "0000000000-0000000002.npy", "0000000002-0000000004.npy", "manifest.json"]

@@ -36,3 +36,10 @@ def main(argv=None) -> int:
     except (ValueError, TypeError, RuntimeError, OSError) as exc:
         print(f"cfgfast: error: {exc}", file=sys.stderr)
         return 2
+    except MemoryError as exc:  # e.g. a picture or batch too large for this machine (numpy's has a message)
+        print(f"cfgfast: error: out of memory{': ' + str(exc) if str(exc) else ''}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        hint = getattr(args, "interrupt_hint", None)
+        print(f"cfgfast: interrupted{'; ' + hint if hint else ''}", file=sys.stderr)
+        return 130

@@ -34,6 +34,7 @@ from cfgfast.cli.common import writable_path
 PARTS_FORMAT = "cfgfast-sample-parts"
 PARTS_VERSION = 1
 DEFAULT_BATCH_SIZE = 64
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 SHARD_NAME = re.compile(r"^\d{10}-\d{10}\.npy$")
 # manifest key -> the option it comes from, to name what differs on a refused --resume
 MANIFEST_OPTIONS = {"model_sha256": "--model", "num": "--num", "w": "--w", "steps": "--steps", "v": "--v",
@@ -107,18 +108,18 @@ def _device(name: str) -> torch.device:
 
 def _check_options(args) -> None:
     """Everything about the options that needs no model or file, so a mistake stops the run at once."""
-    if args.num < 1:
-        raise ValueError(f"--num must be at least 1, got {args.num}")
+    if not 1 <= args.num <= 2**32:
+        raise ValueError(f"--num must be in [1, 2^32] (a sample's index is a 32-bit counter word), got {args.num}")
     if args.batch_size is not None and args.batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
     if args.steps < 2:
         raise ValueError(f"--steps must be at least 2, got {args.steps}")
     if not 0.0 <= args.v <= 1.0:
         raise ValueError(f"--v must be in [0, 1], got {args.v}")
-    if not math.isfinite(args.w):
-        raise ValueError(f"--w must be finite, got {args.w}")
-    if not args.clip >= 0:
-        raise ValueError(f"--clip must be positive (or 0 for no clipping), got {args.clip}")
+    if not (math.isfinite(args.w) and abs(args.w) <= FLOAT32_MAX):
+        raise ValueError(f"--w must be finite in float32 (|w| <= 3.4e38), got {args.w}")
+    if not (args.clip >= 0 and math.isfinite(args.clip)):
+        raise ValueError(f"--clip must be positive and finite (or 0 for no clipping), got {args.clip}")
     args.clip = args.clip or None
     if not 0 <= args.seed < 2**64:
         raise ValueError(f"--seed must be in [0, 2^64), got {args.seed}")
@@ -319,9 +320,12 @@ def run(args) -> int:
         label_of = _label_of(args, model.config.num_classes)
         channels, height, width = model.sample_shape
         image_shape = (height, width, channels)
+        created = False
         if world.rank == 0:
             if not os.path.exists(parts):
                 _create_parts(parts, manifest)
+                created = True
+            args.interrupt_hint = f"the finished shards are in {parts}: rerun with --resume to finish"
             resumed = f", resuming with {sum(e - s for s, e in finished)} done" if finished else ""
             print(f"cfgfast {cfgfast.__version__}: {args.num} samples of {args.model}, w={args.w:g}, "
                   f"{args.steps} steps, v={args.v:g}, seed {args.seed}, batch {manifest['batch_size']}, "
@@ -341,6 +345,13 @@ def run(args) -> int:
                     with atomic_open(os.path.join(parts, _shard_name(start, end))) as f:
                         np.save(f, received[:end - start])
                     progress.update(start, end)
+        except BaseException:
+            # a run that fails before its first shard leaves nothing to resume: no parts folder that would block
+            # the corrected rerun
+            if created and os.listdir(parts) == ["manifest.json"]:
+                shutil.rmtree(parts, ignore_errors=True)
+                args.interrupt_hint = None
+            raise
         finally:
             progress.close()
         if world.rank != 0:
