@@ -168,6 +168,12 @@ def test_checkpoint_errors(tmp_path):
     (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match="corrupt"):
         checkpoint.load_model(str(tmp_path / "cut.pt"))
+    # an empty file, and text that the legacy (non-zip) unpickler reads as a KeyError
+    (tmp_path / "empty.pt").write_bytes(b"")
+    (tmp_path / "text.pt").write_bytes(b"junk\n")
+    for name in ("empty.pt", "text.pt"):
+        with pytest.raises(ValueError, match="corrupt or not a torch file: ."):
+            checkpoint.load_model(str(tmp_path / name))
     with pytest.raises(ValueError, match="name must be one of"):
         cfgfast.load_pretrained("imagenet")
 

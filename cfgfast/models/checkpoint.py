@@ -4,8 +4,6 @@ config beside the weights, so a file alone rebuilds the network. Written atomica
 from __future__ import annotations
 
 import os
-import zipfile
-import pickle
 
 import torch
 
@@ -29,8 +27,9 @@ def read(path: str, kind: str = FORMAT) -> dict:
         raise ValueError(f"checkpoint {path}: no such file")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, EOFError, OSError, ValueError) as exc:
-        raise ValueError(f"checkpoint {path} is corrupt or not a torch file: {str(exc).splitlines()[0]}") from None
+    except Exception as exc:  # arbitrary bytes fail anywhere in the unpickler: KeyError, IndexError, EOFError, ...
+        detail = (str(exc).splitlines() or [""])[0] or type(exc).__name__
+        raise ValueError(f"checkpoint {path} is corrupt or not a torch file: {detail}") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != kind:
         raise ValueError(f"checkpoint {path} is not a {kind} checkpoint (no format tag {kind!r}); "
                          f"was it written by cfgfast?")
