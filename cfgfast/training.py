@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from . import _checks
 from .data import Dataset
 from .models import checkpoint
 from .models.unet import UNet, UNetConfig
@@ -35,16 +36,25 @@ class TrainConfig:
     lambda_max: float = LAMBDA_MAX
 
     def __post_init__(self):
+        for name in ("steps", "batch_size", "checkpoint_every"):
+            _checks.integer(name, getattr(self, name), low=1)
+        _checks.integer("warmup", self.warmup)
+        _checks.integer("seed", self.seed, high=2**64)
+        for name in ("lr", "weight_decay", "p_uncond", "ema_decay", "grad_clip", "lambda_min", "lambda_max"):
+            _checks.real(name, getattr(self, name))  # a number, finite
         if not 0.0 <= self.p_uncond < 1.0:
             raise ValueError(f"p_uncond must lie in [0, 1) (1 would never train the conditional model), got "
                              f"{self.p_uncond}")
-        for name in ("steps", "batch_size", "checkpoint_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if not self.lr > 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
+        if not self.weight_decay >= 0:
+            raise ValueError(f"weight_decay must be at least 0, got {self.weight_decay}")
+        if not self.grad_clip > 0:  # a negative max norm would flip the gradient's sign
+            raise ValueError(f"grad_clip must be positive, got {self.grad_clip}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must lie in [0, 1), got {self.ema_decay}")
+        if not self.lambda_min < self.lambda_max:
+            raise ValueError(f"lambda_min must be below lambda_max, got {self.lambda_min} and {self.lambda_max}")
 
 
 def diffusion_loss(model, x: torch.Tensor, labels: torch.Tensor, null_label: int, config: TrainConfig,
@@ -75,6 +85,9 @@ def train(model_config: UNetConfig, data: Dataset, out: str, config: TrainConfig
     """Train (or resume) and write checkpoints to `out` every config.checkpoint_every steps and at the end; an
     interrupted run loses at most the steps since the last checkpoint. Returns the EMA model."""
     _check_fits(model_config, data)
+    folder = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(folder):  # found now, not at the first checkpoint
+        raise ValueError(f"out: folder {folder} does not exist")
     torch.manual_seed(config.seed)  # the initial weights
     model = UNet(model_config)
     ema = copy.deepcopy(model).requires_grad_(False)
@@ -83,6 +96,10 @@ def train(model_config: UNetConfig, data: Dataset, out: str, config: TrainConfig
     step = 0
     if resume and os.path.exists(out):
         ckpt = checkpoint.read(out)
+        missing = [k for k in ("model", "ema", "optimizer", "rng", "step") if k not in ckpt]
+        if missing:
+            raise ValueError(f"--resume: {out} is not a training checkpoint (it has no {', '.join(missing)}: an "
+                             f"export for sampling?)")
         if ckpt.get("config") != model_config.to_dict():
             raise ValueError(f"--resume: {out} was trained with model config {ckpt.get('config')}, not "
                              f"{model_config.to_dict()}")

@@ -151,6 +151,26 @@ def test_train_refuses_mismatched_data_and_bad_settings(tmp_path):
     for p in (1.0, -0.1):
         with pytest.raises(ValueError, match="p_uncond"):
             TrainConfig(p_uncond=p)
+    with pytest.raises(ValueError, match="out: folder .* does not exist"):  # before training, not at the first save
+        train(TINY, tiny_data(), str(tmp_path / "missing" / "a.pt"), TrainConfig(steps=1), progress=False)
+
+
+@pytest.mark.parametrize("change, error, message", [
+    (dict(grad_clip=-1.0), ValueError, "grad_clip must be positive"),  # would flip the gradient's sign
+    (dict(grad_clip=float("nan")), ValueError, "grad_clip must be finite"),
+    (dict(steps=2.5), TypeError, "steps must be an int"),
+    (dict(steps=True), TypeError, "steps must be an int"),
+    (dict(batch_size=0), ValueError, "batch_size must be at least 1"),
+    (dict(warmup=-5), ValueError, "warmup must be at least 0"),
+    (dict(seed=-1), ValueError, "seed must be at least 0"),
+    (dict(seed=2**64), ValueError, "seed must be at least 0, below"),
+    (dict(lr="x"), TypeError, "lr must be a real number"),
+    (dict(weight_decay=-0.1), ValueError, "weight_decay must be at least 0"),
+    (dict(lambda_min=5.0, lambda_max=5.0), ValueError, "lambda_min must be below lambda_max"),
+])
+def test_train_config_checks_its_fields(change, error, message):
+    with pytest.raises(error, match=message):
+        TrainConfig(**change)
 
 
 def test_checkpoint_errors(tmp_path):
@@ -273,6 +293,13 @@ def test_cli_train_then_sample_the_checkpoint(tmp_path, capsys):
     assert model.sample(torch.tensor([0, 1, 2]), 1.0, steps=3, backend="reference").shape == (3, 1, 8, 8)
     assert main(["train", "--dataset", str(tmp_path / "d.npz"), "--out", str(out), "--p-uncond", "1"]) == 2
     assert "p_uncond" in capsys.readouterr().err
+    # the slim export is no training checkpoint: resuming from it is refused by name
+    assert main(args[:4] + [str(tmp_path / "slim.pt")] + args[5:-2] + ["--resume"]) == 2
+    assert "slim.pt is not a training checkpoint (it has no model, optimizer, rng" in capsys.readouterr().err
+    # nor may the export replace the training checkpoint
+    before = out.read_bytes()
+    assert main(args[:-1] + [str(out)]) == 2
+    assert "--export must differ from --out" in capsys.readouterr().err and out.read_bytes() == before
     assert not any(f.name.startswith(".tmp-") for f in tmp_path.iterdir())  # no partial files left
 
 

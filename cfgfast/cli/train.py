@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import time
 
 from cfgfast.cli.common import writable_path
@@ -17,6 +18,9 @@ def run(args) -> int:
     out = writable_path(args.out)
     if args.export is not None:
         writable_path(args.export, "--export")
+        if os.path.realpath(args.export) == os.path.realpath(out):
+            raise ValueError(f"--export must differ from --out (the slim copy would replace the training checkpoint "
+                             f"that --resume needs), got {args.export} for both")
     config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, p_uncond=args.p_uncond,
                          ema_decay=args.ema_decay, seed=args.seed, checkpoint_every=args.checkpoint_every)
     data = load_dataset(args.dataset)
