@@ -47,6 +47,20 @@ def real(name: str, value) -> float:
     return value
 
 
+# |lambda| at most this: the paper's range is [-20, 20]; far beyond it alpha = e^(lambda / 2) (lambda << 0) makes the
+# step's coefficients overflow float64's exp in the schedule and float32 in the kernels (from |lambda| ~ 170).
+LAMBDA_LIMIT = 80.0
+
+
+def log_snr(name: str, value) -> float:
+    """A log-SNR lambda: a finite real number in [-LAMBDA_LIMIT, LAMBDA_LIMIT]."""
+    value = real(name, value)
+    if not -LAMBDA_LIMIT <= value <= LAMBDA_LIMIT:
+        raise ValueError(f"{name} must lie in [-{LAMBDA_LIMIT:g}, {LAMBDA_LIMIT:g}] (the paper uses [-20, 20]; beyond "
+                         f"|lambda| = {LAMBDA_LIMIT:g} the step's coefficients overflow), got {value}")
+    return value
+
+
 def tensor(name: str, value) -> torch.Tensor:
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")

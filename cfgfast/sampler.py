@@ -11,7 +11,8 @@ import torch
 
 from . import _checks
 from .noise import normal_noise
-from .schedule import LAMBDA_MAX, LAMBDA_MIN, alpha_sigma, coefficient_table, sampling_lambdas, step_coefficients
+from .schedule import (LAMBDA_MAX, LAMBDA_MIN, _check_range, alpha_sigma, coefficient_table, sampling_lambdas,
+                       step_coefficients)
 from .backends import choose
 
 
@@ -24,6 +25,7 @@ def _model_device(model, labels: torch.Tensor) -> torch.device:
 
 
 def _grid(steps, lambdas, lambda_min, lambda_max) -> list[float]:
+    _check_range(lambda_min, lambda_max)
     if lambdas is None:
         return sampling_lambdas(steps, lambda_min, lambda_max).tolist()
     grid = torch.as_tensor(lambdas, dtype=torch.float64).flatten().tolist()

@@ -18,8 +18,8 @@ LAMBDA_MAX = 20.0
 
 
 def _check_range(lambda_min: float, lambda_max: float) -> None:
-    _checks.real("lambda_min", lambda_min)
-    _checks.real("lambda_max", lambda_max)
+    _checks.log_snr("lambda_min", lambda_min)
+    _checks.log_snr("lambda_max", lambda_max)
     if not lambda_min < lambda_max:
         raise ValueError(f"lambda_min must be below lambda_max, got {lambda_min} >= {lambda_max}")
 
@@ -144,8 +144,8 @@ def coefficient_table(lambdas, v: float) -> torch.Tensor:
     lam = torch.as_tensor(lambdas, dtype=torch.float64).flatten().tolist()
     if len(lam) < 2:
         raise ValueError(f"lambdas must hold at least 2 values, got {len(lam)}")
-    if not all(math.isfinite(x) for x in lam):
-        raise ValueError("lambdas must be finite")
+    for t, x in enumerate(lam):
+        _checks.log_snr(f"lambdas[{t}]", x)
     for t in range(len(lam) - 1):
         if not lam[t] < lam[t + 1]:
             raise ValueError(f"lambdas must be increasing, got lambdas[{t}]={lam[t]} >= lambdas[{t + 1}]={lam[t + 1]}")

@@ -59,8 +59,8 @@ def reverse_step(z, eps_cond, eps_uncond, lam, lam_next, w, v=0.3, *, noise=None
     to [-c, c] first. out: an optional contiguous float32 tensor of z's shape to write into (may be z).
     """
     w, seed, index_offset, clip, out = _check_common(z, eps_cond, eps_uncond, w, seed, index_offset, clip, out)
-    lam = _checks.real("lam", lam)
-    lam_next = _checks.real("lam_next", lam_next)
+    lam = _checks.log_snr("lam", lam)
+    lam_next = _checks.log_snr("lam_next", lam_next)
     if not isinstance(last, bool):
         raise TypeError(f"last must be a bool, got {type(last).__name__}")
     if not last and not lam < lam_next:

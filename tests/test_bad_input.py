@@ -53,6 +53,8 @@ CASES = [
     (dict(lam=1.0, lam_next=-1.0), ValueError, "lam must be below lam_next"),
     (dict(lam=float("nan")), ValueError, "lam must be finite"),
     (dict(lam_next=float("inf")), ValueError, "lam_next must be finite"),
+    (dict(lam=-1500.0), ValueError, r"lam must lie in \[-80, 80\]"),  # finite, but its step overflows
+    (dict(lam_next=80.5), ValueError, r"lam_next must lie in \[-80, 80\]"),
     (dict(lam=torch.tensor([1.0, 2.0])), ValueError, "lam must be a number or a one-element tensor"),
     (dict(seed=-1), ValueError, "seed must be at least 0"),
     (dict(seed=2**64), ValueError, "seed must be at least 0, below"),
@@ -114,6 +116,21 @@ def test_cpu_backend_refuses_other_devices():
 def test_sampling_lambdas_needs_two_steps():
     with pytest.raises(ValueError, match="steps must be at least 2"):
         cfgfast.sampling_lambdas(1)
+
+
+def test_log_snr_beyond_the_limit_is_named():
+    # finite, but exp(-lambda_min / 2) or the step's alpha ratio overflows: a ValueError, not an OverflowError
+    with pytest.raises(ValueError, match="lambda_min must lie in"):
+        cfgfast.sampling_lambdas(4, -3000.0)
+    with pytest.raises(ValueError, match="lambda_max must lie in"):
+        cfgfast.training_lambdas(torch.rand(3), -10.0, 1e4)
+    with pytest.raises(ValueError, match=r"lambdas\[0\] must lie in"):
+        cfgfast.coefficient_table([-1500.0, 0.0], 0.3)
+    with pytest.raises(ValueError, match="lambda_min must lie in"):
+        cfgfast.sample(lambda z, lam, y: z, torch.tensor([0]), 1.0, 4, null_label=1, shape=(2,), lambda_min=-100.0)
+    # the limit itself works, and gives finite float32 coefficients
+    table = cfgfast.coefficient_table(cfgfast.sampling_lambdas(8, -80.0, 80.0), 0.3)
+    assert torch.isfinite(table[:-1].float()).all()
 
 
 @pytest.mark.skipif("cpu" not in BACKENDS, reason="cpu backend unavailable")
