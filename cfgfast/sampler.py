@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 import sys
 
 import torch
@@ -47,6 +48,8 @@ def _interval(guidance_interval):
         lo, hi = guidance_interval
     except (TypeError, ValueError):
         raise TypeError(f"guidance_interval must be a pair (lam_lo, lam_hi), got {guidance_interval!r}") from None
+    if any(isinstance(x, bool) or not isinstance(x, (numbers.Real, torch.Tensor)) for x in (lo, hi)):
+        raise TypeError(f"guidance_interval must be a pair of numbers (lam_lo, lam_hi), got {guidance_interval!r}")
     lo, hi = float(lo), float(hi)
     if not lo <= hi or math.isnan(lo) or math.isnan(hi):
         raise ValueError(f"guidance_interval must have lam_lo <= lam_hi, got ({lo}, {hi})")
@@ -137,7 +140,8 @@ def sample(model, labels, w, steps=256, *, v=0.3, seed=0, shape=None, null_label
     device = _model_device(model, labels)
     labels = labels.to(device=device, dtype=torch.int64)
     batch = labels.shape[0]
-    null_label = getattr(model, "null_label", None) if null_label is None else null_label
+    model_null = getattr(model, "null_label", None)
+    null_label = model_null if null_label is None else null_label
     if classifier is not None:
         if not callable(classifier):
             raise TypeError(f"classifier must be callable as classifier(z, lam), got {type(classifier).__name__}")
@@ -147,8 +151,13 @@ def sample(model, labels, w, steps=256, *, v=0.3, seed=0, shape=None, null_label
         if null_label is None:
             raise ValueError("null_label is unknown: pass null_label= or give the model a null_label attribute")
         null_label = _checks.integer("null_label", null_label)
-        if batch and (int(labels.min()) < 0 or int(labels.max()) > null_label):
-            raise ValueError(f"labels must lie in [0, {null_label}] (null_label {null_label}), got values in "
+        # the model's own null label is its last class row: labels and an explicit null_label (another class as
+        # the "unconditional" pass is allowed: a negative prompt) lie at or below it
+        top = null_label if model_null is None else _checks.integer("model.null_label", model_null)
+        if null_label > top:
+            raise ValueError(f"null_label must lie in [0, {top}] (the model's null label is {top}), got {null_label}")
+        if batch and (int(labels.min()) < 0 or int(labels.max()) > top):
+            raise ValueError(f"labels must lie in [0, {top}] (null_label {top}), got values in "
                              f"[{int(labels.min())}, {int(labels.max())}]")
     shape = getattr(model, "sample_shape", None) if shape is None else shape
     if shape is None:
@@ -166,8 +175,12 @@ def sample(model, labels, w, steps=256, *, v=0.3, seed=0, shape=None, null_label
     lam_lo, lam_hi = _interval(guidance_interval)
     seed = _checks.seed(seed)
     index_offset = _checks.integer("index_offset", index_offset, high=_checks.MAX_WORD - batch + 1)
+    if not isinstance(cuda_graph, bool):
+        raise TypeError(f"cuda_graph must be True or False, got {cuda_graph!r}")
     if progress is None:
         progress = sys.stderr is not None and sys.stderr.isatty()
+    elif not isinstance(progress, bool):
+        raise TypeError(f"progress must be True, False or None (a bar when stderr is a terminal), got {progress!r}")
 
     if clip is not None:
         clip = _checks.real("clip", clip)
