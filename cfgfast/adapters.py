@@ -96,6 +96,10 @@ class DDPMLambdas:
 
     def __init__(self, scheduler):
         config = _ddpm_config(scheduler)
+        steps = config.get("num_train_timesteps", 1000)
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 2:
+            raise ValueError(f"scheduler's num_train_timesteps must be an int of at least 2 (a schedule of one "
+                             f"timestep has no step to take), got {steps!r}")
         prediction_type = config.get("prediction_type", "epsilon")
         if prediction_type != "epsilon":
             raise ValueError(f"scheduler's prediction_type must be 'epsilon' (the adapters pass the model's "
@@ -106,15 +110,16 @@ class DDPMLambdas:
             # set_timesteps spaces num_train_timesteps, so it would visit timesteps the betas do not have
             raise ValueError(f"scheduler's num_train_timesteps must equal the number of trained_betas "
                              f"{alpha_bar.shape[0]}, got {self._scheduler.config.num_train_timesteps}")
-        if not bool(((alpha_bar > 0) & (alpha_bar < 1)).all()):
-            k = int(torch.nonzero((alpha_bar <= 0) | (alpha_bar >= 1))[0])
+        outside = ~((alpha_bar > 0) & (alpha_bar < 1))  # NaN too
+        if bool(outside.any()):
+            k = int(torch.nonzero(outside)[0])
             raise ValueError(f"scheduler's alphas_cumprod must lie in (0, 1) for a finite log-SNR, got "
                              f"{float(alpha_bar[k])} at timestep {k} (a zero-terminal-SNR schedule, "
                              "rescale_betas_zero_snr=True, has no finite lambda at its last timestep)")
         self.lambdas = torch.log(alpha_bar) - torch.log1p(-alpha_bar)
         steps = torch.diff(self.lambdas)
         if not bool((steps < 0).all()):
-            k = int(torch.nonzero(steps >= 0)[0])
+            k = int(torch.nonzero(~(steps < 0))[0])
             raise ValueError(f"scheduler's betas must be positive (log-SNR strictly decreasing in t), got a "
                              f"non-decreasing step at timestep {k + 1}")
         self._increasing = self.lambdas.flip(0)  # searchsorted wants increasing knots

@@ -191,6 +191,11 @@ def test_output_channels_neither_c_nor_2c_are_refused():
     ({**LINEAR, "rescale_betas_zero_snr": True}, "zero-terminal-SNR"),
     ({"trained_betas": [0.1, 0.0, 0.2], "num_train_timesteps": 3}, "betas must be positive"),
     ({"trained_betas": [0.1, 0.2, 0.3]}, "num_train_timesteps must equal the number of trained_betas 3, got 1000"),
+    ({**LINEAR, "beta_start": float("nan")}, r"alphas_cumprod must lie in \(0, 1\).*got nan at timestep 0"),
+    ({"trained_betas": [0.1, float("nan"), 0.1], "num_train_timesteps": 3}, "got nan at timestep 1"),
+    ({**LINEAR, "num_train_timesteps": 1}, "num_train_timesteps must be an int of at least 2"),
+    ({**LINEAR, "num_train_timesteps": 0}, "num_train_timesteps must be an int of at least 2"),
+    ({**LINEAR, "num_train_timesteps": 2.5}, "num_train_timesteps must be an int of at least 2"),
 ])
 def test_bad_scheduler_configs_are_refused(scheduler, message):
     with pytest.raises(ValueError, match=message):
