@@ -21,6 +21,7 @@ import time
 import numpy as np
 import torch
 
+from . import _checks
 from ._io import atomic_open
 from ._png import image_grid, write_png
 from .data import Dataset, to_uint8
@@ -118,6 +119,8 @@ def sweep(model, data: Dataset, out: str, *, ws=DEFAULT_WS, num: int = 1000, ste
                              ("feature_steps", feature_steps, 1)):
         if not isinstance(value, int) or isinstance(value, bool) or value < low:
             raise ValueError(f"{name} must be an int of at least {low}, got {value!r}")
+    v = _checks.unit_interval("v", v)
+    seed = _checks.seed(seed)
     shape = tuple(data.images.shape[1:])
     if tuple(model.sample_shape) != shape or model.null_label != data.num_classes:
         raise ValueError(f"the model samples {tuple(model.sample_shape)} with {model.null_label} classes but dataset "

@@ -25,6 +25,8 @@ def run(args) -> int:
         raise ValueError(f"--out: folder {os.path.dirname(out)} does not exist")
     if not os.access(out if os.path.isdir(out) else os.path.dirname(out), os.W_OK):
         raise ValueError(f"--out: {args.out} is not writable")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available here")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = load_model(args.model).to(device)
     # the shipped noise-conditional classifier goes with the shipped model
@@ -56,6 +58,6 @@ def add_parser(sub, name: str) -> None:
     p.add_argument("--batch-size", type=int, default=500, help="samples per sampling batch (default 500)")
     p.add_argument("--feature-steps", type=int, default=FEATURE_STEPS,
                    help=f"training steps of the feature classifier (default {FEATURE_STEPS})")
-    p.add_argument("--device", help="cpu or cuda (default cuda when available)")
+    p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
     p.add_argument("--out", required=True, help="folder to write (created if missing)")
     p.set_defaults(run=run)
