@@ -44,6 +44,9 @@ def test_bad_toy_arguments_are_named_before_sampling(tmp_path, capsys):
         (["--num", "0"], "--num must be at least 1"),
         (["--size", "0"], "--size must be at least 8"),
         (["--extent", "-1"], "--extent must be positive"),
+        (["--extent", "inf"], "--extent must be positive and finite"),
+        (["--size", "100000"], "--size must be at most 4096"),
+        (["--out", str(tmp_path / "t.txt")], "--out must name a .png file"),
     ):
         args = ["toy", "--out", str(tmp_path / "t.png"), "--steps", "4"] + argv
         assert main(args) == 2

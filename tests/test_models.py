@@ -321,6 +321,12 @@ def test_demo_writes_picture(tmp_path, capsys):
     assert picture.shape == (10 * 33 + 1, 7 * 33 + 1, 3)
     assert "backend" in capsys.readouterr().out
     assert main(["demo", "--out", str(tmp_path / "nope")]) == 2
+    capsys.readouterr()
+    before = (tmp_path / "cfg_demo.png").read_bytes()
+    for scale in ("0", "-2", "100000"):  # refused before sampling: no empty or enormous picture
+        assert main(["demo", "--out", str(tmp_path), "--steps", "2", "--per-cell", "1", "--scale", scale]) == 2
+        assert "--scale must be in [1, 64]" in capsys.readouterr().err
+    assert (tmp_path / "cfg_demo.png").read_bytes() == before
 
 
 def test_bundled_model_samples_are_their_class_at_w3():

@@ -26,6 +26,8 @@ def run(args) -> int:
     out = writable_path(os.path.join(args.out, "cfg_demo.png"))
     if args.per_cell < 1:
         raise ValueError(f"--per-cell must be at least 1, got {args.per_cell}")
+    if not 1 <= args.scale <= 64:
+        raise ValueError(f"--scale must be in [1, 64] (pixels per image pixel), got {args.scale}")
     model = cfgfast.load_pretrained("digits")
     classes, k, ws = model.config.num_classes, args.per_cell, args.w
     # one batch in picture order: class-major rows, then w blocks, then k samples per cell

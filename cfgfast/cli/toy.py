@@ -3,6 +3,7 @@ noise predictions, drawn side by side."""
 
 from __future__ import annotations
 
+import math
 import time
 
 import numpy as np
@@ -18,11 +19,15 @@ CLASS_COLORS = np.array([[214, 39, 40], [31, 119, 180], [44, 160, 44]], dtype=np
 
 def run(args) -> int:
     out = writable_path(args.out)
+    if not args.out.lower().endswith(".png"):
+        raise ValueError(f"--out must name a .png file, got {args.out}")
     for name, value, low in (("--num", args.num, 1), ("--size", args.size, 8)):
         if value < low:
             raise ValueError(f"{name} must be at least {low}, got {value}")
-    if not args.extent > 0:
-        raise ValueError(f"--extent must be positive, got {args.extent}")
+    if args.size > 4096:
+        raise ValueError(f"--size must be at most 4096 (pixels a panel), got {args.size}")
+    if not 0 < args.extent < math.inf:
+        raise ValueError(f"--extent must be positive and finite, got {args.extent}")
     model = three_classes()
     labels = torch.arange(3 * args.num) % 3
     data = model.sample_data(labels, torch.Generator().manual_seed(args.seed))  # the classes themselves
