@@ -17,7 +17,8 @@ def integer(name: str, value, *, low: int = 0, high: int | None = None) -> int:
     """A Python int (or integral 0-d tensor) in [low, high)."""
     if type(value) is int and value >= low and (high is None or value < high):  # the usual case, fast
         return value
-    if isinstance(value, torch.Tensor) and value.dim() == 0 and not value.is_floating_point():
+    if isinstance(value, torch.Tensor) and value.dim() == 0 and not value.is_floating_point() \
+            and value.dtype != torch.bool and not value.is_complex():
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
@@ -50,6 +51,24 @@ def real(name: str, value) -> float:
 # |lambda| at most this: the paper's range is [-20, 20]; far beyond it alpha = e^(lambda / 2) (lambda << 0) makes the
 # step's coefficients overflow float64's exp in the schedule and float32 in the kernels (from |lambda| ~ 170).
 LAMBDA_LIMIT = 80.0
+
+
+def lambda_grid(name: str, values) -> list[float]:
+    """A 1-D sequence of at least 2 real numbers (a list, tuple or tensor) as Python floats."""
+    if isinstance(values, (str, bytes)) or not isinstance(values, (torch.Tensor, list, tuple)) and \
+            not hasattr(values, "__array__"):
+        raise TypeError(f"{name} must be a 1-D sequence of numbers, got {type(values).__name__}")
+    try:
+        grid = torch.as_tensor(values)
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise TypeError(f"{name} must be a 1-D sequence of numbers ({error})") from None
+    if grid.dim() != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {tuple(grid.shape)}")
+    if grid.dtype == torch.bool or grid.is_complex():
+        raise TypeError(f"{name} must hold real numbers, got {grid.dtype}")
+    if grid.shape[0] < 2:
+        raise ValueError(f"{name} must hold at least 2 values, got {grid.shape[0]}")
+    return grid.to(device="cpu", dtype=torch.float64).tolist()
 
 
 def log_snr(name: str, value) -> float:

@@ -29,9 +29,7 @@ def _grid(steps, lambdas, lambda_min, lambda_max) -> list[float]:
     _check_range(lambda_min, lambda_max)
     if lambdas is None:
         return sampling_lambdas(steps, lambda_min, lambda_max).tolist()
-    grid = torch.as_tensor(lambdas, dtype=torch.float64).flatten().tolist()
-    if len(grid) < 2:
-        raise ValueError(f"lambdas must hold at least 2 values, got {len(grid)}")
+    grid = _checks.lambda_grid("lambdas", lambdas)
     for t in range(len(grid) - 1):
         if not grid[t] < grid[t + 1]:
             raise ValueError(f"lambdas must be increasing, got lambdas[{t}]={grid[t]}, lambdas[{t + 1}]={grid[t + 1]}")

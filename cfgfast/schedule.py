@@ -141,9 +141,7 @@ def coefficient_table(lambdas, v: float) -> torch.Tensor:
     With cfgfast.reverse_step_table this lets one captured CUDA graph replay every step.
     """
     v = _checks.unit_interval("v", v)
-    lam = torch.as_tensor(lambdas, dtype=torch.float64).flatten().tolist()
-    if len(lam) < 2:
-        raise ValueError(f"lambdas must hold at least 2 values, got {len(lam)}")
+    lam = _checks.lambda_grid("lambdas", lambdas)
     for t, x in enumerate(lam):
         _checks.log_snr(f"lambdas[{t}]", x)
     for t in range(len(lam) - 1):

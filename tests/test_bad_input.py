@@ -118,6 +118,24 @@ def test_sampling_lambdas_needs_two_steps():
         cfgfast.sampling_lambdas(1)
 
 
+@pytest.mark.parametrize("lambdas, error, message", [
+    ("abc", TypeError, "lambdas must be a 1-D sequence of numbers, got str"),
+    ([[-20.0, 0.0], [5.0, 20.0]], ValueError, r"lambdas must be 1-D, got shape \(2, 2\)"),
+    ([True, False], TypeError, "lambdas must hold real numbers"),
+    ([1.0], ValueError, "lambdas must hold at least 2 values"),
+])
+def test_lambda_grids_are_checked(lambdas, error, message):
+    with pytest.raises(error, match=message):
+        cfgfast.coefficient_table(lambdas, 0.3)
+    with pytest.raises(error, match=message):
+        cfgfast.sample(lambda z, lam, y: z, torch.tensor([0]), 1.0, null_label=1, shape=(2,), lambdas=lambdas)
+
+
+def test_bool_tensor_is_not_an_int():
+    with pytest.raises(TypeError, match="seed must be an int"):
+        call("reference", seed=torch.tensor(True))
+
+
 def test_log_snr_beyond_the_limit_is_named():
     # finite, but exp(-lambda_min / 2) or the step's alpha ratio overflows: a ValueError, not an OverflowError
     with pytest.raises(ValueError, match="lambda_min must lie in"):
