@@ -105,7 +105,9 @@ def test_step_matches_float64_formula(backend, lam, lam_next, eps_dtype):
     check_against_float64(out, z, ec, eu, w, lam, lam_next, v, noise)
 
 
-@pytest.mark.parametrize("per_sample", [(1,), (7,), (4097,), (3, 5, 7)], ids=str)
+# (2 * 8192 + 5,): past the CPU kernel's blocks of 8192 elements a sample; (3, 128, 128) with the batch of 3:
+# 147k elements, where the CPU kernel splits the work over threads (one per 65536 elements)
+@pytest.mark.parametrize("per_sample", [(1,), (7,), (4097,), (3, 5, 7), (2 * 8192 + 5,), (3, 128, 128)], ids=str)
 @pytest.mark.parametrize("eps_dtype", EPS_DTYPES, ids=str)
 @pytest.mark.parametrize("mode", ["plain", "clip", "last", "last-clip", "noise"])
 def test_step_modes_and_odd_sizes(backend, per_sample, eps_dtype, mode):
