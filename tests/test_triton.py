@@ -427,3 +427,30 @@ def test_tensors_on_a_gpu_that_is_not_the_current_one():
     assert steps[0].device == torch.device("cuda:1") and torch.equal(steps[0].cpu(), steps[1].cpu())
     noises = [cfgfast.normal_noise((3, 4099), 5, device=device, backend="triton") for device in ("cuda:1", "cuda:0")]
     assert torch.equal(noises[0].cpu(), noises[1].cpu())
+
+
+@pytest.mark.parametrize("mode", ["plain", "clip", "last", "noise"])
+def test_public_api_with_the_triton_backend(device, mode):
+    """cfgfast.reverse_step, normal_noise and reverse_step_table with backend="triton" pass the kernels the same
+    arguments as the reference backend gets (eps_cond vs eps_uncond, step vs stream, seed, index_offset, w per
+    sample, clip, last, noise): the kernels' own accuracy is checked above, this is the wiring."""
+    g = torch.Generator().manual_seed(3)
+    shape = (3, 2, 37)
+    z, eps_cond, eps_uncond = (torch.randn(shape, generator=g).to(device) for _ in range(3))
+    w = torch.tensor([0.5, 2.0, 4.0], device=device)
+    noise = torch.randn(shape, generator=g).to(device) if mode == "noise" else None
+    kwargs = dict(seed=2**63 + 7, step=5, index_offset=11, clip=1.0 if mode == "clip" else None,
+                  last=mode == "last", noise=noise)
+    got, want = (cfgfast.reverse_step(z, eps_cond, eps_uncond, -3.0, -1.5, w, 0.3, backend=b, **kwargs)
+                 for b in ("triton", "reference"))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    got, want = (cfgfast.normal_noise((3, 37), 2**40 + 1, step=4, stream=2, index_offset=9, device=device, backend=b)
+                 for b in ("triton", "reference"))
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-12)
+    lams = cfgfast.sampling_lambdas(6)
+    table = cfgfast.coefficient_table(lams, 0.3).to(device)
+    for t in (2, 5):  # a middle step and the last (x~)
+        counter = torch.tensor([t], device=device)
+        got, want = (cfgfast.reverse_step_table(z, eps_cond, eps_uncond, table, counter, w, seed=9, index_offset=4,
+                                                backend=b) for b in ("triton", "reference"))
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
