@@ -68,6 +68,12 @@ def test_fused_step(step_benchmark, step_inputs, size, mode, backend):
         return cfgfast.reverse_step(x.z, x.eps_cond, x.eps_uncond, x.lam, x.lam_next, x.w, x.v, noise=noise,
                                     seed=SEED, step=x.step, backend=backend, out=out)
 
+    # what is timed is the step: its first two samples against the reference backend (the noise is per sample
+    # index, so two samples alone are the same as two of the batch)
+    expected = cfgfast.reverse_step(x.z[:2], x.eps_cond[:2], x.eps_uncond[:2], x.lam, x.lam_next, x.w[:2], x.v,
+                                    noise=None if noise is None else noise[:2], seed=SEED, step=x.step,
+                                    backend="reference")
+    torch.testing.assert_close(step()[:2], expected, rtol=1e-5, atol=1e-5)
     step_benchmark(step, device=device, size=size, label=fused_label(backend, mode),
                    bytes_moved=step_bytes(x.z.shape, eps_dtype, explicit_noise=noise is not None))
 
@@ -201,6 +207,8 @@ def test_noise(step_benchmark, size, backend, mode):
     def draw():
         return cfgfast.normal_noise(shape, SEED, 0, device=device, backend=backend, out=out)
 
+    expected = cfgfast.normal_noise((2,) + shape[1:], SEED, 0, device=device, backend="reference")
+    torch.testing.assert_close(draw()[:2], expected, rtol=1e-6, atol=1e-12)
     step_benchmark(draw, device=device, size=size, label=noise_label(backend, mode),
                    bytes_moved=4 * math.prod(shape))
 
