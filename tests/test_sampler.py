@@ -62,7 +62,7 @@ def test_one_forward_pass_of_2b_per_guided_step_and_b_when_unguided():
 def test_guidance_interval_skips_the_unconditional_pass_outside_it():
     model = Counting(three_classes())
     grid = cfgfast.sampling_lambdas(20)
-    lo, hi = -2.0, 3.0
+    lo, hi = grid[5].item(), grid[12].item()  # grid points: the interval's ends are inside it (lam_lo <= lam <= lam_hi)
     x = cfgfast.sample(model, torch.tensor([0, 1]), 3.0, steps=20, guidance_interval=(lo, hi))
     inside = [lo <= lam <= hi for lam in grid.tolist()]
     assert model.batches == [4 if g else 2 for g in inside] and 0 < sum(inside) < 20
@@ -212,6 +212,7 @@ def test_toy_sample_data_has_the_class_moments():
     labels = torch.arange(30000) % 3
     x = model.sample_data(labels, torch.Generator().manual_seed(0)).double()
     for k in range(3):
+        torch.testing.assert_close(x[labels == k].mean(0), model.means[k].double(), rtol=0, atol=0.03)
         torch.testing.assert_close(torch.cov(x[labels == k].T), model.covs[k], rtol=0, atol=0.03)
 
 
