@@ -94,6 +94,38 @@ def test_metric_inputs_are_checked():
         frechet_distance(np.zeros(2), np.eye(2), np.zeros(3), np.eye(3))
 
 
+def test_score_is_fd_is_and_accuracy_of_the_classifier():
+    """score's accuracy and IS from a fixed linear classifier on fixed features, written out here in NumPy; FD 0
+    against the images' own fit, and fd_matched over the first `matched` images alone."""
+    from cfgfast.evaluate import score
+
+    rng = np.random.default_rng(0)
+    images = torch.from_numpy(rng.normal(size=(40, 1, 2, 2))).float()
+    labels = torch.from_numpy(rng.integers(0, 3, 40))
+    weight = rng.normal(size=(3, 4))
+
+    class Linear:
+        def features(self, x):
+            return x.flatten(1)
+
+        def out(self, f):
+            return f.double() @ torch.from_numpy(weight).T
+
+    f = images.flatten(1).double().numpy()
+    logits = f @ weight.T
+    log_probs = logits - np.log(np.exp(logits).sum(1, keepdims=True))
+    probs = np.exp(log_probs)
+    marginal = probs.mean(0)
+    expected_is = math.exp(np.mean((probs * (log_probs - np.log(marginal))).sum(1)))
+    expected_accuracy = np.mean(logits.argmax(1) == labels.numpy())
+    got = score(Linear(), images, labels, gaussian_fit(f), matched=10)
+    assert got["accuracy"] == pytest.approx(expected_accuracy, abs=1e-6) and 0.1 < expected_accuracy < 0.9
+    assert got["is"] == pytest.approx(expected_is, rel=1e-9)
+    assert abs(got["fd"]) < 1e-9
+    assert got["fd_matched"] == pytest.approx(frechet_distance(*gaussian_fit(f[:10]), *gaussian_fit(f)), rel=1e-9)
+    assert got["fd_matched"] > 0.1
+
+
 def test_feature_classifier_trains_reproducibly():
     data = load_dataset("digits")
     _, train, heldout, acc = feature_classifier(data, steps=20)
