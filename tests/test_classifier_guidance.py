@@ -73,8 +73,12 @@ def test_bfloat16_model_with_classifier():
     def bf16_model(z, lam, labels):
         return model(z, lam, labels).to(torch.bfloat16)
 
-    x = cfgfast.sample(bf16_model, torch.tensor([0, 1, 2]), 2.0, steps=16, shape=(2,), classifier=model.log_posterior)
-    assert x.dtype == torch.float32 and torch.isfinite(x).all()
+    labels = torch.arange(300) % 3
+    x = cfgfast.sample(bf16_model, labels, 2.0, steps=64, shape=(2,), classifier=model.log_posterior)
+    reference = cfgfast.sample(model, labels, 2.0, steps=64, classifier=model.log_posterior)
+    assert x.dtype == torch.float32
+    # as for classifier-free guidance with a bfloat16 model (test_sampler): eps rounded to 8 bits a step
+    assert (x - reference).abs().median() < 0.05 and (x - reference).abs().max() < 1.0
 
 
 def test_labels_beyond_the_classifier_are_refused_before_sampling_even_at_w_0():

@@ -330,18 +330,17 @@ def test_empty_tensors(device):
 def test_op_checks_refuse_bad_input(device):
     z, ec, eu, w = make_inputs((2, 8), torch.float32, device)
     out = torch.empty_like(z)
-    bad_calls = {
-        "eps dtype": lambda: run_step(z, ec, eu.half(), w, COEF, out=out),
-        "w shape": lambda: run_step(z, ec, eu, w[:1], COEF, out=out),
-        "out dtype": lambda: run_step(z, ec, eu, w, COEF, out=out.double()),
-        "out not contiguous": lambda: run_step(z, ec, eu, w, COEF, out=torch.empty(8, 2, device=device).t()),
-        "index_offset": lambda: run_step(z, ec, eu, w, COEF, index_offset=2**32 - 1, out=out),
-        "step": lambda: run_step(z, ec, eu, w, COEF, step=2**32, out=out),
+    bad_calls = {  # the op's own words (cfgfast/_checks.py op_step_args), each naming what is wrong
+        "eps_uncond must have the dtype of eps_cond": lambda: run_step(z, ec, eu.half(), w, COEF, out=out),
+        r"w must be float32 \[B\]": lambda: run_step(z, ec, eu, w[:1], COEF, out=out),
+        "out must be float32": lambda: run_step(z, ec, eu, w, COEF, out=out.double()),
+        "out must be contiguous": lambda: run_step(z, ec, eu, w, COEF, out=torch.empty(8, 2, device=device).t()),
+        r"index_offset \+ batch must be in": lambda: run_step(z, ec, eu, w, COEF, index_offset=2**32 - 1, out=out),
+        "step must be in": lambda: run_step(z, ec, eu, w, COEF, step=2**32, out=out),
     }
-    for what, call in bad_calls.items():
-        with pytest.raises(RuntimeError):
+    for message, call in bad_calls.items():
+        with pytest.raises(RuntimeError, match="cfgfast: " + message):
             call()
-            pytest.fail(f"accepted bad input: {what}")
 
 
 # ---------------------------------------------------------------- the backend's contract
