@@ -266,7 +266,7 @@ class UNet2DAdapter(_DiffusersAdapter):
     """A class-conditional diffusers UNet2DModel (num_class_embeds, class_embed_type None) as a cfgfast model.
 
     null_label: the class embedding row the model was trained with as "no class"; default the last row,
-    num_class_embeds - 1 (cfgfast.sample accepts labels up to null_label only). sample_shape =
+    num_class_embeds - 1 (cfgfast.sample accepts labels in [0, num_class_embeds), the null row among them). sample_shape =
     (in_channels, *sample_size), or None where the config has no sample_size (pass shape= to sample).
     With out_channels = 2 in_channels (learned variance) the variance channels are dropped.
     scheduler: as for DiTAdapter.

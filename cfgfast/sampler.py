@@ -149,13 +149,19 @@ def sample(model, labels, w, steps=256, *, v=0.3, seed=0, shape=None, null_label
         if null_label is None:
             raise ValueError("null_label is unknown: pass null_label= or give the model a null_label attribute")
         null_label = _checks.integer("null_label", null_label)
-        # the model's own null label is its last class row: labels and an explicit null_label (another class as
-        # the "unconditional" pass is allowed: a negative prompt) lie at or below it
-        top = null_label if model_null is None else _checks.integer("model.null_label", model_null)
+        # the label rows the model has: num_labels where it says (the adapters; the null row anywhere among
+        # them), else up to its null label (cfgfast's UNet: the last row), else up to the null_label given. Labels
+        # and an explicit null_label (another class as the "unconditional" pass is allowed: a negative prompt) lie
+        # among them.
+        rows = getattr(model, "num_labels", None)
+        if rows is not None:
+            top = _checks.integer("model.num_labels", rows, low=1) - 1
+        else:
+            top = null_label if model_null is None else _checks.integer("model.null_label", model_null)
         if null_label > top:
-            raise ValueError(f"null_label must lie in [0, {top}] (the model's null label is {top}), got {null_label}")
+            raise ValueError(f"null_label must lie in [0, {top}] (the model's label rows), got {null_label}")
         if batch and (int(labels.min()) < 0 or int(labels.max()) > top):
-            raise ValueError(f"labels must lie in [0, {top}] (null_label {top}), got values in "
+            raise ValueError(f"labels must lie in [0, {top}] (null_label {null_label}), got values in "
                              f"[{int(labels.min())}, {int(labels.max())}]")
     shape = getattr(model, "sample_shape", None) if shape is None else shape
     if shape is None:

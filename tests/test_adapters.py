@@ -215,6 +215,19 @@ def test_bad_models_and_schedulers_are_named(dit):
         UNet2DAdapter(small_unet(), LINEAR, null_label=6)
 
 
+def test_a_null_label_that_is_not_the_last_row():
+    """A model trained with row 0 as "no class" samples its classes 1..5: sample bounds labels by the model's rows,
+    not by its null label, and passes row 0 as the unconditional label."""
+    model = UNet2DAdapter(small_unet(), LINEAR, null_label=0)
+    seen = []
+    forward = model.forward
+    model.forward = lambda z, lam, labels: (seen.append(labels.clone()), forward(z, lam, labels))[1]
+    x = cfgfast.sample(model, torch.tensor([1, 5]), 2.0, lambdas=model.model_lambdas(3), backend="reference")
+    assert x.shape == (2, 3, 8, 8) and torch.equal(seen[0], torch.tensor([1, 5, 0, 0]))
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 5\] \(null_label 0\)"):
+        cfgfast.sample(model, torch.tensor([6]), 2.0, lambdas=model.model_lambdas(3))
+
+
 def test_labels_beyond_the_class_count_are_refused(dit):
     model = DiTAdapter(dit, LINEAR)
     z, lam = torch.zeros(2, 4, 8, 8), torch.zeros(2)

@@ -158,7 +158,7 @@ def test_a_model_that_keeps_its_input_sees_every_state():
         (dict(guidance_interval=(1.0, 0.0)), ValueError, "guidance_interval must have lam_lo <= lam_hi"),
         (dict(guidance_interval=3.0), TypeError, "guidance_interval must be a pair"),
         (dict(guidance_interval=("a", "b")), TypeError, "guidance_interval must be a pair of numbers"),
-        (dict(null_label=100), ValueError, r"null_label must lie in \[0, 3\] \(the model's null label is 3\)"),
+        (dict(null_label=100), ValueError, r"null_label must lie in \[0, 3\] \(the model's label rows\)"),
         (dict(labels=torch.tensor([0, 4])), ValueError, r"labels must lie in \[0, 3\]"),
         (dict(cuda_graph="no"), TypeError, "cuda_graph must be True or False"),
         (dict(progress="x"), TypeError, "progress must be True, False or None"),
