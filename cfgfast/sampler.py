@@ -25,6 +25,9 @@ def _model_device(model, labels: torch.Tensor) -> torch.device:
     return labels.device
 
 
+DEFAULT_STEPS = 256  # the paper's
+
+
 def _grid(steps, lambdas, lambda_min, lambda_max) -> list[float]:
     _check_range(lambda_min, lambda_max)
     if lambdas is None:
@@ -109,7 +112,7 @@ def _predict(model, z, lam, labels, null_labels, guided: bool, step: int):
 
 
 @torch.no_grad()
-def sample(model, labels, w, steps=256, *, v=0.3, seed=0, shape=None, null_label=None,
+def sample(model, labels, w, steps=DEFAULT_STEPS, *, v=0.3, seed=0, shape=None, null_label=None,
            lambda_min=LAMBDA_MIN, lambda_max=LAMBDA_MAX, clip=None, index_offset=0, backend="auto", progress=None,
            guidance_interval=None, classifier=None, cuda_graph=False, lambdas=None) -> torch.Tensor:
     """Samples x [B, *shape] of a class-conditional model with classifier-free guidance (SPEC §4).
@@ -119,7 +122,7 @@ def sample(model, labels, w, steps=256, *, v=0.3, seed=0, shape=None, null_label
     unconditional pass. The state starts as the noise of stream 0 and stays float32 (the model may
     return bfloat16 or float16, e.g. under autocast). guidance_interval=(lam_lo, lam_hi) guides only
     where lam_lo <= lam <= lam_hi. lambdas= replaces the grid (any increasing sequence; steps = its
-    length). Sample i is global sample index_offset + i: the same seed gives the same samples for any
+    length: leave steps out, or give that length). Sample i is global sample index_offset + i: the same seed gives the same samples for any
     batch split, batch size and backend.
 
     classifier(z, lam) -> logits [B, num_classes] switches to classifier guidance (Dhariwal & Nichol):
@@ -173,9 +176,11 @@ def sample(model, labels, w, steps=256, *, v=0.3, seed=0, shape=None, null_label
     if classifier is not None and batch and bool((w < 0).any()):
         raise ValueError("w must be >= 0 with a classifier (a negative w would push samples away from their class)")
     v = _checks.unit_interval("v", v)
-    if lambdas is None:
-        steps = _checks.integer("steps", steps, low=2)
+    steps = _checks.integer("steps", steps, low=2)
     grid = _grid(steps, lambdas, lambda_min, lambda_max)
+    if lambdas is not None and steps not in (DEFAULT_STEPS, len(grid)):  # an explicit steps= the grid overrides
+        raise ValueError(f"steps must be left out with lambdas= (the grid's length, {len(grid)}, is the number of "
+                         f"steps), got steps={steps}")
     lam_lo, lam_hi = _interval(guidance_interval)
     seed = _checks.seed(seed)
     index_offset = _checks.integer("index_offset", index_offset, high=_checks.MAX_WORD - batch + 1)

@@ -236,6 +236,8 @@ def test_checkpoint_errors(tmp_path):
             checkpoint.load_model(str(tmp_path / name))
     with pytest.raises(ValueError, match="name must be one of"):
         cfgfast.load_pretrained("imagenet")
+    with pytest.raises(TypeError, match="name must be a str"):
+        cfgfast.load_pretrained(["digits"])
 
 
 def test_digits_dataset():

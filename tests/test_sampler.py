@@ -150,6 +150,7 @@ def test_a_model_that_keeps_its_input_sees_every_state():
         (dict(v=2.0), ValueError, r"v must be in \[0, 1\]"),
         (dict(seed=-1), ValueError, "seed must be at least 0"),
         (dict(lambdas=[0.0, 0.0, 1.0]), ValueError, "lambdas must be increasing"),
+        (dict(lambdas=[-1.0, 0.0, 1.0], steps=7), ValueError, r"steps must be left out with lambdas= .*length, 3"),
         (dict(lambdas=[0.0, 1.0, float("inf")]), ValueError, r"lambdas must lie in \[lambda_min, lambda_max\]"),
         (dict(lambdas=[-1000.0, 0.0]), ValueError, r"lambdas must lie in \[lambda_min, lambda_max\]"),
         (dict(model=lambda z, lam, labels: torch.ones(z.shape, dtype=torch.int64)), TypeError,

@@ -215,6 +215,20 @@ def test_auto_backend_picks_cpu_kernel_on_cpu_tensors():
     assert choose("auto", torch.device("cpu")).name == expected
 
 
+def test_auto_order_on_cuda_tensors(monkeypatch):
+    """On a CUDA device "auto" takes cuda, else triton, else the reference (the backends' refusals stood in for,
+    so the order is checked without a GPU)."""
+    from cfgfast import backends
+
+    device = torch.device("cuda", 0)
+    for refusing, expected in [((), "cuda"), (("cuda",), "triton"), (("cuda", "triton"), "reference")]:
+        monkeypatch.setattr(backends, "_AUTO_CHOICE", {})
+        for name in ("cuda", "triton", "reference"):
+            monkeypatch.setattr(backends._BACKENDS[name], "refusals",
+                                lambda d, name=name: ["stood in"] if name in refusing else [])
+        assert backends.choose("auto", device).name == expected
+
+
 def test_table_step_replays_the_per_step_loop(backend):
     """reverse_step_table with a step counter, advanced after each call, gives the per-step loop's samples:
     what one captured CUDA graph replays."""

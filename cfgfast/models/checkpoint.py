@@ -61,6 +61,8 @@ def export(path: str, out: str) -> None:
 
 
 def pretrained_path(name: str) -> str:
+    if not isinstance(name, str):
+        raise TypeError(f"name must be a str, one of {sorted(PRETRAINED)}, got {type(name).__name__}")
     if name not in PRETRAINED:
         raise ValueError(f"name must be one of {sorted(PRETRAINED)} (the models shipped with cfgfast), got {name!r}")
     return os.path.join(os.path.dirname(__file__), "weights", PRETRAINED[name])
