@@ -7,6 +7,7 @@ expm1 / log-sigmoid forms, never as 1 - sigmoid(.) in float32, and rounded to fl
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -78,6 +79,10 @@ def alpha_sigma(lam):
         lam = lam.double()
         logsig = torch.nn.functional.logsigmoid
         return torch.exp(0.5 * logsig(lam)), torch.exp(0.5 * logsig(-lam))
+    if isinstance(lam, bool) or not isinstance(lam, numbers.Real):
+        raise TypeError(f"lam must be a real number or a tensor, got {type(lam).__name__}")
+    if math.isnan(lam):
+        raise ValueError("lam must not be NaN")
     return math.exp(0.5 * log_sigmoid(lam)), math.exp(0.5 * log_sigmoid(-lam))
 
 

@@ -131,6 +131,14 @@ def test_lambda_grids_are_checked(lambdas, error, message):
         cfgfast.sample(lambda z, lam, y: z, torch.tensor([0]), 1.0, null_label=1, shape=(2,), lambdas=lambdas)
 
 
+def test_alpha_sigma_names_bad_lam():
+    with pytest.raises(TypeError, match="lam must be a real number or a tensor, got str"):
+        cfgfast.alpha_sigma("x")
+    with pytest.raises(ValueError, match="lam must not be NaN"):
+        cfgfast.alpha_sigma(float("nan"))
+    assert cfgfast.alpha_sigma(float("inf")) == (1.0, 0.0)  # the ends of the schedule stay defined
+
+
 def test_bool_tensor_is_not_an_int():
     with pytest.raises(TypeError, match="seed must be an int"):
         call("reference", seed=torch.tensor(True))
