@@ -36,6 +36,8 @@ def real(name: str, value) -> float:
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:
             raise ValueError(f"{name} must be a number or a one-element tensor, got shape {tuple(value.shape)}")
+        if value.device.type == "meta":
+            raise ValueError(f"{name} must have a value, got a tensor on the meta device")
         value = value.item()
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
@@ -147,6 +149,8 @@ def guidance(w, batch: int, device: torch.device) -> torch.Tensor:
             raise ValueError(f"w must be a number or a tensor of shape [{batch}] (one per sample), got {tuple(w.shape)}")
         if not (w.is_floating_point() or w.dtype in (torch.int32, torch.int64)):
             raise TypeError(f"w must be a real tensor, got {w.dtype}")
+        if w.device.type == "meta":
+            raise ValueError("w must have values, got a tensor on the meta device")
         # The check reads w on the host: not possible while torch.compile traces or a CUDA graph captures
         # (there w was checked when it was made, or the caller's loop checks it once before capture).
         # (is_compiling first: is_current_stream_capturing returns a bool, which torch.compile cannot trace)

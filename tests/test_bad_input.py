@@ -56,6 +56,8 @@ CASES = [
     (dict(lam=-1500.0), ValueError, r"lam must lie in \[-80, 80\]"),  # finite, but its step overflows
     (dict(lam_next=80.5), ValueError, r"lam_next must lie in \[-80, 80\]"),
     (dict(lam=torch.tensor([1.0, 2.0])), ValueError, "lam must be a number or a one-element tensor"),
+    (dict(lam=torch.tensor(1.0, device="meta")), ValueError, "lam must have a value, got a tensor on the meta"),
+    (dict(w=torch.ones(3, device="meta")), ValueError, "w must have values, got a tensor on the meta device"),
     (dict(seed=-1), ValueError, "seed must be at least 0"),
     (dict(seed=2**64), ValueError, "seed must be at least 0, below"),
     (dict(seed=1.5), TypeError, "seed must be an int"),
