@@ -139,6 +139,9 @@ def sample(model, labels, w, steps=DEFAULT_STEPS, *, v=0.3, seed=0, shape=None, 
     if labels.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8) or labels.dim() != 1:
         raise TypeError(f"labels must be a 1-D integer tensor [B], got {labels.dtype} of shape {tuple(labels.shape)}")
     device = _model_device(model, labels)
+    if "meta" in (device.type, labels.device.type):
+        raise ValueError(f"model and labels must hold values to sample with, got the meta device "
+                         f"({'labels' if labels.device.type == 'meta' else 'the model'})")
     labels = labels.to(device=device, dtype=torch.int64)
     batch = labels.shape[0]
     model_null = getattr(model, "null_label", None)

@@ -166,6 +166,7 @@ def test_a_model_that_keeps_its_input_sees_every_state():
         (dict(model=lambda z, lam, labels: z[:, :1]), ValueError, r"model must return eps of shape \(4, 2\) at step 0"),
         (dict(model=lambda z, lam, labels: z * float("nan")), ValueError, "non-finite at step 0"),
         (dict(model=object()), TypeError, "model must be callable"),
+        (dict(labels=torch.tensor([0, 1], device="meta")), ValueError, r"got the meta device \(labels\)"),
         (dict(clip=0.0), ValueError, "clip must be positive"),
         (dict(model=lambda z, lam, labels: torch.zeros(z.shape, device="meta")), ValueError,
          "model must return eps on cpu at step 0"),
