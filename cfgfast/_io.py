@@ -12,7 +12,11 @@ import tempfile
 def atomic_open(path: str):
     """with atomic_open(path) as f: write to the binary file f; path appears only if the block succeeds."""
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.splitext(path)[1])
+    try:
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.splitext(path)[1])
+    except OSError as error:  # named by the file asked for, not by the temporary one
+        raise OSError(error.errno, f"cannot write {path} (no file can be made in {folder}: {error.strerror})") \
+            from None
     try:
         with os.fdopen(fd, "wb") as f:
             yield f

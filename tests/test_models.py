@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 import struct
 import zlib
 
@@ -384,3 +385,17 @@ def test_bundled_model_samples_are_their_class_at_w3():
     with torch.no_grad():
         recognised = (clf(x).argmax(1) == labels).float().mean().item()
     assert recognised >= 0.9, f"only {recognised:.0%} of the w = 3 samples are recognised as their class"
+
+
+def test_atomic_open_names_the_file_asked_for(tmp_path):
+    from cfgfast._io import atomic_open
+
+    target = tmp_path / "missing" / "x.npz"  # its folder does not exist: no temporary file can be made
+    with pytest.raises(OSError, match=f"cannot write {re.escape(str(target))}"):
+        with atomic_open(str(target)) as f:
+            f.write(b"x")
+    with pytest.raises(RuntimeError, match="stopped"):  # a failed write leaves neither the file nor a temporary
+        with atomic_open(str(tmp_path / "y.npz")) as f:
+            f.write(b"partial")
+            raise RuntimeError("stopped")
+    assert list(tmp_path.iterdir()) == []
