@@ -7,6 +7,7 @@ import math
 import numbers
 import weakref
 
+import numpy as np
 import torch
 
 EPS_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -56,14 +57,14 @@ LAMBDA_LIMIT = 80.0
 
 
 def lambda_grid(name: str, values) -> list[float]:
-    """A 1-D sequence of at least 2 real numbers (a list, tuple or tensor) as Python floats."""
-    if isinstance(values, (str, bytes)) or not isinstance(values, (torch.Tensor, list, tuple)) and \
-            not hasattr(values, "__array__"):
+    """A 1-D sequence of at least 2 real numbers (a list, tuple, range, tensor, array, ...) as Python floats."""
+    if isinstance(values, (str, bytes)):
         raise TypeError(f"{name} must be a 1-D sequence of numbers, got {type(values).__name__}")
     try:
-        grid = torch.as_tensor(values)
+        array_like = isinstance(values, torch.Tensor) or hasattr(values, "__array__")
+        grid = torch.as_tensor(values if array_like else list(values))
     except (TypeError, ValueError, RuntimeError) as error:
-        raise TypeError(f"{name} must be a 1-D sequence of numbers ({error})") from None
+        raise TypeError(f"{name} must be a 1-D sequence of numbers, got {type(values).__name__} ({error})") from None
     if grid.dim() != 1:
         raise ValueError(f"{name} must be 1-D, got shape {tuple(grid.shape)}")
     if grid.dtype == torch.bool or grid.is_complex():
@@ -71,6 +72,13 @@ def lambda_grid(name: str, values) -> list[float]:
     if grid.shape[0] < 2:
         raise ValueError(f"{name} must hold at least 2 values, got {grid.shape[0]}")
     return grid.to(device="cpu", dtype=torch.float64).tolist()
+
+
+def flag(name: str, value) -> bool:
+    """True or False (also NumPy's bool and the ints 0 and 1)."""
+    if isinstance(value, (bool, np.bool_)) or (isinstance(value, numbers.Integral) and value in (0, 1)):
+        return bool(value)
+    raise TypeError(f"{name} must be True or False, got {value!r}")
 
 
 def log_snr(name: str, value) -> float:

@@ -46,6 +46,7 @@ loop index i the noise cfgfast.normal_noise(shape, s, step=i, stream=1). Details
 from __future__ import annotations
 
 import inspect
+import numbers
 from collections.abc import Mapping
 
 import torch
@@ -97,7 +98,7 @@ class DDPMLambdas:
     def __init__(self, scheduler):
         config = _ddpm_config(scheduler)
         steps = config.get("num_train_timesteps", 1000)
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 2:
+        if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 2:
             raise ValueError(f"scheduler's num_train_timesteps must be an int of at least 2 (a schedule of one "
                              f"timestep has no step to take), got {steps!r}")
         prediction_type = config.get("prediction_type", "epsilon")

@@ -12,7 +12,7 @@ import torch
 
 from . import _checks
 from .noise import normal_noise
-from .schedule import (LAMBDA_MAX, LAMBDA_MIN, _check_range, alpha_sigma, coefficient_table, sampling_lambdas,
+from .schedule import (LAMBDA_MAX, LAMBDA_MIN, alpha_sigma, coefficient_table, sampling_lambdas,
                        step_coefficients)
 from .backends import choose
 
@@ -29,10 +29,15 @@ DEFAULT_STEPS = 256  # the paper's
 
 
 def _grid(steps, lambdas, lambda_min, lambda_max) -> list[float]:
-    _check_range(lambda_min, lambda_max)
     if lambdas is None:
         return sampling_lambdas(steps, lambda_min, lambda_max).tolist()
+    # a given grid: lambda_min and lambda_max only bound it (infinite bounds: no bound)
+    for name, bound in (("lambda_min", lambda_min), ("lambda_max", lambda_max)):
+        if isinstance(bound, bool) or not isinstance(bound, numbers.Real):
+            raise TypeError(f"{name} must be a real number, got {type(bound).__name__}")
     grid = _checks.lambda_grid("lambdas", lambdas)
+    for t, lam in enumerate(grid):
+        _checks.log_snr(f"lambdas[{t}]", lam)
     for t in range(len(grid) - 1):
         if not grid[t] < grid[t + 1]:
             raise ValueError(f"lambdas must be increasing, got lambdas[{t}]={grid[t]}, lambdas[{t + 1}]={grid[t + 1]}")
@@ -49,9 +54,13 @@ def _interval(guidance_interval):
         lo, hi = guidance_interval
     except (TypeError, ValueError):
         raise TypeError(f"guidance_interval must be a pair (lam_lo, lam_hi), got {guidance_interval!r}") from None
-    if any(isinstance(x, bool) or not isinstance(x, (numbers.Real, torch.Tensor)) for x in (lo, hi)):
-        raise TypeError(f"guidance_interval must be a pair of numbers (lam_lo, lam_hi), got {guidance_interval!r}")
-    lo, hi = float(lo), float(hi)
+    try:
+        if any(isinstance(x, (bool, str, bytes)) for x in (lo, hi)):
+            raise TypeError
+        lo, hi = float(lo), float(hi)
+    except (TypeError, ValueError):
+        raise TypeError(f"guidance_interval must be a pair of numbers (lam_lo, lam_hi), got {guidance_interval!r}") \
+            from None
     if not lo <= hi or math.isnan(lo) or math.isnan(hi):
         raise ValueError(f"guidance_interval must have lam_lo <= lam_hi, got ({lo}, {hi})")
     return lo, hi
@@ -179,20 +188,20 @@ def sample(model, labels, w, steps=DEFAULT_STEPS, *, v=0.3, seed=0, shape=None, 
     if classifier is not None and batch and bool((w < 0).any()):
         raise ValueError("w must be >= 0 with a classifier (a negative w would push samples away from their class)")
     v = _checks.unit_interval("v", v)
-    steps = _checks.integer("steps", steps, low=2)
+    if lambdas is None:
+        steps = _checks.integer("steps", DEFAULT_STEPS if steps is None else steps, low=2)
     grid = _grid(steps, lambdas, lambda_min, lambda_max)
-    if lambdas is not None and steps not in (DEFAULT_STEPS, len(grid)):  # an explicit steps= the grid overrides
+    if lambdas is not None and steps not in (None, DEFAULT_STEPS, len(grid)):  # a steps= that the grid overrides
         raise ValueError(f"steps must be left out with lambdas= (the grid's length, {len(grid)}, is the number of "
-                         f"steps), got steps={steps}")
+                         f"steps), got steps={steps!r}")
     lam_lo, lam_hi = _interval(guidance_interval)
     seed = _checks.seed(seed)
     index_offset = _checks.integer("index_offset", index_offset, high=_checks.MAX_WORD - batch + 1)
-    if not isinstance(cuda_graph, bool):
-        raise TypeError(f"cuda_graph must be True or False, got {cuda_graph!r}")
-    if progress is None:
+    cuda_graph = _checks.flag("cuda_graph", cuda_graph)
+    if progress is None:  # a bar when stderr is a terminal
         progress = sys.stderr is not None and sys.stderr.isatty()
-    elif not isinstance(progress, bool):
-        raise TypeError(f"progress must be True, False or None (a bar when stderr is a terminal), got {progress!r}")
+    else:
+        progress = _checks.flag("progress", progress)
 
     if clip is not None:
         clip = _checks.real("clip", clip)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import math
+import numbers
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -40,8 +41,10 @@ class TrainConfig:
             _checks.integer(name, getattr(self, name), low=1)
         _checks.integer("warmup", self.warmup)
         _checks.integer("seed", self.seed, high=2**64)
-        for name in ("lr", "weight_decay", "p_uncond", "ema_decay", "grad_clip", "lambda_min", "lambda_max"):
+        for name in ("lr", "weight_decay", "p_uncond", "ema_decay", "lambda_min", "lambda_max"):
             _checks.real(name, getattr(self, name))  # a number, finite
+        if isinstance(self.grad_clip, bool) or not isinstance(self.grad_clip, (numbers.Real, torch.Tensor)):
+            raise TypeError(f"grad_clip must be a real number, got {type(self.grad_clip).__name__}")
         if not 0.0 <= self.p_uncond < 1.0:
             raise ValueError(f"p_uncond must lie in [0, 1) (1 would never train the conditional model), got "
                              f"{self.p_uncond}")
@@ -49,8 +52,8 @@ class TrainConfig:
             raise ValueError(f"lr must be positive, got {self.lr}")
         if not self.weight_decay >= 0:
             raise ValueError(f"weight_decay must be at least 0, got {self.weight_decay}")
-        if not self.grad_clip > 0:  # a negative max norm would flip the gradient's sign
-            raise ValueError(f"grad_clip must be positive, got {self.grad_clip}")
+        if not self.grad_clip > 0:  # a negative max norm would flip the gradient's sign; inf: no clipping
+            raise ValueError(f"grad_clip must be positive (inf for no clipping), got {self.grad_clip}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must lie in [0, 1), got {self.ema_decay}")
         if not self.lambda_min < self.lambda_max:

@@ -17,6 +17,7 @@ import os
 from typing import Optional
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 from ._checks import op_noise_out, op_step_args, seed_as_int64
 
@@ -294,8 +295,11 @@ if triton is not None:
     def _on_device(out: torch.Tensor):
         """Triton launches on the current device and its current stream, whatever device the pointers are on: the
         launch is made current on the tensors' device (as the cuda backend's device guard does), so tensors on a
-        GPU other than the current one are not read by kernels on the current one."""
-        return torch.cuda.device(out.device) if out.device.type == "cuda" else contextlib.nullcontext()
+        GPU other than the current one are not read by kernels on the current one. Not for fake tensors (the op's
+        body is also its fake kernel, which torch.compile and export trace without a GPU; nothing is launched)."""
+        if out.device.type != "cuda" or is_fake(out):
+            return contextlib.nullcontext()
+        return torch.cuda.device(out.device)
 
     def _launch_shape(out: torch.Tensor) -> tuple[int, int, tuple[int]]:
         """(elements per sample, programs per sample, grid)."""

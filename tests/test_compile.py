@@ -28,3 +28,31 @@ def test_compiled_step_equals_eager(device, backend):
 
     compiled = torch.compile(f, fullgraph=True)
     torch.testing.assert_close(compiled(z, eps_cond, eps_uncond, w), f(z, eps_cond, eps_uncond, w), rtol=0, atol=0)
+
+
+def test_triton_ops_trace_under_fake_tensors_without_a_gpu(tmp_path):
+    """The Triton ops' bodies are their own fake kernels: with fake CUDA tensors (as torch.compile and export trace
+    them) they run without a GPU, launching nothing and switching no device. A fresh process, not interpreted
+    (the interpreter's kernels need real data)."""
+    pytest.importorskip("triton")
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent(
+        """
+        import torch, cfgfast.triton_step
+        from torch._subclasses.fake_tensor import FakeTensorMode
+        with FakeTensorMode():
+            out = torch.empty(2, 3, 8, 8, device="cuda")
+            torch.ops.cfgfast.triton_normal_noise_(out, 0, 0, 1, 0)
+            z, w = torch.empty(2, 3, 8, 8, device="cuda"), torch.empty(2, device="cuda")
+            torch.ops.cfgfast.triton_reverse_step_(out, z, z, z, w, None, [1.0] * 7, 0, 0, 0, None, False)
+        print("ok")
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]

@@ -170,9 +170,11 @@ def test_evaluate_refuses_a_classifier_for_other_images(tmp_path, capsys):
 @pytest.mark.parametrize("argv,message", [(["--w", "-1"], r"ws must be non-empty, finite and >= 0, got \[-1.0\]"),
                                           (["--num", "1"], "num must be an int of at least 2, got 1"),
                                           (["--v", "2"], r"v must be in \[0, 1\], got 2.0"),
-                                          (["--seed", "-1"], "seed must be at least 0")]
-                         + ([(["--device", "cuda"], "--device cuda: no CUDA device")] if not torch.cuda.is_available()
-                            else []))
+                                          (["--seed", "-1"], "seed must be at least 0"),
+                                          (["--device", "gpu"], "--device must be a torch.device"),
+                                          (["--device", "meta"], "--device must be cpu, cuda or cuda:N, got meta"),
+                                          (["--device", f"cuda:{torch.cuda.device_count()}"],
+                                           "--device cuda:.* is not available")])
 def test_evaluate_refuses_bad_arguments_before_any_work(tmp_path, capsys, argv, message):
     assert main(["evaluate", "--model", tiny_model_file(tmp_path), "--out", str(tmp_path / "eval")] + argv) == 2
     assert re.search(message, capsys.readouterr().err)

@@ -25,9 +25,14 @@ def run(args) -> int:
         raise ValueError(f"--out: folder {os.path.dirname(out)} does not exist")
     if not os.access(out if os.path.isdir(out) else os.path.dirname(out), os.W_OK):
         raise ValueError(f"--out: {args.out} is not writable")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA device is available here")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    from cfgfast._checks import resolve_device
+
+    try:  # cpu, cuda or cuda:N, present on this machine
+        device = resolve_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except ValueError as error:
+        raise ValueError(f"--{error}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device must be cpu, cuda or cuda:N, got {args.device}")
     model = load_model(args.model).to(device)
     # the shipped noise-conditional classifier goes with the shipped model
     classifier_spec = args.classifier or ("digits" if args.model == "digits" else "none")
@@ -58,6 +63,6 @@ def add_parser(sub, name: str) -> None:
     p.add_argument("--batch-size", type=int, default=500, help="samples per sampling batch (default 500)")
     p.add_argument("--feature-steps", type=int, default=FEATURE_STEPS,
                    help=f"training steps of the feature classifier (default {FEATURE_STEPS})")
-    p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--out", required=True, help="folder to write (created if missing)")
     p.set_defaults(run=run)

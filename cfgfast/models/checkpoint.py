@@ -27,6 +27,8 @@ def read(path: str, kind: str = FORMAT) -> dict:
         raise ValueError(f"checkpoint {path}: no such file")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except MemoryError:
+        raise
     except Exception as exc:  # arbitrary bytes fail anywhere in the unpickler: KeyError, IndexError, EOFError, ...
         detail = (str(exc).splitlines() or [""])[0] or type(exc).__name__
         raise ValueError(f"checkpoint {path} is corrupt or not a torch file: {detail}") from None
