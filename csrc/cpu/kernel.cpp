@@ -10,10 +10,6 @@
 namespace cfgfast::cpu {
 namespace {
 
-CFGFAST_HOST_DEVICE float widen(float x) { return x; }
-CFGFAST_HOST_DEVICE float widen(bf16_t x) { return bf16_to_float(x.bits); }
-CFGFAST_HOST_DEVICE float widen(f16_t x) { return half_to_float(x.bits); }
-
 template <class EpsT, bool kClip, bool kLast, bool kExplicitNoise>
 struct ScalarStep {
   static int64_t run(const StepArgs& a, int64_t b, int64_t g0, int64_t g1) {

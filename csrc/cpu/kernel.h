@@ -22,6 +22,12 @@ namespace cfgfast::cpu {
 struct bf16_t { uint16_t bits; };
 struct f16_t { uint16_t bits; };
 
+// ε widened to float (the CUDA kernels' code, run on the host by the unit tests, finds these by argument-dependent
+// lookup).
+CFGFAST_HOST_DEVICE float widen(float x) { return x; }
+CFGFAST_HOST_DEVICE float widen(bf16_t x) { return bf16_to_float(x.bits); }
+CFGFAST_HOST_DEVICE float widen(f16_t x) { return half_to_float(x.bits); }
+
 enum class EpsType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
 
 struct StepArgs {

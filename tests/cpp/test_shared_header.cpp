@@ -1,9 +1,11 @@
 // Unit tests of the torch-free shared header (csrc/include/cfgfast) and the CPU kernel (csrc/cpu/kernel.h),
-// held to SPEC §2 (the step) and §3 (the noise) evaluated in double with <cmath>. No framework and no
-// torch: this is how the formulas that the CUDA kernels compile too are tested on a machine without a GPU.
+// held to SPEC §2 (the step) and §3 (the noise) evaluated in double with <cmath>, and of the CUDA kernels' own
+// code (csrc/cuda/step_kernel.h) run thread by thread on the CPU. No framework and no torch: this is how the
+// code that the CUDA kernels compile is tested on a machine without a GPU.
 //
 // Tolerances are in units of 2^-24 (half a float32 ulp at 1) times the scale of the terms that are
 // rounded, so "within K" means K float32 roundings of the largest term; each test prints its worst case.
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -15,6 +17,7 @@
 #include "cfgfast/philox.h"
 #include "cfgfast/step.h"
 #include "cpu/kernel.h"
+#include "cuda/step_kernel.h"
 
 namespace {
 
@@ -832,6 +835,175 @@ void test_group_cursor() {
 
 }  // namespace
 
+// ---------------------------------------------------------------- the CUDA kernels' threads, run on the CPU
+
+// Every thread of a grid of `threads` threads of the CUDA step kernel (csrc/cuda/step_kernel.h), one after another:
+// the threads write disjoint groups, so their order does not matter.
+template <class EpsT>
+void run_step_grid(const cfgfast::DeviceStepArgs& a, bool vec, int groups, uint64_t threads) {
+  for (uint64_t t = 0; t < threads; ++t) {
+    if (groups == 2) {
+      vec ? cfgfast::step_thread<EpsT, true, 2>(a, t, threads) : cfgfast::step_thread<EpsT, false, 2>(a, t, threads);
+    } else {
+      vec ? cfgfast::step_thread<EpsT, true, 1>(a, t, threads) : cfgfast::step_thread<EpsT, false, 1>(a, t, threads);
+    }
+  }
+}
+
+void run_step_grid(const cfgfast::DeviceStepArgs& a, EpsType type, bool vec, int groups, uint64_t threads) {
+  switch (type) {
+    case EpsType::kBFloat16: return run_step_grid<cfgfast::cpu::bf16_t>(a, vec, groups, threads);
+    case EpsType::kFloat16: return run_step_grid<cfgfast::cpu::f16_t>(a, vec, groups, threads);
+    default: return run_step_grid<float>(a, vec, groups, threads);
+  }
+}
+
+// Grids of 1 thread (every group in its loop), a few, one or two blocks, half the groups (with 2 groups a thread: a
+// second group past the end for some threads), and as many threads as groups or more (some with none).
+std::vector<uint64_t> grid_sizes(int64_t total_groups) {
+  const auto g = static_cast<uint64_t>(total_groups);
+  return {1, 3, 256, 257, (g + 1) / 2, g, g + 5};
+}
+
+// The CUDA kernels' code (csrc/cuda/step_kernel.h) run on the CPU, thread by thread, over grids of many sizes,
+// against the scalar CPU kernel (test_kernel_step holds it to SPEC §2 in double): bit for bit, since both compile
+// the same formulas here without fused multiply-adds. Covers the vectorised and scalar paths, 1 and 2 groups a thread,
+// tails, misaligned pointers, each ε type, clip / last / explicit noise, and the coefficient table (rows, the last
+// step, indices outside it); and the noise kernel against noise_groups.
+void test_cuda_kernels_on_host() {
+  cfgfast::cpu::set_active_isa(Isa::kScalar);
+  const uint64_t seed = 0xfedcba9876543210ull, offset = 7;
+  const uint32_t step = 11;
+  const float clip = 1.0f;
+  const float w[] = {0.0f, 1.5f, 7.25f, -0.5f};
+  const cfgfast::StepCoef coef = to_step_coef(spec_coef(-1.0, 0.5, 0.3));
+  // a table of 4 steps with different rows, for the graph-replayable variant
+  constexpr int64_t kTableLen = 4;
+  std::vector<double> table;
+  std::vector<cfgfast::StepCoef> rows;
+  for (int64_t t = 0; t < kTableLen; ++t) {
+    rows.push_back(to_step_coef(spec_coef(-3.0 + 1.5 * t, -1.5 + 1.5 * t, 0.3)));
+    const cfgfast::StepCoef& c = rows.back();
+    for (float x : {c.alpha, c.sigma, c.mean_z, c.mean_eps, c.mean_z_clip, c.mean_x_clip, c.noise_std}) table.push_back(x);
+  }
+  const struct {
+    int64_t batch, numel;
+  } shapes[] = {{1, 1}, {3, 7}, {2, 8}, {4, 37}, {2, 64}, {3, 65}, {2, 4097}};
+  Rng rng{77};
+  int runs = 0;
+  for (const auto& shape : shapes) {
+    const int64_t batch = shape.batch, numel = shape.numel, total = batch * numel;
+    const int64_t groups_per_sample = (numel + 3) / 4;
+    std::vector<float> z(static_cast<size_t>(total + 1)), noise(static_cast<size_t>(total + 1));
+    for (auto& v : z) v = static_cast<float>(rng.uniform(-2.0, 2.0));
+    for (auto& v : noise) v = static_cast<float>(rng.uniform(-3.0, 3.0));
+    for (EpsType type : {EpsType::kFloat32, EpsType::kBFloat16, EpsType::kFloat16}) {
+      const EpsData ec = make_eps(type, static_cast<size_t>(total + 1), rng);
+      const EpsData eu = make_eps(type, static_cast<size_t>(total + 1), rng);
+      const size_t eps_size = type == EpsType::kFloat32 ? 4 : 2;
+      // mode 0-7: clip, last and explicit noise as bits (the last step with noise is skipped);
+      // mode 8-17: the table at t = 0, 2, 3 (its last row), 4 and -1 (outside: NaN), without and with clip
+      for (int mode = 0; mode < 18; ++mode) {
+        const bool table_mode = mode >= 8;
+        const int64_t t = table_mode ? std::vector<int64_t>{0, 2, 3, 4, -1}[(mode - 8) / 2] : 0;
+        const bool has_clip = table_mode ? mode % 2 == 1 : (mode & 1) != 0;
+        const bool last = table_mode ? t == kTableLen - 1 : (mode & 2) != 0;
+        const bool explicit_noise = !table_mode && (mode & 4) != 0;
+        if (!table_mode && last && explicit_noise) continue;
+        const bool valid = !table_mode || (t >= 0 && t < kTableLen);
+        for (int shift = 0; shift < 2; ++shift) {  // shift 1: every pointer one element past a 16-byte boundary
+          const void* ec_ptr = static_cast<const char*>(ec.data()) + shift * eps_size;
+          const void* eu_ptr = static_cast<const char*>(eu.data()) + shift * eps_size;
+          // what the scalar CPU kernel writes
+          cfgfast::cpu::StepArgs c{};
+          c.z = z.data() + shift;
+          c.eps_cond = ec_ptr;
+          c.eps_uncond = eu_ptr;
+          c.eps_type = type;
+          c.w = w;
+          c.noise = explicit_noise ? noise.data() + shift : nullptr;
+          c.numel_per_sample = numel;
+          c.coef = table_mode && valid ? rows[static_cast<size_t>(t)] : coef;
+          c.clip = clip;
+          c.has_clip = has_clip;
+          c.last = last;
+          c.key = cfgfast::NoiseKey{cfgfast::seed_key0(seed), cfgfast::seed_key1(seed),
+                                    table_mode ? static_cast<uint32_t>(t) : step, 1u};
+          c.index_offset = offset;
+          std::vector<float> want = run_step(c, batch, Isa::kScalar, 0);
+          // the CUDA kernels' arguments, as step_cuda.cu fills them
+          std::vector<float> out_buf(static_cast<size_t>(total + 1 + kGuard));
+          cfgfast::DeviceStepArgs a{};
+          a.z = c.z;
+          a.eps_cond = ec_ptr;
+          a.eps_uncond = eu_ptr;
+          a.w = w;
+          a.noise = c.noise;
+          a.numel_per_sample = numel;
+          a.groups_per_sample = groups_per_sample;
+          a.total_groups = batch * groups_per_sample;
+          a.coef = coef;
+          a.key = cfgfast::NoiseKey{cfgfast::seed_key0(seed), cfgfast::seed_key1(seed), table_mode ? 0u : step, 1u};
+          a.keys = cfgfast::philox_keys(a.key.k0, a.key.k1);
+          a.index_offset = offset;
+          a.clip = has_clip ? clip : 0.0f;
+          a.has_clip = has_clip;
+          a.last = table_mode ? false : last;
+          a.table = table_mode ? table.data() : nullptr;
+          a.step_ptr = table_mode ? &t : nullptr;
+          a.table_len = table_mode ? kTableLen : 0;
+          for (const bool vec : {false, true}) {
+            a.out = out_buf.data() + shift;
+            if (vec && !cfgfast::step_vectorisable(a, 4 * eps_size)) continue;
+            CHECK(!vec || (shift == 0 && numel % 4 == 0), "vectorisable with shift %d numel %lld", shift,
+                  static_cast<long long>(numel));
+            for (int groups : {1, 2}) {
+              for (uint64_t threads : grid_sizes(a.total_groups)) {
+                std::fill(out_buf.begin(), out_buf.end(), kGuardValue);
+                for (int64_t i = 0; i < total; ++i) a.out[i] = std::numeric_limits<float>::quiet_NaN();
+                run_step_grid(a, type, vec, groups, threads);
+                ++runs;
+                const std::vector<float> got(a.out, a.out + total + kGuard);
+                int bad = 0;
+                for (int64_t i = 0; i < total; ++i) {
+                  const size_t k = static_cast<size_t>(i);
+                  bad += valid ? std::memcmp(&got[k], &want[k], sizeof(float)) != 0 : !std::isnan(got[k]);
+                }
+                CHECK(bad == 0 && guard_intact(got, total),
+                      "CUDA step on the host: %s batch %lld numel %lld mode %d shift %d vec %d groups %d threads %llu: "
+                      "%d of %lld elements differ from the CPU kernel%s",
+                      eps_name(type), static_cast<long long>(batch), static_cast<long long>(numel), mode, shift, vec,
+                      groups, static_cast<unsigned long long>(threads), bad, static_cast<long long>(total),
+                      guard_intact(got, total) ? "" : ", wrote past the end");
+              }
+            }
+          }
+        }
+      }
+    }
+    // the noise kernel
+    const cfgfast::NoiseKey key{cfgfast::seed_key0(seed), cfgfast::seed_key1(seed), step, 2u};
+    const std::vector<float> want = run_noise(cfgfast::cpu::NoiseArgs{nullptr, numel, key, offset}, batch, Isa::kScalar);
+    for (const bool vec : {false, true}) {
+      if (vec && numel % 4 != 0) continue;
+      for (uint64_t threads : grid_sizes(batch * groups_per_sample)) {
+        std::vector<float> out = poisoned(total);
+        for (uint64_t t = 0; t < threads; ++t) {
+          cfgfast::noise_thread(out.data(), numel, groups_per_sample, batch * groups_per_sample, key,
+                                cfgfast::philox_keys(key.k0, key.k1), offset, vec, t, threads);
+        }
+        ++runs;
+        CHECK(std::memcmp(out.data(), want.data(), sizeof(float) * static_cast<size_t>(total)) == 0 &&
+                  guard_intact(out, total),
+              "CUDA noise on the host: batch %lld numel %lld vec %d threads %llu differs from noise_groups",
+              static_cast<long long>(batch), static_cast<long long>(numel), vec,
+              static_cast<unsigned long long>(threads));
+      }
+    }
+  }
+  std::printf("  %d grids run\n", runs);
+}
+
 int main() {
   const struct {
     const char* name;
@@ -849,6 +1021,7 @@ int main() {
       {"kernel_noise", test_kernel_noise},
       {"kernel_step", test_kernel_step},
       {"group_cursor", test_group_cursor},
+      {"cuda_kernels_on_host", test_cuda_kernels_on_host},
   };
   std::printf("cpu isa: best %s\n", cfgfast::cpu::isa_name(cfgfast::cpu::best_isa()));
   for (const auto& t : tests) {
