@@ -837,6 +837,18 @@ void test_group_cursor() {
 
 // ---------------------------------------------------------------- the CUDA kernels' threads, run on the CPU
 
+// `count` values of `size` bytes copied `shift` values after the start of a buffer that ends right after them, so
+// that a read past the end is a read outside the buffer (AddressSanitizer sees it in the sanitized build).
+struct Placed {
+  std::vector<unsigned char> buf;
+  const void* at;
+  Placed(const Placed&) = delete;
+  Placed(const void* src, size_t size, int64_t count, int shift)
+      : buf(size * static_cast<size_t>(count + shift)), at(buf.data() + size * static_cast<size_t>(shift)) {
+    std::memcpy(buf.data() + size * static_cast<size_t>(shift), src, size * static_cast<size_t>(count));
+  }
+};
+
 // Every thread of a grid of `threads` threads of the CUDA step kernel (csrc/cuda/step_kernel.h), one after another:
 // the threads write disjoint groups, so their order does not matter.
 template <class EpsT>
@@ -868,7 +880,7 @@ std::vector<uint64_t> grid_sizes(int64_t total_groups) {
 // The CUDA kernels' code (csrc/cuda/step_kernel.h) run on the CPU, thread by thread, over grids of many sizes,
 // against the scalar CPU kernel (test_kernel_step holds it to SPEC §2 in double): bit for bit, since both compile
 // the same formulas here without fused multiply-adds. Covers the vectorised and scalar paths, 1 and 2 groups a thread,
-// tails, misaligned pointers, each ε type, clip / last / explicit noise, and the coefficient table (rows, the last
+// tails, misaligned pointers (all, or one at a time), each ε type, clip / last / explicit noise, and the coefficient table (rows, the last
 // step, indices outside it); and the noise kernel against noise_groups.
 void test_cuda_kernels_on_host() {
   cfgfast::cpu::set_active_isa(Isa::kScalar);
@@ -894,12 +906,12 @@ void test_cuda_kernels_on_host() {
   for (const auto& shape : shapes) {
     const int64_t batch = shape.batch, numel = shape.numel, total = batch * numel;
     const int64_t groups_per_sample = (numel + 3) / 4;
-    std::vector<float> z(static_cast<size_t>(total + 1)), noise(static_cast<size_t>(total + 1));
+    std::vector<float> z(static_cast<size_t>(total)), noise(static_cast<size_t>(total));
     for (auto& v : z) v = static_cast<float>(rng.uniform(-2.0, 2.0));
     for (auto& v : noise) v = static_cast<float>(rng.uniform(-3.0, 3.0));
     for (EpsType type : {EpsType::kFloat32, EpsType::kBFloat16, EpsType::kFloat16}) {
-      const EpsData ec = make_eps(type, static_cast<size_t>(total + 1), rng);
-      const EpsData eu = make_eps(type, static_cast<size_t>(total + 1), rng);
+      const EpsData ec = make_eps(type, static_cast<size_t>(total), rng);
+      const EpsData eu = make_eps(type, static_cast<size_t>(total), rng);
       const size_t eps_size = type == EpsType::kFloat32 ? 4 : 2;
       // mode 0-7: clip, last and explicit noise as bits (the last step with noise is skipped);
       // mode 8-17: the table at t = 0, 2, 3 (its last row), 4 and -1 (outside: NaN), without and with clip
@@ -911,17 +923,24 @@ void test_cuda_kernels_on_host() {
         const bool explicit_noise = !table_mode && (mode & 4) != 0;
         if (!table_mode && last && explicit_noise) continue;
         const bool valid = !table_mode || (t >= 0 && t < kTableLen);
-        for (int shift = 0; shift < 2; ++shift) {  // shift 1: every pointer one element past a 16-byte boundary
-          const void* ec_ptr = static_cast<const char*>(ec.data()) + shift * eps_size;
-          const void* eu_ptr = static_cast<const char*>(eu.data()) + shift * eps_size;
+        // which of z, eps_cond, eps_uncond, noise and out start one element past a 16-byte boundary: none (pattern
+        // 0), all (1), or one (2 + its position in that list)
+        for (int pattern = 0; pattern < 7; ++pattern) {
+          if (pattern == 5 && !explicit_noise) continue;  // the noise shifted, and not read
+          const auto shifted = [pattern](int k) { return pattern == 1 || pattern == k + 2 ? 1 : 0; };
+          const Placed zp(z.data(), sizeof(float), total, shifted(0));
+          const Placed ecp(ec.data(), eps_size, total, shifted(1)), eup(eu.data(), eps_size, total, shifted(2));
+          const Placed np(noise.data(), sizeof(float), total, shifted(3));
+          const void* ec_ptr = ecp.at;
+          const void* eu_ptr = eup.at;
           // what the scalar CPU kernel writes
           cfgfast::cpu::StepArgs c{};
-          c.z = z.data() + shift;
+          c.z = static_cast<const float*>(zp.at);
           c.eps_cond = ec_ptr;
           c.eps_uncond = eu_ptr;
           c.eps_type = type;
           c.w = w;
-          c.noise = explicit_noise ? noise.data() + shift : nullptr;
+          c.noise = explicit_noise ? static_cast<const float*>(np.at) : nullptr;
           c.numel_per_sample = numel;
           c.coef = table_mode && valid ? rows[static_cast<size_t>(t)] : coef;
           c.clip = clip;
@@ -953,9 +972,9 @@ void test_cuda_kernels_on_host() {
           a.step_ptr = table_mode ? &t : nullptr;
           a.table_len = table_mode ? kTableLen : 0;
           for (const bool vec : {false, true}) {
-            a.out = out_buf.data() + shift;
+            a.out = out_buf.data() + shifted(4);
             if (vec && !cfgfast::step_vectorisable(a, 4 * eps_size)) continue;
-            CHECK(!vec || (shift == 0 && numel % 4 == 0), "vectorisable with shift %d numel %lld", shift,
+            CHECK(!vec || (pattern == 0 && numel % 4 == 0), "vectorisable with pointer pattern %d numel %lld", pattern,
                   static_cast<long long>(numel));
             for (int groups : {1, 2}) {
               for (uint64_t threads : grid_sizes(a.total_groups)) {
@@ -970,9 +989,9 @@ void test_cuda_kernels_on_host() {
                   bad += valid ? std::memcmp(&got[k], &want[k], sizeof(float)) != 0 : !std::isnan(got[k]);
                 }
                 CHECK(bad == 0 && guard_intact(got, total),
-                      "CUDA step on the host: %s batch %lld numel %lld mode %d shift %d vec %d groups %d threads %llu: "
+                      "CUDA step on the host: %s batch %lld numel %lld mode %d pointers %d vec %d groups %d threads %llu: "
                       "%d of %lld elements differ from the CPU kernel%s",
-                      eps_name(type), static_cast<long long>(batch), static_cast<long long>(numel), mode, shift, vec,
+                      eps_name(type), static_cast<long long>(batch), static_cast<long long>(numel), mode, pattern, vec,
                       groups, static_cast<unsigned long long>(threads), bad, static_cast<long long>(total),
                       guard_intact(got, total) ? "" : ", wrote past the end");
               }
@@ -1004,7 +1023,9 @@ void test_cuda_kernels_on_host() {
   std::printf("  %d grids run\n", runs);
 }
 
-int main() {
+// test_shared_header [NAME ...]: the tests named (all without names); the sanitized build runs the kernels' tests
+// only (the exhaustive ones would take minutes there).
+int main(int argc, char** argv) {
   const struct {
     const char* name;
     void (*fn)();
@@ -1024,12 +1045,21 @@ int main() {
       {"cuda_kernels_on_host", test_cuda_kernels_on_host},
   };
   std::printf("cpu isa: best %s\n", cfgfast::cpu::isa_name(cfgfast::cpu::best_isa()));
+  int ran = 0;
   for (const auto& t : tests) {
+    bool wanted = argc < 2;
+    for (int k = 1; k < argc; ++k) wanted = wanted || std::strcmp(argv[k], t.name) == 0;
+    if (!wanted) continue;
+    ++ran;
     const int failed_before = g_failed;
     std::printf("%s\n", t.name);
     t.fn();
     std::printf("%s: %s\n", t.name, g_failed == failed_before ? "ok" : "FAILED");
   }
   std::printf("%d passed, %d failed\n", g_passed, g_failed);
+  if (ran != (argc < 2 ? static_cast<int>(sizeof tests / sizeof tests[0]) : argc - 1)) {
+    std::printf("FAIL: %d tests ran; a name given is not a test's (or was given twice)\n", ran);
+    return 1;
+  }
   return g_failed == 0 ? 0 : 1;
 }
