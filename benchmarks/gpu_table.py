@@ -123,34 +123,44 @@ def rows(sizes_m: list[int], bf16_size_m: int | None = None) -> list[dict]:
     return out_rows
 
 
+CUDA_BLOCKS_PER_SM = (0, 8, 16, 32)  # 0: the default, one full wave of the blocks an SM holds
+
+
 def cuda_sweep(millions: int) -> list[dict]:
     """The CUDA step kernel at one size (float32 and bfloat16 eps) with 1 and 2 groups of four elements per
-    thread and round: the data behind the kernel's default (0: chosen by eps dtype)."""
+    thread and round, and grids of one full wave (blocks_per_sm 0, the default) or of 8, 16 and 32 blocks per SM:
+    the data behind the kernel's defaults (groups 0: chosen by eps dtype)."""
     from cfgfast import _ext
 
     module = _ext.load()
-    if "cuda" not in cfgfast.available_backends() or not hasattr(module, "set_cuda_groups_per_thread"):
+    if "cuda" not in cfgfast.available_backends() or not hasattr(module, "set_cuda_blocks_per_sm"):
         return []
     shape = (millions * 16, 65536)
+    settings = [(groups, blocks) for groups in (1, 2) for blocks in CUDA_BLOCKS_PER_SM]
+
+    def use(groups, blocks):
+        module.set_cuda_groups_per_thread(groups)
+        module.set_cuda_blocks_per_sm(blocks)
+
     result = []
-    saved = module.set_cuda_groups_per_thread(0)
+    saved = module.set_cuda_groups_per_thread(0), module.set_cuda_blocks_per_sm(0)
     try:
         for eps_dtype in (torch.float32, torch.bfloat16):
             x = make_step_inputs(shape, eps_dtype, "cuda", seed=0)
             out = torch.empty_like(x.z)
             step_bytes = (8 + 2 * x.eps_cond.element_size()) * out.numel()
             variants = {"copy": lambda: out.copy_(x.z)}
-            for groups in (1, 2):
-                variants[groups] = _step(x, "cuda", out, functools.partial(module.set_cuda_groups_per_thread, groups))
+            for setting in settings:
+                variants[setting] = _step(x, "cuda", out, functools.partial(use, *setting))
             ms = best_of_rounds(variants)
             copy_gbs = 8 * out.numel() / ms["copy"] / 1e6
-            for groups in (1, 2):
-                gbs = step_bytes / ms[groups] / 1e6
-                result.append(dict(eps=_dtype_name(eps_dtype), groups_per_thread=groups, gb_per_s=gbs,
-                                   of_copy=gbs / copy_gbs))
+            for groups, blocks in settings:
+                gbs = step_bytes / ms[(groups, blocks)] / 1e6
+                result.append(dict(eps=_dtype_name(eps_dtype), groups_per_thread=groups, blocks_per_sm=blocks,
+                                   gb_per_s=gbs, of_copy=gbs / copy_gbs))
             del x, out, variants
     finally:
-        module.set_cuda_groups_per_thread(saved)
+        use(*saved)
     return result
 
 
@@ -204,10 +214,11 @@ def main() -> None:
     swept, cuda_swept = [], []
     if args.sweep:
         cuda_swept = cuda_sweep(max(args.sizes))
-        print(f"cuda settings at {max(args.sizes)}M elements (groups of 4 per thread and round):")
+        print(f"cuda settings at {max(args.sizes)}M elements (groups of 4 per thread and round; blocks per SM, "
+              "0: one full wave of resident blocks):")
         for r in cuda_swept:
-            print(f"  {r['eps']:8} eps, {r['groups_per_thread']} per thread: {r['gb_per_s']:7.0f} GB/s, "
-                  f"{100 * r['of_copy']:5.1f}% of copy")
+            print(f"  {r['eps']:8} eps, {r['groups_per_thread']} per thread, {r['blocks_per_sm']:2d} blocks/SM: "
+                  f"{r['gb_per_s']:7.0f} GB/s, {100 * r['of_copy']:5.1f}% of copy")
         settings = [(g, w, False) for g in (128, 256, 512, 1024) for w in (4, 8)]
         # loads above the noise where a thread has at most two groups (more would cost too many registers)
         settings += [(g, w, True) for g, w in ((128, 4), (256, 4), (256, 8), (512, 8))]

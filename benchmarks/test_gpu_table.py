@@ -32,9 +32,21 @@ def test_the_whole_table_runs(monkeypatch, tmp_path, capsys):
     from . import gpu_table
 
     calls = []
+    from cfgfast import _ext
+
+    module = _ext.load()
+
+    def cuda_setting():
+        """The CUDA knobs in force (each read by setting it and putting it back), or None without them."""
+        if not hasattr(module, "set_cuda_blocks_per_sm"):
+            return None
+        groups, blocks = module.set_cuda_groups_per_thread(0), module.set_cuda_blocks_per_sm(0)
+        module.set_cuda_groups_per_thread(groups), module.set_cuda_blocks_per_sm(blocks)
+        return groups, blocks
 
     def fake_step(*args, backend, out, last=False, **kwargs):
-        calls.append(("last" if last else "step", backend, gpu_table.triton_step_setting()))
+        setting = gpu_table.triton_step_setting() if backend == "triton" else cuda_setting()
+        calls.append(("last" if last else "step", backend, setting))
         return out
 
     def fake_noise(shape, seed, step, *, device, backend, out):
@@ -66,8 +78,16 @@ def test_the_whole_table_runs(monkeypatch, tmp_path, capsys):
     assert [(r["noise_ms"], r["last_ms"]) for r in result["rows"][:4]] == [(2.0, 2.0)] * 4
     assert all(r["noise_ms"] != r["noise_ms"] and r["last_ms"] != r["last_ms"] for r in result["rows"][4:])  # NaN
     assert {c[1] for c in calls if c[0] == "last"} == {"cuda", "triton"}
-    assert [(r["eps"], r["groups_per_thread"]) for r in result["cuda_sweep"]] == [
-        ("float32", 1), ("float32", 2), ("bfloat16", 1), ("bfloat16", 2)]
+    if hasattr(module, "set_cuda_blocks_per_sm"):  # built with the CUDA kernels (CI is)
+        assert [(r["eps"], r["groups_per_thread"], r["blocks_per_sm"]) for r in result["cuda_sweep"]] == [
+            (eps, groups, blocks) for eps in ("float32", "bfloat16") for groups in (1, 2)
+            for blocks in gpu_table.CUDA_BLOCKS_PER_SM]
+        # each CUDA setting was in force while its own variant ran, and the knobs are back at their defaults after
+        swept_cuda = {c[2] for c in calls if c[:2] == ("step", "cuda")}
+        assert {(r["groups_per_thread"], r["blocks_per_sm"]) for r in result["cuda_sweep"]} <= swept_cuda
+        assert cuda_setting() == (0, 0)
+    else:
+        assert result["cuda_sweep"] == []
     assert len(result["triton_sweep"]) == 12
     # each Triton setting was in force while its own variant ran, and the module's setting is restored after
     swept = {c[2] for c in calls if c[:2] == ("step", "triton")}

@@ -104,6 +104,17 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       },
       "The CUDA step kernel's groups of four elements per thread and round: 1 or 2, or 0 (the default) to choose "
       "by eps dtype. A tuning knob for benchmarks; returns the previous setting.");
+  m.def(
+      "set_cuda_blocks_per_sm",
+      [](int n) {
+        if (n < 0 || n > cfgfast::kMaxBlocksPerSm) {
+          throw py::value_error("cfgfast: blocks per SM must be in [1, " + std::to_string(cfgfast::kMaxBlocksPerSm) +
+                                "] (or 0: one full wave of resident blocks), got " + std::to_string(n));
+        }
+        return cfgfast::set_cuda_blocks_per_sm(n);
+      },
+      "The CUDA kernels' grids: at most n blocks of 256 threads per SM, or 0 (the default) for one full wave of the "
+      "blocks an SM holds at once. A tuning knob for benchmarks; returns the previous setting.");
 #endif
 
   m.def(

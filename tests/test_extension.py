@@ -122,9 +122,10 @@ GPU_OP_CASES = [pytest.param(b, id=b) for b in ("cuda",) if torch.cuda.is_availa
 @pytest.mark.parametrize("shape", [(3, 7), (5, 4097), (3, 1_000_003), (2, 3, 512, 512)], ids=str)
 @pytest.mark.parametrize("mode", ["noise", "clip", "explicit", "last"])
 @pytest.mark.parametrize("eps_dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_cuda_groups_per_thread_give_the_same_bits(backend, shape, mode, eps_dtype):
-    """The CUDA step kernel's tuning knob (1 or 2 groups of four per thread and round) changes nothing: the
-    vectorised and the scalar path, one round of the grid-stride loop and several, a partial last round."""
+def test_cuda_tuning_knobs_give_the_same_bits(backend, shape, mode, eps_dtype):
+    """The CUDA step kernel's tuning knobs (1 or 2 groups of four per thread and round; grids of one full wave or
+    of 1 or 3 blocks per SM) change nothing: the vectorised and the scalar path, one round of the grid-stride loop
+    and several, a partial last round."""
     module = _ext.load()
     z = torch.randn(shape, device="cuda")
     eps_c, eps_u = torch.randn_like(z).to(eps_dtype), torch.randn_like(z).to(eps_dtype)
@@ -132,17 +133,35 @@ def test_cuda_groups_per_thread_give_the_same_bits(backend, shape, mode, eps_dty
     kwargs = {"noise": dict(), "clip": dict(clip=1.0), "explicit": dict(noise=torch.randn_like(z)),
               "last": dict(last=True)}[mode]
     results = []
-    for groups in (1, 2):
-        previous = module.set_cuda_groups_per_thread(groups)
+    for groups, blocks in ((1, 0), (2, 0), (1, 1), (2, 1), (1, 3), (2, 3)):
+        previous = module.set_cuda_groups_per_thread(groups), module.set_cuda_blocks_per_sm(blocks)
         try:
             results.append(cfgfast.reverse_step(z, eps_c, eps_u, -1.0, -0.5, w, seed=3, step=5, backend=backend,
                                                 **kwargs))
         finally:
-            module.set_cuda_groups_per_thread(previous)
-    assert torch.equal(results[0], results[1])
+            module.set_cuda_groups_per_thread(previous[0]), module.set_cuda_blocks_per_sm(previous[1])
+    for other in results[1:]:
+        assert torch.equal(results[0], other)
+
+
+@pytest.mark.skipif(not hasattr(_ext.load(), "set_cuda_blocks_per_sm"), reason="built without the CUDA kernels")
+def test_cuda_tuning_knobs_are_checked():
+    """The knobs need no GPU to be set: their ranges, their defaults (0) and their return of the previous value."""
+    module = _ext.load()
     assert module.set_cuda_groups_per_thread(0) == 0  # the default: chosen by eps dtype
+    assert module.set_cuda_blocks_per_sm(0) == 0  # the default: one full wave of resident blocks
     with pytest.raises(ValueError, match="groups per thread must be 1 or 2"):
         module.set_cuda_groups_per_thread(3)
+    for bad in (-1, 1025):
+        with pytest.raises(ValueError, match=r"blocks per SM must be in \[1, 1024\]"):
+            module.set_cuda_blocks_per_sm(bad)
+    try:
+        assert module.set_cuda_blocks_per_sm(7) == 0
+        assert module.set_cuda_groups_per_thread(2) == 0
+        assert module.set_cuda_blocks_per_sm(1024) == 7
+    finally:
+        module.set_cuda_blocks_per_sm(0), module.set_cuda_groups_per_thread(0)
+    assert module.set_cuda_blocks_per_sm(0) == 0 and module.set_cuda_groups_per_thread(0) == 0
 
 
 @pytest.mark.parametrize("backend", GPU_OP_CASES)

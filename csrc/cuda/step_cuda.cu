@@ -71,15 +71,20 @@ int resident_blocks(c10::DeviceIndex device) {
   return blocks;
 }
 
+// Blocks per SM that the grids are capped at: 0 (the default) for one full wave of the blocks an SM holds
+// (resident_blocks), or a number set by set_cuda_blocks_per_sm (gpu_table.py's sweep compares them).
+std::atomic<int> blocks_per_sm{0};
+
 // The grid for total_groups groups of four: one block per kThreads * groups_per_thread groups, at most one full
-// wave of resident blocks (the kernels loop over the rest).
+// wave of resident blocks or the blocks per SM set (the kernels loop over the rest).
 template <auto kKernel>
 int grid_for(int64_t total_groups, c10::DeviceIndex device, int groups_per_thread = 1) {
   int sms = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
   const int64_t per_block = static_cast<int64_t>(kThreads) * groups_per_thread;
   const int64_t needed = (total_groups + per_block - 1) / per_block;
-  const int64_t cap = static_cast<int64_t>(sms) * resident_blocks<kKernel>(device);
+  const int setting = blocks_per_sm.load(std::memory_order_relaxed);
+  const int64_t cap = static_cast<int64_t>(sms) * (setting > 0 ? setting : resident_blocks<kKernel>(device));
   return static_cast<int>(needed < cap ? needed : cap);
 }
 
@@ -185,6 +190,8 @@ void normal_noise_cuda(at::Tensor& out, int64_t seed, int64_t step, int64_t stre
 }  // namespace
 
 int set_cuda_groups_per_thread(int n) { return groups_per_thread.exchange(n == 1 || n == 2 ? n : 0); }
+
+int set_cuda_blocks_per_sm(int n) { return blocks_per_sm.exchange(n > 0 && n <= kMaxBlocksPerSm ? n : 0); }
 
 TORCH_LIBRARY_IMPL(cfgfast, CUDA, m) {
   m.impl("reverse_step_", &reverse_step_cuda);
