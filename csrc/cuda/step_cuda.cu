@@ -178,7 +178,7 @@ void normal_noise_cuda(at::Tensor& out, int64_t seed, int64_t step, int64_t stre
   const int64_t n_per = batch == 0 ? 0 : out.numel() / batch;
   const int64_t groups = (n_per + 3) / 4, total = batch * groups;
   if (total == 0) return;
-  const bool vec = n_per % 4 == 0 && aligned(out.data_ptr(), 16);
+  const bool vec = noise_vectorisable(out.data_ptr<float>(), n_per);
   const NoiseKey key = noise_key(seed, step, stream);
   normal_noise_kernel<<<grid_for<&normal_noise_kernel>(total, out.device().index()), kThreads, 0,
                         c10::cuda::getCurrentCUDAStream(out.device().index()).stream()>>>(

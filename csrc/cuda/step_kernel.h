@@ -1,7 +1,7 @@
 // What one thread of the CUDA kernels does (the kernels themselves are in step_cuda.cu): the fused reverse step
 // (SPEC §2) and the noise (SPEC §3), written as host-and-device functions of the thread's place in its grid.
-// Nothing here includes torch or the CUDA headers, so the C++ unit tests (tests/cpp/test_cuda_kernel_on_host.cpp)
-// run every thread of a grid on the CPU and compare what the grid wrote with the CPU kernel, bit for bit: the
+// Nothing here includes torch or the CUDA headers, so the C++ unit tests (test_cuda_kernels_on_host in
+// tests/cpp/test_shared_header.cpp) run every thread of a grid on the CPU and compare what the grid wrote with the CPU kernel, bit for bit: the
 // kernels' indexing, vectorised and scalar paths, tails, grid-stride rounds and coefficient table are tested on
 // a machine without a GPU. (On the GPU the radius's square root is sqrt_radius's inline assembly; the host runs
 // its sqrtf, and tests/test_step.py compares the GPU with the reference.)
@@ -139,6 +139,7 @@ CFGFAST_HOST_DEVICE void step_thread(const DeviceStepArgs& a, uint64_t first, ui
         for (int k = 0; k < 4; ++k) zs[u][k] = z4.v[k], cs[u][k] = widen(c4.v[k]), us[u][k] = widen(u4.v[k]);
         if (read_noise) {
           const Vec4<float> n4 = *reinterpret_cast<const Vec4<float>*>(a.noise + i0[u]);
+          CFGFAST_UNROLL
           for (int k = 0; k < 4; ++k) n[u][k] = n4.v[k];
         } else {
           CFGFAST_UNROLL
@@ -191,8 +192,13 @@ CFGFAST_HOST_DEVICE void step_thread(const DeviceStepArgs& a, uint64_t first, ui
   }
 }
 
+// Whether the noise may take the vectorised path: every sample a whole number of groups, out aligned.
+inline bool noise_vectorisable(const float* out, int64_t numel_per_sample) {
+  return numel_per_sample % 4 == 0 && aligned(out, 16);
+}
+
 // Thread `first` of a grid of `stride` threads: the normals of groups first, first + stride, ... into out.
-// vec: every sample a whole number of groups and out 16-byte aligned.
+// vec: the vectorised path, which needs noise_vectorisable(out, numel_per_sample).
 CFGFAST_HOST_DEVICE void noise_thread(float* out, int64_t numel_per_sample, int64_t groups_per_sample,
                                       int64_t total_groups, const NoiseKey& key, const PhiloxKeys& keys,
                                       uint64_t index_offset, bool vec, uint64_t first, uint64_t stride) {

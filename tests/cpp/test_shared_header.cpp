@@ -11,6 +11,8 @@
 #include <cstdio>
 #include <cstring>
 #include <limits>
+#include <memory>
+#include <new>
 #include <vector>
 
 #include "cfgfast/normal.h"
@@ -837,15 +839,25 @@ void test_group_cursor() {
 
 // ---------------------------------------------------------------- the CUDA kernels' threads, run on the CPU
 
-// `count` values of `size` bytes copied `shift` values after the start of a buffer that ends right after them, so
-// that a read past the end is a read outside the buffer (AddressSanitizer sees it in the sanitized build).
+// Exactly `bytes` bytes starting at a 16-byte boundary (AddressSanitizer knows where they end), whatever alignment
+// the allocator gives a std::vector.
+struct Aligned16 {
+  struct Free {
+    void operator()(unsigned char* p) const { ::operator delete[](p, std::align_val_t{16}); }
+  };
+  std::unique_ptr<unsigned char[], Free> mem;
+  explicit Aligned16(size_t bytes)
+      : mem(static_cast<unsigned char*>(::operator new[](bytes, std::align_val_t{16}))) {}
+};
+
+// `count` values of `size` bytes copied `shift` values after a 16-byte boundary, in a buffer that ends right after
+// them: a read past the end is a read outside the buffer (the sanitized build stops at it).
 struct Placed {
-  std::vector<unsigned char> buf;
+  Aligned16 buf;
   const void* at;
-  Placed(const Placed&) = delete;
   Placed(const void* src, size_t size, int64_t count, int shift)
-      : buf(size * static_cast<size_t>(count + shift)), at(buf.data() + size * static_cast<size_t>(shift)) {
-    std::memcpy(buf.data() + size * static_cast<size_t>(shift), src, size * static_cast<size_t>(count));
+      : buf(size * static_cast<size_t>(count + shift)), at(buf.mem.get() + size * static_cast<size_t>(shift)) {
+    std::memcpy(buf.mem.get() + size * static_cast<size_t>(shift), src, size * static_cast<size_t>(count));
   }
 };
 
@@ -902,7 +914,8 @@ void test_cuda_kernels_on_host() {
     int64_t batch, numel;
   } shapes[] = {{1, 1}, {3, 7}, {2, 8}, {4, 37}, {2, 64}, {3, 65}, {2, 4097}};
   Rng rng{77};
-  int runs = 0;
+  int runs = 0, vec_runs = 0;
+  const float kUnwritten = 4321.0f;
   for (const auto& shape : shapes) {
     const int64_t batch = shape.batch, numel = shape.numel, total = batch * numel;
     const int64_t groups_per_sample = (numel + 3) / 4;
@@ -951,7 +964,8 @@ void test_cuda_kernels_on_host() {
           c.index_offset = offset;
           std::vector<float> want = run_step(c, batch, Isa::kScalar, 0);
           // the CUDA kernels' arguments, as step_cuda.cu fills them
-          std::vector<float> out_buf(static_cast<size_t>(total + 1 + kGuard));
+          const Aligned16 out_mem(sizeof(float) * static_cast<size_t>(total + 1 + kGuard));
+          float* const out_buf = reinterpret_cast<float*>(out_mem.mem.get());
           cfgfast::DeviceStepArgs a{};
           a.z = c.z;
           a.eps_cond = ec_ptr;
@@ -972,14 +986,17 @@ void test_cuda_kernels_on_host() {
           a.step_ptr = table_mode ? &t : nullptr;
           a.table_len = table_mode ? kTableLen : 0;
           for (const bool vec : {false, true}) {
-            a.out = out_buf.data() + shifted(4);
+            a.out = out_buf + shifted(4);
             if (vec && !cfgfast::step_vectorisable(a, 4 * eps_size)) continue;
             CHECK(!vec || (pattern == 0 && numel % 4 == 0), "vectorisable with pointer pattern %d numel %lld", pattern,
                   static_cast<long long>(numel));
+            vec_runs += vec;
             for (int groups : {1, 2}) {
               for (uint64_t threads : grid_sizes(a.total_groups)) {
-                std::fill(out_buf.begin(), out_buf.end(), kGuardValue);
-                for (int64_t i = 0; i < total; ++i) a.out[i] = std::numeric_limits<float>::quiet_NaN();
+                // a finite poison: an element left unwritten differs from the CPU kernel's, and is not the NaN that
+                // an index outside the table must write
+                std::fill(out_buf, out_buf + total + 1 + kGuard, kGuardValue);
+                for (int64_t i = 0; i < total; ++i) a.out[i] = kUnwritten;
                 run_step_grid(a, type, vec, groups, threads);
                 ++runs;
                 const std::vector<float> got(a.out, a.out + total + kGuard);
@@ -1003,24 +1020,34 @@ void test_cuda_kernels_on_host() {
     // the noise kernel
     const cfgfast::NoiseKey key{cfgfast::seed_key0(seed), cfgfast::seed_key1(seed), step, 2u};
     const std::vector<float> want = run_noise(cfgfast::cpu::NoiseArgs{nullptr, numel, key, offset}, batch, Isa::kScalar);
-    for (const bool vec : {false, true}) {
-      if (vec && numel % 4 != 0) continue;
-      for (uint64_t threads : grid_sizes(batch * groups_per_sample)) {
-        std::vector<float> out = poisoned(total);
-        for (uint64_t t = 0; t < threads; ++t) {
-          cfgfast::noise_thread(out.data(), numel, groups_per_sample, batch * groups_per_sample, key,
-                                cfgfast::philox_keys(key.k0, key.k1), offset, vec, t, threads);
+    const Aligned16 out_mem(sizeof(float) * static_cast<size_t>(total + 1 + kGuard));
+    for (int shift = 0; shift < 2; ++shift) {  // out at a 16-byte boundary, and one element past it
+      float* const out = reinterpret_cast<float*>(out_mem.mem.get()) + shift;
+      for (const bool vec : {false, true}) {
+        if (vec && !cfgfast::noise_vectorisable(out, numel)) continue;
+        CHECK(!vec || (shift == 0 && numel % 4 == 0), "noise vectorisable with shift %d numel %lld", shift,
+              static_cast<long long>(numel));
+        vec_runs += vec;
+        for (uint64_t threads : grid_sizes(batch * groups_per_sample)) {
+          std::fill(out, out + total, std::numeric_limits<float>::quiet_NaN());
+          std::fill(out + total, out + total + kGuard, kGuardValue);
+          for (uint64_t t = 0; t < threads; ++t) {
+            cfgfast::noise_thread(out, numel, groups_per_sample, batch * groups_per_sample, key,
+                                  cfgfast::philox_keys(key.k0, key.k1), offset, vec, t, threads);
+          }
+          ++runs;
+          const std::vector<float> got(out, out + total + kGuard);
+          CHECK(std::memcmp(got.data(), want.data(), sizeof(float) * static_cast<size_t>(total)) == 0 &&
+                    guard_intact(got, total),
+                "CUDA noise on the host: batch %lld numel %lld shift %d vec %d threads %llu differs from noise_groups",
+                static_cast<long long>(batch), static_cast<long long>(numel), shift, vec,
+                static_cast<unsigned long long>(threads));
         }
-        ++runs;
-        CHECK(std::memcmp(out.data(), want.data(), sizeof(float) * static_cast<size_t>(total)) == 0 &&
-                  guard_intact(out, total),
-              "CUDA noise on the host: batch %lld numel %lld vec %d threads %llu differs from noise_groups",
-              static_cast<long long>(batch), static_cast<long long>(numel), vec,
-              static_cast<unsigned long long>(threads));
       }
     }
   }
-  std::printf("  %d grids run\n", runs);
+  std::printf("  %d grids run, %d settings on the vectorised paths\n", runs, vec_runs);
+  CHECK(vec_runs > 0, "the vectorised paths never ran");
 }
 
 // test_shared_header [NAME ...]: the tests named (all without names); the sanitized build runs the kernels' tests
