@@ -74,12 +74,18 @@ want tests && stage tests 200 25 "$py" -m pytest -q -p no:cacheprovider -rfE $xd
 cat > memcheck.py <<'PY'
 import itertools, torch, cfgfast
 from cfgfast import _ext
-knob = getattr(_ext.load(), "set_cuda_groups_per_thread", lambda n: 0)
+module = _ext.load()
+knob = getattr(module, "set_cuda_groups_per_thread", lambda n: 0)
+prefetch = getattr(module, "set_cuda_prefetch_rounds", lambda n: 0)
 backends = [b for b in ("cuda", "triton") if b in cfgfast.available_backends()]
-# both CUDA settings (1 and 2 groups of four a thread); (3, 1000003): several grid-stride rounds, a partial last
-for groups, shape, dt in itertools.product((1, 2), [(3, 7), (5, 4097), (2, 3, 64, 64), (3, 1_000_003)],
-                                           (torch.float32, torch.bfloat16, torch.float16)):
+# the CUDA settings: 1 and 2 groups of four a thread, and 1 with the L2 prefetch 2 rounds ahead (the prefetch asks
+# for addresses that the kernel reads later; memcheck says whether any lies outside); (3, 1000003): several
+# grid-stride rounds, a partial last
+for (groups, rounds), shape, dt in itertools.product(((1, 0), (2, 0), (1, 2)),
+                                                     [(3, 7), (5, 4097), (2, 3, 64, 64), (3, 1_000_003)],
+                                                     (torch.float32, torch.bfloat16, torch.float16)):
     knob(groups)
+    prefetch(rounds)
     z = torch.randn(shape, device="cuda")
     e = torch.randn(shape, device="cuda").to(dt)
     # misaligned base pointers: the scalar path, even where the sample length is a multiple of 4
@@ -91,6 +97,7 @@ for groups, shape, dt in itertools.product((1, 2), [(3, 7), (5, 4097), (2, 3, 64
     for backend in backends:
         cfgfast.normal_noise(shape, 3, device="cuda", backend=backend)
 knob(0)
+prefetch(0)
 if "cuda" in backends:
     table = cfgfast.coefficient_table(cfgfast.sampling_lambdas(4), 0.3).cuda()
     for t in range(5):  # t = 4 is outside the table: NaN, not a wild read

@@ -124,26 +124,36 @@ def rows(sizes_m: list[int], bf16_size_m: int | None = None) -> list[dict]:
 
 
 CUDA_BLOCKS_PER_SM = (0, 8, 16, 32)  # 0: the default, one full wave of the blocks an SM holds
+CUDA_PREFETCH_ROUNDS = (1, 2, 4)  # the L2 prefetch's distance, with one group a thread and one full wave
+
+
+def cuda_settings() -> list[tuple[int, int, int]]:
+    """The (groups per thread, blocks per SM, prefetch rounds) settings that cuda_sweep times: 1 and 2 groups under
+    each grid, and the L2 prefetch (one group a thread; with two it does none) in the one-wave grid only, where a
+    round ahead is the fewest bytes (with more blocks than an SM holds, a round ahead is more than L2 keeps)."""
+    return ([(groups, blocks, 0) for groups in (1, 2) for blocks in CUDA_BLOCKS_PER_SM]
+            + [(1, 0, rounds) for rounds in CUDA_PREFETCH_ROUNDS])
 
 
 def cuda_sweep(millions: int) -> list[dict]:
-    """The CUDA step kernel at one size (float32 and bfloat16 eps) with 1 and 2 groups of four elements per
-    thread and round, and grids of one full wave (blocks_per_sm 0, the default) or of 8, 16 and 32 blocks per SM:
-    the data behind the kernel's defaults (groups 0: chosen by eps dtype)."""
+    """The CUDA step kernel at one size (float32 and bfloat16 eps) under each of cuda_settings(): the data behind
+    the kernel's defaults (groups 0: chosen by eps dtype; blocks 0: one full wave; no prefetch)."""
     from cfgfast import _ext
 
     module = _ext.load()
-    if "cuda" not in cfgfast.available_backends() or not hasattr(module, "set_cuda_blocks_per_sm"):
+    if "cuda" not in cfgfast.available_backends() or not hasattr(module, "set_cuda_prefetch_rounds"):
         return []
     shape = (millions * 16, 65536)
-    settings = [(groups, blocks) for groups in (1, 2) for blocks in CUDA_BLOCKS_PER_SM]
+    settings = cuda_settings()
 
-    def use(groups, blocks):
+    def use(groups, blocks, rounds):
         module.set_cuda_groups_per_thread(groups)
         module.set_cuda_blocks_per_sm(blocks)
+        module.set_cuda_prefetch_rounds(rounds)
 
     result = []
-    saved = module.set_cuda_groups_per_thread(0), module.set_cuda_blocks_per_sm(0)
+    saved = (module.set_cuda_groups_per_thread(0), module.set_cuda_blocks_per_sm(0),
+             module.set_cuda_prefetch_rounds(0))
     try:
         for eps_dtype in (torch.float32, torch.bfloat16):
             x = make_step_inputs(shape, eps_dtype, "cuda", seed=0)
@@ -154,10 +164,10 @@ def cuda_sweep(millions: int) -> list[dict]:
                 variants[setting] = _step(x, "cuda", out, functools.partial(use, *setting))
             ms = best_of_rounds(variants)
             copy_gbs = 8 * out.numel() / ms["copy"] / 1e6
-            for groups, blocks in settings:
-                gbs = step_bytes / ms[(groups, blocks)] / 1e6
+            for groups, blocks, rounds in settings:
+                gbs = step_bytes / ms[(groups, blocks, rounds)] / 1e6
                 result.append(dict(eps=_dtype_name(eps_dtype), groups_per_thread=groups, blocks_per_sm=blocks,
-                                   gb_per_s=gbs, of_copy=gbs / copy_gbs))
+                                   prefetch_rounds=rounds, gb_per_s=gbs, of_copy=gbs / copy_gbs))
             del x, out, variants
     finally:
         use(*saved)
@@ -215,10 +225,10 @@ def main() -> None:
     if args.sweep:
         cuda_swept = cuda_sweep(max(args.sizes))
         print(f"cuda settings at {max(args.sizes)}M elements (groups of 4 per thread and round; blocks per SM, "
-              "0: one full wave of resident blocks):")
+              "0: one full wave of resident blocks; L2 prefetch, rounds ahead):")
         for r in cuda_swept:
-            print(f"  {r['eps']:8} eps, {r['groups_per_thread']} per thread, {r['blocks_per_sm']:2d} blocks/SM: "
-                  f"{r['gb_per_s']:7.0f} GB/s, {100 * r['of_copy']:5.1f}% of copy")
+            print(f"  {r['eps']:8} eps, {r['groups_per_thread']} per thread, {r['blocks_per_sm']:2d} blocks/SM, "
+                  f"prefetch {r['prefetch_rounds']}: {r['gb_per_s']:7.0f} GB/s, {100 * r['of_copy']:5.1f}% of copy")
         settings = [(g, w, False) for g in (128, 256, 512, 1024) for w in (4, 8)]
         # loads above the noise where a thread has at most two groups (more would cost too many registers)
         settings += [(g, w, True) for g, w in ((128, 4), (256, 4), (256, 8), (512, 8))]

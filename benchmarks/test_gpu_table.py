@@ -38,11 +38,13 @@ def test_the_whole_table_runs(monkeypatch, tmp_path, capsys):
 
     def cuda_setting():
         """The CUDA knobs in force (each read by setting it and putting it back), or None without them."""
-        if not hasattr(module, "set_cuda_blocks_per_sm"):
+        if not hasattr(module, "set_cuda_prefetch_rounds"):
             return None
         groups, blocks = module.set_cuda_groups_per_thread(0), module.set_cuda_blocks_per_sm(0)
+        rounds = module.set_cuda_prefetch_rounds(0)
         module.set_cuda_groups_per_thread(groups), module.set_cuda_blocks_per_sm(blocks)
-        return groups, blocks
+        module.set_cuda_prefetch_rounds(rounds)
+        return groups, blocks, rounds
 
     def fake_step(*args, backend, out, last=False, **kwargs):
         setting = gpu_table.triton_step_setting() if backend == "triton" else cuda_setting()
@@ -78,14 +80,17 @@ def test_the_whole_table_runs(monkeypatch, tmp_path, capsys):
     assert [(r["noise_ms"], r["last_ms"]) for r in result["rows"][:4]] == [(2.0, 2.0)] * 4
     assert all(r["noise_ms"] != r["noise_ms"] and r["last_ms"] != r["last_ms"] for r in result["rows"][4:])  # NaN
     assert {c[1] for c in calls if c[0] == "last"} == {"cuda", "triton"}
-    if hasattr(module, "set_cuda_blocks_per_sm"):  # built with the CUDA kernels (CI is)
-        assert [(r["eps"], r["groups_per_thread"], r["blocks_per_sm"]) for r in result["cuda_sweep"]] == [
-            (eps, groups, blocks) for eps in ("float32", "bfloat16") for groups in (1, 2)
-            for blocks in gpu_table.CUDA_BLOCKS_PER_SM]
+    if hasattr(module, "set_cuda_prefetch_rounds"):  # built with the CUDA kernels (CI is)
+        settings = [(g, b, 0) for g in (1, 2) for b in gpu_table.CUDA_BLOCKS_PER_SM]
+        settings += [(1, 0, r) for r in gpu_table.CUDA_PREFETCH_ROUNDS]
+        assert len(settings) == 11 and gpu_table.cuda_settings() == settings
+        assert [(r["eps"], r["groups_per_thread"], r["blocks_per_sm"], r["prefetch_rounds"])
+                for r in result["cuda_sweep"]] == [(eps, *setting) for eps in ("float32", "bfloat16")
+                                                  for setting in settings]
         # each CUDA setting was in force while its own variant ran, and the knobs are back at their defaults after
         swept_cuda = {c[2] for c in calls if c[:2] == ("step", "cuda")}
-        assert {(r["groups_per_thread"], r["blocks_per_sm"]) for r in result["cuda_sweep"]} <= swept_cuda
-        assert cuda_setting() == (0, 0)
+        assert set(settings) <= swept_cuda
+        assert cuda_setting() == (0, 0, 0)
     else:
         assert result["cuda_sweep"] == []
     assert len(result["triton_sweep"]) == 12

@@ -115,6 +115,18 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       },
       "The CUDA kernels' grids: at most n blocks of 256 threads per SM, or 0 (the default) for one full wave of the "
       "blocks an SM holds at once. A tuning knob for benchmarks; returns the previous setting.");
+  m.def(
+      "set_cuda_prefetch_rounds",
+      [](int n) {
+        if (n < 0 || n > cfgfast::kMaxPrefetchRounds) {
+          throw py::value_error("cfgfast: prefetch rounds must be in [1, " + std::to_string(cfgfast::kMaxPrefetchRounds) +
+                                "] (or 0: no prefetch), got " + std::to_string(n));
+        }
+        return cfgfast::set_cuda_prefetch_rounds(n);
+      },
+      "The CUDA step kernel's L2 prefetch of its inputs n rounds of its grid-stride loop ahead, or 0 (the default) for "
+      "none; only with one group of four a thread (set_cuda_groups_per_thread(1), or 16-bit eps by default). A tuning "
+      "knob for benchmarks; returns the previous setting.");
 #endif
 
   m.def(

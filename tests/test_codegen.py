@@ -98,7 +98,7 @@ def test_cuda_kernels_vectorise_and_do_not_spill():
     sass = subprocess.run([tool, "-sass", _ext.load().__file__], capture_output=True, text=True, check=True).stdout
     functions = re.split(r"\n\s*Function : ", sass)[1:]
     assert functions, "no kernels found in the extension"
-    vectorised_steps = 0
+    vectorised_steps = prefetch_steps = 0
     for body in functions:
         name = body.split("\n", 1)[0].strip()
         # local memory (LDL / STL) in a kernel: registers spilled to the stack
@@ -106,9 +106,17 @@ def test_cuda_kernels_vectorise_and_do_not_spill():
         if "reverse_step_kernel" in name and re.search(r"Lb1ELi[12]E", name):  # the 16-byte (kVec) variants
             vectorised_steps += 1
             assert "LDG.E.128" in body and "STG.E.128" in body, f"{name} does not load and store 16 bytes at a time"
-    assert vectorised_steps >= 6, "expected the vectorised step kernels of 3 eps dtypes x 1 and 2 groups"
-    # occupancy: the vectorised step kernels fit 6 (1 group a thread) or 4 (2 groups) blocks of 256 threads in an
-    # SM's 64K registers, as their __launch_bounds__ ask
+        # the L2 prefetch (prefetch.global.L2: CCTL ... PF2) in the kernels with kPrefetch, and in no other
+        prefetches = re.search(r"\bCCTL\S*\.PF2\b", body) is not None
+        if "reverse_step_kernel" in name and "Lb1ELi1ELb1E" in name:
+            prefetch_steps += 1
+            assert prefetches, f"{name} has no L2 prefetch"
+        else:
+            assert not prefetches, f"{name} prefetches into L2"
+    assert vectorised_steps >= 9, "expected the vectorised step kernels of 3 eps dtypes x (1, 2, 1 with prefetch) groups"
+    assert prefetch_steps >= 3, "expected the prefetching step kernels of 3 eps dtypes"
+    # occupancy: the vectorised step kernels fit 6 (1 group a thread, with or without the prefetch) or 4 (2 groups)
+    # blocks of 256 threads in an SM's 64K registers, as their __launch_bounds__ ask
     usage = subprocess.run([tool, "-res-usage", _ext.load().__file__], capture_output=True, text=True,
                            check=True).stdout
     # (one entry per kernel and architecture built: the default TORCH_CUDA_ARCH_LIST has three)

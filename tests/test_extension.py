@@ -124,8 +124,8 @@ GPU_OP_CASES = [pytest.param(b, id=b) for b in ("cuda",) if torch.cuda.is_availa
 @pytest.mark.parametrize("eps_dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_cuda_tuning_knobs_give_the_same_bits(backend, shape, mode, eps_dtype):
     """The CUDA step kernel's tuning knobs (1 or 2 groups of four per thread and round; grids of one full wave or
-    of 1 or 3 blocks per SM) change nothing: the vectorised and the scalar path, one round of the grid-stride loop
-    and several, a partial last round."""
+    of 1 or 3 blocks per SM; the L2 prefetch 1 or 2 rounds ahead, which 2 groups a thread ignore) change nothing: the
+    vectorised and the scalar path, one round of the grid-stride loop and several, a partial last round."""
     module = _ext.load()
     z = torch.randn(shape, device="cuda")
     eps_c, eps_u = torch.randn_like(z).to(eps_dtype), torch.randn_like(z).to(eps_dtype)
@@ -133,13 +133,16 @@ def test_cuda_tuning_knobs_give_the_same_bits(backend, shape, mode, eps_dtype):
     kwargs = {"noise": dict(), "clip": dict(clip=1.0), "explicit": dict(noise=torch.randn_like(z)),
               "last": dict(last=True)}[mode]
     results = []
-    for groups, blocks in ((1, 0), (2, 0), (1, 1), (2, 1), (1, 3), (2, 3)):
-        previous = module.set_cuda_groups_per_thread(groups), module.set_cuda_blocks_per_sm(blocks)
+    for groups, blocks, rounds in ((1, 0, 0), (2, 0, 0), (1, 1, 0), (2, 1, 0), (1, 3, 0), (2, 3, 0), (1, 0, 1),
+                                   (1, 0, 2), (1, 1, 2), (1, 3, 1), (2, 0, 2)):
+        previous = (module.set_cuda_groups_per_thread(groups), module.set_cuda_blocks_per_sm(blocks),
+                    module.set_cuda_prefetch_rounds(rounds))
         try:
             results.append(cfgfast.reverse_step(z, eps_c, eps_u, -1.0, -0.5, w, seed=3, step=5, backend=backend,
                                                 **kwargs))
         finally:
             module.set_cuda_groups_per_thread(previous[0]), module.set_cuda_blocks_per_sm(previous[1])
+            module.set_cuda_prefetch_rounds(previous[2])
     for other in results[1:]:
         assert torch.equal(results[0], other)
 
@@ -150,6 +153,16 @@ def test_cuda_tuning_knobs_are_checked():
     module = _ext.load()
     assert module.set_cuda_groups_per_thread(0) == 0  # the default: chosen by eps dtype
     assert module.set_cuda_blocks_per_sm(0) == 0  # the default: one full wave of resident blocks
+    assert module.set_cuda_prefetch_rounds(0) == 0  # the default: no prefetch
+    for bad in (-1, 9):
+        with pytest.raises(ValueError, match=r"prefetch rounds must be in \[1, 8\]"):
+            module.set_cuda_prefetch_rounds(bad)
+    try:
+        assert module.set_cuda_prefetch_rounds(8) == 0
+        assert module.set_cuda_prefetch_rounds(2) == 8
+    finally:
+        module.set_cuda_prefetch_rounds(0)
+    assert module.set_cuda_prefetch_rounds(0) == 0
     with pytest.raises(ValueError, match="groups per thread must be 1 or 2"):
         module.set_cuda_groups_per_thread(3)
     for bad in (-1, 1025):

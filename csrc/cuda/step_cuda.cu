@@ -32,10 +32,10 @@ constexpr int kThreads = 256;
 // threads per SM leave them (40 and 64; tests/test_codegen.py checks both, and that nothing spills). With 32-bit
 // cursors and the round keys in the parameters they fit unbounded (39 and 61-63 on sm_90), so the bound is a guard
 // against a change that would cost a block per SM. The scalar kernels are not bounded (0).
-template <class EpsT, bool kVec, int kGroups>
+template <class EpsT, bool kVec, int kGroups, bool kPrefetch = false>
 __global__ void __launch_bounds__(kThreads, kVec ? (kGroups == 1 ? 6 : 4) : 0) reverse_step_kernel(DeviceStepArgs a) {
-  step_thread<EpsT, kVec, kGroups>(a, static_cast<uint64_t>(blockIdx.x) * blockDim.x + threadIdx.x,
-                                   static_cast<uint64_t>(gridDim.x) * blockDim.x);
+  step_thread<EpsT, kVec, kGroups, kPrefetch>(a, static_cast<uint64_t>(blockIdx.x) * blockDim.x + threadIdx.x,
+                                              static_cast<uint64_t>(gridDim.x) * blockDim.x);
 }
 
 __global__ void __launch_bounds__(kThreads)
@@ -88,10 +88,19 @@ int grid_for(int64_t total_groups, c10::DeviceIndex device, int groups_per_threa
   return static_cast<int>(needed < cap ? needed : cap);
 }
 
-template <class EpsT, bool kVec, int kGroups>
-void launch_step_kernel(const DeviceStepArgs& a, c10::DeviceIndex device, cudaStream_t stream) {
-  constexpr auto kernel = &reverse_step_kernel<EpsT, kVec, kGroups>;
-  kernel<<<grid_for<kernel>(a.total_groups, device, kGroups), kThreads, 0, stream>>>(a);
+// Rounds ahead that the vectorised one-group step prefetches its inputs into L2 (set_prefetch): 0 (the default) for
+// none, or a number set by set_cuda_prefetch_rounds (gpu_table.py's sweep compares them; not measured on a GPU yet).
+std::atomic<int> prefetch_rounds{0};
+
+template <class EpsT, bool kVec, int kGroups, bool kPrefetch = false>
+void launch_step_kernel(DeviceStepArgs a, c10::DeviceIndex device, cudaStream_t stream) {
+  constexpr auto kernel = &reverse_step_kernel<EpsT, kVec, kGroups, kPrefetch>;
+  const int grid = grid_for<kernel>(a.total_groups, device, kGroups);
+  if (kPrefetch) {
+    set_prefetch(a, static_cast<uint32_t>(prefetch_rounds.load(std::memory_order_relaxed)),
+                 static_cast<uint64_t>(grid) * kThreads);
+  }
+  kernel<<<grid, kThreads, 0, stream>>>(a);
 }
 
 void launch_step(DeviceStepArgs& a, at::ScalarType eps_type, const at::Tensor& like) {
@@ -106,8 +115,12 @@ void launch_step(DeviceStepArgs& a, at::ScalarType eps_type, const at::Tensor& l
     using E = decltype(eps_tag);
     if (per_thread == 2) {
       vec ? launch_step_kernel<E, true, 2>(a, device, stream) : launch_step_kernel<E, false, 2>(a, device, stream);
+    } else if (!vec) {
+      launch_step_kernel<E, false, 1>(a, device, stream);
+    } else if (prefetch_rounds.load(std::memory_order_relaxed) > 0) {
+      launch_step_kernel<E, true, 1, true>(a, device, stream);
     } else {
-      vec ? launch_step_kernel<E, true, 1>(a, device, stream) : launch_step_kernel<E, false, 1>(a, device, stream);
+      launch_step_kernel<E, true, 1>(a, device, stream);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
@@ -192,6 +205,10 @@ void normal_noise_cuda(at::Tensor& out, int64_t seed, int64_t step, int64_t stre
 int set_cuda_groups_per_thread(int n) { return groups_per_thread.exchange(n == 1 || n == 2 ? n : 0); }
 
 int set_cuda_blocks_per_sm(int n) { return blocks_per_sm.exchange(n > 0 && n <= kMaxBlocksPerSm ? n : 0); }
+
+int set_cuda_prefetch_rounds(int n) {
+  return prefetch_rounds.exchange(n > 0 && n <= kMaxPrefetchRounds ? n : 0);
+}
 
 TORCH_LIBRARY_IMPL(cfgfast, CUDA, m) {
   m.impl("reverse_step_", &reverse_step_cuda);

@@ -44,7 +44,36 @@ struct DeviceStepArgs {
   const double* table;      // [table_len, 7] coefficients per step, or nullptr
   const int64_t* step_ptr;  // the step counter on the device (with table)
   int64_t table_len;
+  // L2 prefetch (the kernels with kPrefetch): of the group prefetch_elements / 4 on from the task's, for the tasks
+  // below prefetch_below. Set by set_prefetch, per grid.
+  int64_t prefetch_elements;
+  uint64_t prefetch_below;
 };
+
+// The prefetch of the step's inputs `rounds` rounds ahead in a grid-stride loop of `stride` threads with one group a
+// thread (0 rounds: none; with two groups a thread the registers it needs would spill): each thread asks L2 for the
+// inputs of the group it will load that many rounds on, so that more reads are in flight than the registers hold;
+// the loads of that round then find their lines in L2. A kernel of its own (kPrefetch), so the others are untouched.
+inline void set_prefetch(DeviceStepArgs& a, uint32_t rounds, uint64_t stride) {
+  const uint64_t ahead = static_cast<uint64_t>(rounds) * stride, total = static_cast<uint64_t>(a.total_groups);
+  a.prefetch_elements = static_cast<int64_t>(4 * ahead);
+  a.prefetch_below = rounds > 0 && total > ahead ? total - ahead : 0;
+}
+
+#if !defined(__CUDA_ARCH__)
+// Host builds (the C++ unit tests): called with every address the step prefetches, where set.
+inline void (*prefetch_hook)(const void*) = nullptr;
+#endif
+
+// A hint that the 16 bytes at p will be read soon: on the GPU, a prefetch of their line into L2 (no register, no
+// result; the load that follows is served from L2); on the host, prefetch_hook, so the tests can check the addresses.
+CFGFAST_HOST_DEVICE void prefetch_l2(const void* p) {
+#if defined(__CUDA_ARCH__)
+  asm volatile("prefetch.global.L2 [%0];" ::"l"(__cvta_generic_to_global(p)));
+#else
+  if (prefetch_hook != nullptr) prefetch_hook(p);
+#endif
+}
 
 // ε widened to float: c10::BFloat16 and c10::Half convert themselves; the unit tests' raw 16-bit words have
 // overloads of their own (cpu/kernel.h), found by argument-dependent lookup.
@@ -78,9 +107,10 @@ CFGFAST_HOST_DEVICE float element(float z, float eps, float n, const StepCoef& c
 // of its grid-stride loop, the next round kGroups * stride groups on. Every load of a round is issued before its
 // noise is computed, so the reads are in flight while Philox and Box–Muller run (the noise is most of the
 // arithmetic: computed first, it kept the loads waiting behind it). kVec: the vectorised path, which needs
-// step_vectorisable(a, ...).
-template <class EpsT, bool kVec, int kGroups>
+// step_vectorisable(a, ...). kPrefetch (vectorised, one group): also the L2 prefetch that set_prefetch sets up.
+template <class EpsT, bool kVec, int kGroups, bool kPrefetch = false>
 CFGFAST_HOST_DEVICE void step_thread(const DeviceStepArgs& a, uint64_t first, uint64_t stride) {
+  static_assert(!kPrefetch || (kVec && kGroups == 1), "the prefetch is for the vectorised one-group kernels");
   StepCoef coef = a.coef;
   NoiseKey key = a.key;
   const PhiloxKeys keys = a.keys;
@@ -157,6 +187,15 @@ CFGFAST_HOST_DEVICE void step_thread(const DeviceStepArgs& a, uint64_t first, ui
             if (read_noise) n[u][k] = a.noise[i];
           }
         }
+      }
+    }
+    if constexpr (kPrefetch) {  // after the loads of this round, before its noise (set_prefetch)
+      if (task < a.prefetch_below) {
+        const int64_t j = i0[0] + a.prefetch_elements;
+        prefetch_l2(a.z + j);
+        prefetch_l2(ec + j);
+        prefetch_l2(eu + j);
+        if (read_noise) prefetch_l2(a.noise + j);
       }
     }
     if (draw) {

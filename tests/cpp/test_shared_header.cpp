@@ -13,6 +13,7 @@
 #include <limits>
 #include <memory>
 #include <new>
+#include <utility>
 #include <vector>
 
 #include "cfgfast/normal.h"
@@ -863,10 +864,14 @@ struct Placed {
 
 // Every thread of a grid of `threads` threads of the CUDA step kernel (csrc/cuda/step_kernel.h), one after another:
 // the threads write disjoint groups, so their order does not matter.
+// prefetch_rounds > 0 (vectorised, one group): the kernel with the L2 prefetch, set up as step_cuda.cu does.
 template <class EpsT>
-void run_step_grid(const cfgfast::DeviceStepArgs& a, bool vec, int groups, uint64_t threads) {
+void run_step_grid(cfgfast::DeviceStepArgs a, bool vec, int groups, uint64_t threads, uint32_t prefetch_rounds) {
+  cfgfast::set_prefetch(a, prefetch_rounds, threads);
   for (uint64_t t = 0; t < threads; ++t) {
-    if (groups == 2) {
+    if (prefetch_rounds > 0) {
+      cfgfast::step_thread<EpsT, true, 1, true>(a, t, threads);
+    } else if (groups == 2) {
       vec ? cfgfast::step_thread<EpsT, true, 2>(a, t, threads) : cfgfast::step_thread<EpsT, false, 2>(a, t, threads);
     } else {
       vec ? cfgfast::step_thread<EpsT, true, 1>(a, t, threads) : cfgfast::step_thread<EpsT, false, 1>(a, t, threads);
@@ -874,12 +879,51 @@ void run_step_grid(const cfgfast::DeviceStepArgs& a, bool vec, int groups, uint6
   }
 }
 
-void run_step_grid(const cfgfast::DeviceStepArgs& a, EpsType type, bool vec, int groups, uint64_t threads) {
+void run_step_grid(const cfgfast::DeviceStepArgs& a, EpsType type, bool vec, int groups, uint64_t threads,
+                   uint32_t prefetch_rounds) {
   switch (type) {
-    case EpsType::kBFloat16: return run_step_grid<cfgfast::cpu::bf16_t>(a, vec, groups, threads);
-    case EpsType::kFloat16: return run_step_grid<cfgfast::cpu::f16_t>(a, vec, groups, threads);
-    default: return run_step_grid<float>(a, vec, groups, threads);
+    case EpsType::kBFloat16: return run_step_grid<cfgfast::cpu::bf16_t>(a, vec, groups, threads, prefetch_rounds);
+    case EpsType::kFloat16: return run_step_grid<cfgfast::cpu::f16_t>(a, vec, groups, threads, prefetch_rounds);
+    default: return run_step_grid<float>(a, vec, groups, threads, prefetch_rounds);
   }
+}
+
+// The addresses that the step kernels asked L2 for, in order (cfgfast::prefetch_hook on the host).
+std::vector<const void*> prefetched;
+
+// Whether the prefetches of a grid of `threads` threads, `rounds` rounds ahead, are exactly the group starts
+// [rounds * threads, total_groups) of each input read (z, ε_c, ε_u, and the explicit noise where read), once each:
+// every address inside the inputs, every later round's group asked for, none twice.
+bool prefetches_as_expected(const std::vector<const void*>& got, const cfgfast::DeviceStepArgs& a, size_t eps_size,
+                            bool read_noise, uint64_t threads, uint32_t rounds) {
+  const uint64_t total = static_cast<uint64_t>(a.total_groups);
+  const uint64_t first = rounds == 0 ? total : std::min<uint64_t>(total, rounds * threads);
+  const struct {
+    const void* base;
+    size_t group_bytes;
+  } inputs[] = {{a.z, 16}, {a.eps_cond, 4 * eps_size}, {a.eps_uncond, 4 * eps_size}, {read_noise ? a.noise : nullptr, 16}};
+  std::vector<std::vector<int>> seen(4, std::vector<int>(static_cast<size_t>(total), 0));
+  for (const void* p : got) {
+    bool placed = false;
+    for (size_t k = 0; k < 4 && !placed; ++k) {
+      if (inputs[k].base == nullptr) continue;
+      const auto* base = static_cast<const unsigned char*>(inputs[k].base);
+      const auto* at = static_cast<const unsigned char*>(p);
+      if (at < base || at >= base + inputs[k].group_bytes * total) continue;
+      const size_t offset = static_cast<size_t>(at - base);
+      if (offset % inputs[k].group_bytes != 0) return false;  // not a group's start
+      ++seen[k][offset / inputs[k].group_bytes];
+      placed = true;
+    }
+    if (!placed) return false;  // outside every input
+  }
+  for (size_t k = 0; k < 4; ++k) {
+    for (uint64_t g = 0; g < total; ++g) {
+      const int want = inputs[k].base != nullptr && g >= first ? 1 : 0;
+      if (seen[k][static_cast<size_t>(g)] != want) return false;
+    }
+  }
+  return true;
 }
 
 // Grids of 1 thread (every group in its loop), a few, one or two blocks, half the groups (with 2 groups a thread: a
@@ -914,8 +958,9 @@ void test_cuda_kernels_on_host() {
     int64_t batch, numel;
   } shapes[] = {{1, 1}, {3, 7}, {2, 8}, {4, 37}, {2, 64}, {3, 65}, {2, 4097}};
   Rng rng{77};
-  int runs = 0, vec_runs = 0;
+  int runs = 0, vec_runs = 0, prefetch_runs = 0;
   const float kUnwritten = 4321.0f;
+  cfgfast::prefetch_hook = [](const void* p) { prefetched.push_back(p); };
   for (const auto& shape : shapes) {
     const int64_t batch = shape.batch, numel = shape.numel, total = batch * numel;
     const int64_t groups_per_sample = (numel + 3) / 4;
@@ -991,14 +1036,26 @@ void test_cuda_kernels_on_host() {
             CHECK(!vec || (pattern == 0 && numel % 4 == 0), "vectorisable with pointer pattern %d numel %lld", pattern,
                   static_cast<long long>(numel));
             vec_runs += vec;
-            for (int groups : {1, 2}) {
+            // 1 and 2 groups a thread; on the vectorised path also one group with the L2 prefetch 1, 2 and 3 rounds
+            // ahead (prefetch rounds as the third number)
+            std::vector<std::pair<int, uint32_t>> settings = {{1, 0}, {2, 0}};
+            if (vec) settings.insert(settings.end(), {{1, 1}, {1, 2}, {1, 3}});
+            for (const auto& [groups, rounds] : settings) {
               for (uint64_t threads : grid_sizes(a.total_groups)) {
                 // a finite poison: an element left unwritten differs from the CPU kernel's, and is not the NaN that
                 // an index outside the table must write
                 std::fill(out_buf, out_buf + total + 1 + kGuard, kGuardValue);
                 for (int64_t i = 0; i < total; ++i) a.out[i] = kUnwritten;
-                run_step_grid(a, type, vec, groups, threads);
+                prefetched.clear();
+                run_step_grid(a, type, vec, groups, threads, rounds);
                 ++runs;
+                prefetch_runs += rounds > 0;
+                const bool read_noise = a.noise != nullptr && !last;
+                CHECK(prefetches_as_expected(prefetched, a, eps_size, read_noise, threads, rounds),
+                      "CUDA step on the host: %s batch %lld numel %lld mode %d groups %d prefetch %u threads %llu: "
+                      "%zu prefetches, not each later group's inputs once",
+                      eps_name(type), static_cast<long long>(batch), static_cast<long long>(numel), mode, groups,
+                      rounds, static_cast<unsigned long long>(threads), prefetched.size());
                 const std::vector<float> got(a.out, a.out + total + kGuard);
                 int bad = 0;
                 for (int64_t i = 0; i < total; ++i) {
@@ -1006,10 +1063,10 @@ void test_cuda_kernels_on_host() {
                   bad += valid ? std::memcmp(&got[k], &want[k], sizeof(float)) != 0 : !std::isnan(got[k]);
                 }
                 CHECK(bad == 0 && guard_intact(got, total),
-                      "CUDA step on the host: %s batch %lld numel %lld mode %d pointers %d vec %d groups %d threads %llu: "
-                      "%d of %lld elements differ from the CPU kernel%s",
+                      "CUDA step on the host: %s batch %lld numel %lld mode %d pointers %d vec %d groups %d prefetch %u "
+                      "threads %llu: %d of %lld elements differ from the CPU kernel%s",
                       eps_name(type), static_cast<long long>(batch), static_cast<long long>(numel), mode, pattern, vec,
-                      groups, static_cast<unsigned long long>(threads), bad, static_cast<long long>(total),
+                      groups, rounds, static_cast<unsigned long long>(threads), bad, static_cast<long long>(total),
                       guard_intact(got, total) ? "" : ", wrote past the end");
               }
             }
@@ -1046,8 +1103,10 @@ void test_cuda_kernels_on_host() {
       }
     }
   }
-  std::printf("  %d grids run, %d settings on the vectorised paths\n", runs, vec_runs);
-  CHECK(vec_runs > 0, "the vectorised paths never ran");
+  cfgfast::prefetch_hook = nullptr;
+  std::printf("  %d grids run, %d settings on the vectorised paths, %d grids with the L2 prefetch\n", runs, vec_runs,
+              prefetch_runs);
+  CHECK(vec_runs > 0 && prefetch_runs > 0, "the vectorised paths or the prefetch never ran");
 }
 
 // test_shared_header [NAME ...]: the tests named (all without names); the sanitized build runs the kernels' tests
