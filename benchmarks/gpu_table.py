@@ -124,15 +124,15 @@ def rows(sizes_m: list[int], bf16_size_m: int | None = None) -> list[dict]:
 
 
 CUDA_BLOCKS_PER_SM = (0, 8, 16, 32)  # 0: the default, one full wave of the blocks an SM holds
-CUDA_PREFETCH_ROUNDS = (1, 2, 4)  # the L2 prefetch's distance, with one group a thread and one full wave
+CUDA_PREFETCH_ROUNDS = (1, 2, 4)  # the L2 prefetch's distance, in the one-wave grid
 
 
 def cuda_settings() -> list[tuple[int, int, int]]:
     """The (groups per thread, blocks per SM, prefetch rounds) settings that cuda_sweep times: 1 and 2 groups under
-    each grid, and the L2 prefetch (one group a thread; with two it does none) in the one-wave grid only, where a
-    round ahead is the fewest bytes (with more blocks than an SM holds, a round ahead is more than L2 keeps)."""
+    each grid without the L2 prefetch, and with it in the one-wave grid only, where a round ahead is the fewest bytes
+    (with more blocks than an SM holds, a round ahead would be more than L2 keeps)."""
     return ([(groups, blocks, 0) for groups in (1, 2) for blocks in CUDA_BLOCKS_PER_SM]
-            + [(1, 0, rounds) for rounds in CUDA_PREFETCH_ROUNDS])
+            + [(groups, 0, rounds) for groups in (1, 2) for rounds in CUDA_PREFETCH_ROUNDS])
 
 
 def cuda_sweep(millions: int) -> list[dict]:

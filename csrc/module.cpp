@@ -124,9 +124,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         }
         return cfgfast::set_cuda_prefetch_rounds(n);
       },
-      "The CUDA step kernel's L2 prefetch of its inputs n rounds of its grid-stride loop ahead, or 0 (the default) for "
-      "none; only with one group of four a thread (set_cuda_groups_per_thread(1), or 16-bit eps by default). A tuning "
-      "knob for benchmarks; returns the previous setting.");
+      "The CUDA step kernel's L2 prefetch of its inputs n rounds of its grid-stride loop ahead (vectorised path), or 0 "
+      "(the default) for none. A tuning knob for benchmarks; returns the previous setting.");
 #endif
 
   m.def(

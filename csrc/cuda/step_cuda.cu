@@ -88,18 +88,15 @@ int grid_for(int64_t total_groups, c10::DeviceIndex device, int groups_per_threa
   return static_cast<int>(needed < cap ? needed : cap);
 }
 
-// Rounds ahead that the vectorised one-group step prefetches its inputs into L2 (set_prefetch): 0 (the default) for
+// Rounds ahead that the vectorised step kernels prefetch their inputs into L2 (set_prefetch): 0 (the default) for
 // none, or a number set by set_cuda_prefetch_rounds (gpu_table.py's sweep compares them; not measured on a GPU yet).
 std::atomic<int> prefetch_rounds{0};
 
 template <class EpsT, bool kVec, int kGroups, bool kPrefetch = false>
-void launch_step_kernel(DeviceStepArgs a, c10::DeviceIndex device, cudaStream_t stream) {
+void launch_step_kernel(DeviceStepArgs a, c10::DeviceIndex device, cudaStream_t stream, int rounds = 0) {
   constexpr auto kernel = &reverse_step_kernel<EpsT, kVec, kGroups, kPrefetch>;
   const int grid = grid_for<kernel>(a.total_groups, device, kGroups);
-  if (kPrefetch) {
-    set_prefetch(a, static_cast<uint32_t>(prefetch_rounds.load(std::memory_order_relaxed)),
-                 static_cast<uint64_t>(grid) * kThreads);
-  }
+  if (kPrefetch) set_prefetch(a, static_cast<uint32_t>(rounds), kGroups, static_cast<uint64_t>(grid) * kThreads);
   kernel<<<grid, kThreads, 0, stream>>>(a);
 }
 
@@ -111,16 +108,18 @@ void launch_step(DeviceStepArgs& a, at::ScalarType eps_type, const at::Tensor& l
   const int per_thread = setting != 0 ? setting : (eps_type == at::kFloat ? 2 : 1);
   const c10::DeviceIndex device = like.device().index();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device).stream();
+  const int rounds = prefetch_rounds.load(std::memory_order_relaxed);
   auto go = [&](auto eps_tag) {
     using E = decltype(eps_tag);
-    if (per_thread == 2) {
-      vec ? launch_step_kernel<E, true, 2>(a, device, stream) : launch_step_kernel<E, false, 2>(a, device, stream);
-    } else if (!vec) {
-      launch_step_kernel<E, false, 1>(a, device, stream);
-    } else if (prefetch_rounds.load(std::memory_order_relaxed) > 0) {
-      launch_step_kernel<E, true, 1, true>(a, device, stream);
+    if (!vec) {
+      per_thread == 2 ? launch_step_kernel<E, false, 2>(a, device, stream)
+                      : launch_step_kernel<E, false, 1>(a, device, stream);
+    } else if (rounds > 0) {
+      per_thread == 2 ? launch_step_kernel<E, true, 2, true>(a, device, stream, rounds)
+                      : launch_step_kernel<E, true, 1, true>(a, device, stream, rounds);
     } else {
-      launch_step_kernel<E, true, 1>(a, device, stream);
+      per_thread == 2 ? launch_step_kernel<E, true, 2>(a, device, stream)
+                      : launch_step_kernel<E, true, 1>(a, device, stream);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };

@@ -14,9 +14,8 @@ int set_cuda_groups_per_thread(int n);
 constexpr int kMaxBlocksPerSm = 1024;
 int set_cuda_blocks_per_sm(int n);
 
-// The vectorised one-group step kernels' L2 prefetch of their inputs n rounds of the grid-stride loop ahead (1 to
-// kMaxPrefetchRounds), or 0 (the default) for none; with two groups a thread (the float32 default unless
-// set_cuda_groups_per_thread(1)) there is no prefetch. Returns the previous setting. A tuning knob for
+// The vectorised step kernels' L2 prefetch of their inputs n rounds of the grid-stride loop ahead (1 to
+// kMaxPrefetchRounds), or 0 (the default) for none. Returns the previous setting. A tuning knob for
 // benchmarks/gpu_table.py; the samples do not depend on it.
 constexpr int kMaxPrefetchRounds = 8;
 int set_cuda_prefetch_rounds(int n);

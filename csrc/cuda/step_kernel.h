@@ -44,18 +44,19 @@ struct DeviceStepArgs {
   const double* table;      // [table_len, 7] coefficients per step, or nullptr
   const int64_t* step_ptr;  // the step counter on the device (with table)
   int64_t table_len;
-  // L2 prefetch (the kernels with kPrefetch): of the group prefetch_elements / 4 on from the task's, for the tasks
-  // below prefetch_below. Set by set_prefetch, per grid.
+  // L2 prefetch (the kernels with kPrefetch): of the group prefetch_elements / 4 on from each of the thread's groups,
+  // for those below prefetch_below. Set by set_prefetch, per grid.
   int64_t prefetch_elements;
   uint64_t prefetch_below;
 };
 
-// The prefetch of the step's inputs `rounds` rounds ahead in a grid-stride loop of `stride` threads with one group a
-// thread (0 rounds: none; with two groups a thread the registers it needs would spill): each thread asks L2 for the
-// inputs of the group it will load that many rounds on, so that more reads are in flight than the registers hold;
-// the loads of that round then find their lines in L2. A kernel of its own (kPrefetch), so the others are untouched.
-inline void set_prefetch(DeviceStepArgs& a, uint32_t rounds, uint64_t stride) {
-  const uint64_t ahead = static_cast<uint64_t>(rounds) * stride, total = static_cast<uint64_t>(a.total_groups);
+// The prefetch of the step's inputs `rounds` rounds ahead (0: none) in a grid-stride loop of `stride` threads with
+// kGroups groups a thread: each thread asks L2 for the inputs of the groups it will load that many rounds on, so
+// that more reads are in flight than the registers hold; the loads of that round then find their lines in L2. The
+// kernels with kPrefetch only, so the others are untouched.
+inline void set_prefetch(DeviceStepArgs& a, uint32_t rounds, int groups_per_thread, uint64_t stride) {
+  const uint64_t ahead = static_cast<uint64_t>(rounds) * static_cast<uint64_t>(groups_per_thread) * stride;
+  const uint64_t total = static_cast<uint64_t>(a.total_groups);
   a.prefetch_elements = static_cast<int64_t>(4 * ahead);
   a.prefetch_below = rounds > 0 && total > ahead ? total - ahead : 0;
 }
@@ -107,10 +108,10 @@ CFGFAST_HOST_DEVICE float element(float z, float eps, float n, const StepCoef& c
 // of its grid-stride loop, the next round kGroups * stride groups on. Every load of a round is issued before its
 // noise is computed, so the reads are in flight while Philox and Box–Muller run (the noise is most of the
 // arithmetic: computed first, it kept the loads waiting behind it). kVec: the vectorised path, which needs
-// step_vectorisable(a, ...). kPrefetch (vectorised, one group): also the L2 prefetch that set_prefetch sets up.
+// step_vectorisable(a, ...). kPrefetch (vectorised path only): also the L2 prefetch that set_prefetch sets up.
 template <class EpsT, bool kVec, int kGroups, bool kPrefetch = false>
 CFGFAST_HOST_DEVICE void step_thread(const DeviceStepArgs& a, uint64_t first, uint64_t stride) {
-  static_assert(!kPrefetch || (kVec && kGroups == 1), "the prefetch is for the vectorised one-group kernels");
+  static_assert(!kPrefetch || kVec, "the prefetch is for the vectorised kernels");
   StepCoef coef = a.coef;
   NoiseKey key = a.key;
   const PhiloxKeys keys = a.keys;
@@ -190,12 +191,15 @@ CFGFAST_HOST_DEVICE void step_thread(const DeviceStepArgs& a, uint64_t first, ui
       }
     }
     if constexpr (kPrefetch) {  // after the loads of this round, before its noise (set_prefetch)
-      if (task < a.prefetch_below) {
-        const int64_t j = i0[0] + a.prefetch_elements;
-        prefetch_l2(a.z + j);
-        prefetch_l2(ec + j);
-        prefetch_l2(eu + j);
-        if (read_noise) prefetch_l2(a.noise + j);
+      CFGFAST_UNROLL
+      for (int u = 0; u < kGroups; ++u) {
+        if (task + u * stride < a.prefetch_below) {
+          const int64_t j = i0[u] + a.prefetch_elements;
+          prefetch_l2(a.z + j);
+          prefetch_l2(ec + j);
+          prefetch_l2(eu + j);
+          if (read_noise) prefetch_l2(a.noise + j);
+        }
       }
     }
     if (draw) {

@@ -864,13 +864,14 @@ struct Placed {
 
 // Every thread of a grid of `threads` threads of the CUDA step kernel (csrc/cuda/step_kernel.h), one after another:
 // the threads write disjoint groups, so their order does not matter.
-// prefetch_rounds > 0 (vectorised, one group): the kernel with the L2 prefetch, set up as step_cuda.cu does.
+// prefetch_rounds > 0 (vectorised path): the kernels with the L2 prefetch, set up as step_cuda.cu does.
 template <class EpsT>
 void run_step_grid(cfgfast::DeviceStepArgs a, bool vec, int groups, uint64_t threads, uint32_t prefetch_rounds) {
-  cfgfast::set_prefetch(a, prefetch_rounds, threads);
+  cfgfast::set_prefetch(a, prefetch_rounds, groups, threads);
   for (uint64_t t = 0; t < threads; ++t) {
     if (prefetch_rounds > 0) {
-      cfgfast::step_thread<EpsT, true, 1, true>(a, t, threads);
+      groups == 2 ? cfgfast::step_thread<EpsT, true, 2, true>(a, t, threads)
+                  : cfgfast::step_thread<EpsT, true, 1, true>(a, t, threads);
     } else if (groups == 2) {
       vec ? cfgfast::step_thread<EpsT, true, 2>(a, t, threads) : cfgfast::step_thread<EpsT, false, 2>(a, t, threads);
     } else {
@@ -891,13 +892,14 @@ void run_step_grid(const cfgfast::DeviceStepArgs& a, EpsType type, bool vec, int
 // The addresses that the step kernels asked L2 for, in order (cfgfast::prefetch_hook on the host).
 std::vector<const void*> prefetched;
 
-// Whether the prefetches of a grid of `threads` threads, `rounds` rounds ahead, are exactly the group starts
-// [rounds * threads, total_groups) of each input read (z, ε_c, ε_u, and the explicit noise where read), once each:
-// every address inside the inputs, every later round's group asked for, none twice.
+// Whether the prefetches of a grid of `threads` threads with `groups` groups a thread, `rounds` rounds ahead, are
+// exactly the group starts [rounds * groups * threads, total_groups) of each input read (z, ε_c, ε_u, and the explicit
+// noise where read), once each: every address inside the inputs, every later round's group asked for, none twice.
 bool prefetches_as_expected(const std::vector<const void*>& got, const cfgfast::DeviceStepArgs& a, size_t eps_size,
-                            bool read_noise, uint64_t threads, uint32_t rounds) {
+                            bool read_noise, uint64_t threads, int groups, uint32_t rounds) {
   const uint64_t total = static_cast<uint64_t>(a.total_groups);
-  const uint64_t first = rounds == 0 ? total : std::min<uint64_t>(total, rounds * threads);
+  const uint64_t ahead = rounds * static_cast<uint64_t>(groups) * threads;
+  const uint64_t first = rounds == 0 ? total : std::min<uint64_t>(total, ahead);
   const struct {
     const void* base;
     size_t group_bytes;
@@ -1036,10 +1038,10 @@ void test_cuda_kernels_on_host() {
             CHECK(!vec || (pattern == 0 && numel % 4 == 0), "vectorisable with pointer pattern %d numel %lld", pattern,
                   static_cast<long long>(numel));
             vec_runs += vec;
-            // 1 and 2 groups a thread; on the vectorised path also one group with the L2 prefetch 1, 2 and 3 rounds
-            // ahead (prefetch rounds as the third number)
+            // (groups a thread, L2 prefetch rounds ahead): 1 and 2 groups, and on the vectorised path each with the
+            // prefetch 1, 2 and 3 rounds ahead
             std::vector<std::pair<int, uint32_t>> settings = {{1, 0}, {2, 0}};
-            if (vec) settings.insert(settings.end(), {{1, 1}, {1, 2}, {1, 3}});
+            if (vec) settings.insert(settings.end(), {{1, 1}, {1, 2}, {1, 3}, {2, 1}, {2, 2}, {2, 3}});
             for (const auto& [groups, rounds] : settings) {
               for (uint64_t threads : grid_sizes(a.total_groups)) {
                 // a finite poison: an element left unwritten differs from the CPU kernel's, and is not the NaN that
@@ -1049,9 +1051,10 @@ void test_cuda_kernels_on_host() {
                 prefetched.clear();
                 run_step_grid(a, type, vec, groups, threads, rounds);
                 ++runs;
-                prefetch_runs += rounds > 0;
+                // grids with a prefetch due: some thread has a group `rounds` rounds on
+                prefetch_runs += rounds > 0 && rounds * groups * threads < static_cast<uint64_t>(a.total_groups);
                 const bool read_noise = a.noise != nullptr && !last;
-                CHECK(prefetches_as_expected(prefetched, a, eps_size, read_noise, threads, rounds),
+                CHECK(prefetches_as_expected(prefetched, a, eps_size, read_noise, threads, groups, rounds),
                       "CUDA step on the host: %s batch %lld numel %lld mode %d groups %d prefetch %u threads %llu: "
                       "%zu prefetches, not each later group's inputs once",
                       eps_name(type), static_cast<long long>(batch), static_cast<long long>(numel), mode, groups,
@@ -1104,7 +1107,7 @@ void test_cuda_kernels_on_host() {
     }
   }
   cfgfast::prefetch_hook = nullptr;
-  std::printf("  %d grids run, %d settings on the vectorised paths, %d grids with the L2 prefetch\n", runs, vec_runs,
+  std::printf("  %d grids run, %d settings on the vectorised paths, %d grids with a prefetch due\n", runs, vec_runs,
               prefetch_runs);
   CHECK(vec_runs > 0 && prefetch_runs > 0, "the vectorised paths or the prefetch never ran");
 }
