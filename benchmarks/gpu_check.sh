@@ -108,6 +108,18 @@ if hasattr(module, "set_cuda_prefetch_rounds"):
             assert torch.equal(got[0], got[1]), (groups, dt, kw)
     module.set_cuda_prefetch_rounds(0)
     module.set_cuda_blocks_per_sm(0)
+if "triton" in backends:
+    # the Triton step's L2 prefetch (1 program an SM ahead; 3 samples of 128 programs): the same bits as without it
+    from cfgfast import triton_step
+    zt = torch.randn(3, 128 * 4 * triton_step.BLOCK_GROUPS, device="cuda")
+    for dt, kw in itertools.product((torch.float32, torch.bfloat16), ({}, {"noise": torch.randn_like(zt)})):
+        e = torch.randn_like(zt).to(dt)
+        got = []
+        for per_sm in (0, 1):
+            triton_step.PREFETCH_PER_SM = per_sm
+            got.append(cfgfast.reverse_step(zt, e, e, -1.0, 0.0, 2.0, backend="triton", **kw))
+        assert torch.equal(got[0], got[1]), (dt, kw)
+    triton_step.PREFETCH_PER_SM = 0
 knob(0)
 if "cuda" in backends:
     table = cfgfast.coefficient_table(cfgfast.sampling_lambdas(4), 0.3).cuda()

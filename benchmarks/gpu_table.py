@@ -73,11 +73,11 @@ def _step(x, backend, out, setting=None, last=False):
     return run
 
 
-def triton_step_setting() -> tuple[int, int, bool]:
-    """The Triton kernel's (BLOCK_GROUPS, NUM_WARPS, LOADS_FIRST) in force now."""
+def triton_step_setting() -> tuple[int, int, bool, int]:
+    """The Triton kernel's (BLOCK_GROUPS, NUM_WARPS, LOADS_FIRST, PREFETCH_PER_SM) in force now."""
     from cfgfast import triton_step
 
-    return triton_step.BLOCK_GROUPS, triton_step.NUM_WARPS, triton_step.LOADS_FIRST
+    return triton_step.BLOCK_GROUPS, triton_step.NUM_WARPS, triton_step.LOADS_FIRST, triton_step.PREFETCH_PER_SM
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -125,6 +125,7 @@ def rows(sizes_m: list[int], bf16_size_m: int | None = None) -> list[dict]:
 
 CUDA_BLOCKS_PER_SM = (0, 8, 16, 32)  # 0: the default, one full wave of the blocks an SM holds
 CUDA_PREFETCH_ROUNDS = (1, 2, 4)  # the L2 prefetch's distance, in the one-wave grid
+TRITON_PREFETCH_PER_SM = (4, 8, 16)  # the Triton step's L2 prefetch: programs ahead per SM
 
 
 def cuda_settings() -> list[tuple[int, int, int]]:
@@ -174,9 +175,10 @@ def cuda_sweep(millions: int) -> list[dict]:
     return result
 
 
-def sweep(millions: int, settings: list[tuple[int, int, bool]]) -> list[dict]:
-    """The Triton kernel at one size under each (groups per program, warps, loads first) setting: the data for
-    choosing triton_step.BLOCK_GROUPS, NUM_WARPS and LOADS_FIRST. The module's settings are restored after."""
+def sweep(millions: int, settings: list[tuple[int, int, bool, int]]) -> list[dict]:
+    """The Triton kernel at one size under each (groups per program, warps, loads first, prefetch per SM) setting:
+    the data for choosing triton_step.BLOCK_GROUPS, NUM_WARPS, LOADS_FIRST and PREFETCH_PER_SM. The module's
+    settings are restored after."""
     from cfgfast import triton_step
 
     if "triton" not in cfgfast.available_backends():
@@ -186,8 +188,9 @@ def sweep(millions: int, settings: list[tuple[int, int, bool]]) -> list[dict]:
     out = torch.empty_like(x.z)
     saved = triton_step_setting()
 
-    def use(groups, warps, loads_first):
+    def use(groups, warps, loads_first, prefetch):
         triton_step.BLOCK_GROUPS, triton_step.NUM_WARPS, triton_step.LOADS_FIRST = groups, warps, loads_first
+        triton_step.PREFETCH_PER_SM = prefetch
 
     variants = {"copy": lambda: out.copy_(x.z)}
     variants.update({setting: _step(x, "triton", out, functools.partial(use, *setting)) for setting in settings})
@@ -197,10 +200,11 @@ def sweep(millions: int, settings: list[tuple[int, int, bool]]) -> list[dict]:
         use(*saved)
     copy_gbs = 8 * out.numel() / ms["copy"] / 1e6
     result = []
-    for groups, warps, loads_first in settings:
-        gbs = 16 * out.numel() / ms[(groups, warps, loads_first)] / 1e6
-        result.append(dict(block_groups=groups, num_warps=warps, loads_first=loads_first, gb_per_s=gbs,
-                           of_copy=gbs / copy_gbs))
+    for setting in settings:
+        groups, warps, loads_first, prefetch = setting
+        gbs = 16 * out.numel() / ms[setting] / 1e6
+        result.append(dict(block_groups=groups, num_warps=warps, loads_first=loads_first, prefetch_per_sm=prefetch,
+                           gb_per_s=gbs, of_copy=gbs / copy_gbs))
     return result
 
 
@@ -229,14 +233,17 @@ def main() -> None:
         for r in cuda_swept:
             print(f"  {r['eps']:8} eps, {r['groups_per_thread']} per thread, {r['blocks_per_sm']:2d} blocks/SM, "
                   f"prefetch {r['prefetch_rounds']}: {r['gb_per_s']:7.0f} GB/s, {100 * r['of_copy']:5.1f}% of copy")
-        settings = [(g, w, False) for g in (128, 256, 512, 1024) for w in (4, 8)]
+        settings = [(g, w, False, 0) for g in (128, 256, 512, 1024) for w in (4, 8)]
         # loads above the noise where a thread has at most two groups (more would cost too many registers)
-        settings += [(g, w, True) for g, w in ((128, 4), (256, 4), (256, 8), (512, 8))]
+        settings += [(g, w, True, 0) for g, w in ((128, 4), (256, 4), (256, 8), (512, 8))]
+        # the L2 prefetch of the program 4, 8 or 16 programs an SM later (64M elements: 16384 programs of 256 groups)
+        settings += [(256, 4, False, p) for p in TRITON_PREFETCH_PER_SM]
         swept = sweep(max(args.sizes), settings)
         print(f"triton settings at {max(args.sizes)}M float32 elements (groups of 4 per program, warps):")
         for r in swept:
             print(f"  BLOCK_GROUPS {r['block_groups']:5d} num_warps {r['num_warps']} "
-                  f"loads first {str(r['loads_first']):5}: {r['gb_per_s']:7.0f} GB/s, "
+                  f"loads first {str(r['loads_first']):5} prefetch {r['prefetch_per_sm']:2d}/SM: "
+                  f"{r['gb_per_s']:7.0f} GB/s, "
                   f"{100 * r['of_copy']:5.1f}% of copy")
     if args.out:
         with open(args.out, "w") as f:

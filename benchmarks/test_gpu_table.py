@@ -93,11 +93,13 @@ def test_the_whole_table_runs(monkeypatch, tmp_path, capsys):
         assert cuda_setting() == (0, 0, 0)
     else:
         assert result["cuda_sweep"] == []
-    assert len(result["triton_sweep"]) == 12
+    assert len(result["triton_sweep"]) == 15
     # each Triton setting was in force while its own variant ran, and the module's setting is restored after
     swept = {c[2] for c in calls if c[:2] == ("step", "triton")}
-    assert {(r["block_groups"], r["num_warps"], r["loads_first"]) for r in result["triton_sweep"]} <= swept
+    assert {(r["block_groups"], r["num_warps"], r["loads_first"], r["prefetch_per_sm"])
+            for r in result["triton_sweep"]} <= swept
     assert sum(r["loads_first"] for r in result["triton_sweep"]) == 4
-    assert gpu_table.triton_step_setting() == (256, 4, False)
+    assert [r["prefetch_per_sm"] for r in result["triton_sweep"] if r["prefetch_per_sm"]] == [4, 8, 16]
+    assert gpu_table.triton_step_setting() == (256, 4, False, 0)
     assert "Stand-in GPU" in capsys.readouterr().out
     assert cfgfast.reverse_step is fake_step  # the stand-ins were the ones called

@@ -47,6 +47,13 @@ NUM_WARPS = 4
 # at 53-54 registers (triton 3.6 and 3.8). Neither measured yet: gpu_table.py --sweep times both. (With one group
 # a thread, 128 groups and 4 warps, the loads come first at 32 registers either way.)
 LOADS_FIRST = False
+# L2 prefetch: each step program, after issuing its loads, asks L2 (prefetch.global.L2, by inline assembly) for the
+# inputs of the program PREFETCH_PER_SM x (the GPU's SMs) programs after it, which runs about that many programs an
+# SM later; so more reads are in flight than the registers hold. 0 (the default): none. Not measured yet:
+# gpu_table.py --sweep times 4, 8 and 16. Only where every sample is a whole number of programs (4 BLOCK_GROUPS
+# elements), and on a GPU only: the interpreter cannot run PTX, so under TRITON_INTERPRET the kernels are launched
+# without it whatever this says.
+PREFETCH_PER_SM = 0
 # the testing helpers (Philox words, words to normals) are one word / one group per lane
 HELPER_BLOCK = 1024
 
@@ -172,6 +179,14 @@ if triton is not None:
         return _words_to_normals(x0, x1, x2, x3)
 
     @triton.jit
+    def _prefetch_l2(pointers, mask):
+        """prefetch.global.L2 of each pointer where mask holds: a hint, with no result (the inline assembly's
+        dummy output is 0 and unused; not pure, so the compiler keeps it)."""
+        tl.inline_asm_elementwise(
+            "{ .reg .pred p; setp.ne.b32 p, $2, 0; @p prefetch.global.L2 [$1]; mov.u32 $0, 0; }", "=r,l,r",
+            [pointers, mask.to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1)
+
+    @triton.jit
     def _load_step_inputs(z_ptr, eps_cond_ptr, eps_uncond_ptr, offset, mask):
         """z, eps_cond and eps_uncond at [BLOCK, 4] offsets, the eps widened to float32."""
         z = tl.load(z_ptr + offset, mask=mask, other=0.0)
@@ -179,16 +194,17 @@ if triton is not None:
         eps_uncond = tl.load(eps_uncond_ptr + offset, mask=mask, other=0.0).to(tl.float32)
         return z, eps_cond, eps_uncond
 
-    @triton.jit(do_not_specialize=["seed", "step", "index_offset"])
+    @triton.jit(do_not_specialize=["seed", "step", "index_offset", "prefetch_ahead"])
     def _reverse_step_kernel(
         out_ptr, z_ptr, eps_cond_ptr, eps_uncond_ptr, w_ptr, noise_ptr,
         alpha, sigma, mean_z, mean_eps, mean_z_clip, mean_x_clip, noise_std, clip,
-        seed, step, index_offset, per_sample, blocks_per_sample,
+        seed, step, index_offset, per_sample, blocks_per_sample, prefetch_ahead,
         HAS_NOISE: tl.constexpr, CLIP: tl.constexpr, LAST: tl.constexpr, BLOCK: tl.constexpr,
-        LOADS_FIRST: tl.constexpr = False,
+        LOADS_FIRST: tl.constexpr = False, PREFETCH: tl.constexpr = False,
     ):
         """One reverse step (SPEC §2) of 4 BLOCK elements of one sample; the formulas of
-        csrc/include/cfgfast/step.h in float32. out may alias z: each element is read before it is written."""
+        csrc/include/cfgfast/step.h in float32. out may alias z: each element is read before it is written.
+        PREFETCH: also the L2 prefetch of the inputs of program pid + prefetch_ahead (PREFETCH_PER_SM)."""
         # The coefficients in float32, as the launch passes them eagerly; torch.compile's launch of the same
         # kernel may type Python floats otherwise, and the step must not depend on who launches it.
         alpha, sigma, clip = tl.cast(alpha, tl.float32), tl.cast(sigma, tl.float32), tl.cast(clip, tl.float32)
@@ -211,6 +227,17 @@ if triton is not None:
                 eps_uncond = z
         else:
             z, eps_cond, eps_uncond = _load_step_inputs(z_ptr, eps_cond_ptr, eps_uncond_ptr, offset, mask)
+        if PREFETCH:
+            # the inputs of program pid + prefetch_ahead, which (every sample a whole number of programs: the
+            # launch sets PREFETCH only then) start prefetch_ahead programs' elements further on: one address a
+            # group (16 bytes of z), where that program exists
+            first = b.to(tl.int64) * per_sample + group * 4 + prefetch_ahead.to(tl.int64) * (4 * BLOCK)
+            due = (group * 0 + pid) < tl.num_programs(0) - prefetch_ahead
+            _prefetch_l2(z_ptr + first, due)
+            _prefetch_l2(eps_cond_ptr + first, due)
+            _prefetch_l2(eps_uncond_ptr + first, due)
+            if HAS_NOISE:
+                _prefetch_l2(noise_ptr + first, due)
         w = tl.load(w_ptr + b)
         eps = (1.0 + w) * eps_cond - w * eps_uncond  # paper Eq. 6
         if CLIP or LAST:
@@ -301,6 +328,15 @@ if triton is not None:
             return contextlib.nullcontext()
         return torch.cuda.device(out.device)
 
+    def _prefetch_ahead(out: torch.Tensor) -> int:
+        """Programs ahead that the step prefetches (PREFETCH_PER_SM x the GPU's SMs), or 0: none (the setting; CPU
+        tensors under the interpreter, which cannot run the prefetch's PTX; or samples that are not a whole number
+        of programs, where a later program's inputs are not a fixed distance on)."""
+        per_sample = out.numel() // max(out.shape[0], 1)
+        if PREFETCH_PER_SM <= 0 or INTERPRETED or out.device.type != "cuda" or per_sample % (4 * BLOCK_GROUPS):
+            return 0
+        return PREFETCH_PER_SM * torch.cuda.get_device_properties(out.device).multi_processor_count
+
     def _launch_shape(out: torch.Tensor) -> tuple[int, int, tuple[int]]:
         """(elements per sample, programs per sample, grid)."""
         batch = out.shape[0]
@@ -334,13 +370,14 @@ if triton is not None:
             return
         per_sample, blocks, grid = _launch_shape(out)
         alpha, sigma, mean_z, mean_eps, mean_z_clip, mean_x_clip, noise_std = coef
+        ahead = _prefetch_ahead(out)
         with _on_device(out):
             _wrapped(_reverse_step_kernel)[grid](
                 out, z, eps_cond, eps_uncond, w, z if noise is None else noise,
                 alpha, sigma, mean_z, mean_eps, mean_z_clip, mean_x_clip, noise_std, 0.0 if clip is None else clip,
-                seed, step, index_offset, per_sample, blocks,
+                seed, step, index_offset, per_sample, blocks, ahead,
                 HAS_NOISE=noise is not None, CLIP=clip is not None, LAST=last, BLOCK=BLOCK_GROUPS,
-                LOADS_FIRST=LOADS_FIRST, num_warps=NUM_WARPS,
+                LOADS_FIRST=LOADS_FIRST, PREFETCH=ahead > 0, num_warps=NUM_WARPS,
             )
 
     @torch.library.triton_op("cfgfast::triton_normal_noise_", mutates_args=("out",))

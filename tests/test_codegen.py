@@ -34,14 +34,16 @@ from cfgfast import triton_step
 POINTERS = ("out_ptr", "z_ptr", "eps_cond_ptr", "eps_uncond_ptr", "w_ptr", "noise_ptr")
 results = {}
 for eps_type in ("fp32", "bf16"):
-    for mode in ("noise", "explicit", "clip", "last", "loads-first"):
+    for mode in ("noise", "explicit", "clip", "last", "loads-first", "prefetch", "prefetch-explicit"):
         signature = {name: "*fp32" for name in POINTERS}
         signature.update(eps_cond_ptr="*" + eps_type, eps_uncond_ptr="*" + eps_type)
         signature.update({name: "fp32" for name in ("alpha", "sigma", "mean_z", "mean_eps", "mean_z_clip",
                                                      "mean_x_clip", "noise_std", "clip")})
-        signature.update(seed="i64", step="i32", index_offset="i32", per_sample="i32", blocks_per_sample="i32")
-        constants = dict(HAS_NOISE=mode == "explicit", CLIP=mode == "clip", LAST=mode == "last",
-                         BLOCK=triton_step.BLOCK_GROUPS, LOADS_FIRST=mode == "loads-first")
+        signature.update(seed="i64", step="i32", index_offset="i32", per_sample="i32", blocks_per_sample="i32",
+                         prefetch_ahead="i32")
+        constants = dict(HAS_NOISE=mode.endswith("explicit"), CLIP=mode == "clip", LAST=mode == "last",
+                         BLOCK=triton_step.BLOCK_GROUPS, LOADS_FIRST=mode == "loads-first",
+                         PREFETCH=mode.startswith("prefetch"))
         signature.update({name: "constexpr" for name in constants})
         names = list(signature)
         if names != triton_step._reverse_step_kernel.arg_names:
@@ -56,7 +58,8 @@ for eps_type in ("fp32", "bf16"):
         results[eps_type + "-" + mode] = dict(
             v4_loads=len(re.findall(r"ld\.global(?:\.[a-z0-9]+)*\.v4\.b32", ptx)),
             v4_stores=len(re.findall(r"st\.global(?:\.[a-z0-9]+)*\.v4\.b32", ptx)),
-            shuffles=ptx.count("bar.sync") + ptx.count("st.shared"), shared=kernel.metadata.shared)
+            shuffles=ptx.count("bar.sync") + ptx.count("st.shared"), shared=kernel.metadata.shared,
+            prefetches=ptx.count("prefetch.global.L2"))
 print(json.dumps(results))
 """
 
@@ -72,11 +75,16 @@ def triton_sm90():
 
 
 @pytest.mark.parametrize("eps_type", ["fp32", "bf16"])
-@pytest.mark.parametrize("mode", ["noise", "explicit", "clip", "last", "loads-first"])
+@pytest.mark.parametrize("mode", ["noise", "explicit", "clip", "last", "loads-first", "prefetch", "prefetch-explicit"])
 def test_triton_step_vectorises_and_needs_no_shared_memory(triton_sm90, eps_type, mode):
     got = triton_sm90[f"{eps_type}-{mode}"]
     # every 32-bit stream (z, fp32 eps, explicit noise) comes in 16-byte loads; bf16 eps too (8 elements a load)
-    streams = 1 + 2 * (eps_type == "fp32") + (mode == "explicit")
+    streams = 1 + 2 * (eps_type == "fp32") + mode.endswith("explicit")
+    # PREFETCH: the L2 prefetch of z, both eps (and the explicit noise) for each group a thread holds; none without
+    if mode.startswith("prefetch"):
+        assert got["prefetches"] >= 3 + mode.endswith("explicit"), got
+    else:
+        assert got["prefetches"] == 0, got
     assert got["v4_loads"] >= streams, got
     assert got["v4_stores"] >= 1, f"z' is not stored 16 bytes at a time: {got}"
     assert got["shuffles"] == 0 and got["shared"] == 0, f"a layout conversion through shared memory: {got}"

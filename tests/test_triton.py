@@ -268,6 +268,36 @@ def test_loads_first_setting(device, eps_dtype, monkeypatch):
     torch.testing.assert_close(first, plain, rtol=2.0**-22, atol=0)
 
 
+@pytest.mark.skipif(INTERPRETED, reason="the L2 prefetch is inline PTX, which the interpreter cannot run")
+@pytest.mark.parametrize("eps_dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("mode", ["noise", "explicit"])
+def test_prefetch_setting(device, eps_dtype, mode, monkeypatch):
+    """triton_step.PREFETCH_PER_SM (each program prefetches a later program's inputs into L2): the same bits. 1 an SM
+    on 3 samples of 128 programs each, so that most programs have one to prefetch for and the last ones have none."""
+    shape = (3, 128 * 4 * triton_step.BLOCK_GROUPS)
+    z, ec, eu, w = make_inputs(shape, eps_dtype, device, seed=4)
+    noise = torch.randn_like(z) if mode == "explicit" else None
+    plain = run_step(z, ec, eu, w, COEF, noise=noise, seed=11, step=5, index_offset=2)
+    monkeypatch.setattr(triton_step, "PREFETCH_PER_SM", 1)
+    assert 0 < triton_step._prefetch_ahead(z) < 3 * 128  # a prefetch is due
+    fetched = run_step(z, ec, eu, w, COEF, noise=noise, seed=11, step=5, index_offset=2)
+    assert torch.equal(fetched, plain)
+
+
+def test_prefetch_only_where_it_can_run(monkeypatch):
+    """The prefetch is off by default, under the interpreter (CPU tensors), and where a sample is not a whole
+    number of programs (a later program's inputs are then not a fixed distance on)."""
+    whole = 4 * triton_step.BLOCK_GROUPS
+    assert triton_step.PREFETCH_PER_SM == 0
+    assert triton_step._prefetch_ahead(torch.empty(2, whole)) == 0
+    monkeypatch.setattr(triton_step, "PREFETCH_PER_SM", 4)
+    assert triton_step._prefetch_ahead(torch.empty(2, whole)) == 0  # CPU tensors: the interpreter
+    if torch.cuda.is_available() and not INTERPRETED:
+        sms = torch.cuda.get_device_properties(0).multi_processor_count
+        assert triton_step._prefetch_ahead(torch.empty(2, whole, device="cuda")) == 4 * sms
+        assert triton_step._prefetch_ahead(torch.empty(2, whole + 4, device="cuda")) == 0
+
+
 def test_in_kernel_noise_equals_noise_kernel(device):
     """The fused step draws exactly the noise that normal_noise_triton writes."""
     shape = (3, 2, 50)
