@@ -236,7 +236,7 @@ def main() -> None:
         settings = [(g, w, False, 0) for g in (128, 256, 512, 1024) for w in (4, 8)]
         # loads above the noise where a thread has at most two groups (more would cost too many registers)
         settings += [(g, w, True, 0) for g, w in ((128, 4), (256, 4), (256, 8), (512, 8))]
-        # the L2 prefetch of the program 4, 8 or 16 programs an SM later (64M elements: 16384 programs of 256 groups)
+        # the L2 prefetch of the program 4, 8 or 16 programs an SM later (64M elements: 65536 programs of 256 groups)
         settings += [(256, 4, False, p) for p in TRITON_PREFETCH_PER_SM]
         swept = sweep(max(args.sizes), settings)
         print(f"triton settings at {max(args.sizes)}M float32 elements (groups of 4 per program, warps):")

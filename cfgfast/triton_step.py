@@ -236,7 +236,7 @@ if triton is not None:
             _prefetch_l2(z_ptr + first, due)
             _prefetch_l2(eps_cond_ptr + first, due)
             _prefetch_l2(eps_uncond_ptr + first, due)
-            if HAS_NOISE:
+            if HAS_NOISE and not LAST:  # the last step does not read the noise
                 _prefetch_l2(noise_ptr + first, due)
         w = tl.load(w_ptr + b)
         eps = (1.0 + w) * eps_cond - w * eps_uncond  # paper Eq. 6
@@ -331,9 +331,13 @@ if triton is not None:
     def _prefetch_ahead(out: torch.Tensor) -> int:
         """Programs ahead that the step prefetches (PREFETCH_PER_SM x the GPU's SMs), or 0: none (the setting; CPU
         tensors under the interpreter, which cannot run the prefetch's PTX; or samples that are not a whole number
-        of programs, where a later program's inputs are not a fixed distance on)."""
+        of programs, where a later program's inputs are not a fixed distance on; ROCm, where "cuda" tensors are not
+        NVIDIA's; fake tensors traced where no GPU is). Under torch.compile it is read once, when the graph is
+        traced, like the other settings here."""
         per_sample = out.numel() // max(out.shape[0], 1)
         if PREFETCH_PER_SM <= 0 or INTERPRETED or out.device.type != "cuda" or per_sample % (4 * BLOCK_GROUPS):
+            return 0
+        if torch.version.hip is not None or not torch.cuda.is_available():
             return 0
         return PREFETCH_PER_SM * torch.cuda.get_device_properties(out.device).multi_processor_count
 

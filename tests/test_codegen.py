@@ -82,7 +82,10 @@ def test_triton_step_vectorises_and_needs_no_shared_memory(triton_sm90, eps_type
     streams = 1 + 2 * (eps_type == "fp32") + mode.endswith("explicit")
     # PREFETCH: the L2 prefetch of z, both eps (and the explicit noise) for each group a thread holds; none without
     if mode.startswith("prefetch"):
-        assert got["prefetches"] >= 3 + mode.endswith("explicit"), got
+        from cfgfast import triton_step
+
+        groups_per_thread = triton_step.BLOCK_GROUPS // (32 * triton_step.NUM_WARPS)
+        assert got["prefetches"] == (3 + mode.endswith("explicit")) * groups_per_thread, got
     else:
         assert got["prefetches"] == 0, got
     assert got["v4_loads"] >= streams, got

@@ -284,6 +284,52 @@ def test_prefetch_setting(device, eps_dtype, mode, monkeypatch):
     assert torch.equal(fetched, plain)
 
 
+@pytest.mark.skipif(not INTERPRETED, reason="records the prefetched addresses through the interpreter")
+@pytest.mark.parametrize("batch,blocks,ahead,noise,last,eps_dtype", [
+    (3, 5, 4, False, False, torch.float32), (3, 5, 7, True, False, torch.bfloat16),
+    (2, 1, 1, True, False, torch.float32), (2, 3, 10, False, False, torch.float32),
+    (1, 6, 6, False, False, torch.float16), (2, 2, 9, False, False, torch.float32),
+    (2, 3, 2, True, True, torch.float32)])
+def test_prefetch_addresses(batch, blocks, ahead, noise, last, eps_dtype, monkeypatch):
+    """The Triton step's prefetch (PREFETCH, prefetch_ahead programs on), its inline PTX replaced by a recorder under
+    the interpreter: every address asked for lies inside its input, each group of the programs from `ahead` on is
+    asked for exactly once in each input the step reads (z, both eps, the explicit noise but on the last step),
+    nothing else, and a program prefetches all its groups or none (where program pid + ahead exists). A wrong
+    address would change no result and a prefetch does not fault, so only this sees it."""
+    np = pytest.importorskip("numpy")
+    recorded = []
+
+    def record(pointers, mask):
+        recorded.append((np.asarray(pointers.handle.data).astype(np.int64), np.asarray(mask.handle.data).astype(bool)))
+
+    monkeypatch.setattr(triton_step, "_prefetch_l2", record)
+    block = 4
+    per_sample = 4 * block * blocks
+    z = torch.randn(batch, per_sample)
+    ec, eu = torch.randn_like(z).to(eps_dtype), torch.randn_like(z).to(eps_dtype)
+    explicit, w, out = torch.randn_like(z), torch.ones(batch), torch.empty_like(z)
+    programs = batch * blocks
+    triton_step._reverse_step_kernel[(programs,)](
+        out, z, ec, eu, w, explicit if noise else z, 1.0, 0.5, 0.9, 0.1, 0.9, 0.1, 0.3, 0.0,
+        1, 2, 0, per_sample, blocks, ahead, HAS_NOISE=noise, CLIP=False, LAST=last, BLOCK=block, PREFETCH=True)
+    inputs = [z, ec, eu] + ([explicit] if noise and not last else [])
+    assert len(recorded) == programs * len(inputs)
+    counts = [np.zeros(t.numel(), dtype=np.int64) for t in inputs]
+    for i, (addresses, due) in enumerate(recorded):
+        pid, k = divmod(i, len(inputs))
+        t = inputs[k]
+        assert due.all() == (pid + ahead < programs) and (due.all() or not due.any()), (pid, due)
+        offsets = addresses[due] - t.data_ptr()
+        assert (offsets % t.element_size() == 0).all()
+        index = offsets // t.element_size()
+        assert ((index >= 0) & (index < t.numel())).all(), (pid, k, index)
+        np.add.at(counts[k], index, 1)
+    expected = np.zeros(z.numel(), dtype=np.int64)
+    expected[4 * block * ahead::4] = 1  # the first element of each group of the programs from `ahead` on
+    for k, count in enumerate(counts):
+        assert (count == expected).all(), (k, count, expected)
+
+
 def test_prefetch_only_where_it_can_run(monkeypatch):
     """The prefetch is off by default, under the interpreter (CPU tensors), and where a sample is not a whole
     number of programs (a later program's inputs are then not a fixed distance on)."""
