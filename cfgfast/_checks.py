@@ -147,7 +147,9 @@ def _check_finite_w(w: torch.Tensor) -> None:
     # in float32, as the kernels read it: 1e300 in float64 is not finite there
     if not bool(torch.isfinite(w.to(torch.float32)).all()):
         raise ValueError("w must be finite (in float32), got a non-finite value")
-    _FINITE_W = (weakref.ref(w), w._version)
+    # an inference tensor (made under torch.inference_mode) has no version counter: checked at every call
+    if not w.is_inference():
+        _FINITE_W = (weakref.ref(w), w._version)
 
 
 def guidance(w, batch: int, device: torch.device) -> torch.Tensor:
@@ -155,7 +157,7 @@ def guidance(w, batch: int, device: torch.device) -> torch.Tensor:
     if isinstance(w, torch.Tensor):
         if w.dim() != 0 and w.shape != (batch,):
             raise ValueError(f"w must be a number or a tensor of shape [{batch}] (one per sample), got {tuple(w.shape)}")
-        if not (w.is_floating_point() or w.dtype in (torch.int32, torch.int64)):
+        if w.is_complex() or w.dtype == torch.bool:
             raise TypeError(f"w must be a real tensor, got {w.dtype}")
         if w.device.type == "meta":
             raise ValueError("w must have values, got a tensor on the meta device")
@@ -178,6 +180,25 @@ def unit_interval(name: str, value) -> float:
     if not 0.0 <= value <= 1.0:
         raise ValueError(f"{name} must be in [0, 1], got {value}")
     return value
+
+
+def clip(value) -> float | None:
+    """None (no clipping) or a positive bound on x~, finite in float32 as the kernels read it."""
+    if value is None:
+        return None
+    value = real("clip", value)
+    if not 0.0 < value <= torch.finfo(torch.float32).max:
+        raise ValueError(f"clip must be positive and finite in float32 (clip=None: no clipping), got {value}")
+    return value
+
+
+def index_offset(value, batch: int, batch_name: str) -> int:
+    """The global index of a batch's first sample: samples index_offset ... index_offset + batch - 1 are counter
+    words of SPEC §3 (32 bits)."""
+    if batch > MAX_WORD:
+        raise ValueError(f"{batch_name} must be at most 2^32 samples (SPEC §3's sample counter is 32 bits), "
+                         f"got {batch}")
+    return integer("index_offset", value, high=MAX_WORD - batch + 1)
 
 
 def seed(value) -> int:

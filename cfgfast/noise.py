@@ -27,12 +27,14 @@ def normal_noise(shape, seed: int, step: int = 0, stream: int = 1, index_offset:
     seed = _checks.seed(seed)
     step = _checks.integer("step", step, high=_checks.MAX_WORD)
     stream = _checks.integer("stream", stream, high=_checks.MAX_WORD)
-    index_offset = _checks.integer("index_offset", index_offset, high=_checks.MAX_WORD - shape[0] + 1)
+    index_offset = _checks.index_offset(index_offset, shape[0], "shape[0]")
     device = _checks.resolve_device(device)
     if out is None:
         out = torch.empty(shape, dtype=torch.float32, device=device)
     elif not (isinstance(out, torch.Tensor) and out.dtype == torch.float32 and tuple(out.shape) == shape
               and out.device == device and out.is_contiguous()):
         raise ValueError(f"out must be a contiguous float32 tensor of shape {shape} on {device}")
-    choose(backend, device).normal_noise(out, seed, step, stream, index_offset)
+    stepper = choose(backend, device)
+    if out.numel():  # (the reference would build a sample's element indices even for an empty batch)
+        stepper.normal_noise(out, seed, step, stream, index_offset)
     return out

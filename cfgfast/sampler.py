@@ -7,6 +7,7 @@ import contextlib
 import math
 import numbers
 import sys
+from collections.abc import Mapping, Set
 
 import torch
 
@@ -50,6 +51,8 @@ def _grid(steps, lambdas, lambda_min, lambda_max) -> list[float]:
 def _interval(guidance_interval):
     if guidance_interval is None:
         return -math.inf, math.inf
+    if isinstance(guidance_interval, (Set, Mapping)):  # unpacks, in no defined order
+        raise TypeError(f"guidance_interval must be a pair (lam_lo, lam_hi), got a {type(guidance_interval).__name__}")
     try:
         lo, hi = guidance_interval
     except (TypeError, ValueError):
@@ -120,6 +123,15 @@ def _predict(model, z, lam, labels, null_labels, guided: bool, step: int):
     return eps, eps
 
 
+def _label_top(model, model_null, default):
+    """The model's last label row: num_labels - 1 where it says (the adapters; the null row anywhere among them),
+    else its null label (cfgfast's UNet: the last row), else `default`."""
+    rows = getattr(model, "num_labels", None)
+    if rows is not None:
+        return _checks.integer("model.num_labels", rows, low=1) - 1
+    return default if model_null is None else _checks.integer("model.null_label", model_null)
+
+
 @torch.no_grad()
 def sample(model, labels, w, steps=DEFAULT_STEPS, *, v=0.3, seed=0, shape=None, null_label=None,
            lambda_min=LAMBDA_MIN, lambda_max=LAMBDA_MAX, clip=None, index_offset=0, backend="auto", progress=None,
@@ -145,7 +157,7 @@ def sample(model, labels, w, steps=DEFAULT_STEPS, *, v=0.3, seed=0, shape=None, 
     if not callable(model):
         raise TypeError(f"model must be callable as model(z, lam, labels), got {type(model).__name__}")
     labels = _checks.tensor("labels", labels)
-    if labels.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8) or labels.dim() != 1:
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool or labels.dim() != 1:
         raise TypeError(f"labels must be a 1-D integer tensor [B], got {labels.dtype} of shape {tuple(labels.shape)}")
     device = _model_device(model, labels)
     if "meta" in (device.type, labels.device.type):
@@ -153,6 +165,7 @@ def sample(model, labels, w, steps=DEFAULT_STEPS, *, v=0.3, seed=0, shape=None, 
                          f"({'labels' if labels.device.type == 'meta' else 'the model'})")
     labels = labels.to(device=device, dtype=torch.int64)
     batch = labels.shape[0]
+    index_offset = _checks.index_offset(index_offset, batch, "labels")
     model_null = getattr(model, "null_label", None)
     null_label = model_null if null_label is None else null_label
     if classifier is not None:
@@ -160,19 +173,18 @@ def sample(model, labels, w, steps=DEFAULT_STEPS, *, v=0.3, seed=0, shape=None, 
             raise TypeError(f"classifier must be callable as classifier(z, lam), got {type(classifier).__name__}")
         if batch and int(labels.min()) < 0:
             raise ValueError(f"labels must be non-negative, got {int(labels.min())}")
+        # a conditional model's label rows bound the labels too (the classifier's classes are checked below)
+        top = _label_top(model, model_null, None)
+        if batch and top is not None and int(labels.max()) > top:
+            raise ValueError(f"labels must lie in [0, {top}] (the model's label rows), got values up to "
+                             f"{int(labels.max())}")
     else:
         if null_label is None:
             raise ValueError("null_label is unknown: pass null_label= or give the model a null_label attribute")
         null_label = _checks.integer("null_label", null_label)
-        # the label rows the model has: num_labels where it says (the adapters; the null row anywhere among
-        # them), else up to its null label (cfgfast's UNet: the last row), else up to the null_label given. Labels
-        # and an explicit null_label (another class as the "unconditional" pass is allowed: a negative prompt) lie
-        # among them.
-        rows = getattr(model, "num_labels", None)
-        if rows is not None:
-            top = _checks.integer("model.num_labels", rows, low=1) - 1
-        else:
-            top = null_label if model_null is None else _checks.integer("model.null_label", model_null)
+        # labels and an explicit null_label (another class as the "unconditional" pass is allowed: a negative
+        # prompt) lie among the model's label rows, else up to the null_label given
+        top = _label_top(model, model_null, null_label)
         if null_label > top:
             raise ValueError(f"null_label must lie in [0, {top}] (the model's label rows), got {null_label}")
         if batch and (int(labels.min()) < 0 or int(labels.max()) > top):
@@ -196,17 +208,13 @@ def sample(model, labels, w, steps=DEFAULT_STEPS, *, v=0.3, seed=0, shape=None, 
                          f"steps), got steps={steps!r}")
     lam_lo, lam_hi = _interval(guidance_interval)
     seed = _checks.seed(seed)
-    index_offset = _checks.integer("index_offset", index_offset, high=_checks.MAX_WORD - batch + 1)
     cuda_graph = _checks.flag("cuda_graph", cuda_graph)
     if progress is None:  # a bar when stderr is a terminal
         progress = sys.stderr is not None and sys.stderr.isatty()
     else:
         progress = _checks.flag("progress", progress)
 
-    if clip is not None:
-        clip = _checks.real("clip", clip)
-        if clip <= 0:
-            raise ValueError(f"clip must be positive, got {clip}")
+    clip = _checks.clip(clip)
     stepper = choose(backend, device)
     if cuda_graph:
         _check_cuda_graph(device, stepper, classifier)

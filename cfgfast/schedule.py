@@ -18,11 +18,13 @@ LAMBDA_MIN = -20.0
 LAMBDA_MAX = 20.0
 
 
-def _check_range(lambda_min: float, lambda_max: float) -> None:
-    _checks.log_snr("lambda_min", lambda_min)
-    _checks.log_snr("lambda_max", lambda_max)
+def _check_range(lambda_min, lambda_max) -> tuple[float, float]:
+    """The range as Python floats (any real number or 0-d tensor given)."""
+    lambda_min = _checks.log_snr("lambda_min", lambda_min)
+    lambda_max = _checks.log_snr("lambda_max", lambda_max)
     if not lambda_min < lambda_max:
         raise ValueError(f"lambda_min must be below lambda_max, got {lambda_min} >= {lambda_max}")
+    return lambda_min, lambda_max
 
 
 def _sech_map(u: torch.Tensor, lambda_min: float, lambda_max: float) -> torch.Tensor:
@@ -38,7 +40,7 @@ def sampling_lambdas(steps: int, lambda_min: float = LAMBDA_MIN, lambda_max: flo
     lam_t = -2 log tan(a u_t + b) at u_t = 1 - t / (steps - 1): evenly spaced in u, not in lambda.
     """
     steps = _checks.integer("steps", steps, low=2)
-    _check_range(lambda_min, lambda_max)
+    lambda_min, lambda_max = _check_range(lambda_min, lambda_max)
     u = 1.0 - torch.arange(steps, dtype=torch.float64) / (steps - 1)
     lam = _sech_map(u, lambda_min, lambda_max)
     lam[0], lam[-1] = lambda_min, lambda_max  # exact ends: the last step is recognised by lam == lambda_max
@@ -57,7 +59,8 @@ def training_lambdas(
         raise TypeError(f"u must be a tensor, got {type(u).__name__}")
     if not u.is_floating_point():
         raise TypeError(f"u must be a floating-point tensor, got {u.dtype}")
-    _check_range(lambda_min, lambda_max)
+    lambda_min, lambda_max = _check_range(lambda_min, lambda_max)
+    uniform = _checks.flag("uniform", uniform)
     u64 = u.double()
     if not bool(((u64 >= 0) & (u64 <= 1)).all()):
         raise ValueError("u must lie in [0, 1], got values outside it (or nan)")
@@ -117,6 +120,8 @@ def step_coefficients(lam: float, lam_next: float, v: float) -> StepCoefficients
     For lam_next <= lam (only allowed on the last step, which uses alpha and sigma alone) the mean
     and variance terms are meaningless and set to nan.
     """
+    lam, lam_next = _checks.log_snr("lam", lam), _checks.log_snr("lam_next", lam_next)
+    v = _checks.unit_interval("v", v)
     log_alpha2, log_sigma2 = log_sigmoid(lam), log_sigmoid(-lam)
     alpha, sigma = math.exp(0.5 * log_alpha2), math.exp(0.5 * log_sigma2)
     if not lam < lam_next:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 
+import numpy as np
 import torch
 
 from . import _checks
@@ -31,13 +32,10 @@ def _check_common(z, eps_cond, eps_uncond, w, seed, index_offset, clip, out):
     if eps_uncond.dtype != eps_cond.dtype:
         raise TypeError(f"eps_uncond must have eps_cond's dtype {eps_cond.dtype}, got {eps_uncond.dtype}")
     batch = z.shape[0]
+    index_offset = _checks.index_offset(index_offset, batch, "z's batch")  # (first: w below has batch elements)
     w = _checks.guidance(w, batch, z.device)
     seed = _checks.seed(seed)
-    index_offset = _checks.integer("index_offset", index_offset, high=_checks.MAX_WORD - batch + 1)
-    if clip is not None:
-        clip = _checks.real("clip", clip)
-        if clip <= 0:
-            raise ValueError(f"clip must be positive, got {clip}")
+    clip = _checks.clip(clip)
     if out is None:
         out = torch.empty(z.shape, dtype=torch.float32, device=z.device)
     elif not (isinstance(out, torch.Tensor) and out.dtype == torch.float32 and out.shape == z.shape
@@ -61,8 +59,9 @@ def reverse_step(z, eps_cond, eps_uncond, lam, lam_next, w, v=0.3, *, noise=None
     w, seed, index_offset, clip, out = _check_common(z, eps_cond, eps_uncond, w, seed, index_offset, clip, out)
     lam = _checks.log_snr("lam", lam)
     lam_next = _checks.log_snr("lam_next", lam_next)
-    if not isinstance(last, bool):
+    if not isinstance(last, (bool, np.bool_)):
         raise TypeError(f"last must be a bool, got {type(last).__name__}")
+    last = bool(last)
     if not last and not lam < lam_next:
         raise ValueError(f"lam must be below lam_next on a non-last step, got lam={lam} >= lam_next={lam_next}")
     v = _checks.unit_interval("v", v)

@@ -215,3 +215,90 @@ def test_huge_numbers_are_named():
         call("reference", lam=-10**400)
     with pytest.raises(ValueError, match="w must be finite"):
         call("reference", w=10**400)
+
+
+def test_clip_beyond_float32_is_named_on_every_backend():
+    # 1e300 is inf in float32, where the kernels clamp: refused alike everywhere (clip=None means no clipping)
+    for backend in BACKENDS:
+        with pytest.raises(ValueError, match=r"clip must be positive and finite in float32 \(clip=None"):
+            call(backend, clip=1e300)
+    with pytest.raises(ValueError, match="clip must be positive and finite in float32"):
+        cfgfast.sample(lambda z, lam, y: z, torch.tensor([0]), 1.0, 4, null_label=1, shape=(2,), clip=1e39)
+    largest = torch.finfo(torch.float32).max  # the largest bound allowed: no element is clipped
+    inputs = dict(z=torch.randn(3, 4, 5), eps_cond=torch.randn(3, 4, 5), eps_uncond=torch.randn(3, 4, 5), last=True)
+    for backend in BACKENDS:
+        torch.testing.assert_close(call(backend, clip=largest, **inputs), call("reference", **inputs))
+
+
+@pytest.mark.parametrize("per_sample", [True, False])
+def test_w_made_under_inference_mode(per_sample):
+    """An inference tensor has no version counter: such a w is checked at every call, not remembered."""
+    with torch.inference_mode():
+        w = torch.tensor([1.0, 2.0, 3.0]) if per_sample else torch.tensor(2.0)
+    inputs = dict(z=torch.randn(3, 4, 5), eps_cond=torch.randn(3, 4, 5), eps_uncond=torch.randn(3, 4, 5))
+    expected = call("reference", w=w.clone(), **inputs)
+    for backend in BACKENDS:
+        torch.testing.assert_close(call(backend, w=w, **inputs), expected)
+        with torch.inference_mode():
+            torch.testing.assert_close(call(backend, w=w, **inputs), expected)
+    with torch.inference_mode():
+        w.fill_(float("nan"))  # no version counter records this: the next call must still see it
+    with pytest.raises(ValueError, match="w must be finite"):
+        call("reference", w=w)
+    model = lambda z, lam, y: z  # noqa: E731
+    with torch.inference_mode():
+        w = torch.full((2,), 3.0)
+        x = cfgfast.sample(model, torch.tensor([0, 1]), w, 4, null_label=2, shape=(3,))
+    torch.testing.assert_close(x, cfgfast.sample(model, torch.tensor([0, 1]), 3.0, 4, null_label=2, shape=(3,)))
+
+
+def test_numpy_scalars_are_numbers():
+    import numpy as np
+
+    torch.testing.assert_close(cfgfast.sampling_lambdas(5, np.float32(-5.0), np.float16(5.0)),
+                               cfgfast.sampling_lambdas(5, -5.0, 5.0), rtol=0, atol=0)
+    u = torch.rand(4)
+    torch.testing.assert_close(cfgfast.training_lambdas(u, np.float32(-3.0), torch.tensor(3.0)),
+                               cfgfast.training_lambdas(u, -3.0, 3.0), rtol=0, atol=0)
+    model = lambda z, lam, y: z  # noqa: E731
+    torch.testing.assert_close(
+        cfgfast.sample(model, torch.tensor([0]), 1.0, 3, null_label=1, shape=(2,), lambda_min=np.float32(-20)),
+        cfgfast.sample(model, torch.tensor([0]), 1.0, 3, null_label=1, shape=(2,)), rtol=0, atol=0)
+    inputs = dict(z=torch.randn(3, 4, 5), eps_cond=torch.randn(3, 4, 5), eps_uncond=torch.randn(3, 4, 5))
+    torch.testing.assert_close(call("reference", last=np.bool_(True), **inputs), call("reference", last=True, **inputs),
+                               rtol=0, atol=0)
+
+
+def test_step_coefficients_checks_its_arguments():
+    with pytest.raises(ValueError, match=r"v must be in \[0, 1\]"):
+        cfgfast.step_coefficients(0.0, 1.0, 5.0)
+    with pytest.raises(ValueError, match="lam must be finite"):
+        cfgfast.step_coefficients(float("nan"), 1.0, 0.3)
+    with pytest.raises(ValueError, match=r"lam_next must lie in \[-80, 80\]"):
+        cfgfast.step_coefficients(0.0, 100.0, 0.3)
+    with pytest.raises(TypeError, match="uniform must be True or False"):
+        cfgfast.training_lambdas(torch.rand(3), uniform="no")
+
+
+def test_batches_beyond_the_sample_counter_are_named():
+    # 2^32 + 1 samples of 0 elements: nothing to allocate, but sample indices that SPEC §3's counter cannot hold
+    with pytest.raises(ValueError, match=r"shape\[0\] must be at most 2\^32 samples"):
+        cfgfast.normal_noise((2**32 + 1, 0), 1)
+    z = torch.empty(2**32 + 1, 0)
+    with pytest.raises(ValueError, match=r"z's batch must be at most 2\^32 samples"):
+        cfgfast.reverse_step(z, z, z, 0.0, 1.0, 1.0, backend="reference")
+    for backend in BACKENDS:  # an empty batch of huge samples: nothing drawn, nothing allocated
+        assert cfgfast.normal_noise((0, 2**40), 1, backend=backend).shape == (0, 2**40)
+
+
+def test_integer_labels_and_w_of_any_width():
+    model = lambda z, lam, y: z + y[:, None]  # noqa: E731
+    expected = cfgfast.sample(model, torch.tensor([0, 1]), 2.0, 3, null_label=2, shape=(3,))
+    for dtype in (torch.int8, torch.int16, torch.uint8):
+        labels, w = torch.tensor([0, 1], dtype=dtype), torch.tensor([2, 2], dtype=dtype)
+        torch.testing.assert_close(cfgfast.sample(model, labels, w, 3, null_label=2, shape=(3,)), expected,
+                                   rtol=0, atol=0)
+    with pytest.raises(TypeError, match="labels must be a 1-D integer tensor"):
+        cfgfast.sample(model, torch.tensor([True]), 2.0, 3, null_label=2, shape=(3,))
+    with pytest.raises(TypeError, match="w must be a real tensor"):
+        cfgfast.sample(model, torch.tensor([0]), torch.tensor([True]), 3, null_label=2, shape=(3,))

@@ -88,6 +88,18 @@ def test_labels_beyond_the_classifier_are_refused_before_sampling_even_at_w_0():
     assert model.batches == []
 
 
+def test_labels_beyond_the_model_are_refused_with_a_classifier():
+    # a classifier of 20 classes, a model with label rows 0..3 (its null label 3): label 5 would index past the
+    # model's embedding (an IndexError on the CPU, a device-side assert on a GPU)
+    model = three_classes()
+
+    def classifier(z, lam):
+        return z[:, :1].expand(-1, 20)
+
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\] \(the model's label rows\), got values up to 5"):
+        cfgfast.sample(model, torch.tensor([0, 5]), 1.0, steps=4, classifier=classifier)
+
+
 def test_classifier_guidance_under_inference_mode():
     model = three_classes()
     with torch.inference_mode():

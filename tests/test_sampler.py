@@ -160,6 +160,8 @@ def test_a_model_that_keeps_its_input_sees_every_state():
         (dict(shape=2), TypeError, "shape must be a tuple of ints"),
         (dict(guidance_interval=(1.0, 0.0)), ValueError, "guidance_interval must have lam_lo <= lam_hi"),
         (dict(guidance_interval=3.0), TypeError, "guidance_interval must be a pair"),
+        (dict(guidance_interval={5.0, 0.0}), TypeError, "guidance_interval must be a pair .*, got a set"),
+        (dict(guidance_interval={0.0: 5.0}), TypeError, "guidance_interval must be a pair .*, got a dict"),
         (dict(guidance_interval=("a", "b")), TypeError, "guidance_interval must be a pair of numbers"),
         (dict(null_label=100), ValueError, r"null_label must lie in \[0, 3\] \(the model's label rows\)"),
         (dict(labels=torch.tensor([0, 4])), ValueError, r"labels must lie in \[0, 3\]"),
