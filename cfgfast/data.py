@@ -5,6 +5,7 @@ Images come back as float32 [N, C, H, W] in [-1, 1], the range the model is trai
 from __future__ import annotations
 
 import os
+import zipfile
 from dataclasses import dataclass
 
 import numpy as np
@@ -92,13 +93,19 @@ def image_folder(root: str) -> Dataset:
 def npz_file(path: str) -> Dataset:
     """An ADM-format .npz: arr_0 uint8 [N, H, W, C], arr_1 integer labels [N] in [0, K)."""
     try:
-        with np.load(path, allow_pickle=False) as f:
-            if "arr_0" not in f or "arr_1" not in f:
-                raise ValueError(f"--dataset {path}: expected arrays arr_0 (images) and arr_1 (labels), got "
-                                 f"{sorted(f.files)}")
-            images, labels = f["arr_0"], f["arr_1"]
-    except (OSError, EOFError) as exc:
-        raise ValueError(f"--dataset {path}: cannot read it as .npz: {exc}") from None
+        f = np.load(path, allow_pickle=False)
+        if not isinstance(f, np.lib.npyio.NpzFile):  # a .npy: one array
+            raise ValueError("it holds a single array (.npy), not arrays arr_0 and arr_1")
+        with f:
+            files = sorted(f.files)
+            arrays = (f["arr_0"], f["arr_1"]) if "arr_0" in files and "arr_1" in files else None
+    except (OSError, EOFError, ValueError, zipfile.BadZipFile) as exc:
+        # (numpy takes a file that is not a zip for a pickle, which allow_pickle=False refuses)
+        detail = "not an .npz archive" if "pickled" in str(exc) else str(exc)
+        raise ValueError(f"--dataset {path}: cannot read it as .npz: {detail}") from None
+    if arrays is None:
+        raise ValueError(f"--dataset {path}: expected arrays arr_0 (images) and arr_1 (labels), got {files}")
+    images, labels = arrays
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[3] not in (1, 3):
         raise ValueError(f"--dataset {path}: arr_0 must be uint8 [N, H, W, C] with C = 1 or 3, got {images.dtype} "
                          f"{images.shape}")

@@ -159,6 +159,8 @@ def sweep(model, data: Dataset, out: str, *, ws=DEFAULT_WS, num: int = 1000, ste
     guide = None if classifier is None else classifier.to(device)
     kinds = GUIDANCE_KINDS if classifier is not None else GUIDANCE_KINDS[:1]
     plan = [(kind, w) for kind in kinds for w in ws if not (kind == "classifier" and w == 0)]
+    # the files are rewritten after every point: until the last, they say how many of the planned points they hold
+    metrics.update(planned=len(plan), complete=False)
     labels = torch.arange(num) % data.num_classes
     for i, (kind, w) in enumerate(plan):
         tic = time.perf_counter()
@@ -169,6 +171,7 @@ def sweep(model, data: Dataset, out: str, *, ws=DEFAULT_WS, num: int = 1000, ste
         point = {"guidance": kind, "w": w, **score(clf, x, labels, reference, metrics["matched"]),
                  "seconds": seconds}
         metrics["points"].append(point)
+        metrics["complete"] = i + 1 == len(plan)
         suffix = "" if kind == "classifier-free" else "_classifier"
         write_png(os.path.join(out, f"grid_w{_w_name(w)}{suffix}.png"), _sample_grid(x, data.num_classes))
         write_results(out, metrics)
@@ -204,6 +207,9 @@ def results_markdown(metrics: dict) -> str:
         f"as many samples as they hold. The seen real images belong to the set FD compares with, so their FD is "
         "almost all bias; the held-out ones are new to the feature classifier, as new digits from a model would be.",
     ]
+    if not metrics.get("complete", True):
+        lines += ["", f"**Incomplete: {len(metrics['points'])} of the {metrics['planned']} planned points** (the sweep "
+                      "was stopped, or is still running)."]
     for kind in GUIDANCE_KINDS:
         if not rows[kind]:
             continue

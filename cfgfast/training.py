@@ -107,9 +107,12 @@ def train(model_config: UNetConfig, data: Dataset, out: str, config: TrainConfig
             raise ValueError(f"--resume: {out} was trained with model config {ckpt.get('config')}, not "
                              f"{model_config.to_dict()}")
         saved = {k: v for k, v in ckpt.get("train_config", {}).items() if k != "steps"}
-        if saved != {k: v for k, v in asdict(config).items() if k != "steps"}:
-            raise ValueError(f"--resume: {out} was trained with settings {saved}; resume with the same settings "
-                             "(only --steps may change)")
+        now = {k: v for k, v in asdict(config).items() if k != "steps"}
+        if saved != now:
+            differ = "; ".join(f"{k} {saved.get(k, 'unset')!r} there, {now.get(k, 'unset')!r} now"
+                               for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k))
+            raise ValueError(f"--resume: {out} was trained with other settings ({differ}); resume with the same "
+                             "settings (only --steps may change)")
         model.load_state_dict(ckpt["model"])
         ema.load_state_dict(ckpt["ema"])
         optimizer.load_state_dict(ckpt["optimizer"])

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import zlib
+
+import pytest
 
 import cfgfast
 from cfgfast.cli import main
@@ -35,7 +38,46 @@ def test_unwritable_output_fails_before_sampling(tmp_path, capsys):
 
 def test_bad_arguments_give_a_clear_error(capsys):
     assert main(["toy", "--out", "/tmp/x.png", "--num", "10", "--steps", "1"]) == 2
-    assert "steps must be at least 2" in capsys.readouterr().err
+    assert "cfgfast: error: --steps must be at least 2" in capsys.readouterr().err  # the flag, as the library names it
+
+
+@pytest.mark.parametrize("command", [["toy", "--out", "t.png"], ["demo"], ["evaluate", "--model", "digits", "--out", "e"]])
+@pytest.mark.parametrize("flag,value", [("--w", "nan"), ("--w", "inf"), ("--v", "nan"), ("--w", "x")])
+def test_non_finite_numbers_are_refused_while_parsing(tmp_path, capsys, command, flag, value):
+    # before any work (toy would otherwise sample every w before the bad one)
+    with pytest.raises(SystemExit) as exit_:
+        main(command + [flag, "0", value] if flag == "--w" else command + [flag, value])
+    assert exit_.value.code == 2
+    expected = f"must be a number, got {value!r}" if value == "x" else f"must be finite, got {value}"
+    assert f"error: argument {flag}: {expected}" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_missing_optional_dependency_is_an_error_not_a_traceback(tmp_path, capsys, monkeypatch):
+    import cfgfast.data
+
+    def no_sklearn(*args, **kwargs):
+        raise ImportError("the digits dataset is read from scikit-learn: pip install scikit-learn")
+
+    monkeypatch.setattr(cfgfast.data, "load_dataset", no_sklearn)
+    assert main(["train", "--dataset", "digits", "--out", str(tmp_path / "m.pt"), "--steps", "2"]) == 2
+    assert "cfgfast: error: the digits dataset is read from scikit-learn: pip install scikit-learn" \
+        in capsys.readouterr().err
+
+
+def test_library_errors_are_told_in_the_command_flags(capsys):
+    from cfgfast.cli import _in_flags
+
+    parser = argparse.ArgumentParser(prog="cfgfast evaluate")
+    parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--num", type=int)
+    parser.add_argument("out")
+    assert _in_flags("batch_size must be an int", parser) == "--batch-size must be an int"
+    assert _in_flags("ws must be finite", parser) == "--w must be finite"  # evaluate's ERROR_NAMES
+    assert _in_flags("cfgfast: num is bad", parser) == "--num is bad"
+    assert _in_flags("out must be a folder", parser) == "out must be a folder"  # a positional keeps its name
+    assert _in_flags("numbers must be", parser) == "numbers must be"  # whole words only
+    assert _in_flags("seed", parser) == "seed"
 
 
 def test_bad_toy_arguments_are_named_before_sampling(tmp_path, capsys):

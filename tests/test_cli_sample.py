@@ -4,7 +4,9 @@ single-process file byte for byte."""
 
 from __future__ import annotations
 
+import io
 import os
+import re
 import subprocess
 import sys
 import time
@@ -148,6 +150,19 @@ def test_an_interrupted_run_resumes_to_the_same_file(tiny, tmp_path, monkeypatch
     err = capsys.readouterr().err
     assert "--steps 4 there, 5 now" in err and "--labels unset there, [3] now" in err and "--w" not in err
     assert "--batch-size 2 there, 3 now" in err and not out.exists()
+    # a damaged shard is named before any sampling: cut short, then of another shape
+    shard = parts / "0000000002-0000000004.npy"
+    whole, other = shard.read_bytes(), io.BytesIO()
+    np.save(other, np.zeros((2, 8, 8, 3), np.uint8))
+    monkeypatch.setattr(cfgfast, "sample", interrupted)
+    for damaged, message in ((whole[:100], "cannot be read"), (other.getvalue(), r"expected uint8 \[2, 8, 8, 1\]")):
+        shard.write_bytes(damaged)
+        calls.clear()
+        assert main(args(tiny, out, "--resume")) == 2
+        assert re.search(f"{re.escape(str(shard))}: {message}.*delete it to start over", capsys.readouterr().err)
+        assert calls == [] and not out.exists()
+    monkeypatch.setattr(cfgfast, "sample", sample)
+    shard.write_bytes(whole)
     assert main(args(tiny, out, "--resume", "--grid", str(tmp_path / "s.png"))) == 0  # batch size 2 from the parts
     assert "batch 2, 1 process(es) on cpu, resuming with 4 done" in capsys.readouterr().out
     assert out.read_bytes() == (tmp_path / "whole.npz").read_bytes()

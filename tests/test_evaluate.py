@@ -12,7 +12,7 @@ import torch
 
 from cfgfast.cli import main
 from cfgfast.data import load_dataset
-from cfgfast.evaluate import feature_classifier, frechet_distance, gaussian_fit, inception_score
+from cfgfast.evaluate import feature_classifier, frechet_distance, gaussian_fit, inception_score, sweep
 from cfgfast.models import checkpoint
 from cfgfast.models.classifier import Classifier, ClassifierConfig, save_classifier
 from cfgfast.models.unet import UNet, UNetConfig
@@ -152,11 +152,28 @@ def test_evaluate_end_to_end_writes_its_files(tmp_path, capsys):
     assert [(p["guidance"], p["w"]) for p in metrics["points"]] == [("classifier-free", 0.0), ("classifier-free", 1.0),
                                                                     ("classifier", 1.0)]
     assert all(math.isfinite(p["fd"]) and 1 <= p["is"] <= 10 for p in metrics["points"])
+    assert metrics["complete"] and metrics["planned"] == 3
     table = (out / "results.md").read_text()
+    assert "Incomplete" not in table
     assert "| real held-out (360 images) |" in table
     assert "| real, seen by the feature classifier (360 images) |" in table
     assert "| w | FD (20 samples) | FD (first 20) | IS | accuracy | seconds |" in table and "| 1 |" in table
     assert (out / "fd_is.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_stopped_sweep_says_its_files_are_incomplete(tmp_path):
+    # the files are rewritten after every point: stopped after the first of two, they say so
+    def log(line):
+        if line.startswith("[1/2]"):
+            raise KeyboardInterrupt
+
+    out = tmp_path / "eval"
+    with pytest.raises(KeyboardInterrupt):
+        sweep(checkpoint.load_model(tiny_model_file(tmp_path)), load_dataset("digits"), str(out), ws=[0.0, 1.0], num=4, steps=2,
+              batch_size=4, feature_steps=2, log=log)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert (metrics["complete"], metrics["planned"], len(metrics["points"])) == (False, 2, 1)
+    assert "**Incomplete: 1 of the 2 planned points**" in (out / "results.md").read_text()
 
 
 def test_evaluate_refuses_a_classifier_for_other_images(tmp_path, capsys):
@@ -167,10 +184,11 @@ def test_evaluate_refuses_a_classifier_for_other_images(tmp_path, capsys):
     assert "classifier must be noise-conditional for 10 classes of shape (1, 8, 8)" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("argv,message", [(["--w", "-1"], r"ws must be non-empty, finite and >= 0, got \[-1.0\]"),
-                                          (["--num", "1"], "num must be an int of at least 2, got 1"),
-                                          (["--v", "2"], r"v must be in \[0, 1\], got 2.0"),
-                                          (["--seed", "-1"], "seed must be at least 0"),
+@pytest.mark.parametrize("argv,message", [(["--w", "-1"], r"error: --w must be non-empty, finite and >= 0, got \[-1.0\]"),
+                                          (["--num", "1"], "error: --num must be an int of at least 2, got 1"),
+                                          (["--v", "2"], r"error: --v must be in \[0, 1\], got 2.0"),
+                                          (["--seed", "-1"], "error: --seed must be at least 0"),
+                                          (["--batch-size", "0"], "error: --batch-size must be an int of at least 1"),
                                           (["--device", "gpu"], "--device must be a torch.device"),
                                           (["--device", "meta"], "--device must be cpu, cuda or cuda:N, got meta"),
                                           (["--device", f"cuda:{torch.cuda.device_count()}"],

@@ -178,8 +178,9 @@ def test_resume_refuses_other_settings(tmp_path):
     data = tiny_data()
     config = TrainConfig(steps=2, batch_size=4)
     train(TINY, data, str(tmp_path / "a.pt"), config, progress=False, log=lambda *a: None)
-    with pytest.raises(ValueError, match="same settings"):
-        train(TINY, data, str(tmp_path / "a.pt"), dataclasses.replace(config, lr=3e-4), resume=True,
+    with pytest.raises(ValueError, match=r"other settings \(lr 0.001 there, 0.0003 now; seed 0 there, 5 now\); resume "
+                                         "with the same settings"):  # only what differs, named
+        train(TINY, data, str(tmp_path / "a.pt"), dataclasses.replace(config, lr=3e-4, seed=5, steps=9), resume=True,
               progress=False, log=lambda *a: None)
     with pytest.raises(ValueError, match="model config"):
         train(dataclasses.replace(TINY, base_channels=16), data, str(tmp_path / "a.pt"), config, resume=True,
@@ -239,9 +240,13 @@ def test_checkpoint_errors(tmp_path):
     # an empty file, and text that the legacy (non-zip) unpickler reads as a KeyError
     (tmp_path / "empty.pt").write_bytes(b"")
     (tmp_path / "text.pt").write_bytes(b"junk\n")
-    for name in ("empty.pt", "text.pt"):
-        with pytest.raises(ValueError, match="corrupt or not a torch file: ."):
+    (tmp_path / "random.pt").write_bytes(bytes(torch.randint(0, 256, (5000,), generator=torch.Generator().manual_seed(0),
+                                                            dtype=torch.uint8).tolist()))
+    for name in ("empty.pt", "text.pt", "random.pt"):
+        with pytest.raises(ValueError, match=r"corrupt or not a torch file \(\w+ while reading it\); was it written by "
+                                             "cfgfast") as error:
             checkpoint.load_model(str(tmp_path / name))
+        assert "weights_only" not in str(error.value)  # not torch's advice to load it unsafely
     with pytest.raises(ValueError, match="name must be one of"):
         cfgfast.load_pretrained("imagenet")
     with pytest.raises(TypeError, match="name must be a str"):
@@ -282,6 +287,16 @@ def test_dataset_errors(tmp_path):
     np.savez(tmp_path / "bad.npz", arr_0=np.zeros((2, 4, 4, 3), np.float32), arr_1=np.zeros(2, np.int64))
     with pytest.raises(ValueError, match="arr_0 must be uint8"):
         npz_file(str(tmp_path / "bad.npz"))
+    (tmp_path / "junk.npz").write_bytes(bytes(range(256)) * 12)  # not a zip: numpy would take it for a pickle
+    np.save(tmp_path / "one.npy", np.zeros(3))
+    np.savez(tmp_path / "other.npz", images=np.zeros((2, 4, 4, 1), np.uint8))
+    np.savez(tmp_path / "objects.npz", arr_0=np.array([None, 1], dtype=object), arr_1=np.zeros(2, np.int64))
+    for name, message in (("junk.npz", "cannot read it as .npz: not an .npz archive"),
+                          ("one.npy", r"cannot read it as .npz: it holds a single array \(.npy\)"),
+                          ("other.npz", r"expected arrays arr_0 \(images\) and arr_1 \(labels\), got \['images'\]"),
+                          ("objects.npz", "cannot read it as .npz: Object arrays cannot be loaded")):
+        with pytest.raises(ValueError, match=f"--dataset {tmp_path / name}: {message}"):
+            npz_file(str(tmp_path / name))
     with pytest.raises(ValueError, match="--dataset must be"):
         load_dataset(str(tmp_path / "nothing.txt"))
 
@@ -342,7 +357,7 @@ def test_cli_train_then_sample_the_checkpoint(tmp_path, capsys):
     model = checkpoint.load_model(str(tmp_path / "slim.pt"))
     assert model.sample(torch.tensor([0, 1, 2]), 1.0, steps=3, backend="reference").shape == (3, 1, 8, 8)
     assert main(["train", "--dataset", str(tmp_path / "d.npz"), "--out", str(out), "--p-uncond", "1"]) == 2
-    assert "p_uncond" in capsys.readouterr().err
+    assert "cfgfast: error: --p-uncond must lie in [0, 1)" in capsys.readouterr().err  # the flag, not p_uncond
     # the slim export is no training checkpoint: resuming from it is refused by name
     assert main(args[:4] + [str(tmp_path / "slim.pt")] + args[5:-2] + ["--resume"]) == 2
     assert "slim.pt is not a training checkpoint (it has no model, optimizer, rng" in capsys.readouterr().err

@@ -33,8 +33,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.run(args)
-    except (ValueError, TypeError, RuntimeError, OSError) as exc:
-        print(f"cfgfast: error: {exc}", file=sys.stderr)
+    except (ValueError, TypeError, RuntimeError, OSError, ImportError) as exc:
+        # (ImportError: an optional dependency a command needs, e.g. scikit-learn for the digits; its message says
+        # what to install)
+        print(f"cfgfast: error: {_in_flags(str(exc), sub.choices[args.command])}", file=sys.stderr)
         return 2
     except MemoryError as exc:  # e.g. a picture or batch too large for this machine (numpy's has a message)
         print(f"cfgfast: error: out of memory{': ' + str(exc) if str(exc) else ''}", file=sys.stderr)
@@ -43,3 +45,16 @@ def main(argv=None) -> int:
         hint = getattr(args, "interrupt_hint", None)
         print(f"cfgfast: interrupted{'; ' + hint if hint else ''}", file=sys.stderr)
         return 130
+
+
+def _in_flags(message: str, parser: argparse.ArgumentParser) -> str:
+    """An error of the library, which names its arguments, told in the command's flags: "steps must be at least 2"
+    becomes "--steps must be at least 2" where the command has --steps (a module's ERROR_NAMES adds names that differ,
+    such as evaluate's ws for --w)."""
+    message = message.removeprefix("cfgfast: ")
+    names = {action.dest: max(action.option_strings, key=len) for action in parser._actions
+             if action.option_strings and action.dest != "help"}
+    names.update(getattr(importlib.import_module(f"cfgfast.cli.{COMMANDS[parser.prog.split()[-1]]}"),
+                         "ERROR_NAMES", {}))
+    name, space, rest = message.partition(" ")
+    return f"{names[name]} {rest}" if space and name in names else message

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import math
 import os
 
 
@@ -15,3 +17,14 @@ def writable_path(path: str, option: str = "--out") -> str:
     if not os.access(folder, os.W_OK):
         raise ValueError(f"{option}: folder {folder} is not writable")
     return path
+
+
+def finite_float(text: str) -> float:
+    """An argparse type: a finite number (nan and inf refused while parsing, before any work)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be finite, got {text}")
+    return value

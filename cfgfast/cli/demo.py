@@ -10,7 +10,7 @@ import time
 import numpy as np
 import torch
 
-from cfgfast.cli.common import writable_path
+from cfgfast.cli.common import finite_float, writable_path
 
 DEMO_W = (0.0, 0.3, 1.0, 3.0)
 
@@ -55,10 +55,10 @@ def run(args) -> int:
 def add_parser(sub, name: str) -> None:
     p = sub.add_parser(name, help="sample the bundled digits model at several w and draw one picture (offline)")
     p.add_argument("--out", default=".", help="folder for cfg_demo.png (default: the current folder)")
-    p.add_argument("--w", type=float, nargs="+", default=list(DEMO_W), help="guidance strengths (0 0.3 1 3)")
+    p.add_argument("--w", type=finite_float, nargs="+", default=list(DEMO_W), help="guidance strengths (0 0.3 1 3)")
     p.add_argument("--per-cell", type=int, default=3, help="samples per class and w (default 3)")
     p.add_argument("--steps", type=int, default=256, help="sampling steps (default 256, the paper's)")
-    p.add_argument("--v", type=float, default=0.3, help="variance interpolation (default 0.3, the paper's)")
+    p.add_argument("--v", type=finite_float, default=0.3, help="variance interpolation (default 0.3, the paper's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--scale", type=int, default=4, help="pixels per image pixel (default 4)")
     p.add_argument("--backend", default="auto", help="auto, cpu or reference")

@@ -7,7 +7,12 @@ from __future__ import annotations
 
 import os
 
+from cfgfast.cli.common import finite_float
 from cfgfast.evaluate import DEFAULT_WS, FEATURE_STEPS
+
+
+# names in the library's errors that differ from this command's flags
+ERROR_NAMES = {"ws": "--w"}
 
 
 def run(args) -> int:
@@ -56,9 +61,9 @@ def add_parser(sub, name: str) -> None:
     p.add_argument("--dataset", default="digits", help="the real images the model was trained on (default digits)")
     p.add_argument("--num", type=int, default=1000, help="samples per point, labels i mod K (default 1000)")
     p.add_argument("--steps", type=int, default=256, help="sampling steps (default 256)")
-    p.add_argument("--w", type=float, nargs="+", default=list(DEFAULT_WS),
+    p.add_argument("--w", type=finite_float, nargs="+", default=list(DEFAULT_WS),
                    help="guidance strengths (default " + " ".join(format(w, "g") for w in DEFAULT_WS) + ")")
-    p.add_argument("--v", type=float, default=0.3, help="variance interpolation (default 0.3)")
+    p.add_argument("--v", type=finite_float, default=0.3, help="variance interpolation (default 0.3)")
     p.add_argument("--seed", type=int, default=0, help="sampling noise and the feature classifier (default 0)")
     p.add_argument("--batch-size", type=int, default=500, help="samples per sampling batch (default 500)")
     p.add_argument("--feature-steps", type=int, default=FEATURE_STEPS,

@@ -189,7 +189,10 @@ def _finished(args, parts: str, manifest: dict) -> list[tuple[int, int]]:
     if strangers:
         raise ValueError(f"--resume: {parts} holds shards this configuration does not make ({min(strangers)}); "
                          "the folder was changed by hand: delete it to start over")
-    return [s for s in expected if _shard_name(*s) in present]
+    done = [s for s in expected if _shard_name(*s) in present]
+    for start, end in done:  # each readable, of its shape (mapped, not read): found now, not after the sampling
+        _read_shard(os.path.join(parts, _shard_name(start, end)), end - start, tuple(found["shape"]), mmap_mode="r")
+    return done
 
 
 def _create_parts(parts: str, manifest: dict) -> None:
@@ -211,13 +214,21 @@ def _join(parts: str, shards: list[tuple[int, int]], image_shape: tuple) -> np.n
     """The shard files as one array [N, H, W, C]."""
     images = np.empty((shards[-1][1],) + image_shape, dtype=np.uint8)
     for start, end in shards:
-        path = os.path.join(parts, _shard_name(start, end))
-        shard = np.load(path)
-        if shard.shape != (end - start,) + image_shape or shard.dtype != np.uint8:
-            raise ValueError(f"{path}: expected uint8 {[end - start, *image_shape]}, got {shard.dtype} "
-                             f"{list(shard.shape)}; the folder was changed by hand: delete it to start over")
-        images[start:end] = shard
+        images[start:end] = _read_shard(os.path.join(parts, _shard_name(start, end)), end - start, image_shape)
     return images
+
+
+def _read_shard(path: str, count: int, image_shape: tuple, mmap_mode=None) -> np.ndarray:
+    """The shard at path: uint8 [count, *image_shape], or an error naming the file."""
+    advice = "the folder was changed by hand or its disk damaged: delete it to start over"
+    try:
+        shard = np.load(path, mmap_mode=mmap_mode, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as exc:
+        raise ValueError(f"{path}: cannot be read ({exc}); {advice}") from None
+    if not isinstance(shard, np.ndarray) or shard.shape != (count,) + image_shape or shard.dtype != np.uint8:
+        got = f"{shard.dtype} {list(shard.shape)}" if isinstance(shard, np.ndarray) else type(shard).__name__
+        raise ValueError(f"{path}: expected uint8 {[count, *image_shape]}, got {got}; {advice}")
+    return shard
 
 
 def _write_npz(path: str, **arrays: np.ndarray) -> None:

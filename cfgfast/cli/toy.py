@@ -11,7 +11,7 @@ import torch
 
 import cfgfast
 from cfgfast._png import scatter_panel, write_png
-from cfgfast.cli.common import writable_path
+from cfgfast.cli.common import finite_float, writable_path
 from cfgfast.toy import three_classes
 
 CLASS_COLORS = np.array([[214, 39, 40], [31, 119, 180], [44, 160, 44]], dtype=np.uint8)
@@ -59,10 +59,10 @@ def run(args) -> int:
 def add_parser(sub, name: str) -> None:
     demo = sub.add_parser(name, help="guided samples of three exact 2-D Gaussian classes, drawn side by side")
     demo.add_argument("--out", default="toy.png", help="PNG to write (default toy.png)")
-    demo.add_argument("--w", type=float, nargs="+", default=[0.0, 1.0, 3.0], help="guidance strengths (0 1 3)")
+    demo.add_argument("--w", type=finite_float, nargs="+", default=[0.0, 1.0, 3.0], help="guidance strengths (0 1 3)")
     demo.add_argument("--num", type=int, default=1000, help="samples per class (default 1000)")
     demo.add_argument("--steps", type=int, default=256, help="sampling steps (default 256)")
-    demo.add_argument("--v", type=float, default=0.3, help="variance interpolation (default 0.3)")
+    demo.add_argument("--v", type=finite_float, default=0.3, help="variance interpolation (default 0.3)")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--backend", default="auto", help="auto, reference or cpu")
     demo.add_argument("--size", type=int, default=320, help="panel size in pixels")

@@ -30,8 +30,10 @@ def read(path: str, kind: str = FORMAT) -> dict:
     except MemoryError:
         raise
     except Exception as exc:  # arbitrary bytes fail anywhere in the unpickler: KeyError, IndexError, EOFError, ...
-        detail = (str(exc).splitlines() or [""])[0] or type(exc).__name__
-        raise ValueError(f"checkpoint {path} is corrupt or not a torch file: {detail}") from None
+        # (only the exception's type: torch's text for a refused pickle suggests weights_only=False, an unsafe load,
+        # and for arbitrary bytes it is a bare key such as "101")
+        raise ValueError(f"checkpoint {path} is corrupt or not a torch file ({type(exc).__name__} while reading it); "
+                         "was it written by cfgfast?") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != kind:
         raise ValueError(f"checkpoint {path} is not a {kind} checkpoint (no format tag {kind!r}); "
                          f"was it written by cfgfast?")
