@@ -356,8 +356,15 @@ def test_cli_train_then_sample_the_checkpoint(tmp_path, capsys):
     assert "optimizer" not in slim and slim["step"] == 3
     model = checkpoint.load_model(str(tmp_path / "slim.pt"))
     assert model.sample(torch.tensor([0, 1, 2]), 1.0, steps=3, backend="reference").shape == (3, 1, 8, 8)
-    assert main(["train", "--dataset", str(tmp_path / "d.npz"), "--out", str(out), "--p-uncond", "1"]) == 2
+    assert main(["train", "--dataset", str(tmp_path / "d.npz"), "--out", str(out), "--p-uncond", "1",
+                 "--overwrite"]) == 2
     assert "cfgfast: error: --p-uncond must lie in [0, 1)" in capsys.readouterr().err  # the flag, not p_uncond
+    # an existing checkpoint is not replaced without --resume or --overwrite
+    before = out.read_bytes()
+    assert main(args[:-2]) == 2
+    assert f"--out {out} exists: add --resume to continue its training, or --overwrite" in capsys.readouterr().err
+    assert out.read_bytes() == before
+    assert main(args[:-2] + ["--overwrite", "--seed", "1"]) == 0 and out.read_bytes() != before
     # the slim export is no training checkpoint: resuming from it is refused by name
     assert main(args[:4] + [str(tmp_path / "slim.pt")] + args[5:-2] + ["--resume"]) == 2
     assert "slim.pt is not a training checkpoint (it has no model, optimizer, rng" in capsys.readouterr().err

@@ -21,6 +21,9 @@ def run(args) -> int:
         if os.path.realpath(args.export) == os.path.realpath(out):
             raise ValueError(f"--export must differ from --out (the slim copy would replace the training checkpoint "
                              f"that --resume needs), got {args.export} for both")
+    if os.path.exists(out) and not (args.resume or args.overwrite):  # hours of training, replaced at the first save
+        raise ValueError(f"--out {args.out} exists: add --resume to continue its training, or --overwrite to start "
+                         "over in its place")
     config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, p_uncond=args.p_uncond,
                          ema_decay=args.ema_decay, seed=args.seed, checkpoint_every=args.checkpoint_every)
     data = load_dataset(args.dataset)
@@ -55,6 +58,8 @@ def add_parser(sub, name: str) -> None:
     p.add_argument("--out", required=True, help="checkpoint to write (rewritten every --checkpoint-every steps)")
     p.add_argument("--export", help="also write a slim copy (config + EMA weights) for sampling, when done")
     p.add_argument("--resume", action="store_true", help="continue from --out if it exists")
+    p.add_argument("--overwrite", action="store_true", help="start over where --out exists (without it, an existing "
+                                                            "--out is refused unless --resume)")
     p.add_argument("--preset", default="digits", choices=sorted(PRESETS), help="network preset (default digits)")
     p.add_argument("--steps", type=int, default=d.steps, help=f"optimizer steps (default {d.steps})")
     p.add_argument("--batch-size", type=int, default=d.batch_size)
