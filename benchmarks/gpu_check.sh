@@ -51,7 +51,8 @@ arch=$("$py" -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability(
 export TORCH_CUDA_ARCH_LIST="$arch+PTX" FORCE_CUDA=1
 if ! stage build 300 2 "$py" -m pip install --no-build-isolation --no-deps -v .; then
   echo "CUDA build failed: building without the CUDA kernels, so the Triton backend can still be checked"
-  FORCE_CUDA=0 CFGFAST_SKIP_CUDA=1 "$py" -m pip install --no-build-isolation --no-deps -q . > "$LOG/build-nocuda.log" 2>&1 || exit 1
+  # (appended to build.log: the device tool brings back 8 files at most)
+  FORCE_CUDA=0 CFGFAST_SKIP_CUDA=1 "$py" -m pip install --no-build-isolation --no-deps -q . >> "$LOG/build.log" 2>&1 || exit 1
 fi
 # The benchmarks import this tree's cfgfast (their package puts the tree first on sys.path): give it the build.
 mkdir -p /tmp/gpu-check && cd /tmp/gpu-check

@@ -9,6 +9,7 @@ import weakref
 
 import numpy as np
 import torch
+from torch.fx.experimental.symbolic_shapes import guard_scalar
 
 EPS_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_WORD = 2**32  # counter words of SPEC §3 are 32 bits
@@ -32,8 +33,14 @@ def integer(name: str, value, *, low: int = 0, high: int | None = None) -> int:
 
 def real(name: str, value) -> float:
     """A finite Python float from a real number or a 0-d tensor."""
-    if type(value) is float and math.isfinite(value):  # the usual case, fast
-        return value
+    if type(value) is float:
+        if torch.compiler.is_compiling():
+            # torch.compile makes a float argument symbolic once it has seen two values (automatic dynamic floats),
+            # and neither math.isfinite nor the float64 step coefficients computed from it can be traced: specialize
+            # on its value, a guard (one graph per value; reverse_step_table takes the step as a tensor, one graph)
+            value = guard_scalar(value)
+        if math.isfinite(value):  # the usual case, fast
+            return value
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:
             raise ValueError(f"{name} must be a number or a one-element tensor, got shape {tuple(value.shape)}")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import zipfile
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -99,7 +100,7 @@ def npz_file(path: str) -> Dataset:
         with f:
             files = sorted(f.files)
             arrays = (f["arr_0"], f["arr_1"]) if "arr_0" in files and "arr_1" in files else None
-    except (OSError, EOFError, ValueError, zipfile.BadZipFile) as exc:
+    except (OSError, EOFError, ValueError, zipfile.BadZipFile, zlib.error) as exc:
         # (numpy takes a file that is not a zip for a pickle, which allow_pickle=False refuses)
         detail = "not an .npz archive" if "pickled" in str(exc) else str(exc)
         raise ValueError(f"--dataset {path}: cannot read it as .npz: {detail}") from None

@@ -173,8 +173,10 @@ def sample(model, labels, w, steps=DEFAULT_STEPS, *, v=0.3, seed=0, shape=None, 
             raise TypeError(f"classifier must be callable as classifier(z, lam), got {type(classifier).__name__}")
         if batch and int(labels.min()) < 0:
             raise ValueError(f"labels must be non-negative, got {int(labels.min())}")
-        # a conditional model's label rows bound the labels too (the classifier's classes are checked below)
-        top = _label_top(model, model_null, None)
+        # a model that declares its label rows bounds the labels too (the classifier's classes are checked below; a
+        # null_label alone does not: an unconditional model ignores the labels)
+        rows = getattr(model, "num_labels", None)
+        top = None if rows is None else _checks.integer("model.num_labels", rows, low=1) - 1
         if batch and top is not None and int(labels.max()) > top:
             raise ValueError(f"labels must lie in [0, {top}] (the model's label rows), got values up to "
                              f"{int(labels.max())}")

@@ -35,6 +35,7 @@ class GaussianClasses:
             raise ValueError("covs must be positive definite")
         self.num_classes = k
         self.null_label = k
+        self.num_labels = k + 1  # the classes and the null label
         self.sample_shape = (d,)
 
     def _terms(self, z: torch.Tensor, lam: torch.Tensor):

@@ -164,8 +164,9 @@ if triton is not None:
     def _philox(seed, c0, c1, c2, c3):
         """Philox4x32-10 (Random123) with key (seed mod 2^32, seed >> 32): tl.random.philox splits its 64-bit
         seed so. The seed arrives as int64 (two's complement of a seed >= 2^63) or int32 when small; widening
-        to int64 sign-extends, then philox reinterprets it as uint64."""
-        return tl.random.philox(seed.to(tl.int64), c0, c1, c2, c3)
+        to int64 sign-extends, then philox reinterprets it as uint64. Under torch.compile a seed of 1 arrives as a
+        constant (Inductor makes every int argument equal to 1 one), a Python int: the sum makes it a tensor."""
+        return tl.random.philox(seed + tl.zeros([], tl.int64), c0, c1, c2, c3)
 
     @triton.jit
     def _sample_normals(seed, group, sample, step, stream):

@@ -89,15 +89,24 @@ def test_labels_beyond_the_classifier_are_refused_before_sampling_even_at_w_0():
 
 
 def test_labels_beyond_the_model_are_refused_with_a_classifier():
-    # a classifier of 20 classes, a model with label rows 0..3 (its null label 3): label 5 would index past the
-    # model's embedding (an IndexError on the CPU, a device-side assert on a GPU)
-    model = three_classes()
+    # a classifier of 20 classes, the bundled U-Net with label rows 0..10 (its null label 10): label 15 would index
+    # past the model's embedding (an IndexError on the CPU, a device-side assert on a GPU)
+    model = cfgfast.load_pretrained("digits")
 
     def classifier(z, lam):
-        return z[:, :1].expand(-1, 20)
+        return z.reshape(z.shape[0], -1)[:, :20]
 
-    with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\] \(the model's label rows\), got values up to 5"):
-        cfgfast.sample(model, torch.tensor([0, 5]), 1.0, steps=4, classifier=classifier)
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 10\] \(the model's label rows\), got values up to 15"):
+        cfgfast.sample(model, torch.tensor([0, 15]), 1.0, steps=4, classifier=classifier)
+    # a model that names a null label but no label rows may be unconditional: it ignores the labels
+    toy = three_classes()
+
+    def unconditional(z, lam, labels):
+        return toy(z, lam, torch.full_like(labels, toy.null_label))
+
+    unconditional.null_label = 0
+    x = cfgfast.sample(unconditional, torch.tensor([0, 2]), 1.0, steps=4, shape=(2,), classifier=toy.log_posterior)
+    assert torch.isfinite(x).all()
 
 
 def test_classifier_guidance_under_inference_mode():

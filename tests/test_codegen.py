@@ -60,6 +60,26 @@ for eps_type in ("fp32", "bf16"):
             v4_stores=len(re.findall(r"st\.global(?:\.[a-z0-9]+)*\.v4\.b32", ptx)),
             shuffles=ptx.count("bar.sync") + ptx.count("st.shared"), shared=kernel.metadata.shared,
             prefetches=ptx.count("prefetch.global.L2"))
+# Inductor passes an int argument equal to 1 as a constant (do_not_specialize notwithstanding): each kernel must
+# compile so, for every int argument that can be 1
+FLOATS = ("alpha", "sigma", "mean_z", "mean_eps", "mean_z_clip", "mean_x_clip", "noise_std", "clip")
+FLAGS = dict(HAS_NOISE=False, CLIP=False, LAST=False, BLOCK=triton_step.BLOCK_GROUPS, LOADS_FIRST=False, PREFETCH=False)
+for kernel in (triton_step._reverse_step_kernel, triton_step._normal_noise_kernel):
+    ints = [name for name in kernel.arg_names if not (name.endswith("_ptr") or name in FLOATS or name.isupper())]
+    for one in ints:
+        signature, constants = {}, {}
+        for name in kernel.arg_names:
+            if name == one or name.isupper():
+                signature[name], constants[name] = "constexpr", 1 if name == one else FLAGS[name]
+            else:
+                signature[name] = "*fp32" if name.endswith("_ptr") else "fp32" if name in FLOATS else \
+                    "i64" if name == "seed" else "i32"
+        try:
+            triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constants),
+                           target=GPUTarget("cuda", 90, 32), options={"num_warps": triton_step.NUM_WARPS})
+            results[f"one-{kernel.fn.__name__}-{one}"] = "ok"
+        except Exception as error:
+            results[f"one-{kernel.fn.__name__}-{one}"] = f"{type(error).__name__}: {str(error)[-300:]}"
 print(json.dumps(results))
 """
 
@@ -91,6 +111,14 @@ def test_triton_step_vectorises_and_needs_no_shared_memory(triton_sm90, eps_type
     assert got["v4_loads"] >= streams, got
     assert got["v4_stores"] >= 1, f"z' is not stored 16 bytes at a time: {got}"
     assert got["shuffles"] == 0 and got["shared"] == 0, f"a layout conversion through shared memory: {got}"
+
+
+def test_triton_kernels_compile_with_an_int_argument_of_1_as_a_constant(triton_sm90):
+    """torch.compile (Inductor) makes an int argument whose value is 1 a compile-time constant, so seed=1 reached
+    tl.random.philox as a Python int and the kernel failed to compile."""
+    ones = {name: result for name, result in triton_sm90.items() if name.startswith("one-")}
+    assert "one-_reverse_step_kernel-seed" in ones and "one-_normal_noise_kernel-noise_stream" in ones, ones
+    assert all(result == "ok" for result in ones.values()), ones
 
 
 def _cuobjdump() -> str | None:

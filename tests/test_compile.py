@@ -30,6 +30,37 @@ def test_compiled_step_equals_eager(device, backend):
     torch.testing.assert_close(compiled(z, eps_cond, eps_uncond, w), f(z, eps_cond, eps_uncond, w), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("device,backend", CASES)
+def test_compiled_step_over_many_lambdas(device, backend):
+    """A step compiled once and called at every step of a grid: torch.compile makes a float argument symbolic from
+    its second value, which fullgraph=True once refused (math.isfinite on a symbolic float); each value is now a
+    guard of its own. The table step takes the step as a tensor: one graph for the whole grid, no recompiles."""
+    z = torch.randn(3, 16, device=device)
+    eps_cond, eps_uncond = torch.randn_like(z), torch.randn_like(z)
+    grid = cfgfast.sampling_lambdas(5).tolist()
+
+    def step(z, lam, lam_next, t, w, clip):
+        # seed 1: Inductor passes an int argument of 1 to a Triton kernel as a constant (test_codegen)
+        return cfgfast.reverse_step(z, eps_cond, eps_uncond, lam, lam_next, w, 0.3, seed=1, step=t, clip=clip,
+                                    backend=backend)
+
+    compiled = torch.compile(step, fullgraph=True)
+    for t in range(len(grid) - 1):
+        args = (z, grid[t], grid[t + 1], t, 1.0 + t, 2.0 + t)
+        torch.testing.assert_close(compiled(*args), step(*args), rtol=0, atol=0)
+
+    table = cfgfast.coefficient_table(grid, 0.3).to(device)
+
+    def table_step(z, t):
+        return cfgfast.reverse_step_table(z, eps_cond, eps_uncond, table, t, 2.0, seed=1, backend=backend)
+
+    compiled = torch.compile(table_step, fullgraph=True)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for t in range(len(grid)):
+            counter = torch.tensor([t], device=device)
+            torch.testing.assert_close(compiled(z, counter), table_step(z, counter), rtol=0, atol=0)
+
+
 def test_triton_ops_trace_under_fake_tensors_without_a_gpu(tmp_path):
     """The Triton ops' bodies are their own fake kernels: with fake CUDA tensors (as torch.compile and export trace
     them) they run without a GPU, launching nothing and switching no device. A fresh process, not interpreted

@@ -247,6 +247,11 @@ def test_checkpoint_errors(tmp_path):
                                              "cfgfast") as error:
             checkpoint.load_model(str(tmp_path / name))
         assert "weights_only" not in str(error.value)  # not torch's advice to load it unsafely
+    # a whole pickled module: what a safe load refuses, named
+    torch.save(torch.nn.Linear(2, 2), tmp_path / "module.pt")
+    with pytest.raises(ValueError, match=r"module.pt is corrupt or not a torch file \(it holds a "
+                                         r"torch.nn.modules.linear.Linear object, which a safe load refuses\)"):
+        checkpoint.load_model(str(tmp_path / "module.pt"))
     with pytest.raises(ValueError, match="name must be one of"):
         cfgfast.load_pretrained("imagenet")
     with pytest.raises(TypeError, match="name must be a str"):
@@ -291,7 +296,23 @@ def test_dataset_errors(tmp_path):
     np.save(tmp_path / "one.npy", np.zeros(3))
     np.savez(tmp_path / "other.npz", images=np.zeros((2, 4, 4, 1), np.uint8))
     np.savez(tmp_path / "objects.npz", arr_0=np.array([None, 1], dtype=object), arr_1=np.zeros(2, np.int64))
-    for name, message in (("junk.npz", "cannot read it as .npz: not an .npz archive"),
+    # a compressed archive with a damaged deflate stream: zlib's own error while a member is read
+    np.savez_compressed(tmp_path / "z.npz", arr_0=np.arange(4096, dtype=np.uint8).reshape(4, 32, 32, 1) % 7,
+                        arr_1=np.zeros(4, np.int64))
+    good = (tmp_path / "z.npz").read_bytes()
+    for offset in range(40, 160):
+        (tmp_path / "deflate.npz").write_bytes(good[:offset] + bytes([good[offset] ^ 0xFF]) + good[offset + 1:])
+        try:
+            with np.load(tmp_path / "deflate.npz") as f:
+                f["arr_0"]
+        except zlib.error:
+            break
+        except Exception:
+            pass
+    else:
+        raise AssertionError("no damaged byte gave a zlib error")
+    for name, message in (("deflate.npz", "cannot read it as .npz: Error -3"),
+                          ("junk.npz", "cannot read it as .npz: not an .npz archive"),
                           ("one.npy", r"cannot read it as .npz: it holds a single array \(.npy\)"),
                           ("other.npz", r"expected arrays arr_0 \(images\) and arr_1 \(labels\), got \['images'\]"),
                           ("objects.npz", "cannot read it as .npz: Object arrays cannot be loaded")):
@@ -364,6 +385,8 @@ def test_cli_train_then_sample_the_checkpoint(tmp_path, capsys):
     assert main(args[:-2]) == 2
     assert f"--out {out} exists: add --resume to continue its training, or --overwrite" in capsys.readouterr().err
     assert out.read_bytes() == before
+    assert main(args[:-2] + ["--overwrite", "--resume"]) == 2
+    assert "--resume and --overwrite contradict each other" in capsys.readouterr().err and out.read_bytes() == before
     assert main(args[:-2] + ["--overwrite", "--seed", "1"]) == 0 and out.read_bytes() != before
     # the slim export is no training checkpoint: resuming from it is refused by name
     assert main(args[:4] + [str(tmp_path / "slim.pt")] + args[5:-2] + ["--resume"]) == 2

@@ -48,13 +48,15 @@ def main(argv=None) -> int:
 
 
 def _in_flags(message: str, parser: argparse.ArgumentParser) -> str:
-    """An error of the library, which names its arguments, told in the command's flags: "steps must be at least 2"
+    """An argument check of the library ("NAME must ..."), told in the command's flags: "steps must be at least 2"
     becomes "--steps must be at least 2" where the command has --steps (a module's ERROR_NAMES adds names that differ,
-    such as evaluate's ws for --w)."""
-    message = message.removeprefix("cfgfast: ")
+    such as evaluate's ws for --w). Other messages, and the compiled ops' own checks of internal tensors ("cfgfast:
+    out must ..."), are left as they are (without a doubled "cfgfast: ")."""
+    if message.startswith("cfgfast: "):
+        return message.removeprefix("cfgfast: ")
     names = {action.dest: max(action.option_strings, key=len) for action in parser._actions
              if action.option_strings and action.dest != "help"}
     names.update(getattr(importlib.import_module(f"cfgfast.cli.{COMMANDS[parser.prog.split()[-1]]}"),
                          "ERROR_NAMES", {}))
-    name, space, rest = message.partition(" ")
-    return f"{names[name]} {rest}" if space and name in names else message
+    name, _, rest = message.partition(" ")
+    return f"{names[name]} {rest}" if name in names and rest.startswith("must ") else message

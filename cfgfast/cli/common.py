@@ -6,6 +6,8 @@ import argparse
 import math
 import os
 
+FLOAT32_MAX = 3.4028234663852886e38
+
 
 def writable_path(path: str, option: str = "--out") -> str:
     """The path, if a file can be created there (checked before any long work starts)."""
@@ -20,11 +22,11 @@ def writable_path(path: str, option: str = "--out") -> str:
 
 
 def finite_float(text: str) -> float:
-    """An argparse type: a finite number (nan and inf refused while parsing, before any work)."""
+    """An argparse type: a number finite in float32 (nan, inf and 1e39 refused while parsing, before any work)."""
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be finite, got {text}")
+    if not (math.isfinite(value) and abs(value) <= FLOAT32_MAX):  # as the kernels read it
+        raise argparse.ArgumentTypeError(f"must be finite in float32, got {text}")
     return value

@@ -29,12 +29,11 @@ import zipfile
 import numpy as np
 import torch
 
-from cfgfast.cli.common import writable_path
+from cfgfast.cli.common import FLOAT32_MAX, writable_path
 
 PARTS_FORMAT = "cfgfast-sample-parts"
 PARTS_VERSION = 1
 DEFAULT_BATCH_SIZE = 64
-FLOAT32_MAX = float(np.finfo(np.float32).max)
 SHARD_NAME = re.compile(r"^\d{10}-\d{10}\.npy$")
 # manifest key -> the option it comes from, to name what differs on a refused --resume
 MANIFEST_OPTIONS = {"model_sha256": "--model", "num": "--num", "w": "--w", "steps": "--steps", "v": "--v",
@@ -118,8 +117,8 @@ def _check_options(args) -> None:
         raise ValueError(f"--v must be in [0, 1], got {args.v}")
     if not (math.isfinite(args.w) and abs(args.w) <= FLOAT32_MAX):
         raise ValueError(f"--w must be finite in float32 (|w| <= 3.4e38), got {args.w}")
-    if not (args.clip >= 0 and math.isfinite(args.clip)):
-        raise ValueError(f"--clip must be positive and finite (or 0 for no clipping), got {args.clip}")
+    if not (args.clip >= 0 and math.isfinite(args.clip) and args.clip <= FLOAT32_MAX):
+        raise ValueError(f"--clip must be positive and finite in float32 (or 0 for no clipping), got {args.clip}")
     args.clip = args.clip or None
     if not 0 <= args.seed < 2**64:
         raise ValueError(f"--seed must be in [0, 2^64), got {args.seed}")

@@ -21,6 +21,8 @@ def run(args) -> int:
         if os.path.realpath(args.export) == os.path.realpath(out):
             raise ValueError(f"--export must differ from --out (the slim copy would replace the training checkpoint "
                              f"that --resume needs), got {args.export} for both")
+    if args.resume and args.overwrite:
+        raise ValueError("--resume and --overwrite contradict each other: continue --out's training, or start over")
     if os.path.exists(out) and not (args.resume or args.overwrite):  # hours of training, replaced at the first save
         raise ValueError(f"--out {args.out} exists: add --resume to continue its training, or --overwrite to start "
                          "over in its place")

@@ -4,6 +4,7 @@ config beside the weights, so a file alone rebuilds the network. Written atomica
 from __future__ import annotations
 
 import os
+import re
 
 import torch
 
@@ -30,10 +31,13 @@ def read(path: str, kind: str = FORMAT) -> dict:
     except MemoryError:
         raise
     except Exception as exc:  # arbitrary bytes fail anywhere in the unpickler: KeyError, IndexError, EOFError, ...
-        # (only the exception's type: torch's text for a refused pickle suggests weights_only=False, an unsafe load,
-        # and for arbitrary bytes it is a bare key such as "101")
-        raise ValueError(f"checkpoint {path} is corrupt or not a torch file ({type(exc).__name__} while reading it); "
-                         "was it written by cfgfast?") from None
+        # (not torch's text for a refused pickle, which suggests weights_only=False, an unsafe load; for arbitrary
+        # bytes it is a bare key such as "101": the exception's type, and the object refused where torch names one)
+        refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+        detail = f"it holds a {refused.group(1)} object, which a safe load refuses" if refused else \
+            f"{type(exc).__name__} while reading it"
+        raise ValueError(f"checkpoint {path} is corrupt or not a torch file ({detail}); was it written by "
+                         "cfgfast?") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != kind:
         raise ValueError(f"checkpoint {path} is not a {kind} checkpoint (no format tag {kind!r}); "
                          f"was it written by cfgfast?")

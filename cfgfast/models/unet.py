@@ -132,6 +132,7 @@ class UNet(nn.Module):
         config = config if config is not None else UNetConfig(**overrides)
         self.config = config
         self.null_label = config.num_classes
+        self.num_labels = config.num_classes + 1  # rows of the class embedding, the null label's last
         self.sample_shape = (config.in_channels, config.image_size, config.image_size)
         ch, groups = config.base_channels, config.groups
         emb_dim = 4 * ch
