@@ -161,21 +161,24 @@ if triton is not None:
         return rho * tl.where((col & 1) == 0, cos, sin)
 
     @triton.jit
-    def _philox(seed, c0, c1, c2, c3):
-        """Philox4x32-10 (Random123) with key (seed mod 2^32, seed >> 32): tl.random.philox splits its 64-bit
-        seed so. The seed arrives as int64 (two's complement of a seed >= 2^63) or int32 when small; widening
-        to int64 sign-extends, then philox reinterprets it as uint64. Under torch.compile a seed of 1 arrives as a
-        constant (Inductor makes every int argument equal to 1 one), a Python int: the sum makes it a tensor."""
-        return tl.random.philox(seed + tl.zeros([], tl.int64), c0, c1, c2, c3)
+    def _philox(seed_lo, seed_hi, c0, c1, c2, c3):
+        """Philox4x32-10 (Random123) with key (seed_lo, seed_hi) = (seed mod 2^32, seed >> 32): tl.random.philox
+        splits its 64-bit seed so. The words arrive as non-negative ints, int32 or int64 as the launcher types
+        them: a negative 64-bit seed (two's complement of one >= 2^63) would be typed int32 by torch.compile's
+        launcher, which looks at the value's upper bound only, and cut to its low word. Under torch.compile a word
+        equal to 1 arrives as a constant (Inductor makes every int argument of 1 one), a Python int: adding a
+        tensor makes it one."""
+        zero = tl.zeros([], tl.int64)
+        return tl.random.philox(((seed_hi + zero) << 32) | (seed_lo + zero), c0, c1, c2, c3)
 
     @triton.jit
-    def _sample_normals(seed, group, sample, step, stream):
+    def _sample_normals(seed_lo, seed_hi, group, sample, step, stream):
         """[BLOCK, 4] normals of the [BLOCK] groups `group` (int32) of global sample `sample` (int64)."""
         c0 = group.to(tl.uint32)
         zero = c0 * 0
         # step and stream may be int32 or int64 scalars, or a constant (Triton makes an argument equal to 1 one):
         # added to a uint32 block first (a constant stays uint32, an int64 widens it), then made uint32 words
-        x0, x1, x2, x3 = _philox(seed, c0, zero + sample.to(tl.uint32), (zero + step).to(tl.uint32),
+        x0, x1, x2, x3 = _philox(seed_lo, seed_hi, c0, zero + sample.to(tl.uint32), (zero + step).to(tl.uint32),
                                  (zero + stream).to(tl.uint32))
         return _words_to_normals(x0, x1, x2, x3)
 
@@ -195,11 +198,11 @@ if triton is not None:
         eps_uncond = tl.load(eps_uncond_ptr + offset, mask=mask, other=0.0).to(tl.float32)
         return z, eps_cond, eps_uncond
 
-    @triton.jit(do_not_specialize=["seed", "step", "index_offset", "prefetch_ahead"])
+    @triton.jit(do_not_specialize=["seed_lo", "seed_hi", "step", "index_offset", "prefetch_ahead"])
     def _reverse_step_kernel(
         out_ptr, z_ptr, eps_cond_ptr, eps_uncond_ptr, w_ptr, noise_ptr,
         alpha, sigma, mean_z, mean_eps, mean_z_clip, mean_x_clip, noise_std, clip,
-        seed, step, index_offset, per_sample, blocks_per_sample, prefetch_ahead,
+        seed_lo, seed_hi, step, index_offset, per_sample, blocks_per_sample, prefetch_ahead,
         HAS_NOISE: tl.constexpr, CLIP: tl.constexpr, LAST: tl.constexpr, BLOCK: tl.constexpr,
         LOADS_FIRST: tl.constexpr = False, PREFETCH: tl.constexpr = False,
     ):
@@ -232,7 +235,7 @@ if triton is not None:
             # the inputs of program pid + prefetch_ahead, which (every sample a whole number of programs: the
             # launch sets PREFETCH only then) start prefetch_ahead programs' elements further on: one address a
             # group (16 bytes of z), where that program exists
-            first = b.to(tl.int64) * per_sample + group * 4 + prefetch_ahead.to(tl.int64) * (4 * BLOCK)
+            first = b.to(tl.int64) * per_sample + group * 4 + (prefetch_ahead + tl.zeros([], tl.int64)) * (4 * BLOCK)
             due = (group * 0 + pid) < tl.num_programs(0) - prefetch_ahead
             _prefetch_l2(z_ptr + first, due)
             _prefetch_l2(eps_cond_ptr + first, due)
@@ -251,7 +254,7 @@ if triton is not None:
             if HAS_NOISE:
                 n = tl.load(noise_ptr + offset, mask=mask, other=0.0)
             else:
-                n = _sample_normals(seed, group, b.to(tl.int64) + index_offset, step, 1)
+                n = _sample_normals(seed_lo, seed_hi, group, b.to(tl.int64) + index_offset, step, 1)
             if CLIP:
                 result = mean_z_clip * z + mean_x_clip * x + noise_std * n  # mu, first form
             else:
@@ -259,19 +262,19 @@ if triton is not None:
         tl.store(out_ptr + offset, result, mask=mask)
 
     # (noise_stream, not stream: torch.compile's launcher of a user kernel has its own argument named stream)
-    @triton.jit(do_not_specialize=["seed", "step", "noise_stream", "index_offset"])
-    def _normal_noise_kernel(out_ptr, seed, step, noise_stream, index_offset, per_sample, blocks_per_sample,
-                             BLOCK: tl.constexpr):
+    @triton.jit(do_not_specialize=["seed_lo", "seed_hi", "step", "noise_stream", "index_offset"])
+    def _normal_noise_kernel(out_ptr, seed_lo, seed_hi, step, noise_stream, index_offset, per_sample,
+                             blocks_per_sample, BLOCK: tl.constexpr):
         """The noise of SPEC §3 for 4 BLOCK elements of one sample."""
         pid = tl.program_id(0)
         b = pid // blocks_per_sample
         group = (pid - b * blocks_per_sample) * BLOCK + tl.arange(0, BLOCK)
         j = group[:, None] * 4 + tl.arange(0, 4)[None, :]
-        n = _sample_normals(seed, group, b.to(tl.int64) + index_offset, step, noise_stream)
+        n = _sample_normals(seed_lo, seed_hi, group, b.to(tl.int64) + index_offset, step, noise_stream)
         tl.store(out_ptr + b.to(tl.int64) * per_sample + j, n, mask=j < per_sample)
 
-    @triton.jit(do_not_specialize=["seed"])
-    def _philox_words_kernel(x0_ptr, x1_ptr, x2_ptr, x3_ptr, c0_ptr, c1_ptr, c2_ptr, c3_ptr, seed, numel,
+    @triton.jit(do_not_specialize=["seed_lo", "seed_hi"])
+    def _philox_words_kernel(x0_ptr, x1_ptr, x2_ptr, x3_ptr, c0_ptr, c1_ptr, c2_ptr, c3_ptr, seed_lo, seed_hi, numel,
                              BLOCK: tl.constexpr):
         """Testing helper: raw Philox words for counters held in int64 (written back as int64 in [0, 2^32))."""
         i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -280,7 +283,7 @@ if triton is not None:
         c1 = tl.load(c1_ptr + i, mask=mask, other=0).to(tl.uint32)
         c2 = tl.load(c2_ptr + i, mask=mask, other=0).to(tl.uint32)
         c3 = tl.load(c3_ptr + i, mask=mask, other=0).to(tl.uint32)
-        x0, x1, x2, x3 = _philox(seed, c0, c1, c2, c3)
+        x0, x1, x2, x3 = _philox(seed_lo, seed_hi, c0, c1, c2, c3)
         tl.store(x0_ptr + i, x0.to(tl.int64), mask=mask)
         tl.store(x1_ptr + i, x1.to(tl.int64), mask=mask)
         tl.store(x2_ptr + i, x2.to(tl.int64), mask=mask)
@@ -342,6 +345,11 @@ if triton is not None:
             return 0
         return PREFETCH_PER_SM * torch.cuda.get_device_properties(out.device).multi_processor_count
 
+    def _seed_words(seed: int) -> tuple[int, int]:
+        """The ops' int64 seed (two's complement of a seed >= 2^63) as its two 32-bit words, each non-negative (mod
+        and floor division: also for a symbolic int under torch.compile)."""
+        return seed % 2**32, (seed // 2**32) % 2**32
+
     def _launch_shape(out: torch.Tensor) -> tuple[int, int, tuple[int]]:
         """(elements per sample, programs per sample, grid)."""
         batch = out.shape[0]
@@ -380,7 +388,7 @@ if triton is not None:
             _wrapped(_reverse_step_kernel)[grid](
                 out, z, eps_cond, eps_uncond, w, z if noise is None else noise,
                 alpha, sigma, mean_z, mean_eps, mean_z_clip, mean_x_clip, noise_std, 0.0 if clip is None else clip,
-                seed, step, index_offset, per_sample, blocks, ahead,
+                *_seed_words(seed), step, index_offset, per_sample, blocks, ahead,
                 HAS_NOISE=noise is not None, CLIP=clip is not None, LAST=last, BLOCK=BLOCK_GROUPS,
                 LOADS_FIRST=LOADS_FIRST, PREFETCH=ahead > 0, num_warps=NUM_WARPS,
             )
@@ -394,7 +402,8 @@ if triton is not None:
         per_sample, blocks, grid = _launch_shape(out)
         with _on_device(out):
             _wrapped(_normal_noise_kernel)[grid](
-                out, seed, step, stream, index_offset, per_sample, blocks, BLOCK=BLOCK_GROUPS, num_warps=NUM_WARPS
+                out, *_seed_words(seed), step, stream, index_offset, per_sample, blocks, BLOCK=BLOCK_GROUPS,
+                num_warps=NUM_WARPS
             )
 
 
@@ -428,7 +437,7 @@ def philox_words_triton(c0, c1, c2, c3, seed: int) -> tuple[torch.Tensor, ...]:
     numel = counters[0].numel()
     if numel:
         grid = (triton.cdiv(numel, HELPER_BLOCK),)
-        _philox_words_kernel[grid](*words, *counters, seed_as_int64(seed), numel, BLOCK=HELPER_BLOCK)
+        _philox_words_kernel[grid](*words, *counters, *_seed_words(seed_as_int64(seed)), numel, BLOCK=HELPER_BLOCK)
     return tuple(words)
 
 

@@ -39,8 +39,8 @@ for eps_type in ("fp32", "bf16"):
         signature.update(eps_cond_ptr="*" + eps_type, eps_uncond_ptr="*" + eps_type)
         signature.update({name: "fp32" for name in ("alpha", "sigma", "mean_z", "mean_eps", "mean_z_clip",
                                                      "mean_x_clip", "noise_std", "clip")})
-        signature.update(seed="i64", step="i32", index_offset="i32", per_sample="i32", blocks_per_sample="i32",
-                         prefetch_ahead="i32")
+        signature.update(seed_lo="i32", seed_hi="i32", step="i32", index_offset="i32", per_sample="i32",
+                         blocks_per_sample="i32", prefetch_ahead="i32")
         constants = dict(HAS_NOISE=mode.endswith("explicit"), CLIP=mode == "clip", LAST=mode == "last",
                          BLOCK=triton_step.BLOCK_GROUPS, LOADS_FIRST=mode == "loads-first",
                          PREFETCH=mode.startswith("prefetch"))
@@ -69,11 +69,13 @@ for kernel in (triton_step._reverse_step_kernel, triton_step._normal_noise_kerne
     for one in ints:
         signature, constants = {}, {}
         for name in kernel.arg_names:
-            if name == one or name.isupper():
-                signature[name], constants[name] = "constexpr", 1 if name == one else FLAGS[name]
+            if name == one:
+                signature[name], constants[name] = "constexpr", 1
+            elif name.isupper():  # (prefetch_ahead is read only with PREFETCH)
+                signature[name] = "constexpr"
+                constants[name] = one == "prefetch_ahead" if name == "PREFETCH" else FLAGS[name]
             else:
-                signature[name] = "*fp32" if name.endswith("_ptr") else "fp32" if name in FLOATS else \
-                    "i64" if name == "seed" else "i32"
+                signature[name] = "*fp32" if name.endswith("_ptr") else "fp32" if name in FLOATS else "i32"
         try:
             triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constants),
                            target=GPUTarget("cuda", 90, 32), options={"num_warps": triton_step.NUM_WARPS})
@@ -117,7 +119,8 @@ def test_triton_kernels_compile_with_an_int_argument_of_1_as_a_constant(triton_s
     """torch.compile (Inductor) makes an int argument whose value is 1 a compile-time constant, so seed=1 reached
     tl.random.philox as a Python int and the kernel failed to compile."""
     ones = {name: result for name, result in triton_sm90.items() if name.startswith("one-")}
-    assert "one-_reverse_step_kernel-seed" in ones and "one-_normal_noise_kernel-noise_stream" in ones, ones
+    assert {"one-_reverse_step_kernel-seed_lo", "one-_reverse_step_kernel-seed_hi", "one-_reverse_step_kernel-prefetch_ahead",
+            "one-_normal_noise_kernel-noise_stream"} <= set(ones), ones
     assert all(result == "ok" for result in ones.values()), ones
 
 

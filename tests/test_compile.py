@@ -24,7 +24,9 @@ def test_compiled_step_equals_eager(device, backend):
 
     def f(z, eps_cond, eps_uncond, w):
         z = cfgfast.reverse_step(z, eps_cond, eps_uncond.float(), -1.0, -0.5, w, 0.3, seed=3, step=2, backend=backend)
-        return z + cfgfast.normal_noise(z.shape, 3, step=9, device=device, backend=backend)
+        # a seed >= 2^63: the ops take it as a negative int64, and torch.compile's Triton launcher types a negative
+        # int as int32 (the Triton kernels take the seed as two non-negative words)
+        return z + cfgfast.normal_noise(z.shape, 2**63 + 7, step=9, device=device, backend=backend)
 
     compiled = torch.compile(f, fullgraph=True)
     torch.testing.assert_close(compiled(z, eps_cond, eps_uncond, w), f(z, eps_cond, eps_uncond, w), rtol=0, atol=0)
@@ -52,7 +54,7 @@ def test_compiled_step_over_many_lambdas(device, backend):
     table = cfgfast.coefficient_table(grid, 0.3).to(device)
 
     def table_step(z, t):
-        return cfgfast.reverse_step_table(z, eps_cond, eps_uncond, table, t, 2.0, seed=1, backend=backend)
+        return cfgfast.reverse_step_table(z, eps_cond, eps_uncond, table, t, 2.0, seed=2**64 - 2**40, backend=backend)
 
     compiled = torch.compile(table_step, fullgraph=True)
     with torch._dynamo.config.patch(error_on_recompile=True):

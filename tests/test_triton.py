@@ -26,6 +26,7 @@ import torch
 
 import cfgfast
 from cfgfast import triton_step
+from cfgfast._checks import seed_as_int64
 from cfgfast.reference import normal_noise_reference, philox4x32_10, reverse_step_reference, words_to_normals
 
 NOISE_RTOL = 5e-7
@@ -95,6 +96,14 @@ def test_philox_known_answers(device, counter, key, expected):
     lanes = [torch.full((3,), c, dtype=torch.int64, device=device) for c in counter]
     words = triton_step.philox_words_triton(*lanes, seed)
     assert [w.tolist() for w in words] == [[e] * 3 for e in expected]
+
+
+@pytest.mark.parametrize("seed", SEEDS + [1, 2**31, 2**63, 2**63 + 7, 2**64 - 2**40, 0x1234_5678_9ABC_DEF0])
+def test_seed_words_are_the_key(seed):
+    """The Triton kernels take the seed as its two 32-bit words, each non-negative: torch.compile's launcher types an
+    int argument by its value (int32 up to 2^31 - 1, else int64), and would cut a negative int64 to 32 bits."""
+    lo, hi = triton_step._seed_words(seed_as_int64(seed))
+    assert (lo, hi) == key_of(seed) and all(0 <= word < 2**32 for word in (lo, hi))
 
 
 @pytest.mark.parametrize("seed", SEEDS + [2**31, 2**63, 0x1234_5678_9ABC_DEF0])
@@ -311,7 +320,7 @@ def test_prefetch_addresses(batch, blocks, ahead, noise, last, eps_dtype, monkey
     programs = batch * blocks
     triton_step._reverse_step_kernel[(programs,)](
         out, z, ec, eu, w, explicit if noise else z, 1.0, 0.5, 0.9, 0.1, 0.9, 0.1, 0.3, 0.0,
-        1, 2, 0, per_sample, blocks, ahead, HAS_NOISE=noise, CLIP=False, LAST=last, BLOCK=block, PREFETCH=True)
+        1, 0, 2, 0, per_sample, blocks, ahead, HAS_NOISE=noise, CLIP=False, LAST=last, BLOCK=block, PREFETCH=True)
     inputs = [z, ec, eu] + ([explicit] if noise and not last else [])
     assert len(recorded) == programs * len(inputs)
     counts = [np.zeros(t.numel(), dtype=np.int64) for t in inputs]
