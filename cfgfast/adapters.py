@@ -31,9 +31,13 @@ loop index i the noise cfgfast.normal_noise(shape, s, step=i, stream=1). Details
 
 - clip_sample=True in diffusers is cfgfast's clip=clip_sample_range (both clamp x0 and use the x0 form of
   the mean); dynamic thresholding has no cfgfast counterpart.
-- Where the last visited timestep is above 0 ("trailing" spacing, or steps_offset >= 1) diffusers' last
-  step still adds noise of std 1e-10 (fixed_small, its variance clamped at 1e-20) or
-  sqrt(beta^v 1e-20^(1-v)) (learned_range): below float32 rounding of the sample; cfgfast adds none.
+- Where the last visited timestep tau is above 0 ("trailing" spacing, or steps_offset >= 1) diffusers' last
+  step still adds noise, of std sqrt(b^v 1e-20^(1-v)) with b = 1 - alpha_bar_tau (its variance clamped at
+  1e-20): 1e-10 for fixed_small (v = 0), below float32 rounding of the sample, and for learned_range at
+  small v (7e-8 at v = 0.3 and b = 0.1), but not at large v (4.5e-4 at v = 0.7), and sqrt(b), the noise of
+  timestep tau itself, for fixed_large (v = 1). cfgfast's last step returns x~ and adds none (the paper's
+  Algorithm 2 ends with x = x~), so there the two differ by that last noise: diffusers' sample is cfgfast's
+  plus sqrt(b^v 1e-20^(1-v)) cfgfast.normal_noise(shape, s, step=n-1, stream=1) (tested).
 - The grid must lie in sample()'s [lambda_min, lambda_max] (default [-20, 20]). diffusers' beta schedules
   at 1000 timesteps stay inside (squaredcos_cap_v2 reaches -19.8); where a grid leaves it (that schedule
   with more timesteps, some trained_betas) pass lambda_min=model.lambda_min, lambda_max=model.lambda_max.
@@ -47,6 +51,7 @@ from __future__ import annotations
 
 import inspect
 import numbers
+import warnings
 from collections.abc import Mapping
 
 import torch
@@ -79,11 +84,17 @@ def _ddpm_config(scheduler) -> dict:
             if missing:
                 raise ValueError(f"scheduler config with beta_schedule {config['beta_schedule']!r} must give "
                                  f"{missing}, got keys {sorted(config)}")
-    elif isinstance(getattr(scheduler, "config", None), Mapping):
-        config = dict(scheduler.config)  # a scheduler object: its config holds every value it was built with
+    elif isinstance(scheduler, diffusers.SchedulerMixin) and isinstance(getattr(scheduler, "config", None), Mapping):
+        # a scheduler object: its config holds every value it was built with (not any object with a config: a
+        # model's or a pipeline's would fall back to diffusers' default betas, silently another schedule)
+        config = dict(scheduler.config)
     else:
         raise TypeError("scheduler must be a diffusers scheduler (e.g. DDPMScheduler) or its config as a dict, "
                         f"got {type(scheduler).__name__}")
+    if config.get("thresholding"):
+        warnings.warn("scheduler's thresholding=True (dynamic thresholding) has no cfgfast counterpart and is "
+                      "ignored: the adapter reads only the schedule (sample's clip= is the static clip_sample)",
+                      stacklevel=4)
     # keys of other schedulers (DDIM's set_alpha_to_one, ...) and the bookkeeping keys do not concern DDPM
     return {key: value for key, value in config.items() if key in _DDPM_KEYS}
 
@@ -151,6 +162,8 @@ class DDPMLambdas:
         lam = _checks.tensor("lam", lam)
         if not lam.is_floating_point():
             raise TypeError(f"lam must be a floating-point tensor, got {lam.dtype}")
+        if bool(torch.isnan(lam).any()):  # +-inf is the nearest end; NaN has none
+            raise ValueError("lam must not be NaN")
         knots = self._knots(lam.device)
         lam = lam.double().clamp(knots[0], knots[-1])
         last = knots.shape[0] - 1
@@ -180,6 +193,13 @@ class DDPMLambdas:
         if timesteps.shape[0] != n or not bool((torch.diff(timesteps) < 0).all()):
             raise ValueError(f"the scheduler's set_timesteps({n}) visits {timesteps.tolist()}: not {n} distinct "
                              f"timesteps, so it has no grid of {n} steps")
+        last = self.num_train_timesteps - 1
+        if not bool(((timesteps >= 0) & (timesteps <= last)).all()):
+            # e.g. steps_offset=1 with num_inference_steps = num_train_timesteps visits timestep T
+            raise ValueError(f"num_inference_steps={n} with the scheduler's timestep_spacing "
+                             f"{self._scheduler.config.timestep_spacing!r} and steps_offset "
+                             f"{self._scheduler.config.steps_offset} visits timesteps outside [0, {last}] "
+                             f"(from {int(timesteps.min())} to {int(timesteps.max())}): ask for fewer steps")
         return self.lam(timesteps.double())
 
 
@@ -216,6 +236,8 @@ class _DiffusersAdapter(torch.nn.Module):
 
     def forward(self, z: torch.Tensor, lam: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         z = _checks.tensor("z", z)
+        if not z.is_floating_point():
+            raise TypeError(f"z must be a floating-point tensor, got {z.dtype}")
         if z.dim() != 4 or z.shape[1] != self.in_channels:
             raise ValueError(f"z must be [B, {self.in_channels}, H, W], got shape {tuple(z.shape)}")
         batch = z.shape[0]
@@ -235,6 +257,8 @@ class _DiffusersAdapter(torch.nn.Module):
                              "dropout): call .eval() on it or on the adapter first")
         t = self.schedule.timestep(lam).float()  # the models embed timesteps in float32
         dtype = next(self.module.parameters()).dtype  # the input layer's (module.dtype walks every submodule)
+        if batch == 0:  # diffusers' modules cannot reshape an empty batch
+            return z.new_empty(z.shape, dtype=dtype)
         out = self.module(z.to(dtype), t, labels, return_dict=False)[0]
         return out[:, : self.in_channels]  # eps; the learned-variance channels, if any, follow it
 

@@ -174,6 +174,32 @@ def test_sample_equals_the_diffusers_ddpm_loop(request, monkeypatch, which, vari
     torch.testing.assert_close(got, want, rtol=1e-5, atol=4e-6 * float(want.abs().max()))
 
 
+@pytest.mark.parametrize("variance_type, v", [("fixed_large", 1.0), ("learned_range", 0.9), ("fixed_small", 0.0)])
+@pytest.mark.parametrize("extra", [{"timestep_spacing": "trailing"}, {"steps_offset": 1}])
+def test_where_the_last_timestep_is_above_0_diffusers_adds_a_last_noise(dit, monkeypatch, variance_type, v, extra):
+    """The documented exception: diffusers' last step from a timestep tau > 0 adds noise of std
+    sqrt(b^v 1e-20^(1-v)), b = 1 - alpha_bar_tau, drawn at loop index n - 1; cfgfast's last step returns x~."""
+    scheduler = diffusers.DDPMScheduler(**LINEAR, variance_type=variance_type, clip_sample=False, **extra)
+    adapter = DiTAdapter(dit, scheduler)
+    scheduler.set_timesteps(STEPS)
+    tau = int(scheduler.timesteps[-1])
+    assert tau > 0
+    labels, w = torch.tensor([0, 3, 9]), torch.tensor([0.0, 1.0, 3.0])
+    want = diffusers_loop(dit, scheduler, labels, adapter.null_label, adapter.sample_shape, w, v, monkeypatch)
+    got = cfgfast.sample(adapter, labels, w, v=v, lambdas=adapter.model_lambdas(STEPS), seed=SEED)
+    b = 1 - float(scheduler.alphas_cumprod[tau])
+    std = (b ** v * 1e-20 ** (1 - v)) ** 0.5
+    last_noise = cfgfast.normal_noise(got.shape, SEED, step=STEPS - 1, stream=1)
+    tolerance = dict(rtol=1e-5, atol=4e-6 * float(want.abs().max()))
+    torch.testing.assert_close(got + std * last_noise, want, **tolerance)
+    if variance_type != "fixed_small":
+        # the difference is that noise, not rounding (samples of |x| ~ 1e3 round to ~1e-4, as large as a last
+        # noise from timestep 1): its projection on the noise has the std above
+        difference = (want - got).double().flatten()
+        noise = last_noise.double().flatten()
+        assert float(difference @ noise / (noise @ noise)) == pytest.approx(std, rel=0.05)
+
+
 # ---- bad input
 
 def test_output_channels_neither_c_nor_2c_are_refused():
@@ -205,6 +231,14 @@ def test_bad_scheduler_configs_are_refused(scheduler, message):
 def test_bad_models_and_schedulers_are_named(dit):
     with pytest.raises(TypeError, match="scheduler must be a diffusers scheduler"):
         DiTAdapter(dit, "linear")
+    # objects with a config that are not schedulers (their betas would be diffusers' defaults, silently)
+    with pytest.raises(TypeError, match="scheduler must be a diffusers scheduler .* got DiTTransformer2DModel"):
+        DiTAdapter(dit, dit)
+    pipeline = diffusers.DDPMPipeline(unet=small_unet(), scheduler=diffusers.DDPMScheduler(**LINEAR))
+    with pytest.raises(TypeError, match="got DDPMPipeline"):
+        UNet2DAdapter(small_unet(), pipeline)
+    with pytest.warns(UserWarning, match="thresholding=True .* ignored"):
+        DDPMLambdas(diffusers.DDPMScheduler(**LINEAR, thresholding=True))
     with pytest.raises(TypeError, match="transformer must be a diffusers DiTTransformer2DModel"):
         DiTAdapter(small_unet(), LINEAR)
     with pytest.raises(ValueError, match="num_class_embeds=None"):
@@ -241,6 +275,10 @@ def test_labels_beyond_the_class_count_are_refused(dit):
         model(z, torch.zeros(3), torch.tensor([0, 1]))
     with pytest.raises(ValueError, match=r"z must be \[B, 4, H, W\]"):
         model(torch.zeros(2, 3, 8, 8), lam, torch.tensor([0, 1]))
+    with pytest.raises(TypeError, match="z must be a floating-point tensor, got torch.int64"):
+        model(torch.zeros(2, 4, 8, 8, dtype=torch.int64), lam, torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="lam must not be NaN"):
+        model(z, torch.tensor([0.0, float("nan")]), torch.tensor([0, 1]))
     with pytest.raises(ValueError, match=r"labels must lie in \[0, 10\]"):  # sample's own check, before any pass
         cfgfast.sample(model, torch.tensor([11]), 1.0, lambdas=model.model_lambdas(4))
 
@@ -253,6 +291,17 @@ def test_grid_that_is_not_increasing_is_refused(dit):
         model.model_lambdas(1)
     with pytest.raises(ValueError, match="below 1001"):
         model.model_lambdas(1001)
+    offset = DiTAdapter(dit, {**LINEAR, "steps_offset": 1})  # 1000 steps from timestep 1: timestep 1000 too
+    with pytest.raises(ValueError, match=r"num_inference_steps=1000 .* steps_offset 1 visits timesteps outside "
+                                         r"\[0, 999\] \(from 1 to 1000\)"):
+        offset.model_lambdas(1000)
+    assert offset.model_lambdas(999).shape == (999,)
+
+
+def test_an_empty_batch_samples_nothing(dit, unet):
+    for model in (DiTAdapter(dit, LINEAR), UNet2DAdapter(unet, LINEAR)):
+        x = cfgfast.sample(model, torch.zeros(0, dtype=torch.long), 1.0, lambdas=model.model_lambdas(3))
+        assert x.shape == (0,) + model.sample_shape and x.dtype == torch.float32
 
 
 def test_grid_beyond_the_default_lambda_range_samples_with_the_models_range():
