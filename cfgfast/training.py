@@ -1,17 +1,21 @@
 """Training with label dropout: the paper's Algorithm 1. One network learns ε(z, c) and, with the label replaced
 by the null label with probability p_uncond, ε(z); λ ~ training_lambdas(u), z = α x + σ ε, loss ||ε_θ − ε||².
 AdamW with warm-up, gradient clipping, an EMA of the weights (the one used for sampling), and checkpoints that
-hold everything needed to resume exactly: weights, EMA, optimizer, RNG state, config and step."""
+hold everything needed to resume exactly: weights, EMA, optimizer, the RNG states (the batches' and noise's
+generator, and torch's global one, which dropout draws from), config, step and a fingerprint of the dataset.
+Training runs inside torch.random.fork_rng: the caller's global RNG state is left as it was."""
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import math
 import numbers
 import os
 import time
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
 
 from . import _checks
@@ -37,14 +41,18 @@ class TrainConfig:
     lambda_max: float = LAMBDA_MAX
 
     def __post_init__(self):
+        # the checked values are kept as Python numbers (a NumPy or tensor scalar would reach the checkpoint, which a
+        # safe load then refuses, and torch.Generator.manual_seed refuses a NumPy int)
         for name in ("steps", "batch_size", "checkpoint_every"):
-            _checks.integer(name, getattr(self, name), low=1)
-        _checks.integer("warmup", self.warmup)
-        _checks.integer("seed", self.seed, high=2**64)
+            setattr(self, name, _checks.integer(name, getattr(self, name), low=1))
+        self.warmup = _checks.integer("warmup", self.warmup)
+        self.seed = _checks.integer("seed", self.seed, high=2**64)
         for name in ("lr", "weight_decay", "p_uncond", "ema_decay", "lambda_min", "lambda_max"):
-            _checks.real(name, getattr(self, name))  # a number, finite
-        if isinstance(self.grad_clip, bool) or not isinstance(self.grad_clip, (numbers.Real, torch.Tensor)):
+            setattr(self, name, float(_checks.real(name, getattr(self, name))))  # a number, finite
+        if isinstance(self.grad_clip, bool) or not isinstance(self.grad_clip, (numbers.Real, torch.Tensor)) or (
+                isinstance(self.grad_clip, torch.Tensor) and self.grad_clip.numel() != 1):
             raise TypeError(f"grad_clip must be a real number, got {type(self.grad_clip).__name__}")
+        self.grad_clip = float(self.grad_clip)
         if not 0.0 <= self.p_uncond < 1.0:
             raise ValueError(f"p_uncond must lie in [0, 1) (1 would never train the conditional model), got "
                              f"{self.p_uncond}")
@@ -83,11 +91,27 @@ def _check_fits(model_config: UNetConfig, data: Dataset) -> None:
                          f"{data.num_classes} classes")
 
 
+def dataset_fingerprint(data: Dataset) -> str:
+    """SHA-256 of the images and labels (their shapes and bytes) in training order: what --resume compares."""
+    digest = hashlib.sha256()
+    for tensor in (data.images, data.labels):
+        array = np.ascontiguousarray(tensor.detach().cpu().numpy())
+        digest.update(f"{array.dtype} {array.shape};".encode())
+        digest.update(memoryview(array).cast("B"))
+    return digest.hexdigest()
+
+
 def train(model_config: UNetConfig, data: Dataset, out: str, config: TrainConfig, *, resume: bool = False,
           progress: bool | None = None, log=print) -> UNet:
     """Train (or resume) and write checkpoints to `out` every config.checkpoint_every steps and at the end; an
-    interrupted run loses at most the steps since the last checkpoint. Returns the EMA model."""
+    interrupted run loses at most the steps since the last checkpoint, and a resumed one ends with the weights an
+    uninterrupted one would have. Returns the EMA model. torch's global RNG state is left as it was."""
     _check_fits(model_config, data)
+    with torch.random.fork_rng(devices=[]):  # the model, the data and the training are on the CPU
+        return _train(model_config, data, out, config, resume, progress, log)
+
+
+def _train(model_config, data, out, config, resume, progress, log) -> UNet:
     folder = os.path.dirname(os.path.abspath(out))
     if not os.path.isdir(folder):  # found now, not at the first checkpoint
         raise ValueError(f"out: folder {folder} does not exist")
@@ -96,6 +120,7 @@ def train(model_config: UNetConfig, data: Dataset, out: str, config: TrainConfig
     ema = copy.deepcopy(model).requires_grad_(False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     generator = torch.Generator().manual_seed(config.seed)
+    fingerprint = dataset_fingerprint(data)
     step = 0
     if resume and os.path.exists(out):
         ckpt = checkpoint.read(out)
@@ -113,10 +138,18 @@ def train(model_config: UNetConfig, data: Dataset, out: str, config: TrainConfig
                                for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k))
             raise ValueError(f"--resume: {out} was trained with other settings ({differ}); resume with the same "
                              "settings (only --steps may change)")
+        # the same images and labels (checkpoints from before the fingerprint: the same dataset name)
+        saved_data = ckpt.get("dataset_fingerprint")
+        if (saved_data != fingerprint) if saved_data is not None else (ckpt.get("dataset") != data.name):
+            same_name = " (the same name, other images or labels)" if ckpt.get("dataset") == data.name else ""
+            raise ValueError(f"--resume: {out} was trained on other data: dataset {ckpt.get('dataset')!r} there, "
+                             f"{data.name!r} now{same_name}; resume with the same --dataset")
         model.load_state_dict(ckpt["model"])
         ema.load_state_dict(ckpt["ema"])
         optimizer.load_state_dict(ckpt["optimizer"])
         generator.set_state(ckpt["rng"])
+        if "torch_rng" in ckpt:  # dropout's draws (checkpoints before it was saved resume with fresh ones)
+            torch.set_rng_state(ckpt["torch_rng"])
         step = int(ckpt["step"])
         log(f"resumed {out} at step {step}")
     elif resume:
@@ -126,7 +159,8 @@ def train(model_config: UNetConfig, data: Dataset, out: str, config: TrainConfig
         checkpoint.save(out, {"config": model_config.to_dict(), "train_config": asdict(config), "step": step,
                               "model": model.state_dict(), "ema": ema.state_dict(),
                               "optimizer": optimizer.state_dict(), "rng": generator.get_state(),
-                              "dataset": data.name, "class_names": list(data.class_names)})
+                              "torch_rng": torch.get_rng_state(), "dataset": data.name,
+                              "dataset_fingerprint": fingerprint, "class_names": list(data.class_names)})
 
     if progress is None:
         progress = os.isatty(2)

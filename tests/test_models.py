@@ -157,14 +157,23 @@ def test_training_lowers_the_loss(tmp_path):
     assert after < 0.7 * before, (before, after)  # measured: 0.99 -> 0.41
 
 
-def test_train_writes_checkpoint_and_resumes_exactly(tmp_path):
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_train_writes_checkpoint_and_resumes_exactly(tmp_path, dropout):
+    """With dropout too: its masks are drawn from torch's global RNG, whose state the checkpoint keeps; and the
+    caller's global RNG is left as it was."""
     data = tiny_data()
+    model_config = dataclasses.replace(TINY, dropout=dropout)
     config = TrainConfig(steps=6, batch_size=8, checkpoint_every=3, warmup=2)
-    straight = train(TINY, data, str(tmp_path / "a.pt"), config, progress=False, log=lambda *a: None)
-    # interrupted after the checkpoint at step 3, then resumed: the same EMA weights, bit for bit
-    train(TINY, data, str(tmp_path / "b.pt"), dataclasses.replace(config, steps=3), progress=False,
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    straight = train(model_config, data, str(tmp_path / "a.pt"), config, progress=False, log=lambda *a: None)
+    assert torch.equal(torch.get_rng_state(), before)
+    # interrupted after the checkpoint at step 3, then resumed (after other draws): the same EMA weights, bit for bit
+    train(model_config, data, str(tmp_path / "b.pt"), dataclasses.replace(config, steps=3), progress=False,
           log=lambda *a: None)
-    resumed = train(TINY, data, str(tmp_path / "b.pt"), config, resume=True, progress=False, log=lambda *a: None)
+    torch.rand(100)
+    resumed = train(model_config, data, str(tmp_path / "b.pt"), config, resume=True, progress=False,
+                    log=lambda *a: None)
     for p, q in zip(straight.state_dict().values(), resumed.state_dict().values()):
         assert torch.equal(p, q)
     ckpt = torch.load(tmp_path / "a.pt", weights_only=True)
@@ -172,6 +181,16 @@ def test_train_writes_checkpoint_and_resumes_exactly(tmp_path):
     loaded = checkpoint.load_model(str(tmp_path / "a.pt"))
     for p, q in zip(straight.state_dict().values(), loaded.state_dict().values()):
         assert torch.equal(p, q)
+    if dropout:  # the masks matter: another run of dropout draws gives other weights
+        torch.save({**torch.load(tmp_path / "b.pt", weights_only=True), "torch_rng": torch.get_rng_state()},
+                   tmp_path / "c.pt")
+        (tmp_path / "c.pt").replace(tmp_path / "b.pt")
+        train(model_config, data, str(tmp_path / "b.pt"), dataclasses.replace(config, steps=9), resume=True,
+              progress=False, log=lambda *a: None)
+        train(model_config, data, str(tmp_path / "a.pt"), dataclasses.replace(config, steps=9), resume=True,
+              progress=False, log=lambda *a: None)
+        a, b = (checkpoint.load_model(str(tmp_path / f)) for f in ("a.pt", "b.pt"))
+        assert any(not torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
 
 
 def test_resume_refuses_other_settings(tmp_path):
@@ -185,6 +204,17 @@ def test_resume_refuses_other_settings(tmp_path):
     with pytest.raises(ValueError, match="model config"):
         train(dataclasses.replace(TINY, base_channels=16), data, str(tmp_path / "a.pt"), config, resume=True,
               progress=False, log=lambda *a: None)
+    # other data of the same shape and classes: by name, and under the same name by its images or labels
+    other = tiny_data(seed=1)
+    with pytest.raises(ValueError, match=r"trained on other data: dataset 'tiny' there, 'tiny' now \(the same name, "
+                                         r"other images or labels\); resume with the same --dataset"):
+        train(TINY, other, str(tmp_path / "a.pt"), config, resume=True, progress=False, log=lambda *a: None)
+    relabelled = dataclasses.replace(data, labels=data.labels.roll(1), name="renamed")
+    with pytest.raises(ValueError, match=r"dataset 'tiny' there, 'renamed' now; resume"):
+        train(TINY, relabelled, str(tmp_path / "a.pt"), config, resume=True, progress=False, log=lambda *a: None)
+    # the same data under another name (a moved file) resumes
+    train(TINY, dataclasses.replace(data, name="moved"), str(tmp_path / "a.pt"), dataclasses.replace(config, steps=3),
+          resume=True, progress=False, log=lambda *a: None)
 
 
 def test_train_refuses_mismatched_data_and_bad_settings(tmp_path):
@@ -218,8 +248,14 @@ def test_train_config_checks_its_fields(change, error, message):
         TrainConfig(**change)
 
 
-def test_train_config_takes_what_torch_takes():
-    TrainConfig(grad_clip=math.inf, lr=1, seed=np.int64(3), steps=np.int32(5))  # inf: clipping off
+def test_train_config_takes_what_torch_takes(tmp_path):
+    config = TrainConfig(grad_clip=math.inf, lr=1, seed=np.int64(3), steps=np.int32(2), batch_size=np.int64(4),
+                         p_uncond=np.float32(0.25), weight_decay=torch.tensor(0.0))  # inf: clipping off
+    # kept as Python numbers: training takes them and the checkpoint loads safely
+    assert [type(v) for v in dataclasses.astuple(config)] == [type(v) for v in dataclasses.astuple(TrainConfig())]
+    train(TINY, tiny_data(), str(tmp_path / "a.pt"), dataclasses.replace(config, lr=1e-3), progress=False,
+          log=lambda *a: None)
+    assert checkpoint.load_model(str(tmp_path / "a.pt")).config == TINY
 
 
 def test_checkpoint_errors(tmp_path):
