@@ -13,6 +13,8 @@ import numpy as np
 import torch
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
+# class ids index the model's label embedding (one row each): an .npz label beyond this is a wrong array, not a class
+MAX_CLASSES = 100_000
 
 
 @dataclass
@@ -62,7 +64,13 @@ def _read_image(path: str) -> np.ndarray:
         raise ValueError(f"{path}: cannot read this image without Pillow (pip install pillow); 8-bit PNGs need "
                          "nothing") from None
     with Image.open(path) as im:
-        im = im.convert("L" if im.mode in ("L", "LA", "1", "I", "I;16") else "RGB")
+        if im.mode.startswith("I;16") or im.mode == "I":
+            # 16-bit greyscale (Pillow's convert("L") would saturate it at 255, not rescale): to 8 bits, rounded
+            wide = np.asarray(im).astype(np.int64)
+            if wide.min() < 0 or wide.max() > 65535:
+                raise ValueError(f"{path}: a greyscale image of mode {im.mode} with values outside 0..65535")
+            return ((wide * 255 + 32767) // 65535).astype(np.uint8)[..., None]
+        im = im.convert("L" if im.mode in ("L", "LA", "1") else "RGB")
         array = np.asarray(im, dtype=np.uint8)
     return array[..., None] if array.ndim == 2 else array
 
@@ -115,6 +123,9 @@ def npz_file(path: str) -> Dataset:
                          f"{labels.shape}")
     if labels.size and labels.min() < 0:
         raise ValueError(f"--dataset {path}: labels must be non-negative, got {labels.min()}")
+    if labels.size and int(labels.max()) >= MAX_CLASSES:  # (uint64 too: compared as Python ints, before any cast)
+        raise ValueError(f"--dataset {path}: arr_1 must hold class ids 0..K-1 with K at most {MAX_CLASSES}, got a "
+                         f"label of {int(labels.max())}")
     num_classes = int(labels.max()) + 1 if labels.size else 0
     return Dataset(to_unit_range(images), torch.from_numpy(labels.astype(np.int64)), num_classes,
                    [str(k) for k in range(num_classes)], os.path.basename(path))

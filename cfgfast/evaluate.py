@@ -38,6 +38,8 @@ def gaussian_fit(features) -> tuple[np.ndarray, np.ndarray]:
     f = np.asarray(features, dtype=np.float64)
     if f.ndim != 2 or f.shape[0] < 2:
         raise ValueError(f"features must be [N, D] with N >= 2, got shape {f.shape}")
+    if not np.isfinite(f).all():
+        raise ValueError("features must be finite, got NaN or infinity")
     return f.mean(axis=0), np.cov(f, rowvar=False).reshape(f.shape[1], f.shape[1])
 
 
@@ -63,8 +65,13 @@ def inception_score(log_probs) -> float:
     lp = np.asarray(log_probs, dtype=np.float64)
     if lp.ndim != 2 or lp.shape[0] < 1:
         raise ValueError(f"log_probs must be [N, K] with N >= 1, got shape {lp.shape}")
-    log_marginal = np.log(np.exp(lp).mean(axis=0))
-    kl = (np.exp(lp) * (lp - log_marginal)).sum(axis=1)
+    if np.isnan(lp).any() or (lp == np.inf).any():
+        raise ValueError("log_probs must be log-probabilities (finite, or -inf for 0), got NaN or +infinity")
+    p = np.exp(lp)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        log_marginal = np.log(p.mean(axis=0))
+        # p log(p / marginal), with 0 log 0 = 0: a class of probability 0 adds nothing
+        kl = np.where(p > 0, p * (lp - log_marginal), 0.0).sum(axis=1)
     return float(np.exp(kl.mean()))
 
 
@@ -122,6 +129,11 @@ def sweep(model, data: Dataset, out: str, *, ws=DEFAULT_WS, num: int = 1000, ste
     v = _checks.unit_interval("v", v)
     seed = _checks.seed(seed)
     shape = tuple(data.images.shape[1:])
+    absent = (torch.bincount(data.labels, minlength=data.num_classes) == 0).nonzero().flatten().tolist()
+    if absent:  # samples of every class are scored against the real images of every class
+        raise ValueError(f"dataset {data.name} must hold images of each of its {data.num_classes} classes to "
+                         f"evaluate on, got none of class{'es' if len(absent) > 1 else ''} "
+                         f"{', '.join(map(str, absent[:10]))}{' ...' if len(absent) > 10 else ''}")
     if tuple(model.sample_shape) != shape or model.null_label != data.num_classes:
         raise ValueError(f"the model samples {tuple(model.sample_shape)} with {model.null_label} classes but dataset "
                          f"{data.name} holds {shape} with {data.num_classes}")

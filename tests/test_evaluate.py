@@ -82,6 +82,11 @@ def test_inception_score_bounds():
     assert inception_score(confident) == pytest.approx(k, rel=1e-6)
     # confident but all one class -> 1
     assert inception_score(np.log(np.eye(k)[np.zeros(50, dtype=int)] + 1e-30)) == pytest.approx(1.0, abs=1e-9)
+    # probabilities of exactly 0 (log -inf): 0 log 0 = 0
+    with np.errstate(divide="ignore"):
+        assert inception_score(np.log(np.eye(4))) == pytest.approx(4.0, rel=1e-12)
+        assert inception_score(np.log(np.eye(4)[[0, 0, 1]])) == pytest.approx(
+            math.exp((2 * math.log(3 / 2) + math.log(3)) / 3), rel=1e-12)
 
 
 def test_metric_inputs_are_checked():
@@ -92,6 +97,21 @@ def test_metric_inputs_are_checked():
         gaussian_fit(np.zeros((1, 4)))
     with pytest.raises(ValueError, match="means and covariances must be"):
         frechet_distance(np.zeros(2), np.eye(2), np.zeros(3), np.eye(3))
+    for bad in (math.nan, math.inf):
+        with pytest.raises(ValueError, match="features must be finite"):
+            gaussian_fit(np.array([[0.0, 1.0], [bad, 2.0], [1.0, 0.0]]))
+        with pytest.raises(ValueError, match="log_probs must be log-probabilities"):
+            inception_score(np.array([[0.0, -math.inf], [bad, 0.0]]))
+
+
+def test_evaluate_refuses_a_dataset_with_a_class_of_no_images(tmp_path, capsys):
+    pictures = np.random.default_rng(0).integers(0, 256, (20, 8, 8, 1), dtype=np.uint8)
+    np.savez(tmp_path / "d.npz", arr_0=pictures, arr_1=np.arange(20) % 2 * 9)  # classes 0 and 9 of 10
+    assert main(["evaluate", "--model", tiny_model_file(tmp_path), "--dataset", str(tmp_path / "d.npz"),
+                 "--out", str(tmp_path / "eval")]) == 2
+    assert "must hold images of each of its 10 classes to evaluate on, got none of classes 1, 2, 3, 4, 5, 6, 7, 8" \
+        in capsys.readouterr().err
+    assert not (tmp_path / "eval").exists()
 
 
 def test_score_is_fd_is_and_accuracy_of_the_classifier():

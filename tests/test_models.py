@@ -356,7 +356,26 @@ def test_dataset_errors(tmp_path):
             npz_file(str(tmp_path / name))
     with pytest.raises(ValueError, match="--dataset must be"):
         load_dataset(str(tmp_path / "nothing.txt"))
+    # a label far beyond any class count (the class list and the embedding would be that long), uint64 ones too
+    pictures = np.zeros((4, 4, 4, 1), np.uint8)
+    for labels in (np.array([0, 1, 2, 10**9]), np.array([0, 1, 2, 2**64 - 1], np.uint64)):
+        np.savez(tmp_path / "big.npz", arr_0=pictures, arr_1=labels)
+        with pytest.raises(ValueError, match=f"arr_1 must hold class ids 0..K-1 with K at most 100000, got a label "
+                                             f"of {int(labels.max())}"):
+            npz_file(str(tmp_path / "big.npz"))
 
+
+def test_sixteen_bit_greyscale_pngs_are_rescaled(tmp_path):
+    """Read by Pillow (our PNG reader takes 8-bit ones): scaled to 0..255, not saturated at 255."""
+    Image = pytest.importorskip("PIL.Image")
+    wide = np.array([[0, 128, 257, 32768], [40000, 63000, 65278, 65535]], np.uint16)
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        Image.fromarray(wide).save(tmp_path / name / "1.png")
+    with Image.open(tmp_path / "a" / "1.png") as im:
+        assert im.mode.startswith("I")  # 16 bits a pixel as Pillow reads it
+    data = image_folder(str(tmp_path))
+    assert to_uint8(data.images)[0, :, :, 0].tolist() == [[0, 0, 1, 128], [156, 245, 254, 255]]
 
 def _png_with_filters(image: np.ndarray) -> bytes:
     """An RGB PNG whose rows use filter types 1-4 in turn (our writer only uses type 0)."""
