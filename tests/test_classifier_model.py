@@ -81,6 +81,18 @@ def test_train_classifier_command_writes_a_small_loadable_checkpoint(tmp_path, c
     assert [p.name for p in tmp_path.iterdir()] == ["clf.pt"]  # no temporary file left
 
 
+@pytest.mark.parametrize("argv, message", [(["--lr", "0"], "--lr must be positive, got 0.0"),
+                                           (["--lr", "-1"], "--lr must be positive, got -1.0"),
+                                           (["--lr", "nan"], "--lr must be finite"),
+                                           (["--seed", "-1"], "--seed must be at least 0"),
+                                           (["--seed", str(2**64)], "--seed must be at least 0, below 2^64")])
+def test_train_classifier_command_refuses_bad_settings(tmp_path, capsys, argv, message):
+    out = tmp_path / "clf.pt"
+    assert main(["train-classifier", "--dataset", "digits", "--out", str(out), "--steps", "1"] + argv) == 2
+    assert f"cfgfast: error: {message.replace('2^64', str(2**64))}" in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_heldout_split_is_class_balanced_and_seeded():
     labels = torch.arange(50) % 5
     train, heldout = heldout_split(labels, 0.2, seed=3)

@@ -453,6 +453,45 @@ def test_cli_train_then_sample_the_checkpoint(tmp_path, capsys):
     assert not any(f.name.startswith(".tmp-") for f in tmp_path.iterdir())  # no partial files left
 
 
+def test_cli_train_network_checks_name_flags_and_ctrl_c_says_what_to_do(tmp_path, capsys, monkeypatch):
+    import cfgfast.training
+
+    out = tmp_path / "m.pt"
+    base = ["train", "--dataset", "digits", "--out", str(out), "--steps", "4", "--batch-size", "4",
+            "--base-channels", "8", "--groups", "4", "--checkpoint-every", "2"]
+    for extra, message in ((["--groups", "0"], "--groups must be a positive int, got 0"),
+                           (["--channel-mult", "1", "0"], "--channel-mult must be at least 1, got 0"),
+                           (["--attention-resolutions", "3"], r"--attention-resolutions must be among the resolutions "
+                                                              r"the network works at, \[8, 4\] .* got \[3\]")):
+        assert main(base + extra) == 2
+        assert re.search("cfgfast: error: " + message, capsys.readouterr().err)
+    assert not out.exists()
+    with pytest.raises(TypeError, match="UNetConfig.channel_mult must be an int, got float"):
+        UNetConfig(channel_mult=(1, 1.5))
+    # Ctrl-C: after a checkpoint, resume from it; before any (even over an earlier --out), there is none of this run
+    real_step, calls = torch.optim.AdamW.step, []
+
+    def interrupted_at(n):
+        def step(self, *args, **kwargs):
+            calls.append(1)
+            if len(calls) == n:
+                raise KeyboardInterrupt
+            return real_step(self, *args, **kwargs)
+        return step
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", interrupted_at(3))
+    assert main(base) == 130
+    assert f"interrupted; {out} holds the last checkpoint: rerun with --resume" in capsys.readouterr().err
+    assert checkpoint.read(str(out))["step"] == 2
+    calls.clear()
+    monkeypatch.setattr(torch.optim.AdamW, "step", interrupted_at(1))
+    assert main(base + ["--overwrite"]) == 130
+    assert "interrupted; no checkpoint of this run was written yet (every --checkpoint-every 2 steps)" \
+        in capsys.readouterr().err
+    monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
+    assert main(base + ["--resume"]) == 0 and checkpoint.read(str(out))["step"] == 4
+
+
 BUNDLED = os.path.join(os.path.dirname(cfgfast.__file__), "models", "weights", "digits.pt")
 
 

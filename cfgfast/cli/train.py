@@ -9,6 +9,10 @@ import time
 
 from cfgfast.cli.common import writable_path
 
+# the network's checks, told in this command's flags
+ERROR_NAMES = {f"UNetConfig.{name}": "--" + name.replace("_", "-")
+               for name in ("base_channels", "num_res_blocks", "channel_mult", "attention_resolutions", "groups")}
+
 
 def run(args) -> int:
     from cfgfast.data import load_dataset
@@ -37,10 +41,25 @@ def run(args) -> int:
         if getattr(args, name) is not None:
             overrides[name] = getattr(args, name)
     model_config = dataclasses.replace(PRESETS[args.preset], **overrides)
+    reached = [model_config.image_size >> level for level in range(len(model_config.channel_mult))]
+    unreached = [r for r in model_config.attention_resolutions if r not in reached]
+    if unreached:  # the network would silently have no attention there
+        raise ValueError(f"--attention-resolutions must be among the resolutions the network works at, {reached} "
+                         f"(image_size {model_config.image_size} halved at each of the {len(reached)} levels), got "
+                         f"{list(model_config.attention_resolutions)}")
     print(f"cfgfast train: {data.name}, {len(data.labels)} images of shape {tuple(data.images.shape[1:])}, "
           f"{data.num_classes} classes; {config.steps} steps of batch {config.batch_size}, p_uncond {config.p_uncond}")
     start = time.perf_counter()
-    train(model_config, data, out, config, resume=args.resume, log=functools.partial(print, flush=True))
+    earlier = os.stat(out).st_mtime_ns if os.path.exists(out) else None
+    try:
+        train(model_config, data, out, config, resume=args.resume, log=functools.partial(print, flush=True))
+    except KeyboardInterrupt:
+        if os.path.exists(out) and (args.resume or os.stat(out).st_mtime_ns != earlier):
+            args.interrupt_hint = f"{out} holds the last checkpoint: rerun with --resume to continue from it"
+        else:
+            args.interrupt_hint = (f"no checkpoint of this run was written yet (every --checkpoint-every "
+                                   f"{config.checkpoint_every} steps)")
+        raise
     print(f"wrote {out} ({time.perf_counter() - start:.0f} s)")
     if args.export is not None:
         from cfgfast.models.checkpoint import export

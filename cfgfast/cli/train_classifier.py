@@ -21,10 +21,15 @@ def run(args) -> int:
     from cfgfast.models.classifier import (ClassifierConfig, accuracy, heldout_split, save_classifier,
                                            train_classifier)
 
+    from cfgfast import _checks
+
     out = writable_path(args.out)
     for name in ("steps", "batch_size", "width"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    _checks.seed(args.seed)  # before the held-out split draws with it
+    if not _checks.real("lr", args.lr) > 0:
+        raise ValueError(f"lr must be positive, got {args.lr}")
     data = load_dataset(args.dataset)
     if data.images.shape[-1] != data.images.shape[-2]:
         raise ValueError(f"--dataset {args.dataset}: images must be square, got {tuple(data.images.shape[-2:])}")

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import _checks
 from ..schedule import diffuse, training_lambdas
 from . import checkpoint
 from .unet import ResBlock, lambda_features
@@ -147,6 +148,10 @@ def train_classifier(config: ClassifierConfig, images: torch.Tensor, labels: tor
     from training_lambdas (Algorithm 1's distribution). The same seed gives the same classifier. Eval mode."""
     if steps < 1 or batch_size < 1:
         raise ValueError(f"steps and batch_size must be at least 1, got {steps} and {batch_size}")
+    lr = _checks.real("lr", lr)
+    if not lr > 0:
+        raise ValueError(f"lr must be positive, got {lr}")
+    seed = _checks.seed(seed)
     if tuple(images.shape[1:]) != (config.in_channels, config.image_size, config.image_size):
         raise ValueError(f"images must have shape [N, {config.in_channels}, {config.image_size}, {config.image_size}] "
                          f"for this config, got {list(images.shape)}")

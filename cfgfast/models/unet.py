@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import _checks
 from ..schedule import LAMBDA_MAX, LAMBDA_MIN
 
 
@@ -32,8 +33,12 @@ class UNetConfig:
     fourier_features: int = 32  # sin/cos pairs of λ
 
     def __post_init__(self):
-        self.channel_mult = tuple(int(m) for m in self.channel_mult)
-        self.attention_resolutions = tuple(int(r) for r in self.attention_resolutions)
+        # whole numbers (a 1.5 would be cut to 1 by int())
+        for name in ("channel_mult", "attention_resolutions"):
+            values = getattr(self, name)
+            if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
+                raise TypeError(f"UNetConfig.{name} must be a sequence of ints, got {type(values).__name__}")
+            setattr(self, name, tuple(_checks.integer(f"UNetConfig.{name}", v, low=1) for v in values))
         for name in ("image_size", "in_channels", "num_classes", "base_channels", "num_res_blocks", "num_heads",
                      "groups", "fourier_features"):
             value = getattr(self, name)
