@@ -131,13 +131,14 @@ def _train(model_config, data, out, config, resume, progress, log) -> UNet:
         if ckpt.get("config") != model_config.to_dict():
             raise ValueError(f"--resume: {out} was trained with model config {ckpt.get('config')}, not "
                              f"{model_config.to_dict()}")
-        saved = {k: v for k, v in ckpt.get("train_config", {}).items() if k != "steps"}
-        now = {k: v for k, v in asdict(config).items() if k != "steps"}
+        free = ("steps", "checkpoint_every")  # neither changes the weights of a step
+        saved = {k: v for k, v in ckpt.get("train_config", {}).items() if k not in free}
+        now = {k: v for k, v in asdict(config).items() if k not in free}
         if saved != now:
             differ = "; ".join(f"{k} {saved.get(k, 'unset')!r} there, {now.get(k, 'unset')!r} now"
                                for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k))
             raise ValueError(f"--resume: {out} was trained with other settings ({differ}); resume with the same "
-                             "settings (only --steps may change)")
+                             "settings (only --steps and --checkpoint-every may change)")
         # the same images and labels (checkpoints from before the fingerprint: the same dataset name)
         saved_data = ckpt.get("dataset_fingerprint")
         if (saved_data != fingerprint) if saved_data is not None else (ckpt.get("dataset") != data.name):
