@@ -43,8 +43,13 @@ def scatter_panel(points: np.ndarray, colors: np.ndarray, size: int, extent: flo
     return panel
 
 
+class UnsupportedPNG(ValueError):
+    """A valid PNG of a kind read_png does not decode (bit depth, colour type, interlacing): Pillow may."""
+
+
 def read_png(path: str) -> np.ndarray:
-    """uint8 [H, W, C] (C = 1, 3 or 4) from an 8-bit, non-interlaced grey, RGB, grey+alpha or RGBA PNG."""
+    """uint8 [H, W, C] (C = 1, 3 or 4) from an 8-bit, non-interlaced grey, RGB, grey+alpha or RGBA PNG. A damaged
+    file is a ValueError naming it; a PNG of another kind an UnsupportedPNG (a ValueError too)."""
     with open(path, "rb") as f:
         data = f.read()
     if data[:8] != b"\x89PNG\r\n\x1a\n":
@@ -54,6 +59,8 @@ def read_png(path: str) -> np.ndarray:
         length, kind = struct.unpack(">I4s", data[pos:pos + 8])
         body = data[pos + 8:pos + 8 + length]
         if kind == b"IHDR":
+            if len(body) != 13:
+                raise ValueError(f"{path} is a corrupt PNG file (an IHDR chunk of {len(body)} bytes, not 13)")
             header = struct.unpack(">IIBBBBB", body)
         elif kind == b"IDAT":
             idat.append(body)
@@ -62,18 +69,26 @@ def read_png(path: str) -> np.ndarray:
         pos += 12 + length
     if header is None or not idat:
         raise ValueError(f"{path} is a truncated PNG file")
-    width, height, depth, color, _, _, interlace = header
+    width, height, depth, color, compression, filtering, interlace = header
+    if not (1 <= width < 2**31 and 1 <= height < 2**31) or compression or filtering:
+        raise ValueError(f"{path} is a corrupt PNG file (IHDR: {width} x {height} pixels, compression method "
+                         f"{compression}, filter method {filtering})")
     channels = {0: 1, 2: 3, 4: 2, 6: 4}.get(color)
     if depth != 8 or channels is None or interlace:
-        raise ValueError(f"{path}: only 8-bit non-interlaced grey/RGB/RGBA PNGs are read (got bit depth {depth}, "
-                         f"colour type {color}, interlace {interlace}); convert it or install Pillow")
+        raise UnsupportedPNG(f"{path}: only 8-bit non-interlaced grey/RGB/RGBA PNGs are read (got bit depth {depth}, "
+                             f"colour type {color}, interlace {interlace}); convert it or install Pillow")
+    stride = width * channels
+    expected = height * (stride + 1)
     try:
-        raw = np.frombuffer(zlib.decompress(b"".join(idat)), dtype=np.uint8)
+        # at most the declared image's bytes (and one more, to tell a longer stream): a small file that inflates to
+        # gigabytes is refused without allocating them
+        inflate = zlib.decompressobj()
+        raw = inflate.decompress(b"".join(idat), expected + 1)
     except zlib.error as exc:
         raise ValueError(f"{path} is a corrupt PNG file: {exc}") from None
-    stride = width * channels
-    if raw.size != height * (stride + 1):
+    if len(raw) != expected or not inflate.eof:
         raise ValueError(f"{path} is a corrupt PNG file (image data of the wrong size)")
+    raw = np.frombuffer(raw, dtype=np.uint8)
     rows = raw.reshape(height, stride + 1)
     out = np.zeros((height, stride), dtype=np.int32)
     for y in range(height):  # undo the per-row filters of the PNG standard

@@ -50,11 +50,11 @@ def digits() -> Dataset:
 
 def _read_image(path: str) -> np.ndarray:
     if path.lower().endswith(".png"):
-        from ._png import read_png
+        from ._png import UnsupportedPNG, read_png
 
         try:
-            image = read_png(path)
-        except ValueError:
+            image = read_png(path)  # a damaged file: its ValueError, naming it
+        except UnsupportedPNG:
             image = None  # a PNG flavour our reader does not handle: Pillow may
         if image is not None:
             return image[..., :3] if image.shape[2] == 4 else (image[..., :1] if image.shape[2] == 2 else image)
@@ -63,6 +63,14 @@ def _read_image(path: str) -> np.ndarray:
     except ImportError:
         raise ValueError(f"{path}: cannot read this image without Pillow (pip install pillow); 8-bit PNGs need "
                          "nothing") from None
+    try:
+        return _read_with_pillow(Image, path)
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:  # Pillow's own errors do not name the file
+        message = str(exc)
+        raise ValueError(message if path in message else f"{path}: {message}") from None
+
+
+def _read_with_pillow(Image, path: str) -> np.ndarray:
     with Image.open(path) as im:
         if im.mode.startswith("I;16") or im.mode == "I":
             # 16-bit greyscale (Pillow's convert("L") would saturate it at 255, not rescale): to 8 bits, rounded
