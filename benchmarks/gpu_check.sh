@@ -42,7 +42,7 @@ stage() {
   timeout -k 10 "$limit" "$@" > "$LOG/$name.log" 2>&1
   local rc=$?
   tail -n "$lines" "$LOG/$name.log"
-  if [ $rc -eq 124 ] && [ $cut -eq 1 ]; then
+  if { [ $rc -eq 124 ] || [ $rc -eq 137 ]; } && [ $cut -eq 1 ]; then  # 137: killed 10 s after the TERM
     echo "!! $name: cut at the ${budget}s budget (not a failure of its own)"; skipped="$skipped $name"
   elif [ $rc -ne 0 ]; then
     echo "!! $name: exit status $rc$([ $rc -eq 124 ] && echo ', time limit')"; status=1

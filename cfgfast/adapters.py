@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import inspect
 import numbers
+import sys
 import warnings
 from collections.abc import Mapping
 
@@ -92,9 +93,12 @@ def _ddpm_config(scheduler) -> dict:
         raise TypeError("scheduler must be a diffusers scheduler (e.g. DDPMScheduler) or its config as a dict, "
                         f"got {type(scheduler).__name__}")
     if config.get("thresholding"):
+        frame, level = sys._getframe(1), 2  # the warning points at the caller's line, outside this module
+        while frame is not None and frame.f_code.co_filename == __file__:
+            frame, level = frame.f_back, level + 1
         warnings.warn("scheduler's thresholding=True (dynamic thresholding) has no cfgfast counterpart and is "
                       "ignored: the adapter reads only the schedule (sample's clip= is the static clip_sample)",
-                      stacklevel=4)
+                      stacklevel=level)
     # keys of other schedulers (DDIM's set_alpha_to_one, ...) and the bookkeeping keys do not concern DDPM
     return {key: value for key, value in config.items() if key in _DDPM_KEYS}
 

@@ -129,14 +129,15 @@ def sweep(model, data: Dataset, out: str, *, ws=DEFAULT_WS, num: int = 1000, ste
     v = _checks.unit_interval("v", v)
     seed = _checks.seed(seed)
     shape = tuple(data.images.shape[1:])
-    absent = (torch.bincount(data.labels, minlength=data.num_classes) == 0).nonzero().flatten().tolist()
-    if absent:  # samples of every class are scored against the real images of every class
-        raise ValueError(f"dataset {data.name} must hold images of each of its {data.num_classes} classes to "
-                         f"evaluate on, got none of class{'es' if len(absent) > 1 else ''} "
-                         f"{', '.join(map(str, absent[:10]))}{' ...' if len(absent) > 10 else ''}")
     if tuple(model.sample_shape) != shape or model.null_label != data.num_classes:
         raise ValueError(f"the model samples {tuple(model.sample_shape)} with {model.null_label} classes but dataset "
                          f"{data.name} holds {shape} with {data.num_classes}")
+    absent = (torch.bincount(data.labels, minlength=data.num_classes) == 0).nonzero().flatten().tolist()
+    if absent:  # samples of every class are scored against the real images of every class
+        names = [str(data.class_names[k]) for k in absent]
+        raise ValueError(f"data must hold images of each of its {data.num_classes} classes to evaluate on; dataset "
+                         f"{data.name} has none of class{'es' if len(names) > 1 else ''} "
+                         f"{', '.join(names[:10])}{' ...' if len(names) > 10 else ''}")
     if classifier is not None:
         config = classifier.config
         if not config.noise_conditional or config.num_classes != data.num_classes \

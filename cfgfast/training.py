@@ -115,7 +115,7 @@ def _train(model_config, data, out, config, resume, progress, log) -> UNet:
     folder = os.path.dirname(os.path.abspath(out))
     if not os.path.isdir(folder):  # found now, not at the first checkpoint
         raise ValueError(f"out: folder {folder} does not exist")
-    torch.manual_seed(config.seed)  # the initial weights
+    torch.random.default_generator.manual_seed(config.seed)  # the initial weights (torch.manual_seed: every device's)
     model = UNet(model_config)
     ema = copy.deepcopy(model).requires_grad_(False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)

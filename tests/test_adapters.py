@@ -237,8 +237,14 @@ def test_bad_models_and_schedulers_are_named(dit):
     pipeline = diffusers.DDPMPipeline(unet=small_unet(), scheduler=diffusers.DDPMScheduler(**LINEAR))
     with pytest.raises(TypeError, match="got DDPMPipeline"):
         UNet2DAdapter(small_unet(), pipeline)
-    with pytest.warns(UserWarning, match="thresholding=True .* ignored"):
-        DDPMLambdas(diffusers.DDPMScheduler(**LINEAR, thresholding=True))
+    thresholding = diffusers.DDPMScheduler(**LINEAR, thresholding=True)
+    with pytest.warns(UserWarning, match="thresholding=True .* ignored") as caught:
+        DDPMLambdas(thresholding)
+    with pytest.warns(UserWarning, match="thresholding=True .* ignored") as caught_too:
+        DiTAdapter(dit, thresholding)
+    # the caller's line (here, not in cfgfast nor in pytest)
+    assert (caught[0].filename, caught_too[0].filename) == (__file__, __file__)
+    assert caught_too[0].lineno == caught[0].lineno + 2
     with pytest.raises(TypeError, match="transformer must be a diffusers DiTTransformer2DModel"):
         DiTAdapter(small_unet(), LINEAR)
     with pytest.raises(ValueError, match="num_class_embeds=None"):

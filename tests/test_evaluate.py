@@ -109,8 +109,8 @@ def test_evaluate_refuses_a_dataset_with_a_class_of_no_images(tmp_path, capsys):
     np.savez(tmp_path / "d.npz", arr_0=pictures, arr_1=np.arange(20) % 2 * 9)  # classes 0 and 9 of 10
     assert main(["evaluate", "--model", tiny_model_file(tmp_path), "--dataset", str(tmp_path / "d.npz"),
                  "--out", str(tmp_path / "eval")]) == 2
-    assert "must hold images of each of its 10 classes to evaluate on, got none of classes 1, 2, 3, 4, 5, 6, 7, 8" \
-        in capsys.readouterr().err
+    assert (f"error: --dataset must hold images of each of its 10 classes to evaluate on; dataset d.npz has none of "
+            "classes 1, 2, 3, 4, 5, 6, 7, 8") in capsys.readouterr().err
     assert not (tmp_path / "eval").exists()
 
 

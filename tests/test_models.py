@@ -415,6 +415,43 @@ def test_png_reader_all_filters(tmp_path):
         read_png(str(tmp_path / "bad.png"))
 
 
+def _png(header: bytes, data: bytes) -> bytes:
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", data) + chunk(b"IEND", b"")
+
+
+def test_png_reader_refuses_damaged_files_by_name(tmp_path):
+    grey = struct.pack(">IIBBBBB", 1, 1, 8, 0, 0, 0, 0)  # 1 x 1, 8-bit grey: 2 bytes of image data
+    cases = {
+        # a small file that inflates to 64 MB: refused after inflating what the header declares, not all of it
+        "bomb.png": (_png(grey, zlib.compress(bytes(2**26), 9)), r"image data of the wrong size"),
+        "short.png": (_png(grey, zlib.compress(b"\x00")), r"image data of the wrong size"),
+        "ihdr.png": (_png(grey[:4], zlib.compress(b"\x00\x00")), r"an IHDR chunk of 4 bytes, not 13"),
+        "empty.png": (_png(struct.pack(">IIBBBBB", 0, 5, 8, 2, 0, 0, 0), zlib.compress(b"")),
+                      r"IHDR: 0 x 5 pixels"),
+    }
+    for name, (data, message) in cases.items():
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(ValueError, match=f"{re.escape(str(tmp_path / name))} is a corrupt PNG file.*{message}"):
+            read_png(str(tmp_path / name))
+    (tmp_path / "ok.png").write_bytes(_png(grey, zlib.compress(b"\x00\x07")))
+    assert read_png(str(tmp_path / "ok.png")).tolist() == [[[7]]]
+    # in a dataset folder: the reader's own error, not handed to Pillow
+    (tmp_path / "folder" / "a").mkdir(parents=True)
+    (tmp_path / "folder" / "a" / "1.png").write_bytes(cases["short.png"][0])
+    with pytest.raises(ValueError, match=r"1.png is a corrupt PNG file \(image data of the wrong size\)"):
+        image_folder(str(tmp_path / "folder"))
+
+
+def test_images_pillow_cannot_read_are_named(tmp_path):
+    pytest.importorskip("PIL.Image")
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "1.jpg").write_bytes(b"not a jpeg")
+    with pytest.raises(ValueError, match=f"cannot identify image file '{re.escape(str(tmp_path / 'a' / '1.jpg'))}'"):
+        image_folder(str(tmp_path))
+
+
 def test_unit_range_round_trip():
     pixels = np.arange(256, dtype=np.uint8).reshape(1, 16, 16, 1)
     assert np.array_equal(to_uint8(to_unit_range(pixels)), pixels)
@@ -466,6 +503,10 @@ def test_cli_train_network_checks_name_flags_and_ctrl_c_says_what_to_do(tmp_path
         assert main(base + extra) == 2
         assert re.search("cfgfast: error: " + message, capsys.readouterr().err)
     assert not out.exists()
+    # a preset's own attention resolutions are its business: digits' (4,) on 16 x 16 images trains, as before
+    np.savez(tmp_path / "d16.npz", arr_0=np.zeros((8, 16, 16, 1), np.uint8), arr_1=np.arange(8) % 2)
+    assert main(["train", "--dataset", str(tmp_path / "d16.npz"), "--out", str(tmp_path / "d16.pt"), "--steps", "1",
+                 "--batch-size", "2", "--base-channels", "8", "--groups", "4"]) == 0
     with pytest.raises(TypeError, match="UNetConfig.channel_mult must be an int, got float"):
         UNetConfig(channel_mult=(1, 1.5))
     # Ctrl-C: after a checkpoint, resume from it; before any (even over an earlier --out), there is none of this run

@@ -12,7 +12,7 @@ from cfgfast.evaluate import DEFAULT_WS, FEATURE_STEPS
 
 
 # names in the library's errors that differ from this command's flags
-ERROR_NAMES = {"ws": "--w"}
+ERROR_NAMES = {"ws": "--w", "data": "--dataset"}
 
 
 def run(args) -> int:

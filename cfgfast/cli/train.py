@@ -42,19 +42,22 @@ def run(args) -> int:
             overrides[name] = getattr(args, name)
     model_config = dataclasses.replace(PRESETS[args.preset], **overrides)
     reached = [model_config.image_size >> level for level in range(len(model_config.channel_mult))]
-    unreached = [r for r in model_config.attention_resolutions if r not in reached]
-    if unreached:  # the network would silently have no attention there
+    unreached = [r for r in args.attention_resolutions or () if r not in reached]
+    if unreached:  # the network would silently have no attention there (a preset's own default is left alone)
         raise ValueError(f"--attention-resolutions must be among the resolutions the network works at, {reached} "
                          f"(image_size {model_config.image_size} halved at each of the {len(reached)} levels), got "
                          f"{list(model_config.attention_resolutions)}")
     print(f"cfgfast train: {data.name}, {len(data.labels)} images of shape {tuple(data.images.shape[1:])}, "
           f"{data.num_classes} classes; {config.steps} steps of batch {config.batch_size}, p_uncond {config.p_uncond}")
     start = time.perf_counter()
-    earlier = os.stat(out).st_mtime_ns if os.path.exists(out) else None
+    def identity(path):  # a save replaces the file (a new inode), and mtimes may be coarse
+        return (os.stat(path).st_ino, os.stat(path).st_mtime_ns) if os.path.exists(path) else None
+
+    earlier = identity(out)
     try:
         train(model_config, data, out, config, resume=args.resume, log=functools.partial(print, flush=True))
     except KeyboardInterrupt:
-        if os.path.exists(out) and (args.resume or os.stat(out).st_mtime_ns != earlier):
+        if os.path.exists(out) and (args.resume or identity(out) != earlier):
             args.interrupt_hint = f"{out} holds the last checkpoint: rerun with --resume to continue from it"
         else:
             args.interrupt_hint = (f"no checkpoint of this run was written yet (every --checkpoint-every "

@@ -159,7 +159,7 @@ def train_classifier(config: ClassifierConfig, images: torch.Tensor, labels: tor
         raise ValueError(f"labels must lie in [0, {config.num_classes}), got [{int(labels.min())}, "
                          f"{int(labels.max())}]")
     with torch.random.fork_rng(devices=[]):  # seeded initial weights without touching the caller's RNG
-        torch.manual_seed(seed)
+        torch.random.default_generator.manual_seed(seed)  # the CPU's alone, which fork_rng restores
         clf = Classifier(config)
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(clf.parameters(), lr=lr, weight_decay=1e-4)
