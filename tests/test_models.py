@@ -288,6 +288,27 @@ def test_checkpoint_errors(tmp_path):
     with pytest.raises(ValueError, match=r"module.pt is corrupt or not a torch file \(it holds a "
                                          r"torch.nn.modules.linear.Linear object, which a safe load refuses\)"):
         checkpoint.load_model(str(tmp_path / "module.pt"))
+    # checkpoints that load but do not make a network: each named, before any large allocation
+    good = {"config": TINY.to_dict(), "ema": UNet(TINY).state_dict()}
+    huge = dataclasses.replace(TINY, base_channels=40000, groups=40000, num_heads=40000).to_dict()  # ~10^11 weights
+    state = dict(good["ema"])
+    first = next(iter(state))
+    for name, payload, message in (
+            ("negative.pt", {**good, "config": {**good["config"], "base_channels": -4}},
+             "bad model config in checkpoint: UNetConfig.base_channels must be a positive int, got -4"),
+            ("list.pt", {**good, "ema": [1, 2]}, r"the 'ema' weights must be a dict of tensors, got list"),
+            ("huge.pt", {**good, "config": huge}, rf"weights do not fit the config: {re.escape(first)} is "),
+            ("fewer.pt", {**good, "ema": {k: v for k, v in state.items() if k != first}},
+             rf"weights do not fit the config: {re.escape(first)} is missing from the weights \(1 such\)"),
+            ("extra.pt", {**good, "ema": {**state, "extra": torch.zeros(1)}}, r"weights do not fit the config: extra is not in the network \(1 such\)"),
+            ("shape.pt", {**good, "ema": {**state, first: state[first][:1]}},
+             rf"weights do not fit the config: {re.escape(first)} is \(1, .*\) there, \(.*\) in the config's network")):
+        checkpoint.save(str(tmp_path / name), payload)
+        with pytest.raises(ValueError, match=f"{re.escape(str(tmp_path / name))}: {message}"):
+            checkpoint.load_model(str(tmp_path / name))
+    (tmp_path / "folder.pt").mkdir()
+    with pytest.raises(ValueError, match="folder.pt: a folder, not a file"):
+        checkpoint.load_model(str(tmp_path / "folder.pt"))
     with pytest.raises(ValueError, match="name must be one of"):
         cfgfast.load_pretrained("imagenet")
     with pytest.raises(TypeError, match="name must be a str"):

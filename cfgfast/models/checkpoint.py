@@ -25,7 +25,7 @@ def save(path: str, payload: dict, kind: str = FORMAT) -> None:
 def read(path: str, kind: str = FORMAT) -> dict:
     """The checkpoint dict at path, with a clear error for a file that is missing, corrupt or not ours."""
     if not os.path.isfile(path):
-        raise ValueError(f"checkpoint {path}: no such file")
+        raise ValueError(f"checkpoint {path}: {'a folder, not a file' if os.path.isdir(path) else 'no such file'}")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except MemoryError:
@@ -49,16 +49,26 @@ def read(path: str, kind: str = FORMAT) -> dict:
 def build(ckpt: dict, weights: str = "ema", path: str = "checkpoint") -> UNet:
     """The network of a checkpoint dict, in eval mode, with its EMA weights (or 'model')."""
     try:
-        model = UNet(UNetConfig(**ckpt["config"]))
-    except (KeyError, TypeError) as exc:
+        config = UNetConfig(**ckpt["config"])
+        with torch.device("meta"):  # the network's shapes, allocating nothing (a config may ask for any size)
+            shapes = {name: tuple(t.shape) for name, t in UNet(config).state_dict().items()}
+    except (KeyError, TypeError, ValueError) as exc:
         raise ValueError(f"{path}: bad model config in checkpoint: {exc}") from None
     state = ckpt.get(weights)
     if state is None:
         raise ValueError(f"{path}: checkpoint has no {weights!r} weights (has {sorted(k for k in ckpt if k in ('model', 'ema'))})")
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as exc:
-        raise ValueError(f"{path}: weights do not fit the config: {str(exc).splitlines()[0]}") from None
+    if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
+        raise ValueError(f"{path}: the {weights!r} weights must be a dict of tensors, got {type(state).__name__}")
+    # the weights fit the config before the network is built: then it takes no more memory than they already do
+    wrong = sorted(set(shapes) ^ set(state)) or [name for name in shapes if tuple(state[name].shape) != shapes[name]]
+    if wrong:
+        name = wrong[0]
+        detail = (f"{name} is {tuple(state[name].shape)} there, {shapes[name]} in the config's network"
+                  if name in shapes and name in state else
+                  f"{name} is {'missing from the weights' if name in shapes else 'not in the network'}")
+        raise ValueError(f"{path}: weights do not fit the config: {detail} ({len(wrong)} such)")
+    model = UNet(config)
+    model.load_state_dict(state)
     return model.eval().requires_grad_(False)
 
 
