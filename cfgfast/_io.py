@@ -26,7 +26,9 @@ def atomic_open(path: str):
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; give it the usual permissions
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(error, OSError) and error.errno is not None:  # disk full, a folder in the way: named by path
+            raise OSError(error.errno, f"cannot write {path}: {error.strerror}") from None
         raise

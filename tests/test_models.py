@@ -607,3 +607,17 @@ def test_atomic_open_names_the_file_asked_for(tmp_path):
             f.write(b"partial")
             raise RuntimeError("stopped")
     assert list(tmp_path.iterdir()) == []
+    # a write that fails (disk full) and a folder where the file should go: named by the file asked for, and an
+    # existing file is left as it was
+    import errno
+
+    (tmp_path / "z.npz").write_bytes(b"good")
+    with pytest.raises(OSError, match=f"cannot write {re.escape(str(tmp_path / 'z.npz'))}: No space left on device"):
+        with atomic_open(str(tmp_path / "z.npz")) as f:
+            f.write(b"partial")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    (tmp_path / "folder.png").mkdir()
+    with pytest.raises(OSError, match=f"cannot write {re.escape(str(tmp_path / 'folder.png'))}: Is a directory"):
+        write_png(str(tmp_path / "folder.png"), np.zeros((2, 2, 3), np.uint8))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder.png", "z.npz"]
+    assert (tmp_path / "z.npz").read_bytes() == b"good"
