@@ -171,6 +171,45 @@ def test_an_interrupted_run_resumes_to_the_same_file(tiny, tmp_path, monkeypatch
     assert not parts.exists()
 
 
+def test_a_stop_before_the_first_shard_or_a_damaged_manifest(tiny, tmp_path, monkeypatch, capsys):
+    from cfgfast.cli import sample as sample_command
+
+    out, parts = tmp_path / "s.npz", tmp_path / "s.npz.parts"
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    # Ctrl-C as the progress bar starts, after the parts folder is made: nothing is left to block the rerun
+    monkeypatch.setattr(sample_command, "_Progress", stopped)
+    assert main(args(tiny, out, "--batch-size", "4")) == 130
+    assert capsys.readouterr().err.strip() == "cfgfast: interrupted"
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.undo()
+    # a parts folder whose manifest was edited by hand: named, before any sampling
+    sample, calls = cfgfast.sample, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(kwargs["index_offset"])
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return sample(*args, **kwargs)
+
+    monkeypatch.setattr(cfgfast, "sample", interrupted)
+    assert main(args(tiny, out, "--batch-size", "4")) == 130
+    monkeypatch.setattr(cfgfast, "sample", sample)
+    manifest = (parts / "manifest.json").read_text()
+    for edited in (manifest.replace('"batch_size": 4', '"batch_size": 0'),
+                   manifest.replace('"batch_size": 4', '"batch_size": "4"'),
+                   manifest.replace('"batch_size": 4', '"batch_size": 4.0')):
+        assert edited != manifest
+        (parts / "manifest.json").write_text(edited)
+        assert main(args(tiny, out, "--resume")) == 2
+        assert f"--resume: {parts}/manifest.json is damaged (batch_size" in capsys.readouterr().err
+    (parts / "manifest.json").write_text(manifest)
+    assert main(args(tiny, out, "--resume")) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.npz"]  # no parts folder, no hidden leftovers
+
+
 def test_torchrun_writes_the_single_process_file(tiny, tmp_path):
     assert main(args(tiny, tmp_path / "one.npz", "--grid", str(tmp_path / "one.png"), "--batch-size", "3",
                      num=11)) == 0

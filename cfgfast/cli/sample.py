@@ -176,7 +176,12 @@ def _finished(args, parts: str, manifest: dict) -> list[tuple[int, int]]:
     if not isinstance(found, dict) or found.get("format") != PARTS_FORMAT or found.get("version") != PARTS_VERSION:
         raise ValueError(f"--resume: {parts}/manifest.json is not a {PARTS_FORMAT} manifest of version "
                          f"{PARTS_VERSION}; delete the folder to start over")
-    manifest["batch_size"] = manifest["batch_size"] or found.get("batch_size")
+    batch, shape = found.get("batch_size"), found.get("shape")
+    if type(batch) is not int or batch < 1 or not isinstance(shape, list) or len(shape) != 3 \
+            or any(type(n) is not int or n < 1 for n in shape):
+        raise ValueError(f"--resume: {parts}/manifest.json is damaged (batch_size {batch!r}, shape {shape!r}); delete "
+                         "the folder to start over")
+    manifest["batch_size"] = manifest["batch_size"] or batch
     differ = [f"{option} {_shown(key, found.get(key))} there, {_shown(key, manifest[key])} now"
               for key, option in MANIFEST_OPTIONS.items() if found.get(key) != manifest[key]]
     if differ:
@@ -330,18 +335,18 @@ def run(args) -> int:
         label_of = _label_of(args, model.config.num_classes)
         channels, height, width = model.sample_shape
         image_shape = (height, width, channels)
-        created = False
-        if world.rank == 0:
-            if not os.path.exists(parts):
-                _create_parts(parts, manifest)
-                created = True
-            args.interrupt_hint = f"the finished shards are in {parts}: rerun with --resume to finish"
-            resumed = f", resuming with {sum(e - s for s, e in finished)} done" if finished else ""
-            print(f"cfgfast {cfgfast.__version__}: {args.num} samples of {args.model}, w={args.w:g}, "
-                  f"{args.steps} steps, v={args.v:g}, seed {args.seed}, batch {manifest['batch_size']}, "
-                  f"{world.size} process(es) on {world.device.type}{resumed}", flush=True)
-        progress = _Progress(args.num, sum(e - s for s, e in finished), world.rank == 0)
+        created, progress = False, None
         try:
+            if world.rank == 0:
+                if not os.path.exists(parts):
+                    _create_parts(parts, manifest)
+                    created = True
+                args.interrupt_hint = f"the finished shards are in {parts}: rerun with --resume to finish"
+                resumed = f", resuming with {sum(e - s for s, e in finished)} done" if finished else ""
+                print(f"cfgfast {cfgfast.__version__}: {args.num} samples of {args.model}, w={args.w:g}, "
+                      f"{args.steps} steps, v={args.v:g}, seed {args.seed}, batch {manifest['batch_size']}, "
+                      f"{world.size} process(es) on {world.device.type}{resumed}", flush=True)
+            progress = _Progress(args.num, sum(e - s for s, e in finished), world.rank == 0)
             for first in range(0, len(todo), world.size):
                 # one shard per rank per round; rank 0 writes them all, so only it needs the output folder
                 round_shards = todo[first:first + world.size]
@@ -358,12 +363,13 @@ def run(args) -> int:
         except BaseException:
             # a run that fails before its first shard leaves nothing to resume: no parts folder that would block
             # the corrected rerun
-            if created and os.listdir(parts) == ["manifest.json"]:
+            if created and os.path.isdir(parts) and os.listdir(parts) == ["manifest.json"]:
                 shutil.rmtree(parts, ignore_errors=True)
                 args.interrupt_hint = None
             raise
         finally:
-            progress.close()
+            if progress is not None:
+                progress.close()
         if world.rank != 0:
             return 0
         images, labels = _join(parts, shards, image_shape), label_of(0, args.num).numpy()
@@ -373,7 +379,12 @@ def run(args) -> int:
         if args.grid is not None:
             write_png(args.grid, _grid_picture(images, labels))
             print(f"wrote {args.grid}")
-        shutil.rmtree(parts)
+        # out of the way in one step, then deleted: stopped midway, it leaves a hidden folder, not a half-deleted parts
+        # folder that a rerun would take for an interrupted run
+        args.interrupt_hint = None
+        trash = tempfile.mkdtemp(dir=os.path.dirname(os.path.abspath(parts)), prefix=".tmp-")
+        os.replace(parts, os.path.join(trash, "parts"))
+        shutil.rmtree(trash)
         return 0
     finally:
         world.close()
