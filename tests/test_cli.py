@@ -90,8 +90,11 @@ def test_bad_toy_arguments_are_named_before_sampling(tmp_path, capsys):
         (["--out", str(tmp_path)], "is a folder"),
         (["--num", "0"], "--num must be at least 1"),
         (["--size", "0"], "--size must be at least 8"),
-        (["--extent", "-1"], "--extent must be positive"),
-        (["--extent", "inf"], "--extent must be positive and finite"),
+        (["--extent", "-1"], "--extent must lie in [1e-6, 1e6], got -1.0"),
+        (["--extent", "inf"], "--extent must lie in [1e-6, 1e6], got inf"),
+        (["--extent", "1e308"], "--extent must lie in [1e-6, 1e6], got 1e+308"),  # it drew empty panels
+        (["--extent", "1e-320"], "--extent must lie in [1e-6, 1e6]"),
+        (["--seed", str(2**64)], f"--seed must be at least 0, below {2**64}, got {2**64}"),  # an overflow before
         (["--size", "100000"], "--size must be at most 4096"),
         (["--out", str(tmp_path / "t.txt")], "--out must name a .png file"),
     ):

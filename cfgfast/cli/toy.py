@@ -3,13 +3,13 @@ noise predictions, drawn side by side."""
 
 from __future__ import annotations
 
-import math
 import time
 
 import numpy as np
 import torch
 
 import cfgfast
+from cfgfast import _checks
 from cfgfast._png import scatter_panel, write_png
 from cfgfast.cli.common import finite_float, writable_path
 from cfgfast.toy import three_classes
@@ -26,8 +26,9 @@ def run(args) -> int:
             raise ValueError(f"{name} must be at least {low}, got {value}")
     if args.size > 4096:
         raise ValueError(f"--size must be at most 4096 (pixels a panel), got {args.size}")
-    if not 0 < args.extent < math.inf:
-        raise ValueError(f"--extent must be positive and finite, got {args.extent}")
+    if not 1e-6 <= args.extent <= 1e6:  # (beyond, the plot's arithmetic overflows or underflows: empty panels)
+        raise ValueError(f"--extent must lie in [1e-6, 1e6], got {args.extent}")
+    _checks.seed(args.seed)  # before the data's generator is seeded with it
     model = three_classes()
     labels = torch.arange(3 * args.num) % 3
     data = model.sample_data(labels, torch.Generator().manual_seed(args.seed))  # the classes themselves
