@@ -144,7 +144,7 @@ def sample(model, labels, w, steps=DEFAULT_STEPS, *, v=0.3, seed=0, shape=None, 
     return bfloat16 or float16, e.g. under autocast). guidance_interval=(lam_lo, lam_hi) guides only
     where lam_lo <= lam <= lam_hi. lambdas= replaces the grid (any increasing sequence; steps = its
     length: leave steps out, or give that length). Sample i is global sample index_offset + i: the same seed gives the same samples for any
-    batch split, batch size and backend.
+    batch split and batch size, and on any backend to float32 rounding.
 
     classifier(z, lam) -> logits [B, num_classes] switches to classifier guidance (Dhariwal & Nichol):
     only the model's conditional pass runs (an unconditional model simply ignores the labels) and
