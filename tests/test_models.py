@@ -517,10 +517,15 @@ def test_cli_train_network_checks_name_flags_and_ctrl_c_says_what_to_do(tmp_path
     out = tmp_path / "m.pt"
     base = ["train", "--dataset", "digits", "--out", str(out), "--steps", "4", "--batch-size", "4",
             "--base-channels", "8", "--groups", "4", "--checkpoint-every", "2"]
-    for extra, message in ((["--groups", "0"], "--groups must be a positive int, got 0"),
-                           (["--channel-mult", "1", "0"], "--channel-mult must be at least 1, got 0"),
-                           (["--attention-resolutions", "3"], r"--attention-resolutions must be among the resolutions "
-                                                              r"the network works at, \[8, 4\] .* got \[3\]")):
+    for extra, message in (
+            (["--groups", "0"], "--groups must be a positive int, got 0"),
+            (["--channel-mult", "1", "0"], "--channel-mult must be at least 1, got 0"),
+            (["--channel-mult", "1", "2", "2", "2", "2"], r"--channel-mult must have no more levels than image_size can "
+                                                    r"be halved between: image_size 8 cannot be halved 4 times"),
+            (["--base-channels", "6"], r"--base-channels must make every level's width a multiple of groups \(4\) "
+                                       r"and num_heads \(4\), got width 6 \(base_channels 6 x 1\)"),
+            (["--attention-resolutions", "3"], r"--attention-resolutions must be among the resolutions the network "
+                                               r"works at, \[8, 4\] .* got \[3\]")):
         assert main(base + extra) == 2
         assert re.search("cfgfast: error: " + message, capsys.readouterr().err)
     assert not out.exists()

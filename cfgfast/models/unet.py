@@ -48,14 +48,16 @@ class UNetConfig:
             raise ValueError(f"UNetConfig.channel_mult must be positive ints, got {self.channel_mult}")
         levels = len(self.channel_mult)
         if self.image_size % (2 ** (levels - 1)):
-            raise ValueError(f"UNetConfig: image_size {self.image_size} cannot be halved {levels - 1} times "
-                             f"(channel_mult has {levels} levels); use fewer levels or a size divisible by "
-                             f"{2 ** (levels - 1)}")
+            # (worded by the setting a user chooses: the command line tells it as --channel-mult)
+            raise ValueError(f"UNetConfig.channel_mult must have no more levels than image_size can be halved "
+                             f"between: image_size {self.image_size} cannot be halved {levels - 1} times "
+                             f"({levels} levels); use fewer levels or a size divisible by {2 ** (levels - 1)}")
         for m in self.channel_mult:
             width = self.base_channels * m
             if width % self.groups or width % self.num_heads:
-                raise ValueError(f"UNetConfig: width {width} (base_channels x {m}) must be a multiple of groups "
-                                 f"({self.groups}) and num_heads ({self.num_heads})")
+                raise ValueError(f"UNetConfig.base_channels must make every level's width a multiple of groups "
+                                 f"({self.groups}) and num_heads ({self.num_heads}), got width {width} "
+                                 f"(base_channels {self.base_channels} x {m})")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"UNetConfig.dropout must lie in [0, 1), got {self.dropout}")
 
