@@ -520,8 +520,9 @@ def test_cli_train_network_checks_name_flags_and_ctrl_c_says_what_to_do(tmp_path
     for extra, message in (
             (["--groups", "0"], "--groups must be a positive int, got 0"),
             (["--channel-mult", "1", "0"], "--channel-mult must be at least 1, got 0"),
-            (["--channel-mult", "1", "2", "2", "2", "2"], r"--channel-mult must have no more levels than image_size can "
-                                                    r"be halved between: image_size 8 cannot be halved 4 times"),
+            (["--channel-mult", "1", "2", "2", "2", "2"],
+             r"--channel-mult must have no more levels than image_size can be halved between: image_size 8 cannot be "
+             r"halved 4 times"),
             (["--base-channels", "6"], r"--base-channels must make every level's width a multiple of groups \(4\) "
                                        r"and num_heads \(4\), got width 6 \(base_channels 6 x 1\)"),
             (["--attention-resolutions", "3"], r"--attention-resolutions must be among the resolutions the network "
