@@ -70,6 +70,8 @@ def lambda_grid(name: str, values) -> list[float]:
     try:
         array_like = isinstance(values, torch.Tensor) or hasattr(values, "__array__")
         grid = torch.as_tensor(values if array_like else list(values))
+        if not array_like and grid.is_floating_point():  # Python floats, not rounded to the default float32
+            grid = torch.as_tensor(list(values), dtype=torch.float64)
     except (TypeError, ValueError, RuntimeError) as error:
         raise TypeError(f"{name} must be a 1-D sequence of numbers, got {type(values).__name__} ({error})") from None
     if grid.dim() != 1:
@@ -257,6 +259,7 @@ def op_noise_out(out, step, stream, index_offset) -> None:
     torch._check(0 <= stream < MAX_WORD, lambda: f"cfgfast: stream must be in [0, 2^32), got {stream}")
     torch._check(0 <= index_offset and index_offset + out.shape[0] <= MAX_WORD,
                  lambda: f"cfgfast: index_offset + batch must be in [0, 2^32], got index_offset={index_offset}")
+    torch._check(out.numel() <= out.shape[0] * 2**34, lambda: "cfgfast: at most 2^34 elements per sample")
 
 
 def op_step_args(out, z, eps_cond, eps_uncond, w, noise, coef, step, index_offset) -> None:
@@ -270,4 +273,14 @@ def op_step_args(out, z, eps_cond, eps_uncond, w, noise, coef, step, index_offse
                  lambda: "cfgfast: noise must be float32 like z")
     torch._check(out.shape == z.shape, lambda: "cfgfast: out must have z's shape")
     torch._check(len(coef) == 7, lambda: "cfgfast: coef must hold 7 numbers")
+    # one device: a direct call with one meta tensor among CPU ones reaches this fake kernel, which must not
+    # pass for the real one (under torch.compile, fake tensors carry their real devices)
+    for name, t in (("eps_cond", eps_cond), ("eps_uncond", eps_uncond), ("w", w), ("noise", noise), ("out", out)):
+        torch._check(t is None or t.device == z.device,
+                     lambda: f"cfgfast: all tensors must be on {z.device}, got {name} on {t.device}")
     op_noise_out(out, step, 1, index_offset)
+
+
+def op_clip(clip) -> None:
+    torch._check(clip is None or (clip > 0 and math.isfinite(clip)),
+                 lambda: f"cfgfast: clip must be positive and finite, got {clip}")

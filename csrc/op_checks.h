@@ -7,6 +7,8 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <cmath>
+#include <cstdint>
 #include <vector>
 
 #include "cfgfast/normal.h"
@@ -18,6 +20,48 @@ namespace cfgfast {
 // SPEC §3 limits: c0 = floor(j / 4) and c1 = b are 32-bit counter words.
 constexpr int64_t kMaxNumelPerSample = int64_t{1} << 34;
 constexpr int64_t kMaxSampleIndex = int64_t{1} << 32;
+
+// The bytes [first, last) a tensor's elements span in memory (0, 0 for an empty tensor). Strides are
+// non-negative for every tensor torch makes.
+inline std::pair<uintptr_t, uintptr_t> byte_span(const at::Tensor& t) {
+  if (t.numel() == 0) return {0, 0};
+  int64_t last = 0;
+  for (int64_t d = 0; d < t.dim(); ++d) last += (t.size(d) - 1) * t.stride(d);
+  const auto first = reinterpret_cast<uintptr_t>(t.const_data_ptr());
+  return {first, first + static_cast<uintptr_t>((last + 1) * static_cast<int64_t>(t.element_size()))};
+}
+
+// A view needing more bytes than its storage holds (a storage shrunk with resize_ after the view was made)
+// would be read or written out of bounds.
+inline void check_storage(const at::Tensor& t, const char* name) {
+  if (t.numel() == 0 || !t.has_storage()) return;
+  int64_t last = t.storage_offset();
+  for (int64_t d = 0; d < t.dim(); ++d) last += (t.size(d) - 1) * t.stride(d);
+  const int64_t needed = (last + 1) * static_cast<int64_t>(t.element_size());
+  TORCH_CHECK_VALUE(needed <= static_cast<int64_t>(t.storage().nbytes()), "cfgfast: ", name, " needs ", needed,
+                    " bytes of its storage, which holds ", t.storage().nbytes());
+}
+
+// out may be an input itself (the same elements), but no other overlap: the kernels read each element just
+// before writing it, never another one. ATen's overlap check compares storages; two storages over the same
+// memory (from_numpy, frombuffer) are caught by address.
+inline void check_no_partial_overlap(const at::Tensor& out, const at::Tensor& t, const char* name) {
+  at::assert_no_partial_overlap(out, t);
+  const auto a = byte_span(out), b = byte_span(t);
+  const bool same = out.const_data_ptr() == t.const_data_ptr() && out.sizes() == t.sizes() &&
+                    out.strides() == t.strides() && out.scalar_type() == t.scalar_type();
+  TORCH_CHECK_VALUE(same || a.first >= b.second || b.first >= a.second, "cfgfast: out must not overlap ", name,
+                    " unless it is ", name, " itself (their memory partly overlaps)");
+}
+
+// After the checks, before the kernel writes: autograd and cfgfast's own cache of checked tensors see out
+// as modified, as after any in-place op.
+inline void mark_written(at::Tensor& out) { out.unsafeGetTensorImpl()->bump_version(); }
+
+inline void check_clip(c10::optional<double> clip) {
+  TORCH_CHECK_VALUE(!clip.has_value() || (*clip > 0 && std::isfinite(*clip)),
+                    "cfgfast: clip must be positive and finite, got ", clip.has_value() ? *clip : 0.0);
+}
 
 inline void check_noise_out(const at::Tensor& out, int64_t step, int64_t stream, int64_t index_offset) {
   TORCH_CHECK_TYPE(out.scalar_type() == at::kFloat, "cfgfast: out must be float32, got ", out.scalar_type());
@@ -31,6 +75,7 @@ inline void check_noise_out(const at::Tensor& out, int64_t step, int64_t stream,
   const int64_t batch = out.size(0);
   TORCH_CHECK_VALUE(batch == 0 || out.numel() / batch <= kMaxNumelPerSample,
                     "cfgfast: at most 2^34 elements per sample");
+  check_storage(out, "out");
 }
 
 inline void check_step_args(const at::Tensor& out, const at::Tensor& z, const at::Tensor& eps_cond,
@@ -66,11 +111,20 @@ inline void check_step_args(const at::Tensor& out, const at::Tensor& z, const at
     TORCH_CHECK_VALUE(noise->device() == z.device(), "cfgfast: noise must be on ", z.device(), ", got ",
                       noise->device());
   }
-  // out may be z itself (an in-place step), but must not partly overlap an input: the kernels read each
-  // element just before writing it, never another element.
+  // out may be z itself (an in-place step), but must not partly overlap an input
   at::assert_no_internal_overlap(out);
-  for (const auto& t : {z, eps_cond, eps_uncond, w}) at::assert_no_partial_overlap(out, t);
-  if (noise.has_value()) at::assert_no_partial_overlap(out, *noise);
+  check_no_partial_overlap(out, z, "z");
+  check_no_partial_overlap(out, eps_cond, "eps_cond");
+  check_no_partial_overlap(out, eps_uncond, "eps_uncond");
+  check_no_partial_overlap(out, w, "w");
+  check_storage(z, "z");
+  check_storage(eps_cond, "eps_cond");
+  check_storage(eps_uncond, "eps_uncond");
+  check_storage(w, "w");
+  if (noise.has_value()) {
+    check_no_partial_overlap(out, *noise, "noise");
+    check_storage(*noise, "noise");
+  }
   TORCH_CHECK_VALUE(coef.size() == kNumStepCoef, "cfgfast: coef must hold ", kNumStepCoef, " numbers, got ",
                     coef.size());
   check_noise_out(out, step, /*stream=*/1, index_offset);
@@ -90,6 +144,8 @@ inline void check_table_args(const at::Tensor& out, const at::Tensor& z, const a
   TORCH_CHECK_VALUE(coef_table.device() == z.device() && step.device() == z.device(),
                     "cfgfast: coef_table and step must be on ", z.device());
   TORCH_CHECK_VALUE(coef_table.size(0) <= kMaxSampleIndex, "cfgfast: at most 2^32 steps");
+  check_storage(coef_table, "coef_table");
+  check_storage(step, "step");
   const std::vector<double> unit(kNumStepCoef, 1.0);
   check_step_args(out, z, eps_cond, eps_uncond, w, c10::nullopt, unit, 0, index_offset);
 }

@@ -254,3 +254,73 @@ def test_cuda_graph_captures_the_table_step_cold(backend, tmp_path):
     done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "ok"
+
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU"))]
+
+
+@pytest.mark.needs_extension
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_ops_mark_out_written(device):
+    """out's version counter moves, as after any in-place op: autograd refuses a backward through a tensor the step
+    overwrote (it computed a wrong gradient before), and a w that the step overwrote is checked again."""
+    if device == "cuda" and "cuda" not in cfgfast.available_backends():
+        pytest.skip("the cuda kernel is not built")
+    backend = device
+    a = torch.randn(2, 8, device=device, requires_grad=True)
+    h = a.exp()
+    loss = h.sum()
+    z, e = torch.randn(2, 8, device=device), torch.zeros(2, 8, device=device)
+    for write in (lambda out: cfgfast.reverse_step(z, e, e, -1.0, 1.0, 1.0, backend=backend, out=out),
+                  lambda out: cfgfast.normal_noise(out.shape, 0, device=device, backend=backend, out=out),
+                  lambda out: cfgfast.reverse_step_table(z, e, e, cfgfast.coefficient_table([-1.0, 1.0], 0.3).to(device),
+                                                         torch.tensor([0], device=device), 1.0, backend=backend, out=out)):
+        before = h._version
+        write(h)
+        assert h._version > before
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+    w, e3 = torch.ones(3, device=device), torch.zeros(3, device=device)
+    cfgfast.reverse_step(torch.randn(3, device=device), e3, e3, -1.0, 1.0, w, backend=backend)  # w checked, cached
+    inf = torch.full((3,), float("inf"), device=device)
+    cfgfast.reverse_step(inf, inf, e3, -1.0, 1.0, 1.0, backend=backend, out=w)  # now NaN or inf
+    with pytest.raises(ValueError, match="w must be finite"):
+        cfgfast.reverse_step(torch.randn(3, device=device), e3, e3, -1.0, 1.0, w, backend=backend)
+
+
+@pytest.mark.needs_extension
+def test_direct_op_calls_are_checked_as_the_public_api_is():
+    """What the Python wrappers check first, the ops check too: a direct torch.ops call neither crashes, nor writes
+    nothing, nor gives another answer than the reference."""
+    import numpy as np
+
+    op = torch.ops.cfgfast
+    coef = [1.0, 1.0, 2.0, 0.0, 1.0, 0.0, 0.0]
+    # a view whose storage was shrunk after it was made (a segfault before: torch's own ops have that hole)
+    shrunk = torch.empty(1, 1 << 22)
+    shrunk.untyped_storage().resize_(4)
+    with pytest.raises(ValueError, match="cfgfast: out needs 16777216 bytes of its storage, which holds 4"):
+        op.normal_noise_(shrunk, 0, 0, 0, 0)
+    small = torch.randn(1, 1 << 22)
+    with pytest.raises(ValueError, match="cfgfast: z needs 16777216 bytes of its storage"):
+        op.reverse_step_(torch.empty_like(small), shrunk, small, small, torch.ones(1), None, coef, 0, 0, 0, None, False)
+    # one meta tensor among CPU ones: the fake kernel ran, and out was left unwritten
+    out = torch.full((2, 4), 7.0)
+    with pytest.raises(RuntimeError, match="all tensors must be on cpu, got eps_cond on meta"):
+        op.reverse_step_(out, torch.randn(2, 4), torch.randn(2, 4, device="meta"), torch.randn(2, 4), torch.ones(2),
+                         None, coef, 0, 0, 0, None, False)
+    # out and z over the same memory through two storages (NumPy): a partial overlap ATen does not see
+    memory = np.random.default_rng(0).random(601).astype(np.float32)
+    out, z = torch.from_numpy(memory)[1:].view(2, 300), torch.from_numpy(memory)[:-1].view(2, 300)
+    e = torch.zeros(2, 300)
+    with pytest.raises(ValueError, match="cfgfast: out must not overlap z unless it is z itself"):
+        op.reverse_step_(out, z, e, e, torch.ones(2), None, coef, 0, 0, 0, None, False)
+    op.reverse_step_(z, z, e, e, torch.ones(2), None, coef, 0, 0, 0, None, False)  # z itself: the in-place step
+    # clip as the public API takes it
+    z = torch.randn(1, 4)
+    for clip in (float("nan"), -1.0, 0.0, float("inf"), float("-inf")):
+        with pytest.raises(ValueError, match="cfgfast: clip must be positive and finite"):
+            op.reverse_step_(torch.empty_like(z), z, z, z, torch.ones(1), None, coef, 0, 0, 0, clip, True)
+        with pytest.raises(ValueError, match="cfgfast: clip must be positive and finite"):
+            op.reverse_step_table_(torch.empty_like(z), z, z, z, torch.ones(1), torch.ones(1, 7, dtype=torch.float64),
+                                   torch.tensor([0]), 0, 0, clip)

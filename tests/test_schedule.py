@@ -293,3 +293,14 @@ def test_training_lambdas_bad_u_type(u):
 def test_training_lambdas_u_outside_unit_interval(bad):
     with pytest.raises(ValueError, match="u"):
         cfgfast.training_lambdas(torch.tensor([0.5, bad], dtype=torch.float64))
+
+
+def test_a_grid_given_as_python_floats_keeps_float64():
+    """A list of Python floats is taken at float64, not first rounded to torch's default float32 (which made
+    [1.0, 1.00000001] "not increasing" and moved other grids by ~1e-9)."""
+    grid = [-5.0, 0.1, 1.0, 1.00000001, 5.0]
+    same = dict(rtol=0, atol=0, equal_nan=True)  # (the last row's unused entries are NaN)
+    torch.testing.assert_close(cfgfast.coefficient_table(grid, 0.3),
+                               cfgfast.coefficient_table(torch.tensor(grid, dtype=torch.float64), 0.3), **same)
+    torch.testing.assert_close(cfgfast.coefficient_table(range(-2, 3), 0.3),
+                               cfgfast.coefficient_table(torch.arange(-2.0, 3.0, dtype=torch.float64), 0.3), **same)

@@ -42,6 +42,7 @@ void reverse_step_cpu(at::Tensor& out, const at::Tensor& z, const at::Tensor& ep
                       const at::Tensor& w, const c10::optional<at::Tensor>& noise, c10::ArrayRef<double> coef,
                       int64_t seed, int64_t step, int64_t index_offset, c10::optional<double> clip, bool last) {
   check_step_args(out, z, eps_cond, eps_uncond, w, noise, coef, step, index_offset);
+  check_clip(clip);
   TORCH_CHECK_VALUE(z.device().is_cpu(), "cfgfast: the cpu kernel needs CPU tensors, got ", z.device());
   // Logical C order everywhere: the noise index j does not depend on the memory format.
   const at::Tensor zc = z.contiguous(), ec = eps_cond.contiguous(), eu = eps_uncond.contiguous(), wc = w.contiguous();
@@ -63,6 +64,7 @@ void reverse_step_cpu(at::Tensor& out, const at::Tensor& z, const at::Tensor& ep
   args.last = last;
   args.key = noise_key(seed, step, /*stream=*/1);
   args.index_offset = static_cast<uint64_t>(index_offset);
+  mark_written(out);
   for_each_block(batch, args.numel_per_sample,
                  [&](int64_t b, int64_t g0, int64_t g1) { cpu::step_groups(args, b, g0, g1); });
 }
@@ -72,6 +74,7 @@ void reverse_step_table_cpu(at::Tensor& out, const at::Tensor& z, const at::Tens
                             const at::Tensor& eps_uncond, const at::Tensor& w, const at::Tensor& coef_table,
                             const at::Tensor& step, int64_t seed, int64_t index_offset, c10::optional<double> clip) {
   check_table_args(out, z, eps_cond, eps_uncond, w, coef_table, step, index_offset);
+  check_clip(clip);
   const int64_t t = step.item<int64_t>(), steps = coef_table.size(0);
   TORCH_CHECK_VALUE(t >= 0 && t < steps, "cfgfast: step ", t, " is outside the table of ", steps, " steps");
   const at::Tensor row = coef_table[t].contiguous();
@@ -86,6 +89,7 @@ void normal_noise_cpu(at::Tensor& out, int64_t seed, int64_t step, int64_t strea
   const int64_t batch = out.size(0);
   cpu::NoiseArgs args{out.data_ptr<float>(), batch == 0 ? 0 : out.numel() / batch, noise_key(seed, step, stream),
                       static_cast<uint64_t>(index_offset)};
+  mark_written(out);
   for_each_block(batch, args.numel_per_sample,
                  [&](int64_t b, int64_t g0, int64_t g1) { cpu::noise_groups(args, b, g0, g1); });
 }

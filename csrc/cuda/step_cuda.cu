@@ -156,6 +156,7 @@ void reverse_step_cuda(at::Tensor& out, const at::Tensor& z, const at::Tensor& e
                        const at::Tensor& w, const c10::optional<at::Tensor>& noise, c10::ArrayRef<double> coef,
                        int64_t seed, int64_t step, int64_t index_offset, c10::optional<double> clip, bool last) {
   check_step_args(out, z, eps_cond, eps_uncond, w, noise, coef, step, index_offset);
+  check_clip(clip);
   TORCH_CHECK_VALUE(z.device().is_cuda(), "cfgfast: the cuda kernel needs CUDA tensors, got ", z.device());
   const c10::cuda::CUDAGuard guard(z.device());
   const at::Tensor zc = z.contiguous(), ec = eps_cond.contiguous(), eu = eps_uncond.contiguous(), wc = w.contiguous();
@@ -164,6 +165,7 @@ void reverse_step_cuda(at::Tensor& out, const at::Tensor& z, const at::Tensor& e
   a.coef = step_coef_from(coef);
   a.key.step = static_cast<uint32_t>(step);
   a.last = last;
+  mark_written(out);
   launch_step(a, ec.scalar_type(), z);
 }
 
@@ -171,6 +173,7 @@ void reverse_step_table_cuda(at::Tensor& out, const at::Tensor& z, const at::Ten
                              const at::Tensor& eps_uncond, const at::Tensor& w, const at::Tensor& coef_table,
                              const at::Tensor& step, int64_t seed, int64_t index_offset, c10::optional<double> clip) {
   check_table_args(out, z, eps_cond, eps_uncond, w, coef_table, step, index_offset);
+  check_clip(clip);
   TORCH_CHECK_VALUE(z.device().is_cuda(), "cfgfast: the cuda kernel needs CUDA tensors, got ", z.device());
   const c10::cuda::CUDAGuard guard(z.device());
   const at::Tensor zc = z.contiguous(), ec = eps_cond.contiguous(), eu = eps_uncond.contiguous(), wc = w.contiguous();
@@ -179,6 +182,7 @@ void reverse_step_table_cuda(at::Tensor& out, const at::Tensor& z, const at::Ten
   a.table = table.const_data_ptr<double>();
   a.step_ptr = step.const_data_ptr<int64_t>();
   a.table_len = table.size(0);
+  mark_written(out);
   launch_step(a, ec.scalar_type(), z);
 }
 
@@ -189,6 +193,7 @@ void normal_noise_cuda(at::Tensor& out, int64_t seed, int64_t step, int64_t stre
   const int64_t batch = out.size(0);
   const int64_t n_per = batch == 0 ? 0 : out.numel() / batch;
   const int64_t groups = (n_per + 3) / 4, total = batch * groups;
+  mark_written(out);
   if (total == 0) return;
   const bool vec = noise_vectorisable(out.data_ptr<float>(), n_per);
   const NoiseKey key = noise_key(seed, step, stream);
