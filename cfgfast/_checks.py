@@ -69,9 +69,10 @@ def lambda_grid(name: str, values) -> list[float]:
         raise TypeError(f"{name} must be a 1-D sequence of numbers, got {type(values).__name__}")
     try:
         array_like = isinstance(values, torch.Tensor) or hasattr(values, "__array__")
-        grid = torch.as_tensor(values if array_like else list(values))
+        values = values if array_like else list(values)  # (once: a generator is used up by it)
+        grid = torch.as_tensor(values)
         if not array_like and grid.is_floating_point():  # Python floats, not rounded to the default float32
-            grid = torch.as_tensor(list(values), dtype=torch.float64)
+            grid = torch.as_tensor(values, dtype=torch.float64)
     except (TypeError, ValueError, RuntimeError) as error:
         raise TypeError(f"{name} must be a 1-D sequence of numbers, got {type(values).__name__} ({error})") from None
     if grid.dim() != 1:
@@ -282,5 +283,5 @@ def op_step_args(out, z, eps_cond, eps_uncond, w, noise, coef, step, index_offse
 
 
 def op_clip(clip) -> None:
-    torch._check(clip is None or (clip > 0 and math.isfinite(clip)),
-                 lambda: f"cfgfast: clip must be positive and finite, got {clip}")
+    torch._check(clip is None or 0 < clip <= torch.finfo(torch.float32).max,
+                 lambda: f"cfgfast: clip must be positive and finite in float32, got {clip}")

@@ -7,8 +7,8 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
-#include <cmath>
 #include <cstdint>
+#include <limits>
 #include <vector>
 
 #include "cfgfast/normal.h"
@@ -47,6 +47,8 @@ inline void check_storage(const at::Tensor& t, const char* name) {
 // memory (from_numpy, frombuffer) are caught by address.
 inline void check_no_partial_overlap(const at::Tensor& out, const at::Tensor& t, const char* name) {
   at::assert_no_partial_overlap(out, t);
+  // (a non-contiguous input is copied before anything is written: its memory may lie anywhere)
+  if (!t.is_contiguous()) return;
   const auto a = byte_span(out), b = byte_span(t);
   const bool same = out.const_data_ptr() == t.const_data_ptr() && out.sizes() == t.sizes() &&
                     out.strides() == t.strides() && out.scalar_type() == t.scalar_type();
@@ -58,9 +60,11 @@ inline void check_no_partial_overlap(const at::Tensor& out, const at::Tensor& t,
 // as modified, as after any in-place op.
 inline void mark_written(at::Tensor& out) { out.unsafeGetTensorImpl()->bump_version(); }
 
+// (as the Python API: beyond float32's largest value the kernels' float clip would be infinite, no clip)
 inline void check_clip(c10::optional<double> clip) {
-  TORCH_CHECK_VALUE(!clip.has_value() || (*clip > 0 && std::isfinite(*clip)),
-                    "cfgfast: clip must be positive and finite, got ", clip.has_value() ? *clip : 0.0);
+  TORCH_CHECK_VALUE(!clip.has_value() || (*clip > 0 && *clip <= std::numeric_limits<float>::max()),
+                    "cfgfast: clip must be positive and finite in float32, got ",
+                    clip.has_value() ? *clip : 0.0);
 }
 
 inline void check_noise_out(const at::Tensor& out, int64_t step, int64_t stream, int64_t index_offset) {
@@ -146,6 +150,8 @@ inline void check_table_args(const at::Tensor& out, const at::Tensor& z, const a
   TORCH_CHECK_VALUE(coef_table.size(0) <= kMaxSampleIndex, "cfgfast: at most 2^32 steps");
   check_storage(coef_table, "coef_table");
   check_storage(step, "step");
+  check_no_partial_overlap(out, coef_table, "coef_table");  // read by other threads while out is written
+  check_no_partial_overlap(out, step, "step");
   const std::vector<double> unit(kNumStepCoef, 1.0);
   check_step_args(out, z, eps_cond, eps_uncond, w, c10::nullopt, unit, 0, index_offset);
 }

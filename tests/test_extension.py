@@ -316,11 +316,24 @@ def test_direct_op_calls_are_checked_as_the_public_api_is():
     with pytest.raises(ValueError, match="cfgfast: out must not overlap z unless it is z itself"):
         op.reverse_step_(out, z, e, e, torch.ones(2), None, coef, 0, 0, 0, None, False)
     op.reverse_step_(z, z, e, e, torch.ones(2), None, coef, 0, 0, 0, None, False)  # z itself: the in-place step
+    # a non-contiguous input is copied before out is written: its memory may span out's
+    buffer = torch.zeros(3, 2, 8)
+    out, z, e = buffer[1], buffer[::2, 0], torch.zeros(2, 8)
+    want = cfgfast.reverse_step(z.clone(), e, e, -1.0, 1.0, 1.0, backend="reference")
+    op.reverse_step_(out, z, e, e, torch.ones(2), None, cfgfast.step_coefficients(-1.0, 1.0, 0.3).as_list(), 0, 0, 0,
+                     None, False)
+    torch.testing.assert_close(out, want)
+    # the table step: out over the table's bytes (other threads read the table while out is written)
+    z = torch.randn(1, 4)
+    table = cfgfast.coefficient_table([-1.0, 1.0], 0.3)
+    out = torch.from_numpy(table.numpy()).view(torch.float32).view(-1)[:4].view(1, 4)  # another storage, same memory
+    with pytest.raises(ValueError, match="cfgfast: out must not overlap coef_table"):
+        op.reverse_step_table_(out, z, z, z, torch.ones(1), table, torch.tensor([0]), 0, 0, None)
     # clip as the public API takes it
     z = torch.randn(1, 4)
-    for clip in (float("nan"), -1.0, 0.0, float("inf"), float("-inf")):
-        with pytest.raises(ValueError, match="cfgfast: clip must be positive and finite"):
+    for clip in (float("nan"), -1.0, 0.0, float("inf"), float("-inf"), 1e39):  # 1e39: infinite in float32
+        with pytest.raises(ValueError, match="cfgfast: clip must be positive and finite in float32"):
             op.reverse_step_(torch.empty_like(z), z, z, z, torch.ones(1), None, coef, 0, 0, 0, clip, True)
-        with pytest.raises(ValueError, match="cfgfast: clip must be positive and finite"):
+        with pytest.raises(ValueError, match="cfgfast: clip must be positive and finite in float32"):
             op.reverse_step_table_(torch.empty_like(z), z, z, z, torch.ones(1), torch.ones(1, 7, dtype=torch.float64),
                                    torch.tensor([0]), 0, 0, clip)

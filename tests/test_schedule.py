@@ -302,5 +302,7 @@ def test_a_grid_given_as_python_floats_keeps_float64():
     same = dict(rtol=0, atol=0, equal_nan=True)  # (the last row's unused entries are NaN)
     torch.testing.assert_close(cfgfast.coefficient_table(grid, 0.3),
                                cfgfast.coefficient_table(torch.tensor(grid, dtype=torch.float64), 0.3), **same)
+    torch.testing.assert_close(cfgfast.coefficient_table((lam for lam in grid), 0.3),  # a generator, read once
+                               cfgfast.coefficient_table(torch.tensor(grid, dtype=torch.float64), 0.3), **same)
     torch.testing.assert_close(cfgfast.coefficient_table(range(-2, 3), 0.3),
                                cfgfast.coefficient_table(torch.arange(-2.0, 3.0, dtype=torch.float64), 0.3), **same)
