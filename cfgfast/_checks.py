@@ -232,6 +232,14 @@ def _byte_range(t: torch.Tensor) -> tuple[int, int]:
     return low, start + size * (1 + sum(max(0, st * (sz - 1)) for st, sz in zip(t.stride(), t.shape)))
 
 
+def writable_out(out: torch.Tensor) -> None:
+    """torch refuses in-place writes to a tensor made under inference_mode once outside it; say so by name."""
+    if out.is_inference() and not torch.is_inference_mode_enabled() and not torch.compiler.is_compiling():
+        raise ValueError("out was made under torch.inference_mode() and cannot be written outside it (torch refuses "
+                         "in-place updates of inference tensors there): call inside inference_mode, or pass an out "
+                         "made outside it")
+
+
 def out_may_alias(out: torch.Tensor, **inputs: torch.Tensor | None) -> None:
     """out may be one of the inputs exactly (an in-place step) but must not partly overlap any."""
     if torch.compiler.is_compiling():

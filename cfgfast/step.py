@@ -42,6 +42,7 @@ def _check_common(z, eps_cond, eps_uncond, w, seed, index_offset, clip, out):
               and out.device == z.device and out.is_contiguous()):
         raise ValueError(f"out must be a contiguous float32 tensor of z's shape {tuple(z.shape)} on {z.device}")
     else:
+        _checks.writable_out(out)
         _checks.out_may_alias(out, z=z, eps_cond=eps_cond, eps_uncond=eps_uncond, w=w)
     return w, seed, index_offset, clip, out
 

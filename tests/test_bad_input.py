@@ -252,6 +252,26 @@ def test_w_made_under_inference_mode(per_sample):
     torch.testing.assert_close(x, cfgfast.sample(model, torch.tensor([0, 1]), 3.0, 4, null_label=2, shape=(3,)))
 
 
+def test_out_made_under_inference_mode():
+    """Written inside inference_mode, as torch allows; outside it, refused by name before any backend runs (torch's
+    in-place ops, the reference's copy_ and the compiled ops' version bump refuse it with their own words)."""
+    with torch.inference_mode():
+        out = torch.empty(3, 4, 5)
+    table = cfgfast.coefficient_table([-1.0, 0.0], 0.3)
+    for backend in BACKENDS:
+        with pytest.raises(ValueError, match=r"out was made under torch.inference_mode\(\) and cannot be written"):
+            call(backend, out=out)
+        with pytest.raises(ValueError, match=r"out was made under torch.inference_mode\(\)"):
+            cfgfast.normal_noise((3, 4, 5), 0, backend=backend, out=out)
+        z = torch.randn(3, 4, 5)
+        with pytest.raises(ValueError, match=r"out was made under torch.inference_mode\(\)"):
+            cfgfast.reverse_step_table(z, z, z, table, torch.tensor([0]), 1.0, backend=backend, out=out)
+        inputs = dict(z=torch.randn(3, 4, 5), eps_cond=torch.randn(3, 4, 5), eps_uncond=torch.randn(3, 4, 5))
+        with torch.inference_mode():
+            torch.testing.assert_close(call(backend, out=out, **inputs), call("reference", **inputs))
+            cfgfast.normal_noise((3, 4, 5), 0, backend=backend, out=out)
+
+
 def test_numpy_scalars_are_numbers():
     import numpy as np
 
