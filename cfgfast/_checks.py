@@ -234,7 +234,9 @@ def _byte_range(t: torch.Tensor) -> tuple[int, int]:
 
 def writable_out(out: torch.Tensor) -> None:
     """torch refuses in-place writes to a tensor made under inference_mode once outside it; say so by name."""
-    if out.is_inference() and not torch.is_inference_mode_enabled() and not torch.compiler.is_compiling():
+    if torch.compiler.is_compiling():  # dynamo cannot trace is_inference (a graph break under fullgraph=True)
+        return
+    if out.is_inference() and not torch.is_inference_mode_enabled():
         raise ValueError("out was made under torch.inference_mode() and cannot be written outside it (torch refuses "
                          "in-place updates of inference tensors there): call inside inference_mode, or pass an out "
                          "made outside it")
