@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import numbers
 import weakref
+from collections.abc import Mapping, Set
 
 import numpy as np
 import torch
@@ -65,8 +66,10 @@ LAMBDA_LIMIT = 80.0
 
 def lambda_grid(name: str, values) -> list[float]:
     """A 1-D sequence of at least 2 real numbers (a list, tuple, range, tensor, array, ...) as Python floats."""
-    if isinstance(values, (str, bytes)):
+    if isinstance(values, (str, bytes, Set, Mapping)):  # a set or a dict's keys: in no defined order
         raise TypeError(f"{name} must be a 1-D sequence of numbers, got {type(values).__name__}")
+    if isinstance(values, torch.Tensor) and values.device.type == "meta":
+        raise ValueError(f"{name} must have values, got a tensor on the meta device")
     try:
         array_like = isinstance(values, torch.Tensor) or hasattr(values, "__array__")
         values = values if array_like else list(values)  # (once: a generator is used up by it)
@@ -138,6 +141,8 @@ def resolve_device(device) -> torch.device:
             device = torch.device("cuda", torch.cuda.current_device())
         elif device.index >= torch.cuda.device_count():
             raise ValueError(f"device {device} is not available: torch finds {torch.cuda.device_count()} CUDA GPU(s)")
+    elif device.type == "cpu":
+        device = torch.device("cpu")  # a CPU tensor's device has no index: "cpu:0" is that device
     return device
 
 

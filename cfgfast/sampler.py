@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import numbers
 import sys
 from collections.abc import Mapping, Set
 
@@ -29,13 +28,25 @@ def _model_device(model, labels: torch.Tensor) -> torch.device:
 DEFAULT_STEPS = 256  # the paper's
 
 
+def _bound(name: str, value) -> float:
+    """A bound of a given lambda grid: a real number or a one-element tensor, where +-inf means no bound."""
+    try:
+        return _checks.real(name, value)
+    except ValueError:
+        if isinstance(value, torch.Tensor) and value.numel() == 1 and value.device.type != "meta":
+            value = value.item()
+        if isinstance(value, float) and math.isinf(value):
+            return value
+        raise
+
+
 def _grid(steps, lambdas, lambda_min, lambda_max) -> list[float]:
     if lambdas is None:
         return sampling_lambdas(steps, lambda_min, lambda_max).tolist()
     # a given grid: lambda_min and lambda_max only bound it (infinite bounds: no bound)
-    for name, bound in (("lambda_min", lambda_min), ("lambda_max", lambda_max)):
-        if isinstance(bound, bool) or not isinstance(bound, numbers.Real):
-            raise TypeError(f"{name} must be a real number, got {type(bound).__name__}")
+    lambda_min, lambda_max = _bound("lambda_min", lambda_min), _bound("lambda_max", lambda_max)
+    if not lambda_min < lambda_max:
+        raise ValueError(f"lambda_min must be below lambda_max, got {lambda_min} >= {lambda_max}")
     grid = _checks.lambda_grid("lambdas", lambdas)
     for t, lam in enumerate(grid):
         _checks.log_snr(f"lambdas[{t}]", lam)
@@ -142,8 +153,9 @@ def sample(model, labels, w, steps=DEFAULT_STEPS, *, v=0.3, seed=0, shape=None, 
     model.null_label) means "no class". w: a number or one per sample; 0 everywhere skips the
     unconditional pass. The state starts as the noise of stream 0 and stays float32 (the model may
     return bfloat16 or float16, e.g. under autocast). guidance_interval=(lam_lo, lam_hi) guides only
-    where lam_lo <= lam <= lam_hi. lambdas= replaces the grid (any increasing sequence; steps = its
-    length: leave steps out, or give that length). Sample i is global sample index_offset + i: the same seed gives the same samples for any
+    where lam_lo <= lam <= lam_hi. lambdas= replaces the grid: any increasing sequence inside
+    [lambda_min, lambda_max] (by default the paper's [-20, 20]: widen them, up to +-80, for a grid beyond;
+    +-inf: no bound); steps is then its length (leave steps out, or give that length). Sample i is global sample index_offset + i: the same seed gives the same samples for any
     batch split and batch size, and on any backend to float32 rounding.
 
     classifier(z, lam) -> logits [B, num_classes] switches to classifier guidance (Dhariwal & Nichol):
@@ -169,6 +181,8 @@ def sample(model, labels, w, steps=DEFAULT_STEPS, *, v=0.3, seed=0, shape=None, 
     model_null = getattr(model, "null_label", None)
     null_label = model_null if null_label is None else null_label
     if classifier is not None:
+        if null_label is not None:  # unused with a classifier (no unconditional pass), but not garbage
+            null_label = _checks.integer("null_label", null_label)
         if not callable(classifier):
             raise TypeError(f"classifier must be callable as classifier(z, lam), got {type(classifier).__name__}")
         if batch and int(labels.min()) < 0:

@@ -42,8 +42,11 @@ def sampling_lambdas(steps: int, lambda_min: float = LAMBDA_MIN, lambda_max: flo
     steps = _checks.integer("steps", steps, low=2)
     lambda_min, lambda_max = _check_range(lambda_min, lambda_max)
     u = 1.0 - torch.arange(steps, dtype=torch.float64) / (steps - 1)
-    lam = _sech_map(u, lambda_min, lambda_max)
+    lam = _sech_map(u, lambda_min, lambda_max).clamp(lambda_min, lambda_max)
     lam[0], lam[-1] = lambda_min, lambda_max  # exact ends: the last step is recognised by lam == lambda_max
+    if not bool((lam[1:] > lam[:-1]).all()):  # float64 rounding, on a range too narrow for so many steps
+        raise ValueError(f"steps={steps} is too many for the range [{lambda_min!r}, {lambda_max!r}]: float64 cannot "
+                         f"hold that many increasing log-SNRs in it; take fewer steps or a wider range")
     return lam
 
 
@@ -59,6 +62,8 @@ def training_lambdas(
         raise TypeError(f"u must be a tensor, got {type(u).__name__}")
     if not u.is_floating_point():
         raise TypeError(f"u must be a floating-point tensor, got {u.dtype}")
+    if u.device.type == "meta":
+        raise ValueError("u must have values, got a tensor on the meta device")
     lambda_min, lambda_max = _check_range(lambda_min, lambda_max)
     uniform = _checks.flag("uniform", uniform)
     u64 = u.double()

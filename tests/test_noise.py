@@ -396,6 +396,7 @@ def test_normal_noise_writes_into_out(backend_name):
     out = torch.full(shape, float("nan"))
     result = cfgfast.normal_noise(shape, 5, step=2, out=out, backend=backend_name)
     assert result.data_ptr() == out.data_ptr()
+    assert cfgfast.normal_noise(shape, 5, step=2, out=out, device="cpu:0", backend=backend_name) is result  # cpu
     expected = cfgfast.normal_noise(shape, 5, step=2, backend="reference")
     torch.testing.assert_close(out, expected, rtol=5e-7, atol=1e-12)
     for bad in (torch.empty(3, 2, 10), torch.empty(shape, dtype=torch.float64), torch.empty(2, 11, 3).transpose(0, 2)):

@@ -155,6 +155,13 @@ def test_a_model_that_keeps_its_input_sees_every_state():
         (dict(lambdas=[-1000.0, 0.0]), ValueError, r"lambdas\[0\] must lie in \[-80, 80\]"),
         (dict(lambdas=[-30.0, 0.0]), ValueError, r"lambdas must lie in \[lambda_min, lambda_max\]"),
         (dict(lambdas=[-1.0, 0.0], lambda_min="x"), TypeError, "lambda_min must be a real number"),
+        (dict(lambdas=[-1.0, 0.0], lambda_min=5.0, lambda_max=-5.0), ValueError, "lambda_min must be below lambda_max"),
+        (dict(lambdas=[-1.0, 0.0], lambda_max=float("nan")), ValueError, "lambda_max must be finite"),
+        (dict(lambdas={0.0: "a", 1.0: "b"}), TypeError, "lambdas must be a 1-D sequence of numbers, got dict"),
+        (dict(lambdas={0.0, 1.0}), TypeError, "lambdas must be a 1-D sequence of numbers, got set"),
+        (dict(lambdas=torch.tensor([0.0, 1.0], device="meta")), ValueError, "lambdas must have values"),
+        (dict(lambda_min=-1e-14, lambda_max=0.0, steps=50), ValueError, "steps=50 is too many for the range"),
+        (dict(classifier=lambda z, lam: z, null_label="x"), TypeError, "null_label must be an int"),
         (dict(model=lambda z, lam, labels: torch.ones(z.shape, dtype=torch.int64)), TypeError,
          "model must return floating-point eps at step 0"),
         (dict(shape=2), TypeError, "shape must be a tuple of ints"),
@@ -185,6 +192,15 @@ def test_bad_input(kwargs, exc, message):
         args.update(null_label=3, shape=(2,))
     with pytest.raises(exc, match=message):
         cfgfast.sample(model, labels, w, **args)
+
+
+def test_a_given_grid_takes_one_element_tensor_and_infinite_bounds():
+    model, grid = three_classes(), [-30.0, 0.0, 30.0]
+    expected = cfgfast.sample(model, torch.tensor([0, 1]), 1.0, lambdas=grid, lambda_min=-30.0, lambda_max=30.0)
+    for bounds in (dict(lambda_min=torch.tensor(-30.0), lambda_max=torch.tensor(30.0)),
+                   dict(lambda_min=float("-inf"), lambda_max=torch.tensor(float("inf")))):
+        got = cfgfast.sample(model, torch.tensor([0, 1]), 1.0, lambdas=grid, **bounds)
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
 
 def test_missing_shape_and_null_label_are_named():

@@ -283,6 +283,20 @@ def test_training_lambdas_bad_range(kwargs, name):
         cfgfast.training_lambdas(torch.rand(4, dtype=torch.float64), **kwargs)
 
 
+@pytest.mark.parametrize("steps, lambda_min, lambda_max", [(50, -1e-14, 0.0), (1000, 20 - 1e-13, 20.0)])
+def test_sampling_lambdas_refuses_more_steps_than_float64_holds_in_the_range(steps, lambda_min, lambda_max):
+    """Rounding made such grids decrease and leave the range; sample() then failed with non-finite samples."""
+    with pytest.raises(ValueError, match=f"steps={steps} is too many for the range"):
+        cfgfast.sampling_lambdas(steps, lambda_min, lambda_max)
+    lam = cfgfast.sampling_lambdas(3, lambda_min, lambda_max)  # few steps fit
+    assert lam[0] == lambda_min and lam[-1] == lambda_max and bool((lam.diff() > 0).all())
+
+
+def test_training_lambdas_refuses_meta_u():
+    with pytest.raises(ValueError, match="u must have values"):
+        cfgfast.training_lambdas(torch.rand(4, device="meta"))
+
+
 @pytest.mark.parametrize("u", [[0.5, 0.25], 0.5, np.array([0.5]), torch.tensor([0, 1])])
 def test_training_lambdas_bad_u_type(u):
     with pytest.raises(TypeError, match="u"):
