@@ -251,7 +251,8 @@ def out_may_alias(out: torch.Tensor, **inputs: torch.Tensor | None) -> None:
     """out may be one of the inputs exactly (an in-place step) but must not partly overlap any."""
     if torch.compiler.is_compiling():
         # fake tensors have no addresses; the compiled graph runs the op, whose own check compares them (and
-        # torch.compile makes a mutated graph input's writes its own)
+        # torch.compile makes a mutated graph input's writes its own). Not the Triton op: its body, this check
+        # included, is traced, and the compiled graph launches its kernel without it.
         return
     lo, hi = _byte_range(out)
     for name, t in inputs.items():

@@ -13,13 +13,12 @@ Import never fails: without triton the module only reports why in `refusals`.
 # No `from __future__ import annotations` here: torch.library.triton_op reads the op schema from live annotations.
 import contextlib
 import math
-import os
 from typing import Optional
 
 import torch
 from torch._subclasses.fake_tensor import is_fake
 
-from ._checks import op_noise_out, op_step_args, seed_as_int64
+from ._checks import op_clip, op_noise_out, op_step_args, out_may_alias, seed_as_int64
 
 try:
     import triton
@@ -30,8 +29,9 @@ except Exception as error:  # missing or broken (a failing backend import): the 
 else:
     _TRITON_ERROR = None
 
-# Triton picks interpreted or compiled kernels when they are defined (at import), from this variable.
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+# Triton picks interpreted or compiled kernels when they are defined (at import), from TRITON_INTERPRET, read as
+# Triton reads it (1, true, yes, on).
+INTERPRETED = triton is not None and bool(triton.knobs.runtime.interpret)
 
 # Block settings: 256 groups = 1024 elements per program, 4 warps = two groups of four (two 16-byte vectors of
 # float32) per thread and input, 32 registers on sm_90 (full occupancy). Not tuned on an H100: on the H200, two
@@ -373,6 +373,9 @@ if triton is not None:
         last: bool,
     ) -> None:
         op_step_args(out, z, eps_cond, eps_uncond, w, noise, coef, step, index_offset)
+        op_clip(clip)
+        if not is_fake(out):  # (traced by torch.compile, the op's fake tensors have no addresses)
+            out_may_alias(out, z=z, eps_cond=eps_cond, eps_uncond=eps_uncond, w=w, noise=noise)
         tensors = (z, eps_cond, eps_uncond, w) + (() if noise is None else (noise,))
         torch._check(all(t.is_contiguous() for t in tensors),
                      lambda: "cfgfast: the triton kernel takes contiguous inputs")

@@ -19,7 +19,10 @@ Tolerances (measured under the interpreter; see each constant):
 """
 
 import math
+import os
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -422,10 +425,17 @@ def test_op_checks_refuse_bad_input(device):
         "out must be contiguous": lambda: run_step(z, ec, eu, w, COEF, out=torch.empty(8, 2, device=device).t()),
         r"index_offset \+ batch must be in": lambda: run_step(z, ec, eu, w, COEF, index_offset=2**32 - 1, out=out),
         "step must be in": lambda: run_step(z, ec, eu, w, COEF, step=2**32, out=out),
+        "clip must be positive and finite in float32": lambda: run_step(z, ec, eu, w, COEF, clip=-1.0, out=out),
     }
     for message, call in bad_calls.items():
         with pytest.raises(RuntimeError, match="cfgfast: " + message):
             call()
+    # out over part of an input: the C++ ops refuse it too (an in-place step into the input itself is allowed)
+    buffer = torch.randn(20, device=device)
+    with pytest.raises(ValueError, match="out must not partly overlap z"):
+        run_step(buffer[:16].view(2, 8), ec, eu, w, COEF, out=buffer[2:18].view(2, 8))
+    with pytest.raises(ValueError, match="out must not partly overlap eps_cond"):
+        run_step(z, buffer[:16].view(2, 8), eu, w, COEF, out=buffer[4:].view(2, 8))
 
 
 # ---------------------------------------------------------------- the backend's contract
@@ -436,6 +446,23 @@ def test_refusals(device):
     assert triton_step.refusals(torch.device("meta"))
     if not INTERPRETED:
         assert triton_step.refusals(torch.device("cpu"))
+
+
+@pytest.mark.parametrize("value, interpreted", [("true", True), ("on", True), ("0", False)])
+def test_interpreter_setting_read_as_triton_reads_it(value, interpreted, tmp_path):
+    """TRITON_INTERPRET=true interprets the kernels: cfgfast took only "1", refused CPU tensors and did not
+    call the interpreted kernels directly where older torch cannot wrap them."""
+    code = ("import torch, cfgfast\nfrom cfgfast import triton_step\nprint(triton_step.INTERPRETED)\n"
+            "print(cfgfast.normal_noise((1, 3), 1, backend='triton').tolist() if triton_step.INTERPRETED else '')")
+    env = dict(os.environ, TRITON_INTERPRET=value, PYTHONPATH=os.pathsep.join(sys.path))
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stdout.splitlines()
+    assert lines[0] == str(interpreted)
+    if interpreted:
+        torch.testing.assert_close(torch.tensor(eval(lines[1])), normal_noise_reference((1, 3), 1, 0, 1, 0),
+                                   rtol=NOISE_RTOL, atol=NOISE_ATOL)
 
 
 def test_ops_are_registered():
