@@ -454,13 +454,18 @@ def test_interpreter_setting_read_as_triton_reads_it(value, interpreted, tmp_pat
     call the interpreted kernels directly where older torch cannot wrap them."""
     code = ("import torch, cfgfast\nfrom cfgfast import triton_step\nprint(triton_step.INTERPRETED)\n"
             "print(cfgfast.normal_noise((1, 3), 1, backend='triton').tolist() if triton_step.INTERPRETED else '')")
+    if not interpreted:  # a direct call of the op on CPU tensors is refused by name (Triton: "0 active drivers")
+        code += ("\ntry:\n    torch.ops.cfgfast.triton_normal_noise_(torch.empty(1, 3), 1, 0, 1, 0)\n"
+                 "except RuntimeError as error:\n    print(error)")
     env = dict(os.environ, TRITON_INTERPRET=value, PYTHONPATH=os.pathsep.join(sys.path))
     done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     lines = done.stdout.splitlines()
     assert lines[0] == str(interpreted)
-    if interpreted:
+    if not interpreted:
+        assert "the triton kernels take CUDA tensors (CPU tensors under TRITON_INTERPRET=1), got out on cpu" in lines[2]
+    else:
         torch.testing.assert_close(torch.tensor(eval(lines[1])), normal_noise_reference((1, 3), 1, 0, 1, 0),
                                    rtol=NOISE_RTOL, atol=NOISE_ATOL)
 
