@@ -14,6 +14,12 @@ from torch.fx.experimental.symbolic_shapes import guard_scalar
 
 EPS_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_WORD = 2**32  # counter words of SPEC §3 are 32 bits
+MAX_BATCH = 2**31  # samples or images in one batch: beyond, torch's sizes overflow (and no machine holds it)
+
+
+def steps(value) -> int:
+    """A number of sampling steps: at least 2, below 2^32 (a step's index is a counter word of SPEC §3)."""
+    return integer("steps", value, low=2, high=MAX_WORD)
 
 
 def integer(name: str, value, *, low: int = 0, high: int | None = None) -> int:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import time
 
 import numpy as np
@@ -113,21 +114,28 @@ def _w_name(w: float) -> str:
     return format(w, "g")
 
 
+def check_options(ws, num, steps, batch_size, feature_steps, v, seed) -> tuple[list[float], float, int]:
+    """The sweep's settings that need no model or data (so the command line checks them before it starts):
+    (ws as floats, v, seed)."""
+    ws = [float(w) for w in ws]
+    if not ws or any(not math.isfinite(w) or w < 0 for w in ws):
+        raise ValueError(f"ws must be non-empty, finite and >= 0, got {ws}")
+    for name, value, low, high in (("num", num, 2, _checks.MAX_WORD + 1), ("steps", steps, 2, _checks.MAX_WORD),
+                                   ("batch_size", batch_size, 1, _checks.MAX_BATCH), ("feature_steps", feature_steps, 1,
+                                                                                      None)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < low or (high and value >= high):
+            bound = f" and below {high}" if high else ""
+            raise ValueError(f"{name} must be an int of at least {low}{bound}, got {value!r}")
+    return ws, _checks.unit_interval("v", v), _checks.seed(seed)
+
+
 def sweep(model, data: Dataset, out: str, *, ws=DEFAULT_WS, num: int = 1000, steps: int = 256,
           classifier=None, model_name: str = "model", classifier_name: str | None = None, seed: int = 0,
           batch_size: int = 500, feature_steps: int = FEATURE_STEPS, v: float = 0.3, log=print) -> dict:
     """Score num samples (labels i mod num_classes) at each w in ws, with classifier-free guidance and, given a
     noise-conditional classifier(z, lam), classifier guidance; write out/results.md, metrics.json, fd_is.png and
     grid_w<w>.png (grid_w<w>_classifier.png), rewritten after every point. Returns the metrics dict."""
-    ws = [float(w) for w in ws]
-    if not ws or any(not math.isfinite(w) or w < 0 for w in ws):
-        raise ValueError(f"ws must be non-empty, finite and >= 0, got {ws}")
-    for name, value, low in (("num", num, 2), ("steps", steps, 2), ("batch_size", batch_size, 1),
-                             ("feature_steps", feature_steps, 1)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < low:
-            raise ValueError(f"{name} must be an int of at least {low}, got {value!r}")
-    v = _checks.unit_interval("v", v)
-    seed = _checks.seed(seed)
+    ws, v, seed = check_options(ws, num, steps, batch_size, feature_steps, v, seed)
     shape = tuple(data.images.shape[1:])
     if tuple(model.sample_shape) != shape or model.null_label != data.num_classes:
         raise ValueError(f"the model samples {tuple(model.sample_shape)} with {model.null_label} classes but dataset "
@@ -146,6 +154,9 @@ def sweep(model, data: Dataset, out: str, *, ws=DEFAULT_WS, num: int = 1000, ste
                              f"got noise_conditional={config.noise_conditional}, {config.num_classes} classes of "
                              f"shape {(config.in_channels, config.image_size, config.image_size)}")
     os.makedirs(out, exist_ok=True)
+    for name in os.listdir(out):  # an earlier sweep's grids, which this one's results.md would not list
+        if re.fullmatch(r"grid_w[0-9.e+-]+(_classifier)?\.png", name):
+            os.remove(os.path.join(out, name))
     start = time.perf_counter()
     log(f"training the feature classifier on real {data.name} ({feature_steps} steps, seed {seed}) ...")
     clf, train, heldout, heldout_accuracy = feature_classifier(data, steps=feature_steps, seed=seed)

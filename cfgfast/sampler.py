@@ -217,7 +217,7 @@ def sample(model, labels, w, steps=DEFAULT_STEPS, *, v=0.3, seed=0, shape=None, 
         raise ValueError("w must be >= 0 with a classifier (a negative w would push samples away from their class)")
     v = _checks.unit_interval("v", v)
     if lambdas is None:
-        steps = _checks.integer("steps", DEFAULT_STEPS if steps is None else steps, low=2)
+        steps = _checks.steps(DEFAULT_STEPS if steps is None else steps)
     grid = _grid(steps, lambdas, lambda_min, lambda_max)
     if lambdas is not None and steps not in (None, DEFAULT_STEPS, len(grid)):  # a steps= that the grid overrides
         raise ValueError(f"steps must be left out with lambdas= (the grid's length, {len(grid)}, is the number of "

@@ -39,7 +39,7 @@ def sampling_lambdas(steps: int, lambda_min: float = LAMBDA_MIN, lambda_max: flo
 
     lam_t = -2 log tan(a u_t + b) at u_t = 1 - t / (steps - 1): evenly spaced in u, not in lambda.
     """
-    steps = _checks.integer("steps", steps, low=2)
+    steps = _checks.steps(steps)
     lambda_min, lambda_max = _check_range(lambda_min, lambda_max)
     u = 1.0 - torch.arange(steps, dtype=torch.float64) / (steps - 1)
     lam = _sech_map(u, lambda_min, lambda_max).clamp(lambda_min, lambda_max)

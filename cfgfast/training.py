@@ -44,7 +44,8 @@ class TrainConfig:
         # the checked values are kept as Python numbers (a NumPy or tensor scalar would reach the checkpoint, which a
         # safe load then refuses, and torch.Generator.manual_seed refuses a NumPy int)
         for name in ("steps", "batch_size", "checkpoint_every"):
-            setattr(self, name, _checks.integer(name, getattr(self, name), low=1))
+            setattr(self, name, _checks.integer(name, getattr(self, name), low=1,
+                                                high=_checks.MAX_BATCH if name == "batch_size" else None))
         self.warmup = _checks.integer("warmup", self.warmup)
         self.seed = _checks.integer("seed", self.seed, high=2**64)
         for name in ("lr", "weight_decay", "p_uncond", "ema_decay", "lambda_min", "lambda_max"):
@@ -66,6 +67,12 @@ class TrainConfig:
             raise ValueError(f"ema_decay must lie in [0, 1), got {self.ema_decay}")
         if not self.lambda_min < self.lambda_max:
             raise ValueError(f"lambda_min must be below lambda_max, got {self.lambda_min} and {self.lambda_max}")
+
+
+def _differ(saved: dict, now: dict) -> str:
+    """The entries of two configurations that differ, as "name X there, Y now; ..."."""
+    return "; ".join(f"{k} {saved.get(k, 'unset')!r} there, {now.get(k, 'unset')!r} now"
+                     for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k))
 
 
 def diffusion_loss(model, x: torch.Tensor, labels: torch.Tensor, null_label: int, config: TrainConfig,
@@ -121,30 +128,31 @@ def _train(model_config, data, out, config, resume, progress, log) -> UNet:
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     generator = torch.Generator().manual_seed(config.seed)
     fingerprint = dataset_fingerprint(data)
-    step = 0
+    step, running = 0, None  # running: the logged loss, a moving average
     if resume and os.path.exists(out):
         ckpt = checkpoint.read(out)
         missing = [k for k in ("model", "ema", "optimizer", "rng", "step") if k not in ckpt]
         if missing:
             raise ValueError(f"--resume: {out} is not a training checkpoint (it has no {', '.join(missing)}: an "
                              f"export for sampling?)")
-        if ckpt.get("config") != model_config.to_dict():
-            raise ValueError(f"--resume: {out} was trained with model config {ckpt.get('config')}, not "
-                             f"{model_config.to_dict()}")
-        free = ("steps", "checkpoint_every")  # neither changes the weights of a step
-        saved = {k: v for k, v in ckpt.get("train_config", {}).items() if k not in free}
-        now = {k: v for k, v in asdict(config).items() if k not in free}
-        if saved != now:
-            differ = "; ".join(f"{k} {saved.get(k, 'unset')!r} there, {now.get(k, 'unset')!r} now"
-                               for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k))
-            raise ValueError(f"--resume: {out} was trained with other settings ({differ}); resume with the same "
-                             "settings (only --steps and --checkpoint-every may change)")
-        # the same images and labels (checkpoints from before the fingerprint: the same dataset name)
+        # the same images and labels (checkpoints from before the fingerprint: the same dataset name); first, as
+        # other data (another number of classes) also makes another model config
         saved_data = ckpt.get("dataset_fingerprint")
         if (saved_data != fingerprint) if saved_data is not None else (ckpt.get("dataset") != data.name):
             same_name = " (the same name, other images or labels)" if ckpt.get("dataset") == data.name else ""
             raise ValueError(f"--resume: {out} was trained on other data: dataset {ckpt.get('dataset')!r} there, "
                              f"{data.name!r} now{same_name}; resume with the same --dataset")
+        saved_model = ckpt.get("config")
+        if saved_model != model_config.to_dict():
+            differ = _differ(saved_model if isinstance(saved_model, dict) else {}, model_config.to_dict())
+            raise ValueError(f"--resume: {out} was trained with another model config ({differ}); resume with the "
+                             f"same --preset and network flags")
+        free = ("steps", "checkpoint_every")  # neither changes the weights of a step
+        saved = {k: v for k, v in ckpt.get("train_config", {}).items() if k not in free}
+        now = {k: v for k, v in asdict(config).items() if k not in free}
+        if saved != now:
+            raise ValueError(f"--resume: {out} was trained with other settings ({_differ(saved, now)}); resume with "
+                             "the same settings (only --steps and --checkpoint-every may change)")
         model.load_state_dict(ckpt["model"])
         ema.load_state_dict(ckpt["ema"])
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -152,6 +160,7 @@ def _train(model_config, data, out, config, resume, progress, log) -> UNet:
         if "torch_rng" in ckpt:  # dropout's draws (checkpoints before it was saved resume with fresh ones)
             torch.set_rng_state(ckpt["torch_rng"])
         step = int(ckpt["step"])
+        running = ckpt.get("running_loss")  # (the log goes on as without the interruption)
         log(f"resumed {out} at step {step}")
     elif resume:
         log(f"--resume: {out} does not exist yet, starting from step 0")
@@ -161,7 +170,8 @@ def _train(model_config, data, out, config, resume, progress, log) -> UNet:
                               "model": model.state_dict(), "ema": ema.state_dict(),
                               "optimizer": optimizer.state_dict(), "rng": generator.get_state(),
                               "torch_rng": torch.get_rng_state(), "dataset": data.name,
-                              "dataset_fingerprint": fingerprint, "class_names": list(data.class_names)})
+                              "dataset_fingerprint": fingerprint, "class_names": list(data.class_names),
+                              "running_loss": running})
 
     if progress is None:
         progress = os.isatty(2)
@@ -173,7 +183,7 @@ def _train(model_config, data, out, config, resume, progress, log) -> UNet:
     model.train()
     images, labels = data.images, data.labels
     n = len(labels)
-    start, running = time.perf_counter(), None
+    start = time.perf_counter()
     try:
         while step < config.steps:
             index = torch.randint(0, n, (config.batch_size,), generator=generator)

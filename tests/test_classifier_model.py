@@ -79,13 +79,21 @@ def test_train_classifier_command_writes_a_small_loadable_checkpoint(tmp_path, c
     assert clf.config.noise_conditional and clf.config.width == 8
     assert set(checkpoint.read(str(out), kind="cfgfast-classifier")["heldout_accuracy"]) >= {"0", "20"}
     assert [p.name for p in tmp_path.iterdir()] == ["clf.pt"]  # no temporary file left
+    before = out.read_bytes()
+    assert main(["train-classifier", "--dataset", "digits", "--out", str(out), "--steps", "1"]) == 2
+    assert f"--out {out} exists: add --overwrite to replace it" in capsys.readouterr().err
+    assert out.read_bytes() == before
 
 
 @pytest.mark.parametrize("argv, message", [(["--lr", "0"], "--lr must be positive, got 0.0"),
                                            (["--lr", "-1"], "--lr must be positive, got -1.0"),
                                            (["--lr", "nan"], "--lr must be finite"),
                                            (["--seed", "-1"], "--seed must be at least 0"),
-                                           (["--seed", str(2**64)], "--seed must be at least 0, below 2^64")])
+                                           (["--seed", str(2**64)], "--seed must be at least 0, below 2^64"),
+                                           (["--width", "4"], "--width must be a multiple of 8 (the group norm's "
+                                                              "groups), got 4"),
+                                           (["--batch-size", str(2**64)], "--batch-size must be at least 1, below "
+                                                                          "2147483648")])
 def test_train_classifier_command_refuses_bad_settings(tmp_path, capsys, argv, message):
     out = tmp_path / "clf.pt"
     assert main(["train-classifier", "--dataset", "digits", "--out", str(out), "--steps", "1"] + argv) == 2

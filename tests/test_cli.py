@@ -97,8 +97,33 @@ def test_bad_toy_arguments_are_named_before_sampling(tmp_path, capsys):
         (["--seed", str(2**64)], f"--seed must be at least 0, below {2**64}, got {2**64}"),  # an overflow before
         (["--size", "100000"], "--size must be at most 4096"),
         (["--out", str(tmp_path / "t.txt")], "--out must name a .png file"),
+        (["--steps", "1"], "--steps must be at least 2"),  # before the banner that states the settings
+        (["--backend", "fast"], "--backend must be 'auto' or one of"),
+        (["--num", str(2**64)], "--num must be at most 1431655765"),  # an OverflowError's traceback before
     ):
         args = ["toy", "--out", str(tmp_path / "t.png"), "--steps", "4"] + argv
         assert main(args) == 2
-        assert message in capsys.readouterr().err
+        printed = capsys.readouterr()
+        assert message in printed.err and printed.out == ""
     assert list(tmp_path.iterdir()) == []
+
+
+def test_bad_demo_arguments_are_named_before_the_banner(tmp_path, capsys):
+    for argv, message in ((["--steps", "-3"], "--steps must be at least 2"), (["--v", "2"], "--v must be in [0, 1]"),
+                          (["--seed", "-1"], "--seed must be at least 0"),
+                          (["--per-cell", str(2**64)], "--per-cell must be in [1, 1000]")):
+        assert main(["demo", "--out", str(tmp_path)] + argv) == 2
+        printed = capsys.readouterr()
+        assert message in printed.err and printed.out == ""
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_torchs_cpp_stack_is_left_out_of_an_error(monkeypatch, capsys):
+    import cfgfast.cli.info as info
+
+    def failing(args):
+        raise RuntimeError("something went wrong\nException raised from f at x.cpp:1\nframe #0: c10::Error")
+
+    monkeypatch.setattr(info, "run", failing)
+    assert main(["info"]) == 2
+    assert capsys.readouterr().err == "cfgfast: error: something went wrong\n"

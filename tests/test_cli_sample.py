@@ -71,6 +71,12 @@ def test_writes_adm_npz_and_grid_and_nothing_else(tiny, tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s.npz", "s.png"]  # no parts folder, no temp file
     printed = capsys.readouterr().out
     assert "batch 64" in printed and "samples 0-11 done: 12/12" in printed
+    # an existing file is not replaced without --overwrite (a second run with another seed replaced it silently)
+    before = out.read_bytes()
+    assert main(args(tiny, out, "--seed", "1")) == 2
+    assert f"--out {out} exists: add --overwrite to replace it" in capsys.readouterr().err
+    assert out.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["s.npz", "s.png"]
+    assert main(args(tiny, out, "--seed", "1", "--overwrite")) == 0 and out.read_bytes() != before
 
 
 def test_labels_cycle(tiny, tmp_path):
@@ -87,7 +93,8 @@ def test_labels_cycle(tiny, tmp_path):
     (["--num", "0"], "--num must be in [1, 2^32]"),
     (["--num", str(2**32 + 1)], "--num must be in [1, 2^32]"),
     (["--labels", "3", "10"], "--labels must lie in [0, 10) for this model of 10 classes, got 10"),
-    (["--steps", "1"], "--steps must be at least 2, got 1"),
+    (["--steps", "1"], "--steps must be in [2, 2^32) (a step's index is a 32-bit counter word), got 1"),
+    (["--steps", "99999999999999999999"], "--steps must be in [2, 2^32)"),  # a traceback (OverflowError) before
     (["--w", "nan"], "--w must be finite"),
     (["--w", "1e39"], "--w must be finite in float32"),
     (["--v", "1.5"], "--v must be in [0, 1], got 1.5"),

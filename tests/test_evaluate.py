@@ -162,7 +162,12 @@ def test_evaluate_end_to_end_writes_its_files(tmp_path, capsys):
     save_classifier(str(clf_path), Classifier(ClassifierConfig(width=8, groups=4)))
     argv = ["evaluate", "--model", model_path, "--classifier", str(clf_path), "--num", "20", "--steps", "3",
             "--w", "0", "1", "--feature-steps", "5", "--batch-size", "12", "--out", str(out)]
+    out.mkdir()
+    (out / "grid_w7.png").write_bytes(b"an earlier sweep's")  # not listed by this one's results.md: removed
+    (out / "notes.txt").write_text("the user's")
     assert main(argv) == 0
+    assert (out / "notes.txt").read_text() == "the user's"
+    (out / "notes.txt").unlink()
     printed = capsys.readouterr().out
     assert "[3/3] classifier w=1" in printed
     names = sorted(p.name for p in out.iterdir())
@@ -205,7 +210,10 @@ def test_evaluate_refuses_a_classifier_for_other_images(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv,message", [(["--w", "-1"], r"error: --w must be non-empty, finite and >= 0, got \[-1.0\]"),
-                                          (["--num", "1"], "error: --num must be an int of at least 2, got 1"),
+                                          (["--num", "1"], "error: --num must be an int of at least 2 and below "
+                                                           "4294967297, got 1"),
+                                          (["--steps", "99999999999999999999"], "error: --steps must be an int of at "
+                                                                                "least 2 and below 4294967296"),
                                           (["--v", "2"], r"error: --v must be in \[0, 1\], got 2.0"),
                                           (["--seed", "-1"], "error: --seed must be at least 0"),
                                           (["--batch-size", "0"], "error: --batch-size must be an int of at least 1"),

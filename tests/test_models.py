@@ -166,16 +166,21 @@ def test_train_writes_checkpoint_and_resumes_exactly(tmp_path, dropout):
     config = TrainConfig(steps=6, batch_size=8, checkpoint_every=3, warmup=2)
     torch.manual_seed(123)
     before = torch.get_rng_state()
-    straight = train(model_config, data, str(tmp_path / "a.pt"), config, progress=False, log=lambda *a: None)
+    logged = {"straight": [], "resumed": []}
+    straight = train(model_config, data, str(tmp_path / "a.pt"), config, progress=False,
+                     log=logged["straight"].append)
     assert torch.equal(torch.get_rng_state(), before)
     # interrupted after the checkpoint at step 3, then resumed (after other draws): the same EMA weights, bit for bit
     train(model_config, data, str(tmp_path / "b.pt"), dataclasses.replace(config, steps=3), progress=False,
           log=lambda *a: None)
     torch.rand(100)
     resumed = train(model_config, data, str(tmp_path / "b.pt"), config, resume=True, progress=False,
-                    log=lambda *a: None)
+                    log=logged["resumed"].append)
     for p, q in zip(straight.state_dict().values(), resumed.state_dict().values()):
         assert torch.equal(p, q)
+    # the logged loss (a moving average) goes on as without the interruption (it restarted from one batch's loss)
+    losses = {run: [line.split(" (")[0] for line in lines if line.startswith("step ")] for run, lines in logged.items()}
+    assert losses["resumed"] == losses["straight"][3:] and len(losses["resumed"]) == 3
     ckpt = torch.load(tmp_path / "a.pt", weights_only=True)
     assert ckpt["step"] == 6 and {"model", "ema", "optimizer", "config", "rng"} <= set(ckpt)
     loaded = checkpoint.load_model(str(tmp_path / "a.pt"))
@@ -201,7 +206,8 @@ def test_resume_refuses_other_settings(tmp_path):
                                          "with the same settings"):  # only what differs, named
         train(TINY, data, str(tmp_path / "a.pt"), dataclasses.replace(config, lr=3e-4, seed=5, steps=9), resume=True,
               progress=False, log=lambda *a: None)
-    with pytest.raises(ValueError, match="model config"):
+    with pytest.raises(ValueError, match=r"another model config \(base_channels 8 there, 16 now\); resume with the "
+                                         "same --preset"):  # the field that differs, not both configs
         train(dataclasses.replace(TINY, base_channels=16), data, str(tmp_path / "a.pt"), config, resume=True,
               progress=False, log=lambda *a: None)
     # other data of the same shape and classes: by name, and under the same name by its images or labels

@@ -252,7 +252,7 @@ def test_step_coefficients_last_step(lam, lam_next):
 # ---------------------------------------------------------------- bad input
 
 
-@pytest.mark.parametrize("steps, error", [(1, ValueError), (0, ValueError), (-5, ValueError), (2.0, TypeError),
+@pytest.mark.parametrize("steps, error", [(1, ValueError), (0, ValueError), (-5, ValueError), (2**32, ValueError), (2.0, TypeError),
                                           ("8", TypeError), (None, TypeError), (True, TypeError)])
 def test_sampling_lambdas_bad_steps(steps, error):
     with pytest.raises(error, match="steps"):

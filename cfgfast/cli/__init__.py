@@ -26,17 +26,22 @@ COMMANDS = {
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="cfgfast", description=DESCRIPTION)
-    sub = parser.add_subparsers(dest="command", required=True)
-    for name, module in COMMANDS.items():
-        importlib.import_module(f"cfgfast.cli.{module}").add_parser(sub, name)
+    try:  # (the subcommands' imports take seconds: a Ctrl-C there is an interruption too, not a traceback)
+        parser = argparse.ArgumentParser(prog="cfgfast", description=DESCRIPTION)
+        sub = parser.add_subparsers(dest="command", required=True)
+        for name, module in COMMANDS.items():
+            importlib.import_module(f"cfgfast.cli.{module}").add_parser(sub, name)
+    except KeyboardInterrupt:
+        print("cfgfast: interrupted", file=sys.stderr)
+        return 130
     args = parser.parse_args(argv)
     try:
         return args.run(args)
-    except (ValueError, TypeError, RuntimeError, OSError, ImportError) as exc:
+    except (ValueError, TypeError, RuntimeError, OSError, ImportError, OverflowError) as exc:
         # (ImportError: an optional dependency a command needs, e.g. scikit-learn for the digits; its message says
-        # what to install)
-        print(f"cfgfast: error: {_in_flags(str(exc), sub.choices[args.command])}", file=sys.stderr)
+        # what to install. OverflowError: a number too large for torch, e.g. --batch-size 1e20)
+        message = str(exc).split("\nException raised from ")[0]  # (torch's C++ errors append their stack)
+        print(f"cfgfast: error: {_in_flags(message, sub.choices[args.command])}", file=sys.stderr)
         return 2
     except MemoryError as exc:  # e.g. a picture or batch too large for this machine (numpy's has a message)
         print(f"cfgfast: error: out of memory{': ' + str(exc) if str(exc) else ''}", file=sys.stderr)

@@ -17,6 +17,7 @@ DEMO_W = (0.0, 0.3, 1.0, 3.0)
 
 def run(args) -> int:
     import cfgfast
+    from cfgfast import _checks
     from cfgfast._png import image_grid, write_png
     from cfgfast.backends import choose
     from cfgfast.data import to_uint8
@@ -24,8 +25,11 @@ def run(args) -> int:
     if not os.path.isdir(args.out):
         raise ValueError(f"--out: {args.out} is not a folder")
     out = writable_path(os.path.join(args.out, "cfg_demo.png"))
-    if args.per_cell < 1:
-        raise ValueError(f"--per-cell must be at least 1, got {args.per_cell}")
+    if not 1 <= args.per_cell <= 1000:
+        raise ValueError(f"--per-cell must be in [1, 1000] (samples per class and w), got {args.per_cell}")
+    _checks.steps(args.steps)  # the sampling options, before the banner that states them
+    _checks.unit_interval("v", args.v)
+    _checks.seed(args.seed)
     if not 1 <= args.scale <= 64:
         raise ValueError(f"--scale must be in [1, 64] (pixels per image pixel), got {args.scale}")
     model = cfgfast.load_pretrained("digits")
@@ -59,7 +63,7 @@ def add_parser(sub, name: str) -> None:
     p.add_argument("--per-cell", type=int, default=3, help="samples per class and w (default 3)")
     p.add_argument("--steps", type=int, default=256, help="sampling steps (default 256, the paper's)")
     p.add_argument("--v", type=finite_float, default=0.3, help="variance interpolation (default 0.3, the paper's)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="the noise's seed (default 0)")
     p.add_argument("--scale", type=int, default=4, help="pixels per image pixel (default 4)")
     p.add_argument("--backend", default="auto", help="auto, cpu or reference")
     p.set_defaults(run=run)

@@ -19,10 +19,11 @@ def run(args) -> int:
     import torch
 
     from cfgfast.data import load_dataset
-    from cfgfast.evaluate import sweep
+    from cfgfast.evaluate import check_options, sweep
     from cfgfast.models.checkpoint import load_model
     from cfgfast.models.classifier import load_classifier
 
+    check_options(args.w, args.num, args.steps, args.batch_size, args.feature_steps, args.v, args.seed)
     out = os.path.abspath(args.out)
     if os.path.exists(out) and not os.path.isdir(out):
         raise ValueError(f"--out must be a folder, got the file {args.out}")
@@ -69,5 +70,6 @@ def add_parser(sub, name: str) -> None:
     p.add_argument("--feature-steps", type=int, default=FEATURE_STEPS,
                    help=f"training steps of the feature classifier (default {FEATURE_STEPS})")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
-    p.add_argument("--out", required=True, help="folder to write (created if missing)")
+    p.add_argument("--out", required=True,
+                   help="folder to write (created if missing; an earlier sweep's grid_w*.png there are removed)")
     p.set_defaults(run=run)

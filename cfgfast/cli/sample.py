@@ -111,8 +111,8 @@ def _check_options(args) -> None:
         raise ValueError(f"--num must be in [1, 2^32] (a sample's index is a 32-bit counter word), got {args.num}")
     if args.batch_size is not None and args.batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
-    if args.steps < 2:
-        raise ValueError(f"--steps must be at least 2, got {args.steps}")
+    if not 2 <= args.steps < 2**32:
+        raise ValueError(f"--steps must be in [2, 2^32) (a step's index is a 32-bit counter word), got {args.steps}")
     if not 0.0 <= args.v <= 1.0:
         raise ValueError(f"--v must be in [0, 1], got {args.v}")
     if not (math.isfinite(args.w) and abs(args.w) <= FLOAT32_MAX):
@@ -269,6 +269,8 @@ def _prepare(args, world: _World):
 
     if world.rank == 0:
         writable_path(args.out)
+        if os.path.exists(args.out) and not args.overwrite:  # (maybe hours of sampling)
+            raise ValueError(f"--out {args.out} exists: add --overwrite to replace it")
         if args.grid is not None:
             writable_path(args.grid, "--grid")
     model = load_model(args.model).to(world.device)
@@ -400,6 +402,7 @@ def add_parser(sub, name: str) -> None:
     p.add_argument("--w", type=float, required=True, metavar="W", help="guidance strength (0: no guidance)")
     p.add_argument("--out", required=True, metavar="FILE.npz",
                    help="the samples: arr_0 uint8 [N, H, W, C], arr_1 int64 labels (the ADM evaluator format)")
+    p.add_argument("--overwrite", action="store_true", help="replace FILE.npz where it exists (without it: an error)")
     p.add_argument("--grid", metavar="FILE.png", help="also draw the samples: one row per class, up to 16 x 16")
     p.add_argument("--resume", action="store_true",
                    help="finish the interrupted run whose shards are in FILE.npz.parts (same options; any number "
@@ -409,7 +412,7 @@ def add_parser(sub, name: str) -> None:
                         "every sample that class (default: sample i gets class i mod num_classes)")
     p.add_argument("--steps", type=int, default=256, help="sampling steps (default 256)")
     p.add_argument("--v", type=float, default=0.3, help="variance interpolation (default 0.3)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="the noise's seed (default 0)")
     p.add_argument("--clip", type=float, metavar="C", default=1.0,
                    help="clip the predicted x to [-C, C] at every step (default 1: images live in [-1, 1]; "
                         "0 turns clipping off)")

@@ -86,15 +86,20 @@ def add_parser(sub, name: str) -> None:
                                                             "--out is refused unless --resume)")
     p.add_argument("--preset", default="digits", choices=sorted(PRESETS), help="network preset (default digits)")
     p.add_argument("--steps", type=int, default=d.steps, help=f"optimizer steps (default {d.steps})")
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--p-uncond", type=float, default=d.p_uncond, help="label dropout probability (default 0.1)")
-    p.add_argument("--ema-decay", type=float, default=d.ema_decay)
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
-    p.add_argument("--base-channels", type=int)
-    p.add_argument("--num-res-blocks", type=int)
-    p.add_argument("--channel-mult", type=int, nargs="+")
-    p.add_argument("--attention-resolutions", type=int, nargs="*")
-    p.add_argument("--groups", type=int)
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"images per step (default {d.batch_size})")
+    p.add_argument("--lr", type=float, default=d.lr,
+                   help=f"learning rate, reached after {d.warmup} warm-up steps (default {d.lr:g})")
+    p.add_argument("--p-uncond", type=float, default=d.p_uncond,
+                   help=f"label dropout probability (default {d.p_uncond:g}, the paper's)")
+    p.add_argument("--ema-decay", type=float, default=d.ema_decay,
+                   help=f"decay of the weights' moving average that sampling uses (default {d.ema_decay:g})")
+    p.add_argument("--seed", type=int, default=d.seed, help=f"weights, batches, dropout and noise (default {d.seed})")
+    p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every,
+                   help=f"steps between checkpoints (default {d.checkpoint_every})")
+    p.add_argument("--base-channels", type=int, help="U-Net width of the first level (default: the preset's)")
+    p.add_argument("--num-res-blocks", type=int, help="residual blocks per level (default: the preset's)")
+    p.add_argument("--channel-mult", type=int, nargs="+", help="width multiple per level (default: the preset's)")
+    p.add_argument("--attention-resolutions", type=int, nargs="*",
+                   help="resolutions with self-attention (default: the preset's)")
+    p.add_argument("--groups", type=int, help="group norm groups (default: the preset's)")
     p.set_defaults(run=run)

@@ -9,6 +9,7 @@ The classifier shipped beside the bundled model was made with exactly:
 
 from __future__ import annotations
 
+import os
 import time
 
 from cfgfast.cli.common import writable_path
@@ -27,6 +28,12 @@ def run(args) -> int:
     for name in ("steps", "batch_size", "width"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    _checks.integer("batch_size", args.batch_size, low=1, high=_checks.MAX_BATCH)
+    if args.width % ClassifierConfig.groups:
+        raise ValueError(f"--width must be a multiple of {ClassifierConfig.groups} (the group norm's groups), got "
+                         f"{args.width}")
+    if os.path.exists(out) and not args.overwrite:
+        raise ValueError(f"--out {args.out} exists: add --overwrite to replace it")
     _checks.seed(args.seed)  # before the held-out split draws with it
     if not _checks.real("lr", args.lr) > 0:
         raise ValueError(f"lr must be positive, got {args.lr}")
@@ -55,9 +62,11 @@ def add_parser(sub, name: str) -> None:
     p = sub.add_parser(name, help="train the noise-conditional classifier p(c | z_lambda) for classifier guidance")
     p.add_argument("--dataset", required=True, help="digits, a folder with one subfolder per class, or FILE.npz")
     p.add_argument("--out", required=True, help="checkpoint to write")
+    p.add_argument("--overwrite", action="store_true", help="replace --out where it exists (without it: an error)")
     p.add_argument("--steps", type=int, default=2000, help="optimizer steps (default 2000)")
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--width", type=int, default=32, help="channels of the first level (default 32)")
-    p.add_argument("--seed", type=int, default=0, help="initial weights, batches, noise and the held-out split")
+    p.add_argument("--batch-size", type=int, default=128, help="images per step (default 128)")
+    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate, cosine decay (default 2e-3)")
+    p.add_argument("--width", type=int, default=32, help="channels of the first level, a multiple of 8 (default 32)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="initial weights, batches, noise and the held-out split (default 0)")
     p.set_defaults(run=run)

@@ -146,8 +146,8 @@ def train_classifier(config: ClassifierConfig, images: torch.Tensor, labels: tor
                      batch_size: int = 128, lr: float = 2e-3, seed: int = 0, log=None) -> Classifier:
     """Cross-entropy with AdamW and a cosine learning-rate decay; a noise-conditional classifier sees z_λ with λ
     from training_lambdas (Algorithm 1's distribution). The same seed gives the same classifier. Eval mode."""
-    if steps < 1 or batch_size < 1:
-        raise ValueError(f"steps and batch_size must be at least 1, got {steps} and {batch_size}")
+    steps = _checks.integer("steps", steps, low=1)
+    batch_size = _checks.integer("batch_size", batch_size, low=1, high=_checks.MAX_BATCH)
     lr = _checks.real("lr", lr)
     if not lr > 0:
         raise ValueError(f"lr must be positive, got {lr}")
