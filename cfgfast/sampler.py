@@ -134,6 +134,18 @@ def _predict(model, z, lam, labels, null_labels, guided: bool, step: int):
     return eps, eps
 
 
+def _check_eval_mode(model, name: str = "model") -> None:
+    """A module in training mode whose dropout or batch norm acts differently there is refused: its samples would
+    not be a function of the seed (dropout draws from torch's global generator), or sampling would change it."""
+    if not isinstance(model, torch.nn.Module) or not model.training:
+        return
+    for part, module in model.named_modules():
+        if module.training and ((isinstance(module, torch.nn.modules.dropout._DropoutNd) and module.p > 0)
+                                or isinstance(module, torch.nn.modules.batchnorm._BatchNorm)):
+            raise ValueError(f"{name} is in training mode, where its {part or 'self'} ({type(module).__name__}) "
+                             f"makes the samples depend on more than the seed: call {name}.eval() first")
+
+
 def _label_top(model, model_null, default):
     """The model's last label row: num_labels - 1 where it says (the adapters; the null row anywhere among them),
     else its null label (cfgfast's UNet: the last row), else `default`."""
@@ -168,6 +180,7 @@ def sample(model, labels, w, steps=DEFAULT_STEPS, *, v=0.3, seed=0, shape=None, 
     """
     if not callable(model):
         raise TypeError(f"model must be callable as model(z, lam, labels), got {type(model).__name__}")
+    _check_eval_mode(model)
     labels = _checks.tensor("labels", labels)
     if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool or labels.dim() != 1:
         raise TypeError(f"labels must be a 1-D integer tensor [B], got {labels.dtype} of shape {tuple(labels.shape)}")
@@ -185,6 +198,7 @@ def sample(model, labels, w, steps=DEFAULT_STEPS, *, v=0.3, seed=0, shape=None, 
             null_label = _checks.integer("null_label", null_label)
         if not callable(classifier):
             raise TypeError(f"classifier must be callable as classifier(z, lam), got {type(classifier).__name__}")
+        _check_eval_mode(classifier, "classifier")
         if batch and int(labels.min()) < 0:
             raise ValueError(f"labels must be non-negative, got {int(labels.min())}")
         # a model that declares its label rows bounds the labels too (the classifier's classes are checked below; a

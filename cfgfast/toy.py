@@ -21,13 +21,20 @@ class GaussianClasses:
     def __init__(self, means, covs, weights=None):
         self.means = torch.as_tensor(means, dtype=torch.float64)
         self.covs = torch.as_tensor(covs, dtype=torch.float64)
+        if self.means.dim() != 2 or 0 in self.means.shape:
+            raise ValueError(f"means must have shape [K, D] (one mean per class), got {tuple(self.means.shape)}")
         k, d = self.means.shape
         if self.covs.shape != (k, d, d):
             raise ValueError(f"covs must have shape {(k, d, d)}, got {tuple(self.covs.shape)}")
         weights = torch.full((k,), 1.0 / k, dtype=torch.float64) if weights is None else torch.as_tensor(
             weights, dtype=torch.float64)
+        for name, value in (("means", self.means), ("covs", self.covs), ("weights", weights)):
+            if not bool(torch.isfinite(value).all()):
+                raise ValueError(f"{name} must be finite")
         if weights.shape != (k,) or bool((weights <= 0).any()):
             raise ValueError(f"weights must be {k} positive numbers")
+        if not torch.allclose(self.covs, self.covs.mT, rtol=1e-12, atol=0):  # eigh would read one triangle only
+            raise ValueError("covs must be symmetric")
         self.log_weights = torch.log(weights / weights.sum())
         # Sigma_k = Q_k diag(s_k) Q_k^T, so (alpha^2 Sigma_k + sigma^2 I)^-1 = Q_k diag(1 / (alpha^2 s_k + sigma^2)) Q_k^T
         self.eigvals, self.eigvecs = torch.linalg.eigh(self.covs)
@@ -49,7 +56,24 @@ class GaussianClasses:
                      - 0.5 * self.sample_shape[0] * math.log(2 * math.pi))
         return rotated, var, sigma, log_joint
 
+    def _check_labels(self, labels, batch: int | None, top: int) -> None:
+        """labels: integers in [0, top], of shape [batch] (any [B] for batch None)."""
+        if not isinstance(labels, torch.Tensor) or labels.is_floating_point() or labels.is_complex() \
+                or labels.dtype == torch.bool or labels.dim() != 1 or batch not in (None, labels.shape[0]):
+            raise ValueError(f"labels must be an integer tensor of shape [{'B' if batch is None else batch}], got "
+                             f"{labels.dtype if isinstance(labels, torch.Tensor) else type(labels).__name__} "
+                             f"{list(getattr(labels, 'shape', []))}")
+        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) > top):
+            raise ValueError(f"labels must lie in [0, {top}], got values in [{int(labels.min())}, {int(labels.max())}]")
+
     def __call__(self, z: torch.Tensor, lam: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if not isinstance(z, torch.Tensor) or z.dim() != 2 or z.shape[1] != self.sample_shape[0]:
+            raise ValueError(f"z must be a tensor of shape [B, {self.sample_shape[0]}], got "
+                             f"{list(getattr(z, 'shape', [])) or type(z).__name__}")
+        if not isinstance(lam, torch.Tensor) or tuple(lam.shape) != (z.shape[0],):
+            raise ValueError(f"lam must be a tensor of shape [{z.shape[0]}], got "
+                             f"{list(getattr(lam, 'shape', [])) if isinstance(lam, torch.Tensor) else type(lam).__name__}")
+        self._check_labels(labels, z.shape[0], self.null_label)  # (the toy computes on the CPU: no GPU sync lost)
         rotated, var, sigma, log_joint = self._terms(z.cpu(), lam.cpu())
         eps_k = sigma[:, None, None] * torch.einsum("kde,bke->bkd", self.eigvecs, rotated / var)  # sigma cov^-1 (..)
         resp = torch.softmax(log_joint, dim=1)  # p(k | z_lam)
@@ -66,6 +90,7 @@ class GaussianClasses:
 
     def sample_data(self, labels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Exact draws x ~ N(mu_c, Sigma_c) for the given labels, float32 [B, D]."""
+        self._check_labels(labels, None, self.num_classes - 1)
         n = torch.randn(labels.shape[0], self.sample_shape[0], dtype=torch.float64, generator=generator)
         scale = self.eigvecs[labels] * self.eigvals[labels].sqrt()[:, None, :]  # Q diag(sqrt s)
         return (self.means[labels] + torch.einsum("bde,be->bd", scale, n)).float()

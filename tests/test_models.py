@@ -82,6 +82,52 @@ def test_unet_wrong_input_shape():
         UNet(TINY)(torch.zeros(2, 3, 8, 8), torch.zeros(2), torch.zeros(2, dtype=torch.int64))
 
 
+@pytest.mark.parametrize("args, error, message", [
+    # a lam or labels of another length was broadcast over the batch: a wrong answer, silently
+    ((torch.zeros(1), torch.tensor([0, 1])), ValueError, r"lam must be a tensor of shape \[2\] on cpu, got \[1\]"),
+    ((torch.zeros(2), torch.tensor([0])), ValueError, r"labels must be a tensor of shape \[2\] on cpu, got \[1\]"),
+    ((torch.tensor(0.0), torch.tensor([0, 1])), ValueError, r"lam must be a tensor of shape \[2\]"),
+    ((torch.zeros(2), torch.zeros(2)), TypeError, "labels must be an integer tensor, got torch.float32"),
+    ((torch.zeros(2), torch.tensor([0, 1], device="meta")), ValueError, "labels must be a tensor of shape .* on cpu"),
+])
+def test_unet_checks_lam_and_labels(args, error, message):
+    with pytest.raises(error, match=message):
+        UNet(TINY)(torch.zeros(2, 1, 8, 8), *args)
+    with pytest.raises(TypeError, match="z must be a floating-point tensor, got torch.int64"):
+        UNet(TINY)(torch.zeros(2, 1, 8, 8, dtype=torch.int64), torch.zeros(2), torch.tensor([0, 1]))
+
+
+@pytest.mark.parametrize("dtype, atol", [(torch.float64, 1e-5), (torch.float16, 0.02), (torch.bfloat16, 0.1)])
+def test_unet_in_another_precision_samples(dtype, atol):
+    """.half(), .to(bfloat16) and .double() failed inside the first layer (float32 lambda features)."""
+    model = cfgfast.load_pretrained("digits")
+    expected = model.sample(torch.arange(4), 1.0, steps=8)
+    got = cfgfast.load_pretrained("digits").to(dtype).sample(torch.arange(4), 1.0, steps=8)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, expected, rtol=0, atol=atol)  # measured: 2e-6, 2e-3, 4e-2
+
+
+def test_unet_config_overrides_and_wrong_config():
+    assert UNet(TINY, image_size=16).sample_shape == (1, 16, 16)  # the keyword was ignored beside a config
+    assert TINY.image_size == 8
+    with pytest.raises(TypeError, match="config must be a UNetConfig, got dict"):
+        UNet({"image_size": 8})
+    assert type(UNetConfig(image_size=np.int64(8)).image_size) is int
+    with pytest.raises(TypeError, match="UNetConfig.dropout must be a real number, got str"):
+        UNetConfig(dropout="0.1")
+
+
+def test_sampling_refuses_a_model_in_training_mode_with_dropout():
+    """Dropout in training mode drew from torch's generator: the same seed gave other samples."""
+    model = UNet(dataclasses.replace(TINY, dropout=0.1))  # a fresh module is in training mode
+    with pytest.raises(ValueError, match=r"model is in training mode, where its .*\(Dropout\) makes the samples "
+                                         r"depend on more than the seed: call model.eval\(\) first"):
+        cfgfast.sample(model, torch.tensor([0, 1]), 1.0, 4)
+    a = cfgfast.sample(model.eval(), torch.tensor([0, 1]), 1.0, 4, clip=1.0)
+    assert torch.equal(a, cfgfast.sample(model, torch.tensor([0, 1]), 1.0, 4, clip=1.0))
+    cfgfast.sample(UNet(TINY), torch.tensor([0, 1]), 1.0, 4)  # no dropout: training mode changes nothing
+
+
 def test_model_sample_hands_loop_to_cfgfast_sample():
     torch.manual_seed(0)
     model = UNet(TINY).eval()

@@ -318,3 +318,31 @@ def test_cuda_graph_on_a_gpu_that_is_not_the_current_one():
     graphed = cfgfast.sample(model, labels, 2.0, 16, seed=1, cuda_graph=True)
     assert graphed.device == torch.device("cuda:1")
     torch.testing.assert_close(graphed, plain, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("means, covs, weights, message", [
+    ([[0.0, 0.0]], [[[1.0, 5.0], [0.0, 1.0]]], None, "covs must be symmetric"),  # eigh read one triangle: identity
+    ([[0.0, float("nan")]], [[[1.0, 0.0], [0.0, 1.0]]], None, "means must be finite"),
+    ([[0.0, 0.0]], [[[1.0, 0.0], [0.0, float("inf")]]], None, "covs must be finite"),
+    ([[0.0, 0.0]], [[[1.0, 0.0], [0.0, 1.0]]], [float("nan")], "weights must be finite"),
+    ([0.0, 0.0], [[1.0, 0.0], [0.0, 1.0]], None, r"means must have shape \[K, D\]"),
+])
+def test_toy_refuses_bad_classes(means, covs, weights, message):
+    from cfgfast.toy import GaussianClasses
+
+    with pytest.raises(ValueError, match=message):
+        GaussianClasses(means, covs, weights)
+
+
+def test_toy_checks_its_inputs():
+    """Label -1 gave class 2's eps and label 4 the unconditional one; a lam of length 1 was broadcast."""
+    model, z = three_classes(), torch.zeros(2, 2)
+    for lam, labels, message in ((torch.zeros(2), torch.tensor([0, 4]), r"labels must lie in \[0, 3\]"),
+                                 (torch.zeros(2), torch.tensor([-1, 0]), r"labels must lie in \[0, 3\]"),
+                                 (torch.zeros(1), torch.tensor([0, 1]), r"lam must be a tensor of shape \[2\]"),
+                                 (torch.zeros(2), torch.tensor([0]), r"labels must be an integer tensor of shape \[2\]")):
+        with pytest.raises(ValueError, match=message):
+            model(z, lam, labels)
+    for labels in (torch.tensor([-1]), torch.tensor([3])):
+        with pytest.raises(ValueError, match=r"labels must lie in \[0, 2\]"):
+            model.sample_data(labels)

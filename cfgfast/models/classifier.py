@@ -20,7 +20,7 @@ from torch import nn
 from .. import _checks
 from ..schedule import diffuse, training_lambdas
 from . import checkpoint
-from .unet import ResBlock, lambda_features
+from .unet import ResBlock, _config, lambda_features
 
 FORMAT = "cfgfast-classifier"
 PRETRAINED = {"digits": "digits_classifier.pt"}  # name -> file in cfgfast/models/weights/
@@ -40,7 +40,10 @@ class ClassifierConfig:
     fourier_features: int = 16  # sin/cos pairs of λ (noise-conditional only)
 
     def __post_init__(self):
-        self.channel_mult = tuple(int(m) for m in self.channel_mult)
+        if isinstance(self.channel_mult, (str, bytes)) or not hasattr(self.channel_mult, "__iter__"):
+            raise TypeError(f"ClassifierConfig.channel_mult must be a sequence of ints, got "
+                            f"{type(self.channel_mult).__name__}")
+        self.channel_mult = tuple(_checks.integer("ClassifierConfig.channel_mult", m, low=1) for m in self.channel_mult)
         for name in ("image_size", "in_channels", "num_classes", "width", "groups", "fourier_features"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -67,8 +70,7 @@ class Classifier(nn.Module):
 
     def __init__(self, config: ClassifierConfig | None = None, **overrides):
         super().__init__()
-        config = config if config is not None else ClassifierConfig(**overrides)
-        self.config = config
+        self.config = config = _config(ClassifierConfig, config, overrides)
         self.input_shape = (config.in_channels, config.image_size, config.image_size)
         emb_dim = 4 * config.width
         if config.noise_conditional:

@@ -5,7 +5,9 @@ last row is the null label of classifier-free guidance."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import numbers
 from dataclasses import asdict, dataclass
 
 import torch
@@ -42,8 +44,10 @@ class UNetConfig:
         for name in ("image_size", "in_channels", "num_classes", "base_channels", "num_res_blocks", "num_heads",
                      "groups", "fourier_features"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"UNetConfig.{name} must be a positive int, got {value!r}")
+            setattr(self, name, int(value))  # (a NumPy int would reach the checkpoint, which a safe load refuses)
+        self.dropout = _checks.real("UNetConfig.dropout", self.dropout)
         if not self.channel_mult or min(self.channel_mult) < 1:
             raise ValueError(f"UNetConfig.channel_mult must be positive ints, got {self.channel_mult}")
         levels = len(self.channel_mult)
@@ -84,6 +88,15 @@ def lambda_features(lam: torch.Tensor, pairs: int) -> torch.Tensor:
                                      device=lam.device))
     angles = lam.float()[:, None] * freqs[None]
     return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
+
+
+def _config(kind, config, overrides: dict):
+    """The network's config: `config`, with any keyword overrides replacing its fields, or kind(**overrides)."""
+    if config is None:
+        return kind(**overrides)
+    if not isinstance(config, kind):
+        raise TypeError(f"config must be a {kind.__name__}, got {type(config).__name__}")
+    return dataclasses.replace(config, **overrides) if overrides else config
 
 
 def zero_init(module: nn.Module) -> nn.Module:
@@ -136,8 +149,7 @@ class UNet(nn.Module):
 
     def __init__(self, config: UNetConfig | None = None, **overrides):
         super().__init__()
-        config = config if config is not None else UNetConfig(**overrides)
-        self.config = config
+        self.config = config = _config(UNetConfig, config, overrides)
         self.null_label = config.num_classes
         self.num_labels = config.num_classes + 1  # rows of the class embedding, the null label's last
         self.sample_shape = (config.in_channels, config.image_size, config.image_size)
@@ -182,10 +194,22 @@ class UNet(nn.Module):
                                   zero_init(nn.Conv2d(width, config.in_channels, 3, padding=1)))
 
     def forward(self, z: torch.Tensor, lam: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if not isinstance(z, torch.Tensor) or not z.is_floating_point():
+            raise TypeError(f"z must be a floating-point tensor, got {getattr(z, 'dtype', type(z).__name__)}")
         if z.dim() != 4 or tuple(z.shape[1:]) != self.sample_shape:
             raise ValueError(f"z must have shape [B, {', '.join(map(str, self.sample_shape))}], got {list(z.shape)}")
-        emb = self.lambda_embed(lambda_features(lam, self.config.fourier_features)) + self.class_embed(labels)
-        h = self.stem(z)
+        batch = z.shape[0]
+        for name, t in (("lam", lam), ("labels", labels)):  # (no check of their values: that would synchronise a GPU)
+            if not isinstance(t, torch.Tensor) or tuple(t.shape) != (batch,) or t.device != z.device:
+                raise ValueError(f"{name} must be a tensor of shape [{batch}] on {z.device}, got "
+                                 f"{list(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}"
+                                 f"{' on ' + str(t.device) if isinstance(t, torch.Tensor) else ''}")
+        if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+            raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
+        dtype = self.stem.weight.dtype  # the model's own (float32, or after .half() / .double())
+        features = lambda_features(lam, self.config.fourier_features).to(dtype)
+        emb = self.lambda_embed(features) + self.class_embed(labels)
+        h = self.stem(z.to(dtype))
         hs = [h]
         for layers in self.down:
             for layer in layers:
