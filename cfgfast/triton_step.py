@@ -314,7 +314,7 @@ if triton is not None:
     def _check_launch(out: torch.Tensor) -> None:
         """The sizes one launch takes: int32 offsets inside a sample, and a grid (batch x programs a sample) below
         CUDA's 2^31 blocks, which Triton's launcher would refuse with an OverflowError from inside."""
-        torch._check(out.device.type == "cuda" or (INTERPRETED and out.device.type == "cpu"),
+        torch._check(out.device.type in ("cuda", "meta") or (INTERPRETED and out.device.type == "cpu"),
                      lambda: f"cfgfast: the triton kernels take CUDA tensors (CPU tensors under TRITON_INTERPRET=1), "
                              f"got out on {out.device}")
         per_sample = out.numel() // max(out.shape[0], 1)

