@@ -131,7 +131,7 @@ def _triton_step():
 
 # Where the triton backend can matter, import it (and register its ops) now rather than inside a call
 # that torch.compile may be tracing.
-if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET"):  # (triton_step reads it as Triton does)
+if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET", "").lower() in ("1", "true", "yes", "on", "y"):
     _triton_step()
 
 

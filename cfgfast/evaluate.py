@@ -114,6 +114,10 @@ def _w_name(w: float) -> str:
     return format(w, "g")
 
 
+def _grid_name(kind: str, w: float) -> str:
+    return f"grid_w{_w_name(w)}{'' if kind == 'classifier-free' else '_classifier'}.png"
+
+
 def check_options(ws, num, steps, batch_size, feature_steps, v, seed) -> tuple[list[float], float, int]:
     """The sweep's settings that need no model or data (so the command line checks them before it starts):
     (ws as floats, v, seed)."""
@@ -154,9 +158,6 @@ def sweep(model, data: Dataset, out: str, *, ws=DEFAULT_WS, num: int = 1000, ste
                              f"got noise_conditional={config.noise_conditional}, {config.num_classes} classes of "
                              f"shape {(config.in_channels, config.image_size, config.image_size)}")
     os.makedirs(out, exist_ok=True)
-    for name in os.listdir(out):  # an earlier sweep's grids, which this one's results.md would not list
-        if re.fullmatch(r"grid_w[0-9.e+-]+(_classifier)?\.png", name):
-            os.remove(os.path.join(out, name))
     start = time.perf_counter()
     log(f"training the feature classifier on real {data.name} ({feature_steps} steps, seed {seed}) ...")
     clf, train, heldout, heldout_accuracy = feature_classifier(data, steps=feature_steps, seed=seed)
@@ -196,9 +197,13 @@ def sweep(model, data: Dataset, out: str, *, ws=DEFAULT_WS, num: int = 1000, ste
                  "seconds": seconds}
         metrics["points"].append(point)
         metrics["complete"] = i + 1 == len(plan)
-        suffix = "" if kind == "classifier-free" else "_classifier"
-        write_png(os.path.join(out, f"grid_w{_w_name(w)}{suffix}.png"), _sample_grid(x, data.num_classes))
+        write_png(os.path.join(out, _grid_name(kind, w)), _sample_grid(x, data.num_classes))
         write_results(out, metrics)
+        if i == 0:  # an earlier sweep's grids that this one does not make, once its own results replaced that one's
+            planned = {_grid_name(kind, w) for kind, w in plan}
+            for name in os.listdir(out):
+                if re.fullmatch(r"grid_w[0-9.e+-]+(_classifier)?\.png", name) and name not in planned:
+                    os.remove(os.path.join(out, name))
         log(f"[{i + 1}/{len(plan)}] {kind} w={_w_name(w)}: FD {point['fd']:.3f} (first {metrics['matched']}: "
             f"{point['fd_matched']:.3f})  IS {point['is']:.3f}  accuracy {point['accuracy']:.1%}  ({seconds:.0f} s)")
     return metrics

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 import sys
 from collections.abc import Mapping, Set
 
@@ -35,8 +36,8 @@ def _bound(name: str, value) -> float:
     except ValueError:
         if isinstance(value, torch.Tensor) and value.numel() == 1 and value.device.type != "meta":
             value = value.item()
-        if isinstance(value, float) and math.isinf(value):
-            return value
+        if isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isinf(value):
+            return float(value)  # (a NumPy float too)
         raise
 
 
@@ -163,7 +164,8 @@ def sample(model, labels, w, steps=DEFAULT_STEPS, *, v=0.3, seed=0, shape=None, 
 
     model(z, lam, labels) -> eps with lam float32 [B] and labels int64 [B]; `null_label` (default
     model.null_label) means "no class". w: a number or one per sample; 0 everywhere skips the
-    unconditional pass. The state starts as the noise of stream 0 and stays float32 (the model may
+    unconditional pass. A module in training mode whose dropout or batch norm acts there is refused (call
+    .eval()): its samples would depend on more than the seed. The state starts as the noise of stream 0 and stays float32 (the model may
     return bfloat16 or float16, e.g. under autocast). guidance_interval=(lam_lo, lam_hi) guides only
     where lam_lo <= lam <= lam_hi. lambdas= replaces the grid: any increasing sequence inside
     [lambda_min, lambda_max] (by default the paper's [-20, 20]: widen them, up to +-80, for a grid beyond;

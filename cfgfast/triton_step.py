@@ -13,6 +13,7 @@ Import never fails: without triton the module only reports why in `refusals`.
 # No `from __future__ import annotations` here: torch.library.triton_op reads the op schema from live annotations.
 import contextlib
 import math
+import os
 from typing import Optional
 
 import torch
@@ -30,8 +31,9 @@ else:
     _TRITON_ERROR = None
 
 # Triton picks interpreted or compiled kernels when they are defined (at import), from TRITON_INTERPRET, read as
-# Triton reads it (1, true, yes, on).
-INTERPRETED = triton is not None and bool(triton.knobs.runtime.interpret)
+# Triton reads it: through its knobs from Triton 3.4 (1, true, yes, on, y), "1" only before.
+INTERPRETED = triton is not None and (bool(triton.knobs.runtime.interpret) if hasattr(triton, "knobs")
+                                      else os.environ.get("TRITON_INTERPRET") == "1")
 
 # Block settings: 256 groups = 1024 elements per program, 4 warps = two groups of four (two 16-byte vectors of
 # float32) per thread and input, 32 registers on sm_90 (full occupancy). Not tuned on an H100: on the H200, two
@@ -377,16 +379,16 @@ if triton is not None:
     ) -> None:
         op_step_args(out, z, eps_cond, eps_uncond, w, noise, coef, step, index_offset)
         op_clip(clip)
-        if not is_fake(out):  # (traced by torch.compile, the op's fake tensors have no addresses)
-            out_may_alias(out, z=z, eps_cond=eps_cond, eps_uncond=eps_uncond, w=w, noise=noise)
         tensors = (z, eps_cond, eps_uncond, w) + (() if noise is None else (noise,))
         torch._check(all(t.is_contiguous() for t in tensors),
                      lambda: "cfgfast: the triton kernel takes contiguous inputs")
         torch._check(all(t.device == out.device for t in tensors),
                      lambda: "cfgfast: all tensors must be on out's device")
         _check_launch(out)
-        if out.numel() == 0:
+        if out.numel() == 0 or out.device.type == "meta":  # (meta tensors: shapes only, nothing to compute)
             return
+        if not is_fake(out):  # (traced by torch.compile, the op's fake tensors have no addresses)
+            out_may_alias(out, z=z, eps_cond=eps_cond, eps_uncond=eps_uncond, w=w, noise=noise)
         per_sample, blocks, grid = _launch_shape(out)
         alpha, sigma, mean_z, mean_eps, mean_z_clip, mean_x_clip, noise_std = coef
         ahead = _prefetch_ahead(out)
@@ -403,7 +405,7 @@ if triton is not None:
     def _normal_noise_op(out: torch.Tensor, seed: int, step: int, stream: int, index_offset: int) -> None:
         op_noise_out(out, step, stream, index_offset)
         _check_launch(out)
-        if out.numel() == 0:
+        if out.numel() == 0 or out.device.type == "meta":
             return
         per_sample, blocks, grid = _launch_shape(out)
         with _on_device(out):

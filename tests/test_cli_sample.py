@@ -77,6 +77,26 @@ def test_writes_adm_npz_and_grid_and_nothing_else(tiny, tmp_path, capsys):
     assert f"--out {out} exists: add --overwrite to replace it" in capsys.readouterr().err
     assert out.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["s.npz", "s.png"]
     assert main(args(tiny, out, "--seed", "1", "--overwrite")) == 0 and out.read_bytes() != before
+    assert main(args(tiny, tmp_path / "t.npz", "--grid", str(grid))) == 2  # the picture is protected too
+    assert f"--grid {grid} exists: add --overwrite" in capsys.readouterr().err
+
+
+def test_a_run_stopped_after_writing_its_file_finishes_with_resume(tiny, tmp_path, monkeypatch, capsys):
+    """Stopped while drawing the grid, after the .npz was written, the run said "rerun with --resume"; --resume
+    then refused the existing file."""
+    import cfgfast._png
+
+    out, grid = tmp_path / "s.npz", tmp_path / "s.png"
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(cfgfast._png, "write_png", interrupted)
+        assert main(args(tiny, out, "--grid", str(grid))) == 130
+    assert "rerun with --resume" in capsys.readouterr().err and out.exists()
+    assert main(args(tiny, out, "--grid", str(grid), "--resume")) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.npz", "s.png"]
 
 
 def test_labels_cycle(tiny, tmp_path):
@@ -93,8 +113,8 @@ def test_labels_cycle(tiny, tmp_path):
     (["--num", "0"], "--num must be in [1, 2^32]"),
     (["--num", str(2**32 + 1)], "--num must be in [1, 2^32]"),
     (["--labels", "3", "10"], "--labels must lie in [0, 10) for this model of 10 classes, got 10"),
-    (["--steps", "1"], "--steps must be in [2, 2^32) (a step's index is a 32-bit counter word), got 1"),
-    (["--steps", "99999999999999999999"], "--steps must be in [2, 2^32)"),  # a traceback (OverflowError) before
+    (["--steps", "1"], "--steps must be at least 2, below 4294967296, got 1"),
+    (["--steps", "99999999999999999999"], "--steps must be at least 2, below 4294967296"),  # an OverflowError before
     (["--w", "nan"], "--w must be finite"),
     (["--w", "1e39"], "--w must be finite in float32"),
     (["--v", "1.5"], "--v must be in [0, 1], got 1.5"),

@@ -71,8 +71,6 @@ def test_compiled_step_over_many_lambdas(device, backend):
     for t in range(len(grid) - 1):
         args = (z, grid[t], grid[t + 1], t, 1.0 + t, 2.0 + t)
         torch.testing.assert_close(compiled(*args), step(*args), rtol=0, atol=0)
-    if backend not in ("cpu", "cuda"):  # the triton backend reads the table's step on the host: a graph break
-        return
 
     table = cfgfast.coefficient_table(grid, 0.3).to(device)
 
@@ -80,10 +78,25 @@ def test_compiled_step_over_many_lambdas(device, backend):
         return cfgfast.reverse_step_table(z, eps_cond, eps_uncond, table, t, 2.0, seed=2**64 - 2**40, backend=backend)
 
     compiled = torch.compile(table_step, fullgraph=True)
+    if backend not in ("cpu", "cuda"):  # the triton backend reads the step on the host: a graph break (README)
+        with pytest.raises(torch._dynamo.exc.TorchDynamoException, match="data-dependent"):
+            compiled(z, torch.tensor([0], device=device))
+        return
     with torch._dynamo.config.patch(error_on_recompile=True):
         for t in range(len(grid)):
             counter = torch.tensor([t], device=device)
             torch.testing.assert_close(compiled(z, counter), table_step(z, counter), rtol=0, atol=0)
+
+
+def test_a_table_step_read_on_the_host_is_a_graph_break():
+    """The reference backend (and the triton backend, through the same code) reads the table's step on the host:
+    fullgraph=True refuses it, as the README says."""
+    z = torch.randn(3, 16)
+    table = cfgfast.coefficient_table(cfgfast.sampling_lambdas(5).tolist(), 0.3)
+    compiled = torch.compile(lambda z, t: cfgfast.reverse_step_table(z, z, z, table, t, 2.0, backend="reference"),
+                             fullgraph=True)
+    with pytest.raises(torch._dynamo.exc.TorchDynamoException, match="data-dependent"):
+        compiled(z, torch.tensor([1]))
 
 
 def test_triton_ops_trace_under_fake_tensors_without_a_gpu(tmp_path):

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+import cfgfast.evaluate
 from cfgfast.cli import main
 from cfgfast.data import load_dataset
 from cfgfast.evaluate import feature_classifier, frechet_distance, gaussian_fit, inception_score, sweep
@@ -157,7 +158,7 @@ def test_feature_classifier_trains_reproducibly():
         torch.testing.assert_close(p, q, rtol=0, atol=0)
 
 
-def test_evaluate_end_to_end_writes_its_files(tmp_path, capsys):
+def test_evaluate_end_to_end_writes_its_files(tmp_path, capsys, monkeypatch):
     model_path, clf_path, out = tiny_model_file(tmp_path), tmp_path / "clf.pt", tmp_path / "eval"
     save_classifier(str(clf_path), Classifier(ClassifierConfig(width=8, groups=4)))
     argv = ["evaluate", "--model", model_path, "--classifier", str(clf_path), "--num", "20", "--steps", "3",
@@ -165,6 +166,10 @@ def test_evaluate_end_to_end_writes_its_files(tmp_path, capsys):
     out.mkdir()
     (out / "grid_w7.png").write_bytes(b"an earlier sweep's")  # not listed by this one's results.md: removed
     (out / "notes.txt").write_text("the user's")
+    with monkeypatch.context() as patch:  # ... but not before this sweep has written its own results
+        patch.setattr(cfgfast.evaluate, "feature_classifier", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+        assert main(argv) == 130
+    assert (out / "grid_w7.png").exists()
     assert main(argv) == 0
     assert (out / "notes.txt").read_text() == "the user's"
     (out / "notes.txt").unlink()

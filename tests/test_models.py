@@ -83,7 +83,7 @@ def test_unet_wrong_input_shape():
 
 
 @pytest.mark.parametrize("args, error, message", [
-    # a lam or labels of another length was broadcast over the batch: a wrong answer, silently
+    # a lam or labels of another length was broadcast over the batch, silently
     ((torch.zeros(1), torch.tensor([0, 1])), ValueError, r"lam must be a tensor of shape \[2\] on cpu, got \[1\]"),
     ((torch.zeros(2), torch.tensor([0])), ValueError, r"labels must be a tensor of shape \[2\] on cpu, got \[1\]"),
     ((torch.tensor(0.0), torch.tensor([0, 1])), ValueError, r"lam must be a tensor of shape \[2\]"),
@@ -120,6 +120,11 @@ def test_unet_config_overrides_and_wrong_config():
 def test_sampling_refuses_a_model_in_training_mode_with_dropout():
     """Dropout in training mode drew from torch's generator: the same seed gave other samples."""
     model = UNet(dataclasses.replace(TINY, dropout=0.1))  # a fresh module is in training mode
+    generator = torch.Generator().manual_seed(0)
+    for p in model.parameters():  # (the zero-initialised output layer would make eps 0 whatever dropout does)
+        p.data = torch.randn(p.shape, generator=generator) * 0.2
+    z, lam, labels = torch.randn(2, 1, 8, 8), torch.zeros(2), torch.tensor([0, 1])
+    assert not torch.equal(model(z, lam, labels), model(z, lam, labels))  # what the refusal is about
     with pytest.raises(ValueError, match=r"model is in training mode, where its .*\(Dropout\) makes the samples "
                                          r"depend on more than the seed: call model.eval\(\) first"):
         cfgfast.sample(model, torch.tensor([0, 1]), 1.0, 4)

@@ -4,6 +4,9 @@ batch splits, and bad input."""
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import pytest
 import torch
 
@@ -198,7 +201,8 @@ def test_a_given_grid_takes_one_element_tensor_and_infinite_bounds():
     model, grid = three_classes(), [-30.0, 0.0, 30.0]
     expected = cfgfast.sample(model, torch.tensor([0, 1]), 1.0, lambdas=grid, lambda_min=-30.0, lambda_max=30.0)
     for bounds in (dict(lambda_min=torch.tensor(-30.0), lambda_max=torch.tensor(30.0)),
-                   dict(lambda_min=float("-inf"), lambda_max=torch.tensor(float("inf")))):
+                   dict(lambda_min=float("-inf"), lambda_max=torch.tensor(float("inf"))),
+                   dict(lambda_min=np.float32(-np.inf), lambda_max=np.float64(np.inf))):
         got = cfgfast.sample(model, torch.tensor([0, 1]), 1.0, lambdas=grid, **bounds)
         torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
@@ -332,6 +336,16 @@ def test_toy_refuses_bad_classes(means, covs, weights, message):
 
     with pytest.raises(ValueError, match=message):
         GaussianClasses(means, covs, weights)
+
+
+def test_toy_takes_a_covariance_symmetric_to_float32_rounding():
+    from cfgfast.toy import GaussianClasses
+
+    rotation = torch.tensor([[0.6, -0.8], [0.8, 0.6]], dtype=torch.float32) @ torch.tensor(
+        [[math.cos(0.3), -math.sin(0.3)], [math.sin(0.3), math.cos(0.3)]], dtype=torch.float32)
+    cov = rotation @ torch.diag(torch.tensor([0.5, 2.0])) @ rotation.T  # (float32: off by ~1e-8 from symmetric)
+    model = GaussianClasses([[0.0, 0.0]], cov[None])
+    assert torch.equal(model.covs, model.covs.mT)
 
 
 def test_toy_checks_its_inputs():

@@ -522,6 +522,16 @@ def test_opcheck(device):
                           (torch.empty(2, 9, device=device), -1, 2, 1, 0), **kwargs)
 
 
+def test_ops_do_nothing_on_meta_tensors():
+    """(Meta tensors all sit at address 0: the overlap check refused them as overlapping w.)"""
+    def meta(*shape):
+        return torch.empty(*shape, device="meta")
+
+    torch.ops.cfgfast.triton_reverse_step_(meta(3, 5), meta(3, 5), meta(3, 5), meta(3, 5), meta(3), None, [1.0] * 7, 1,
+                                           0, 0, None, False)
+    torch.ops.cfgfast.triton_normal_noise_(meta(3, 5), 1, 0, 1, 0)
+
+
 @pytest.mark.parametrize("shape,message", [((1, 2**30), "fewer than 2\\^30 elements per sample"),
                                            ((2**31, 1), "fewer than 2\\^31 programs")])
 def test_launch_limits(shape, message):

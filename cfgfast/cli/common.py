@@ -21,6 +21,12 @@ def writable_path(path: str, option: str = "--out") -> str:
     return path
 
 
+def refuse_existing(path: str, overwrite: bool, option: str = "--out") -> None:
+    """An existing output file (perhaps hours of work) is replaced only with --overwrite."""
+    if os.path.exists(path) and not overwrite:
+        raise ValueError(f"{option} {path} exists: add --overwrite to replace it")
+
+
 def finite_float(text: str) -> float:
     """An argparse type: a number finite in float32 (nan, inf and 1e39 refused while parsing, before any work)."""
     try:

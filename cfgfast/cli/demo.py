@@ -60,7 +60,7 @@ def add_parser(sub, name: str) -> None:
     p = sub.add_parser(name, help="sample the bundled digits model at several w and draw one picture (offline)")
     p.add_argument("--out", default=".", help="folder for cfg_demo.png (default: the current folder)")
     p.add_argument("--w", type=finite_float, nargs="+", default=list(DEMO_W), help="guidance strengths (0 0.3 1 3)")
-    p.add_argument("--per-cell", type=int, default=3, help="samples per class and w (default 3)")
+    p.add_argument("--per-cell", type=int, default=3, help="samples per class and w, 1 to 1000 (default 3)")
     p.add_argument("--steps", type=int, default=256, help="sampling steps (default 256, the paper's)")
     p.add_argument("--v", type=finite_float, default=0.3, help="variance interpolation (default 0.3, the paper's)")
     p.add_argument("--seed", type=int, default=0, help="the noise's seed (default 0)")

@@ -29,7 +29,8 @@ import zipfile
 import numpy as np
 import torch
 
-from cfgfast.cli.common import FLOAT32_MAX, writable_path
+from cfgfast import _checks
+from cfgfast.cli.common import FLOAT32_MAX, refuse_existing, writable_path
 
 PARTS_FORMAT = "cfgfast-sample-parts"
 PARTS_VERSION = 1
@@ -111,8 +112,7 @@ def _check_options(args) -> None:
         raise ValueError(f"--num must be in [1, 2^32] (a sample's index is a 32-bit counter word), got {args.num}")
     if args.batch_size is not None and args.batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
-    if not 2 <= args.steps < 2**32:
-        raise ValueError(f"--steps must be in [2, 2^32) (a step's index is a 32-bit counter word), got {args.steps}")
+    _checks.steps(args.steps)
     if not 0.0 <= args.v <= 1.0:
         raise ValueError(f"--v must be in [0, 1], got {args.v}")
     if not (math.isfinite(args.w) and abs(args.w) <= FLOAT32_MAX):
@@ -268,11 +268,13 @@ def _prepare(args, world: _World):
     from cfgfast.models.checkpoint import load_model
 
     if world.rank == 0:
+        # (a run interrupted after writing them, while its parts folder was removed, finishes with --resume)
+        resuming = args.resume and os.path.isdir(args.out + ".parts")
         writable_path(args.out)
-        if os.path.exists(args.out) and not args.overwrite:  # (maybe hours of sampling)
-            raise ValueError(f"--out {args.out} exists: add --overwrite to replace it")
+        refuse_existing(args.out, args.overwrite or resuming)
         if args.grid is not None:
             writable_path(args.grid, "--grid")
+            refuse_existing(args.grid, args.overwrite or resuming, "--grid")
     model = load_model(args.model).to(world.device)
     num_classes = model.config.num_classes
     for label in args.labels or []:
@@ -402,7 +404,8 @@ def add_parser(sub, name: str) -> None:
     p.add_argument("--w", type=float, required=True, metavar="W", help="guidance strength (0: no guidance)")
     p.add_argument("--out", required=True, metavar="FILE.npz",
                    help="the samples: arr_0 uint8 [N, H, W, C], arr_1 int64 labels (the ADM evaluator format)")
-    p.add_argument("--overwrite", action="store_true", help="replace FILE.npz where it exists (without it: an error)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace FILE.npz (and the --grid picture) where they exist (without it: an error)")
     p.add_argument("--grid", metavar="FILE.png", help="also draw the samples: one row per class, up to 16 x 16")
     p.add_argument("--resume", action="store_true",
                    help="finish the interrupted run whose shards are in FILE.npz.parts (same options; any number "

@@ -9,10 +9,9 @@ The classifier shipped beside the bundled model was made with exactly:
 
 from __future__ import annotations
 
-import os
 import time
 
-from cfgfast.cli.common import writable_path
+from cfgfast.cli.common import refuse_existing, writable_path
 
 REPORT_LAMBDAS = (-6.0, -3.0, 0.0, 3.0, 6.0, 20.0)  # λ at which the held-out accuracy is reported
 
@@ -25,15 +24,14 @@ def run(args) -> int:
     from cfgfast import _checks
 
     out = writable_path(args.out)
-    for name in ("steps", "batch_size", "width"):
+    for name in ("steps", "width"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     _checks.integer("batch_size", args.batch_size, low=1, high=_checks.MAX_BATCH)
     if args.width % ClassifierConfig.groups:
         raise ValueError(f"--width must be a multiple of {ClassifierConfig.groups} (the group norm's groups), got "
                          f"{args.width}")
-    if os.path.exists(out) and not args.overwrite:
-        raise ValueError(f"--out {args.out} exists: add --overwrite to replace it")
+    refuse_existing(out, args.overwrite)
     _checks.seed(args.seed)  # before the held-out split draws with it
     if not _checks.real("lr", args.lr) > 0:
         raise ValueError(f"lr must be positive, got {args.lr}")

@@ -10,6 +10,7 @@ lambda_features), in two roles:
 from __future__ import annotations
 
 import math
+import numbers
 import os
 from dataclasses import asdict, dataclass
 
@@ -46,8 +47,9 @@ class ClassifierConfig:
         self.channel_mult = tuple(_checks.integer("ClassifierConfig.channel_mult", m, low=1) for m in self.channel_mult)
         for name in ("image_size", "in_channels", "num_classes", "width", "groups", "fourier_features"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"ClassifierConfig.{name} must be a positive int, got {value!r}")
+            setattr(self, name, int(value))  # (a NumPy int would reach the checkpoint, which a safe load refuses)
         if not isinstance(self.noise_conditional, bool):
             raise ValueError(f"ClassifierConfig.noise_conditional must be a bool, got {self.noise_conditional!r}")
         if not self.channel_mult or min(self.channel_mult) < 1:
@@ -106,12 +108,14 @@ class Classifier(nn.Module):
             lam = lam.expand(batch)
         if tuple(lam.shape) != (batch,):
             raise ValueError(f"lam must be a number or a tensor of shape [{batch}], got {list(lam.shape)}")
-        return self.lambda_embed(lambda_features(lam, self.config.fourier_features))
+        features = lambda_features(lam, self.config.fourier_features).to(self.stem.weight.dtype)
+        return self.lambda_embed(features)
 
     def features(self, z: torch.Tensor, lam=None) -> torch.Tensor:
-        """[B, feature_dim]: the penultimate layer (global average of the last block's activations)."""
+        """[B, feature_dim]: the penultimate layer (global average of the last block's activations), in the module's
+        precision (float32, or after .half() / .double())."""
         emb = self._embedding(z, lam)
-        h = self.stem(z)
+        h = self.stem(z.to(self.stem.weight.dtype))
         for block in self.blocks:
             h = block(h, emb) if isinstance(block, ResBlock) else block(h)
         return F.silu(self.head_norm(h)).mean(dim=(2, 3))
