@@ -80,7 +80,7 @@ command -v cuobjdump > /dev/null && cuobjdump -res-usage "$so" 2>&1 | grep -A1 "
 xdist=$("$py" -c 'import xdist' 2> /dev/null && echo "-n 12")
 # the tests of the GPU backends only (their ids name cuda or triton; CI runs the rest), first: whether the kernels
 # are right matters before how fast they are. Two threads a worker: 12 workers of 16 threads each would crawl.
-want tests && OMP_NUM_THREADS=2 stage tests 200 25 "$py" -m pytest -q -p no:cacheprovider -rfE $xdist \
+want tests && OMP_NUM_THREADS=2 stage tests 200 25 "$py" -m pytest -q -p no:cacheprovider -rfEs $xdist \
   "$REPO"/tests/test_{step,noise,triton,extension,compile,bad_input,sampler}.py -k "cuda or triton"
 
 sweep=$([ "${GPU_CHECK_SWEEP:-1}" = 1 ] && echo --sweep)
@@ -88,16 +88,19 @@ want table && stage table 150 100 "$py" -c "import sys; sys.path.append('$REPO')
   $sweep --out "$LOG/gpu_table.json"
 
 
-cat > memcheck.py <<'PY'
+cat > memcheck_run.py <<'PY'
 import itertools, torch, cfgfast
 from cfgfast import _ext
 module = _ext.load()
 knob = getattr(module, "set_cuda_groups_per_thread", lambda n: 0)
 backends = [b for b in ("cuda", "triton") if b in cfgfast.available_backends()]
-# both CUDA settings (1 and 2 groups of four a thread); (3, 1000003): several grid-stride rounds, a partial last
-for groups, shape, dt in itertools.product((1, 2), [(3, 7), (5, 4097), (2, 3, 64, 64), (3, 1_000_003)],
-                                           (torch.float32, torch.bfloat16, torch.float16)):
+# both CUDA settings (1 and 2 groups of four a thread), the default grid and 1 block an SM; (3, 1000003) in the
+# latter: several grid-stride rounds, a partial last
+blocks_knob = getattr(module, "set_cuda_blocks_per_sm", lambda n: 0)
+for (groups, blocks), shape, dt in itertools.product(((1, 0), (2, 1)), [(3, 7), (5, 4097), (2, 3, 64, 64), (3, 1_000_003)],
+                                                     (torch.float32, torch.bfloat16, torch.float16)):
     knob(groups)
+    blocks_knob(blocks)
     z = torch.randn(shape, device="cuda")
     e = torch.randn(shape, device="cuda").to(dt)
     # misaligned base pointers: the scalar path, even where the sample length is a multiple of 4
@@ -138,6 +141,7 @@ if "triton" in backends:
         assert torch.equal(got[0], got[1]), (dt, kw)
     triton_step.PREFETCH_PER_SM = 0
 knob(0)
+blocks_knob(0)
 if "cuda" in backends:
     table = cfgfast.coefficient_table(cfgfast.sampling_lambdas(4), 0.3).cuda()
     for t in range(5):  # t = 4 is outside the table: NaN, not a wild read
@@ -151,15 +155,17 @@ if ! want memcheck; then
 elif command -v compute-sanitizer > /dev/null; then
   # without torch's caching allocator, so that an access just past a tensor is outside any allocation
   PYTORCH_NO_CUDA_MEMORY_CACHING=1 stage memcheck 150 6 compute-sanitizer --tool memcheck --error-exitcode 9 \
-    "$py" memcheck.py
+    "$py" memcheck_run.py
 else
   echo "!! compute-sanitizer not found"; status=1
 fi
 
+# (ncu_profile.py, memcheck_run.py: a script named profile.py in the working folder shadowed the standard library's
+# profile module, which cProfile imports, and broke torch.compile and pytest-benchmark after it)
 # Where the step's time goes, from the hardware counters: how busy the SMs' issue slots and pipes are against the
 # memory system, the occupancy, and why warps stall. The CUDA step, then a small Triton step (its compile), then
 # the Triton step, all matched by the kernel-name filter; float32 eps, 64M elements, the noise drawn.
-cat > profile.py <<'PY'
+cat > ncu_profile.py <<'PY'
 import torch, cfgfast
 z = torch.randn(1024, 65536, device="cuda")
 e = torch.randn_like(z)
@@ -174,7 +180,7 @@ PY
 if want profile && command -v ncu > /dev/null; then
   stage profile 150 0 ncu --clock-control none -k regex:reverse_step --launch-count 3 \
     --section SpeedOfLight --section ComputeWorkloadAnalysis --section Occupancy --section WarpStateStats \
-    --section SchedulerStats --section LaunchStats "$py" profile.py
+    --section SchedulerStats --section LaunchStats "$py" ncu_profile.py
   grep -E "reverse_step|Throughput|Pipe|pipeline|Issue|Eligible|Occupancy|Registers|Stall|Warp Cycles|Duration|Executed Ipc|Block Limit|Waves" \
     "$LOG/profile.log" 2> /dev/null | grep -v "^==PROF==" | head -90
 elif want profile; then

@@ -123,8 +123,10 @@ def rows(sizes_m: list[int], bf16_size_m: int | None = None) -> list[dict]:
     return out_rows
 
 
-CUDA_BLOCKS_PER_SM = (0, 8, 16, 32)  # 0: the default, one full wave of the blocks an SM holds
-CUDA_PREFETCH_ROUNDS = (1, 2, 4)  # the L2 prefetch's distance, in the one-wave grid
+# 0: the default, 32 (several waves); 4 and 6: one full wave of the 2-group and 1-group kernels (their launch bounds)
+CUDA_BLOCKS_PER_SM = (0, 4, 6, 16, 64, 128)
+CUDA_ONE_WAVE = {1: 6, 2: 4}  # blocks an SM holds at once, by groups per thread
+CUDA_PREFETCH_ROUNDS = (1, 2)  # the L2 prefetch's distance, in the one-wave grid
 TRITON_PREFETCH_PER_SM = (4, 8, 16)  # the Triton step's L2 prefetch: programs ahead per SM
 
 
@@ -133,12 +135,12 @@ def cuda_settings() -> list[tuple[int, int, int]]:
     each grid without the L2 prefetch, and with it in the one-wave grid only, where a round ahead is the fewest bytes
     (with more blocks than an SM holds, a round ahead would be more than L2 keeps)."""
     return ([(groups, blocks, 0) for groups in (1, 2) for blocks in CUDA_BLOCKS_PER_SM]
-            + [(groups, 0, rounds) for groups in (1, 2) for rounds in CUDA_PREFETCH_ROUNDS])
+            + [(groups, CUDA_ONE_WAVE[groups], rounds) for groups in (1, 2) for rounds in CUDA_PREFETCH_ROUNDS])
 
 
 def cuda_sweep(millions: int) -> list[dict]:
     """The CUDA step kernel at one size (float32 and bfloat16 eps) under each of cuda_settings(): the data behind
-    the kernel's defaults (groups 0: chosen by eps dtype; blocks 0: one full wave; no prefetch)."""
+    the kernel's defaults (groups 0: chosen by eps dtype; blocks 0: 32 an SM; no prefetch)."""
     from cfgfast import _ext
 
     module = _ext.load()
@@ -229,7 +231,7 @@ def main() -> None:
     if args.sweep:
         cuda_swept = cuda_sweep(max(args.sizes))
         print(f"cuda settings at {max(args.sizes)}M elements (groups of 4 per thread and round; blocks per SM, "
-              "0: one full wave of resident blocks; L2 prefetch, rounds ahead):")
+              "0: the default, 32; L2 prefetch, rounds ahead):")
         for r in cuda_swept:
             print(f"  {r['eps']:8} eps, {r['groups_per_thread']} per thread, {r['blocks_per_sm']:2d} blocks/SM, "
                   f"prefetch {r['prefetch_rounds']}: {r['gb_per_s']:7.0f} GB/s, {100 * r['of_copy']:5.1f}% of copy")

@@ -82,8 +82,8 @@ def test_the_whole_table_runs(monkeypatch, tmp_path, capsys):
     assert {c[1] for c in calls if c[0] == "last"} == {"cuda", "triton"}
     if hasattr(module, "set_cuda_prefetch_rounds"):  # built with the CUDA kernels (CI is)
         settings = [(g, b, 0) for g in (1, 2) for b in gpu_table.CUDA_BLOCKS_PER_SM]
-        settings += [(g, 0, r) for g in (1, 2) for r in gpu_table.CUDA_PREFETCH_ROUNDS]
-        assert len(settings) == 14 and gpu_table.cuda_settings() == settings
+        settings += [(g, {1: 6, 2: 4}[g], r) for g in (1, 2) for r in gpu_table.CUDA_PREFETCH_ROUNDS]
+        assert len(settings) == 16 and gpu_table.cuda_settings() == settings
         assert [(r["eps"], r["groups_per_thread"], r["blocks_per_sm"], r["prefetch_rounds"])
                 for r in result["cuda_sweep"]] == [(eps, *setting) for eps in ("float32", "bfloat16")
                                                   for setting in settings]

@@ -165,21 +165,21 @@ if triton is not None:
     @triton.jit
     def _philox(seed_lo, seed_hi, c0, c1, c2, c3):
         """Philox4x32-10 (Random123) with key (seed_lo, seed_hi) = (seed mod 2^32, seed >> 32): tl.random.philox
-        splits its 64-bit seed so. The words arrive as non-negative ints, int32 or int64 as the launcher types
-        them: a negative 64-bit seed (two's complement of one >= 2^63) would be typed int32 by torch.compile's
-        launcher, which looks at the value's upper bound only, and cut to its low word. Under torch.compile a word
-        equal to 1 arrives as a constant (Inductor makes every int argument of 1 one), a Python int: adding a
-        tensor makes it one."""
+        splits its 64-bit seed so. The words arrive as int32 (_word: a word >= 2^31 as its two's complement, so
+        that every launcher types it int32: Inductor of torch 2.11 failed on an int argument >= 2^31), so the low
+        one is taken mod 2^32 before the high one goes above it. Under torch.compile a word equal to 1 arrives as a
+        constant (Inductor makes every int argument of 1 one), a Python int: adding a tensor makes it one."""
         zero = tl.zeros([], tl.int64)
-        return tl.random.philox(((seed_hi + zero) << 32) | (seed_lo + zero), c0, c1, c2, c3)
+        low = (seed_lo + zero).to(tl.uint32).to(tl.int64)  # (uint32 to int64 extends with zeros)
+        return tl.random.philox(((seed_hi + zero) << 32) | low, c0, c1, c2, c3)
 
     @triton.jit
     def _sample_normals(seed_lo, seed_hi, group, sample, step, stream):
         """[BLOCK, 4] normals of the [BLOCK] groups `group` (int32) of global sample `sample` (int64)."""
         c0 = group.to(tl.uint32)
         zero = c0 * 0
-        # step and stream may be int32 or int64 scalars, or a constant (Triton makes an argument equal to 1 one):
-        # added to a uint32 block first (a constant stays uint32, an int64 widens it), then made uint32 words
+        # step and stream: int32 scalars (_word) or a constant (Triton makes an argument equal to 1 one), added to
+        # a uint32 block first (int32 + uint32 is uint32, the same bits), then uint32 words
         x0, x1, x2, x3 = _philox(seed_lo, seed_hi, c0, zero + sample.to(tl.uint32), (zero + step).to(tl.uint32),
                                  (zero + stream).to(tl.uint32))
         return _words_to_normals(x0, x1, x2, x3)
@@ -224,8 +224,9 @@ if triton is not None:
         mask = j < per_sample
         offset = b.to(tl.int64) * per_sample + j
         if LOADS_FIRST:
-            # step >= 0 always: a branch that the compiler cannot fold, out of which ptxas does not sink the loads
-            if step >= 0:
+            # per_sample >= 0 always: a branch that the compiler cannot fold (unless per_sample is 1, a constant),
+            # out of which ptxas does not sink the loads
+            if per_sample >= 0:
                 z, eps_cond, eps_uncond = _load_step_inputs(z_ptr, eps_cond_ptr, eps_uncond_ptr, offset, mask)
             else:
                 z = tl.zeros([BLOCK, 4], tl.float32)
@@ -350,10 +351,15 @@ if triton is not None:
             return 0
         return PREFETCH_PER_SM * torch.cuda.get_device_properties(out.device).multi_processor_count
 
+    def _word(value: int) -> int:
+        """A 32-bit counter or key word in [0, 2^32) as the int32 of the same bits, which every launcher types int32
+        (torch.compile's Inductor of torch 2.11 failed on a user kernel's int argument >= 2^31: "'int' object has
+        no attribute 'xreplace'"). Mod and floor division: also for a symbolic int under torch.compile."""
+        return (value + 2**31) % 2**32 - 2**31
+
     def _seed_words(seed: int) -> tuple[int, int]:
-        """The ops' int64 seed (two's complement of a seed >= 2^63) as its two 32-bit words, each non-negative (mod
-        and floor division: also for a symbolic int under torch.compile)."""
-        return seed % 2**32, (seed // 2**32) % 2**32
+        """The ops' int64 seed (two's complement of a seed >= 2^63) as its two 32-bit words (_word)."""
+        return _word(seed % 2**32), _word((seed // 2**32) % 2**32)
 
     def _launch_shape(out: torch.Tensor) -> tuple[int, int, tuple[int]]:
         """(elements per sample, programs per sample, grid)."""
@@ -396,7 +402,7 @@ if triton is not None:
             _wrapped(_reverse_step_kernel)[grid](
                 out, z, eps_cond, eps_uncond, w, z if noise is None else noise,
                 alpha, sigma, mean_z, mean_eps, mean_z_clip, mean_x_clip, noise_std, 0.0 if clip is None else clip,
-                *_seed_words(seed), step, index_offset, per_sample, blocks, ahead,
+                *_seed_words(seed), _word(step), _word(index_offset), per_sample, blocks, ahead,
                 HAS_NOISE=noise is not None, CLIP=clip is not None, LAST=last, BLOCK=BLOCK_GROUPS,
                 LOADS_FIRST=LOADS_FIRST, PREFETCH=ahead > 0, num_warps=NUM_WARPS,
             )
@@ -410,7 +416,8 @@ if triton is not None:
         per_sample, blocks, grid = _launch_shape(out)
         with _on_device(out):
             _wrapped(_normal_noise_kernel)[grid](
-                out, *_seed_words(seed), step, stream, index_offset, per_sample, blocks, BLOCK=BLOCK_GROUPS,
+                out, *_seed_words(seed), _word(step), _word(stream), _word(index_offset), per_sample, blocks,
+                BLOCK=BLOCK_GROUPS,
                 num_warps=NUM_WARPS
             )
 

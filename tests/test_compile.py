@@ -23,10 +23,13 @@ def test_compiled_step_equals_eager(device, backend):
     eps_uncond = torch.randn_like(z).to(torch.bfloat16)
 
     def f(z, eps_cond, eps_uncond, w):
-        z = cfgfast.reverse_step(z, eps_cond, eps_uncond.float(), -1.0, -0.5, w, 0.3, seed=3, step=2, backend=backend)
-        # a seed >= 2^63: the ops take it as a negative int64, and torch.compile's Triton launcher types a negative
-        # int as int32 (the Triton kernels take the seed as two non-negative words)
-        return z + cfgfast.normal_noise(z.shape, 2**63 + 7, step=9, device=device, backend=backend)
+        # words >= 2^31 (the seed's high word, step, stream, index_offset): the Triton kernels take them as the
+        # int32 of the same bits (Inductor of torch 2.11 failed on a user kernel's int argument >= 2^31), and a seed
+        # >= 2^63 reaches the ops as a negative int64
+        z = cfgfast.reverse_step(z, eps_cond, eps_uncond.float(), -1.0, -0.5, w, 0.3, seed=3, step=2**32 - 1,
+                                 index_offset=2**31, backend=backend)
+        return z + cfgfast.normal_noise(z.shape, 2**63 + 7, step=2**31 + 9, stream=2**31, device=device,
+                                        backend=backend)
 
     compiled = torch.compile(f, fullgraph=True)
     torch.testing.assert_close(compiled(z, eps_cond, eps_uncond, w), f(z, eps_cond, eps_uncond, w), rtol=0, atol=0)

@@ -103,10 +103,11 @@ def test_philox_known_answers(device, counter, key, expected):
 
 @pytest.mark.parametrize("seed", SEEDS + [1, 2**31, 2**63, 2**63 + 7, 2**64 - 2**40, 0x1234_5678_9ABC_DEF0])
 def test_seed_words_are_the_key(seed):
-    """The Triton kernels take the seed as its two 32-bit words, each non-negative: torch.compile's launcher types an
-    int argument by its value (int32 up to 2^31 - 1, else int64), and would cut a negative int64 to 32 bits."""
-    lo, hi = triton_step._seed_words(seed_as_int64(seed))
-    assert (lo, hi) == key_of(seed) and all(0 <= word < 2**32 for word in (lo, hi))
+    """The Triton kernels take the seed as its two 32-bit words, each as the int32 of the same bits: every launcher
+    types an int in [-2^31, 2^31) int32 (Inductor of torch 2.11 failed on an int argument >= 2^31)."""
+    words = triton_step._seed_words(seed_as_int64(seed))
+    assert tuple(word % 2**32 for word in words) == key_of(seed) and all(-2**31 <= word < 2**31 for word in words)
+    assert [triton_step._word(value) for value in (0, 2**31 - 1, 2**31, 2**32 - 1)] == [0, 2**31 - 1, -2**31, -1]
 
 
 @pytest.mark.parametrize("seed", SEEDS + [2**31, 2**63, 0x1234_5678_9ABC_DEF0])
@@ -270,7 +271,7 @@ def test_last_step_uses_only_alpha_and_sigma(device, lam):
 
 @pytest.mark.parametrize("eps_dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_loads_first_setting(device, eps_dtype, monkeypatch):
-    """triton_step.LOADS_FIRST (the loads kept above the noise by a branch on step >= 0): the same step."""
+    """triton_step.LOADS_FIRST (the loads kept above the noise by a branch on per_sample >= 0): the same step."""
     shape = (3, 37)
     z, ec, eu, w = make_inputs(shape, eps_dtype, device, seed=4)
     plain = run_step(z, ec, eu, w, COEF, seed=11, step=5, index_offset=2)

@@ -14,7 +14,6 @@
 
 #include <cuda_runtime.h>
 
-#include <array>
 #include <atomic>
 
 #include "cfgfast/normal.h"
@@ -46,45 +45,29 @@ __global__ void __launch_bounds__(kThreads)
                static_cast<uint64_t>(gridDim.x) * blockDim.x);
 }
 
-// Groups per thread and round of the step kernel: 1 or 2, or 0 for the choice by ε's dtype that the H200
-// measurements of gpu_table.py made: 2 for float32 ε (5% faster than 1 at 64M elements), 1 for bfloat16 and
-// float16 ε (where 2 was 23% slower). set_cuda_groups_per_thread forces one. (Measured with the fixed grid of 8
-// blocks an SM, under which the 1-group kernels, 6 blocks an SM resident, ran a partial second wave and the
-// 2-group ones, 4 resident, two full waves: gpu_table.py's sweep should decide again.)
+// Groups per thread and round of the step kernel: 1 or 2, or 0 for the choice by ε's dtype: 2 for float32 ε, 1 for
+// bfloat16 and float16 ε (an H200, one wave of blocks: 2 was 5% faster for float32 and 23% slower for float16). On
+// an H100 with the grid of 32 blocks an SM the two were within 1% for float32 and bfloat16 ε (gpu_table.py
+// --sweep, 2026-11-26). set_cuda_groups_per_thread forces one.
 std::atomic<int> groups_per_thread{0};
 
-// Blocks of kKernel that one SM of `device` holds at once (its registers decide), asked of the runtime once per
-// kernel and device. A grid-stride grid of SMs x this many blocks runs in one wave: a fixed 8 blocks an SM, as
-// before, left a second wave of 2 blocks an SM (a third of the occupancy) for the kernels that fit 6.
-template <auto kKernel>
-int resident_blocks(c10::DeviceIndex device) {
-  static std::array<std::atomic<int>, 64> cache{};  // 0: not asked yet
-  const bool cached = device >= 0 && device < static_cast<int>(cache.size());
-  if (cached) {
-    const int known = cache[device].load(std::memory_order_relaxed);
-    if (known > 0) return known;
-  }
-  int blocks = 0;
-  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kKernel, kThreads, 0));
-  blocks = blocks > 0 ? blocks : 1;
-  if (cached) cache[device].store(blocks, std::memory_order_relaxed);
-  return blocks;
-}
-
-// Blocks per SM that the grids are capped at: 0 (the default) for one full wave of the blocks an SM holds
-// (resident_blocks), or a number set by set_cuda_blocks_per_sm (gpu_table.py's sweep compares them).
+// Blocks per SM that the grids are capped at: 0 (the default) for kDefaultBlocksPerSm, or a number set by
+// set_cuda_blocks_per_sm (gpu_table.py's sweep compares them). 32 blocks an SM, several waves of the 4 to 6 blocks
+// an SM holds at once, against one full wave of them (the default before): on an H100 at 64M elements, 89% of the
+// copy bandwidth for bfloat16 ε instead of 80%, and 93-94% for float32 ε either way (gpu_table.py --sweep,
+// 2026-11-26).
+constexpr int kDefaultBlocksPerSm = 32;
 std::atomic<int> blocks_per_sm{0};
 
-// The grid for total_groups groups of four: one block per kThreads * groups_per_thread groups, at most one full
-// wave of resident blocks or the blocks per SM set (the kernels loop over the rest).
-template <auto kKernel>
+// The grid for total_groups groups of four: one block per kThreads * groups_per_thread groups, at most the blocks
+// per SM above (the kernels loop over the rest).
 int grid_for(int64_t total_groups, c10::DeviceIndex device, int groups_per_thread = 1) {
   int sms = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
   const int64_t per_block = static_cast<int64_t>(kThreads) * groups_per_thread;
   const int64_t needed = (total_groups + per_block - 1) / per_block;
   const int setting = blocks_per_sm.load(std::memory_order_relaxed);
-  const int64_t cap = static_cast<int64_t>(sms) * (setting > 0 ? setting : resident_blocks<kKernel>(device));
+  const int64_t cap = static_cast<int64_t>(sms) * (setting > 0 ? setting : kDefaultBlocksPerSm);
   return static_cast<int>(needed < cap ? needed : cap);
 }
 
@@ -95,7 +78,7 @@ std::atomic<int> prefetch_rounds{0};
 template <class EpsT, bool kVec, int kGroups, bool kPrefetch = false>
 void launch_step_kernel(DeviceStepArgs a, c10::DeviceIndex device, cudaStream_t stream, int rounds = 0) {
   constexpr auto kernel = &reverse_step_kernel<EpsT, kVec, kGroups, kPrefetch>;
-  const int grid = grid_for<kernel>(a.total_groups, device, kGroups);
+  const int grid = grid_for(a.total_groups, device, kGroups);
   if (kPrefetch) set_prefetch(a, static_cast<uint32_t>(rounds), kGroups, static_cast<uint64_t>(grid) * kThreads);
   kernel<<<grid, kThreads, 0, stream>>>(a);
 }
@@ -197,7 +180,7 @@ void normal_noise_cuda(at::Tensor& out, int64_t seed, int64_t step, int64_t stre
   if (total == 0) return;
   const bool vec = noise_vectorisable(out.data_ptr<float>(), n_per);
   const NoiseKey key = noise_key(seed, step, stream);
-  normal_noise_kernel<<<grid_for<&normal_noise_kernel>(total, out.device().index()), kThreads, 0,
+  normal_noise_kernel<<<grid_for(total, out.device().index()), kThreads, 0,
                         c10::cuda::getCurrentCUDAStream(out.device().index()).stream()>>>(
       out.data_ptr<float>(), n_per, groups, total, key, philox_keys(key.k0, key.k1),
       static_cast<uint64_t>(index_offset), vec);
