@@ -123,8 +123,8 @@ def rows(sizes_m: list[int], bf16_size_m: int | None = None) -> list[dict]:
     return out_rows
 
 
-# 0: the default, 32 (several waves); 4 and 6: one full wave of the 2-group and 1-group kernels (their launch bounds)
-CUDA_BLOCKS_PER_SM = (0, 4, 6, 16, 64, 128)
+# 0: the default, 128 (several waves); 4 and 6: one full wave of the 2-group and 1-group kernels (their launch bounds)
+CUDA_BLOCKS_PER_SM = (0, 4, 6, 32, 64, 256)
 CUDA_ONE_WAVE = {1: 6, 2: 4}  # blocks an SM holds at once, by groups per thread
 CUDA_PREFETCH_ROUNDS = (1, 2)  # the L2 prefetch's distance, in the one-wave grid
 TRITON_PREFETCH_PER_SM = (4, 8, 16)  # the Triton step's L2 prefetch: programs ahead per SM
@@ -140,7 +140,7 @@ def cuda_settings() -> list[tuple[int, int, int]]:
 
 def cuda_sweep(millions: int) -> list[dict]:
     """The CUDA step kernel at one size (float32 and bfloat16 eps) under each of cuda_settings(): the data behind
-    the kernel's defaults (groups 0: chosen by eps dtype; blocks 0: 32 an SM; no prefetch)."""
+    the kernel's defaults (groups 0: chosen by eps dtype; blocks 0: 128 an SM; no prefetch)."""
     from cfgfast import _ext
 
     module = _ext.load()
@@ -231,7 +231,7 @@ def main() -> None:
     if args.sweep:
         cuda_swept = cuda_sweep(max(args.sizes))
         print(f"cuda settings at {max(args.sizes)}M elements (groups of 4 per thread and round; blocks per SM, "
-              "0: the default, 32; L2 prefetch, rounds ahead):")
+              "0: the default, 128; L2 prefetch, rounds ahead):")
         for r in cuda_swept:
             print(f"  {r['eps']:8} eps, {r['groups_per_thread']} per thread, {r['blocks_per_sm']:2d} blocks/SM, "
                   f"prefetch {r['prefetch_rounds']}: {r['gb_per_s']:7.0f} GB/s, {100 * r['of_copy']:5.1f}% of copy")

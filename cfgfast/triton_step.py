@@ -36,9 +36,10 @@ INTERPRETED = triton is not None and (bool(triton.knobs.runtime.interpret) if ha
                                       else os.environ.get("TRITON_INTERPRET") == "1")
 
 # Block settings: 256 groups = 1024 elements per program, 4 warps = two groups of four (two 16-byte vectors of
-# float32) per thread and input, 32 registers on sm_90 (full occupancy). Not tuned on an H100: on the H200, two
-# sweeps of gpu_table.py disagreed on the best setting (README), so this stays the plain elementwise shape; the
-# step is 12-16 bytes per element against ~65 instructions of noise and step per element. No autotune: the kernel writes `out` in place and out may alias z,
+# float32) per thread and input, 32 registers on sm_90 (full occupancy). On an H100 (gpu_table.py --sweep,
+# 2026-11-26, 64M float32 elements) 128 to 512 groups at 4 or 8 warps all gave 76-77% of the copy bandwidth but
+# 128 groups at 8 warps (70%) and 1024 at 4 (66%), so this stays the plain elementwise shape; the step is 12-16
+# bytes per element against ~65 instructions of noise and step per element. No autotune: the kernel writes `out` in place and out may alias z,
 # so autotune's repeated benchmark launches would apply the step several times; and the shape (N per model)
 # would cost a tuning run per model for a kernel whose best setting hardly depends on it.
 BLOCK_GROUPS = 256
@@ -46,13 +47,14 @@ NUM_WARPS = 4
 # Where the step's loads go. False: where ptxas puts them, which is below the noise (it sinks them to save
 # registers: 32 a thread on sm_90), so a warp's reads are in flight only after its noise is computed and other
 # warps must hide the latency. True: above the noise, in flight while it is computed (as the CUDA kernel does),
-# at 53-54 registers (triton 3.6 and 3.8). Neither measured yet: gpu_table.py --sweep times both. (With one group
+# at 53-54 registers (triton 3.6 and 3.8). On an H100 77.4% of the copy against 76.1%, within a run's noise, so
+# False stays (gpu_table.py --sweep times both). (With one group
 # a thread, 128 groups and 4 warps, the loads come first at 32 registers either way.)
 LOADS_FIRST = False
 # L2 prefetch: each step program, after issuing its loads, asks L2 (prefetch.global.L2, by inline assembly) for the
 # inputs of the program PREFETCH_PER_SM x (the GPU's SMs) programs after it, which runs about that many programs an
-# SM later; so more reads are in flight than the registers hold. 0 (the default): none. Not measured yet:
-# gpu_table.py --sweep times 4, 8 and 16. Only where every sample is a whole number of programs (4 BLOCK_GROUPS
+# SM later; so more reads are in flight than the registers hold. 0 (the default): none. On an H100 4, 8 and 16
+# gave 76%, 73% and 55% of the copy against 76% without (gpu_table.py --sweep times them). Only where every sample is a whole number of programs (4 BLOCK_GROUPS
 # elements), and on a GPU only: the interpreter cannot run PTX, so under TRITON_INTERPRET the kernels are launched
 # without it whatever this says.
 PREFETCH_PER_SM = 0

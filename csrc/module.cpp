@@ -109,11 +109,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       [](int n) {
         if (n < 0 || n > cfgfast::kMaxBlocksPerSm) {
           throw py::value_error("cfgfast: blocks per SM must be in [1, " + std::to_string(cfgfast::kMaxBlocksPerSm) +
-                                "] (or 0: the default, 32), got " + std::to_string(n));
+                                "] (or 0: the default, 128), got " + std::to_string(n));
         }
         return cfgfast::set_cuda_blocks_per_sm(n);
       },
-      "The CUDA kernels' grids: at most n blocks of 256 threads per SM, or 0 for the default, 32 (several waves of "
+      "The CUDA kernels' grids: at most n blocks of 256 threads per SM, or 0 for the default, 128 (several waves of "
       "the blocks an SM holds at once). A tuning knob for benchmarks; returns the previous setting.");
   m.def(
       "set_cuda_prefetch_rounds",

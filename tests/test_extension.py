@@ -123,7 +123,7 @@ GPU_OP_CASES = [pytest.param(b, id=b) for b in ("cuda",) if torch.cuda.is_availa
 @pytest.mark.parametrize("mode", ["noise", "clip", "explicit", "last"])
 @pytest.mark.parametrize("eps_dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_cuda_tuning_knobs_give_the_same_bits(backend, shape, mode, eps_dtype):
-    """The CUDA step kernel's tuning knobs (1 or 2 groups of four per thread and round; grids of the default 32 or
+    """The CUDA step kernel's tuning knobs (1 or 2 groups of four per thread and round; grids of the default 128 or
     of 1 or 3 blocks per SM; the L2 prefetch 1 or 2 rounds ahead) change nothing: the vectorised and the scalar
     path, one round of the grid-stride loop and several, a partial last round."""
     module = _ext.load()
@@ -152,7 +152,7 @@ def test_cuda_tuning_knobs_are_checked():
     """The knobs need no GPU to be set: their ranges, their defaults (0) and their return of the previous value."""
     module = _ext.load()
     assert module.set_cuda_groups_per_thread(0) == 0  # the default: chosen by eps dtype
-    assert module.set_cuda_blocks_per_sm(0) == 0  # the default: 32 an SM
+    assert module.set_cuda_blocks_per_sm(0) == 0  # the default: 128 an SM
     assert module.set_cuda_prefetch_rounds(0) == 0  # the default: no prefetch
     for bad in (-1, 9):
         with pytest.raises(ValueError, match=r"prefetch rounds must be in \[1, 8\]"):

@@ -47,16 +47,16 @@ __global__ void __launch_bounds__(kThreads)
 
 // Groups per thread and round of the step kernel: 1 or 2, or 0 for the choice by ε's dtype: 2 for float32 ε, 1 for
 // bfloat16 and float16 ε (an H200, one wave of blocks: 2 was 5% faster for float32 and 23% slower for float16). On
-// an H100 with the grid of 32 blocks an SM the two were within 1% for float32 and bfloat16 ε (gpu_table.py
+// an H100 with grids of 32 and 128 blocks an SM the two were within 1% for float32 and bfloat16 ε (gpu_table.py
 // --sweep, 2026-11-26). set_cuda_groups_per_thread forces one.
 std::atomic<int> groups_per_thread{0};
 
 // Blocks per SM that the grids are capped at: 0 (the default) for kDefaultBlocksPerSm, or a number set by
-// set_cuda_blocks_per_sm (gpu_table.py's sweep compares them). 32 blocks an SM, several waves of the 4 to 6 blocks
-// an SM holds at once, against one full wave of them (the default before): on an H100 at 64M elements, 89% of the
-// copy bandwidth for bfloat16 ε instead of 80%, and 93-94% for float32 ε either way (gpu_table.py --sweep,
-// 2026-11-26).
-constexpr int kDefaultBlocksPerSm = 32;
+// set_cuda_blocks_per_sm (gpu_table.py's sweep compares them). More blocks than an SM holds at once (4 to 6) run in
+// waves, and each thread loops fewer rounds. On an H100 at 64M elements, against one full wave (the default before):
+// 96% of the copy bandwidth for float32 ε at 128 blocks an SM, 94% at 32 and 92-93% in one wave; for bfloat16 ε 93%,
+// 90% and 81% (gpu_table.py --sweep, 2026-11-26).
+constexpr int kDefaultBlocksPerSm = 128;
 std::atomic<int> blocks_per_sm{0};
 
 // The grid for total_groups groups of four: one block per kThreads * groups_per_thread groups, at most the blocks
@@ -72,7 +72,8 @@ int grid_for(int64_t total_groups, c10::DeviceIndex device, int groups_per_threa
 }
 
 // Rounds ahead that the vectorised step kernels prefetch their inputs into L2 (set_prefetch): 0 (the default) for
-// none, or a number set by set_cuda_prefetch_rounds (gpu_table.py's sweep compares them; not measured on a GPU yet).
+// none, or a number set by set_cuda_prefetch_rounds (gpu_table.py's sweep compares them: on an H100 every setting
+// was slower, one round ahead 78-87% of the copy against 80-93% without, in the one-wave grids, 2026-11-26).
 std::atomic<int> prefetch_rounds{0};
 
 template <class EpsT, bool kVec, int kGroups, bool kPrefetch = false>
