@@ -278,36 +278,50 @@ def out_may_alias(out: torch.Tensor, **inputs: torch.Tensor | None) -> None:
 # ---- the ops' own checks, as torch._check (they hold under torch.compile's fake tensors): shared by the fake
 # kernels of the compiled ops (cfgfast/_ops.py) and the Triton ops; csrc/op_checks.h is their C++ twin.
 
+def check(condition, message) -> None:
+    """torch._check(condition, message), whose own cost (several µs a call: the Triton op's two dozen checks were
+    most of its Python) is paid only where the condition is not a plain True: a symbolic condition under
+    torch.compile, which torch._check defers, or a failure."""
+    if condition is not True:
+        torch._check(condition, message)
+
+
+def check_value(condition, message) -> None:
+    """torch._check_value (a ValueError), paid only where the condition is not a plain True."""
+    if condition is not True:
+        torch._check_value(condition, message)
+
+
 def op_noise_out(out, step, stream, index_offset) -> None:
-    torch._check(out.dtype == torch.float32, lambda: f"cfgfast: out must be float32, got {out.dtype}")
-    torch._check(out.dim() >= 1, lambda: "cfgfast: out needs a batch dimension")
-    torch._check(out.is_contiguous(), lambda: "cfgfast: out must be contiguous")
-    torch._check(0 <= step < MAX_WORD, lambda: f"cfgfast: step must be in [0, 2^32), got {step}")
-    torch._check(0 <= stream < MAX_WORD, lambda: f"cfgfast: stream must be in [0, 2^32), got {stream}")
-    torch._check(0 <= index_offset and index_offset + out.shape[0] <= MAX_WORD,
+    check(out.dtype == torch.float32, lambda: f"cfgfast: out must be float32, got {out.dtype}")
+    check(out.dim() >= 1, lambda: "cfgfast: out needs a batch dimension")
+    check(out.is_contiguous(), lambda: "cfgfast: out must be contiguous")
+    check(0 <= step < MAX_WORD, lambda: f"cfgfast: step must be in [0, 2^32), got {step}")
+    check(0 <= stream < MAX_WORD, lambda: f"cfgfast: stream must be in [0, 2^32), got {stream}")
+    check(0 <= index_offset and index_offset + out.shape[0] <= MAX_WORD,
                  lambda: f"cfgfast: index_offset + batch must be in [0, 2^32], got index_offset={index_offset}")
-    torch._check(out.numel() <= out.shape[0] * 2**34, lambda: "cfgfast: at most 2^34 elements per sample")
+    check(out.numel() <= out.shape[0] * 2**34, lambda: "cfgfast: at most 2^34 elements per sample")
 
 
 def op_step_args(out, z, eps_cond, eps_uncond, w, noise, coef, step, index_offset) -> None:
-    torch._check(z.dtype == torch.float32, lambda: f"cfgfast: z must be float32, got {z.dtype}")
-    torch._check(z.dim() >= 1, lambda: "cfgfast: z needs a batch dimension")
-    torch._check(eps_cond.dtype in EPS_DTYPES, lambda: f"cfgfast: bad eps_cond dtype {eps_cond.dtype}")
-    torch._check(eps_uncond.dtype == eps_cond.dtype, lambda: "cfgfast: eps_uncond must have the dtype of eps_cond")
-    torch._check(eps_cond.shape == z.shape and eps_uncond.shape == z.shape, lambda: "cfgfast: eps must have z's shape")
-    torch._check(w.dtype == torch.float32 and w.shape == (z.shape[0],), lambda: "cfgfast: w must be float32 [B]")
-    torch._check(noise is None or (noise.shape == z.shape and noise.dtype == torch.float32),
+    check(z.dtype == torch.float32, lambda: f"cfgfast: z must be float32, got {z.dtype}")
+    check(z.dim() >= 1, lambda: "cfgfast: z needs a batch dimension")
+    check(eps_cond.dtype in EPS_DTYPES, lambda: f"cfgfast: bad eps_cond dtype {eps_cond.dtype}")
+    check(eps_uncond.dtype == eps_cond.dtype, lambda: "cfgfast: eps_uncond must have the dtype of eps_cond")
+    check(eps_cond.shape == z.shape and eps_uncond.shape == z.shape, lambda: "cfgfast: eps must have z's shape")
+    check(w.dtype == torch.float32 and w.shape == (z.shape[0],), lambda: "cfgfast: w must be float32 [B]")
+    check(noise is None or (noise.shape == z.shape and noise.dtype == torch.float32),
                  lambda: "cfgfast: noise must be float32 like z")
-    torch._check(out.shape == z.shape, lambda: "cfgfast: out must have z's shape")
-    torch._check(len(coef) == 7, lambda: "cfgfast: coef must hold 7 numbers")
+    check(out.shape == z.shape, lambda: "cfgfast: out must have z's shape")
+    check(len(coef) == 7, lambda: "cfgfast: coef must hold 7 numbers")
     # one device: a direct call with one meta tensor among CPU ones reaches this fake kernel, which must not
     # pass for the real one (under torch.compile, fake tensors carry their real devices)
     for name, t in (("eps_cond", eps_cond), ("eps_uncond", eps_uncond), ("w", w), ("noise", noise), ("out", out)):
-        torch._check(t is None or t.device == z.device,
+        check(t is None or t.device == z.device,
                      lambda: f"cfgfast: all tensors must be on {z.device}, got {name} on {t.device}")
     op_noise_out(out, step, 1, index_offset)
 
 
 def op_clip(clip) -> None:
-    torch._check(clip is None or 0 < clip <= torch.finfo(torch.float32).max,
+    check(clip is None or 0 < clip <= torch.finfo(torch.float32).max,
                  lambda: f"cfgfast: clip must be positive and finite in float32, got {clip}")

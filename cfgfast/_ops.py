@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from ._checks import op_clip, op_noise_out, op_step_args
+from ._checks import check, op_clip, op_noise_out, op_step_args
 
 
 @torch.library.register_fake("cfgfast::reverse_step_")
@@ -21,9 +21,9 @@ def _normal_noise_fake(out, seed, step, stream, index_offset):
 
 @torch.library.register_fake("cfgfast::reverse_step_table_")
 def _reverse_step_table_fake(out, z, eps_cond, eps_uncond, w, coef_table, step, seed, index_offset, clip):
-    torch._check(coef_table.dtype == torch.float64, lambda: f"cfgfast: coef_table must be float64, got {coef_table.dtype}")
-    torch._check(coef_table.dim() == 2 and coef_table.shape[1] == 7, lambda: "cfgfast: coef_table must be [T, 7]")
-    torch._check(step.dtype == torch.int64 and step.numel() == 1, lambda: "cfgfast: step must be one int64")
-    torch._check(coef_table.device == z.device and step.device == z.device,
+    check(coef_table.dtype == torch.float64, lambda: f"cfgfast: coef_table must be float64, got {coef_table.dtype}")
+    check(coef_table.dim() == 2 and coef_table.shape[1] == 7, lambda: "cfgfast: coef_table must be [T, 7]")
+    check(step.dtype == torch.int64 and step.numel() == 1, lambda: "cfgfast: step must be one int64")
+    check(coef_table.device == z.device and step.device == z.device,
                  lambda: f"cfgfast: coef_table and step must be on {z.device}")
     _reverse_step_fake(out, z, eps_cond, eps_uncond, w, None, [1.0] * 7, seed, 0, index_offset, clip, False)

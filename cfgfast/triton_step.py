@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 from torch._subclasses.fake_tensor import is_fake
 
-from ._checks import op_clip, op_noise_out, op_step_args, out_may_alias, seed_as_int64
+from ._checks import check, check_value, op_clip, op_noise_out, op_step_args, out_may_alias, seed_as_int64
 
 try:
     import triton
@@ -319,14 +319,14 @@ if triton is not None:
     def _check_launch(out: torch.Tensor) -> None:
         """The sizes one launch takes: int32 offsets inside a sample, and a grid (batch x programs a sample) below
         CUDA's 2^31 blocks, which Triton's launcher would refuse with an OverflowError from inside."""
-        torch._check(out.device.type in ("cuda", "meta") or (INTERPRETED and out.device.type == "cpu"),
+        check(out.device.type in ("cuda", "meta") or (INTERPRETED and out.device.type == "cpu"),
                      lambda: f"cfgfast: the triton kernels take CUDA tensors (CPU tensors under TRITON_INTERPRET=1), "
                              f"got out on {out.device}")
         per_sample = out.numel() // max(out.shape[0], 1)
-        torch._check_value(per_sample < MAX_PER_SAMPLE,
+        check_value(per_sample < MAX_PER_SAMPLE,
                            lambda: "cfgfast: the triton backend takes fewer than 2^30 elements per sample")
         programs = out.shape[0] * ((per_sample + 4 * BLOCK_GROUPS - 1) // (4 * BLOCK_GROUPS))
-        torch._check_value(programs < MAX_PROGRAMS,
+        check_value(programs < MAX_PROGRAMS,
                            lambda: f"cfgfast: the triton backend launches fewer than 2^31 programs (batch x "
                                    f"ceil(elements per sample / {4 * BLOCK_GROUPS})), got {programs}; use the "
                                    f"cuda backend or smaller batches")
@@ -388,9 +388,9 @@ if triton is not None:
         op_step_args(out, z, eps_cond, eps_uncond, w, noise, coef, step, index_offset)
         op_clip(clip)
         tensors = (z, eps_cond, eps_uncond, w) + (() if noise is None else (noise,))
-        torch._check(all(t.is_contiguous() for t in tensors),
+        check(all(t.is_contiguous() for t in tensors),
                      lambda: "cfgfast: the triton kernel takes contiguous inputs")
-        torch._check(all(t.device == out.device for t in tensors),
+        check(all(t.device == out.device for t in tensors),
                      lambda: "cfgfast: all tensors must be on out's device")
         _check_launch(out)
         if out.numel() == 0 or out.device.type == "meta":  # (meta tensors: shapes only, nothing to compute)

@@ -322,3 +322,22 @@ def test_integer_labels_and_w_of_any_width():
         cfgfast.sample(model, torch.tensor([True]), 2.0, 3, null_label=2, shape=(3,))
     with pytest.raises(TypeError, match="w must be a real tensor"):
         cfgfast.sample(model, torch.tensor([0]), torch.tensor([True]), 3, null_label=2, shape=(3,))
+
+
+def test_op_checks_raise_as_torch_check():
+    """The ops' checks skip torch._check's own cost where the condition is a plain True, and otherwise are it: a
+    failure raises its error with the message, and a symbolic condition (torch.compile) is left to torch._check."""
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    from cfgfast._checks import check, check_value
+
+    check(True, lambda: "never built")
+    check_value(True, lambda: "never built")
+    with pytest.raises(RuntimeError, match="cfgfast: a message"):
+        check(False, lambda: "cfgfast: a message")
+    with pytest.raises(ValueError, match="cfgfast: a value"):
+        check_value(False, lambda: "cfgfast: a value")
+    size = ShapeEnv().create_unbacked_symint()
+    check(size >= 0, lambda: "never built")  # unbacked, unprovable here: torch._check records it as an assumption
+    with pytest.raises(RuntimeError, match="cfgfast: a symbol"):
+        check(size < 0, lambda: "cfgfast: a symbol")  # contradicts the recorded assumption
