@@ -94,11 +94,11 @@ from cfgfast import _ext
 module = _ext.load()
 knob = getattr(module, "set_cuda_groups_per_thread", lambda n: 0)
 backends = [b for b in ("cuda", "triton") if b in cfgfast.available_backends()]
-# both CUDA settings (1 and 2 groups of four a thread), the default grid and 1 block an SM; (3, 1000003) in the
-# latter: several grid-stride rounds, a partial last
+# both CUDA settings (1 and 2 groups of four a thread), each in the default grid and in 1 block an SM; (3, 1000003)
+# in the latter: several grid-stride rounds, a partial last
 blocks_knob = getattr(module, "set_cuda_blocks_per_sm", lambda n: 0)
-for (groups, blocks), shape, dt in itertools.product(((1, 0), (2, 1)), [(3, 7), (5, 4097), (2, 3, 64, 64), (3, 1_000_003)],
-                                                     (torch.float32, torch.bfloat16, torch.float16)):
+for groups, blocks, shape, dt in itertools.product((1, 2), (0, 1), [(3, 7), (5, 4097), (2, 3, 64, 64), (3, 1_000_003)],
+                                                   (torch.float32, torch.bfloat16, torch.float16)):
     knob(groups)
     blocks_knob(blocks)
     z = torch.randn(shape, device="cuda")
@@ -113,7 +113,7 @@ for (groups, blocks), shape, dt in itertools.product(((1, 0), (2, 1)), [(3, 7), 
         cfgfast.normal_noise(shape, 3, device="cuda", backend=backend)
 if hasattr(module, "set_cuda_prefetch_rounds"):
     # the L2 prefetch, 2 rounds ahead, on the vectorised path in a grid of 1 block an SM, so that most groups are
-    # prefetched (with one full wave a shape this small is a round or two): the same bits as without it. An address
+    # prefetched (in the default grid a shape this small is one round): the same bits as without it. An address
     # outside may not be reported (a prefetch does not fault): the C++ unit tests check every address
     module.set_cuda_blocks_per_sm(1)
     z = torch.randn(2, 3, 512, 512, device="cuda")

@@ -2,7 +2,8 @@
 float32), the ratio to a device-to-device copy measured in the same run, the speed-up over the eager
 PyTorch step with torch.randn noise, the time of the noise alone (its arithmetic without the reads) and that of
 the step without its noise (the last step: the same bytes, no arithmetic to hide).
-Each figure is the best of 3 interleaved rounds of 50 calls (best_of_rounds). Run by benchmarks/gpu_check.sh on
+Each figure is the best of 3 interleaved rounds (best_of_rounds), each the median of 20 timings of 10
+back-to-back calls (time_ms). Run by benchmarks/gpu_check.sh on
 a machine with a GPU.
 
     python -m benchmarks.gpu_table [--sizes 1 16 64] [--bf16 64] [--sweep] [--out results.json]
@@ -28,9 +29,18 @@ from .utils import make_step_inputs
 ROUNDS = 3  # interleaved rounds per measurement; each variant's best round is reported
 
 
-def time_ms(fn, warmup_ms=25.0, repeat=50) -> float:
-    """Median of `repeat` calls timed with CUDA events, after at least warmup_ms of untimed calls (a new Triton
-    setting compiles in the first one; the clocks settle in the rest)."""
+# Calls timed back to back between two events: a call's host time (Python, the launcher) overlaps the kernels
+# queued before it, as in a sampling loop, where it is hidden wherever the kernel takes longer. Until 2026-11-26
+# each call was timed alone from an idle GPU (CALLS_PER_TIMING = 1), which counted its host time too: the H100
+# figures in the README were measured so (a Triton call's ~0.1 ms more than a CUDA call's weighed on it).
+CALLS_PER_TIMING = 10
+
+
+def time_ms(fn, warmup_ms=25.0, repeat=20, calls=None) -> float:
+    """Median over `repeat` timings of `calls` back-to-back calls (CALLS_PER_TIMING), per call, with CUDA events,
+    after at least warmup_ms of untimed calls (a new Triton setting compiles in the first one; the clocks settle
+    in the rest)."""
+    calls = calls or CALLS_PER_TIMING
     fn()
     torch.cuda.synchronize()
     start = time.perf_counter()
@@ -41,10 +51,11 @@ def time_ms(fn, warmup_ms=25.0, repeat=50) -> float:
     for _ in range(repeat):
         begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         begin.record()
-        fn()
+        for _ in range(calls):
+            fn()
         end.record()
         end.synchronize()
-        times.append(begin.elapsed_time(end))
+        times.append(begin.elapsed_time(end) / calls)
     return sorted(times)[len(times) // 2]
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+
 from .gpu_table import best_of_rounds
 
 
@@ -103,3 +105,31 @@ def test_the_whole_table_runs(monkeypatch, tmp_path, capsys):
     assert gpu_table.triton_step_setting() == (256, 4, False, 0)
     assert "Stand-in GPU" in capsys.readouterr().out
     assert cfgfast.reverse_step is fake_step  # the stand-ins were the ones called
+
+
+def test_time_ms_times_calls_back_to_back(monkeypatch):
+    """time_ms: each timing spans `calls` calls between two events, none waiting for the GPU in between, and is
+    divided by them (a call's host time then overlaps the kernels queued before it)."""
+    from benchmarks import gpu_table
+
+    log = []
+
+    class Event:
+        def __init__(self, enable_timing):
+            assert enable_timing
+
+        def record(self):
+            self.at = len(log)
+            log.append("record")
+
+        def synchronize(self):
+            log.append("sync")
+
+        def elapsed_time(self, end):
+            return 1.0 * sum(entry == "call" for entry in log[self.at:end.at])  # 1 ms a call
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: log.append("sync"))
+    assert gpu_table.time_ms(lambda: log.append("call"), warmup_ms=0.0, repeat=3, calls=4) == 1.0
+    timed = log[log.index("record"):]
+    assert timed == (["record"] + ["call"] * 4 + ["record", "sync"]) * 3

@@ -38,8 +38,9 @@ INTERPRETED = triton is not None and (bool(triton.knobs.runtime.interpret) if ha
 # Block settings: 256 groups = 1024 elements per program, 4 warps = two groups of four (two 16-byte vectors of
 # float32) per thread and input, 32 registers on sm_90 (full occupancy). On an H100 (gpu_table.py --sweep,
 # 2026-11-26, 64M float32 elements) 128 to 512 groups at 4 or 8 warps all gave 76-77% of the copy bandwidth but
-# 128 groups at 8 warps (70%) and 1024 at 4 (66%), so this stays the plain elementwise shape; the step is 12-16
-# bytes per element against ~65 instructions of noise and step per element. No autotune: the kernel writes `out` in place and out may alias z,
+# 128 groups at 8 warps (70%); 1024 groups gave 66% at 4 warps and 75% at 8. Those timings counted each call's host
+# time, about 0.1 ms, which may hide differences between kernels; so this stays the plain elementwise shape. The
+# step is 12-16 bytes per element against ~65 instructions of noise and step per element. No autotune: the kernel writes `out` in place and out may alias z,
 # so autotune's repeated benchmark launches would apply the step several times; and the shape (N per model)
 # would cost a tuning run per model for a kernel whose best setting hardly depends on it.
 BLOCK_GROUPS = 256

@@ -109,12 +109,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       [](int n) {
         if (n < 0 || n > cfgfast::kMaxBlocksPerSm) {
           throw py::value_error("cfgfast: blocks per SM must be in [1, " + std::to_string(cfgfast::kMaxBlocksPerSm) +
-                                "] (or 0: the default, 128), got " + std::to_string(n));
+                                "] (or 0: the defaults), got " + std::to_string(n));
         }
         return cfgfast::set_cuda_blocks_per_sm(n);
       },
-      "The CUDA kernels' grids: at most n blocks of 256 threads per SM, or 0 for the default, 128 (several waves of "
-      "the blocks an SM holds at once). A tuning knob for benchmarks; returns the previous setting.");
+      "The CUDA kernels' grids: at most n blocks of 256 threads per SM, or 0 for the defaults, 128 for the step kernel "
+      "and 32 for the noise kernel (several waves of the blocks an SM holds at once). A tuning knob for benchmarks; returns the previous setting.");
   m.def(
       "set_cuda_prefetch_rounds",
       [](int n) {
@@ -125,7 +125,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         return cfgfast::set_cuda_prefetch_rounds(n);
       },
       "The CUDA step kernel's L2 prefetch of its inputs n rounds of its grid-stride loop ahead (vectorised path), or 0 "
-      "(the default) for none. A tuning knob for benchmarks; returns the previous setting.");
+      "(the default) for none. Meant for one-wave grids (set_cuda_blocks_per_sm 6 for one group a thread, 4 for two; in "
+      "the default grid a round ahead is more than L2 holds), and slower in every setting measured on an H100. A "
+      "tuning knob for benchmarks; returns the previous setting.");
 #endif
 
   m.def(

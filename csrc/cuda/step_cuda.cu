@@ -46,7 +46,8 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // Groups per thread and round of the step kernel: 1 or 2, or 0 for the choice by ε's dtype: 2 for float32 ε, 1 for
-// bfloat16 and float16 ε (an H200, one wave of blocks: 2 was 5% faster for float32 and 23% slower for float16). On
+// bfloat16 and float16 ε (an H200, a fixed grid of 8 blocks an SM: 2 was 5% faster for float32 and 23% slower for
+// bfloat16). On
 // an H100 with grids of 32 and 128 blocks an SM the two were within 1% for float32 and bfloat16 ε (gpu_table.py
 // --sweep, 2026-11-26). set_cuda_groups_per_thread forces one.
 std::atomic<int> groups_per_thread{0};
@@ -57,23 +58,29 @@ std::atomic<int> groups_per_thread{0};
 // 96% of the copy bandwidth for float32 ε at 128 blocks an SM, 94% at 32 and 92-93% in one wave; for bfloat16 ε 93%,
 // 90% and 81% (gpu_table.py --sweep, 2026-11-26).
 constexpr int kDefaultBlocksPerSm = 128;
+// The noise kernel's default, apart: not swept. At 64M elements it took 0.154 ms with one full wave and 0.153 ms at
+// 32 blocks an SM, 0.161 ms at 128 (three runs on one H100, 2026-11-26: across runs, so suggestive only).
+constexpr int kNoiseBlocksPerSm = 32;
 std::atomic<int> blocks_per_sm{0};
 
 // The grid for total_groups groups of four: one block per kThreads * groups_per_thread groups, at most the blocks
 // per SM above (the kernels loop over the rest).
-int grid_for(int64_t total_groups, c10::DeviceIndex device, int groups_per_thread = 1) {
+int grid_for(int64_t total_groups, c10::DeviceIndex device, int groups_per_thread = 1,
+             int default_blocks_per_sm = kDefaultBlocksPerSm) {
   int sms = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
   const int64_t per_block = static_cast<int64_t>(kThreads) * groups_per_thread;
   const int64_t needed = (total_groups + per_block - 1) / per_block;
   const int setting = blocks_per_sm.load(std::memory_order_relaxed);
-  const int64_t cap = static_cast<int64_t>(sms) * (setting > 0 ? setting : kDefaultBlocksPerSm);
+  const int64_t cap = static_cast<int64_t>(sms) * (setting > 0 ? setting : default_blocks_per_sm);
   return static_cast<int>(needed < cap ? needed : cap);
 }
 
 // Rounds ahead that the vectorised step kernels prefetch their inputs into L2 (set_prefetch): 0 (the default) for
 // none, or a number set by set_cuda_prefetch_rounds (gpu_table.py's sweep compares them: on an H100 every setting
-// was slower, one round ahead 78-87% of the copy against 80-93% without, in the one-wave grids, 2026-11-26).
+// was slower, one round ahead 78-87% of the copy against 81-93% without, in the one-wave grids, 2026-11-26). Meant
+// for one-wave grids (set_cuda_blocks_per_sm(6) for one group a thread, 4 for two): in the default grid a round
+// ahead is hundreds of MB, more than L2 holds.
 std::atomic<int> prefetch_rounds{0};
 
 template <class EpsT, bool kVec, int kGroups, bool kPrefetch = false>
@@ -181,7 +188,7 @@ void normal_noise_cuda(at::Tensor& out, int64_t seed, int64_t step, int64_t stre
   if (total == 0) return;
   const bool vec = noise_vectorisable(out.data_ptr<float>(), n_per);
   const NoiseKey key = noise_key(seed, step, stream);
-  normal_noise_kernel<<<grid_for(total, out.device().index()), kThreads, 0,
+  normal_noise_kernel<<<grid_for(total, out.device().index(), 1, kNoiseBlocksPerSm), kThreads, 0,
                         c10::cuda::getCurrentCUDAStream(out.device().index()).stream()>>>(
       out.data_ptr<float>(), n_per, groups, total, key, philox_keys(key.k0, key.k1),
       static_cast<uint64_t>(index_offset), vec);

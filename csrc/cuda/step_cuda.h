@@ -9,8 +9,8 @@ namespace cfgfast {
 int set_cuda_groups_per_thread(int n);
 
 // The CUDA kernels' grids: at most n blocks of 256 threads per SM (1 to kMaxBlocksPerSm), or 0 (the default) for
-// 128 (several waves of the blocks an SM holds at once); returns the previous setting. A tuning knob for
-// benchmarks/gpu_table.py; the samples do not depend on it.
+// 128 for the step kernel and 32 for the noise kernel (several waves of the blocks an SM holds at once); returns the
+// previous setting. A tuning knob for benchmarks/gpu_table.py; the samples do not depend on it.
 constexpr int kMaxBlocksPerSm = 1024;
 int set_cuda_blocks_per_sm(int n);
 
