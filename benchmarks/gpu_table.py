@@ -29,17 +29,18 @@ from .utils import make_step_inputs
 ROUNDS = 3  # interleaved rounds per measurement; each variant's best round is reported
 
 
-# Calls timed back to back between two events: a call's host time (Python, the launcher) overlaps the kernels
-# queued before it, as in a sampling loop, where it is hidden wherever the kernel takes longer. Until 2026-11-26
-# each call was timed alone from an idle GPU (CALLS_PER_TIMING = 1), which counted its host time too: the H100
-# figures in the README were measured so (a Triton call's ~0.1 ms more than a CUDA call's weighed on it).
+# Calls timed back to back between two events, behind one untimed call, so that the first event is stamped when
+# the GPU gets to it and each call's host time (Python, the launcher) overlaps the kernels queued before it, as in
+# a sampling loop: it is hidden wherever the kernel takes longer. Until 2026-11-26 each call was timed alone from an
+# idle GPU (one call a timing, 50 timings), which counted its host time too: the H100 figures in the README were
+# measured so (a Triton call's ~0.1 ms more than a CUDA call's weighed on it).
 CALLS_PER_TIMING = 10
 
 
 def time_ms(fn, warmup_ms=25.0, repeat=20, calls=None) -> float:
-    """Median over `repeat` timings of `calls` back-to-back calls (CALLS_PER_TIMING), per call, with CUDA events,
-    after at least warmup_ms of untimed calls (a new Triton setting compiles in the first one; the clocks settle
-    in the rest)."""
+    """Median over `repeat` timings of `calls` back-to-back calls (CALLS_PER_TIMING) behind an untimed one, per
+    call, with CUDA events, after at least warmup_ms of untimed calls (a new Triton setting compiles in the first
+    one; the clocks settle in the rest)."""
     calls = calls or CALLS_PER_TIMING
     fn()
     torch.cuda.synchronize()
@@ -50,6 +51,7 @@ def time_ms(fn, warmup_ms=25.0, repeat=20, calls=None) -> float:
     times = []
     for _ in range(repeat):
         begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        fn()  # untimed: the GPU is busy when begin is recorded
         begin.record()
         for _ in range(calls):
             fn()

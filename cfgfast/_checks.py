@@ -299,7 +299,7 @@ def op_noise_out(out, step, stream, index_offset) -> None:
     check(0 <= step < MAX_WORD, lambda: f"cfgfast: step must be in [0, 2^32), got {step}")
     check(0 <= stream < MAX_WORD, lambda: f"cfgfast: stream must be in [0, 2^32), got {stream}")
     check(0 <= index_offset and index_offset + out.shape[0] <= MAX_WORD,
-                 lambda: f"cfgfast: index_offset + batch must be in [0, 2^32], got index_offset={index_offset}")
+          lambda: f"cfgfast: index_offset + batch must be in [0, 2^32], got index_offset={index_offset}")
     check(out.numel() <= out.shape[0] * 2**34, lambda: "cfgfast: at most 2^34 elements per sample")
 
 
@@ -311,17 +311,17 @@ def op_step_args(out, z, eps_cond, eps_uncond, w, noise, coef, step, index_offse
     check(eps_cond.shape == z.shape and eps_uncond.shape == z.shape, lambda: "cfgfast: eps must have z's shape")
     check(w.dtype == torch.float32 and w.shape == (z.shape[0],), lambda: "cfgfast: w must be float32 [B]")
     check(noise is None or (noise.shape == z.shape and noise.dtype == torch.float32),
-                 lambda: "cfgfast: noise must be float32 like z")
+          lambda: "cfgfast: noise must be float32 like z")
     check(out.shape == z.shape, lambda: "cfgfast: out must have z's shape")
     check(len(coef) == 7, lambda: "cfgfast: coef must hold 7 numbers")
     # one device: a direct call with one meta tensor among CPU ones reaches this fake kernel, which must not
     # pass for the real one (under torch.compile, fake tensors carry their real devices)
     for name, t in (("eps_cond", eps_cond), ("eps_uncond", eps_uncond), ("w", w), ("noise", noise), ("out", out)):
         check(t is None or t.device == z.device,
-                     lambda: f"cfgfast: all tensors must be on {z.device}, got {name} on {t.device}")
+              lambda: f"cfgfast: all tensors must be on {z.device}, got {name} on {t.device}")
     op_noise_out(out, step, 1, index_offset)
 
 
 def op_clip(clip) -> None:
     check(clip is None or 0 < clip <= torch.finfo(torch.float32).max,
-                 lambda: f"cfgfast: clip must be positive and finite in float32, got {clip}")
+          lambda: f"cfgfast: clip must be positive and finite in float32, got {clip}")

@@ -25,5 +25,5 @@ def _reverse_step_table_fake(out, z, eps_cond, eps_uncond, w, coef_table, step, 
     check(coef_table.dim() == 2 and coef_table.shape[1] == 7, lambda: "cfgfast: coef_table must be [T, 7]")
     check(step.dtype == torch.int64 and step.numel() == 1, lambda: "cfgfast: step must be one int64")
     check(coef_table.device == z.device and step.device == z.device,
-                 lambda: f"cfgfast: coef_table and step must be on {z.device}")
+          lambda: f"cfgfast: coef_table and step must be on {z.device}")
     _reverse_step_fake(out, z, eps_cond, eps_uncond, w, None, [1.0] * 7, seed, 0, index_offset, clip, False)

@@ -39,7 +39,8 @@ INTERPRETED = triton is not None and (bool(triton.knobs.runtime.interpret) if ha
 # float32) per thread and input, 32 registers on sm_90 (full occupancy). On an H100 (gpu_table.py --sweep,
 # 2026-11-26, 64M float32 elements) 128 to 512 groups at 4 or 8 warps all gave 76-77% of the copy bandwidth but
 # 128 groups at 8 warps (70%); 1024 groups gave 66% at 4 warps and 75% at 8. Those timings counted each call's host
-# time, about 0.1 ms, which may hide differences between kernels; so this stays the plain elementwise shape. The
+# time (a Triton call cost about 0.1 ms more than a CUDA one), which may hide differences between kernels; so this
+# stays the plain elementwise shape. The
 # step is 12-16 bytes per element against ~65 instructions of noise and step per element. No autotune: the kernel writes `out` in place and out may alias z,
 # so autotune's repeated benchmark launches would apply the step several times; and the shape (N per model)
 # would cost a tuning run per model for a kernel whose best setting hardly depends on it.
@@ -321,16 +322,16 @@ if triton is not None:
         """The sizes one launch takes: int32 offsets inside a sample, and a grid (batch x programs a sample) below
         CUDA's 2^31 blocks, which Triton's launcher would refuse with an OverflowError from inside."""
         check(out.device.type in ("cuda", "meta") or (INTERPRETED and out.device.type == "cpu"),
-                     lambda: f"cfgfast: the triton kernels take CUDA tensors (CPU tensors under TRITON_INTERPRET=1), "
-                             f"got out on {out.device}")
+              lambda: f"cfgfast: the triton kernels take CUDA tensors (CPU tensors under TRITON_INTERPRET=1), "
+                      f"got out on {out.device}")
         per_sample = out.numel() // max(out.shape[0], 1)
         check_value(per_sample < MAX_PER_SAMPLE,
-                           lambda: "cfgfast: the triton backend takes fewer than 2^30 elements per sample")
+                    lambda: "cfgfast: the triton backend takes fewer than 2^30 elements per sample")
         programs = out.shape[0] * ((per_sample + 4 * BLOCK_GROUPS - 1) // (4 * BLOCK_GROUPS))
         check_value(programs < MAX_PROGRAMS,
-                           lambda: f"cfgfast: the triton backend launches fewer than 2^31 programs (batch x "
-                                   f"ceil(elements per sample / {4 * BLOCK_GROUPS})), got {programs}; use the "
-                                   f"cuda backend or smaller batches")
+                    lambda: f"cfgfast: the triton backend launches fewer than 2^31 programs (batch x "
+                            f"ceil(elements per sample / {4 * BLOCK_GROUPS})), got {programs}; use the "
+                            f"cuda backend or smaller batches")
 
     def _on_device(out: torch.Tensor):
         """Triton launches on the current device and its current stream, whatever device the pointers are on: the
@@ -390,9 +391,9 @@ if triton is not None:
         op_clip(clip)
         tensors = (z, eps_cond, eps_uncond, w) + (() if noise is None else (noise,))
         check(all(t.is_contiguous() for t in tensors),
-                     lambda: "cfgfast: the triton kernel takes contiguous inputs")
+              lambda: "cfgfast: the triton kernel takes contiguous inputs")
         check(all(t.device == out.device for t in tensors),
-                     lambda: "cfgfast: all tensors must be on out's device")
+              lambda: "cfgfast: all tensors must be on out's device")
         _check_launch(out)
         if out.numel() == 0 or out.device.type == "meta":  # (meta tensors: shapes only, nothing to compute)
             return

@@ -113,8 +113,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         }
         return cfgfast::set_cuda_blocks_per_sm(n);
       },
-      "The CUDA kernels' grids: at most n blocks of 256 threads per SM, or 0 for the defaults, 128 for the step kernel "
-      "and 32 for the noise kernel (several waves of the blocks an SM holds at once). A tuning knob for benchmarks; returns the previous setting.");
+      "The CUDA kernels' grids: at most n blocks of 256 threads per SM, or 0 for the defaults, 128 for the step "
+      "kernel and 32 for the noise kernel (several waves of the blocks an SM holds at once). A tuning knob for benchmarks; returns the previous setting.");
   m.def(
       "set_cuda_prefetch_rounds",
       [](int n) {

@@ -333,6 +333,11 @@ def test_op_checks_raise_as_torch_check():
 
     check(True, lambda: "never built")
     check_value(True, lambda: "never built")
+    with pytest.MonkeyPatch.context() as patch:  # a plain True does not reach torch._check at all
+        for name in ("_check", "_check_value"):
+            patch.setattr(torch, name, lambda *args: pytest.fail(f"torch.{name} called"))
+        check(True, lambda: "never built")
+        check_value(True, lambda: "never built")
     with pytest.raises(RuntimeError, match="cfgfast: a message"):
         check(False, lambda: "cfgfast: a message")
     with pytest.raises(ValueError, match="cfgfast: a value"):

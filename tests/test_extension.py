@@ -152,7 +152,7 @@ def test_cuda_tuning_knobs_are_checked():
     """The knobs need no GPU to be set: their ranges, their defaults (0) and their return of the previous value."""
     module = _ext.load()
     assert module.set_cuda_groups_per_thread(0) == 0  # the default: chosen by eps dtype
-    assert module.set_cuda_blocks_per_sm(0) == 0  # the default: 128 an SM
+    assert module.set_cuda_blocks_per_sm(0) == 0  # the defaults: 128 an SM (step), 32 (noise)
     assert module.set_cuda_prefetch_rounds(0) == 0  # the default: no prefetch
     for bad in (-1, 9):
         with pytest.raises(ValueError, match=r"prefetch rounds must be in \[1, 8\]"):

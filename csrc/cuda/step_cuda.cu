@@ -52,7 +52,8 @@ __global__ void __launch_bounds__(kThreads)
 // --sweep, 2026-11-26). set_cuda_groups_per_thread forces one.
 std::atomic<int> groups_per_thread{0};
 
-// Blocks per SM that the grids are capped at: 0 (the default) for kDefaultBlocksPerSm, or a number set by
+// Blocks per SM that the grids are capped at: 0 (the default) for kDefaultBlocksPerSm (the step kernels) or
+// kNoiseBlocksPerSm (the noise kernel), or a number set by
 // set_cuda_blocks_per_sm (gpu_table.py's sweep compares them). More blocks than an SM holds at once (4 to 6) run in
 // waves, and each thread loops fewer rounds. On an H100 at 64M elements, against one full wave (the default before):
 // 96% of the copy bandwidth for float32 ε at 128 blocks an SM, 94% at 32 and 92-93% in one wave; for bfloat16 ε 93%,
@@ -64,7 +65,7 @@ constexpr int kNoiseBlocksPerSm = 32;
 std::atomic<int> blocks_per_sm{0};
 
 // The grid for total_groups groups of four: one block per kThreads * groups_per_thread groups, at most the blocks
-// per SM above (the kernels loop over the rest).
+// per SM set, or default_blocks_per_sm where none is (the kernels loop over the rest).
 int grid_for(int64_t total_groups, c10::DeviceIndex device, int groups_per_thread = 1,
              int default_blocks_per_sm = kDefaultBlocksPerSm) {
   int sms = 0;
