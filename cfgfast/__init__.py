@@ -10,26 +10,30 @@ from .backends import available_backends
 from .models.checkpoint import load_pretrained
 from .noise import normal_noise
 from .sampler import sample
-from .schedule import alpha_sigma, coefficient_table, sampling_lambdas, step_coefficients, training_lambdas
-from .step import reverse_step, reverse_step_table
+from .samplers import PREDICTION_TYPES, SAMPLERS, StepCoefficients, step_table
+from .schedule import alpha_sigma, sampling_lambdas, training_lambdas
+from .step import guided_step, guided_step_table, reverse_step
 
 # Load the compiled ops now (or note why they cannot be), not lazily inside a call that torch.compile
 # may be tracing.
 _ext.load()
 
 __all__ = [
+    "PREDICTION_TYPES",
+    "SAMPLERS",
+    "StepCoefficients",
     "__version__",
     "alpha_sigma",
     "available_backends",
     "build_info",
-    "coefficient_table",
+    "guided_step",
+    "guided_step_table",
     "load_pretrained",
     "normal_noise",
     "reverse_step",
-    "reverse_step_table",
     "sample",
     "sampling_lambdas",
-    "step_coefficients",
+    "step_table",
     "training_lambdas",
 ]
 

@@ -15,6 +15,7 @@ from torch.fx.experimental.symbolic_shapes import guard_scalar
 EPS_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_WORD = 2**32  # counter words of SPEC §3 are 32 bits
 MAX_BATCH = 2**31  # samples or images in one batch: beyond, torch's sizes overflow (and no machine holds it)
+NUM_COEFFICIENTS = 10  # a step's coefficient row: StepCoef in csrc/include/cfgfast/step.h
 
 
 def steps(value) -> int:
@@ -91,6 +92,17 @@ def lambda_grid(name: str, values) -> list[float]:
     if grid.shape[0] < 2:
         raise ValueError(f"{name} must hold at least 2 values, got {grid.shape[0]}")
     return grid.to(device="cpu", dtype=torch.float64).tolist()
+
+
+def increasing_grid(name: str, values) -> list[float]:
+    """A lambda grid as floats: finite, strictly increasing, at least two points."""
+    grid = lambda_grid(name, values)
+    for t, lam in enumerate(grid):
+        log_snr(f"{name}[{t}]", lam)
+    for t in range(len(grid) - 1):
+        if not grid[t] < grid[t + 1]:
+            raise ValueError(f"{name} must be increasing, got {name}[{t}]={grid[t]} >= {name}[{t + 1}]={grid[t + 1]}")
+    return grid
 
 
 def flag(name: str, value) -> bool:
@@ -243,6 +255,15 @@ def _byte_range(t: torch.Tensor) -> tuple[int, int]:
     return low, start + size * (1 + sum(max(0, st * (sz - 1)) for st, sz in zip(t.stride(), t.shape)))
 
 
+def overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether the memory of a and b overlaps at all (by address ranges; never under torch.compile's fake tensors)."""
+    if torch.compiler.is_compiling():
+        return False
+    a_lo, a_hi = _byte_range(a)
+    b_lo, b_hi = _byte_range(b)
+    return a_lo < b_hi and b_lo < a_hi
+
+
 def writable_out(out: torch.Tensor) -> None:
     """torch refuses in-place writes to a tensor made under inference_mode once outside it; say so by name."""
     if torch.compiler.is_compiling():  # dynamo cannot trace is_inference (a graph break under fullgraph=True)
@@ -303,23 +324,50 @@ def op_noise_out(out, step, stream, index_offset) -> None:
     check(out.numel() <= out.shape[0] * 2**34, lambda: "cfgfast: at most 2^34 elements per sample")
 
 
-def op_step_args(out, z, eps_cond, eps_uncond, w, noise, coef, step, index_offset) -> None:
+def op_guided_step_args(out, z, pred_cond, pred_uncond, weights, x_prev, nu, noise, coef, step, index_offset) -> None:
+    """The checks of csrc/op_checks.h's check_guided_step_args that fake tensors allow (no addresses or storage)."""
     check(z.dtype == torch.float32, lambda: f"cfgfast: z must be float32, got {z.dtype}")
-    check(z.dim() >= 1, lambda: "cfgfast: z needs a batch dimension")
-    check(eps_cond.dtype in EPS_DTYPES, lambda: f"cfgfast: bad eps_cond dtype {eps_cond.dtype}")
-    check(eps_uncond.dtype == eps_cond.dtype, lambda: "cfgfast: eps_uncond must have the dtype of eps_cond")
-    check(eps_cond.shape == z.shape and eps_uncond.shape == z.shape, lambda: "cfgfast: eps must have z's shape")
-    check(w.dtype == torch.float32 and w.shape == (z.shape[0],), lambda: "cfgfast: w must be float32 [B]")
+    check(z.dim() >= 1, lambda: "cfgfast: z needs a batch dimension, got a 0-d tensor")
+    check(pred_cond.dtype in EPS_DTYPES,
+          lambda: f"cfgfast: pred_cond must be float32, bfloat16 or float16, got {pred_cond.dtype}")
+    check(pred_uncond.dtype == pred_cond.dtype,
+          lambda: f"cfgfast: pred_uncond must have the dtype of pred_cond ({pred_cond.dtype}), got {pred_uncond.dtype}")
+    for name, t in (("pred_cond", pred_cond), ("pred_uncond", pred_uncond)):
+        check(t.shape == z.shape, lambda: f"cfgfast: {name} must have the shape of z {tuple(z.shape)}, got "
+                                          f"{tuple(t.shape)}")
+    check(weights.dtype == torch.float32, lambda: f"cfgfast: weights must be float32, got {weights.dtype}")
+    check(weights.shape == (z.shape[0], 2), lambda: f"cfgfast: weights must have shape [{z.shape[0]}, 2], got "
+                                                    f"{tuple(weights.shape)}")
+    check(x_prev is None or (x_prev.dtype == torch.float32 and x_prev.shape == z.shape and x_prev.is_contiguous()),
+          lambda: f"cfgfast: x_prev must be a contiguous float32 tensor of shape {tuple(z.shape)}")
+    check(nu is None or (nu.dtype == pred_cond.dtype and nu.shape == z.shape),
+          lambda: f"cfgfast: nu must have the dtype of pred_cond ({pred_cond.dtype}) and the shape of z "
+                  f"{tuple(z.shape)}")
     check(noise is None or (noise.shape == z.shape and noise.dtype == torch.float32),
-          lambda: "cfgfast: noise must be float32 like z")
-    check(out.shape == z.shape, lambda: "cfgfast: out must have z's shape")
-    check(len(coef) == 7, lambda: "cfgfast: coef must hold 7 numbers")
-    # one device: a direct call with one meta tensor among CPU ones reaches this fake kernel, which must not
-    # pass for the real one (under torch.compile, fake tensors carry their real devices)
-    for name, t in (("eps_cond", eps_cond), ("eps_uncond", eps_uncond), ("w", w), ("noise", noise), ("out", out)):
+          lambda: f"cfgfast: noise must be a float32 tensor of shape {tuple(z.shape)}")
+    check(out.shape == z.shape and out.dtype == torch.float32 and out.is_contiguous(),
+          lambda: f"cfgfast: out must be a contiguous float32 tensor of shape {tuple(z.shape)}")
+    check(len(coef) == NUM_COEFFICIENTS, lambda: f"cfgfast: coef must hold {NUM_COEFFICIENTS} numbers, got {len(coef)}")
+    # one device: a direct call with one meta tensor among CPU ones reaches the fake kernel, which must not pass
+    # for the real one (under torch.compile, fake tensors carry their real devices)
+    for name, t in (("pred_cond", pred_cond), ("pred_uncond", pred_uncond), ("weights", weights),
+                    ("x_prev", x_prev), ("nu", nu), ("noise", noise), ("out", out)):
         check(t is None or t.device == z.device,
               lambda: f"cfgfast: all tensors must be on {z.device}, got {name} on {t.device}")
     op_noise_out(out, step, 1, index_offset)
+
+
+def op_guided_table_args(out, z, pred_cond, pred_uncond, weights, x_prev, nu, coef_table, step, index_offset) -> None:
+    check(coef_table.dtype == torch.float64, lambda: f"cfgfast: coef_table must be float64, got {coef_table.dtype}")
+    check(coef_table.dim() == 2 and coef_table.shape[1] == NUM_COEFFICIENTS and coef_table.shape[0] >= 1,
+          lambda: f"cfgfast: coef_table must have shape [T, {NUM_COEFFICIENTS}], got {tuple(coef_table.shape)}")
+    check(coef_table.shape[0] <= MAX_WORD, lambda: "cfgfast: at most 2^32 steps")
+    check(step.dtype == torch.int64, lambda: f"cfgfast: step must be an int64 tensor, got {step.dtype}")
+    check(step.numel() == 1, lambda: f"cfgfast: step must hold one number, got shape {tuple(step.shape)}")
+    check(coef_table.device == z.device and step.device == z.device,
+          lambda: f"cfgfast: coef_table and step must be on {z.device}")
+    op_guided_step_args(out, z, pred_cond, pred_uncond, weights, x_prev, nu, None, [1.0] * NUM_COEFFICIENTS, 0,
+                        index_offset)
 
 
 def op_clip(clip) -> None:

@@ -13,8 +13,8 @@ import torch
 
 from . import _ext
 from ._checks import seed_as_int64
-from .reference import normal_noise_reference, reverse_step_reference
-from .schedule import StepCoefficients
+from .reference import guided_step_reference, normal_noise_reference
+from .samplers import StepCoefficients
 
 BACKEND_NAMES = ("reference", "cpu", "triton", "cuda")
 
@@ -26,21 +26,24 @@ class Backend:
         """Why this backend cannot run on `device` (empty: it can)."""
         raise NotImplementedError
 
-    def reverse_step(self, out, z, eps_cond, eps_uncond, w, noise, coef: StepCoefficients, seed, step,
-                     index_offset, clip, last) -> None:
+    def guided_step(self, out, z, pred_cond, pred_uncond, weights, x_prev, nu, noise, coef: list[float], seed, step,
+                    index_offset, clip) -> None:
+        """The step of csrc/include/cfgfast/step.h with the coefficient row `coef` (10 floats) into out; x_prev,
+        where given, is read and overwritten with this step's x~."""
         raise NotImplementedError
 
     def normal_noise(self, out, seed, step, stream, index_offset) -> None:
         raise NotImplementedError
 
-    def reverse_step_table(self, out, z, eps_cond, eps_uncond, w, coef_table, step, seed, index_offset, clip) -> None:
-        """The step whose coefficients are row step[0] of coef_table (see schedule.coefficient_table)."""
+    def guided_step_table(self, out, z, pred_cond, pred_uncond, weights, x_prev, nu, coef_table, step, seed,
+                          index_offset, clip) -> None:
+        """The step whose coefficients are row step[0] of coef_table (float64 [T, 10]), read here on the host."""
         t = int(step.reshape(-1)[0])
         steps = coef_table.shape[0]
         if not 0 <= t < steps:
             raise ValueError(f"step must index coef_table's {steps} rows, got {t}")
-        coef = StepCoefficients(*coef_table[t].tolist())
-        self.reverse_step(out, z, eps_cond, eps_uncond, w, None, coef, seed, t, index_offset, clip, t == steps - 1)
+        self.guided_step(out, z, pred_cond, pred_uncond, weights, x_prev, nu, None, coef_table[t].tolist(), seed, t,
+                         index_offset, clip)
 
 
 def _extension_refusals() -> list[str]:
@@ -57,16 +60,38 @@ class ReferenceBackend(Backend):
     def refusals(self, device):
         return []
 
-    def reverse_step(self, out, z, eps_cond, eps_uncond, w, noise, coef, seed, step, index_offset, clip, last):
-        if noise is None and not last:
+    def guided_step(self, out, z, pred_cond, pred_uncond, weights, x_prev, nu, noise, coef, seed, step, index_offset,
+                    clip):
+        coef = StepCoefficients(*coef)
+        if noise is None and coef.noise_std != 0.0:
             noise = normal_noise_reference(z.shape, seed, step, 1, index_offset, device=z.device)
-        out.copy_(reverse_step_reference(z, eps_cond, eps_uncond, w, coef, noise, clip, last))
+        z_next, x = guided_step_reference(z, pred_cond, pred_uncond, weights, coef, noise, clip, x_prev, nu)
+        out.copy_(z_next)
+        if x_prev is not None:
+            x_prev.copy_(x)
 
     def normal_noise(self, out, seed, step, stream, index_offset):
         out.copy_(normal_noise_reference(out.shape, seed, step, stream, index_offset, device=out.device))
 
 
-class CpuBackend(Backend):
+class CompiledOpsBackend(Backend):
+    """The compiled ops torch.ops.cfgfast.* (csrc/), which torch dispatches to the kernel of the tensors' device."""
+
+    def guided_step(self, out, z, pred_cond, pred_uncond, weights, x_prev, nu, noise, coef, seed, step, index_offset,
+                    clip):
+        torch.ops.cfgfast.guided_step_(out, z, pred_cond, pred_uncond, weights, x_prev, nu, noise, coef,
+                                       seed_as_int64(seed), step, index_offset, clip)
+
+    def normal_noise(self, out, seed, step, stream, index_offset):
+        torch.ops.cfgfast.normal_noise_(out, seed_as_int64(seed), step, stream, index_offset)
+
+    def guided_step_table(self, out, z, pred_cond, pred_uncond, weights, x_prev, nu, coef_table, step, seed,
+                          index_offset, clip):
+        torch.ops.cfgfast.guided_step_table_(out, z, pred_cond, pred_uncond, weights, x_prev, nu, coef_table, step,
+                                             seed_as_int64(seed), index_offset, clip)
+
+
+class CpuBackend(CompiledOpsBackend):
     """The fused C++ kernel (AVX2 where the CPU has it) on CPU tensors."""
 
     name = "cpu"
@@ -75,21 +100,9 @@ class CpuBackend(Backend):
         reasons = [] if device.type == "cpu" else [f"it runs on CPU tensors, got {device}"]
         return reasons + _extension_refusals()
 
-    def reverse_step(self, out, z, eps_cond, eps_uncond, w, noise, coef, seed, step, index_offset, clip, last):
-        torch.ops.cfgfast.reverse_step_(
-            out, z, eps_cond, eps_uncond, w, noise, coef.as_list(), seed_as_int64(seed), step, index_offset, clip, last
-        )
 
-    def normal_noise(self, out, seed, step, stream, index_offset):
-        torch.ops.cfgfast.normal_noise_(out, seed_as_int64(seed), step, stream, index_offset)
-
-    def reverse_step_table(self, out, z, eps_cond, eps_uncond, w, coef_table, step, seed, index_offset, clip):
-        torch.ops.cfgfast.reverse_step_table_(out, z, eps_cond, eps_uncond, w, coef_table, step,
-                                              seed_as_int64(seed), index_offset, clip)
-
-
-class CudaBackend(CpuBackend):
-    """The fused CUDA kernel (csrc/cuda) on CUDA tensors; the same ops as the cpu backend, dispatched by device."""
+class CudaBackend(CompiledOpsBackend):
+    """The fused CUDA kernel (csrc/cuda) on CUDA tensors."""
 
     name = "cuda"
 
@@ -106,20 +119,29 @@ class CudaBackend(CpuBackend):
 
 class TritonBackend(Backend):
     """The fused Triton kernel (cfgfast/triton_step.py) on CUDA tensors, or on CPU tensors under
-    TRITON_INTERPRET=1. reverse_step_table reads the step index on the host (a sync): graph-replayable
-    table stepping is the cuda backend's."""
+    TRITON_INTERPRET=1."""
 
     name = "triton"
 
     def refusals(self, device):
         return _triton_step().refusals(device)
 
-    def reverse_step(self, out, z, eps_cond, eps_uncond, w, noise, coef, seed, step, index_offset, clip, last):
-        _triton_step().reverse_step_triton(out, z, eps_cond, eps_uncond, w, noise, coef.as_list(), seed, step,
-                                           index_offset, clip, last)
+    def guided_step(self, out, z, pred_cond, pred_uncond, weights, x_prev, nu, noise, coef, seed, step, index_offset,
+                    clip):
+        _triton_step().guided_step_triton(out, z, pred_cond, pred_uncond, weights, x_prev, nu, noise, coef, seed,
+                                          step, index_offset, clip)
 
     def normal_noise(self, out, seed, step, stream, index_offset):
         _triton_step().normal_noise_triton(out, seed, step, stream, index_offset)
+
+    def guided_step_table(self, out, z, pred_cond, pred_uncond, weights, x_prev, nu, coef_table, step, seed,
+                          index_offset, clip):
+        table_step = getattr(_triton_step(), "guided_step_table_triton", None)
+        if table_step is None:
+            super().guided_step_table(out, z, pred_cond, pred_uncond, weights, x_prev, nu, coef_table, step, seed,
+                                      index_offset, clip)
+        else:
+            table_step(out, z, pred_cond, pred_uncond, weights, x_prev, nu, coef_table, step, seed, index_offset, clip)
 
 
 def _triton_step():

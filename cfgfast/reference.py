@@ -2,15 +2,15 @@
 tested and benchmarked against.
 
 Noise (SPEC §3): Philox4x32-10 in int64 tensor arithmetic (every product kept below 2^49, so nothing
-overflows), and Box–Muller in float64, rounded once to float32. The step (SPEC §2): float32 arithmetic
-in the order the spec writes it, with the float64 coefficients of cfgfast.schedule.
+overflows), and Box–Muller in float64, rounded once to float32. The step (SPEC §6): float32 arithmetic in the
+kernels' order, with the float64 coefficients of cfgfast.samplers rounded to float32 once.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .schedule import StepCoefficients
+from .samplers import StepCoefficients
 
 PHILOX_M0, PHILOX_M1 = 0xD2511F53, 0xCD9E8D57
 PHILOX_W0, PHILOX_W1 = 0x9E3779B9, 0xBB67AE85
@@ -65,24 +65,36 @@ def normal_noise_reference(shape, seed: int, step: int = 0, stream: int = 1, ind
     return normals.float().reshape(shape)
 
 
-def reverse_step_reference(
+def guided_step_reference(
     z: torch.Tensor,
-    eps_cond: torch.Tensor,
-    eps_uncond: torch.Tensor,
-    w: torch.Tensor,
+    pred_cond: torch.Tensor,
+    pred_uncond: torch.Tensor,
+    weights: torch.Tensor,
     coef: StepCoefficients,
     noise: torch.Tensor | None,
     clip: float | None = None,
-    last: bool = False,
-) -> torch.Tensor:
-    """One reverse step of SPEC §2 in plain float32 PyTorch. w: float32 [B]; noise: float32 like z."""
-    w = w.reshape((-1,) + (1,) * (z.dim() - 1))
-    eps = (1 + w) * eps_cond.float() - w * eps_uncond.float()  # paper Eq. 6
-    if not last and clip is None:
-        return coef.mean_z * z - coef.mean_eps * eps + coef.noise_std * noise
-    x = (z - coef.sigma * eps) / coef.alpha  # x~ = (z - sigma eps~) / alpha
+    x_prev: torch.Tensor | None = None,
+    nu: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One guided sampler step (SPEC §6) in plain float32 PyTorch, in the kernels' order (csrc/include/cfgfast/
+    step.h): returns (z', x~). weights: float32 [B, 2], (w_cond, w_uncond) per sample; noise: float32 like z (read
+    only where coef.noise_std != 0); x_prev: read only where coef.prev != 0; nu: learned variance."""
+    per_sample = (-1,) + (1,) * (z.dim() - 1)
+    w_cond, w_uncond = weights[:, 0].reshape(per_sample), weights[:, 1].reshape(per_sample)
+    out_cond, out_uncond = pred_cond.float(), pred_uncond.float()
+    c = [torch.tensor(x, dtype=torch.float32) for x in coef.as_list()]  # rounded to float32 once, as the kernels
+    pred_z, pred_g, mean_z, mean_x, direct_z, direct_g, prev, uncond, noise_std, noise_nu = c
+    g = w_cond * out_cond - w_uncond * out_uncond
+    x = pred_z * z + pred_g * g
     if clip is not None:
         x = x.clamp(-clip, clip)
-    if last:
-        return x
-    return coef.mean_z_clip * z + coef.mean_x_clip * x + coef.noise_std * noise
+        z_next = mean_z * z + mean_x * x
+    else:
+        z_next = direct_z * z + direct_g * g
+    z_next = z_next + uncond * out_uncond
+    if coef.prev != 0.0 and x_prev is not None:
+        z_next = z_next + prev * x_prev
+    if coef.noise_std != 0.0:
+        scale = noise_std if nu is None else noise_std * torch.exp(noise_nu * nu.float())
+        z_next = z_next + scale * noise
+    return z_next, x

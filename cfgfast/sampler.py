@@ -1,5 +1,5 @@
-"""cfgfast.sample: the paper's Algorithm 2 (classifier-free guided ancestral sampling) over the lambda grid
-of SPEC §1, with the fused step of SPEC §2 and the noise of SPEC §3."""
+"""cfgfast.sample: classifier-free guided sampling (the paper's Algorithm 2 and the samplers of SPEC §6) over a
+lambda grid, with the fused step of csrc/include/cfgfast/step.h and the noise of SPEC §3."""
 
 from __future__ import annotations
 
@@ -8,14 +8,17 @@ import math
 import numbers
 import sys
 from collections.abc import Mapping, Set
+from dataclasses import dataclass
 
 import torch
 
 from . import _checks
+from .backends import Backend, choose
 from .noise import normal_noise
-from .schedule import (LAMBDA_MAX, LAMBDA_MIN, alpha_sigma, coefficient_table, sampling_lambdas,
-                       step_coefficients)
-from .backends import choose
+from .samplers import (DEFAULT_SPACING, DEFAULT_V, MULTISTEP, check_eta, check_prediction_type, check_sampler,
+                       step_table)
+from .schedule import LAMBDA_MAX, LAMBDA_MIN, alpha_sigma, sampling_lambdas
+from .step import guidance_weights
 
 
 def _model_device(model, labels: torch.Tensor) -> torch.device:
@@ -41,19 +44,14 @@ def _bound(name: str, value) -> float:
         raise
 
 
-def _grid(steps, lambdas, lambda_min, lambda_max) -> list[float]:
+def _grid(steps, lambdas, lambda_min, lambda_max, spacing) -> list[float]:
     if lambdas is None:
-        return sampling_lambdas(steps, lambda_min, lambda_max).tolist()
+        return sampling_lambdas(steps, lambda_min, lambda_max, spacing).tolist()
     # a given grid: lambda_min and lambda_max only bound it (infinite bounds: no bound)
     lambda_min, lambda_max = _bound("lambda_min", lambda_min), _bound("lambda_max", lambda_max)
     if not lambda_min < lambda_max:
         raise ValueError(f"lambda_min must be below lambda_max, got {lambda_min} >= {lambda_max}")
-    grid = _checks.lambda_grid("lambdas", lambdas)
-    for t, lam in enumerate(grid):
-        _checks.log_snr(f"lambdas[{t}]", lam)
-    for t in range(len(grid) - 1):
-        if not grid[t] < grid[t + 1]:
-            raise ValueError(f"lambdas must be increasing, got lambdas[{t}]={grid[t]}, lambdas[{t + 1}]={grid[t + 1]}")
+    grid = _checks.increasing_grid("lambdas", lambdas)
     if not (lambda_min <= grid[0] and grid[-1] <= lambda_max):  # also refuses inf and nan
         raise ValueError(f"lambdas must lie in [lambda_min, lambda_max] = [{lambda_min}, {lambda_max}] (SPEC §1), "
                          f"got [{grid[0]}, {grid[-1]}]")
@@ -81,9 +79,10 @@ def _interval(guidance_interval):
     return lo, hi
 
 
-def _classifier_eps_uncond(classifier, z, lam, labels, eps_cond, step: int):
-    """eps_cond + sigma grad_z log softmax(classifier(z, lam))[labels]: with it the CFG step becomes classifier
-    guidance, eps~ = eps_cond - w sigma grad log p(c | z_lam) (SPEC §4), on the same kernel."""
+def _classifier_uncond(classifier, z, lam, labels, out_cond, step: int, prediction_type: str = "epsilon"):
+    """out_cond + k sigma grad_z log softmax(classifier(z, lam))[labels], k = 1 for an epsilon model, 1/alpha for
+    v, -sigma/alpha for x0 (SPEC §6): with it the CFG step becomes classifier guidance, eps~ = eps_cond - w sigma
+    grad log p(c | z_lam) (SPEC §4), on the same kernel."""
     batch = z.shape[0]
     # inference_mode(False) and fresh tensors: this also works when the caller samples under inference_mode
     with torch.inference_mode(False), torch.enable_grad():
@@ -107,32 +106,45 @@ def _classifier_eps_uncond(classifier, z, lam, labels, eps_cond, step: int):
         logits = logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
         log_p = torch.log_softmax(logits, dim=1).gather(1, labels[:, None]).sum()
         (grad,) = torch.autograd.grad(log_p, z_in)
-    sigma = alpha_sigma(lam)[1]
-    return eps_cond.float() + sigma * grad.float()
+    alpha, sigma = alpha_sigma(lam)
+    k = {"epsilon": 1.0, "v_prediction": 1.0 / alpha, "sample": -sigma / alpha}[prediction_type]
+    return out_cond.float() + (k * sigma) * grad.float()
 
 
-def _predict(model, z, lam, labels, null_labels, guided: bool, step: int):
-    """(eps_cond, eps_uncond) from one forward pass of batch 2B, or of batch B when unguided."""
+def _predict(model, z, lam, labels, null_labels, guided: bool, step: int, learned_variance: bool = False):
+    """(out_cond, out_uncond, nu) from one forward pass of batch 2B, or of batch B when unguided (out_uncond is
+    then out_cond). A learned-variance model returns 2C channels on dim 1, C of prediction then C of nu; nu is
+    the conditional pass's (None for other models)."""
     batch = z.shape[0]
     lam_b = torch.full((batch,), lam, dtype=torch.float32, device=z.device)
     if guided:
-        eps = model(torch.cat([z, z]), torch.cat([lam_b, lam_b]), torch.cat([labels, null_labels]))
-        expected = (2 * batch,) + tuple(z.shape[1:])
+        out = model(torch.cat([z, z]), torch.cat([lam_b, lam_b]), torch.cat([labels, null_labels]))
+        rows = 2 * batch
     else:
-        eps = model(z, lam_b, labels)
-        expected = tuple(z.shape)
-    if not isinstance(eps, torch.Tensor) or tuple(eps.shape) != expected:
-        got = tuple(eps.shape) if isinstance(eps, torch.Tensor) else type(eps).__name__
-        raise ValueError(f"model must return eps of shape {expected} at step {step} (lam={lam:.4g}), got {got}")
-    if eps.device != z.device:
-        raise ValueError(f"model must return eps on {z.device} at step {step}, got {eps.device}")
-    if not eps.is_floating_point():
-        raise TypeError(f"model must return floating-point eps at step {step}, got {eps.dtype}")
-    if eps.dtype not in _checks.EPS_DTYPES:
-        eps = eps.float()
+        out = model(z, lam_b, labels)
+        rows = batch
+    expected = (rows,) + tuple(z.shape[1:])
+    if learned_variance:
+        expected = (rows, 2 * z.shape[1]) + tuple(z.shape[2:])
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != expected:
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        what = "an output (prediction and learned variance: twice the sample's channels on dim 1)" \
+            if learned_variance else "an output"
+        raise ValueError(f"model must return {what} of shape {expected} at step {step} (lam={lam:.4g}), got {got}")
+    if out.device != z.device:
+        raise ValueError(f"model must return its output on {z.device} at step {step}, got {out.device}")
+    if not out.is_floating_point():
+        raise TypeError(f"model must return a floating-point output at step {step}, got {out.dtype}")
+    if out.dtype not in _checks.EPS_DTYPES:
+        out = out.float()
+    nu = None
+    if learned_variance:
+        channels = z.shape[1]
+        nu = out[:batch, channels:]
+        out = out[:, :channels]
     if guided:
-        return eps[:batch], eps[batch:]
-    return eps, eps
+        return out[:batch], out[batch:], nu
+    return out, out, nu
 
 
 def _check_eval_mode(model, name: str = "model") -> None:
@@ -156,21 +168,60 @@ def _label_top(model, model_null, default):
     return default if model_null is None else _checks.integer("model.null_label", model_null)
 
 
-@torch.no_grad()
-def sample(model, labels, w, steps=DEFAULT_STEPS, *, v=0.3, seed=0, shape=None, null_label=None,
-           lambda_min=LAMBDA_MIN, lambda_max=LAMBDA_MAX, clip=None, index_offset=0, backend="auto", progress=None,
-           guidance_interval=None, classifier=None, cuda_graph=False, lambdas=None) -> torch.Tensor:
-    """Samples x [B, *shape] of a class-conditional model with classifier-free guidance (SPEC §4).
+@dataclass
+class _Plan:
+    """What sample() checked and derived, once, for its loops."""
 
-    model(z, lam, labels) -> eps with lam float32 [B] and labels int64 [B]; `null_label` (default
+    model: object
+    classifier: object
+    labels: torch.Tensor
+    null_labels: torch.Tensor | None
+    w: torch.Tensor  # float32 [B]
+    grid: list[float]
+    guided: list[bool]  # per step: guidance on (some w != 0 and lam inside the guidance interval)
+    table: torch.Tensor  # float64 [T, 10] on the host: the sampler's coefficient rows
+    stepper: Backend
+    seed: int
+    index_offset: int
+    clip: float | None
+    prediction_type: str
+    learned_variance: bool  # the model returns nu, and the step reads it
+    model_learned_variance: bool  # the model returns nu (read or not)
+    multistep: bool
+
+
+def _model_clip(model):
+    """The model's data range as a clip value (its `data_range`: data lie in [-data_range, data_range]), or None."""
+    value = getattr(model, "data_range", None)
+    return None if value is None else _checks.clip(value)
+
+
+@torch.no_grad()
+def sample(model, labels, w, steps=DEFAULT_STEPS, *, sampler="ddpm", eta=0.0, v=None, prediction_type=None, seed=0,
+           shape=None, null_label=None, lambda_min=LAMBDA_MIN, lambda_max=LAMBDA_MAX, clip="auto", index_offset=0,
+           backend="auto", progress=None, guidance_interval=None, classifier=None, cuda_graph=False,
+           lambdas=None) -> torch.Tensor:
+    """Samples x [B, *shape] of a class-conditional model with classifier-free guidance (SPEC §4, §6).
+
+    model(z, lam, labels) -> output with lam float32 [B] and labels int64 [B]; `null_label` (default
     model.null_label) means "no class". w: a number or one per sample; 0 everywhere skips the
     unconditional pass. A module in training mode whose dropout or batch norm acts there is refused (call
-    .eval()): its samples would depend on more than the seed. The state starts as the noise of stream 0 and stays float32 (the model may
-    return bfloat16 or float16, e.g. under autocast). guidance_interval=(lam_lo, lam_hi) guides only
-    where lam_lo <= lam <= lam_hi. lambdas= replaces the grid: any increasing sequence inside
-    [lambda_min, lambda_max] (by default the paper's [-20, 20]: widen them, up to +-80, for a grid beyond;
-    +-inf: no bound); steps is then its length (leave steps out, or give that length). Sample i is global sample index_offset + i: the same seed gives the same samples for any
-    batch split and batch size, and on any backend to float32 rounding.
+    .eval()): its samples would depend on more than the seed. The state starts as the noise of stream 0 and stays
+    float32 (the model may return bfloat16 or float16, e.g. under autocast).
+
+    sampler: "ddpm" (the paper's Algorithm 2), "ddim" (eta in [0, 1]; 0: deterministic), "dpmpp_2m" or
+    "dpmpp_2m_sde" (DPM-Solver++(2M), 20-30 steps). prediction_type: "epsilon", "v_prediction" or "sample" (default:
+    model.prediction_type, else "epsilon"). v: the "ddpm" variance interpolation; None means the model's learned
+    variance where model.learned_variance is true (its output then has twice the channels: prediction, then nu),
+    else the paper's 0.3. clip="auto" clamps x~ to the model's data range (model.data_range: [-1, 1] for the
+    bundled U-Net), if it declares one; a number clamps to [-clip, clip]; None never clamps.
+
+    The grid: sampling_lambdas(steps, lambda_min, lambda_max) with the sampler's spacing ("paper" for ddpm and
+    ddim, "uniform" for the DPM-Solver++ samplers), or lambdas=: any increasing sequence inside
+    [lambda_min, lambda_max] (by default the paper's [-20, 20]: widen them, up to +-80, for a grid beyond; +-inf:
+    no bound); steps is then its length (leave steps out, or give that length). guidance_interval=(lam_lo, lam_hi)
+    guides only where lam_lo <= lam <= lam_hi. Sample i is global sample index_offset + i: the same seed gives the
+    same samples for any batch split and batch size, and on any backend to float32 rounding.
 
     classifier(z, lam) -> logits [B, num_classes] switches to classifier guidance (Dhariwal & Nichol):
     only the model's conditional pass runs (an unconditional model simply ignores the labels) and
@@ -180,6 +231,31 @@ def sample(model, labels, w, steps=DEFAULT_STEPS, *, v=0.3, seed=0, shape=None, 
     fused step reading its coefficients from a device table at a device-side step counter) is captured once as
     a CUDA graph and replayed for every step, removing the per-step launch overhead. Same samples as without.
     """
+    plan, z = _plan(model, labels, w, steps, sampler, eta, v, prediction_type, seed, shape, null_label, lambda_min,
+                    lambda_max, clip, index_offset, backend, guidance_interval, classifier, cuda_graph, lambdas)
+    if progress is None:  # a bar when stderr is a terminal
+        progress = sys.stderr is not None and sys.stderr.isatty()
+    else:
+        progress = _checks.flag("progress", progress)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(plan.grid), desc="cfgfast.sample", unit="step")
+    try:
+        if cuda_graph:
+            z = _loop_table(plan, z, bar, capture=True)
+        else:
+            z = _loop(plan, z, bar)
+    finally:
+        if bar is not None:
+            bar.close()
+    return z
+
+
+def _plan(model, labels, w, steps, sampler, eta, v, prediction_type, seed, shape, null_label, lambda_min, lambda_max,
+          clip, index_offset, backend, guidance_interval, classifier, cuda_graph, lambdas):
+    """sample()'s arguments checked once: the plan its loops take, and the initial state z."""
     if not callable(model):
         raise TypeError(f"model must be callable as model(z, lam, labels), got {type(model).__name__}")
     _check_eval_mode(model)
@@ -231,71 +307,78 @@ def sample(model, labels, w, steps=DEFAULT_STEPS, *, v=0.3, seed=0, shape=None, 
     w = _checks.guidance(w, batch, device)
     if classifier is not None and batch and bool((w < 0).any()):
         raise ValueError("w must be >= 0 with a classifier (a negative w would push samples away from their class)")
-    v = _checks.unit_interval("v", v)
+    sampler = check_sampler(sampler)
+    eta = check_eta(sampler, eta)
+    prediction_type = check_prediction_type(getattr(model, "prediction_type", "epsilon") if prediction_type is None
+                                            else prediction_type)
+    model_learned = _checks.flag("model.learned_variance", getattr(model, "learned_variance", False))
+    if model_learned and len(shape) < 1:
+        raise ValueError("a learned-variance model needs a channel dimension in its sample shape")
+    if v is not None:
+        if sampler != "ddpm":
+            raise ValueError(f"v is a setting of sampler 'ddpm' only (sampler {sampler!r} ignores it), got v={v!r}")
+        v = _checks.unit_interval("v", v)
+    learned = model_learned and sampler == "ddpm" and v is None
     if lambdas is None:
         steps = _checks.steps(DEFAULT_STEPS if steps is None else steps)
-    grid = _grid(steps, lambdas, lambda_min, lambda_max)
+    grid = _grid(steps, lambdas, lambda_min, lambda_max, DEFAULT_SPACING[sampler])
     if lambdas is not None and steps not in (None, DEFAULT_STEPS, len(grid)):  # a steps= that the grid overrides
         raise ValueError(f"steps must be left out with lambdas= (the grid's length, {len(grid)}, is the number of "
                          f"steps), got steps={steps!r}")
     lam_lo, lam_hi = _interval(guidance_interval)
     seed = _checks.seed(seed)
     cuda_graph = _checks.flag("cuda_graph", cuda_graph)
-    if progress is None:  # a bar when stderr is a terminal
-        progress = sys.stderr is not None and sys.stderr.isatty()
+    if isinstance(clip, str) and clip == "auto":
+        clip = _model_clip(model)
     else:
-        progress = _checks.flag("progress", progress)
-
-    clip = _checks.clip(clip)
+        clip = _checks.clip(clip)
     stepper = choose(backend, device)
     if cuda_graph:
         _check_cuda_graph(device, stepper, classifier)
-    coefs = [step_coefficients(lam, grid[min(t + 1, len(grid) - 1)], v) for t, lam in enumerate(grid)]
+    table = step_table(sampler, grid, prediction_type=prediction_type, eta=eta,
+                       v=DEFAULT_V if v is None else v, learned_variance=learned)
+    any_guidance = bool((w != 0).any()) if batch else False
+    guided = [any_guidance and lam_lo <= lam <= lam_hi for lam in grid]
     null_labels = None if classifier is not None else torch.full_like(labels, null_label)
     z = normal_noise((batch,) + shape, seed, step=0, stream=0, index_offset=index_offset, device=device)
     if classifier is not None and batch:
         # the classifier's class count bounds the labels: checked before any model pass, even where w = 0
-        _classifier_eps_uncond(classifier, z, grid[0], labels, torch.zeros_like(z), 0)
-    any_guidance = bool((w != 0).any()) if batch else False
-    zero_w = torch.zeros_like(w)
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(grid), desc="cfgfast.sample", unit="step")
-    try:
-        if cuda_graph:
-            guided = [any_guidance and lam_lo <= lam <= lam_hi for lam in grid]
-            z = _loop_table(model, z, grid, labels, null_labels, w, guided, stepper, v, seed, index_offset, clip, bar,
-                            capture=True)
-        else:
-            z = _loop(model, classifier, z, grid, labels, null_labels, w, zero_w, any_guidance, lam_lo, lam_hi,
-                      stepper, coefs, seed, index_offset, clip, bar)
-    finally:
-        if bar is not None:
-            bar.close()
-    return z
+        _classifier_uncond(classifier, z, grid[0], labels, torch.zeros_like(z), 0)
+    plan = _Plan(model=model, classifier=classifier, labels=labels, null_labels=null_labels, w=w, grid=grid,
+                 guided=guided, table=table, stepper=stepper, seed=seed, index_offset=index_offset, clip=clip,
+                 prediction_type=prediction_type, learned_variance=learned, model_learned_variance=model_learned,
+                 multistep=sampler in MULTISTEP)
+    return plan, z
 
 
-def _loop(model, classifier, z, grid, labels, null_labels, w, zero_w, any_guidance, lam_lo, lam_hi, stepper, coefs,
-          seed, index_offset, clip, bar):
-    """The steps of Algorithm 2 on checked inputs; returns x~ of the last step."""
+def _loop(plan: _Plan, z: torch.Tensor, bar) -> torch.Tensor:
+    """The sampler's steps on a checked plan; returns x~ of the last step."""
+    grid = plan.grid
+    weights = guidance_weights(plan.w)
+    unguided = guidance_weights(torch.zeros_like(plan.w))
+    rows = plan.table.tolist()
+    x_prev = torch.empty_like(z) if plan.multistep else None  # read from the second step on
     # The first step whose state is non-finite, kept on the device (no sync per step), checked at the end.
     first_bad = torch.full((), len(grid), dtype=torch.int64, device=z.device)
     for t, lam in enumerate(grid):
-        last = t == len(grid) - 1
-        guided = any_guidance and lam_lo <= lam <= lam_hi
-        if classifier is not None:
-            eps_cond, _ = _predict(model, z, lam, labels, None, False, t)
-            eps_cond = eps_cond.float()
-            eps_uncond = _classifier_eps_uncond(classifier, z, lam, labels, eps_cond, t) if guided else eps_cond
+        guided = plan.guided[t]
+        if plan.classifier is not None:
+            out_cond, _, nu = _predict(plan.model, z, lam, plan.labels, None, False, t, plan.model_learned_variance)
+            out_cond = out_cond.float()
+            out_uncond = _classifier_uncond(plan.classifier, z, lam, plan.labels, out_cond, t,
+                                            plan.prediction_type) if guided else out_cond
         else:
-            eps_cond, eps_uncond = _predict(model, z, lam, labels, null_labels, guided, t)
+            out_cond, out_uncond, nu = _predict(plan.model, z, lam, plan.labels, plan.null_labels, guided, t,
+                                                plan.model_learned_variance)
+        if not plan.learned_variance:
+            nu = None
+        elif nu.dtype != out_cond.dtype:
+            nu = nu.to(out_cond.dtype)
         # Inputs were checked once above; per step only the model's output is (in _predict). Each step writes a
         # new tensor: the model may keep the z it was given.
         out = torch.empty_like(z)
-        stepper.reverse_step(out, z, eps_cond, eps_uncond, w if guided else zero_w, None, coefs[t], seed, t,
-                             index_offset, clip, last)
+        plan.stepper.guided_step(out, z, out_cond, out_uncond, weights if guided else unguided, x_prev, nu, None,
+                                 rows[t], plan.seed, t, plan.index_offset, plan.clip)
         z = out
         first_bad = torch.where(torch.isfinite(z).all(), first_bad, first_bad.clamp(max=t))
         if bar is not None:
@@ -309,7 +392,7 @@ def _check_finite(first_bad: torch.Tensor, grid: list[float]) -> None:
     bad = int(first_bad)
     if bad < len(grid):
         raise ValueError(f"the sample became non-finite at step {bad} (lam={grid[bad]:.4g}): the model returned "
-                         "non-finite eps, or w is too large for this model")
+                         "non-finite outputs, or w is too large for this model")
 
 
 def _check_cuda_graph(device, stepper, classifier) -> None:
@@ -323,34 +406,46 @@ def _check_cuda_graph(device, stepper, classifier) -> None:
                          "cuda_graph=False with a classifier")
 
 
-def _loop_table(model, z, grid, labels, null_labels, w, guided, stepper, v, seed, index_offset, clip, bar, capture):
-    """Algorithm 2 with every per-step quantity on the device: λ, the guidance mask and the step's coefficients
-    are looked up at a step counter that the step itself advances, so one recorded step replays them all. With
-    capture=True (CUDA) the step is captured as a CUDA graph after a warm-up; capture=False runs the same step
-    eagerly (the CPU tests of this path)."""
+def _loop_table(plan: _Plan, z: torch.Tensor, bar, capture: bool) -> torch.Tensor:
+    """The sampler with every per-step quantity on the device: lambda, the guidance mask and the step's coefficient
+    row are looked up at a step counter that the step itself advances, and the multistep state is a static buffer,
+    so one recorded step replays them all. With capture=True (CUDA) the step is captured as a CUDA graph after a
+    warm-up; capture=False runs the same step eagerly (the CPU tests of this path)."""
+    model, labels, grid = plan.model, plan.labels, plan.grid
     device, batch, steps = z.device, z.shape[0], len(grid)
-    any_guided = any(guided)
-    table = coefficient_table(grid, v).to(device)
+    any_guided = any(plan.guided)
+    table = plan.table.to(device)
     lam_table = torch.tensor(grid, dtype=torch.float32, device=device)
-    guided_table = torch.tensor(guided, dtype=torch.float32, device=device)
+    guided_table = torch.tensor(plan.guided, dtype=torch.float32, device=device)
     counter = torch.zeros(1, dtype=torch.int64, device=device)
     first_bad = torch.full((), steps, dtype=torch.int64, device=device)
     z_state, z_next = z.clone(), torch.empty_like(z)
-    both_labels = torch.cat([labels, null_labels]) if any_guided else labels
+    x_prev = torch.zeros_like(z) if plan.multistep else None
+    both_labels = torch.cat([labels, plan.null_labels]) if any_guided else labels
+    channels = z.shape[1] if plan.model_learned_variance else None
 
     def step():
         z_in = torch.cat([z_state, z_state]) if any_guided else z_state
         lam_b = lam_table.index_select(0, counter).expand(z_in.shape[0])
-        eps = model(z_in, lam_b, both_labels)
-        eps_cond, eps_uncond = (eps[:batch], eps[batch:]) if any_guided else (eps, eps)
-        w_t = w * guided_table.index_select(0, counter)  # w = 0 outside the guidance interval
-        stepper.reverse_step_table(z_next, z_state, eps_cond, eps_uncond, w_t, table, counter, seed, index_offset, clip)
+        out = model(z_in, lam_b, both_labels)
+        nu = None
+        if channels is not None:
+            nu = out[:batch, channels:] if plan.learned_variance else None
+            out = out[:, :channels]
+        out_cond, out_uncond = (out[:batch], out[batch:]) if any_guided else (out, out)
+        if out_cond.dtype not in _checks.EPS_DTYPES:
+            out_cond, out_uncond = out_cond.float(), out_uncond.float()
+        if nu is not None and nu.dtype != out_cond.dtype:
+            nu = nu.to(out_cond.dtype)
+        w_t = plan.w * guided_table.index_select(0, counter)  # w = 0 outside the guidance interval
+        plan.stepper.guided_step_table(z_next, z_state, out_cond, out_uncond, guidance_weights(w_t), x_prev, nu,
+                                       table, counter, plan.seed, plan.index_offset, plan.clip)
         first_bad.copy_(torch.where(torch.isfinite(z_next).all(), first_bad, torch.minimum(first_bad, counter[0])))
         z_state.copy_(z_next)
         counter.add_(1)
 
     # one eager step checks what the model returns (no errors can be raised from inside a replay)
-    _predict(model, z, grid[0], labels, null_labels, any_guided, 0)
+    _predict(model, z, grid[0], labels, plan.null_labels, any_guided, 0, plan.model_learned_variance)
     # The model's device made current for the capture and the replays: torch.cuda.graph captures on a stream of
     # the current device, and a replay launches on the current device's stream.
     with torch.cuda.device(device) if capture else contextlib.nullcontext():
@@ -365,6 +460,8 @@ def _loop_table(model, z, grid, labels, null_labels, w, guided, stepper, v, seed
             z_state.copy_(z0)
             counter.zero_()
             first_bad.fill_(steps)
+            if x_prev is not None:
+                x_prev.zero_()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, stream=side):
                 step()

@@ -1,4 +1,4 @@
-"""One reverse step lam -> lam_next of classifier-free guided sampling (SPEC §2), on any backend."""
+"""One guided sampler step (SPEC §6) on any backend: the public calls a user's own sampling loop makes."""
 
 from __future__ import annotations
 
@@ -9,28 +9,36 @@ import torch
 
 from . import _checks
 from .backends import choose
-from .schedule import step_coefficients
+from .samplers import NUM_COEFFICIENTS, StepCoefficients, final_coefficients, sampler_step
 
 # A loop that samples batch after batch asks for the same (lam, lam_next, v) again: the float64 formulas cost
 # more Python time than the rest of a small step's checks. (Not while torch.compile traces: it would graph-break
 # on the cache.)
-_cached_step_coefficients = functools.lru_cache(maxsize=4096)(step_coefficients)
+@functools.lru_cache(maxsize=4096)
+def _ddpm_row(lam: float, lam_next: float, v: float, last: bool) -> list[float]:
+    if last:
+        return final_coefficients("epsilon", lam).as_list()
+    return sampler_step("ddpm", [lam, lam_next], 0, v=v).as_list()
 
 
-def _check_common(z, eps_cond, eps_uncond, w, seed, index_offset, clip, out):
-    """The checks reverse_step and reverse_step_table share; returns (w [B] float32, seed, index_offset,
-    clip, out)."""
+def guidance_weights(w: torch.Tensor) -> torch.Tensor:
+    """float32 [B, 2]: (1 + w, w) per sample, so that g = (1 + w) o_c - w o_u (the paper's Eq. 6)."""
+    return torch.stack([1.0 + w, w], dim=1)
+
+
+def _check_common(z, pred_cond, pred_uncond, w, seed, index_offset, clip, out, names=("pred_cond", "pred_uncond")):
+    """The checks every step call shares; returns (weights [B, 2] float32, seed, index_offset, clip, out)."""
     z = _checks.tensor("z", z)
     if z.dtype != torch.float32:
         raise TypeError(f"z must be float32, got {z.dtype}")
     if z.dim() < 1:
         raise ValueError("z must have a batch dimension [B, ...], got a 0-d tensor")
-    for name, eps in (("eps_cond", eps_cond), ("eps_uncond", eps_uncond)):
-        _checks.like_z(name, eps, z)
-        if eps.dtype not in _checks.EPS_DTYPES:
-            raise TypeError(f"{name} must be float32, bfloat16 or float16, got {eps.dtype}")
-    if eps_uncond.dtype != eps_cond.dtype:
-        raise TypeError(f"eps_uncond must have eps_cond's dtype {eps_cond.dtype}, got {eps_uncond.dtype}")
+    for name, pred in zip(names, (pred_cond, pred_uncond)):
+        _checks.like_z(name, pred, z)
+        if pred.dtype not in _checks.EPS_DTYPES:
+            raise TypeError(f"{name} must be float32, bfloat16 or float16, got {pred.dtype}")
+    if pred_uncond.dtype != pred_cond.dtype:
+        raise TypeError(f"{names[1]} must have {names[0]}'s dtype {pred_cond.dtype}, got {pred_uncond.dtype}")
     batch = z.shape[0]
     index_offset = _checks.index_offset(index_offset, batch, "z's batch")  # (first: w below has batch elements)
     w = _checks.guidance(w, batch, z.device)
@@ -43,13 +51,109 @@ def _check_common(z, eps_cond, eps_uncond, w, seed, index_offset, clip, out):
         raise ValueError(f"out must be a contiguous float32 tensor of z's shape {tuple(z.shape)} on {z.device}")
     else:
         _checks.writable_out(out)
-        _checks.out_may_alias(out, z=z, eps_cond=eps_cond, eps_uncond=eps_uncond, w=w)
-    return w, seed, index_offset, clip, out
+        _checks.out_may_alias(out, z=z, **{names[0]: pred_cond, names[1]: pred_uncond}, w=w)
+    return guidance_weights(w), seed, index_offset, clip, out
+
+
+def _check_state(x_prev, nu, z, pred_cond, out, inputs):
+    """x_prev: float32 contiguous like z, written (so apart from every other tensor); nu: pred_cond's dtype."""
+    if x_prev is not None:
+        x_prev = _checks.like_z("x_prev", x_prev, z)
+        if x_prev.dtype != torch.float32 or not x_prev.is_contiguous():
+            raise ValueError(f"x_prev must be a contiguous float32 tensor of z's shape {tuple(z.shape)}")
+        _checks.writable_out(x_prev)
+        for name, t in inputs.items():
+            if t is not None and t.device == x_prev.device and _checks.overlaps(x_prev, t):
+                raise ValueError(f"x_prev must not overlap {name}: the step writes x~ into it")
+    if nu is not None:
+        nu = _checks.like_z("nu", nu, z)
+        if nu.dtype != pred_cond.dtype:
+            raise TypeError(f"nu must have pred_cond's dtype {pred_cond.dtype}, got {nu.dtype}")
+    return x_prev, nu
+
+
+def _coefficient_row(coef) -> list[float]:
+    if isinstance(coef, StepCoefficients):
+        return coef.as_list()
+    if isinstance(coef, torch.Tensor):
+        if coef.shape != (NUM_COEFFICIENTS,) or not coef.is_floating_point() or coef.device.type == "meta":
+            raise ValueError(f"coef must be a row of cfgfast.step_table (a float tensor of {NUM_COEFFICIENTS}), got "
+                             f"{coef.dtype} of shape {tuple(coef.shape)} on {coef.device}")
+        row = coef.double().tolist()
+    elif isinstance(coef, (list, tuple)) and len(coef) == NUM_COEFFICIENTS:
+        row = [_checks.real(f"coef[{k}]", c) for k, c in enumerate(coef)]
+    else:
+        raise TypeError("coef must be a cfgfast.StepCoefficients or a row of cfgfast.step_table, got "
+                        f"{type(coef).__name__}")
+    for k, c in enumerate(row):
+        if not np.isfinite(c):
+            raise ValueError(f"coef must be finite, got coef[{k}]={c}")
+    return row
+
+
+def guided_step(z, pred_cond, pred_uncond, coef, w, *, x_prev=None, nu=None, noise=None, seed=0, step=0,
+                index_offset=0, clip=None, backend="auto", out=None) -> torch.Tensor:
+    """One step of any sampler of SPEC §6: z' from z and the model's outputs with and without the label.
+
+    coef: the step's coefficients, row t of cfgfast.step_table(sampler, lambdas, ...) (or a StepCoefficients);
+    w: a number or one per sample [B], g = (1 + w) pred_cond - w pred_uncond. x_prev: the multistep samplers'
+    state ("dpmpp_2m", "dpmpp_2m_sde"), a float32 tensor of z's shape that the step reads (from its second step
+    on) and overwrites with this step's x~. nu: a learned-variance model's nu of the conditional pass ("ddpm" with
+    a learned_variance table). The noise is SPEC §3's (stream 1, t = step, samples index_offset ...) unless
+    `noise` is given; a step whose row has no noise draws none. clip=c clamps x~ to [-c, c]. out: an optional
+    contiguous float32 tensor of z's shape to write into (may be z). The row of the last step returns x~.
+    """
+    weights, seed, index_offset, clip, out = _check_common(z, pred_cond, pred_uncond, w, seed, index_offset, clip,
+                                                           out)
+    row = _coefficient_row(coef)
+    x_prev, nu = _check_state(x_prev, nu, z, pred_cond, out, dict(z=z, pred_cond=pred_cond, pred_uncond=pred_uncond,
+                                                                  out=out, nu=nu, noise=noise))
+    noise = _check_noise(noise, z, out)
+    step = _checks.integer("step", step, high=_checks.MAX_WORD)
+    choose(backend, z.device).guided_step(out, z, pred_cond, pred_uncond, weights, x_prev, nu, noise, row, seed,
+                                          step, index_offset, clip)
+    return out
+
+
+def _check_noise(noise, z, out):
+    if noise is None:
+        return None
+    noise = _checks.like_z("noise", noise, z)
+    if not noise.is_floating_point():
+        raise TypeError(f"noise must be a floating-point tensor, got {noise.dtype}")
+    noise = noise.float()
+    _checks.out_may_alias(out, noise=noise)
+    return noise
+
+
+def guided_step_table(z, pred_cond, pred_uncond, coef_table, step, w, *, x_prev=None, nu=None, seed=0,
+                      index_offset=0, clip=None, backend="auto", out=None) -> torch.Tensor:
+    """guided_step with the step's coefficients taken from row t = step[0] of coef_table.
+
+    coef_table: float64 [T, 10] from cfgfast.step_table(...), on z's device; step: an int64 tensor of one element
+    on z's device holding t. On CUDA, t is read by the kernel, so a captured CUDA graph that also advances `step`
+    (step += 1) replays every step of a sampling loop. The noise is that of SPEC §3 at t.
+    """
+    weights, seed, index_offset, clip, out = _check_common(z, pred_cond, pred_uncond, w, seed, index_offset, clip,
+                                                           out)
+    coef_table = _checks.like_device("coef_table", coef_table, z)
+    if coef_table.dtype != torch.float64 or coef_table.dim() != 2 or coef_table.shape[1] != NUM_COEFFICIENTS:
+        raise ValueError(f"coef_table must be a float64 tensor [T, {NUM_COEFFICIENTS}] (cfgfast.step_table), got "
+                         f"{coef_table.dtype} {tuple(coef_table.shape)}")
+    step = _checks.like_device("step", step, z)
+    if step.dtype != torch.int64 or step.numel() != 1:
+        raise ValueError(f"step must be an int64 tensor holding one number, got {step.dtype} {tuple(step.shape)}")
+    x_prev, nu = _check_state(x_prev, nu, z, pred_cond, out, dict(z=z, pred_cond=pred_cond, pred_uncond=pred_uncond,
+                                                                  out=out, nu=nu, coef_table=coef_table, step=step))
+    choose(backend, z.device).guided_step_table(out, z, pred_cond, pred_uncond, weights, x_prev, nu, coef_table, step,
+                                                seed, index_offset, clip)
+    return out
 
 
 def reverse_step(z, eps_cond, eps_uncond, lam, lam_next, w, v=0.3, *, noise=None, seed=0, step=0, index_offset=0,
                  last=False, clip=None, backend="auto", out=None) -> torch.Tensor:
-    """z' = mu~ + sqrt((sigma~^2)^(1-v) (sigma^2)^v) n  with  eps~ = (1 + w) eps_cond - w eps_uncond.
+    """The paper's step (SPEC §2, sampler "ddpm" on an epsilon model) from lam to lam_next:
+    z' = mu~ + sqrt((sigma~^2)^(1-v) (sigma^2)^v) n  with  eps~ = (1 + w) eps_cond - w eps_uncond.
 
     z: float32 [B, ...] at log-SNR lam; eps_cond, eps_uncond: the model's predictions, float32,
     bfloat16 or float16, z's shape; w: a number or one per sample [B]; v: variance interpolation in
@@ -57,7 +161,8 @@ def reverse_step(z, eps_cond, eps_uncond, lam, lam_next, w, v=0.3, *, noise=None
     `noise` is given. last=True returns x~ = (z - sigma eps~) / alpha with no noise. clip=c clamps x~
     to [-c, c] first. out: an optional contiguous float32 tensor of z's shape to write into (may be z).
     """
-    w, seed, index_offset, clip, out = _check_common(z, eps_cond, eps_uncond, w, seed, index_offset, clip, out)
+    weights, seed, index_offset, clip, out = _check_common(z, eps_cond, eps_uncond, w, seed, index_offset, clip, out,
+                                                           names=("eps_cond", "eps_uncond"))
     lam = _checks.log_snr("lam", lam)
     lam_next = _checks.log_snr("lam_next", lam_next)
     if not isinstance(last, (bool, np.bool_)):
@@ -66,36 +171,10 @@ def reverse_step(z, eps_cond, eps_uncond, lam, lam_next, w, v=0.3, *, noise=None
     if not last and not lam < lam_next:
         raise ValueError(f"lam must be below lam_next on a non-last step, got lam={lam} >= lam_next={lam_next}")
     v = _checks.unit_interval("v", v)
-    if noise is not None:
-        noise = _checks.like_z("noise", noise, z)
-        if not noise.is_floating_point():
-            raise TypeError(f"noise must be a floating-point tensor, got {noise.dtype}")
-        noise = noise.float()
-        _checks.out_may_alias(out, noise=noise)
+    noise = _check_noise(noise, z, out)
     step = _checks.integer("step", step, high=_checks.MAX_WORD)
-    coef = step_coefficients(lam, lam_next, v) if torch.compiler.is_compiling() else \
-        _cached_step_coefficients(lam, lam_next, v)
-    choose(backend, z.device).reverse_step(out, z, eps_cond, eps_uncond, w, noise, coef, seed, step, index_offset,
-                                           clip, last)
-    return out
-
-
-def reverse_step_table(z, eps_cond, eps_uncond, coef_table, step, w, *, seed=0, index_offset=0, clip=None,
-                       backend="auto", out=None) -> torch.Tensor:
-    """reverse_step with the step's coefficients taken from row t = step[0] of coef_table.
-
-    coef_table: float64 [T, 7] from cfgfast.schedule.coefficient_table(lambdas, v), on z's device;
-    step: an int64 tensor of one element on z's device holding t (row T - 1 is the last step, which
-    returns x~). On CUDA, t is read by the kernel, so a captured CUDA graph that also advances `step`
-    (step += 1) replays every step of a sampling loop. The noise is that of SPEC §3 at t.
-    """
-    w, seed, index_offset, clip, out = _check_common(z, eps_cond, eps_uncond, w, seed, index_offset, clip, out)
-    coef_table = _checks.like_device("coef_table", coef_table, z)
-    if coef_table.dtype != torch.float64 or coef_table.dim() != 2 or coef_table.shape[1] != 7:
-        raise ValueError(f"coef_table must be a float64 tensor [T, 7], got {coef_table.dtype} {tuple(coef_table.shape)}")
-    step = _checks.like_device("step", step, z)
-    if step.dtype != torch.int64 or step.numel() != 1:
-        raise ValueError(f"step must be an int64 tensor holding one number, got {step.dtype} {tuple(step.shape)}")
-    choose(backend, z.device).reverse_step_table(out, z, eps_cond, eps_uncond, w, coef_table, step, seed,
-                                                 index_offset, clip)
+    row = _ddpm_row.__wrapped__(lam, lam_next, v, last) if torch.compiler.is_compiling() else \
+        _ddpm_row(lam, lam_next, v, last)
+    choose(backend, z.device).guided_step(out, z, eps_cond, eps_uncond, weights, None, None, noise, row, seed, step,
+                                          index_offset, clip)
     return out

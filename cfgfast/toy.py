@@ -16,9 +16,15 @@ from .schedule import alpha_sigma
 
 
 class GaussianClasses:
-    """model(z, lam, labels) -> eps* for classes N(means[k], covs[k]) with prior weights; label K = null."""
+    """model(z, lam, labels) -> eps* for classes N(means[k], covs[k]) with prior weights; label K = null.
 
-    def __init__(self, means, covs, weights=None):
+    prediction_type: what the model returns, "epsilon" (eps*), "v_prediction" (alpha eps* - sigma x*) or "sample"
+    (x* = E[x | z_lam]), all exact (SPEC §6)."""
+
+    def __init__(self, means, covs, weights=None, prediction_type: str = "epsilon"):
+        from .samplers import check_prediction_type
+
+        self.prediction_type = check_prediction_type(prediction_type)
         self.means = torch.as_tensor(means, dtype=torch.float64)
         self.covs = torch.as_tensor(covs, dtype=torch.float64)
         if self.means.dim() != 2 or 0 in self.means.shape:
@@ -83,6 +89,10 @@ class GaussianClasses:
         cond = labels.cpu() < self.num_classes
         eps_cond = eps_k[torch.arange(z.shape[0]), labels.cpu().clamp(max=self.num_classes - 1)]
         eps = torch.where(cond[:, None], eps_cond, eps_uncond)
+        if self.prediction_type != "epsilon":
+            alpha, sigma = (s[:, None] for s in alpha_sigma(lam.cpu().double()))
+            x = (z.cpu().double() - sigma * eps) / alpha
+            eps = x if self.prediction_type == "sample" else alpha * eps - sigma * x
         return eps.to(device=z.device, dtype=torch.float32)
 
     def log_posterior(self, z: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
@@ -98,8 +108,8 @@ class GaussianClasses:
         return (self.means[labels] + torch.einsum("bde,be->bd", scale, n)).float()
 
 
-def three_classes() -> GaussianClasses:
+def three_classes(prediction_type: str = "epsilon") -> GaussianClasses:
     """Three overlapping 2-D classes, like the paper's Figure 2."""
     means = [[-1.0, 0.0], [1.0, 0.0], [0.0, 1.5]]
     covs = [[[0.5, 0.2], [0.2, 0.4]], [[0.4, -0.15], [-0.15, 0.5]], [[0.6, 0.0], [0.0, 0.3]]]
-    return GaussianClasses(means, covs)
+    return GaussianClasses(means, covs, prediction_type=prediction_type)

@@ -3,16 +3,23 @@
 #include <torch/library.h>
 
 TORCH_LIBRARY(cfgfast, m) {
-  // z' of one reverse step (SPEC §2) written into `out`; noise drawn in-kernel (SPEC §3, stream 1,
-  // t = step) unless `noise` is given. coef: the 7 float64 coefficients of StepCoef, in its order.
+  // z' of one guided sampler step (SPEC §6, the formula of cfgfast/step.h) written into `out`.
+  // pred_cond, pred_uncond: the model's outputs o_c, o_u (float32, bfloat16 or float16, z's shape);
+  // weights: float32 [B, 2], per sample (w_cond, w_uncond) with g = w_cond o_c - w_uncond o_u;
+  // x_prev: the multistep state (float32, z's shape), read where coef's prev != 0 and overwritten with x~;
+  // nu: learned variance (the conditional pass's nu, pred_cond's dtype, z's shape), scales the noise;
+  // noise: explicit noise instead of SPEC §3's (stream 1, t = step), used only where coef's noise_std != 0;
+  // coef: the 10 float64 coefficients of StepCoef, in its order.
   m.def(
-      "reverse_step_(Tensor(a!) out, Tensor z, Tensor eps_cond, Tensor eps_uncond, Tensor w, "
-      "Tensor? noise, float[] coef, int seed, int step, int index_offset, float? clip, bool last) -> ()");
-  // The same step with its coefficients read from row t of coef_table (float64 [T, 7]), t = step[0] read
-  // on the device, so that one captured CUDA graph replays every step; t = T - 1 is the last step.
+      "guided_step_(Tensor(a!) out, Tensor z, Tensor pred_cond, Tensor pred_uncond, Tensor weights, "
+      "Tensor(b!)? x_prev, Tensor? nu, Tensor? noise, float[] coef, int seed, int step, int index_offset, "
+      "float? clip) -> ()");
+  // The same step with its coefficients read from row t of coef_table (float64 [T, 10]), t = step[0] read
+  // on the device, so that one captured CUDA graph replays every step.
   m.def(
-      "reverse_step_table_(Tensor(a!) out, Tensor z, Tensor eps_cond, Tensor eps_uncond, Tensor w, "
-      "Tensor coef_table, Tensor step, int seed, int index_offset, float? clip) -> ()");
+      "guided_step_table_(Tensor(a!) out, Tensor z, Tensor pred_cond, Tensor pred_uncond, Tensor weights, "
+      "Tensor(b!)? x_prev, Tensor? nu, Tensor coef_table, Tensor step, int seed, int index_offset, "
+      "float? clip) -> ()");
   // The normals of SPEC §3 for samples index_offset .. index_offset + out.size(0) - 1.
   m.def("normal_noise_(Tensor(a!) out, int seed, int step, int stream, int index_offset) -> ()");
 }

@@ -1,4 +1,5 @@
-"""reverse_step on every backend vs the reference vs the SPEC §2 formulas evaluated in float64.
+"""The guided step on every backend vs the reference vs float64 formulas: the paper's step (reverse_step, SPEC §2)
+and the generalised step of every sampler (guided_step, SPEC §6).
 
 The float64 oracle below is written from the spec independently of cfgfast.schedule: sigmoids and
 1 - r formed directly (accurate in float64 for the gaps used here), mu from its *first* form.
@@ -230,36 +231,139 @@ def test_auto_order_on_cuda_tensors(monkeypatch):
 
 
 def test_table_step_replays_the_per_step_loop(backend):
-    """reverse_step_table with a step counter, advanced after each call, gives the per-step loop's samples:
-    what one captured CUDA graph replays."""
-    lams = cfgfast.sampling_lambdas(12)
-    table, counter = on(backend, cfgfast.coefficient_table(lams, 0.3), torch.zeros(1, dtype=torch.int64))
+    """guided_step_table with a step counter, advanced after each call, gives the per-step loop's samples (the
+    multistep state included): what one captured CUDA graph replays."""
+    lams = cfgfast.sampling_lambdas(12).tolist()
     shape = (3, 2, 37)
-    z_table = z_loop = on(backend, cfgfast.normal_noise(shape, 4, step=0, stream=0))
     w = on(backend, torch.tensor([0.0, 1.0, 3.0]))
-    for t in range(len(lams)):
-        last = t == len(lams) - 1
-        eps_c, eps_u = torch.tanh(z_loop) * 0.5, torch.sin(z_loop) * 0.5
-        z_loop = cfgfast.reverse_step(z_loop, eps_c, eps_u, lams[t].item(), lams[min(t + 1, len(lams) - 1)].item(), w,
-                                      0.3, seed=4, step=t, index_offset=2, last=last, backend=backend)
-        z_table = cfgfast.reverse_step_table(z_table, eps_c, eps_u, table, counter, w, seed=4, index_offset=2,
-                                             backend=backend)
-        counter += 1
-        torch.testing.assert_close(z_table, z_loop, rtol=0, atol=0)
+    for sampler in ("ddpm", "dpmpp_2m_sde"):
+        table = cfgfast.step_table(sampler, lams)
+        device_table, counter = on(backend, table, torch.zeros(1, dtype=torch.int64))
+        z_table = z_loop = on(backend, cfgfast.normal_noise(shape, 4, step=0, stream=0))
+        prev_table, prev_loop = on(backend, torch.zeros(shape), torch.zeros(shape))
+        for t in range(len(lams)):
+            o_c, o_u = torch.tanh(z_loop) * 0.5, torch.sin(z_loop) * 0.5
+            z_loop = cfgfast.guided_step(z_loop, o_c, o_u, table[t], w, x_prev=prev_loop, seed=4, step=t,
+                                         index_offset=2, backend=backend)
+            z_table = cfgfast.guided_step_table(z_table, o_c, o_u, device_table, counter, w, x_prev=prev_table, seed=4,
+                                                index_offset=2, backend=backend)
+            counter += 1
+            torch.testing.assert_close(z_table, z_loop, rtol=0, atol=0)
+            torch.testing.assert_close(prev_table, prev_loop, rtol=0, atol=0)
 
 
 def test_table_step_bad_input():
     z = torch.randn(2, 5)
-    table = cfgfast.coefficient_table(cfgfast.sampling_lambdas(4), 0.3)
+    table = cfgfast.step_table("ddpm", cfgfast.sampling_lambdas(4))
     with pytest.raises(ValueError, match="coef_table must be a float64 tensor"):
-        cfgfast.reverse_step_table(z, z, z, table.float(), torch.zeros(1, dtype=torch.int64), 1.0)
+        cfgfast.guided_step_table(z, z, z, table.float(), torch.zeros(1, dtype=torch.int64), 1.0)
     with pytest.raises(ValueError, match="step must be an int64 tensor"):
-        cfgfast.reverse_step_table(z, z, z, table, torch.zeros(2, dtype=torch.int64), 1.0)
+        cfgfast.guided_step_table(z, z, z, table, torch.zeros(2, dtype=torch.int64), 1.0)
     for backend in ("reference", "cpu"):
         if backend in cfgfast.available_backends():
             with pytest.raises(ValueError, match="step"):
-                cfgfast.reverse_step_table(z, z, z, table, torch.tensor([4]), 1.0, backend=backend)
+                cfgfast.guided_step_table(z, z, z, table, torch.tensor([4]), 1.0, backend=backend)
     with pytest.raises(ValueError, match="lambdas must be increasing"):
-        cfgfast.coefficient_table([0.0, 1.0, 1.0], 0.3)
+        cfgfast.step_table("ddpm", [0.0, 1.0, 1.0])
     with pytest.raises(ValueError, match=r"v must be in \[0, 1\]"):
-        cfgfast.coefficient_table([0.0, 1.0], 2.0)
+        cfgfast.step_table("ddpm", [0.0, 1.0], v=2.0)
+
+
+# ---- the generalised step of every sampler: each backend against the affine formula of
+# csrc/include/cfgfast/step.h evaluated in float64 from the float64 coefficient row
+
+def affine_float64(z, o_c, o_u, w, row, x_prev, nu, noise, clip):
+    """(z', x~, magnitude of the terms summed) in float64; arrays as float64 numpy, row the 10 coefficients."""
+    pred_z, pred_g, mean_z, mean_x, direct_z, direct_g, prev, uncond, noise_std, noise_nu = row
+    shape = (-1,) + (1,) * (z.ndim - 1)
+    w = np.broadcast_to(np.asarray(w, dtype=np.float64).reshape(shape), z.shape)
+    g = (1 + w) * o_c - w * o_u
+    g_mag = np.abs(1 + w) * np.abs(o_c) + np.abs(w) * np.abs(o_u)
+    x = pred_z * z + pred_g * g
+    x_mag = abs(pred_z) * np.abs(z) + abs(pred_g) * g_mag
+    if clip is not None:
+        x = np.clip(x, -clip, clip)
+        mean = mean_z * z + mean_x * x
+        mag = abs(mean_z) * np.abs(z) + abs(mean_x) * x_mag
+    else:
+        mean = direct_z * z + direct_g * g
+        mag = abs(direct_z) * np.abs(z) + abs(direct_g) * g_mag
+    mean = mean + uncond * o_u
+    mag = mag + abs(uncond) * np.abs(o_u)
+    if prev != 0:
+        mean = mean + prev * x_prev
+        mag = mag + abs(prev) * np.abs(x_prev)
+    if noise_std != 0:
+        scale = noise_std * (np.exp(noise_nu * nu) if nu is not None else 1.0)
+        mean = mean + scale * noise
+        mag = mag + np.abs(scale * noise) * (1 + (abs(noise_nu * nu) if nu is not None else 0))
+    return mean, x, mag + 1e-30
+
+
+def _rows():
+    """(id, row) for every sampler and prediction type at a first, a middle and a last step."""
+    lams = cfgfast.sampling_lambdas(9, spacing="uniform", lambda_min=-12.0, lambda_max=12.0).tolist()
+    cases = []
+    for sampler in cfgfast.SAMPLERS:
+        for prediction_type in cfgfast.PREDICTION_TYPES:
+            kwargs = dict(prediction_type=prediction_type, eta=0.7 if sampler == "ddim" else 0.0)
+            table = cfgfast.step_table(sampler, lams, **kwargs)
+            for t in (0, 4, 8):
+                cases.append(pytest.param(table[t].tolist(), id=f"{sampler}-{prediction_type}-t{t}"))
+    learned = cfgfast.step_table("ddpm", lams, learned_variance=True)
+    cases.append(pytest.param(learned[4].tolist(), id="ddpm-learned-variance-t4"))
+    return cases
+
+
+@pytest.mark.parametrize("row", _rows())
+@pytest.mark.parametrize("clip", [None, 1.5], ids=["noclip", "clip"])
+def test_guided_step_matches_float64_formula(backend, row, clip):
+    learned = row[9] != 0
+    shape = (4, 203)
+    z, o_c, o_u = on(backend, *make_inputs(shape, torch.float32, seed=12))
+    g = torch.Generator().manual_seed(13)
+    x_prev = on(backend, torch.randn(shape, generator=g))
+    nu = on(backend, torch.rand(shape, generator=g) * 2 - 1) if learned else None
+    w = on(backend, torch.tensor([0.0, 0.5, 2.0, 7.0]))
+    state = x_prev.clone()
+    out = on(backend, torch.full(shape, float("nan")))
+    cfgfast.guided_step(z, o_c, o_u, torch.tensor(row), w, x_prev=state, nu=nu, seed=21, step=6, index_offset=1,
+                        clip=clip, backend=backend, out=out)
+    noise = cfgfast.normal_noise(shape, 21, step=6, stream=1, index_offset=1, backend="reference")
+    expected, x, mag = affine_float64(as64(z), as64(o_c), as64(o_u), as64(w), row, as64(x_prev),
+                                      None if nu is None else as64(nu), as64(noise), clip)
+    err = np.abs(as64(out) - expected)
+    assert np.all(err <= ULP_BUDGET * mag), f"max relative error {np.max(err / mag):.3g}"
+    # the state holds this step's x~ (to the rounding of x~ itself)
+    x_err = np.abs(as64(state) - x)
+    x_mag = np.abs(x) + abs(row[0]) * np.abs(as64(z)) + abs(row[1]) * 10 * (np.abs(as64(o_c)) + np.abs(as64(o_u)))
+    assert np.all(x_err <= ULP_BUDGET * x_mag + 1e-30)
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "dpmpp_2m"])
+def test_deterministic_steps_draw_no_noise(backend, sampler):
+    """A row without noise reads neither the seed nor an explicit noise tensor; a zero prev coefficient does not read
+    the state (an uninitialised buffer at a multistep sampler's first step)."""
+    lams = cfgfast.sampling_lambdas(6, spacing="uniform").tolist()
+    row = cfgfast.step_table(sampler, lams)[0]
+    assert row[6] == 0 and row[8] == 0
+    z, o_c, o_u = on(backend, *make_inputs((3, 41), torch.float32, seed=14))
+    runs = []
+    for seed in (0, 2**40 + 3):
+        state = on(backend, torch.full((3, 41), float("nan")))
+        runs.append(cfgfast.guided_step(z, o_c, o_u, row, 2.0, x_prev=state, seed=seed, step=1, backend=backend))
+    torch.testing.assert_close(runs[0], runs[1], rtol=0, atol=0)
+    assert bool(torch.isfinite(runs[0]).all())
+    with_noise = cfgfast.guided_step(z, o_c, o_u, row, 2.0, noise=on(backend, torch.full((3, 41), float("nan"))),
+                                     backend=backend)
+    torch.testing.assert_close(with_noise, runs[0], rtol=0, atol=0)
+
+
+def test_reverse_step_is_the_ddpm_row(backend):
+    """The paper's step is the "ddpm" sampler's row on an epsilon model."""
+    z, ec, eu = on(backend, *make_inputs((2, 19), torch.float32, seed=15))
+    lams = [-3.0, -1.0]
+    a = cfgfast.reverse_step(z, ec, eu, lams[0], lams[1], 1.5, 0.4, seed=7, step=2, backend=backend)
+    b = cfgfast.guided_step(z, ec, eu, cfgfast.step_table("ddpm", lams, v=0.4)[0], 1.5, seed=7, step=2,
+                            backend=backend)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -153,6 +153,7 @@ class UNet(nn.Module):
         self.null_label = config.num_classes
         self.num_labels = config.num_classes + 1  # rows of the class embedding, the null label's last
         self.sample_shape = (config.in_channels, config.image_size, config.image_size)
+        self.data_range = 1.0  # images in [-1, 1]: cfgfast.sample clips x~ to it by default
         ch, groups = config.base_channels, config.groups
         emb_dim = 4 * ch
         self.lambda_embed = nn.Sequential(nn.Linear(2 * config.fourier_features, emb_dim), nn.SiLU(),
@@ -224,11 +225,11 @@ class UNet(nn.Module):
         return self.head(h)
 
     @torch.no_grad()
-    def sample(self, labels, w, steps: int = 256, *, clip=1.0, **kwargs) -> torch.Tensor:
-        """Guided samples x [B, C, H, W] in [-1, 1]: the whole loop is cfgfast.sample's (SPEC §4). x~ is clipped
-        to the data range [-1, 1] by default (clip=None turns it off): at λ near λ_min, x~ = (z - σ ε)/α divides
-        the model's error by α ≈ e^-10, and clipping keeps that from reaching the sample, as
-        ADM's and diffusers' image samplers do (clip_sample)."""
+    def sample(self, labels, w, steps: int = 256, **kwargs) -> torch.Tensor:
+        """Guided samples x [B, C, H, W] in [-1, 1]: the whole loop is cfgfast.sample's (SPEC §4, §6). x~ is
+        clipped to the data range [-1, 1] by default (data_range; clip=None turns it off): at λ near λ_min,
+        x~ = (z - σ ε)/α divides the model's error by α ≈ e^-10, and clipping keeps that from reaching the sample,
+        as ADM's and diffusers' image samplers do (clip_sample)."""
         from ..sampler import sample
 
-        return sample(self, labels, w, steps, clip=clip, **kwargs)
+        return sample(self, labels, w, steps, **kwargs)

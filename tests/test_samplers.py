@@ -1,0 +1,232 @@
+"""The samplers of SPEC §6 end to end on the exact toy: against a float64 implementation written from the SPEC's
+text (not from cfgfast.samplers' coefficient rows), against diffusers' schedulers on the same lambda grid with the
+same noise, and across prediction types, backends and batch splits."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import cfgfast
+from cfgfast.toy import three_classes
+
+SAMPLERS = list(cfgfast.SAMPLERS)
+PREDICTION_TYPES = list(cfgfast.PREDICTION_TYPES)
+
+
+def alpha_sigma64(lam: float) -> tuple[float, float]:
+    return math.sqrt(1.0 / (1.0 + math.exp(-lam))), math.sqrt(1.0 / (1.0 + math.exp(lam)))
+
+
+def sample_float64(model, labels, w, lams, sampler, *, prediction_type="epsilon", eta=0.0, v=0.3, clip=None,
+                   seed=0, nu_of=None):
+    """SPEC §6 in float64: the model called in float32 (as the toy computes), everything else float64.
+    nu_of(z, lam) gives a learned variance per element for "ddpm" (None: v)."""
+    batch = labels.shape[0]
+    null = torch.full_like(labels, model.null_label)
+    z = cfgfast.normal_noise((batch,) + tuple(model.sample_shape), seed, step=0, stream=0, backend="reference").double()
+    w = torch.as_tensor(w, dtype=torch.float64).reshape(-1, *([1] * (z.dim() - 1)))
+    x_prev = h_prev = None
+    for t, lam in enumerate(lams):
+        lam_b = torch.full((batch,), lam)
+        o_c = model(z.float(), lam_b, labels).double()
+        o_u = model(z.float(), lam_b, null).double()
+        g = (1 + w) * o_c - w * o_u
+        alpha, sigma = alpha_sigma64(lam)
+        x = {"epsilon": (z - sigma * g) / alpha, "v_prediction": alpha * z - sigma * g, "sample": g}[prediction_type]
+        if clip is not None:
+            x = x.clamp(-clip, clip)
+        if t == len(lams) - 1:
+            return x
+        lam_next = lams[t + 1]
+        alpha_n, sigma_n = alpha_sigma64(lam_next)
+        r = math.exp(lam - lam_next)
+        n = cfgfast.normal_noise(z.shape, seed, step=t, stream=1, backend="reference").double()
+        if sampler == "ddpm":
+            small, large = (1 - r) * sigma_n**2, (1 - r) * sigma**2
+            v_t = v if nu_of is None else (nu_of(z, lam) + 1) / 2
+            std = torch.exp((1 - v_t) * math.log(small) / 2 + v_t * math.log(large) / 2) if nu_of is not None \
+                else math.sqrt(small ** (1 - v) * large**v)
+            z = r * alpha_n / alpha * z + (1 - r) * alpha_n * x + std * n
+        elif sampler == "ddim":
+            s2 = eta**2 * (1 - r) * sigma_n**2
+            eps_hat = (z - alpha * x) / sigma
+            z = alpha_n * x + math.sqrt(sigma_n**2 - s2) * eps_hat + math.sqrt(s2) * n
+        else:
+            h = (lam_next - lam) / 2
+            if x_prev is None:
+                d = x
+            else:
+                rho = h_prev / h
+                d = (1 + 1 / (2 * rho)) * x - (1 / (2 * rho)) * x_prev
+            if sampler == "dpmpp_2m":
+                z = sigma_n / sigma * z + alpha_n * (1 - math.exp(-h)) * d
+            else:
+                z = (sigma_n / sigma * math.exp(-h) * z + alpha_n * (1 - math.exp(-2 * h)) * d
+                     + sigma_n * math.sqrt(1 - math.exp(-2 * h)) * n)
+            x_prev, h_prev = x, h
+    raise AssertionError("unreachable")
+
+
+LABELS = torch.arange(3).repeat(4)
+W = torch.linspace(0.0, 3.0, 12)
+
+
+@pytest.mark.parametrize("clip", [None, 1.5], ids=["noclip", "clip"])
+@pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_sampler_matches_float64_spec(sampler, prediction_type, clip):
+    model = three_classes(prediction_type)
+    lams = cfgfast.sampling_lambdas(20, spacing=cfgfast.samplers.DEFAULT_SPACING[sampler]).tolist()
+    eta = 0.6 if sampler == "ddim" else 0.0
+    expected = sample_float64(model, LABELS, W, lams, sampler, prediction_type=prediction_type, eta=eta, clip=clip,
+                              seed=5)
+    for backend in ["reference"] + (["cpu"] if "cpu" in cfgfast.available_backends() else []):
+        got = cfgfast.sample(model, LABELS, W, sampler=sampler, eta=eta, lambdas=lams, clip=clip, seed=5,
+                             backend=backend)
+        torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_prediction_types_give_the_same_samples():
+    """The toy is exact in every parametrisation, so the three types sample the same distribution from the same
+    noise: the same samples to float32 rounding."""
+    for sampler in SAMPLERS:
+        runs = [cfgfast.sample(three_classes(p), LABELS, W, 15, sampler=sampler, seed=3) for p in PREDICTION_TYPES]
+        for other in runs[1:]:
+            torch.testing.assert_close(other, runs[0], rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_batch_split_gives_the_same_samples(sampler):
+    model = three_classes()
+    whole = cfgfast.sample(model, LABELS, W, 8, sampler=sampler, seed=9)
+    parts = [cfgfast.sample(model, LABELS[i:j], W[i:j], 8, sampler=sampler, seed=9, index_offset=i)
+             for i, j in ((0, 5), (5, 12))]
+    torch.testing.assert_close(torch.cat(parts), whole, rtol=0, atol=0)
+
+
+class LearnedVarianceToy:
+    """The toy with nu channels appended: nu = tanh(z) (any function of z), so "ddpm" reads it per element."""
+
+    def __init__(self):
+        self.toy = three_classes()
+        self.null_label, self.sample_shape = self.toy.null_label, self.toy.sample_shape
+        self.learned_variance = True
+
+    def __call__(self, z, lam, labels):
+        return torch.cat([self.toy(z, lam, labels), torch.tanh(z)], dim=1)
+
+
+def test_learned_variance_matches_float64_spec():
+    model = LearnedVarianceToy()
+    lams = cfgfast.sampling_lambdas(12).tolist()
+    expected = sample_float64(model.toy, LABELS, W, lams, "ddpm", seed=2,
+                              nu_of=lambda z, lam: torch.tanh(z.float()).double())
+    for backend in ["reference"] + (["cpu"] if "cpu" in cfgfast.available_backends() else []):
+        got = cfgfast.sample(model, LABELS, W, lambdas=lams, seed=2, backend=backend)
+        torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=1e-4)
+    # a number v overrides the learned variance
+    fixed = cfgfast.sample(model, LABELS, W, lambdas=lams, seed=2, v=0.3)
+    torch.testing.assert_close(fixed.double(), sample_float64(model.toy, LABELS, W, lams, "ddpm", seed=2),
+                               rtol=1e-4, atol=1e-4)
+
+
+# ---- diffusers' schedulers driven by hand with the toy's guided eps, on their own timesteps' lambdas
+
+def _lambdas_of(alphas_cumprod: torch.Tensor, timesteps) -> list[float]:
+    a = alphas_cumprod.double()[torch.as_tensor(timesteps).long()]
+    return (torch.log(a) - torch.log1p(-a)).tolist()
+
+
+def _peer_loop(scheduler, model, labels, w, lams, seed, **step_kwargs):
+    """A diffusers-style loop: CFG in torch on eps, the scheduler's step, the noise of SPEC §3 as variance noise."""
+    batch = labels.shape[0]
+    null = torch.full_like(labels, model.null_label)
+    z = cfgfast.normal_noise((batch,) + tuple(model.sample_shape), seed, step=0, stream=0, backend="reference")
+    w = w.reshape(-1, 1)
+    for t, timestep in enumerate(scheduler.timesteps):
+        lam_b = torch.full((batch,), lams[t])
+        eps_c, eps_u = model(z, lam_b, labels), model(z, lam_b, null)
+        eps = (1 + w) * eps_c - w * eps_u
+        noise = cfgfast.normal_noise(z.shape, seed, step=t, stream=1, backend="reference")
+        z = scheduler.step(eps, timestep, z, variance_noise=noise, **step_kwargs).prev_sample
+    return z
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.8])
+def test_ddim_equals_diffusers(eta):
+    diffusers = pytest.importorskip("diffusers")
+    scheduler = diffusers.DDIMScheduler(set_alpha_to_one=True, clip_sample=False)
+    scheduler.set_timesteps(20)
+    lams = _lambdas_of(scheduler.alphas_cumprod, scheduler.timesteps)  # increasing: the timesteps decrease
+    model = three_classes()
+    peer = _peer_loop(scheduler, model, LABELS, W, lams, 4, eta=eta)
+    ours = cfgfast.sample(model, LABELS, W, sampler="ddim", eta=eta, lambdas=lams, seed=4)
+    torch.testing.assert_close(ours, peer, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("algorithm", ["dpmsolver++", "sde-dpmsolver++"])
+def test_dpmpp_2m_equals_diffusers(algorithm):
+    diffusers = pytest.importorskip("diffusers")
+    scheduler = diffusers.DPMSolverMultistepScheduler(algorithm_type=algorithm, solver_order=2, solver_type="midpoint",
+                                                      final_sigmas_type="zero", lower_order_final=False)
+    scheduler.set_timesteps(20)
+    sigmas = scheduler.sigmas[:-1].double()  # k-diffusion sigmas sqrt((1 - a) / a) at the timesteps; then 0
+    lams = (-2.0 * torch.log(sigmas)).tolist()  # increasing: the sigmas decrease
+    model = three_classes()
+    peer = _peer_loop(scheduler, model, LABELS, W, lams, 6)
+    sampler = "dpmpp_2m" if algorithm == "dpmsolver++" else "dpmpp_2m_sde"
+    ours = cfgfast.sample(model, LABELS, W, sampler=sampler, lambdas=lams, seed=6)
+    torch.testing.assert_close(ours, peer, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("variance_type", ["fixed_small", "fixed_large", "learned_range"])
+def test_ddpm_equals_diffusers(variance_type, monkeypatch):
+    diffusers = pytest.importorskip("diffusers")
+    from diffusers.schedulers import scheduling_ddpm
+
+    scheduler = diffusers.DDPMScheduler(variance_type=variance_type, clip_sample=False)
+    scheduler.set_timesteps(25)
+    lams = _lambdas_of(scheduler.alphas_cumprod, scheduler.timesteps)
+    toy = three_classes()
+    learned = variance_type == "learned_range"
+    batch = LABELS.shape[0]
+    null = torch.full_like(LABELS, toy.null_label)
+    z = cfgfast.normal_noise((batch, 2), 8, step=0, stream=0, backend="reference")
+    w = W.reshape(-1, 1)
+    for t, timestep in enumerate(scheduler.timesteps):
+        lam_b = torch.full((batch,), lams[t])
+        eps = (1 + w) * toy(z, lam_b, LABELS) - w * toy(z, lam_b, null)
+        if learned:
+            eps = torch.cat([eps, torch.tanh(z)], dim=1)
+        noise = cfgfast.normal_noise(z.shape, 8, step=t, stream=1, backend="reference")
+        monkeypatch.setattr(scheduling_ddpm, "randn_tensor", lambda *a, noise=noise, **k: noise)
+        z = scheduler.step(eps, timestep, z).prev_sample
+    model = LearnedVarianceToy() if learned else toy
+    v = {"fixed_small": 0.0, "fixed_large": 1.0, "learned_range": None}[variance_type]
+    ours = cfgfast.sample(model, LABELS, W, lambdas=lams, seed=8, v=v)
+    torch.testing.assert_close(ours, z, rtol=1e-4, atol=1e-4)
+
+
+def test_bad_sampler_arguments():
+    model = three_classes()
+    with pytest.raises(ValueError, match=r"sampler must be one of \['ddpm', 'ddim', 'dpmpp_2m', 'dpmpp_2m_sde'\]"):
+        cfgfast.sample(model, LABELS, 1.0, 4, sampler="euler")
+    with pytest.raises(ValueError, match=r"prediction_type must be one of \['epsilon', 'v_prediction', 'sample'\]"):
+        cfgfast.sample(model, LABELS, 1.0, 4, prediction_type="flow_prediction")
+    with pytest.raises(ValueError, match=r"eta must be in \[0, 1\]"):
+        cfgfast.sample(model, LABELS, 1.0, 4, sampler="ddim", eta=1.5)
+    with pytest.raises(ValueError, match="eta is a setting of sampler 'ddim' only"):
+        cfgfast.sample(model, LABELS, 1.0, 4, sampler="dpmpp_2m", eta=0.5)
+    with pytest.raises(ValueError, match="v is a setting of sampler 'ddpm' only"):
+        cfgfast.sample(model, LABELS, 1.0, 4, sampler="ddim", v=0.3)
+    learned = LearnedVarianceToy()
+    learned_wrong = lambda z, lam, labels: learned.toy(z, lam, labels)  # noqa: E731
+    learned_wrong.learned_variance, learned_wrong.null_label, learned_wrong.sample_shape = True, 3, (2,)
+    with pytest.raises(ValueError, match="twice the sample's channels"):
+        cfgfast.sample(learned_wrong, LABELS, 1.0, 4)
+    with pytest.raises(ValueError, match=r"spacing must be one of \['paper', 'uniform'\]"):
+        cfgfast.sampling_lambdas(4, spacing="karras")
