@@ -113,9 +113,14 @@ def _ddim(lam, lam_next, prediction_type, eta, cfgpp=False):
     alpha, sigma = _alpha_sigma(lam)
     alpha_next, sigma_next = _alpha_sigma(lam_next)
     one_minus_r = -math.expm1(lam - lam_next)
+    r = math.exp(lam - lam_next)
     s = eta * math.sqrt(one_minus_r) * sigma_next
     k = sigma_next * math.sqrt(1.0 - eta * eta * one_minus_r)  # sqrt(sigma'^2 - s^2)
-    return _affine_step(prediction_type, lam, k / sigma, alpha_next - k * alpha / sigma, noise_std=s)
+    # mean_x = alpha' - k alpha / sigma = alpha' (1 - q), q = sqrt(r (1 - eta^2 (1 - r))) near 1 for a small step:
+    # 1 - q = (1 - r)(1 + eta^2 r) / (1 + q) without the cancellation
+    q = math.sqrt(r * (1.0 - eta * eta * one_minus_r))
+    mean_x = alpha_next * one_minus_r * (1.0 + eta * eta * r) / (1.0 + q)
+    return _affine_step(prediction_type, lam, k / sigma, mean_x, noise_std=s)
 
 
 def _dpmpp_2m(lam, lam_next, lam_prev, prediction_type, sde):

@@ -128,7 +128,7 @@ def test_sampling_lambdas_needs_two_steps():
 ])
 def test_lambda_grids_are_checked(lambdas, error, message):
     with pytest.raises(error, match=message):
-        cfgfast.coefficient_table(lambdas, 0.3)
+        cfgfast.step_table("ddpm", lambdas)
     with pytest.raises(error, match=message):
         cfgfast.sample(lambda z, lam, y: z, torch.tensor([0]), 1.0, null_label=1, shape=(2,), lambdas=lambdas)
 
@@ -153,12 +153,14 @@ def test_log_snr_beyond_the_limit_is_named():
     with pytest.raises(ValueError, match="lambda_max must lie in"):
         cfgfast.training_lambdas(torch.rand(3), -10.0, 1e4)
     with pytest.raises(ValueError, match=r"lambdas\[0\] must lie in"):
-        cfgfast.coefficient_table([-1500.0, 0.0], 0.3)
+        cfgfast.step_table("ddpm", [-1500.0, 0.0])
     with pytest.raises(ValueError, match="lambda_min must lie in"):
         cfgfast.sample(lambda z, lam, y: z, torch.tensor([0]), 1.0, 4, null_label=1, shape=(2,), lambda_min=-100.0)
     # the limit itself works, and gives finite float32 coefficients
-    table = cfgfast.coefficient_table(cfgfast.sampling_lambdas(8, -80.0, 80.0), 0.3)
-    assert torch.isfinite(table[:-1].float()).all()
+    for sampler in cfgfast.SAMPLERS:
+        for spacing in ("paper", "uniform"):
+            table = cfgfast.step_table(sampler, cfgfast.sampling_lambdas(8, -80.0, 80.0, spacing))
+            assert torch.isfinite(table.float()).all()
 
 
 @pytest.mark.skipif("cpu" not in BACKENDS, reason="cpu backend unavailable")
@@ -166,12 +168,17 @@ def test_log_snr_beyond_the_limit_is_named():
     "mutate,exc,message",
     [
         (lambda a: a.update(z=a["z"].double()), TypeError, "z must be float32"),
-        (lambda a: a.update(eps_cond=a["eps_cond"][:2]), ValueError, "eps_cond must have the shape of z"),
-        (lambda a: a.update(eps_uncond=a["eps_uncond"].half()), TypeError, "eps_uncond must have the dtype"),
-        (lambda a: a.update(w=a["w"][:1]), ValueError, "w must have shape"),
+        (lambda a: a.update(pred_cond=a["pred_cond"][:2]), ValueError, "pred_cond must have the shape of z"),
+        (lambda a: a.update(pred_uncond=a["pred_uncond"].half()), TypeError, "pred_uncond must have the dtype"),
+        (lambda a: a.update(weights=a["weights"][:1]), ValueError, "weights must have shape"),
+        (lambda a: a.update(weights=a["weights"][:, :1]), ValueError, "weights must have shape"),
+        (lambda a: a.update(x_prev=torch.randn(1)), ValueError, "x_prev"),
+        (lambda a: a.update(x_prev=a["z"]), ValueError, "x_prev"),
+        (lambda a: a.update(nu=torch.randn(1)), ValueError, "nu"),
+        (lambda a: a.update(nu=a["z"].half()), TypeError, "nu"),
         (lambda a: a.update(noise=torch.randn(1)), ValueError, "noise must have the shape of z"),
         (lambda a: a.update(out=torch.empty(1)), ValueError, "out must be a contiguous float32"),
-        (lambda a: a.update(coef=[1.0, 2.0]), ValueError, "coef must hold 7 numbers"),
+        (lambda a: a.update(coef=[1.0, 2.0]), ValueError, "coef must hold 10 numbers"),
         (lambda a: a.update(step=-1), ValueError, "step must be in"),
         (lambda a: a.update(index_offset=2**32), ValueError, "index_offset"),
         (lambda a: a.update(index_offset=2**63 - 1), ValueError, "index_offset"),  # + batch overflows int64
@@ -179,11 +186,12 @@ def test_log_snr_beyond_the_limit_is_named():
 )
 def test_direct_op_call_checks_its_arguments(mutate, exc, message):
     z = torch.randn(3, 8)
-    args = dict(out=torch.empty_like(z), z=z, eps_cond=torch.randn_like(z), eps_uncond=torch.randn_like(z),
-                w=torch.ones(3), noise=None, coef=[1.0] * 7, seed=0, step=0, index_offset=0, clip=None, last=False)
+    args = dict(out=torch.empty_like(z), z=z, pred_cond=torch.randn_like(z), pred_uncond=torch.randn_like(z),
+                weights=torch.ones(3, 2), x_prev=torch.zeros_like(z), nu=None, noise=None, coef=[1.0] * 10, seed=0,
+                step=0, index_offset=0, clip=None)
     mutate(args)
     with pytest.raises(exc, match=message):
-        torch.ops.cfgfast.reverse_step_(*args.values())
+        torch.ops.cfgfast.guided_step_(*args.values())
 
 
 def test_out_must_not_partly_overlap_an_input():
@@ -195,8 +203,8 @@ def test_out_must_not_partly_overlap_an_input():
             cfgfast.reverse_step(z, eps, eps, 0.0, 1.0, 1.0, backend=backend, out=buf[:, 1:])
     if "cpu" in BACKENDS:  # the op itself refuses too
         with pytest.raises(RuntimeError, match="unsupported operation"):
-            torch.ops.cfgfast.reverse_step_(buf[:, 1:], z, eps, eps, torch.ones(1), None, [1.0] * 7, 0, 0, 0, None,
-                                            False)
+            torch.ops.cfgfast.guided_step_(buf[:, 1:], z, eps, eps, torch.ones(1, 2), None, None, None, [1.0] * 10, 0,
+                                           0, 0, None)
 
 
 def test_out_is_not_a_16_bit_view_of_eps():
@@ -257,7 +265,7 @@ def test_out_made_under_inference_mode():
     in-place ops, the reference's copy_ and the compiled ops' version bump refuse it with their own words)."""
     with torch.inference_mode():
         out = torch.empty(3, 4, 5)
-    table = cfgfast.coefficient_table([-1.0, 0.0], 0.3)
+    table = cfgfast.step_table("ddpm", [-1.0, 0.0])
     for backend in BACKENDS:
         with pytest.raises(ValueError, match=r"out was made under torch.inference_mode\(\) and cannot be written"):
             call(backend, out=out)
@@ -265,7 +273,7 @@ def test_out_made_under_inference_mode():
             cfgfast.normal_noise((3, 4, 5), 0, backend=backend, out=out)
         z = torch.randn(3, 4, 5)
         with pytest.raises(ValueError, match=r"out was made under torch.inference_mode\(\)"):
-            cfgfast.reverse_step_table(z, z, z, table, torch.tensor([0]), 1.0, backend=backend, out=out)
+            cfgfast.guided_step_table(z, z, z, table, torch.tensor([0]), 1.0, backend=backend, out=out)
         inputs = dict(z=torch.randn(3, 4, 5), eps_cond=torch.randn(3, 4, 5), eps_uncond=torch.randn(3, 4, 5))
         with torch.inference_mode():
             torch.testing.assert_close(call(backend, out=out, **inputs), call("reference", **inputs))
@@ -289,13 +297,21 @@ def test_numpy_scalars_are_numbers():
                                rtol=0, atol=0)
 
 
-def test_step_coefficients_checks_its_arguments():
+def test_step_table_checks_its_arguments():
     with pytest.raises(ValueError, match=r"v must be in \[0, 1\]"):
-        cfgfast.step_coefficients(0.0, 1.0, 5.0)
-    with pytest.raises(ValueError, match="lam must be finite"):
-        cfgfast.step_coefficients(float("nan"), 1.0, 0.3)
-    with pytest.raises(ValueError, match=r"lam_next must lie in \[-80, 80\]"):
-        cfgfast.step_coefficients(0.0, 100.0, 0.3)
+        cfgfast.step_table("ddpm", [0.0, 1.0], v=5.0)
+    with pytest.raises(ValueError, match=r"lambdas\[0\] must be finite"):
+        cfgfast.step_table("ddpm", [float("nan"), 1.0])
+    with pytest.raises(ValueError, match=r"lambdas\[1\] must lie in \[-80, 80\]"):
+        cfgfast.step_table("ddim", [0.0, 100.0])
+    with pytest.raises(ValueError, match="sampler must be one of"):
+        cfgfast.step_table("heun", [0.0, 1.0])
+    with pytest.raises(ValueError, match="prediction_type must be one of"):
+        cfgfast.step_table("ddpm", [0.0, 1.0], prediction_type="eps")
+    with pytest.raises(ValueError, match="eta is a setting of sampler 'ddim' only"):
+        cfgfast.step_table("ddpm", [0.0, 1.0], eta=0.5)
+    with pytest.raises(TypeError, match="learned_variance must be True or False"):
+        cfgfast.step_table("ddpm", [0.0, 1.0], learned_variance=1)
     with pytest.raises(TypeError, match="uniform must be True or False"):
         cfgfast.training_lambdas(torch.rand(3), uniform="no")
 

@@ -1,4 +1,4 @@
-"""torch.compile(fullgraph=True) traces through reverse_step and normal_noise (fake kernels, no graph
+"""torch.compile(fullgraph=True) traces through reverse_step, guided_step and normal_noise (fake kernels, no graph
 breaks) and gives what eager mode gives: on the CPU here, and with the cuda and triton backends where a
 GPU is present."""
 
@@ -75,10 +75,10 @@ def test_compiled_step_over_many_lambdas(device, backend):
         args = (z, grid[t], grid[t + 1], t, 1.0 + t, 2.0 + t)
         torch.testing.assert_close(compiled(*args), step(*args), rtol=0, atol=0)
 
-    table = cfgfast.coefficient_table(grid, 0.3).to(device)
+    table = cfgfast.step_table("ddpm", grid).to(device)
 
     def table_step(z, t):
-        return cfgfast.reverse_step_table(z, eps_cond, eps_uncond, table, t, 2.0, seed=2**64 - 2**40, backend=backend)
+        return cfgfast.guided_step_table(z, eps_cond, eps_uncond, table, t, 2.0, seed=2**64 - 2**40, backend=backend)
 
     compiled = torch.compile(table_step, fullgraph=True)
     if backend not in ("cpu", "cuda"):  # the triton backend reads the step on the host: a graph break (README)
@@ -91,12 +91,34 @@ def test_compiled_step_over_many_lambdas(device, backend):
             torch.testing.assert_close(compiled(z, counter), table_step(z, counter), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("device,backend", CASES)
+def test_compiled_multistep_sampler_equals_eager(device, backend):
+    """A dpmpp_2m_sde loop of guided_step calls, compiled: the state x_prev is written in place at every step."""
+    lams = cfgfast.sampling_lambdas(4, spacing="uniform").tolist()
+    rows = [row.tolist() for row in cfgfast.step_table("dpmpp_2m_sde", lams, prediction_type="v_prediction")]
+    o_c = torch.randn(3, 2, 8, device=device)
+    o_u = torch.randn_like(o_c).to(torch.bfloat16)
+
+    def loop(z, x_prev):
+        for t, row in enumerate(rows):
+            z = cfgfast.guided_step(z, torch.tanh(z) + o_c, o_u.float(), cfgfast.StepCoefficients(*row), 1.5,
+                                    x_prev=x_prev, seed=7, step=t, clip=2.0, backend=backend)
+        return z
+
+    z = torch.randn(3, 2, 8, device=device)
+    want_prev, got_prev = torch.zeros_like(z), torch.zeros_like(z)
+    want = loop(z, want_prev)
+    got = torch.compile(loop, fullgraph=True)(z, got_prev)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    torch.testing.assert_close(got_prev, want_prev, rtol=0, atol=0)
+
+
 def test_a_table_step_read_on_the_host_is_a_graph_break():
     """The reference backend (and the triton backend, through the same code) reads the table's step on the host:
     fullgraph=True refuses it, as the README says."""
     z = torch.randn(3, 16)
-    table = cfgfast.coefficient_table(cfgfast.sampling_lambdas(5).tolist(), 0.3)
-    compiled = torch.compile(lambda z, t: cfgfast.reverse_step_table(z, z, z, table, t, 2.0, backend="reference"),
+    table = cfgfast.step_table("ddpm", cfgfast.sampling_lambdas(5).tolist())
+    compiled = torch.compile(lambda z, t: cfgfast.guided_step_table(z, z, z, table, t, 2.0, backend="reference"),
                              fullgraph=True)
     with pytest.raises(torch._dynamo.exc.TorchDynamoException, match="data-dependent"):
         compiled(z, torch.tensor([1]))
@@ -119,8 +141,9 @@ def test_triton_ops_trace_under_fake_tensors_without_a_gpu(tmp_path):
         with FakeTensorMode():
             out = torch.empty(2, 3, 8, 8, device="cuda")
             torch.ops.cfgfast.triton_normal_noise_(out, 0, 0, 1, 0)
-            z, w = torch.empty(2, 3, 8, 8, device="cuda"), torch.empty(2, device="cuda")
-            torch.ops.cfgfast.triton_reverse_step_(out, z, z, z, w, None, [1.0] * 7, 0, 0, 0, None, False)
+            z, weights = torch.empty(2, 3, 8, 8, device="cuda"), torch.empty(2, 2, device="cuda")
+            torch.ops.cfgfast.triton_guided_step_(out, z, z, z, weights, torch.empty_like(z), None, None, [1.0] * 10,
+                                                  0, 0, 0, None)
         print("ok")
         """
     )

@@ -166,7 +166,7 @@ def test_a_model_that_keeps_its_input_sees_every_state():
         (dict(lambda_min=-1e-14, lambda_max=0.0, steps=50), ValueError, "steps=50 is too many for the range"),
         (dict(classifier=lambda z, lam: z, null_label="x"), TypeError, "null_label must be an int"),
         (dict(model=lambda z, lam, labels: torch.ones(z.shape, dtype=torch.int64)), TypeError,
-         "model must return floating-point eps at step 0"),
+         "model must return a floating-point output at step 0"),
         (dict(shape=2), TypeError, "shape must be a tuple of ints"),
         (dict(guidance_interval=(1.0, 0.0)), ValueError, "guidance_interval must have lam_lo <= lam_hi"),
         (dict(guidance_interval=3.0), TypeError, "guidance_interval must be a pair"),
@@ -178,13 +178,13 @@ def test_a_model_that_keeps_its_input_sees_every_state():
         (dict(cuda_graph="no"), TypeError, "cuda_graph must be True or False"),
         (dict(progress="x"), TypeError, "progress must be True or False"),
         (dict(lambdas=[-1.0, 0.0, 100.0]), ValueError, r"lambdas\[2\] must lie in \[-80, 80\]"),
-        (dict(model=lambda z, lam, labels: z[:, :1]), ValueError, r"model must return eps of shape \(4, 2\) at step 0"),
+        (dict(model=lambda z, lam, labels: z[:, :1]), ValueError, r"model must return an output of shape \(4, 2\) at step 0"),
         (dict(model=lambda z, lam, labels: z * float("nan")), ValueError, "non-finite at step 0"),
         (dict(model=object()), TypeError, "model must be callable"),
         (dict(labels=torch.tensor([0, 1], device="meta")), ValueError, r"got the meta device \(labels\)"),
         (dict(clip=0.0), ValueError, "clip must be positive"),
         (dict(model=lambda z, lam, labels: torch.zeros(z.shape, device="meta")), ValueError,
-         "model must return eps on cpu at step 0"),
+         "model must return its output on cpu at step 0"),
     ],
 )
 def test_bad_input(kwargs, exc, message):
@@ -266,28 +266,41 @@ def _tiny_unet():
     return model
 
 
+class _LearnedVariance(torch.nn.Module):
+    """A tiny U-Net with nu channels appended (nu = tanh of the prediction): a learned-variance model."""
+
+    def __init__(self, unet):
+        super().__init__()
+        self.unet, self.null_label, self.sample_shape = unet, unet.null_label, unet.sample_shape
+        self.learned_variance = True
+
+    def forward(self, z, lam, labels):
+        out = self.unet(z, lam, labels)
+        return torch.cat([out, torch.tanh(out)], dim=1)
+
+
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
-@pytest.mark.parametrize("interval", [None, (-5.0, 5.0)])
-def test_device_table_loop_equals_sample(backend, interval):
-    """cuda_graph=True's loop (λ, guidance mask and coefficients looked up at a device step counter, the
-    step advancing the counter) run eagerly on the CPU: the same samples as sample()."""
+@pytest.mark.parametrize("sampler_name, interval, learned", [("ddpm", None, False), ("ddpm", (-5.0, 5.0), False),
+                                                             ("ddpm", None, True), ("dpmpp_2m_sde", None, False),
+                                                             ("ddim", (-5.0, 5.0), False)])
+def test_device_table_loop_equals_sample(backend, sampler_name, interval, learned):
+    """cuda_graph=True's loop (λ, guidance mask and coefficient row looked up at a device step counter, the
+    step advancing the counter, the multistep state in a static buffer) run eagerly on the CPU: the same samples
+    as sample()."""
     from cfgfast import sampler
-    from cfgfast.backends import choose
 
     if backend == "cpu" and "cpu" not in cfgfast.available_backends():
         pytest.skip("the compiled CPU kernel is not built")
-    model = _tiny_unet()
+    model = _LearnedVariance(_tiny_unet()) if learned else _tiny_unet()
     labels = torch.tensor([0, 1, 2, 1, 0])
     w = torch.tensor([0.0, 1.0, 3.0, 0.5, 2.0])
-    grid = cfgfast.sampling_lambdas(6).tolist()
-    expected = cfgfast.sample(model, labels, w, 6, seed=5, index_offset=3, guidance_interval=interval,
-                              backend=backend, clip=1.5)
-    lo, hi = interval or (-float("inf"), float("inf"))
-    z = cfgfast.normal_noise((5, 1, 8, 8), 5, step=0, stream=0, index_offset=3)
+    kwargs = dict(sampler=sampler_name, eta=0.5 if sampler_name == "ddim" else 0.0, seed=5, index_offset=3,
+                  guidance_interval=interval, backend=backend, clip=1.5)
+    expected = cfgfast.sample(model, labels, w, 6, **kwargs)
     with torch.no_grad():
-        got = sampler._loop_table(model, z, grid, labels, torch.full_like(labels, 3), w,
-                                  [lo <= lam <= hi for lam in grid], choose(backend, z.device), 0.3, 5, 3, 1.5, None,
-                                  capture=False)
+        plan, z = sampler._plan(model, labels, w, 6, kwargs["sampler"], kwargs["eta"], None, None, 5, None, None,
+                                -20.0, 20.0, 1.5, 3, backend, interval, None, False, None)
+        got = sampler._loop_table(plan, z, None, capture=False)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
@@ -301,13 +314,16 @@ def test_cuda_graph_refusals():
 def test_cuda_graph_equals_uncaptured_run():
     if "cuda" not in cfgfast.available_backends():
         pytest.fail("a GPU is present but the cuda backend is not built")
-    model = _tiny_unet().cuda()
     labels = torch.arange(12, device="cuda") % 3
     w = torch.linspace(0, 4, 12, device="cuda")
-    for interval in (None, (-5.0, 5.0)):
-        plain = cfgfast.sample(model, labels, w, 32, seed=1, guidance_interval=interval)
-        graphed = cfgfast.sample(model, labels, w, 32, seed=1, guidance_interval=interval, cuda_graph=True)
-        torch.testing.assert_close(graphed, plain, rtol=1e-4, atol=1e-4)
+    for learned in (False, True):
+        model = (_LearnedVariance(_tiny_unet()) if learned else _tiny_unet()).cuda()
+        for sampler_name in cfgfast.SAMPLERS:
+            for interval in (None, (-5.0, 5.0)):
+                kwargs = dict(sampler=sampler_name, seed=1, guidance_interval=interval)
+                plain = cfgfast.sample(model, labels, w, 32, **kwargs)
+                graphed = cfgfast.sample(model, labels, w, 32, cuda_graph=True, **kwargs)
+                torch.testing.assert_close(graphed, plain, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")

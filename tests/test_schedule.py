@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import cfgfast
-from cfgfast.schedule import StepCoefficients
+from cfgfast.samplers import StepCoefficients, sampler_step
 
 RANGES = [(-20.0, 20.0), (-3.5, 12.25), (-30.0, 30.0), (0.5, 1.5), (-7, 3)]
 
@@ -176,27 +176,41 @@ def test_alpha_sigma_tensor(dtype):
         assert (a, s) == pytest.approx(cfgfast.alpha_sigma(x), rel=1e-15)
 
 
-# ---------------------------------------------------------------- step_coefficients
+# ---------------------------------------------------------------- the samplers' coefficient rows (SPEC §6)
 
 
-def step_coefficients_mp(lam, lam_next, v, dps=50):
-    """SPEC §2 coefficients straight from the definitions, at 50 digits (no log-space tricks)."""
+def sampler_row_mp(sampler, prediction_type, lam_prev, lam, lam_next, v, eta, dps=50):
+    """The coefficients of one step straight from SPEC §6's definitions, at 50 digits (no log-space tricks)."""
     with mpmath.workdps(dps):
-        lam, lam_next, v = mpmath.mpf(lam), mpmath.mpf(lam_next), mpmath.mpf(v)
+        lam, lam_next, v, eta = (mpmath.mpf(x) for x in (lam, lam_next, v, eta))
         sig = lambda x: 1 / (1 + mpmath.exp(-x))  # noqa: E731
         alpha, sigma = mpmath.sqrt(sig(lam)), mpmath.sqrt(sig(-lam))
         alpha_next, sigma_next = mpmath.sqrt(sig(lam_next)), mpmath.sqrt(sig(-lam_next))
         r = mpmath.exp(lam - lam_next)
-        var_small, var_large = (1 - r) * sigma_next**2, (1 - r) * sigma**2
-        values = dict(
-            alpha=alpha,
-            sigma=sigma,
-            mean_z=alpha_next / alpha,
-            mean_eps=(1 - r) * alpha_next * sigma / alpha,
-            mean_z_clip=r * alpha_next / alpha,
-            mean_x_clip=(1 - r) * alpha_next,
-            noise_std=mpmath.sqrt(var_small ** (1 - v) * var_large**v),
-        )
+        pred_z, pred_g = {"epsilon": (1 / alpha, -sigma / alpha), "v_prediction": (alpha, -sigma),
+                          "sample": (mpmath.mpf(0), mpmath.mpf(1))}[prediction_type]
+        prev = noise_std = mpmath.mpf(0)
+        if sampler == "ddpm":
+            mean_z, mean_x = r * alpha_next / alpha, (1 - r) * alpha_next
+            noise_std = mpmath.sqrt(((1 - r) * sigma_next**2) ** (1 - v) * ((1 - r) * sigma**2) ** v)
+        elif sampler == "ddim":  # z' = alpha' x + sqrt(sigma'^2 - s^2) (z - alpha x) / sigma + s n
+            noise_std = eta * mpmath.sqrt(1 - r) * sigma_next
+            k = mpmath.sqrt(sigma_next**2 - noise_std**2)
+            mean_z, mean_x = k / sigma, alpha_next - k * alpha / sigma
+        else:
+            h = (lam_next - lam) / 2
+            sde = sampler == "dpmpp_2m_sde"
+            mean_z = sigma_next / sigma * (mpmath.exp(-h) if sde else 1)
+            gain = alpha_next * (1 - mpmath.exp(-2 * h if sde else -h))
+            if sde:
+                noise_std = sigma_next * mpmath.sqrt(1 - mpmath.exp(-2 * h))
+            if lam_prev is None:
+                mean_x = gain
+            else:
+                rho = ((lam - mpmath.mpf(lam_prev)) / 2) / h
+                mean_x, prev = gain * (1 + 1 / (2 * rho)), -gain / (2 * rho)
+        values = dict(pred_z=pred_z, pred_g=pred_g, mean_z=mean_z, mean_x=mean_x, direct_z=mean_z + mean_x * pred_z,
+                      direct_g=mean_x * pred_g, prev=prev, uncond=0, noise_std=noise_std, noise_nu=0)
         return {k: float(x) for k, x in values.items()}
 
 
@@ -208,45 +222,51 @@ STEP_GRID = [
 ] + [(-20.0, 20.0, 0.3), (-20.0, -20.0 + 1e-9, 0.2), (19.999999, 20.0, 0.3), (-50.0, -49.5, 0.3), (45.0, 50.0, 0.5)]
 
 
+@pytest.mark.parametrize("sampler", cfgfast.SAMPLERS)
 @pytest.mark.parametrize("lam, lam_next, v", STEP_GRID)
-def test_step_coefficients_high_precision(lam, lam_next, v):
-    coef = cfgfast.step_coefficients(lam, lam_next, v)
-    assert isinstance(coef, StepCoefficients)
-    exact = step_coefficients_mp(lam, lam_next, v)
+def test_sampler_rows_high_precision(sampler, lam, lam_next, v):
     # 1e-12 relative: the log-space float64 forms reach ~1e-14; forming 1 - r as 1 - exp(lam - lam_next)
     # would be off by ~eps / gap = 1e-10 at gap 1e-6, and 1 - sigmoid(.) loses everything at |lam| = 20+.
-    for name, value in exact.items():
-        got = getattr(coef, name)
-        assert got == pytest.approx(value, rel=1e-12, abs=0), f"{name} at ({lam}, {lam_next}, {v}): {got} vs {value}"
-    assert coef.as_list() == [getattr(coef, k) for k in exact]  # the kernels' order
+    eta = v if sampler == "ddim" else 0.0
+    for prediction_type in cfgfast.PREDICTION_TYPES:
+        for lam_prev in (None, lam - 0.5 * (lam_next - lam)):
+            grid = [lam, lam_next] if lam_prev is None else [lam_prev, lam, lam_next]
+            coef = sampler_step(sampler, grid, len(grid) - 2, prediction_type=prediction_type, eta=eta, v=v)
+            assert isinstance(coef, StepCoefficients)
+            exact = sampler_row_mp(sampler, prediction_type, lam_prev, lam, lam_next, v, eta)
+            for name, value in exact.items():
+                got = getattr(coef, name)
+                scale = abs(value) if name != "direct_z" else abs(exact["mean_z"]) + abs(exact["mean_x"] * exact["pred_z"])
+                assert abs(got - value) <= 1e-12 * scale, \
+                    f"{name} of {sampler}/{prediction_type} at ({lam_prev}, {lam}, {lam_next}, {v}): {got} vs {value}"
+            assert coef.as_list() == [getattr(coef, k) for k in exact]  # the kernels' order
 
 
-@pytest.mark.parametrize("lam, lam_next, v", [(-0.3, 0.9, 0.3), (1.0, 2.0, 0.0), (-2.0, -1.5, 1.0)])
-def test_step_coefficients_moderate_from_sigmoids(lam, lam_next, v):
-    """Plain float64 from sigmoid values (accurate for moderate lam), a second independent route."""
-    a2, s2 = 1 / (1 + math.exp(-lam)), 1 / (1 + math.exp(lam))
-    a2n, s2n = 1 / (1 + math.exp(-lam_next)), 1 / (1 + math.exp(lam_next))
-    r = math.exp(lam - lam_next)
-    coef = cfgfast.step_coefficients(lam, lam_next, v)
-    assert coef.alpha == pytest.approx(math.sqrt(a2), rel=1e-14)
-    assert coef.sigma == pytest.approx(math.sqrt(s2), rel=1e-14)
-    assert coef.mean_z == pytest.approx(math.sqrt(a2n / a2), rel=1e-14)
-    assert coef.mean_eps == pytest.approx((1 - r) * math.sqrt(a2n * s2 / a2), rel=1e-13)
-    assert coef.mean_z_clip == pytest.approx(r * math.sqrt(a2n / a2), rel=1e-14)
-    assert coef.mean_x_clip == pytest.approx((1 - r) * math.sqrt(a2n), rel=1e-13)
-    assert coef.noise_std == pytest.approx(math.sqrt(((1 - r) * s2n) ** (1 - v) * ((1 - r) * s2) ** v), rel=1e-13)
-    # The two forms of mu~ of SPEC §2 are the same affine map of (z, eps~).
-    assert coef.mean_z_clip + coef.mean_x_clip / coef.alpha == pytest.approx(coef.mean_z, rel=1e-14)
-    assert coef.mean_x_clip * coef.sigma / coef.alpha == pytest.approx(coef.mean_eps, rel=1e-14)
+@pytest.mark.parametrize("prediction_type", cfgfast.PREDICTION_TYPES)
+def test_last_row_returns_x(prediction_type):
+    """The last step of every sampler: z' = x~ = pred_z z + pred_g g, no noise, no state."""
+    for sampler in cfgfast.SAMPLERS:
+        row = cfgfast.step_table(sampler, [-1.0, 2.0], prediction_type=prediction_type)[-1].tolist()
+        pred_z, pred_g, mean_z, mean_x, direct_z, direct_g, prev, uncond, noise_std, noise_nu = row
+        assert (mean_z, mean_x, direct_z, direct_g) == (0.0, 1.0, pred_z, pred_g)
+        assert prev == uncond == noise_std == noise_nu == 0.0
 
 
-@pytest.mark.parametrize("lam, lam_next", [(20.0, 20.0), (20.0, 3.0)])
-def test_step_coefficients_last_step(lam, lam_next):
-    """lam_next <= lam (only meaningful for the last step): alpha and sigma valid, the rest nan."""
-    coef = cfgfast.step_coefficients(lam, lam_next, 0.3)
-    assert (coef.alpha, coef.sigma) == pytest.approx(cfgfast.alpha_sigma(lam), rel=1e-15)
-    for name in ("mean_z", "mean_eps", "mean_z_clip", "mean_x_clip", "noise_std"):
-        assert math.isnan(getattr(coef, name)), name
+def test_learned_variance_row_interpolates_the_logs():
+    """With learned variance the noise std is exp(0.5 ((1 - v) log small + v log large)) at v = (nu + 1) / 2."""
+    lam, lam_next = -1.0, 0.5
+    row = cfgfast.step_table("ddpm", [lam, lam_next], learned_variance=True)[0].tolist()
+    for nu in (-1.0, -0.2, 0.0, 0.7, 1.0):
+        v = (nu + 1) / 2
+        fixed = cfgfast.step_table("ddpm", [lam, lam_next], v=v)[0].tolist()
+        assert row[8] * math.exp(row[9] * nu) == pytest.approx(fixed[8], rel=1e-14)
+        assert row[:8] == pytest.approx(fixed[:8], rel=1e-15)
+
+
+def test_uniform_spacing():
+    lams = cfgfast.sampling_lambdas(5, -8.0, 4.0, spacing="uniform")
+    assert lams.dtype == torch.float64
+    assert lams.tolist() == pytest.approx([-8.0, -5.0, -2.0, 1.0, 4.0], rel=0, abs=1e-15)
 
 
 # ---------------------------------------------------------------- bad input
@@ -313,10 +333,9 @@ def test_a_grid_given_as_python_floats_keeps_float64():
     """A list of Python floats is taken at float64, not first rounded to torch's default float32 (which made
     [1.0, 1.00000001] "not increasing" and moved other grids by ~1e-9)."""
     grid = [-5.0, 0.1, 1.0, 1.00000001, 5.0]
-    same = dict(rtol=0, atol=0, equal_nan=True)  # (the last row's unused entries are NaN)
-    torch.testing.assert_close(cfgfast.coefficient_table(grid, 0.3),
-                               cfgfast.coefficient_table(torch.tensor(grid, dtype=torch.float64), 0.3), **same)
-    torch.testing.assert_close(cfgfast.coefficient_table((lam for lam in grid), 0.3),  # a generator, read once
-                               cfgfast.coefficient_table(torch.tensor(grid, dtype=torch.float64), 0.3), **same)
-    torch.testing.assert_close(cfgfast.coefficient_table(range(-2, 3), 0.3),
-                               cfgfast.coefficient_table(torch.arange(-2.0, 3.0, dtype=torch.float64), 0.3), **same)
+    same = dict(rtol=0, atol=0)
+    table = lambda lams: cfgfast.step_table("dpmpp_2m_sde", lams)  # noqa: E731
+    torch.testing.assert_close(table(grid), table(torch.tensor(grid, dtype=torch.float64)), **same)
+    torch.testing.assert_close(table(lam for lam in grid),  # a generator, read once
+                               table(torch.tensor(grid, dtype=torch.float64)), **same)
+    torch.testing.assert_close(table(range(-2, 3)), table(torch.arange(-2.0, 3.0, dtype=torch.float64)), **same)

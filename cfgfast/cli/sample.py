@@ -31,14 +31,16 @@ import torch
 
 from cfgfast import _checks
 from cfgfast.cli.common import FLOAT32_MAX, refuse_existing, writable_path
+from cfgfast.samplers import SAMPLERS
 
 PARTS_FORMAT = "cfgfast-sample-parts"
 PARTS_VERSION = 1
 DEFAULT_BATCH_SIZE = 64
 SHARD_NAME = re.compile(r"^\d{10}-\d{10}\.npy$")
 # manifest key -> the option it comes from, to name what differs on a refused --resume
-MANIFEST_OPTIONS = {"model_sha256": "--model", "num": "--num", "w": "--w", "steps": "--steps", "v": "--v",
-                    "seed": "--seed", "clip": "--clip", "labels": "--labels", "batch_size": "--batch-size",
+MANIFEST_OPTIONS = {"model_sha256": "--model", "num": "--num", "w": "--w", "steps": "--steps",
+                    "sampler": "--sampler", "eta": "--eta", "v": "--v", "seed": "--seed", "clip": "--clip",
+                    "labels": "--labels", "batch_size": "--batch-size",
                     "shape": "image shape"}
 GRID_MAX = 16  # at most 16 classes x 16 samples in the PNG grid
 GRID_PIXELS = 64  # small images are enlarged to about this many pixels a side
@@ -113,13 +115,22 @@ def _check_options(args) -> None:
     if args.batch_size is not None and args.batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
     _checks.steps(args.steps)
-    if not 0.0 <= args.v <= 1.0:
+    if args.v is not None and not 0.0 <= args.v <= 1.0:
         raise ValueError(f"--v must be in [0, 1], got {args.v}")
+    if args.v is not None and args.sampler != "ddpm":
+        raise ValueError(f"--v is a setting of --sampler ddpm only, got --sampler {args.sampler}")
+    if not 0.0 <= args.eta <= 1.0:
+        raise ValueError(f"--eta must be in [0, 1], got {args.eta}")
+    if args.eta != 0.0 and args.sampler != "ddim":
+        raise ValueError(f"--eta is a setting of --sampler ddim only, got --sampler {args.sampler}")
     if not (math.isfinite(args.w) and abs(args.w) <= FLOAT32_MAX):
         raise ValueError(f"--w must be finite in float32 (|w| <= 3.4e38), got {args.w}")
-    if not (args.clip >= 0 and math.isfinite(args.clip) and args.clip <= FLOAT32_MAX):
+    if args.clip is None:
+        args.clip = "auto"  # the model's data range
+    elif not (args.clip >= 0 and math.isfinite(args.clip) and args.clip <= FLOAT32_MAX):
         raise ValueError(f"--clip must be positive and finite in float32 (or 0 for no clipping), got {args.clip}")
-    args.clip = args.clip or None
+    else:
+        args.clip = args.clip or None
     if not 0 <= args.seed < 2**64:
         raise ValueError(f"--seed must be in [0, 2^64), got {args.seed}")
     if not args.out.endswith(".npz"):
@@ -289,7 +300,8 @@ def _prepare(args, world: _World):
         return model, None, None
     manifest = {"format": PARTS_FORMAT, "version": PARTS_VERSION, "model": args.model,
                 "model_sha256": _model_sha256(args.model), "num": args.num, "w": args.w, "steps": args.steps,
-                "v": args.v, "seed": args.seed, "clip": args.clip, "labels": args.labels,
+                "sampler": args.sampler, "eta": args.eta, "v": args.v, "seed": args.seed, "clip": args.clip,
+                "labels": args.labels,
                 "batch_size": args.batch_size, "shape": [height, width, channels]}
     finished = _finished(args, args.out + ".parts", manifest)
     return model, manifest, (_shards(args.num, manifest["batch_size"]), finished)
@@ -348,7 +360,7 @@ def run(args) -> int:
                 args.interrupt_hint = f"the finished shards are in {parts}: rerun with --resume to finish"
                 resumed = f", resuming with {sum(e - s for s, e in finished)} done" if finished else ""
                 print(f"cfgfast {cfgfast.__version__}: {args.num} samples of {args.model}, w={args.w:g}, "
-                      f"{args.steps} steps, v={args.v:g}, seed {args.seed}, batch {manifest['batch_size']}, "
+                      f"{args.steps} steps of {args.sampler}, seed {args.seed}, batch {manifest['batch_size']}, "
                       f"{world.size} process(es) on {world.device.type}{resumed}", flush=True)
             progress = _Progress(args.num, sum(e - s for s, e in finished), world.rank == 0)
             for first in range(0, len(todo), world.size):
@@ -357,8 +369,9 @@ def run(args) -> int:
                 mine = round_shards[world.rank] if world.rank < len(round_shards) else None
                 images = np.zeros((0,) + image_shape, dtype=np.uint8)
                 if mine is not None:
-                    x = cfgfast.sample(model, label_of(*mine), args.w, args.steps, v=args.v, seed=args.seed,
-                                       clip=args.clip, index_offset=mine[0], backend=args.backend, progress=False)
+                    x = cfgfast.sample(model, label_of(*mine), args.w, args.steps, sampler=args.sampler,
+                                       eta=args.eta, v=args.v, seed=args.seed, clip=args.clip, index_offset=mine[0],
+                                       backend=args.backend, progress=False)
                     images = to_uint8(x)
                 for (start, end), received in zip(round_shards, world.gather(images, shards[0][1]) or []):
                     with atomic_open(os.path.join(parts, _shard_name(start, end))) as f:
@@ -413,12 +426,17 @@ def add_parser(sub, name: str) -> None:
     p.add_argument("--labels", type=int, nargs="+", metavar="K",
                    help="classes cycled over the samples: sample i gets the (i mod count)-th K, so one K gives "
                         "every sample that class (default: sample i gets class i mod num_classes)")
-    p.add_argument("--steps", type=int, default=256, help="sampling steps (default 256)")
-    p.add_argument("--v", type=float, default=0.3, help="variance interpolation (default 0.3)")
+    p.add_argument("--steps", type=int, default=256,
+                   help="sampling steps, one model evaluation each (default 256; 20-30 with dpmpp_2m)")
+    p.add_argument("--sampler", default="ddpm", choices=SAMPLERS,
+                   help="ddpm (the paper's, default), ddim, dpmpp_2m or dpmpp_2m_sde (DPM-Solver++(2M))")
+    p.add_argument("--eta", type=float, default=0.0, help="ddim's noise, in [0, 1] (default 0: deterministic)")
+    p.add_argument("--v", type=float, default=None,
+                   help="ddpm's variance interpolation in [0, 1] (default: the model's learned variance, else 0.3)")
     p.add_argument("--seed", type=int, default=0, help="the noise's seed (default 0)")
-    p.add_argument("--clip", type=float, metavar="C", default=1.0,
-                   help="clip the predicted x to [-C, C] at every step (default 1: images live in [-1, 1]; "
-                        "0 turns clipping off)")
+    p.add_argument("--clip", type=float, metavar="C", default=None,
+                   help="clip the predicted x to [-C, C] at every step (default: the model's data range, [-1, 1] "
+                        "for images; 0 turns clipping off)")
     p.add_argument("--batch-size", type=int, metavar="B",
                    help=f"samples per model call and per shard file, on each process (default {DEFAULT_BATCH_SIZE}; "
                         "with --resume, the interrupted run's)")
