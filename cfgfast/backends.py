@@ -119,7 +119,7 @@ class CudaBackend(CompiledOpsBackend):
 
 class TritonBackend(Backend):
     """The fused Triton kernel (cfgfast/triton_step.py) on CUDA tensors, or on CPU tensors under
-    TRITON_INTERPRET=1."""
+    TRITON_INTERPRET=1. Its table step reads the step and the row on the device, as the cuda backend's."""
 
     name = "triton"
 
@@ -136,12 +136,8 @@ class TritonBackend(Backend):
 
     def guided_step_table(self, out, z, pred_cond, pred_uncond, weights, x_prev, nu, coef_table, step, seed,
                           index_offset, clip):
-        table_step = getattr(_triton_step(), "guided_step_table_triton", None)
-        if table_step is None:
-            super().guided_step_table(out, z, pred_cond, pred_uncond, weights, x_prev, nu, coef_table, step, seed,
-                                      index_offset, clip)
-        else:
-            table_step(out, z, pred_cond, pred_uncond, weights, x_prev, nu, coef_table, step, seed, index_offset, clip)
+        _triton_step().guided_step_table_triton(out, z, pred_cond, pred_uncond, weights, x_prev, nu, coef_table, step,
+                                                seed, index_offset, clip)
 
 
 def _triton_step():

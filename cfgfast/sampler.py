@@ -227,7 +227,7 @@ def sample(model, labels, w, steps=DEFAULT_STEPS, *, sampler="ddpm", eta=0.0, v=
     only the model's conditional pass runs (an unconditional model simply ignores the labels) and
     eps~ = eps(z, c) - w sigma grad_z log softmax(logits)[c], the gradient taken with autograd; w >= 0.
 
-    cuda_graph=True (a CUDA model and the compiled cuda backend): one step (the model's forward pass and the
+    cuda_graph=True (a CUDA model and the cuda or triton backend): one step (the model's forward pass and the
     fused step reading its coefficients from a device table at a device-side step counter) is captured once as
     a CUDA graph and replayed for every step, removing the per-step launch overhead. Same samples as without.
     """
@@ -398,9 +398,9 @@ def _check_finite(first_bad: torch.Tensor, grid: list[float]) -> None:
 def _check_cuda_graph(device, stepper, classifier) -> None:
     if device.type != "cuda":
         raise ValueError(f"cuda_graph=True needs the model on a CUDA device, got {device}")
-    if stepper.name != "cuda":
-        raise ValueError(f"cuda_graph=True needs the cuda backend (its step reads the step counter on the device), "
-                         f"got backend {stepper.name!r}")
+    if stepper.name not in ("cuda", "triton"):
+        raise ValueError(f"cuda_graph=True needs the cuda or triton backend (their step reads the step counter on "
+                         f"the device), got backend {stepper.name!r}")
     if classifier is not None:
         raise ValueError("cuda_graph=True cannot capture classifier guidance (autograd per step); use "
                          "cuda_graph=False with a classifier")

@@ -1,11 +1,11 @@
-"""The Triton backend: the reverse step of SPEC §2 with the noise of SPEC §3 fused into one pass, and the noise
-alone. Kernels, launchers and settings live here together (as Liger-Kernel's rms_norm.py does); the ops are
-registered with torch.library.triton_op, so torch.compile sees the kernels on a GPU.
+"""The Triton backend: the guided sampler step of SPEC §6 (csrc/include/cfgfast/step.h) with the noise of SPEC §3
+fused into one pass, and the noise alone. Kernels, launchers and settings live here together (as Liger-Kernel's
+rms_norm.py does); the ops are registered with torch.library.triton_op, so torch.compile sees the kernels on a GPU.
 
 Layout: inputs are contiguous [B, N] (N = elements per sample). Program p handles BLOCK_GROUPS groups of four
 elements of one sample b = p // blocks_per_sample: one Philox4x32-10 call per group (counter (group, b +
 index_offset, step, stream), key (seed mod 2^32, seed >> 32)), Box–Muller to four normals laid out
-contiguously, the step, one store. Without a GPU the kernels run under TRITON_INTERPRET=1 on CPU tensors.
+contiguously, the step, its stores. Without a GPU the kernels run under TRITON_INTERPRET=1 on CPU tensors.
 
 Import never fails: without triton the module only reports why in `refusals`.
 """
@@ -19,7 +19,8 @@ from typing import Optional
 import torch
 from torch._subclasses.fake_tensor import is_fake
 
-from ._checks import check, check_value, op_clip, op_noise_out, op_step_args, out_may_alias, seed_as_int64
+from ._checks import (check, check_value, op_clip, op_guided_step_args, op_guided_table_args, op_noise_out,
+                      out_may_alias, overlaps, seed_as_int64)
 
 try:
     import triton
@@ -35,36 +36,16 @@ else:
 INTERPRETED = triton is not None and (bool(triton.knobs.runtime.interpret) if hasattr(triton, "knobs")
                                       else os.environ.get("TRITON_INTERPRET") == "1")
 
-# Block settings: 256 groups = 1024 elements per program, 4 warps = two groups of four (two 16-byte vectors of
-# float32) per thread and input, 32 registers on sm_90 (full occupancy). On an H100 (gpu_table.py --sweep,
-# 2026-11-26, 64M float32 elements) 128 to 512 groups at 4 or 8 warps all gave 76-77% of the copy bandwidth but
-# 128 groups at 8 warps (70%); 1024 groups gave 66% at 4 warps and 75% at 8. Those timings counted each call's host
-# time (a Triton call cost about 0.1 ms more than a CUDA one), which may hide differences between kernels; so this
-# stays the plain elementwise shape. The
-# step is 12-16 bytes per element against ~65 instructions of noise and step per element. No autotune: the kernel writes `out` in place and out may alias z,
-# so autotune's repeated benchmark launches would apply the step several times; and the shape (N per model)
-# would cost a tuning run per model for a kernel whose best setting hardly depends on it.
+# 256 groups = 1024 elements per program, 4 warps = two groups of four (two 16-byte vectors of float32) per thread
+# and input: the plain elementwise shape, which no other block or warp count measured on an H100 beat (README).
+# No autotune: out may alias z, so autotune's repeated benchmark launches would apply the step several times, and
+# the best setting hardly depends on the shape, which would cost a tuning run per model.
 BLOCK_GROUPS = 256
 NUM_WARPS = 4
-# Where the step's loads go. False: where ptxas puts them, which is below the noise (it sinks them to save
-# registers: 32 a thread on sm_90), so a warp's reads are in flight only after its noise is computed and other
-# warps must hide the latency. True: above the noise, in flight while it is computed (as the CUDA kernel does),
-# at 53-54 registers (triton 3.6 and 3.8). On an H100 77.4% of the copy against 76.1%, within a run's noise, so
-# False stays (gpu_table.py --sweep times both). (With one group
-# a thread, 128 groups and 4 warps, the loads come first at 32 registers either way.)
-LOADS_FIRST = False
-# L2 prefetch: each step program, after issuing its loads, asks L2 (prefetch.global.L2, by inline assembly) for the
-# inputs of the program PREFETCH_PER_SM x (the GPU's SMs) programs after it, which runs about that many programs an
-# SM later; so more reads are in flight than the registers hold. 0 (the default): none. On an H100 4, 8 and 16
-# gave 76%, 73% and 55% of the copy against 76% without (gpu_table.py --sweep times them). Only where every sample is a whole number of programs (4 BLOCK_GROUPS
-# elements), and on a GPU only: the interpreter cannot run PTX, so under TRITON_INTERPRET the kernels are launched
-# without it whatever this says.
-PREFETCH_PER_SM = 0
-# the testing helpers (Philox words, words to normals) are one word / one group per lane
-HELPER_BLOCK = 1024
 
 MAX_PER_SAMPLE = 2**30  # element offsets inside a sample (plus a block) are int32
 MAX_PROGRAMS = 2**31  # CUDA's grid limit in x (2^31 - 1 blocks), which Triton's launcher reads as an int32
+NUM_COEFFICIENTS = 10  # StepCoef in csrc/include/cfgfast/step.h
 
 
 def refusals(device: torch.device) -> list[str]:
@@ -189,84 +170,98 @@ if triton is not None:
         return _words_to_normals(x0, x1, x2, x3)
 
     @triton.jit
-    def _prefetch_l2(pointers, mask):
-        """prefetch.global.L2 of each pointer where mask holds: a hint, with no result (the inline assembly's
-        dummy output is 0 and unused; not pure, so the compiler keeps it)."""
-        tl.inline_asm_elementwise(
-            "{ .reg .pred p; setp.ne.b32 p, $2, 0; @p prefetch.global.L2 [$1]; mov.u32 $0, 0; }", "=r,l,r",
-            [pointers, mask.to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1)
+    def _noise_term(noise_ptr, nu_ptr, offset, mask, noise_std, noise_nu, seed_lo, seed_hi, group, sample, step,
+                    EXPLICIT_NOISE: tl.constexpr, NU: tl.constexpr):
+        """scale n: the given noise or the normals of SPEC §3 (stream 1), scale = noise_std, or noise_std
+        exp(noise_nu nu) with learned variance."""
+        if EXPLICIT_NOISE:
+            n = tl.load(noise_ptr + offset, mask=mask, other=0.0)
+        else:
+            n = _sample_normals(seed_lo, seed_hi, group, sample, step, 1)
+        if NU:
+            nu = tl.load(nu_ptr + offset, mask=mask, other=0.0).to(tl.float32)
+            return (noise_std * tl.exp(noise_nu * nu)) * n
+        return noise_std * n
 
-    @triton.jit
-    def _load_step_inputs(z_ptr, eps_cond_ptr, eps_uncond_ptr, offset, mask):
-        """z, eps_cond and eps_uncond at [BLOCK, 4] offsets, the eps widened to float32."""
-        z = tl.load(z_ptr + offset, mask=mask, other=0.0)
-        eps_cond = tl.load(eps_cond_ptr + offset, mask=mask, other=0.0).to(tl.float32)
-        eps_uncond = tl.load(eps_uncond_ptr + offset, mask=mask, other=0.0).to(tl.float32)
-        return z, eps_cond, eps_uncond
-
-    @triton.jit(do_not_specialize=["seed_lo", "seed_hi", "step", "index_offset", "prefetch_ahead"])
-    def _reverse_step_kernel(
-        out_ptr, z_ptr, eps_cond_ptr, eps_uncond_ptr, w_ptr, noise_ptr,
-        alpha, sigma, mean_z, mean_eps, mean_z_clip, mean_x_clip, noise_std, clip,
-        seed_lo, seed_hi, step, index_offset, per_sample, blocks_per_sample, prefetch_ahead,
-        HAS_NOISE: tl.constexpr, CLIP: tl.constexpr, LAST: tl.constexpr, BLOCK: tl.constexpr,
-        LOADS_FIRST: tl.constexpr = False, PREFETCH: tl.constexpr = False,
+    @triton.jit(do_not_specialize=["seed_lo", "seed_hi", "step", "index_offset"])
+    def _guided_step_kernel(
+        out_ptr, z_ptr, pred_cond_ptr, pred_uncond_ptr, weights_ptr, x_prev_ptr, nu_ptr, noise_ptr, table_ptr,
+        step_ptr, pred_z, pred_g, mean_z, mean_x, direct_z, direct_g, prev, uncond, noise_std, noise_nu, clip,
+        seed_lo, seed_hi, step, index_offset, per_sample, blocks_per_sample, table_len,
+        CLIP: tl.constexpr, READ_PREV: tl.constexpr, WRITE_PREV: tl.constexpr, DRAW: tl.constexpr,
+        EXPLICIT_NOISE: tl.constexpr, NU: tl.constexpr, TABLE: tl.constexpr, BLOCK: tl.constexpr,
     ):
-        """One reverse step (SPEC §2) of 4 BLOCK elements of one sample; the formulas of
-        csrc/include/cfgfast/step.h in float32. out may alias z: each element is read before it is written.
-        PREFETCH: also the L2 prefetch of the inputs of program pid + prefetch_ahead (PREFETCH_PER_SM)."""
-        # The coefficients in float32, as the launch passes them eagerly; torch.compile's launch of the same
-        # kernel may type Python floats otherwise, and the step must not depend on who launches it.
-        alpha, sigma, clip = tl.cast(alpha, tl.float32), tl.cast(sigma, tl.float32), tl.cast(clip, tl.float32)
-        mean_z, mean_eps = tl.cast(mean_z, tl.float32), tl.cast(mean_eps, tl.float32)
-        mean_z_clip, mean_x_clip = tl.cast(mean_z_clip, tl.float32), tl.cast(mean_x_clip, tl.float32)
-        noise_std = tl.cast(noise_std, tl.float32)
+        """One guided step (csrc/include/cfgfast/step.h, in its order, float32) of 4 BLOCK elements of one sample.
+        out may alias z: each element is read before it is written; x_prev is read before x~ is written over it.
+
+        The row: the scalars pred_z .. noise_nu, or with TABLE row t = *step_ptr of table_ptr [table_len, 10]
+        (float64), read here so that a CUDA graph replays the step with a new t; t outside the table gives NaN.
+        READ_PREV: x_prev given and (a host row) prev != 0; DRAW: (a host row) noise_std != 0. With TABLE they say
+        what the row may need, and the row decides by branches uniform over the grid. Without DRAW the kernel has no
+        Philox."""
+        if TABLE:
+            t = tl.load(step_ptr)
+            valid = (t >= 0) & (t < table_len)
+            row = table_ptr + tl.where(valid, t, 0) * 10  # (NUM_COEFFICIENTS: a jit function reads no global)
+            nan = float("nan")
+            # float64 rounded to float32 once, as the host launch rounds its Python floats
+            pred_z = tl.where(valid, tl.load(row).to(tl.float32), nan)
+            pred_g = tl.where(valid, tl.load(row + 1).to(tl.float32), nan)
+            mean_z = tl.where(valid, tl.load(row + 2).to(tl.float32), nan)
+            mean_x = tl.where(valid, tl.load(row + 3).to(tl.float32), nan)
+            direct_z = tl.where(valid, tl.load(row + 4).to(tl.float32), nan)
+            direct_g = tl.where(valid, tl.load(row + 5).to(tl.float32), nan)
+            prev = tl.where(valid, tl.load(row + 6).to(tl.float32), nan)
+            uncond = tl.where(valid, tl.load(row + 7).to(tl.float32), nan)
+            noise_std = tl.where(valid, tl.load(row + 8).to(tl.float32), nan)
+            noise_nu = tl.where(valid, tl.load(row + 9).to(tl.float32), nan)
+            step = tl.where(valid, t, 0)
+        else:
+            # float32 as the eager launch passes them; torch.compile's launch may type Python floats otherwise, and
+            # the step must not depend on who launches it
+            pred_z, pred_g = tl.cast(pred_z, tl.float32), tl.cast(pred_g, tl.float32)
+            mean_z, mean_x = tl.cast(mean_z, tl.float32), tl.cast(mean_x, tl.float32)
+            direct_z, direct_g = tl.cast(direct_z, tl.float32), tl.cast(direct_g, tl.float32)
+            prev, uncond = tl.cast(prev, tl.float32), tl.cast(uncond, tl.float32)
+            noise_std, noise_nu = tl.cast(noise_std, tl.float32), tl.cast(noise_nu, tl.float32)
+        clip = tl.cast(clip, tl.float32)
         pid = tl.program_id(0)
         b = pid // blocks_per_sample
         group = (pid - b * blocks_per_sample) * BLOCK + tl.arange(0, BLOCK)
         j = group[:, None] * 4 + tl.arange(0, 4)[None, :]  # [BLOCK, 4]: element index in the sample
         mask = j < per_sample
         offset = b.to(tl.int64) * per_sample + j
-        if LOADS_FIRST:
-            # per_sample >= 0 always: a branch that the compiler cannot fold (unless per_sample is 1, a constant),
-            # out of which ptxas does not sink the loads
-            if per_sample >= 0:
-                z, eps_cond, eps_uncond = _load_step_inputs(z_ptr, eps_cond_ptr, eps_uncond_ptr, offset, mask)
-            else:
-                z = tl.zeros([BLOCK, 4], tl.float32)
-                eps_cond = z
-                eps_uncond = z
+        z = tl.load(z_ptr + offset, mask=mask, other=0.0)
+        out_cond = tl.load(pred_cond_ptr + offset, mask=mask, other=0.0).to(tl.float32)
+        out_uncond = tl.load(pred_uncond_ptr + offset, mask=mask, other=0.0).to(tl.float32)
+        w_cond = tl.load(weights_ptr + 2 * b)
+        w_uncond = tl.load(weights_ptr + 2 * b + 1)
+        g = w_cond * out_cond - w_uncond * out_uncond  # guided_output
+        x = pred_z * z + pred_g * g  # predicted_x
+        if CLIP:
+            x = tl.where(x < -clip, -clip, tl.where(x > clip, clip, x))  # NaN passes, as torch.clamp
+            result = mean_z * z + mean_x * x  # step_mean, first form
         else:
-            z, eps_cond, eps_uncond = _load_step_inputs(z_ptr, eps_cond_ptr, eps_uncond_ptr, offset, mask)
-        if PREFETCH:
-            # the inputs of program pid + prefetch_ahead, which (every sample a whole number of programs: the
-            # launch sets PREFETCH only then) start prefetch_ahead programs' elements further on: one address a
-            # group (16 bytes of z), where that program exists
-            first = b.to(tl.int64) * per_sample + group * 4 + (prefetch_ahead + tl.zeros([], tl.int64)) * (4 * BLOCK)
-            due = (group * 0 + pid) < tl.num_programs(0) - prefetch_ahead
-            _prefetch_l2(z_ptr + first, due)
-            _prefetch_l2(eps_cond_ptr + first, due)
-            _prefetch_l2(eps_uncond_ptr + first, due)
-            if HAS_NOISE and not LAST:  # the last step does not read the noise
-                _prefetch_l2(noise_ptr + first, due)
-        w = tl.load(w_ptr + b)
-        eps = (1.0 + w) * eps_cond - w * eps_uncond  # paper Eq. 6
-        if CLIP or LAST:
-            x = tl.div_rn(z - sigma * eps, alpha)  # x~ = (z - sigma eps~) / alpha
-            if CLIP:
-                x = tl.where(x < -clip, -clip, tl.where(x > clip, clip, x))  # NaN passes, as torch.clamp
-        if LAST:
-            result = x
-        else:
-            if HAS_NOISE:
-                n = tl.load(noise_ptr + offset, mask=mask, other=0.0)
+            result = direct_z * z + direct_g * g  # step_mean, second form: no division-amplified cancellation
+        result = result + uncond * out_uncond
+        if READ_PREV:
+            if TABLE:
+                if prev != 0.0:  # an uninitialised state (a multistep sampler's first step) is not read
+                    result = result + prev * tl.load(x_prev_ptr + offset, mask=mask, other=0.0)
             else:
-                n = _sample_normals(seed_lo, seed_hi, group, b.to(tl.int64) + index_offset, step, 1)
-            if CLIP:
-                result = mean_z_clip * z + mean_x_clip * x + noise_std * n  # mu, first form
+                result = result + prev * tl.load(x_prev_ptr + offset, mask=mask, other=0.0)
+        if DRAW:
+            if TABLE:
+                if noise_std != 0.0:  # a deterministic row draws nothing
+                    result = result + _noise_term(noise_ptr, nu_ptr, offset, mask, noise_std, noise_nu, seed_lo,
+                                                  seed_hi, group, b.to(tl.int64) + index_offset, step,
+                                                  EXPLICIT_NOISE, NU)
             else:
-                result = mean_z * z - mean_eps * eps + noise_std * n  # mu, second form
+                result = result + _noise_term(noise_ptr, nu_ptr, offset, mask, noise_std, noise_nu, seed_lo, seed_hi,
+                                              group, b.to(tl.int64) + index_offset, step, EXPLICIT_NOISE, NU)
         tl.store(out_ptr + offset, result, mask=mask)
+        if WRITE_PREV:
+            tl.store(x_prev_ptr + offset, x, mask=mask)
 
     # (noise_stream, not stream: torch.compile's launcher of a user kernel has its own argument named stream)
     @triton.jit(do_not_specialize=["seed_lo", "seed_hi", "step", "noise_stream", "index_offset"])
@@ -280,33 +275,6 @@ if triton is not None:
         n = _sample_normals(seed_lo, seed_hi, group, b.to(tl.int64) + index_offset, step, noise_stream)
         tl.store(out_ptr + b.to(tl.int64) * per_sample + j, n, mask=j < per_sample)
 
-    @triton.jit(do_not_specialize=["seed_lo", "seed_hi"])
-    def _philox_words_kernel(x0_ptr, x1_ptr, x2_ptr, x3_ptr, c0_ptr, c1_ptr, c2_ptr, c3_ptr, seed_lo, seed_hi, numel,
-                             BLOCK: tl.constexpr):
-        """Testing helper: raw Philox words for counters held in int64 (written back as int64 in [0, 2^32))."""
-        i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        mask = i < numel
-        c0 = tl.load(c0_ptr + i, mask=mask, other=0).to(tl.uint32)
-        c1 = tl.load(c1_ptr + i, mask=mask, other=0).to(tl.uint32)
-        c2 = tl.load(c2_ptr + i, mask=mask, other=0).to(tl.uint32)
-        c3 = tl.load(c3_ptr + i, mask=mask, other=0).to(tl.uint32)
-        x0, x1, x2, x3 = _philox(seed_lo, seed_hi, c0, c1, c2, c3)
-        tl.store(x0_ptr + i, x0.to(tl.int64), mask=mask)
-        tl.store(x1_ptr + i, x1.to(tl.int64), mask=mask)
-        tl.store(x2_ptr + i, x2.to(tl.int64), mask=mask)
-        tl.store(x3_ptr + i, x3.to(tl.int64), mask=mask)
-
-    @triton.jit
-    def _words_to_normals_kernel(out_ptr, x0_ptr, x1_ptr, x2_ptr, x3_ptr, groups, BLOCK: tl.constexpr):
-        """Testing helper: the Box–Muller mapping alone, [groups, 4] normals from four int64 word tensors."""
-        g = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # 4 g overflows int32 from 2^29 groups
-        mask = g < groups
-        x0 = tl.load(x0_ptr + g, mask=mask, other=0).to(tl.uint32)
-        x1 = tl.load(x1_ptr + g, mask=mask, other=0).to(tl.uint32)
-        x2 = tl.load(x2_ptr + g, mask=mask, other=0).to(tl.uint32)
-        x3 = tl.load(x3_ptr + g, mask=mask, other=0).to(tl.uint32)
-        j = g[:, None] * 4 + tl.arange(0, 4)[None, :]
-        tl.store(out_ptr + j, _words_to_normals(x0, x1, x2, x3), mask=j < 4 * groups)
 
     def _wrapped(kernel):
         """The kernel as torch.compile must see it inside a triton_op. Under TRITON_INTERPRET=1 older torch
@@ -342,19 +310,6 @@ if triton is not None:
             return contextlib.nullcontext()
         return torch.cuda.device(out.device)
 
-    def _prefetch_ahead(out: torch.Tensor) -> int:
-        """Programs ahead that the step prefetches (PREFETCH_PER_SM x the GPU's SMs), or 0: none (the setting; CPU
-        tensors under the interpreter, which cannot run the prefetch's PTX; or samples that are not a whole number
-        of programs, where a later program's inputs are not a fixed distance on; ROCm, where "cuda" tensors are not
-        NVIDIA's; fake tensors traced where no GPU is). Under torch.compile it is read once, when the graph is
-        traced, like the other settings here."""
-        per_sample = out.numel() // max(out.shape[0], 1)
-        if PREFETCH_PER_SM <= 0 or INTERPRETED or out.device.type != "cuda" or per_sample % (4 * BLOCK_GROUPS):
-            return 0
-        if torch.version.hip is not None or not torch.cuda.is_available():
-            return 0
-        return PREFETCH_PER_SM * torch.cuda.get_device_properties(out.device).multi_processor_count
-
     def _word(value: int) -> int:
         """A 32-bit counter or key word in [0, 2^32) as the int32 of the same bits, which every launcher types int32
         (torch.compile's Inductor of torch 2.11 failed on a user kernel's int argument >= 2^31: "'int' object has
@@ -372,43 +327,103 @@ if triton is not None:
         blocks = triton.cdiv(per_sample, 4 * BLOCK_GROUPS)
         return per_sample, blocks, (batch * blocks,)
 
-    @torch.library.triton_op("cfgfast::triton_reverse_step_", mutates_args=("out",))
-    def _reverse_step_op(
+
+    def _nonzero_f32(value: float) -> bool:
+        """Whether a float64 coefficient is nonzero once rounded to float32 (as the kernels use it): magnitudes up
+        to 2^-150 round to zero; NaN is nonzero."""
+        return not abs(value) <= 2.0**-150
+
+    def _check_contiguous(**tensors: Optional[torch.Tensor]) -> None:
+        for name, t in tensors.items():
+            check(t is None or t.is_contiguous(),
+                  lambda: f"cfgfast: the triton kernels take contiguous tensors, got {name} with strides {t.stride()}")
+
+    def _x_prev_disjoint(x_prev: Optional[torch.Tensor], **tensors: Optional[torch.Tensor]) -> None:
+        """x_prev is written while every other tensor is read, by other programs too: no byte of it may be shared,
+        not even as a whole-tensor alias (check_disjoint in csrc/op_checks.h)."""
+        if x_prev is None:
+            return
+        for name, t in tensors.items():
+            if t is not None and overlaps(x_prev, t):
+                raise ValueError(f"cfgfast: x_prev must not overlap {name} (it is written)")
+
+    @torch.library.triton_op("cfgfast::triton_guided_step_", mutates_args=("out", "x_prev"))
+    def _guided_step_op(
         out: torch.Tensor,
         z: torch.Tensor,
-        eps_cond: torch.Tensor,
-        eps_uncond: torch.Tensor,
-        w: torch.Tensor,
+        pred_cond: torch.Tensor,
+        pred_uncond: torch.Tensor,
+        weights: torch.Tensor,
+        x_prev: Optional[torch.Tensor],
+        nu: Optional[torch.Tensor],
         noise: Optional[torch.Tensor],
         coef: list[float],
         seed: int,
         step: int,
         index_offset: int,
         clip: Optional[float],
-        last: bool,
     ) -> None:
-        op_step_args(out, z, eps_cond, eps_uncond, w, noise, coef, step, index_offset)
+        op_guided_step_args(out, z, pred_cond, pred_uncond, weights, x_prev, nu, noise, coef, step, index_offset)
         op_clip(clip)
-        tensors = (z, eps_cond, eps_uncond, w) + (() if noise is None else (noise,))
-        check(all(t.is_contiguous() for t in tensors),
-              lambda: "cfgfast: the triton kernel takes contiguous inputs")
-        check(all(t.device == out.device for t in tensors),
-              lambda: "cfgfast: all tensors must be on out's device")
+        _check_contiguous(z=z, pred_cond=pred_cond, pred_uncond=pred_uncond, weights=weights, nu=nu, noise=noise)
         _check_launch(out)
         if out.numel() == 0 or out.device.type == "meta":  # (meta tensors: shapes only, nothing to compute)
             return
         if not is_fake(out):  # (traced by torch.compile, the op's fake tensors have no addresses)
-            out_may_alias(out, z=z, eps_cond=eps_cond, eps_uncond=eps_uncond, w=w, noise=noise)
+            out_may_alias(out, z=z, pred_cond=pred_cond, pred_uncond=pred_uncond, weights=weights, nu=nu, noise=noise)
+            _x_prev_disjoint(x_prev, out=out, z=z, pred_cond=pred_cond, pred_uncond=pred_uncond, weights=weights,
+                             nu=nu, noise=noise)
+        # what the row needs, decided here so that each kernel holds only that (no Philox where nothing is drawn)
+        draw = _nonzero_f32(coef[8])
         per_sample, blocks, grid = _launch_shape(out)
-        alpha, sigma, mean_z, mean_eps, mean_z_clip, mean_x_clip, noise_std = coef
-        ahead = _prefetch_ahead(out)
         with _on_device(out):
-            _wrapped(_reverse_step_kernel)[grid](
-                out, z, eps_cond, eps_uncond, w, z if noise is None else noise,
-                alpha, sigma, mean_z, mean_eps, mean_z_clip, mean_x_clip, noise_std, 0.0 if clip is None else clip,
-                *_seed_words(seed), _word(step), _word(index_offset), per_sample, blocks, ahead,
-                HAS_NOISE=noise is not None, CLIP=clip is not None, LAST=last, BLOCK=BLOCK_GROUPS,
-                LOADS_FIRST=LOADS_FIRST, PREFETCH=ahead > 0, num_warps=NUM_WARPS,
+            _wrapped(_guided_step_kernel)[grid](
+                out, z, pred_cond, pred_uncond, weights, z if x_prev is None else x_prev,
+                pred_cond if nu is None else nu, z if noise is None else noise, z, z,  # (unused pointers: any)
+                *coef, 0.0 if clip is None else clip, *_seed_words(seed), _word(step), _word(index_offset),
+                per_sample, blocks, 0,
+                CLIP=clip is not None, READ_PREV=x_prev is not None and _nonzero_f32(coef[6]),
+                WRITE_PREV=x_prev is not None, DRAW=draw, EXPLICIT_NOISE=draw and noise is not None,
+                NU=draw and nu is not None, TABLE=False, BLOCK=BLOCK_GROUPS, num_warps=NUM_WARPS,
+            )
+
+    @torch.library.triton_op("cfgfast::triton_guided_step_table_", mutates_args=("out", "x_prev"))
+    def _guided_step_table_op(
+        out: torch.Tensor,
+        z: torch.Tensor,
+        pred_cond: torch.Tensor,
+        pred_uncond: torch.Tensor,
+        weights: torch.Tensor,
+        x_prev: Optional[torch.Tensor],
+        nu: Optional[torch.Tensor],
+        coef_table: torch.Tensor,
+        step: torch.Tensor,
+        seed: int,
+        index_offset: int,
+        clip: Optional[float],
+    ) -> None:
+        op_guided_table_args(out, z, pred_cond, pred_uncond, weights, x_prev, nu, coef_table, step, index_offset)
+        op_clip(clip)
+        _check_contiguous(z=z, pred_cond=pred_cond, pred_uncond=pred_uncond, weights=weights, nu=nu,
+                          coef_table=coef_table, step=step)
+        _check_launch(out)
+        if out.numel() == 0 or out.device.type == "meta":
+            return
+        if not is_fake(out):
+            out_may_alias(out, z=z, pred_cond=pred_cond, pred_uncond=pred_uncond, weights=weights, nu=nu,
+                          coef_table=coef_table, step=step)
+            _x_prev_disjoint(x_prev, out=out, z=z, pred_cond=pred_cond, pred_uncond=pred_uncond, weights=weights,
+                             nu=nu, coef_table=coef_table, step=step)
+        per_sample, blocks, grid = _launch_shape(out)
+        # t and its row stay on the device (a CUDA graph replays the launch): the row's needs are decided there
+        with _on_device(out):
+            _wrapped(_guided_step_kernel)[grid](
+                out, z, pred_cond, pred_uncond, weights, z if x_prev is None else x_prev,
+                pred_cond if nu is None else nu, z, coef_table, step,
+                *([0.0] * NUM_COEFFICIENTS), 0.0 if clip is None else clip, *_seed_words(seed), 0,
+                _word(index_offset), per_sample, blocks, coef_table.shape[0],
+                CLIP=clip is not None, READ_PREV=x_prev is not None, WRITE_PREV=x_prev is not None, DRAW=True,
+                EXPLICIT_NOISE=False, NU=nu is not None, TABLE=True, BLOCK=BLOCK_GROUPS, num_warps=NUM_WARPS,
             )
 
     @torch.library.triton_op("cfgfast::triton_normal_noise_", mutates_args=("out",))
@@ -421,21 +436,38 @@ if triton is not None:
         with _on_device(out):
             _wrapped(_normal_noise_kernel)[grid](
                 out, *_seed_words(seed), _word(step), _word(stream), _word(index_offset), per_sample, blocks,
-                BLOCK=BLOCK_GROUPS,
-                num_warps=NUM_WARPS
+                BLOCK=BLOCK_GROUPS, num_warps=NUM_WARPS,
             )
 
 
-def reverse_step_triton(out, z, eps_cond, eps_uncond, w, noise, coef: list[float], seed: int, step: int,
-                        index_offset: int, clip: Optional[float], last: bool) -> None:
-    """One reverse step into `out` (contiguous float32 like z; may be z itself). Inputs may be views: they are
-    made contiguous (C order over each sample, as SPEC §3 counts elements). seed in [0, 2^64); coef: the seven
-    float64 numbers of StepCoefficients.as_list(), used as float32."""
+def _contiguous(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return None if t is None else t.contiguous()
+
+
+def guided_step_triton(out, z, pred_cond, pred_uncond, weights, x_prev, nu, noise, coef: list[float], seed: int,
+                       step: int, index_offset: int, clip: Optional[float]) -> None:
+    """One guided step into `out` (contiguous float32 like z; may be z itself) with the coefficient row `coef`
+    (the 10 float64 numbers of StepCoefficients.as_list(), used as float32); x_prev, where given, is read (where
+    prev != 0) and overwritten with this step's x~. Inputs may be views: they are made contiguous (C order over each
+    sample, as SPEC §3 counts elements); x_prev must be contiguous, as it is written. seed in [0, 2^64)."""
     _require(z.device)
-    torch.ops.cfgfast.triton_reverse_step_(
-        out, z.contiguous(), eps_cond.contiguous(), eps_uncond.contiguous(), w.contiguous(),
-        None if noise is None else noise.contiguous(), [float(c) for c in coef], seed_as_int64(seed), step,
-        index_offset, None if clip is None else float(clip), bool(last),
+    torch.ops.cfgfast.triton_guided_step_(
+        out, z.contiguous(), pred_cond.contiguous(), pred_uncond.contiguous(), weights.contiguous(), x_prev,
+        _contiguous(nu), _contiguous(noise), [float(c) for c in coef], seed_as_int64(seed), step, index_offset,
+        None if clip is None else float(clip),
+    )
+
+
+def guided_step_table_triton(out, z, pred_cond, pred_uncond, weights, x_prev, nu, coef_table, step, seed: int,
+                             index_offset: int, clip: Optional[float]) -> None:
+    """The step whose row is coef_table[t] (float64 [T, 10] on z's device), t = step[0] (an int64 tensor of one
+    element on z's device), both read by the kernel, so a CUDA graph of it replays with the t of the moment; t
+    outside the table gives NaN everywhere (the host cannot check it without a sync). The noise's step word is t."""
+    _require(z.device)
+    torch.ops.cfgfast.triton_guided_step_table_(
+        out, z.contiguous(), pred_cond.contiguous(), pred_uncond.contiguous(), weights.contiguous(), x_prev,
+        _contiguous(nu), coef_table.contiguous(), step.contiguous(), seed_as_int64(seed), index_offset,
+        None if clip is None else float(clip),
     )
 
 
@@ -443,30 +475,3 @@ def normal_noise_triton(out, seed: int, step: int, stream: int, index_offset: in
     """The noise of SPEC §3 into `out` (contiguous float32 [B, ...]); seed in [0, 2^64)."""
     _require(out.device)
     torch.ops.cfgfast.triton_normal_noise_(out, seed_as_int64(seed), step, stream, index_offset)
-
-
-def philox_words_triton(c0, c1, c2, c3, seed: int) -> tuple[torch.Tensor, ...]:
-    """Testing helper: Philox4x32-10 words for counter tensors (any integer dtype, values in [0, 2^32), one
-    shape) under key (seed mod 2^32, seed >> 32); four int64 tensors of 32-bit values."""
-    device = next((c.device for c in (c0, c1, c2, c3) if isinstance(c, torch.Tensor)), torch.device("cpu"))
-    _require(device)
-    counters = torch.broadcast_tensors(*(torch.as_tensor(c, device=device) for c in (c0, c1, c2, c3)))
-    counters = [c.to(torch.int64).contiguous() for c in counters]
-    words = [torch.empty_like(counters[0]) for _ in range(4)]
-    numel = counters[0].numel()
-    if numel:
-        grid = (triton.cdiv(numel, HELPER_BLOCK),)
-        _philox_words_kernel[grid](*words, *counters, *_seed_words(seed_as_int64(seed)), numel, BLOCK=HELPER_BLOCK)
-    return tuple(words)
-
-
-def words_to_normals_triton(x0, x1, x2, x3) -> torch.Tensor:
-    """Testing helper: the kernels' Box–Muller on given words (int64 tensors of one shape [...]); float32 [..., 4]."""
-    words = [torch.as_tensor(x).to(torch.int64).contiguous() for x in (x0, x1, x2, x3)]
-    _require(words[0].device)
-    out = torch.empty(words[0].shape + (4,), dtype=torch.float32, device=words[0].device)
-    groups = words[0].numel()
-    if groups:
-        grid = (triton.cdiv(groups, HELPER_BLOCK),)
-        _words_to_normals_kernel[grid](out, *words, groups, BLOCK=HELPER_BLOCK)
-    return out

@@ -1,4 +1,7 @@
-"""The Triton backend (cfgfast/triton_step.py) against the plain-PyTorch reference (cfgfast/reference.py).
+"""The Triton backend's own tests (cfgfast/triton_step.py): its Philox and Box–Muller against the plain-PyTorch
+reference (cfgfast/reference.py), the noise kernel, a compact check of the guided step against
+guided_step_reference in each of its modes, and the ops' registration, checks, refusals and launch limits. Every
+backend's step over the samplers, dtypes and shapes is tests/test_step.py's battery.
 
 Runs on a CUDA GPU, or without one under the Triton interpreter on CPU tensors:
     TRITON_INTERPRET=1 python -m pytest tests/test_triton.py
@@ -11,11 +14,10 @@ Tolerances (measured under the interpreter; see each constant):
   the error stays relative even near the zeros of sin and cos. Measured under the interpreter over 1M normals
   (four seeds up to 2^64 - 1, both streams, steps and sample indices up to 2^32 - 1): max |err| / |n| = 2.7e-7
   (2.3 float32 eps), max |err| = 4.6e-7. NOISE_RTOL = 5e-7, the cpu backend's (tests/test_noise.py).
-- The step vs reverse_step_reference on the reference noise: |err| <= STEP_BUDGET * (magnitude of the terms
-  summed, in float64). Both sides are float32 evaluations of the same formula, a few ulps of that magnitude
-  each (a GPU also contracts a*b + c to fma, the reference does not), and the normals differ by up to
-  NOISE_RTOL. Measured max ratio 2.3e-7 = 2^-22 (4 ulps) over every eps dtype and mode and the lambda pairs
-  below; STEP_BUDGET = 2^-20 (16 ulps), the budget tests/test_step.py gives the cpu backend.
+- The step vs guided_step_reference on the reference noise: |err| <= STEP_BUDGET * (magnitude of the terms
+  summed, in float64). Both sides are float32 evaluations of the same formula in the same order, a few ulps of
+  that magnitude each (a GPU also contracts a*b + c to fma and takes exp as ex2.approx, the reference does
+  neither), and the normals differ by up to NOISE_RTOL. STEP_BUDGET = 2^-20 (16 ulps), tests/test_step.py's.
 """
 
 import math
@@ -23,14 +25,15 @@ import os
 import re
 import subprocess
 import sys
+import textwrap
 
 import pytest
 import torch
 
-import cfgfast
 from cfgfast import triton_step
 from cfgfast._checks import seed_as_int64
-from cfgfast.reference import normal_noise_reference, philox4x32_10, reverse_step_reference, words_to_normals
+from cfgfast.reference import guided_step_reference, normal_noise_reference, philox4x32_10, words_to_normals
+from cfgfast.samplers import StepCoefficients
 
 NOISE_RTOL = 5e-7
 NOISE_ATOL = 1e-12  # only for n = 0 exactly (a quarter turn), where float64 cos(pi/2) is 6e-17
@@ -51,6 +54,8 @@ else:
     SKIP_REASON = "no CUDA GPU and TRITON_INTERPRET is not 1 (set it to run the Triton kernels on the CPU)"
 
 pytestmark = pytest.mark.skipif(not DEVICES, reason=SKIP_REASON or "no device")
+NEEDS_GPU = pytest.mark.skipif(INTERPRETED or not torch.cuda.is_available(),
+                               reason="torch.compile of a Triton op needs a GPU (the interpreter cannot be traced)")
 
 
 @pytest.fixture(params=DEVICES or ["none"])
@@ -66,6 +71,67 @@ KNOWN_ANSWERS = [  # SPEC §3, Random123's vectors: counter | key -> words
     ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
      (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)),
 ]
+HELPER_BLOCK = 1024  # the helper kernels below: one word / one group per lane
+
+# ---------------------------------------------------------------- the kernels' Philox and Box–Muller alone
+
+if triton_step.triton is not None:
+    import triton
+    import triton.language as tl
+
+    from cfgfast.triton_step import _philox, _seed_words, _words_to_normals
+
+    @triton.jit(do_not_specialize=["seed_lo", "seed_hi"])
+    def _philox_words_kernel(x0_ptr, x1_ptr, x2_ptr, x3_ptr, c0_ptr, c1_ptr, c2_ptr, c3_ptr, seed_lo, seed_hi, numel,
+                             BLOCK: tl.constexpr):
+        """Raw Philox words for counters held in int64 (written back as int64 in [0, 2^32))."""
+        i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = i < numel
+        c0 = tl.load(c0_ptr + i, mask=mask, other=0).to(tl.uint32)
+        c1 = tl.load(c1_ptr + i, mask=mask, other=0).to(tl.uint32)
+        c2 = tl.load(c2_ptr + i, mask=mask, other=0).to(tl.uint32)
+        c3 = tl.load(c3_ptr + i, mask=mask, other=0).to(tl.uint32)
+        x0, x1, x2, x3 = _philox(seed_lo, seed_hi, c0, c1, c2, c3)
+        tl.store(x0_ptr + i, x0.to(tl.int64), mask=mask)
+        tl.store(x1_ptr + i, x1.to(tl.int64), mask=mask)
+        tl.store(x2_ptr + i, x2.to(tl.int64), mask=mask)
+        tl.store(x3_ptr + i, x3.to(tl.int64), mask=mask)
+
+    @triton.jit
+    def _words_to_normals_kernel(out_ptr, x0_ptr, x1_ptr, x2_ptr, x3_ptr, groups, BLOCK: tl.constexpr):
+        """The Box–Muller mapping alone, [groups, 4] normals from four int64 word tensors."""
+        g = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # 4 g overflows int32 from 2^29 groups
+        mask = g < groups
+        x0 = tl.load(x0_ptr + g, mask=mask, other=0).to(tl.uint32)
+        x1 = tl.load(x1_ptr + g, mask=mask, other=0).to(tl.uint32)
+        x2 = tl.load(x2_ptr + g, mask=mask, other=0).to(tl.uint32)
+        x3 = tl.load(x3_ptr + g, mask=mask, other=0).to(tl.uint32)
+        j = g[:, None] * 4 + tl.arange(0, 4)[None, :]
+        tl.store(out_ptr + j, _words_to_normals(x0, x1, x2, x3), mask=j < 4 * groups)
+
+
+def philox_words_triton(c0, c1, c2, c3, seed: int) -> tuple[torch.Tensor, ...]:
+    """Philox4x32-10 words of the kernels for counter tensors (values in [0, 2^32), one shape) under key (seed mod
+    2^32, seed >> 32); four int64 tensors of 32-bit values."""
+    counters = torch.broadcast_tensors(*(torch.as_tensor(c) for c in (c0, c1, c2, c3)))
+    counters = [c.to(torch.int64).contiguous() for c in counters]
+    words = [torch.empty_like(counters[0]) for _ in range(4)]
+    numel = counters[0].numel()
+    if numel:
+        grid = (triton.cdiv(numel, HELPER_BLOCK),)
+        _philox_words_kernel[grid](*words, *counters, *_seed_words(seed_as_int64(seed)), numel, BLOCK=HELPER_BLOCK)
+    return tuple(words)
+
+
+def words_to_normals_triton(x0, x1, x2, x3) -> torch.Tensor:
+    """The kernels' Box–Muller on given words (int64 tensors of one shape [...]); float32 [..., 4]."""
+    words = [torch.as_tensor(x).to(torch.int64).contiguous() for x in (x0, x1, x2, x3)]
+    out = torch.empty(words[0].shape + (4,), dtype=torch.float32, device=words[0].device)
+    groups = words[0].numel()
+    if groups:
+        grid = (triton.cdiv(groups, HELPER_BLOCK),)
+        _words_to_normals_kernel[grid](out, *words, groups, BLOCK=HELPER_BLOCK)
+    return out
 
 
 def key_of(seed: int) -> tuple[int, int]:
@@ -90,14 +156,11 @@ def assert_normals_close(got: torch.Tensor, exact: torch.Tensor):
                            f"{(err / exact.abs().clamp_min(1e-30)).max().item():.3g}")
 
 
-# ---------------------------------------------------------------- Philox words and Box–Muller
-
-
 @pytest.mark.parametrize("counter, key, expected", KNOWN_ANSWERS)
 def test_philox_known_answers(device, counter, key, expected):
     seed = key[0] + (key[1] << 32)
     lanes = [torch.full((3,), c, dtype=torch.int64, device=device) for c in counter]
-    words = triton_step.philox_words_triton(*lanes, seed)
+    words = philox_words_triton(*lanes, seed)
     assert [w.tolist() for w in words] == [[e] * 3 for e in expected]
 
 
@@ -116,7 +179,7 @@ def test_philox_words_equal_reference(device, seed):
     n = 1000  # not a multiple of the helper's block: a masked tail
     edges = torch.tensor([0, 1, 2**31 - 1, 2**31, 2**32 - 1], dtype=torch.int64)
     counters = [torch.cat([edges, torch.randint(0, 2**32, (n,), generator=g)]) for _ in range(4)]
-    got = triton_step.philox_words_triton(*(c.to(device) for c in counters), seed)
+    got = philox_words_triton(*(c.to(device) for c in counters), seed)
     expected = philox4x32_10(tuple(counters), key_of(seed))
     for word, (a, b) in enumerate(zip(got, expected)):
         assert a.dtype == torch.int64
@@ -136,7 +199,7 @@ def test_words_to_normals_at_edge_words(device):
     x0, x1 = torch.meshgrid(radius_words, angle_words, indexing="ij")
     x0, x1 = x0.reshape(-1), x1.reshape(-1)
     x2, x3 = x0.flip(0), x1.flip(0)
-    got = triton_step.words_to_normals_triton(*(x.to(device) for x in (x0, x1, x2, x3)))
+    got = words_to_normals_triton(*(x.to(device) for x in (x0, x1, x2, x3)))
     assert_normals_close(got, words_to_normals(x0, x1, x2, x3))
 
 
@@ -177,266 +240,240 @@ def test_noise_depends_on_every_counter_word(device):
     assert torch.equal(shifted[0], base[1])
 
 
-# ---------------------------------------------------------------- the fused step
 
 
-def make_inputs(shape, eps_dtype, device, seed=0, scale=2.0):
+# ---------------------------------------------------------------- the guided step
+
+# A row with every term (prev, uncond, noise, learned variance) nonzero, as no single sampler has it.
+COEF = StepCoefficients(pred_z=1.25, pred_g=-0.75, mean_z=0.8, mean_x=0.35, direct_z=1.2375, direct_g=-0.2625,
+                        prev=-0.15, uncond=0.05, noise_std=0.4, noise_nu=0.3)
+DETERMINISTIC = StepCoefficients(**{**COEF.__dict__, "noise_std": 0.0})
+FIRST_MULTISTEP = StepCoefficients(**{**COEF.__dict__, "prev": 0.0})
+SHAPE = (3, 2, 19)  # 38 elements a sample: not a whole number of groups of four
+
+
+def make_inputs(shape, dtype, device, seed=0):
+    """z, pred_cond, pred_uncond, weights [B, 2], x_prev, nu in [-1, 1] (pred_cond's dtype)."""
     g = torch.Generator().manual_seed(seed)
-    z = torch.randn(shape, generator=g) * scale
-    eps_cond = torch.randn(shape, generator=g).to(eps_dtype)
-    eps_uncond = torch.randn(shape, generator=g).to(eps_dtype)
+    z = torch.randn(shape, generator=g) * 2
+    pred_cond, pred_uncond = (torch.randn(shape, generator=g).to(dtype) for _ in range(2))
     w = torch.linspace(0.0, 4.0, shape[0])
-    return z.to(device), eps_cond.to(device), eps_uncond.to(device), w.to(device)
+    weights = torch.stack([1 + w, w], dim=1)
+    x_prev = torch.randn(shape, generator=g)
+    nu = (torch.rand(shape, generator=g) * 2 - 1).to(dtype)
+    return [t.to(device) for t in (z, pred_cond, pred_uncond, weights, x_prev, nu)]
 
 
-def step_magnitude(z, eps_cond, eps_uncond, w, coef, noise, clip, last):
-    """Float64 sum of the magnitudes of the terms of SPEC §2 that the float32 step adds up."""
-    z, ec, eu = (t.cpu().double() for t in (z, eps_cond, eps_uncond))
-    w = w.cpu().double().reshape((-1,) + (1,) * (z.dim() - 1))
-    eps = (1 + w).abs() * ec.abs() + w.abs() * eu.abs()
-    x = (z.abs() + coef.sigma * eps) / coef.alpha
-    if last:
-        return x
-    n = noise.cpu().double().abs() * coef.noise_std
-    if clip is None:
-        return coef.mean_z * z.abs() + coef.mean_eps * eps + n
-    return coef.mean_z_clip * z.abs() + coef.mean_x_clip * x + n
-
-
-def run_step(z, eps_cond, eps_uncond, w, coef, *, noise=None, seed=11, step=5, index_offset=0, clip=None, last=False,
-             out=None):
+def run_step(z, pred_cond, pred_uncond, weights, coef, *, x_prev=None, nu=None, noise=None, seed=11, step=5,
+             index_offset=2, clip=None, out=None):
     if out is None:
-        out = torch.full(z.shape, float("nan"), device=z.device)  # poisoned
-    triton_step.reverse_step_triton(out, z, eps_cond, eps_uncond, w, noise, coef.as_list(), seed, step,
-                                    index_offset, clip, last)
+        out = torch.full(z.shape, float("nan"), device=z.device)  # poisoned: every element must be written
+    triton_step.guided_step_triton(out, z, pred_cond, pred_uncond, weights, x_prev, nu, noise, coef.as_list(), seed,
+                                   step, index_offset, clip)
     return out
 
 
-def check_step(out, z, eps_cond, eps_uncond, w, coef, noise, clip=None, last=False):
-    """out against reverse_step_reference, |err| <= STEP_BUDGET * magnitude; returns the max ratio."""
+def step_magnitude(z, pred_cond, pred_uncond, weights, coef, noise, clip, x_prev, nu):
+    """Float64 sum of the magnitudes of the terms that the float32 step adds up."""
+    z, oc, ou = (t.cpu().double().abs() for t in (z, pred_cond, pred_uncond))
+    per_sample = (-1,) + (1,) * (z.dim() - 1)
+    weights = weights.cpu().double().abs()
+    g = weights[:, 0].reshape(per_sample) * oc + weights[:, 1].reshape(per_sample) * ou
+    x = abs(coef.pred_z) * z + abs(coef.pred_g) * g
+    if clip is None:
+        total = abs(coef.direct_z) * z + abs(coef.direct_g) * g
+    else:
+        total = abs(coef.mean_z) * z + abs(coef.mean_x) * x
+    total = total + abs(coef.uncond) * ou
+    if coef.prev != 0 and x_prev is not None:
+        total = total + abs(coef.prev) * x_prev.cpu().double().abs()
+    if coef.noise_std != 0:
+        scale = abs(coef.noise_std) * (1 if nu is None else torch.exp(coef.noise_nu * nu.cpu().double()))
+        total = total + scale * noise.cpu().double().abs()
+    return total, x
+
+
+def check_step(out, z, pred_cond, pred_uncond, weights, coef, noise, clip=None, x_prev=None, nu=None, x=None):
+    """out (and x~, where given) against guided_step_reference: |err| <= STEP_BUDGET * magnitude."""
     assert out.dtype == torch.float32 and out.shape == z.shape
-    args = [t.cpu() for t in (z, eps_cond, eps_uncond, w)]
-    noise = None if noise is None else noise.cpu()
-    expected = reverse_step_reference(*args, coef, noise, clip, last)
-    err = (out.cpu().double() - expected.double()).abs()
-    bound = STEP_BUDGET * step_magnitude(*args, coef, noise, clip, last) + 1e-30
-    assert torch.isfinite(out).all(), "non-finite output (an element was not written?)"
-    ratio = (err / bound).max().item()
-    assert ratio <= 1, f"max error {ratio:.3g} x the budget"
-    return ratio * STEP_BUDGET
+    args = [t.cpu() for t in (z, pred_cond, pred_uncond, weights)]
+    x_prev, nu, noise = (None if t is None else t.cpu() for t in (x_prev, nu, noise))
+    expected, expected_x = guided_step_reference(*args, coef, noise, clip, x_prev, nu)
+    magnitude, x_magnitude = step_magnitude(*args, coef, noise, clip, x_prev, nu)
+    for got, want, size, name in ((out, expected, magnitude, "z'"), (x, expected_x, x_magnitude, "x~")):
+        if got is None:
+            continue
+        assert torch.isfinite(got).all(), f"non-finite {name} (an element not written, or x_prev read?)"
+        ratio = ((got.cpu().double() - want.double()).abs() / (STEP_BUDGET * size + 1e-30)).max().item()
+        assert ratio <= 1, f"{name}: max error {ratio:.3g} x the budget"
 
 
-LAM, LAM_NEXT, V = -2.5, -1.75, 0.3
-COEF = cfgfast.step_coefficients(LAM, LAM_NEXT, V)
+CASES = ["plain", "clip", "prev", "first-multistep", "nu", "explicit", "deterministic"]
 
 
-@pytest.mark.parametrize("per_sample", [(1,), (7,), (37,), (4097,)], ids=str)
-@pytest.mark.parametrize("eps_dtype", EPS_DTYPES, ids=str)
-@pytest.mark.parametrize("mode", ["plain", "clip", "last", "last-clip", "noise"])
-def test_step_matches_reference(device, per_sample, eps_dtype, mode):
-    shape = (3,) + per_sample
-    z, ec, eu, w = make_inputs(shape, eps_dtype, device)
-    clip = 1.0 if "clip" in mode else None
-    last = mode.startswith("last")
-    noise = torch.randn(shape, generator=torch.Generator().manual_seed(9)).to(device) if mode == "noise" else None
-    out = run_step(z, ec, eu, w, COEF, noise=noise, seed=11, step=5, index_offset=2, clip=clip, last=last)
-    if noise is None and not last:
-        noise = normal_noise_reference(shape, 11, 5, 1, 2)
-    check_step(out, z, ec, eu, w, COEF, noise, clip, last)
-    if clip is not None and last:
-        assert out.abs().max() <= clip
+@pytest.mark.parametrize("dtype", EPS_DTYPES, ids=str)
+@pytest.mark.parametrize("case", CASES)
+def test_step_matches_reference(device, dtype, case):
+    """Each term of the row against the reference: clip, the multistep state (prev != 0 read; prev == 0 on a NaN
+    buffer not read, both overwritten with x~), learned variance, explicit noise, and no noise (independent of the
+    seed: nothing drawn)."""
+    z, pc, pu, weights, x_prev, nu = make_inputs(SHAPE, dtype, device)
+    coef = {"first-multistep": FIRST_MULTISTEP, "deterministic": DETERMINISTIC}.get(case, COEF)
+    clip = 1.0 if case == "clip" else None
+    state = None
+    if case in ("prev", "first-multistep", "deterministic"):
+        state = torch.full_like(x_prev, float("nan")) if case == "first-multistep" else x_prev.clone()
+    given_nu = nu if case in ("nu", "deterministic") else None
+    noise = torch.randn(SHAPE, generator=torch.Generator().manual_seed(9)).to(device) if case == "explicit" else None
+    out = run_step(z, pc, pu, weights, coef, x_prev=state, nu=given_nu, noise=noise, clip=clip)
+    if noise is None and case != "deterministic":
+        noise = normal_noise_reference(SHAPE, 11, 5, 1, 2)
+    read = x_prev if case in ("prev", "deterministic") else None  # (the reference reads no state where prev == 0)
+    check_step(out, z, pc, pu, weights, coef, noise, clip, read, given_nu, x=state)
+    if case == "deterministic":
+        again = run_step(z, pc, pu, weights, coef, x_prev=x_prev.clone(), nu=nu, seed=12, step=6, index_offset=0)
+        assert torch.equal(again, out)
+    if clip is not None:
+        x = torch.full_like(z, float("nan"))
+        run_step(z, pc, pu, weights, FIRST_MULTISTEP, x_prev=x, clip=clip)  # the state holds the clipped x~
+        assert x.abs().max() <= clip
 
 
-LAMBDA_PAIRS = [(-20.0, -19.5), (-5.0, 3.5), (0.0, 1e-3), (19.0, 20.0)]
+def test_table_reads_its_row_and_step_on_the_device(device):
+    """Row t = step[0] of the table, the noise's step word t; prev == 0 on a NaN state not read; a row without
+    noise adds none; t outside the table gives NaN everywhere."""
+    z, pc, pu, weights, x_prev, nu = make_inputs(SHAPE, torch.bfloat16, device, seed=1)
+    rows = [COEF, FIRST_MULTISTEP, StepCoefficients(**{**DETERMINISTIC.__dict__, "prev": 0.0})]
+    table = torch.tensor([c.as_list() for c in rows], dtype=torch.float64, device=device)
+    for t, coef in enumerate(rows):
+        state = x_prev.clone() if t == 0 else torch.full_like(x_prev, float("nan"))
+        out = torch.full(SHAPE, float("nan"), device=device)
+        triton_step.guided_step_table_triton(out, z, pc, pu, weights, state, nu, table,
+                                             torch.tensor([t], device=device), 2**40 + 3, 7, None)
+        noise = normal_noise_reference(SHAPE, 2**40 + 3, t, 1, 7) if coef.noise_std else None
+        check_step(out, z, pc, pu, weights, coef, noise, None, x_prev if t == 0 else None, nu, x=state)
+    for t in (-1, len(rows)):
+        out, state = torch.zeros(SHAPE, device=device), x_prev.clone()
+        triton_step.guided_step_table_triton(out, z, pc, pu, weights, state, None, table,
+                                             torch.tensor([t], device=device), 1, 0, 1.0)
+        assert torch.isnan(out).all()
 
 
-@pytest.mark.parametrize("lam,lam_next", LAMBDA_PAIRS)
-@pytest.mark.parametrize("seed", SEEDS)
-def test_step_seeds_and_schedule_ends(device, seed, lam, lam_next):
-    shape = (4, 201)  # 51 groups per sample, the last one partial
-    z, ec, eu, w = make_inputs(shape, torch.float32, device, seed=1, scale=1.0)
-    coef = cfgfast.step_coefficients(lam, lam_next, 0.2)
-    out = run_step(z, ec, eu, w, coef, seed=seed, step=2**32 - 1, index_offset=7)
-    check_step(out, z, ec, eu, w, coef, normal_noise_reference(shape, seed, 2**32 - 1, 1, 7))
+def test_coefficients_are_rounded_to_float32_before_they_are_tested():
+    """A row's prev or noise_std that rounds to float32 zero reads no state and draws no noise, as in the kernels
+    of csrc (which test the float32 value)."""
+    assert [triton_step._nonzero_f32(v) for v in (0.0, -0.0, 1e-60, 2.0**-150, 2.0**-149, -1e-44, math.nan)] == [
+        False, False, False, False, True, True, True]
 
 
-@pytest.mark.parametrize("lam", [-20.0, 0.0, 20.0])
-def test_last_step_uses_only_alpha_and_sigma(device, lam):
-    """On the last step the mean and noise coefficients are nan (schedule.step_coefficients): unused."""
-    z, ec, eu, w = make_inputs((2, 9), torch.float32, device, seed=3)
-    coef = cfgfast.step_coefficients(lam, lam, 0.3)
-    assert math.isnan(coef.noise_std)
-    check_step(run_step(z, ec, eu, w, coef, last=True), z, ec, eu, w, coef, None, last=True)
+@pytest.mark.skipif(not INTERPRETED, reason="counts the interpreted kernels' Philox calls")
+def test_rows_without_noise_draw_none(monkeypatch):
+    """noise_std == 0 costs no Philox: the kernel of a host row holds none (DRAW, chosen on the host), and the table
+    kernel skips it by a branch on the row (tests/test_codegen.py counts the compiled kernels' Philox)."""
+    calls = []
+    draw = triton_step._sample_normals
 
+    def counted(*args):
+        calls.append(args)
+        return draw(*args)
 
-@pytest.mark.parametrize("eps_dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_loads_first_setting(device, eps_dtype, monkeypatch):
-    """triton_step.LOADS_FIRST (the loads kept above the noise by a branch on per_sample >= 0): the same step."""
-    shape = (3, 37)
-    z, ec, eu, w = make_inputs(shape, eps_dtype, device, seed=4)
-    plain = run_step(z, ec, eu, w, COEF, seed=11, step=5, index_offset=2)
-    monkeypatch.setattr(triton_step, "LOADS_FIRST", True)
-    first = run_step(z, ec, eu, w, COEF, seed=11, step=5, index_offset=2)
-    check_step(first, z, ec, eu, w, COEF, normal_noise_reference(shape, 11, 5, 1, 2))
-    torch.testing.assert_close(first, plain, rtol=2.0**-22, atol=0)
-
-
-@pytest.mark.skipif(INTERPRETED, reason="the L2 prefetch is inline PTX, which the interpreter cannot run")
-@pytest.mark.parametrize("eps_dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("mode", ["noise", "explicit"])
-def test_prefetch_setting(device, eps_dtype, mode, monkeypatch):
-    """triton_step.PREFETCH_PER_SM (each program prefetches a later program's inputs into L2): the same bits. 1 an SM
-    on 3 samples of 128 programs each, so that most programs have one to prefetch for and the last ones have none."""
-    shape = (3, 128 * 4 * triton_step.BLOCK_GROUPS)
-    z, ec, eu, w = make_inputs(shape, eps_dtype, device, seed=4)
-    noise = torch.randn_like(z) if mode == "explicit" else None
-    plain = run_step(z, ec, eu, w, COEF, noise=noise, seed=11, step=5, index_offset=2)
-    monkeypatch.setattr(triton_step, "PREFETCH_PER_SM", 1)
-    assert 0 < triton_step._prefetch_ahead(z) < 3 * 128  # a prefetch is due
-    fetched = run_step(z, ec, eu, w, COEF, noise=noise, seed=11, step=5, index_offset=2)
-    assert torch.equal(fetched, plain)
-
-
-@pytest.mark.skipif(not INTERPRETED, reason="records the prefetched addresses through the interpreter")
-@pytest.mark.parametrize("batch,blocks,ahead,noise,last,eps_dtype", [
-    (3, 5, 4, False, False, torch.float32), (3, 5, 7, True, False, torch.bfloat16),
-    (2, 1, 1, True, False, torch.float32), (2, 3, 10, False, False, torch.float32),
-    (1, 6, 6, False, False, torch.float16), (2, 2, 9, False, False, torch.float32),
-    (2, 3, 2, True, True, torch.float32)])
-def test_prefetch_addresses(batch, blocks, ahead, noise, last, eps_dtype, monkeypatch):
-    """The Triton step's prefetch (PREFETCH, prefetch_ahead programs on), its inline PTX replaced by a recorder under
-    the interpreter: every address asked for lies inside its input, each group of the programs from `ahead` on is
-    asked for exactly once in each input the step reads (z, both eps, the explicit noise but on the last step),
-    nothing else, and a program prefetches all its groups or none (where program pid + ahead exists). A wrong
-    address would change no result and a prefetch does not fault, so only this sees it."""
-    np = pytest.importorskip("numpy")
-    recorded = []
-
-    def record(pointers, mask):
-        recorded.append((np.asarray(pointers.handle.data).astype(np.int64), np.asarray(mask.handle.data).astype(bool)))
-
-    monkeypatch.setattr(triton_step, "_prefetch_l2", record)
-    block = 4
-    per_sample = 4 * block * blocks
-    z = torch.randn(batch, per_sample)
-    ec, eu = torch.randn_like(z).to(eps_dtype), torch.randn_like(z).to(eps_dtype)
-    explicit, w, out = torch.randn_like(z), torch.ones(batch), torch.empty_like(z)
-    programs = batch * blocks
-    triton_step._reverse_step_kernel[(programs,)](
-        out, z, ec, eu, w, explicit if noise else z, 1.0, 0.5, 0.9, 0.1, 0.9, 0.1, 0.3, 0.0,
-        1, 0, 2, 0, per_sample, blocks, ahead, HAS_NOISE=noise, CLIP=False, LAST=last, BLOCK=block, PREFETCH=True)
-    inputs = [z, ec, eu] + ([explicit] if noise and not last else [])
-    assert len(recorded) == programs * len(inputs)
-    counts = [np.zeros(t.numel(), dtype=np.int64) for t in inputs]
-    for i, (addresses, due) in enumerate(recorded):
-        pid, k = divmod(i, len(inputs))
-        t = inputs[k]
-        assert due.all() == (pid + ahead < programs) and (due.all() or not due.any()), (pid, due)
-        offsets = addresses[due] - t.data_ptr()
-        assert (offsets % t.element_size() == 0).all()
-        index = offsets // t.element_size()
-        assert ((index >= 0) & (index < t.numel())).all(), (pid, k, index)
-        np.add.at(counts[k], index, 1)
-    expected = np.zeros(z.numel(), dtype=np.int64)
-    expected[4 * block * ahead::4] = 1  # the first element of each group of the programs from `ahead` on
-    for k, count in enumerate(counts):
-        assert (count == expected).all(), (k, count, expected)
-
-
-def test_prefetch_only_where_it_can_run(monkeypatch):
-    """The prefetch is off by default, under the interpreter (CPU tensors), and where a sample is not a whole
-    number of programs (a later program's inputs are then not a fixed distance on)."""
-    whole = 4 * triton_step.BLOCK_GROUPS
-    assert triton_step.PREFETCH_PER_SM == 0
-    assert triton_step._prefetch_ahead(torch.empty(2, whole)) == 0
-    monkeypatch.setattr(triton_step, "PREFETCH_PER_SM", 4)
-    assert triton_step._prefetch_ahead(torch.empty(2, whole)) == 0  # CPU tensors: the interpreter
-    if torch.cuda.is_available() and not INTERPRETED:
-        sms = torch.cuda.get_device_properties(0).multi_processor_count
-        assert triton_step._prefetch_ahead(torch.empty(2, whole, device="cuda")) == 4 * sms
-        assert triton_step._prefetch_ahead(torch.empty(2, whole + 4, device="cuda")) == 0
+    monkeypatch.setattr(triton_step, "_sample_normals", counted)
+    z, pc, pu, weights, x_prev, nu = make_inputs(SHAPE, torch.float32, "cpu")
+    table = torch.tensor([DETERMINISTIC.as_list(), COEF.as_list()], dtype=torch.float64)
+    for t, drawn in ((0, False), (1, True)):
+        run_step(z, pc, pu, weights, StepCoefficients(*table[t].tolist()), x_prev=x_prev.clone(), nu=nu)
+        triton_step.guided_step_table_triton(torch.empty_like(z), z, pc, pu, weights, x_prev.clone(), nu, table,
+                                             torch.tensor([t]), 1, 0, None)
+        assert bool(calls) == drawn, (t, len(calls))
 
 
 def test_in_kernel_noise_equals_noise_kernel(device):
     """The fused step draws exactly the noise that normal_noise_triton writes."""
-    shape = (3, 2, 50)
-    z, ec, eu, w = make_inputs(shape, torch.float32, device, seed=6)
-    fused = run_step(z, ec, eu, w, COEF, seed=2**33 + 1, step=17, index_offset=40)
-    noise = torch.empty(shape, device=device)
+    z, pc, pu, weights, _, _ = make_inputs(SHAPE, torch.float32, device, seed=6)
+    fused = run_step(z, pc, pu, weights, COEF, seed=2**33 + 1, step=17, index_offset=40)
+    noise = torch.empty(SHAPE, device=device)
     triton_step.normal_noise_triton(noise, 2**33 + 1, 17, 1, 40)
-    explicit = run_step(z, ec, eu, w, COEF, noise=noise)
+    explicit = run_step(z, pc, pu, weights, COEF, noise=noise)
     torch.testing.assert_close(fused, explicit, rtol=2.0**-22, atol=0)
 
 
 def test_views_are_made_contiguous(device):
-    """Non-contiguous inputs count elements in C order over each sample (SPEC §3), like their dense copies."""
+    """Non-contiguous inputs count elements in C order over each sample (SPEC §3), like their dense copies; nu may
+    be a strided slice of the model output."""
     base = torch.randn(6, 3, 10, 8, device=device)
     z = base[::2, :, 1:9, :].transpose(2, 3)  # [3, 3, 8, 8], strided
-    ec = torch.randn(3, 8, 8, 3, device=device).permute(0, 3, 1, 2).to(torch.bfloat16)
-    eu = torch.randn(3, 3, 8, 8, device=device).contiguous(memory_format=torch.channels_last).to(torch.bfloat16)
-    w = torch.tensor([0.5, 1.5, 3.0], device=device).flip(0)
-    assert not (z.is_contiguous() or ec.is_contiguous() or eu.is_contiguous())
-    out = run_step(z, ec, eu, w, COEF, seed=5, step=2)
-    dense = run_step(z.contiguous(), ec.contiguous(), eu.contiguous(), w.contiguous(), COEF, seed=5, step=2)
+    pc = torch.randn(3, 8, 8, 3, device=device).permute(0, 3, 1, 2).to(torch.bfloat16)
+    pu = torch.randn(3, 3, 8, 8, device=device).contiguous(memory_format=torch.channels_last).to(torch.bfloat16)
+    nu = (torch.rand(3, 6, 8, 8, device=device) * 2 - 1).to(torch.bfloat16)[:, 3:]  # learned variance's half
+    weights = torch.tensor([[1.5, 2.5, 4.0], [0.5, 1.5, 3.0]], device=device).t()
+    assert not any(t.is_contiguous() for t in (z, pc, pu, nu, weights))
+    out = run_step(z, pc, pu, weights, COEF, nu=nu, seed=5, step=2)
+    dense = run_step(*(t.contiguous() for t in (z, pc, pu, weights)), COEF, nu=nu.contiguous(), seed=5, step=2)
     assert torch.equal(out, dense)
-    check_step(out, z, ec, eu, w, COEF, normal_noise_reference(z.shape, 5, 2, 1, 0))
+    check_step(out, z, pc, pu, weights, COEF, normal_noise_reference(z.shape, 5, 2, 1, 2), nu=nu)
 
 
-@pytest.mark.parametrize("mode", ["plain", "clip", "last"])
-def test_out_may_alias_z(device, mode):
-    z, ec, eu, w = make_inputs((4, 33), torch.float16, device, seed=4)
-    clip, last = (1.0 if mode == "clip" else None), mode == "last"
-    expected = run_step(z, ec, eu, w, COEF, clip=clip, last=last)
+def test_out_may_alias_z(device):
+    z, pc, pu, weights, x_prev, nu = make_inputs((4, 33), torch.float16, device, seed=4)
+    expected = run_step(z, pc, pu, weights, COEF, x_prev=x_prev.clone(), nu=nu, clip=1.0)
     state = z.clone()
-    run_step(state, ec, eu, w, COEF, clip=clip, last=last, out=state)
+    run_step(state, pc, pu, weights, COEF, x_prev=x_prev.clone(), nu=nu, clip=1.0, out=state)
     assert torch.equal(state, expected)
 
 
-def test_batch_split_equals_whole_batch(device):
-    """Noise follows the global sample index: parts with index_offset give the rows of the whole batch."""
-    shape = (6, 3, 5)
-    z, ec, eu, w = make_inputs(shape, torch.float32, device, seed=7)
-    whole = run_step(z, ec, eu, w, COEF, seed=8, step=3, index_offset=100)
-    parts = [run_step(z[i:j], ec[i:j], eu[i:j], w[i:j], COEF, seed=8, step=3, index_offset=100 + i)
-             for i, j in ((0, 1), (1, 4), (4, 6))]
-    assert torch.equal(torch.cat(parts), whole)
-
-
 def test_nan_input_propagates_through_clip(device):
-    z, ec, eu, w = make_inputs((1, 8), torch.float32, device)
+    z, pc, pu, weights, _, _ = make_inputs((1, 8), torch.float32, device)
     z[0, 3] = float("nan")
-    out = run_step(z, ec, eu, w, COEF, clip=1.0, last=True)
-    assert torch.isnan(out[0, 3]) and torch.isfinite(out[0, torch.arange(8, device=device) != 3]).all()
+    x = torch.empty_like(z)
+    out = run_step(z, pc, pu, weights, DETERMINISTIC, x_prev=x, clip=1.0)
+    for t in (out, x):
+        assert torch.isnan(t[0, 3]) and torch.isfinite(t[0, torch.arange(8, device=device) != 3]).all()
 
 
 def test_empty_tensors(device):
     for shape in ((0, 5), (3, 0)):
-        z, ec, eu, w = make_inputs(shape, torch.float32, device)
-        assert run_step(z, ec, eu, w, COEF).shape == shape
+        z, pc, pu, weights, x_prev, nu = make_inputs(shape, torch.float32, device)
+        assert run_step(z, pc, pu, weights, COEF, x_prev=x_prev, nu=nu).shape == shape
         triton_step.normal_noise_triton(torch.empty(shape, device=device), 1, 0, 1, 0)
 
 
 def test_op_checks_refuse_bad_input(device):
-    z, ec, eu, w = make_inputs((2, 8), torch.float32, device)
+    z, pc, pu, weights, x_prev, nu = make_inputs((2, 8), torch.float32, device)
     out = torch.empty_like(z)
-    bad_calls = {  # the op's own words (cfgfast/_checks.py op_step_args), each naming what is wrong
-        "eps_uncond must have the dtype of eps_cond": lambda: run_step(z, ec, eu.half(), w, COEF, out=out),
-        r"w must be float32 \[B\]": lambda: run_step(z, ec, eu, w[:1], COEF, out=out),
-        "out must be float32": lambda: run_step(z, ec, eu, w, COEF, out=out.double()),
-        "out must be contiguous": lambda: run_step(z, ec, eu, w, COEF, out=torch.empty(8, 2, device=device).t()),
-        r"index_offset \+ batch must be in": lambda: run_step(z, ec, eu, w, COEF, index_offset=2**32 - 1, out=out),
-        "step must be in": lambda: run_step(z, ec, eu, w, COEF, step=2**32, out=out),
-        "clip must be positive and finite in float32": lambda: run_step(z, ec, eu, w, COEF, clip=-1.0, out=out),
+    bad_calls = {  # the op's own words (cfgfast/_checks.py), each naming what is wrong
+        "pred_uncond must have the dtype of pred_cond": lambda: run_step(z, pc, pu.half(), weights, COEF, out=out),
+        r"weights must have shape \[2, 2\]": lambda: run_step(z, pc, pu, weights[:, :1], COEF, out=out),
+        "out must be a contiguous float32": lambda: run_step(z, pc, pu, weights, COEF, out=out.double()),
+        "x_prev must be a contiguous float32": lambda: run_step(z, pc, pu, weights, COEF, x_prev=x_prev.t().t()[:, ::1]
+                                                                 .double(), out=out),
+        "nu must have the dtype of pred_cond": lambda: run_step(z, pc, pu, weights, COEF, nu=nu.half(), out=out),
+        r"index_offset \+ batch must be in": lambda: run_step(z, pc, pu, weights, COEF, index_offset=2**32 - 1,
+                                                              out=out),
+        "step must be in": lambda: run_step(z, pc, pu, weights, COEF, step=2**32, out=out),
+        "clip must be positive and finite in float32": lambda: run_step(z, pc, pu, weights, COEF, clip=-1.0, out=out),
+        "coef must hold 10 numbers": lambda: triton_step.guided_step_triton(out, z, pc, pu, weights, None, None, None,
+                                                                             [1.0] * 7, 0, 0, 0, None),
+        "coef_table must have shape": lambda: triton_step.guided_step_table_triton(
+            out, z, pc, pu, weights, None, None, torch.zeros(3, 7, dtype=torch.float64, device=device),
+            torch.tensor([0], device=device), 0, 0, None),
+        "step must be an int64 tensor": lambda: triton_step.guided_step_table_triton(
+            out, z, pc, pu, weights, None, None, torch.zeros(3, 10, dtype=torch.float64, device=device),
+            torch.tensor([0], dtype=torch.int32, device=device), 0, 0, None),
     }
     for message, call in bad_calls.items():
         with pytest.raises(RuntimeError, match="cfgfast: " + message):
             call()
-    # out over part of an input: the C++ ops refuse it too (an in-place step into the input itself is allowed)
-    buffer = torch.randn(20, device=device)
+    # out over part of an input: the C++ ops refuse it too (an in-place step into z itself is allowed); x_prev,
+    # written, shares no byte with any other tensor
+    buffer = torch.randn(40, device=device)
     with pytest.raises(ValueError, match="out must not partly overlap z"):
-        run_step(buffer[:16].view(2, 8), ec, eu, w, COEF, out=buffer[2:18].view(2, 8))
-    with pytest.raises(ValueError, match="out must not partly overlap eps_cond"):
-        run_step(z, buffer[:16].view(2, 8), eu, w, COEF, out=buffer[4:].view(2, 8))
+        run_step(buffer[:16].view(2, 8), pc, pu, weights, COEF, out=buffer[2:18].view(2, 8))
+    with pytest.raises(ValueError, match="out must not partly overlap pred_cond"):
+        run_step(z, buffer[:16].view(2, 8), pu, weights, COEF, out=buffer[4:20].view(2, 8))
+    with pytest.raises(ValueError, match="x_prev must not overlap z"):
+        run_step(z, pc, pu, weights, COEF, x_prev=z, out=out)
+    with pytest.raises(ValueError, match="x_prev must not overlap out"):
+        run_step(z, pc, pu, weights, COEF, x_prev=buffer[20:36].view(2, 8), out=buffer[24:40].view(2, 8))
 
 
 # ---------------------------------------------------------------- the backend's contract
@@ -449,15 +486,26 @@ def test_refusals(device):
         assert triton_step.refusals(torch.device("cpu"))
 
 
-@pytest.mark.parametrize("value, interpreted", [("true", True), ("on", True), ("0", False)])
+@pytest.mark.parametrize("value, interpreted", [("true", True), ("0", False)])
 def test_interpreter_setting_read_as_triton_reads_it(value, interpreted, tmp_path):
-    """TRITON_INTERPRET=true interprets the kernels: cfgfast took only "1", refused CPU tensors and did not
-    call the interpreted kernels directly where older torch cannot wrap them."""
-    code = ("import torch, cfgfast\nfrom cfgfast import triton_step\nprint(triton_step.INTERPRETED)\n"
-            "print(cfgfast.normal_noise((1, 3), 1, backend='triton').tolist() if triton_step.INTERPRETED else '')")
-    if not interpreted:  # a direct call of the op on CPU tensors is refused by name (Triton: "0 active drivers")
-        code += ("\ntry:\n    torch.ops.cfgfast.triton_normal_noise_(torch.empty(1, 3), 1, 0, 1, 0)\n"
-                 "except RuntimeError as error:\n    print(error)")
+    """TRITON_INTERPRET=true interprets the kernels as Triton does (not only "1"): CPU tensors are accepted and the
+    interpreted kernels are called directly where torch cannot wrap them; otherwise a CPU tensor is refused by
+    name."""
+    code = textwrap.dedent("""
+        import torch
+        from cfgfast import triton_step
+        print(triton_step.INTERPRETED)
+        out = torch.empty(1, 3)
+        if triton_step.INTERPRETED:
+            triton_step.normal_noise_triton(out, 1, 0, 1, 0)
+            print(out.tolist())
+        else:
+            print()
+            try:
+                torch.ops.cfgfast.triton_normal_noise_(out, 1, 0, 1, 0)
+            except RuntimeError as error:
+                print(error)
+        """)
     env = dict(os.environ, TRITON_INTERPRET=value, PYTHONPATH=os.pathsep.join(sys.path))
     done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=300)
@@ -472,64 +520,66 @@ def test_interpreter_setting_read_as_triton_reads_it(value, interpreted, tmp_pat
 
 
 def test_ops_are_registered():
-    for name in ("triton_reverse_step_", "triton_normal_noise_"):
+    for name, written in (("triton_guided_step_", ("out", "x_prev")), ("triton_guided_step_table_", ("out", "x_prev")),
+                          ("triton_normal_noise_", ("out",))):
         schema = str(getattr(torch.ops.cfgfast, name).default._schema)
-        assert re.search(r"\(Tensor\(a\d*!\) out,", schema), schema  # out, and only out, is written
+        assert re.findall(r"Tensor\(a\d*!\)\?? (\w+)", schema) == list(written), schema
 
 
 def test_kernel_arguments_leave_inductors_launcher_names_free():
     """torch.compile's launcher of a user Triton kernel takes its own `stream` argument: a kernel argument of that
     name stopped compilation on a GPU (SyntaxError: duplicate argument 'stream'), which the interpreter never sees."""
-    for kernel in (triton_step._reverse_step_kernel, triton_step._normal_noise_kernel):
+    for kernel in (triton_step._guided_step_kernel, triton_step._normal_noise_kernel):
         assert not {"stream", "grid", "function"} & set(kernel.arg_names), kernel.arg_names
 
 
-@pytest.mark.skipif(INTERPRETED, reason="torch.compile of a Triton op needs a GPU (the interpreter cannot be traced)")
-def test_torch_compile_sees_the_noise_kernel(device):
-    def draw(z):
-        out = torch.empty_like(z)
-        torch.ops.cfgfast.triton_normal_noise_(out, 3, 4, 1, 2)
-        return out + z
-
-    z = torch.zeros(3, 5, 7, device=device)
-    compiled = torch.compile(draw, fullgraph=True)
-    torch.testing.assert_close(compiled(z), draw(z), rtol=0, atol=0)
-
-
-@pytest.mark.skipif(INTERPRETED, reason="torch.compile of a Triton op needs a GPU (the interpreter cannot be traced)")
+@NEEDS_GPU
 def test_torch_compile_sees_the_kernels(device):
-    shape = (4, 3, 17)
-    z, ec, eu, w = make_inputs(shape, torch.bfloat16, device)
-    coef = COEF.as_list()
+    z, pc, pu, weights, x_prev, nu = make_inputs((4, 3, 17), torch.bfloat16, device)
+    table = torch.tensor([COEF.as_list(), DETERMINISTIC.as_list()], dtype=torch.float64, device=device)
+    t = torch.tensor([0], device=device)
 
-    def step(z, ec, eu, w):
-        out = torch.empty_like(z)
-        torch.ops.cfgfast.triton_reverse_step_(out, z, ec, eu, w, None, coef, 3, 4, 0, None, False)
-        return out * 1.0
+    def step(z, pc, pu, weights, x_prev, nu):
+        out, table_out, noise = torch.empty_like(z), torch.empty_like(z), torch.empty_like(z)
+        torch.ops.cfgfast.triton_guided_step_(out, z, pc, pu, weights, x_prev, nu, None, COEF.as_list(), 3, 4, 0,
+                                              None)
+        torch.ops.cfgfast.triton_guided_step_table_(table_out, z, pc, pu, weights, None, nu, table, t, 3, 0, 1.0)
+        torch.ops.cfgfast.triton_normal_noise_(noise, 3, 4, 1, 2)
+        return out * 1.0, table_out * 1.0, noise + z
 
     compiled = torch.compile(step, fullgraph=True)
-    torch.testing.assert_close(compiled(z, ec, eu, w), step(z, ec, eu, w), rtol=0, atol=0)
+    eager_state, compiled_state = x_prev.clone(), x_prev.clone()
+    for got, want in zip(compiled(z, pc, pu, weights, compiled_state, nu), step(z, pc, pu, weights, eager_state, nu)):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    torch.testing.assert_close(compiled_state, eager_state, rtol=0, atol=0)
 
 
 def test_opcheck(device):
     # Under the interpreter the fake-tensor and AOT checks would run the interpreted kernel on fake tensors.
     utils = ("test_schema", "test_autograd_registration") if INTERPRETED else None
     kwargs = {} if utils is None else {"test_utils": utils}
-    z, ec, eu, w = make_inputs((3, 2, 9), torch.bfloat16, device)
-    torch.library.opcheck(torch.ops.cfgfast.triton_reverse_step_.default,
-                          (torch.empty_like(z), z, ec, eu, w, None, COEF.as_list(), 2**63 - 1, 4, 0, 1.5, False),
-                          **kwargs)
+    z, pc, pu, weights, x_prev, nu = make_inputs((3, 2, 9), torch.bfloat16, device)
+    table = torch.tensor([COEF.as_list()], dtype=torch.float64, device=device)
+    torch.library.opcheck(torch.ops.cfgfast.triton_guided_step_.default,
+                          (torch.empty_like(z), z, pc, pu, weights, x_prev, nu, None, COEF.as_list(), 2**63 - 1, 4, 0,
+                           1.5), **kwargs)
+    torch.library.opcheck(torch.ops.cfgfast.triton_guided_step_table_.default,
+                          (torch.empty_like(z), z, pc, pu, weights, x_prev, nu, table,
+                           torch.tensor([0], device=device), -1, 0, None), **kwargs)
     torch.library.opcheck(torch.ops.cfgfast.triton_normal_noise_.default,
                           (torch.empty(2, 9, device=device), -1, 2, 1, 0), **kwargs)
 
 
 def test_ops_do_nothing_on_meta_tensors():
-    """(Meta tensors all sit at address 0: the overlap check refused them as overlapping w.)"""
-    def meta(*shape):
-        return torch.empty(*shape, device="meta")
+    """(Meta tensors all sit at address 0: the overlap checks would refuse them as overlapping.)"""
+    def meta(*shape, dtype=torch.float32):
+        return torch.empty(*shape, dtype=dtype, device="meta")
 
-    torch.ops.cfgfast.triton_reverse_step_(meta(3, 5), meta(3, 5), meta(3, 5), meta(3, 5), meta(3), None, [1.0] * 7, 1,
-                                           0, 0, None, False)
+    torch.ops.cfgfast.triton_guided_step_(meta(3, 5), meta(3, 5), meta(3, 5), meta(3, 5), meta(3, 2), meta(3, 5),
+                                          meta(3, 5), meta(3, 5), [1.0] * 10, 1, 0, 0, None)
+    torch.ops.cfgfast.triton_guided_step_table_(meta(3, 5), meta(3, 5), meta(3, 5), meta(3, 5), meta(3, 2),
+                                                meta(3, 5), None, meta(4, 10, dtype=torch.float64),
+                                                meta(1, dtype=torch.int64), 1, 0, None)
     torch.ops.cfgfast.triton_normal_noise_(meta(3, 5), 1, 0, 1, 0)
 
 
@@ -548,36 +598,12 @@ def test_tensors_on_a_gpu_that_is_not_the_current_one():
     # Triton launches on the current device: the op makes the tensors' device current for the launch, and the
     # results on cuda:1 are those on cuda:0 bit for bit
     torch.cuda.set_device(0)
-    inputs = [torch.randn(3, 4099, device="cuda:0") for _ in range(3)]
-    steps = [cfgfast.reverse_step(*(t.to(device) for t in inputs), -1.0, 0.0, 2.0, seed=5, step=2, backend="triton")
+    inputs = make_inputs((3, 4099), torch.float32, "cuda:0")
+    steps = [run_step(*(t.to(device) for t in inputs[:4]), COEF, x_prev=inputs[4].to(device), nu=inputs[5].to(device))
              for device in ("cuda:1", "cuda:0")]
     assert steps[0].device == torch.device("cuda:1") and torch.equal(steps[0].cpu(), steps[1].cpu())
-    noises = [cfgfast.normal_noise((3, 4099), 5, device=device, backend="triton") for device in ("cuda:1", "cuda:0")]
+    noises = [torch.empty(3, 4099, device=device) for device in ("cuda:1", "cuda:0")]
+    for noise in noises:
+        triton_step.normal_noise_triton(noise, 5, 0, 1, 0)
     assert torch.equal(noises[0].cpu(), noises[1].cpu())
 
-
-@pytest.mark.parametrize("mode", ["plain", "clip", "last", "noise"])
-def test_public_api_with_the_triton_backend(device, mode):
-    """cfgfast.reverse_step, normal_noise and reverse_step_table with backend="triton" pass the kernels the same
-    arguments as the reference backend gets (eps_cond vs eps_uncond, step vs stream, seed, index_offset, w per
-    sample, clip, last, noise): the kernels' own accuracy is checked above, this is the wiring."""
-    g = torch.Generator().manual_seed(3)
-    shape = (3, 2, 37)
-    z, eps_cond, eps_uncond = (torch.randn(shape, generator=g).to(device) for _ in range(3))
-    w = torch.tensor([0.5, 2.0, 4.0], device=device)
-    noise = torch.randn(shape, generator=g).to(device) if mode == "noise" else None
-    kwargs = dict(seed=2**63 + 7, step=5, index_offset=11, clip=1.0 if mode == "clip" else None,
-                  last=mode == "last", noise=noise)
-    got, want = (cfgfast.reverse_step(z, eps_cond, eps_uncond, -3.0, -1.5, w, 0.3, backend=b, **kwargs)
-                 for b in ("triton", "reference"))
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    got, want = (cfgfast.normal_noise((3, 37), 2**40 + 1, step=4, stream=2, index_offset=9, device=device, backend=b)
-                 for b in ("triton", "reference"))
-    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-12)
-    lams = cfgfast.sampling_lambdas(6)
-    table = cfgfast.coefficient_table(lams, 0.3).to(device)
-    for t in (2, 5):  # a middle step and the last (x~)
-        counter = torch.tensor([t], device=device)
-        got, want = (cfgfast.reverse_step_table(z, eps_cond, eps_uncond, table, counter, w, seed=9, index_offset=4,
-                                                backend=b) for b in ("triton", "reference"))
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
