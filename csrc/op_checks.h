@@ -57,8 +57,8 @@ inline void check_no_partial_overlap(const at::Tensor& out, const at::Tensor& t,
 }
 
 // After the checks, before the kernel writes: autograd and cfgfast's own cache of checked tensors see out
-// as modified, as after any in-place op.
-inline void mark_written(at::Tensor& out) { out.unsafeGetTensorImpl()->bump_version(); }
+// (and x_prev) as modified, as after any in-place op.
+inline void mark_written(const at::Tensor& out) { out.unsafeGetTensorImpl()->bump_version(); }
 
 // (as the Python API: beyond float32's largest value the kernels' float clip would be infinite, no clip)
 inline void check_clip(c10::optional<double> clip) {
@@ -82,63 +82,91 @@ inline void check_noise_out(const at::Tensor& out, int64_t step, int64_t stream,
   check_storage(out, "out");
 }
 
-inline void check_step_args(const at::Tensor& out, const at::Tensor& z, const at::Tensor& eps_cond,
-                            const at::Tensor& eps_uncond, const at::Tensor& w,
-                            const c10::optional<at::Tensor>& noise, c10::ArrayRef<double> coef,
-                            int64_t step, int64_t index_offset) {
+// x_prev is written (with x~) while every other input is read, by other threads too: no byte of it may be
+// shared with another tensor of the call, not even a whole-tensor alias.
+inline void check_disjoint(const at::Tensor& x_prev, const at::Tensor& t, const char* name) {
+  const auto a = byte_span(x_prev), b = byte_span(t);
+  TORCH_CHECK_VALUE(a.first >= b.second || b.first >= a.second, "cfgfast: x_prev must not overlap ", name,
+                    " (it is written)");
+}
+
+// Shape, dtype and device of one optional input of z's shape; out may be it but must not partly overlap it.
+inline void check_like_z(const at::Tensor& out, const at::Tensor& z, const at::Tensor& t, const char* name,
+                         at::ScalarType dtype) {
+  TORCH_CHECK_TYPE(t.scalar_type() == dtype, "cfgfast: ", name, " must be ", dtype, ", got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.sizes() == z.sizes(), "cfgfast: ", name, " must have the shape of z ", z.sizes(), ", got ",
+                    t.sizes());
+  TORCH_CHECK_VALUE(t.device() == z.device(), "cfgfast: ", name, " must be on ", z.device(), ", got ", t.device());
+  check_no_partial_overlap(out, t, name);
+  check_storage(t, name);
+}
+
+inline void check_guided_step_args(const at::Tensor& out, const at::Tensor& z, const at::Tensor& pred_cond,
+                                   const at::Tensor& pred_uncond, const at::Tensor& weights,
+                                   const c10::optional<at::Tensor>& x_prev, const c10::optional<at::Tensor>& nu,
+                                   const c10::optional<at::Tensor>& noise, c10::ArrayRef<double> coef,
+                                   int64_t step, int64_t index_offset) {
   TORCH_CHECK_TYPE(z.scalar_type() == at::kFloat, "cfgfast: z must be float32, got ", z.scalar_type());
   TORCH_CHECK_VALUE(z.dim() >= 1, "cfgfast: z needs a batch dimension, got a 0-d tensor");
-  const auto eps_type = eps_cond.scalar_type();
-  TORCH_CHECK_TYPE(eps_type == at::kFloat || eps_type == at::kBFloat16 || eps_type == at::kHalf,
-                   "cfgfast: eps_cond must be float32, bfloat16 or float16, got ", eps_type);
-  TORCH_CHECK_TYPE(eps_uncond.scalar_type() == eps_type, "cfgfast: eps_uncond must have the dtype of eps_cond (",
-                   eps_type, "), got ", eps_uncond.scalar_type());
-  TORCH_CHECK_VALUE(eps_cond.sizes() == z.sizes(), "cfgfast: eps_cond must have the shape of z ", z.sizes(),
-                    ", got ", eps_cond.sizes());
-  TORCH_CHECK_VALUE(eps_uncond.sizes() == z.sizes(), "cfgfast: eps_uncond must have the shape of z ", z.sizes(),
-                    ", got ", eps_uncond.sizes());
-  TORCH_CHECK_TYPE(w.scalar_type() == at::kFloat, "cfgfast: w must be float32, got ", w.scalar_type());
-  TORCH_CHECK_VALUE(w.dim() == 1 && w.size(0) == z.size(0), "cfgfast: w must have shape [", z.size(0),
-                    "], got ", w.sizes());
-  if (noise.has_value()) {
-    TORCH_CHECK_TYPE(noise->scalar_type() == at::kFloat, "cfgfast: noise must be float32, got ", noise->scalar_type());
-    TORCH_CHECK_VALUE(noise->sizes() == z.sizes(), "cfgfast: noise must have the shape of z ", z.sizes(),
-                      ", got ", noise->sizes());
-  }
+  const auto pred_type = pred_cond.scalar_type();
+  TORCH_CHECK_TYPE(pred_type == at::kFloat || pred_type == at::kBFloat16 || pred_type == at::kHalf,
+                   "cfgfast: pred_cond must be float32, bfloat16 or float16, got ", pred_type);
+  TORCH_CHECK_TYPE(pred_uncond.scalar_type() == pred_type, "cfgfast: pred_uncond must have the dtype of pred_cond (",
+                   pred_type, "), got ", pred_uncond.scalar_type());
+  TORCH_CHECK_VALUE(pred_cond.sizes() == z.sizes(), "cfgfast: pred_cond must have the shape of z ", z.sizes(),
+                    ", got ", pred_cond.sizes());
+  TORCH_CHECK_VALUE(pred_uncond.sizes() == z.sizes(), "cfgfast: pred_uncond must have the shape of z ", z.sizes(),
+                    ", got ", pred_uncond.sizes());
+  TORCH_CHECK_TYPE(weights.scalar_type() == at::kFloat, "cfgfast: weights must be float32, got ",
+                   weights.scalar_type());
+  TORCH_CHECK_VALUE(weights.dim() == 2 && weights.size(0) == z.size(0) && weights.size(1) == 2,
+                    "cfgfast: weights must have shape [", z.size(0), ", 2], got ", weights.sizes());
   TORCH_CHECK_VALUE(out.sizes() == z.sizes() && out.scalar_type() == at::kFloat && out.is_contiguous(),
                     "cfgfast: out must be a contiguous float32 tensor of shape ", z.sizes());
-  for (const auto& t : {eps_cond, eps_uncond, w, out}) {
+  for (const auto& t : {pred_cond, pred_uncond, weights, out}) {
     TORCH_CHECK_VALUE(t.device() == z.device(), "cfgfast: all tensors must be on ", z.device(), ", got one on ",
                       t.device());
-  }
-  if (noise.has_value()) {
-    TORCH_CHECK_VALUE(noise->device() == z.device(), "cfgfast: noise must be on ", z.device(), ", got ",
-                      noise->device());
   }
   // out may be z itself (an in-place step), but must not partly overlap an input
   at::assert_no_internal_overlap(out);
   check_no_partial_overlap(out, z, "z");
-  check_no_partial_overlap(out, eps_cond, "eps_cond");
-  check_no_partial_overlap(out, eps_uncond, "eps_uncond");
-  check_no_partial_overlap(out, w, "w");
+  check_no_partial_overlap(out, pred_cond, "pred_cond");
+  check_no_partial_overlap(out, pred_uncond, "pred_uncond");
+  check_no_partial_overlap(out, weights, "weights");
   check_storage(z, "z");
-  check_storage(eps_cond, "eps_cond");
-  check_storage(eps_uncond, "eps_uncond");
-  check_storage(w, "w");
-  if (noise.has_value()) {
-    check_no_partial_overlap(out, *noise, "noise");
-    check_storage(*noise, "noise");
+  check_storage(pred_cond, "pred_cond");
+  check_storage(pred_uncond, "pred_uncond");
+  check_storage(weights, "weights");
+  if (nu.has_value()) check_like_z(out, z, *nu, "nu", pred_type);
+  if (noise.has_value()) check_like_z(out, z, *noise, "noise", at::kFloat);
+  if (x_prev.has_value()) {
+    const at::Tensor& xp = *x_prev;
+    TORCH_CHECK_TYPE(xp.scalar_type() == at::kFloat, "cfgfast: x_prev must be float32, got ", xp.scalar_type());
+    TORCH_CHECK_VALUE(xp.sizes() == z.sizes(), "cfgfast: x_prev must have the shape of z ", z.sizes(), ", got ",
+                      xp.sizes());
+    TORCH_CHECK_VALUE(xp.is_contiguous(), "cfgfast: x_prev must be contiguous (it is written in place)");
+    TORCH_CHECK_VALUE(xp.device() == z.device(), "cfgfast: x_prev must be on ", z.device(), ", got ", xp.device());
+    at::assert_no_internal_overlap(xp);
+    check_storage(xp, "x_prev");
+    check_disjoint(xp, out, "out");
+    check_disjoint(xp, z, "z");
+    check_disjoint(xp, pred_cond, "pred_cond");
+    check_disjoint(xp, pred_uncond, "pred_uncond");
+    check_disjoint(xp, weights, "weights");
+    if (nu.has_value()) check_disjoint(xp, *nu, "nu");
+    if (noise.has_value()) check_disjoint(xp, *noise, "noise");
   }
   TORCH_CHECK_VALUE(coef.size() == kNumStepCoef, "cfgfast: coef must hold ", kNumStepCoef, " numbers, got ",
                     coef.size());
   check_noise_out(out, step, /*stream=*/1, index_offset);
 }
 
-// The table variant: coef_table float64 [T, 7] (row t: the step lam_t -> lam_t+1; the last row: x~ at
-// lam_T-1), step an int64 tensor of one element holding t, both on z's device.
-inline void check_table_args(const at::Tensor& out, const at::Tensor& z, const at::Tensor& eps_cond,
-                             const at::Tensor& eps_uncond, const at::Tensor& w, const at::Tensor& coef_table,
-                             const at::Tensor& step, int64_t index_offset) {
+// The table variant: coef_table float64 [T, 10] (row t: the coefficients of step t), step an int64 tensor of
+// one element holding t, both on z's device.
+inline void check_guided_table_args(const at::Tensor& out, const at::Tensor& z, const at::Tensor& pred_cond,
+                                    const at::Tensor& pred_uncond, const at::Tensor& weights,
+                                    const c10::optional<at::Tensor>& x_prev, const c10::optional<at::Tensor>& nu,
+                                    const at::Tensor& coef_table, const at::Tensor& step, int64_t index_offset) {
   TORCH_CHECK_TYPE(coef_table.scalar_type() == at::kDouble, "cfgfast: coef_table must be float64, got ",
                    coef_table.scalar_type());
   TORCH_CHECK_VALUE(coef_table.dim() == 2 && coef_table.size(1) == kNumStepCoef && coef_table.size(0) >= 1,
@@ -152,14 +180,19 @@ inline void check_table_args(const at::Tensor& out, const at::Tensor& z, const a
   check_storage(step, "step");
   check_no_partial_overlap(out, coef_table, "coef_table");  // read by other threads while out is written
   check_no_partial_overlap(out, step, "step");
+  if (x_prev.has_value()) {
+    check_disjoint(*x_prev, coef_table, "coef_table");
+    check_disjoint(*x_prev, step, "step");
+  }
   const std::vector<double> unit(kNumStepCoef, 1.0);
-  check_step_args(out, z, eps_cond, eps_uncond, w, c10::nullopt, unit, 0, index_offset);
+  check_guided_step_args(out, z, pred_cond, pred_uncond, weights, x_prev, nu, c10::nullopt, unit, 0, index_offset);
 }
 
 inline StepCoef step_coef_from(c10::ArrayRef<double> coef) {
   return StepCoef{static_cast<float>(coef[0]), static_cast<float>(coef[1]), static_cast<float>(coef[2]),
                   static_cast<float>(coef[3]), static_cast<float>(coef[4]), static_cast<float>(coef[5]),
-                  static_cast<float>(coef[6])};
+                  static_cast<float>(coef[6]), static_cast<float>(coef[7]), static_cast<float>(coef[8]),
+                  static_cast<float>(coef[9])};
 }
 
 // seed arrives as int64 (two's complement of a seed in [0, 2^64)).

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import pytest
@@ -54,19 +55,27 @@ def cpu_isas(request):
         _ext.load().set_cpu_isa(previous)
 
 
-# The GPU backends join the battery where a GPU is present (their tests put tensors on "cuda"); without
-# one, test_triton.py runs the Triton kernel under TRITON_INTERPRET=1 on small shapes instead.
+# The GPU backends join the battery where a GPU is present (their tests put tensors on "cuda"); without one, the
+# step battery (tests/test_step.py) runs the Triton kernel under TRITON_INTERPRET=1 on CPU tensors.
 GPU_BACKENDS = [b for b in ("cuda", "triton") if torch.cuda.is_available() and b in cfgfast.available_backends()]
+TRITON_INTERPRETED = (not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") == "1"
+                      and importlib.util.find_spec("triton") is not None)
+
+
+def backend_device(backend: str) -> str:
+    """The device a backend's tensors live on: cuda for the GPU backends, cpu for the others and for Triton
+    interpreted."""
+    return "cuda" if backend == "cuda" or (backend == "triton" and not TRITON_INTERPRETED) else "cpu"
 
 
 @pytest.fixture(
     params=["reference"] + [pytest.param(("cpu", isa), id=f"cpu-{isa}") for isa in CPU_ISAS]
     + ([] if CPU_ISAS else [pytest.param(("cpu", None), id="cpu-missing", marks=_SKIP_NO_EXTENSION)])
-    + GPU_BACKENDS
+    + GPU_BACKENDS + ([pytest.param("triton", id="triton-interpreted")] if TRITON_INTERPRETED else [])
 )
 def backend(request):
     """A backend name for the `backend=` argument; for "cpu", with each instruction set in turn; "cuda" and
-    "triton" where a GPU is present."""
+    "triton" where a GPU is present, else "triton" under the interpreter on CPU tensors."""
     if isinstance(request.param, str):
         yield request.param
         return
@@ -80,7 +89,10 @@ def backend(request):
 @pytest.fixture
 def device(backend):
     """The device the current backend's tensors live on."""
-    return "cuda" if backend in ("cuda", "triton") else "cpu"
+    return backend_device(backend)
+
+
+
 
 
 @pytest.fixture

@@ -311,7 +311,7 @@ def test_step_table_checks_its_arguments():
     with pytest.raises(ValueError, match="eta is a setting of sampler 'ddim' only"):
         cfgfast.step_table("ddpm", [0.0, 1.0], eta=0.5)
     with pytest.raises(TypeError, match="learned_variance must be True or False"):
-        cfgfast.step_table("ddpm", [0.0, 1.0], learned_variance=1)
+        cfgfast.step_table("ddpm", [0.0, 1.0], learned_variance="yes")
     with pytest.raises(TypeError, match="uniform must be True or False"):
         cfgfast.training_lambdas(torch.rand(3), uniform="no")
 

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import cfgfast
+from conftest import backend_device
 
 EPS_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 ULP_BUDGET = 2.0**-20  # 16 float32 ulps, relative to the magnitude of the terms summed
@@ -57,7 +58,7 @@ def as64(t: torch.Tensor) -> np.ndarray:
 
 def on(backend: str, *tensors):
     """The tensors moved to the backend's device (None stays None): the GPU backends take CUDA tensors."""
-    device = "cuda" if backend in ("cuda", "triton") else "cpu"
+    device = backend_device(backend)
     moved = tuple(t.to(device) if isinstance(t, torch.Tensor) else t for t in tensors)
     return moved if len(moved) > 1 else moved[0]
 
@@ -112,6 +113,8 @@ def test_step_matches_float64_formula(backend, lam, lam_next, eps_dtype):
 @pytest.mark.parametrize("eps_dtype", EPS_DTYPES, ids=str)
 @pytest.mark.parametrize("mode", ["plain", "clip", "last", "last-clip", "noise"])
 def test_step_modes_and_odd_sizes(backend, per_sample, eps_dtype, mode):
+    if backend_device(backend) == "cpu" and backend == "triton" and math.prod(per_sample) > 8192:
+        pytest.skip("the CPU kernel's block and thread boundaries: too large for the Triton interpreter")
     shape = (3,) + per_sample
     z, ec, eu = on(backend, *make_inputs(shape, eps_dtype, seed=2, scale=2.0))
     lam, lam_next, v, w = -2.5, -1.75, 0.3, 2.0

@@ -3,6 +3,7 @@
 #include "kernel.h"
 
 #include <atomic>
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <initializer_list>
@@ -10,29 +11,38 @@
 namespace cfgfast::cpu {
 namespace {
 
-template <class EpsT, bool kClip, bool kLast, bool kExplicitNoise>
+template <class EpsT, bool kClip, NoiseMode kNoise>
 struct ScalarStep {
   static int64_t run(const StepArgs& a, int64_t b, int64_t g0, int64_t g1) {
     const int64_t n_per = a.numel_per_sample;
     const int64_t base = b * n_per;
-    const auto* ec = static_cast<const EpsT*>(a.eps_cond);
-    const auto* eu = static_cast<const EpsT*>(a.eps_uncond);
-    const float w = a.w[b], one_plus_w = 1.0f + w;
+    const auto* pc = static_cast<const EpsT*>(a.pred_cond);
+    const auto* pu = static_cast<const EpsT*>(a.pred_uncond);
+    const auto* pnu = static_cast<const EpsT*>(a.nu);
+    const StepCoef& c = a.coef;
+    const float w_cond = a.weights[2 * b], w_uncond = a.weights[2 * b + 1];
+    // the state is not read where prev == 0: it may be uninitialised at a multistep sampler's first step
+    const float* const prev_in = c.prev != 0.0f ? a.x_prev : nullptr;
+    const bool read_nu = kNoise != NoiseMode::kNone && pnu != nullptr;
     const auto sample = static_cast<uint32_t>(a.index_offset + static_cast<uint64_t>(b));
     for (int64_t g = g0; g < g1; ++g) {
       float n[4] = {0.f, 0.f, 0.f, 0.f};
-      if (!kLast && !kExplicitNoise) normals4<float, uint32_t>(a.key, static_cast<uint32_t>(g), sample, n[0], n[1], n[2], n[3]);
+      if (kNoise == NoiseMode::kDrawn) normals4<float, uint32_t>(a.key, static_cast<uint32_t>(g), sample, n[0], n[1], n[2], n[3]);
       const int64_t j0 = 4 * g;
       const int64_t count = n_per - j0 < 4 ? n_per - j0 : 4;
       for (int64_t k = 0; k < count; ++k) {
         const int64_t i = base + j0 + k;
-        const float eps = guided_eps(widen(ec[i]), widen(eu[i]), one_plus_w, w);
-        if (kLast) {
-          a.out[i] = last_value<kClip>(a.z[i], eps, a.coef, a.clip);
-        } else {
-          const float nk = kExplicitNoise ? a.noise[i] : n[k];
-          a.out[i] = step_value<kClip>(a.z[i], eps, nk, a.coef, a.clip);
+        const float z = a.z[i], ou = widen(pu[i]);
+        const float gd = guided_output(widen(pc[i]), ou, w_cond, w_uncond);
+        const float x = predicted_x<kClip>(z, gd, c, a.clip);
+        const float xp = prev_in != nullptr ? prev_in[i] : 0.0f;
+        float scale = 0.0f, nk = 0.0f;
+        if (kNoise != NoiseMode::kNone) {
+          nk = kNoise == NoiseMode::kExplicit ? a.noise[i] : n[k];
+          scale = read_nu ? c.noise_std * std::exp(c.noise_nu * widen(pnu[i])) : c.noise_std;
         }
+        a.out[i] = step_value<kClip>(z, gd, x, ou, xp, scale, nk, c);
+        if (a.x_prev != nullptr) a.x_prev[i] = x;
       }
     }
     return g1;
@@ -102,7 +112,8 @@ void step_groups(const StepArgs& args, int64_t b, int64_t g0, int64_t g1) {
   int64_t g = g0;
 #if defined(CFGFAST_HAVE_AVX2)
   const int64_t full = args.numel_per_sample / 4 < g1 ? args.numel_per_sample / 4 : g1;
-  if (active_isa() == Isa::kAvx2 && full > g0) g = step_groups_avx2(args, b, g0, full);
+  const bool learned_variance = args.nu != nullptr && noise_mode(args) != NoiseMode::kNone;
+  if (active_isa() == Isa::kAvx2 && !learned_variance && full > g0) g = step_groups_avx2(args, b, g0, full);
 #endif
   dispatch_step<ScalarStep, int64_t>(args, b, g, g1);
 }

@@ -18,12 +18,12 @@
 
 namespace cfgfast::cpu {
 
-// Raw 16-bit storage of the two half-precision ε types.
+// Raw 16-bit storage of the two half-precision types of the model's outputs.
 struct bf16_t { uint16_t bits; };
 struct f16_t { uint16_t bits; };
 
-// ε widened to float (the CUDA kernels' code, run on the host by the unit tests, finds these by argument-dependent
-// lookup).
+// Model outputs widened to float (the CUDA kernels' code, run on the host by the unit tests, finds these by
+// argument-dependent lookup).
 CFGFAST_HOST_DEVICE float widen(float x) { return x; }
 CFGFAST_HOST_DEVICE float widen(bf16_t x) { return bf16_to_float(x.bits); }
 CFGFAST_HOST_DEVICE float widen(f16_t x) { return half_to_float(x.bits); }
@@ -33,19 +33,29 @@ enum class EpsType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
 struct StepArgs {
   float* out;
   const float* z;
-  const void* eps_cond;
-  const void* eps_uncond;
+  const void* pred_cond;   // o_c, of eps_type
+  const void* pred_uncond; // o_u, of eps_type
   EpsType eps_type;
-  const float* w;          // [B], one guidance strength per sample
+  const float* weights;    // [B, 2]: (w_cond, w_uncond) per sample
+  float* x_prev;           // the multistep state (read where coef.prev != 0, written with x~), or nullptr
+  const void* nu;          // learned variance, of eps_type, or nullptr
   const float* noise;      // explicit noise (C order, like z) or nullptr for the in-kernel draw
   int64_t numel_per_sample;
   StepCoef coef;
   float clip;              // used when has_clip
   bool has_clip;
-  bool last;
   NoiseKey key;            // stream 1, t = step
   uint64_t index_offset;   // global index of sample 0
 };
+
+// Where n comes from: none at all where coef.noise_std == 0 (no Philox: a deterministic sampler's step skips
+// the noise's whole cost), SPEC §3's draw, or the caller's tensor.
+enum class NoiseMode : int { kNone = 0, kDrawn = 1, kExplicit = 2 };
+
+inline NoiseMode noise_mode(const StepArgs& a) {
+  if (a.coef.noise_std == 0.0f) return NoiseMode::kNone;
+  return a.noise != nullptr ? NoiseMode::kExplicit : NoiseMode::kDrawn;
+}
 
 struct NoiseArgs {
   float* out;
@@ -67,19 +77,28 @@ void step_groups(const StepArgs& args, int64_t b, int64_t g0, int64_t g1);
 void noise_groups(const NoiseArgs& args, int64_t b, int64_t g0, int64_t g1);
 
 // Per-ISA entry points: they process whole vectors of complete groups from g0 on (g1 <= N / 4) and
-// return the first group they left for the scalar tail.
+// return the first group they left for the scalar tail. step_groups leaves calls whose noise is scaled by
+// learned variance (nu) to the scalar code: its exp is std::exp, which has no bit-equal vector form.
 int64_t step_groups_avx2(const StepArgs& args, int64_t b, int64_t g0, int64_t g1);
 int64_t noise_groups_avx2(const NoiseArgs& args, int64_t b, int64_t g0, int64_t g1);
 
-// Calls K<EpsT, kClip, kLast, kExplicitNoise>::run(args, rest...) for the runtime flags of args.
-template <template <class, bool, bool, bool> class K, class R, class... A>
+// Calls K<EpsT, kClip, kNoise>::run(args, rest...) for the runtime flags of args. x_prev and nu are rare
+// (multistep samplers, learned variance) and uniform over a call: runtime branches, not template arguments.
+template <template <class, bool, NoiseMode> class K, class R, class... A>
 R dispatch_step(const StepArgs& args, A... rest) {
-  const bool clip = args.has_clip, noise = args.noise != nullptr;
+  const bool clip = args.has_clip;
+  const NoiseMode mode = noise_mode(args);
   auto by_eps = [&](auto eps_tag) -> R {
     using E = decltype(eps_tag);
-    if (args.last) return clip ? K<E, true, true, false>::run(args, rest...) : K<E, false, true, false>::run(args, rest...);
-    if (clip) return noise ? K<E, true, false, true>::run(args, rest...) : K<E, true, false, false>::run(args, rest...);
-    return noise ? K<E, false, false, true>::run(args, rest...) : K<E, false, false, false>::run(args, rest...);
+    switch (mode) {
+      case NoiseMode::kNone:
+        return clip ? K<E, true, NoiseMode::kNone>::run(args, rest...) : K<E, false, NoiseMode::kNone>::run(args, rest...);
+      case NoiseMode::kExplicit:
+        return clip ? K<E, true, NoiseMode::kExplicit>::run(args, rest...)
+                    : K<E, false, NoiseMode::kExplicit>::run(args, rest...);
+      default:
+        return clip ? K<E, true, NoiseMode::kDrawn>::run(args, rest...) : K<E, false, NoiseMode::kDrawn>::run(args, rest...);
+    }
   };
   switch (args.eps_type) {
     case EpsType::kBFloat16: return by_eps(bf16_t{});

@@ -6,6 +6,9 @@
 // code that runs on older CPUs.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #pragma GCC target("avx2,fma,f16c")
+// a * b + c stays two roundings, as in the scalar code: the step is bit for bit the scalar kernel's (the only
+// fused multiply-adds are the noise's explicit fmadd)
+#pragma GCC optimize("fp-contract=off")
 #include <immintrin.h>
 
 #include "kernel.h"
@@ -147,30 +150,33 @@ inline void group_normals(const NoiseConstants& c, int64_t g, F8 out[4 * kRegs])
   }
 }
 
-template <class EpsT, bool kClip, bool kLast, bool kExplicitNoise>
+// (calls with learned variance never come here: step_groups gives them to the scalar code)
+template <class EpsT, bool kClip, NoiseMode kNoise>
 struct Avx2Step {
   static int64_t run(const StepArgs& a, int64_t b, int64_t g0, int64_t g1) {
     const int64_t base = b * a.numel_per_sample;
-    const auto* ec = static_cast<const EpsT*>(a.eps_cond);
-    const auto* eu = static_cast<const EpsT*>(a.eps_uncond);
-    const F8 w(a.w[b]), one_plus_w(1.0f + a.w[b]);
+    const auto* pc = static_cast<const EpsT*>(a.pred_cond);
+    const auto* pu = static_cast<const EpsT*>(a.pred_uncond);
+    const StepCoef& c = a.coef;
+    const F8 w_cond(a.weights[2 * b]), w_uncond(a.weights[2 * b + 1]);
+    // the state is not read where prev == 0: it may be uninitialised at a multistep sampler's first step
+    const float* const prev_in = c.prev != 0.0f ? a.x_prev : nullptr;
+    const F8 zero(0.0f), scale(kNoise == NoiseMode::kNone ? 0.0f : c.noise_std);
     const NoiseConstants noise(a.key, static_cast<uint32_t>(a.index_offset + static_cast<uint64_t>(b)));
     int64_t g = g0;
     for (; g + kLanes <= g1; g += kLanes) {
       F8 n[4 * kRegs];
-      if (!kLast && !kExplicitNoise) group_normals(noise, g, n);
+      if (kNoise == NoiseMode::kDrawn) group_normals(noise, g, n);
       const int64_t i0 = base + 4 * g;
       for (int k = 0; k < 4 * kRegs; ++k) {
         const int64_t i = i0 + 8 * k;
-        const F8 z = load(a.z + i);
-        const F8 eps = guided_eps(load(ec + i), load(eu + i), one_plus_w, w);
-        F8 r;
-        if (kLast) {
-          r = last_value<kClip>(z, eps, a.coef, a.clip);
-        } else {
-          r = step_value<kClip>(z, eps, kExplicitNoise ? load(a.noise + i) : n[k], a.coef, a.clip);
-        }
-        store(a.out + i, r);
+        const F8 z = load(a.z + i), ou = load(pu + i);
+        const F8 gd = guided_output(load(pc + i), ou, w_cond, w_uncond);
+        const F8 x = predicted_x<kClip>(z, gd, c, a.clip);
+        const F8 xp = prev_in != nullptr ? load(prev_in + i) : zero;
+        const F8 nk = kNoise == NoiseMode::kExplicit ? load(a.noise + i) : kNoise == NoiseMode::kDrawn ? n[k] : zero;
+        store(a.out + i, step_value<kClip>(z, gd, x, ou, xp, scale, nk, c));
+        if (a.x_prev != nullptr) store(a.x_prev + i, x);
       }
     }
     return g;

@@ -38,49 +38,57 @@ cpu::EpsType eps_type_of(const at::Tensor& t) {
   }
 }
 
-void reverse_step_cpu(at::Tensor& out, const at::Tensor& z, const at::Tensor& eps_cond, const at::Tensor& eps_uncond,
-                      const at::Tensor& w, const c10::optional<at::Tensor>& noise, c10::ArrayRef<double> coef,
-                      int64_t seed, int64_t step, int64_t index_offset, c10::optional<double> clip, bool last) {
-  check_step_args(out, z, eps_cond, eps_uncond, w, noise, coef, step, index_offset);
+void guided_step_cpu(at::Tensor& out, const at::Tensor& z, const at::Tensor& pred_cond, const at::Tensor& pred_uncond,
+                     const at::Tensor& weights, const c10::optional<at::Tensor>& x_prev,
+                     const c10::optional<at::Tensor>& nu, const c10::optional<at::Tensor>& noise,
+                     c10::ArrayRef<double> coef, int64_t seed, int64_t step, int64_t index_offset,
+                     c10::optional<double> clip) {
+  check_guided_step_args(out, z, pred_cond, pred_uncond, weights, x_prev, nu, noise, coef, step, index_offset);
   check_clip(clip);
   TORCH_CHECK_VALUE(z.device().is_cpu(), "cfgfast: the cpu kernel needs CPU tensors, got ", z.device());
   // Logical C order everywhere: the noise index j does not depend on the memory format.
-  const at::Tensor zc = z.contiguous(), ec = eps_cond.contiguous(), eu = eps_uncond.contiguous(), wc = w.contiguous();
-  at::Tensor nc;
+  const at::Tensor zc = z.contiguous(), pc = pred_cond.contiguous(), pu = pred_uncond.contiguous(),
+                   wc = weights.contiguous();
+  at::Tensor nuc, nc;
+  if (nu.has_value()) nuc = nu->contiguous();
   if (noise.has_value()) nc = noise->contiguous();
   const int64_t batch = z.size(0);
   cpu::StepArgs args{};
   args.out = out.data_ptr<float>();
   args.z = zc.const_data_ptr<float>();
-  args.eps_cond = ec.const_data_ptr();
-  args.eps_uncond = eu.const_data_ptr();
-  args.eps_type = eps_type_of(ec);
-  args.w = wc.const_data_ptr<float>();
+  args.pred_cond = pc.const_data_ptr();
+  args.pred_uncond = pu.const_data_ptr();
+  args.eps_type = eps_type_of(pc);
+  args.weights = wc.const_data_ptr<float>();
+  args.x_prev = x_prev.has_value() ? x_prev->data_ptr<float>() : nullptr;
+  args.nu = nu.has_value() ? nuc.const_data_ptr() : nullptr;
   args.noise = noise.has_value() ? nc.const_data_ptr<float>() : nullptr;
   args.numel_per_sample = batch == 0 ? 0 : z.numel() / batch;
   args.coef = step_coef_from(coef);
   args.has_clip = clip.has_value();
   args.clip = clip.has_value() ? static_cast<float>(*clip) : 0.0f;
-  args.last = last;
   args.key = noise_key(seed, step, /*stream=*/1);
   args.index_offset = static_cast<uint64_t>(index_offset);
   mark_written(out);
+  if (x_prev.has_value()) mark_written(*x_prev);
   for_each_block(batch, args.numel_per_sample,
                  [&](int64_t b, int64_t g0, int64_t g1) { cpu::step_groups(args, b, g0, g1); });
 }
 
 // The table variant on the CPU (for tests and for CPU code written against it): t is read on the host.
-void reverse_step_table_cpu(at::Tensor& out, const at::Tensor& z, const at::Tensor& eps_cond,
-                            const at::Tensor& eps_uncond, const at::Tensor& w, const at::Tensor& coef_table,
-                            const at::Tensor& step, int64_t seed, int64_t index_offset, c10::optional<double> clip) {
-  check_table_args(out, z, eps_cond, eps_uncond, w, coef_table, step, index_offset);
+void guided_step_table_cpu(at::Tensor& out, const at::Tensor& z, const at::Tensor& pred_cond,
+                           const at::Tensor& pred_uncond, const at::Tensor& weights,
+                           const c10::optional<at::Tensor>& x_prev, const c10::optional<at::Tensor>& nu,
+                           const at::Tensor& coef_table, const at::Tensor& step, int64_t seed, int64_t index_offset,
+                           c10::optional<double> clip) {
+  check_guided_table_args(out, z, pred_cond, pred_uncond, weights, x_prev, nu, coef_table, step, index_offset);
   check_clip(clip);
   const int64_t t = step.item<int64_t>(), steps = coef_table.size(0);
   TORCH_CHECK_VALUE(t >= 0 && t < steps, "cfgfast: step ", t, " is outside the table of ", steps, " steps");
   const at::Tensor row = coef_table[t].contiguous();
   const double* r = row.const_data_ptr<double>();
-  reverse_step_cpu(out, z, eps_cond, eps_uncond, w, c10::nullopt, c10::ArrayRef<double>(r, kNumStepCoef), seed, t,
-                   index_offset, clip, t == steps - 1);
+  guided_step_cpu(out, z, pred_cond, pred_uncond, weights, x_prev, nu, c10::nullopt,
+                  c10::ArrayRef<double>(r, kNumStepCoef), seed, t, index_offset, clip);
 }
 
 void normal_noise_cpu(at::Tensor& out, int64_t seed, int64_t step, int64_t stream, int64_t index_offset) {
@@ -97,8 +105,8 @@ void normal_noise_cpu(at::Tensor& out, int64_t seed, int64_t step, int64_t strea
 }  // namespace
 
 TORCH_LIBRARY_IMPL(cfgfast, CPU, m) {
-  m.impl("reverse_step_", &reverse_step_cpu);
-  m.impl("reverse_step_table_", &reverse_step_table_cpu);
+  m.impl("guided_step_", &guided_step_cpu);
+  m.impl("guided_step_table_", &guided_step_table_cpu);
   m.impl("normal_noise_", &normal_noise_cpu);
 }
 

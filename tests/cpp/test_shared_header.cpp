@@ -1,7 +1,7 @@
 // Unit tests of the torch-free shared header (csrc/include/cfgfast) and the CPU kernel (csrc/cpu/kernel.h),
-// held to SPEC §2 (the step) and §3 (the noise) evaluated in double with <cmath>, and of the CUDA kernels' own
-// code (csrc/cuda/step_kernel.h) run thread by thread on the CPU. No framework and no torch: this is how the
-// code that the CUDA kernels compile is tested on a machine without a GPU.
+// held to SPEC §2 and the guided step of step.h (the step) and SPEC §3 (the noise) evaluated in double with
+// <cmath>. No framework and no torch: the formulas that the CUDA kernels compile are tested on a machine
+// without a GPU (their own per-thread code: test_cuda_on_host.cpp).
 //
 // Tolerances are in units of 2^-24 (half a float32 ulp at 1) times the scale of the terms that are
 // rounded, so "within K" means K float32 roundings of the largest term; each test prints its worst case.
@@ -11,8 +11,6 @@
 #include <cstdio>
 #include <cstring>
 #include <limits>
-#include <memory>
-#include <new>
 #include <utility>
 #include <vector>
 
@@ -20,7 +18,6 @@
 #include "cfgfast/philox.h"
 #include "cfgfast/step.h"
 #include "cpu/kernel.h"
-#include "cuda/step_kernel.h"
 
 namespace {
 
@@ -127,7 +124,7 @@ bool same(double got, double want) {
   return got == want && std::signbit(got) == std::signbit(want);
 }
 
-// ---------------------------------------------------------------- SPEC §2 in double
+// ---------------------------------------------------------------- SPEC §2 and the guided step in double
 
 struct CoefD {
   double alpha, sigma, alpha_next, sigma_next, r, one_minus_r, var_small, var_large, noise_std;
@@ -149,15 +146,22 @@ CoefD spec_coef(double lam, double lam_next, double v) {
   return c;
 }
 
-// StepCoef in the order of step.h, rounded to float once.
-cfgfast::StepCoef to_step_coef(const CoefD& c) {
-  return cfgfast::StepCoef{static_cast<float>(c.alpha),
-                           static_cast<float>(c.sigma),
-                           static_cast<float>(c.alpha_next / c.alpha),
-                           static_cast<float>(c.one_minus_r * c.alpha_next * c.sigma / c.alpha),
-                           static_cast<float>(c.r * c.alpha_next / c.alpha),
-                           static_cast<float>(c.one_minus_r * c.alpha_next),
-                           static_cast<float>(c.noise_std)};
+// The StepCoef row of SPEC §2's step with an epsilon model (x~ = (z - sigma eps) / alpha), in the order of
+// step.h, rounded to float once; `last`: the row of the last step, x~ itself.
+cfgfast::StepCoef ddpm_row(const CoefD& c, bool last = false) {
+  const auto f = [](double x) { return static_cast<float>(x); };
+  const float pred_z = f(1.0 / c.alpha), pred_g = f(-c.sigma / c.alpha);
+  if (last) return cfgfast::StepCoef{pred_z, pred_g, 0.0f, 1.0f, pred_z, pred_g, 0.0f, 0.0f, 0.0f, 0.0f};
+  return cfgfast::StepCoef{pred_z,
+                           pred_g,
+                           f(c.r * c.alpha_next / c.alpha),
+                           f(c.one_minus_r * c.alpha_next),
+                           f(c.alpha_next / c.alpha),
+                           f(-c.one_minus_r * c.alpha_next * c.sigma / c.alpha),
+                           0.0f,
+                           0.0f,
+                           f(c.noise_std),
+                           0.0f};
 }
 
 // z' of SPEC §2 from its definition (x~, then the first form of mu~), not from StepCoef.
@@ -170,6 +174,56 @@ double spec_step(const CoefD& c, double z, double eps_cond, double eps_uncond, d
   const double mu = c.r * (c.alpha_next / c.alpha) * z + c.one_minus_r * c.alpha_next * x;
   return mu + c.noise_std * n;
 }
+
+// One element's inputs to the guided step (the float inputs, exactly, in double).
+struct Guided {
+  double z, oc, ou, wc, wu;
+  double xp;       // x~_prev (used where a state is given and prev != 0)
+  double nu;       // learned variance (used where given and noise_std != 0)
+  double n;        // the noise (used where noise_std != 0)
+  double n_scale;  // |n|, or the Box-Muller radius of a drawn n: its own rounding's scale
+};
+
+// The step of step.h in double from the float coefficients (so their rounding is not counted), with the
+// scale of each result: the sum of the magnitudes of the terms that float32 rounds.
+struct GuidedWant {
+  double z_next, x, z_scale, x_scale;
+};
+
+GuidedWant spec_guided(const cfgfast::StepCoef& c, const Guided& in, bool clip, double clip_value, bool with_prev,
+                       bool with_nu) {
+  const double g = in.wc * in.oc - in.wu * in.ou;
+  const double g_mag = std::fabs(in.wc * in.oc) + std::fabs(in.wu * in.ou);
+  double x = c.pred_z * in.z + c.pred_g * g;
+  const double x_mag = std::fabs(c.pred_z * in.z) + std::fabs(c.pred_g) * g_mag;
+  if (clip) x = std::fmin(std::fmax(x, -clip_value), clip_value);
+  double z_next = clip ? c.mean_z * in.z + c.mean_x * x : c.direct_z * in.z + c.direct_g * g;
+  double mag = clip ? std::fabs(c.mean_z * in.z) + std::fabs(c.mean_x) * x_mag
+                    : std::fabs(c.direct_z * in.z) + std::fabs(c.direct_g) * g_mag;
+  z_next += c.uncond * in.ou;
+  mag += std::fabs(c.uncond * in.ou);
+  if (with_prev && c.prev != 0.0f) {
+    z_next += c.prev * in.xp;
+    mag += std::fabs(c.prev * in.xp);
+  }
+  if (c.noise_std != 0.0f) {
+    const double arg = with_nu ? c.noise_nu * in.nu : 0.0;
+    const double scale = c.noise_std * std::exp(arg);
+    z_next += scale * in.n;
+    // exp's argument rounds relative to itself: exp moves by |arg| of that, relative
+    mag += std::fabs(scale) * in.n_scale * (1.0 + std::fabs(arg));
+  }
+  return {z_next, x, mag, x_mag};
+}
+
+// |got - want| in units of 2^-24 scale (0 where they are equal, NaN where got is NaN and want is not)
+double units(double got, double want, double scale) {
+  if (got == want) return 0.0;
+  return std::fabs(got - want) / (kEps24 * scale);
+}
+
+// the larger error, NaN the largest (std::fmax would drop it)
+double worst_of(double a, double b) { return std::isnan(a) || std::isnan(b) ? std::nan("") : std::fmax(a, b); }
 
 // ---------------------------------------------------------------- tests
 
@@ -385,66 +439,103 @@ void test_half_and_bf16_widening() {
   CHECK(bf16_bad == 0, "bf16_to_float wrong on %d of 65536 patterns", bf16_bad);
 }
 
-// Error of a float z' against spec_step, in units of 2^-24 times the terms it is made of.
-struct StepInput {
-  double z, eps_cond, eps_uncond, w, n;
-};
-
-double step_scale(const cfgfast::StepCoef& c, const StepInput& in, double noise_scale, bool clip, bool last) {
-  const double eps_mag = std::fabs((1.0 + in.w) * in.eps_cond) + std::fabs(in.w * in.eps_uncond);
-  const double x_mag = (std::fabs(in.z) + c.sigma * eps_mag) / c.alpha;
-  if (last) return x_mag;
-  if (clip) return std::fabs(c.mean_z_clip * in.z) + c.mean_x_clip * x_mag + c.noise_std * noise_scale;
-  return std::fabs(c.mean_z * in.z) + c.mean_eps * eps_mag + c.noise_std * noise_scale;
-}
-
-// Each z' is a handful of float32 operations (widening exact; 1 + w, two products and a difference for
-// eps~; then up to three products, two sums and a division), each rounding by <= 2^-24 of a term of the
-// scale, plus the float rounding of the seven coefficients: <= ~12 * 2^-24 * scale, 16 with a margin.
+// Each z' is a handful of float32 operations (widening exact; two products and a difference for g; two
+// products and a sum for x~; up to five products and four sums for z', exp and a product for a learned
+// scale), each rounding by <= 2^-24 of a term of the scale: <= ~12 * 2^-24 * scale, 16 with a margin.
 constexpr double kStepTol = 16.0;
 
+// The kernels' order of operations for one element, from step.h (the scalar kernel's per-element code).
+template <bool kClip>
+float header_step(const cfgfast::StepCoef& c, float z, float oc, float ou, float wc, float wu, float xp, float nu,
+                  float n, float clip, bool with_prev, bool with_nu, float* x_out = nullptr) {
+  const float g = cfgfast::guided_output(oc, ou, wc, wu);
+  const float x = cfgfast::predicted_x<kClip>(z, g, c, clip);
+  const float xp_used = with_prev && c.prev != 0.0f ? xp : 0.0f;
+  const bool draw = c.noise_std != 0.0f;
+  const float scale = !draw ? 0.0f : with_nu ? c.noise_std * std::exp(c.noise_nu * nu) : c.noise_std;
+  if (x_out != nullptr) *x_out = x;
+  return cfgfast::step_value<kClip>(z, g, x, ou, xp_used, scale, draw ? n : 0.0f, c);
+}
+
+float header_step(bool clip, const cfgfast::StepCoef& c, float z, float oc, float ou, float wc, float wu, float xp,
+                  float nu, float n, float clip_value, bool with_prev, bool with_nu, float* x_out = nullptr) {
+  return clip ? header_step<true>(c, z, oc, ou, wc, wu, xp, nu, n, clip_value, with_prev, with_nu, x_out)
+              : header_step<false>(c, z, oc, ou, wc, wu, xp, nu, n, clip_value, with_prev, with_nu, x_out);
+}
+
 void test_step_hand_computed() {
-  // lam = 0, lam' = ln 3, v = 1/2:
+  // SPEC §2's step, lam = 0, lam' = ln 3, v = 1/2:
   //   alpha^2 = sigmoid(0) = 1/2, sigma^2 = 1/2;  alpha'^2 = sigmoid(ln 3) = 3/4, sigma'^2 = 1/4;  r = e^(-ln 3) = 1/3
-  //   mean_z      = alpha'/alpha                     = sqrt(3/2)                 = 1.2247448713915890
-  //   mean_eps    = (1 - r) alpha' sigma / alpha     = (2/3)(sqrt(3)/2)          = 1/sqrt(3) = 0.57735026918962576
-  //   mean_z_clip = r alpha'/alpha                   = sqrt(3/2)/3               = 0.40824829046386302
-  //   mean_x_clip = (1 - r) alpha'                   = 1/sqrt(3)                 = 0.57735026918962576
+  //   pred_z   = 1/alpha                          = sqrt(2)                  = 1.4142135623730951
+  //   pred_g   = -sigma/alpha                     = -1
+  //   mean_z   = r alpha'/alpha                   = sqrt(3/2)/3              = 0.40824829046386302
+  //   mean_x   = (1 - r) alpha'                   = 1/sqrt(3)                = 0.57735026918962576
+  //   direct_z = alpha'/alpha                     = sqrt(3/2)                = 1.2247448713915890
+  //   direct_g = -(1 - r) alpha' sigma / alpha    = -(2/3)(sqrt(3)/2)        = -0.57735026918962576
   //   sigma~^2 = (2/3)(1/4) = 1/6, sigma^2 = (2/3)(1/2) = 1/3
-  //   noise_std = sqrt((1/6)^(1/2) (1/3)^(1/2)) = (1/18)^(1/4)                    = 0.48549177170732342
-  const double lam = 0.0, lam_next = std::log(3.0), v = 0.5;
-  const CoefD cd = spec_coef(lam, lam_next, v);
-  const cfgfast::StepCoef c = to_step_coef(cd);
-  const double hand[7] = {std::sqrt(0.5), std::sqrt(0.5), 1.2247448713915890, 0.57735026918962576,
-                          0.40824829046386302, 0.57735026918962576, 0.48549177170732342};
-  const float got_coef[7] = {c.alpha, c.sigma, c.mean_z, c.mean_eps, c.mean_z_clip, c.mean_x_clip, c.noise_std};
-  for (int i = 0; i < 7; ++i) {
+  //   noise_std = sqrt((1/6)^(1/2) (1/3)^(1/2)) = (1/18)^(1/4)              = 0.48549177170732342
+  const CoefD cd = spec_coef(0.0, std::log(3.0), 0.5);
+  const cfgfast::StepCoef c = ddpm_row(cd);
+  const double hand[10] = {1.4142135623730951,  -1.0, 0.40824829046386302, 0.57735026918962576, 1.2247448713915890,
+                           -0.57735026918962576, 0.0,  0.0,                 0.48549177170732342, 0.0};
+  const float got_coef[10] = {c.pred_z, c.pred_g, c.mean_z, c.mean_x, c.direct_z,
+                              c.direct_g, c.prev, c.uncond, c.noise_std, c.noise_nu};
+  for (int i = 0; i < 10; ++i) {
     CHECK(got_coef[i] == static_cast<float>(hand[i]), "coefficient %d: %.9g, by hand %.9g", i, got_coef[i], hand[i]);
   }
+  const cfgfast::StepCoef last = ddpm_row(cd, true);
 
-  // z = 1, eps_c = 1/2, eps_u = 1/4, w = 2, n = 1:  eps~ = 3 * 1/2 - 2 * 1/4 = 1
-  //   z'          = 1.2247448713915890 * 1 - 0.57735026918962576 * 1 + 0.48549177170732342 * 1 = 1.1328863739092867
-  //   x~          = (1 - sqrt(1/2) * 1) / sqrt(1/2) = sqrt(2) - 1                             = 0.41421356237309505
-  //   clip 1/4:  z' = 0.40824829046386302 * 1 + 0.57735026918962576 * 1/4 + 0.48549177170732342 = 1.0380776294685929
-  const float eps = cfgfast::guided_eps(0.5f, 0.25f, 3.0f, 2.0f);
-  CHECK(eps == 1.0f, "guided_eps = %.9g, want 1", eps);
+  // z = 1, o_c = 1/2, o_u = 1/4, weights (3, 2) (w = 2 of the paper's Eq. 6), n = 1:  g = 3/2 - 1/2 = 1
+  //   z'          = 1.2247448713915890 - 0.57735026918962576 + 0.48549177170732342      = 1.1328863739092867
+  //   x~          = sqrt(2) - 1                                                         = 0.41421356237309505
+  //   clip 1/4:  z' = 0.40824829046386302 + 0.57735026918962576 / 4 + 0.48549177170732342 = 1.0380776294685929
+  const float g = cfgfast::guided_output(0.5f, 0.25f, 3.0f, 2.0f);
+  CHECK(g == 1.0f, "guided_output = %.9g, want 1", g);
+  // the generic row {1/2, -1/4, 3/4, 1/2, 2, -1, 1/8, 1/16, 1/2, 1/2}, z = 2, o_c = 1, o_u = 1/2, weights (3, 2):
+  //   g = 3 - 1 = 2, x~ = 1 - 1/2 = 1/2
+  //   z' = (2 2 - 2) + 1/32 + x~_prev / 8 + n / 2                    (every term exact in float)
+  //   clip 1/4: x~ = 1/4, z' = (3/2 + 1/8) + 1/32 + x~_prev / 8 + n / 2
+  //   learned variance, nu = ln 4: the noise's scale is 1/2 e^(ln 4 / 2) = 1
+  const cfgfast::StepCoef r{0.5f, -0.25f, 0.75f, 0.5f, 2.0f, -1.0f, 0.125f, 0.0625f, 0.5f, 0.5f};
+  cfgfast::StepCoef r_det = r;
+  r_det.noise_std = 0.0f;
+  const float ln4 = static_cast<float>(std::log(4.0));
+  float x_no_clip = 0.0f, x_clip = 0.0f;
   const struct {
     const char* what;
     float got;
     double want;
+    bool exact;
   } cases[] = {
-      {"step_value<false>", cfgfast::step_value<false>(1.0f, eps, 1.0f, c, 0.0f), 1.1328863739092867},
-      {"step_value<true> clip 1/4", cfgfast::step_value<true>(1.0f, eps, 1.0f, c, 0.25f), 1.0380776294685929},
-      {"step_value<true> clip 10 (= unclipped)", cfgfast::step_value<true>(1.0f, eps, 1.0f, c, 10.0f),
-       1.1328863739092867},
-      {"last_value<false>", cfgfast::last_value<false>(1.0f, eps, c, 0.0f), 0.41421356237309505},
-      {"last_value<true> clip 1/4", cfgfast::last_value<true>(1.0f, eps, c, 0.25f), 0.25},
+      {"ddpm", header_step<false>(c, 1.0f, 0.5f, 0.25f, 3.0f, 2.0f, 0.f, 0.f, 1.0f, 0.0f, false, false),
+       1.1328863739092867, false},
+      {"ddpm clip 1/4", header_step<true>(c, 1.0f, 0.5f, 0.25f, 3.0f, 2.0f, 0.f, 0.f, 1.0f, 0.25f, false, false),
+       1.0380776294685929, false},
+      {"ddpm clip 10 (= unclipped)",
+       header_step<true>(c, 1.0f, 0.5f, 0.25f, 3.0f, 2.0f, 0.f, 0.f, 1.0f, 10.0f, false, false), 1.1328863739092867,
+       false},
+      {"ddpm last row", header_step<false>(last, 1.0f, 0.5f, 0.25f, 3.0f, 2.0f, 0.f, 0.f, 1.0f, 0.0f, false, false),
+       0.41421356237309505, false},
+      {"ddpm last row clip 1/4",
+       header_step<true>(last, 1.0f, 0.5f, 0.25f, 3.0f, 2.0f, 0.f, 0.f, 1.0f, 0.25f, false, false), 0.25, true},
+      {"generic, x~_prev 4, n 1/2",
+       header_step<false>(r, 2.0f, 1.0f, 0.5f, 3.0f, 2.0f, 4.0f, 0.f, 0.5f, 0.0f, true, false, &x_no_clip), 2.78125,
+       true},
+      {"generic clip 1/4, x~_prev 4, n 1/2",
+       header_step<true>(r, 2.0f, 1.0f, 0.5f, 3.0f, 2.0f, 4.0f, 0.f, 0.5f, 0.25f, true, false, &x_clip), 2.40625,
+       true},
+      {"generic, no state, no noise",
+       header_step<false>(r_det, 2.0f, 1.0f, 0.5f, 3.0f, 2.0f, 4.0f, 0.f, 0.5f, 0.0f, false, false), 2.03125, true},
+      {"generic, learned variance nu = ln 4",
+       header_step<false>(r, 2.0f, 1.0f, 0.5f, 3.0f, 2.0f, 4.0f, ln4, 0.5f, 0.0f, true, true), 3.03125, false},
   };
   for (const auto& e : cases) {
-    // every term here is <= 1.3: 16 roundings of 2^-24 bound the error
-    CHECK(std::fabs(e.got - e.want) <= kStepTol * kEps24 * 1.3, "%s = %.9g, by hand %.17g", e.what, e.got, e.want);
-    // the hand value is the SPEC's own definition of the step
+    // every term here is <= 4: 16 roundings of 2^-24 bound the error
+    CHECK(e.exact ? e.got == e.want : std::fabs(e.got - e.want) <= kStepTol * kEps24 * 4.0,
+          "%s = %.9g, by hand %.17g", e.what, e.got, e.want);
   }
+  CHECK(x_no_clip == 0.5f && x_clip == 0.25f, "x~ = %.9g, clipped %.9g; by hand 0.5 and 0.25", x_no_clip, x_clip);
+  // the hand value is the SPEC's own definition of the step
   const double spec = spec_step(cd, 1.0, 0.5, 0.25, 2.0, 1.0, false, 0.0, false);
   CHECK(std::fabs(spec - 1.1328863739092867) <= 1e-15, "spec_step = %.17g, by hand 1.1328863739092867", spec);
 }
@@ -455,39 +546,79 @@ void test_step_formula() {
   };
   const Schedule schedules[] = {{-1.0, 0.5, 0.3}, {-20.0, -19.0, 0.3}, {19.5, 20.0, 0.2}, {2.0, 2.001, 0.0},
                                 {-5.0, 5.0, 1.0}};
-  const StepInput inputs[] = {
-      {0.3, 0.1, -0.2, 1.0, 0.7},  {-1.7, 1.2, 0.9, 4.0, -2.1}, {2.5, -0.4, -0.4, 0.0, 0.0},
-      {0.0, 3.0, -3.0, 0.5, 1.0},  {1e-3, -2.0, 2.5, 7.5, 3.9}, {-0.25, 0.75, 0.5, -0.5, -0.33},
+  // z, o_c, o_u, w (weights 1 + w, w), n, x~_prev, nu
+  struct Input {
+    double z, oc, ou, w, n, xp, nu;
   };
-  double worst = 0.0;
-  for (const Schedule& s : schedules) {
-    const CoefD cd = spec_coef(s.lam, s.lam_next, s.v);
-    const cfgfast::StepCoef c = to_step_coef(cd);
-    for (const StepInput& in : inputs) {
-      const float eps = cfgfast::guided_eps(static_cast<float>(in.eps_cond), static_cast<float>(in.eps_uncond),
-                                            static_cast<float>(1.0 + in.w), static_cast<float>(in.w));
-      const float z = static_cast<float>(in.z), n = static_cast<float>(in.n);
-      const float clip = 1.5f;
-      const struct {
-        const char* what;
-        float got;
-        bool clip, last;
-      } forms[] = {
-          {"step_value<false>", cfgfast::step_value<false>(z, eps, n, c, clip), false, false},
-          {"step_value<true>", cfgfast::step_value<true>(z, eps, n, c, clip), true, false},
-          {"last_value<false>", cfgfast::last_value<false>(z, eps, c, clip), false, true},
-          {"last_value<true>", cfgfast::last_value<true>(z, eps, c, clip), true, true},
-      };
-      for (const auto& f : forms) {
-        const double want = spec_step(cd, in.z, in.eps_cond, in.eps_uncond, in.w, in.n, f.clip, clip, f.last);
-        const double err = std::fabs(f.got - want) / (kEps24 * step_scale(c, in, std::fabs(in.n), f.clip, f.last));
-        worst = std::fmax(worst, err);
-        CHECK(err <= kStepTol, "%s lam %g -> %g v %g, z %g eps (%g, %g) w %g n %g: %.9g, SPEC %.9g (%.2f units)",
-              f.what, s.lam, s.lam_next, s.v, in.z, in.eps_cond, in.eps_uncond, in.w, in.n, f.got, want, err);
+  const Input inputs[] = {
+      {0.3, 0.1, -0.2, 1.0, 0.7, 0.4, -0.5},     {-1.7, 1.2, 0.9, 4.0, -2.1, -1.1, 2.0},
+      {2.5, -0.4, -0.4, 0.0, 0.0, 3.0, 0.0},     {0.0, 3.0, -3.0, 0.5, 1.0, 0.0, -3.0},
+      {1e-3, -2.0, 2.5, 7.5, 3.9, 2.5, 1.0},     {-0.25, 0.75, 0.5, -0.5, -0.33, -0.75, 0.25},
+  };
+  double worst = 0.0, worst_spec = 0.0;
+  // SPEC §2's rows (each with its last step), then the same rows with every other term switched on
+  // (multistep state, CFG++'s unconditional direction, learned variance), with and without noise
+  struct Row {
+    cfgfast::StepCoef c;
+    const CoefD* spec;  // SPEC §2's step that the row is, or nullptr
+    bool last;
+  };
+  std::vector<CoefD> cds;
+  for (const Schedule& s : schedules) cds.push_back(spec_coef(s.lam, s.lam_next, s.v));
+  std::vector<Row> rows;
+  for (const CoefD& cd : cds) {
+    rows.push_back({ddpm_row(cd), &cd, false});
+    rows.push_back({ddpm_row(cd, true), &cd, true});
+    cfgfast::StepCoef more = ddpm_row(cd);
+    more.prev = -0.37f;
+    more.uncond = 0.21f;
+    more.noise_nu = 0.5f;
+    rows.push_back({more, nullptr, false});
+    more.noise_std = 0.0f;
+    rows.push_back({more, nullptr, false});
+  }
+  Rng rng{99};
+  for (int k = 0; k < 8; ++k) {
+    float v[10];
+    for (float& x : v) x = static_cast<float>(rng.uniform(-2.0, 2.0));
+    if (k % 2) v[8] = 0.0f;
+    rows.push_back({cfgfast::StepCoef{v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7], v[8], v[9]}, nullptr, false});
+  }
+  const float clip = 1.5f;
+  for (const Row& row : rows) {
+    const cfgfast::StepCoef& c = row.c;
+    for (const Input& in : inputs) {
+      const auto f = [](double x) { return static_cast<float>(x); };
+      const float z = f(in.z), oc = f(in.oc), ou = f(in.ou), wc = f(1.0 + in.w), wu = f(in.w), n = f(in.n),
+                  xp = f(in.xp), nu = f(in.nu);
+      const Guided g{z, oc, ou, wc, wu, xp, nu, n, std::fabs(n)};
+      for (int mode = 0; mode < 8; ++mode) {
+        const bool has_clip = mode & 1, with_prev = mode & 2, with_nu = mode & 4;
+        float x = 0.0f;
+        const float got = header_step(has_clip, c, z, oc, ou, wc, wu, xp, nu, n, clip, with_prev, with_nu, &x);
+        const GuidedWant want = spec_guided(c, g, has_clip, clip, with_prev, with_nu);
+        const double err = worst_of(units(got, want.z_next, want.z_scale), units(x, want.x, want.x_scale));
+        worst = worse(err, worst) ? err : worst;
+        CHECK(err <= kStepTol, "row (%g %g %g %g %g %g %g %g %g %g) clip %d prev %d nu %d, z %g o (%g, %g) w %g n %g "
+              "x~_prev %g nu %g: z' %.9g, double %.9g; x~ %.9g, double %.9g (%.2f units)",
+              c.pred_z, c.pred_g, c.mean_z, c.mean_x, c.direct_z, c.direct_g, c.prev, c.uncond, c.noise_std, c.noise_nu,
+              has_clip, with_prev, with_nu, in.z, in.oc, in.ou, in.w, in.n, in.xp, in.nu, got, want.z_next, x, want.x,
+              err);
+        // SPEC §2's rows are SPEC §2's step: the same value from its definition (the coefficients' own float
+        // rounding counted too, one unit a term)
+        if (row.spec != nullptr && !with_nu) {
+          const double spec = spec_step(*row.spec, z, oc, ou, wu, n, has_clip, clip, row.last);
+          const double spec_err = units(got, spec, row.last ? want.x_scale : want.z_scale);
+          worst_spec = worse(spec_err, worst_spec) ? spec_err : worst_spec;
+          CHECK(spec_err <= kStepTol, "SPEC §2 row lam %g last %d clip %d, z %g eps (%g, %g) w %g n %g: %.9g, SPEC %.9g"
+                " (%.2f units)", std::log(row.spec->alpha * row.spec->alpha / (row.spec->sigma * row.spec->sigma)),
+                row.last, has_clip, in.z, in.oc, in.ou, in.w, in.n, got, spec, spec_err);
+        }
       }
     }
   }
-  std::printf("  step formula: worst %.3f * 2^-24 scale\n", worst);
+  std::printf("  step formula: worst %.3f * 2^-24 scale against the formula in double, %.3f against SPEC §2\n",
+              worst, worst_spec);
 }
 
 // ---------------------------------------------------------------- the CPU kernel, scalar against AVX2
@@ -547,11 +678,25 @@ bool guard_intact(const std::vector<float>& out, int64_t n) {
   return true;
 }
 
+// What one run of step_groups wrote: out, and the state x~_prev where one was given (its initial contents copied
+// from `state`, a guard after it).
+struct StepRun {
+  std::vector<float> out, x_prev;
+};
+
 // Runs step_groups over every sample with the given ISA; split > 0 cuts each sample's groups in two there.
-std::vector<float> run_step(cfgfast::cpu::StepArgs args, int64_t batch, Isa isa, int64_t split) {
+StepRun run_step(cfgfast::cpu::StepArgs args, int64_t batch, Isa isa, int64_t split,
+                 const std::vector<float>* state = nullptr) {
   cfgfast::cpu::set_active_isa(isa);
-  std::vector<float> out = poisoned(batch * args.numel_per_sample);
-  args.out = out.data();
+  const int64_t total = batch * args.numel_per_sample;
+  StepRun run{poisoned(total), {}};
+  args.out = run.out.data();
+  args.x_prev = nullptr;
+  if (state != nullptr) {
+    run.x_prev.assign(state->begin(), state->begin() + total);
+    run.x_prev.resize(static_cast<size_t>(total + kGuard), kGuardValue);
+    args.x_prev = run.x_prev.data();
+  }
   const int64_t groups = (args.numel_per_sample + 3) / 4;
   for (int64_t b = 0; b < batch; ++b) {
     if (split > 0 && split < groups) {
@@ -561,7 +706,7 @@ std::vector<float> run_step(cfgfast::cpu::StepArgs args, int64_t batch, Isa isa,
       cfgfast::cpu::step_groups(args, b, 0, groups);
     }
   }
-  return out;
+  return run;
 }
 
 std::vector<float> run_noise(cfgfast::cpu::NoiseArgs args, int64_t batch, Isa isa) {
@@ -654,150 +799,251 @@ void test_kernel_noise() {
   cfgfast::cpu::set_active_isa(cfgfast::cpu::best_isa());
 }
 
+bool bits_equal(const std::vector<float>& a, const std::vector<float>& b) {
+  // (two empty vectors: memcmp may not be given their null data)
+  return a.size() == b.size() && (a.empty() || std::memcmp(a.data(), b.data(), sizeof(float) * a.size()) == 0);
+}
+
+// Where the noise comes from, and the multistep state's four cases.
+enum class NoiseCase { kNone, kDrawn, kExplicit };
+enum class StateCase { kNone, kRead, kUnread, kMissing };
+const char* noise_case_name(NoiseCase c) {
+  return c == NoiseCase::kNone ? "none" : (c == NoiseCase::kDrawn ? "drawn" : "explicit");
+}
+const char* state_case_name(StateCase c) {
+  switch (c) {
+    case StateCase::kRead: return "read";
+    case StateCase::kUnread: return "NaN-unread";
+    case StateCase::kMissing: return "missing";
+    default: return "none";
+  }
+}
+
+// The kernel against the formula in double for every mode: clip or not; no noise (noise_std = 0: an explicit noise
+// tensor of NaN is passed and must not be read), drawn or explicit noise; the state x~_prev absent, read
+// (prev != 0), given but not read (prev == 0, a NaN buffer: it must not leak), or missing where prev != 0 (read as
+// 0); learned variance or not; each output type, sample lengths with tails; each ISA, whole and split runs.
+// Bit for bit: scalar and AVX2 where the noise is not drawn (or is scaled by nu, which runs the scalar code), and
+// x~_prev always; drawn normals differ by the fused multiply-adds of the AVX2 Box-Muller (test_kernel_noise).
 void test_kernel_step() {
   const std::vector<Isa> isas = isas_to_test();
-  const CoefD cd = spec_coef(-1.0, 0.5, 0.3);
-  const cfgfast::StepCoef coef = to_step_coef(cd);
+  const cfgfast::StepCoef base = ddpm_row(spec_coef(-1.0, 0.5, 0.3));
   const uint64_t seed = 0x0123456789abcdefull, offset = 5;
   const uint32_t step = 17;
   const int64_t batch = 3;
-  const float w[batch] = {0.0f, 1.5f, 7.25f};
+  const float weights[2 * batch] = {1.0f, 0.0f, 2.5f, 1.5f, 8.25f, 7.25f};
   const float clip = 1.0f;
+  const float nan = std::numeric_limits<float>::quiet_NaN();
   double worst[2] = {0.0, 0.0}, worst_cross = 0.0;
   int combos = 0;
   Rng rng{2024};
   for (int64_t numel : kSizes) {
     const size_t total = static_cast<size_t>(batch * numel);
-    std::vector<float> z(total), noise(total);
+    std::vector<float> z(total), noise(total), state(total);
+    const std::vector<float> nan_buffer(total, nan);
     for (auto& v : z) v = static_cast<float>(rng.uniform(-2.0, 2.0));
     for (auto& v : noise) v = static_cast<float>(rng.uniform(-3.0, 3.0));
+    for (auto& v : state) v = static_cast<float>(rng.uniform(-2.0, 2.0));
     for (EpsType type : {EpsType::kFloat32, EpsType::kBFloat16, EpsType::kFloat16}) {
-      const EpsData ec = make_eps(type, total, rng), eu = make_eps(type, total, rng);
-      for (int flags = 0; flags < 8; ++flags) {
-        const bool has_clip = flags & 1, last = flags & 2, explicit_noise = flags & 4;
-        if (last && explicit_noise) continue;  // the last step draws no noise
-        ++combos;
-        cfgfast::cpu::StepArgs args{};
-        args.z = z.data();
-        args.eps_cond = ec.data();
-        args.eps_uncond = eu.data();
-        args.eps_type = type;
-        args.w = w;
-        args.noise = explicit_noise ? noise.data() : nullptr;
-        args.numel_per_sample = numel;
-        args.coef = coef;
-        args.clip = clip;
-        args.has_clip = has_clip;
-        args.last = last;
-        args.key = cfgfast::NoiseKey{cfgfast::seed_key0(seed), cfgfast::seed_key1(seed), step, 1u};
-        args.index_offset = offset;
+      const EpsData pc = make_eps(type, total, rng), pu = make_eps(type, total, rng), nu = make_eps(type, total, rng);
+      for (NoiseCase noise_case : {NoiseCase::kNone, NoiseCase::kDrawn, NoiseCase::kExplicit}) {
+        for (StateCase state_case : {StateCase::kNone, StateCase::kRead, StateCase::kUnread, StateCase::kMissing}) {
+          for (int flags = 0; flags < 4; ++flags) {
+            const bool has_clip = flags & 1, with_nu = flags & 2;
+            ++combos;
+            cfgfast::StepCoef coef = base;
+            coef.prev = state_case == StateCase::kRead || state_case == StateCase::kMissing ? 0.3f : 0.0f;
+            coef.uncond = -0.05f;
+            coef.noise_nu = with_nu ? 0.4f : 0.0f;
+            if (noise_case == NoiseCase::kNone) coef.noise_std = 0.0f;
+            const bool with_state = state_case == StateCase::kRead || state_case == StateCase::kUnread;
+            const std::vector<float>* state_in = state_case == StateCase::kUnread ? &nan_buffer : &state;
+            cfgfast::cpu::StepArgs args{};
+            args.z = z.data();
+            args.pred_cond = pc.data();
+            args.pred_uncond = pu.data();
+            args.eps_type = type;
+            args.weights = weights;
+            args.nu = with_nu ? nu.data() : nullptr;
+            args.noise = noise_case == NoiseCase::kExplicit ? noise.data()
+                                                            : (noise_case == NoiseCase::kNone ? nan_buffer.data() : nullptr);
+            args.numel_per_sample = numel;
+            args.coef = coef;
+            args.clip = clip;
+            args.has_clip = has_clip;
+            args.key = cfgfast::NoiseKey{cfgfast::seed_key0(seed), cfgfast::seed_key1(seed), step, 1u};
+            args.index_offset = offset;
 
-        // SPEC §2 in double from the same float inputs, with SPEC §3 noise
-        std::vector<double> want(total), scale(total);
-        for (int64_t b = 0; b < batch; ++b) {
-          for (int64_t j = 0; j < numel; ++j) {
-            const size_t i = static_cast<size_t>(b * numel + j);
-            double n = noise[i], noise_scale = std::fabs(noise[i]);
-            if (!explicit_noise) {
-              double ns[4], rho[4];
-              spec_normals(spec_words(seed, static_cast<uint32_t>(j / 4), static_cast<uint32_t>(offset + b), step, 1u),
-                           ns, rho);
-              n = ns[j % 4];
-              noise_scale = rho[j % 4];
+            // the formula in double from the same float inputs, with SPEC §3 noise
+            std::vector<GuidedWant> want(total);
+            for (int64_t b = 0; b < batch; ++b) {
+              for (int64_t j = 0; j < numel; ++j) {
+                const size_t i = static_cast<size_t>(b * numel + j);
+                double n = noise[i], n_scale = std::fabs(noise[i]);
+                if (noise_case == NoiseCase::kDrawn) {
+                  double ns[4], rho[4];
+                  spec_normals(spec_words(seed, static_cast<uint32_t>(j / 4), static_cast<uint32_t>(offset + b), step, 1u),
+                               ns, rho);
+                  n = ns[j % 4];
+                  n_scale = rho[j % 4];
+                }
+                const Guided in{z[i], pc.at(i), pu.at(i), weights[2 * b], weights[2 * b + 1], (*state_in)[i], nu.at(i),
+                                n, n_scale};
+                want[i] = spec_guided(coef, in, has_clip, clip, state_case == StateCase::kRead, with_nu);
+              }
             }
-            const StepInput in{z[i], ec.at(i), eu.at(i), w[b], n};
-            want[i] = spec_step(cd, in.z, in.eps_cond, in.eps_uncond, in.w, in.n, has_clip, clip, last);
-            scale[i] = step_scale(coef, in, noise_scale, has_clip, last);
-          }
-        }
 
-        std::vector<std::vector<float>> outs;
-        for (Isa isa : isas) {
-          // split 5: the AVX2 body starts mid-sample; split 16: at a multiple of its 16-group width
-          for (int64_t split : {int64_t{0}, int64_t{5}, int64_t{16}}) {
-            const std::vector<float> out = run_step(args, batch, isa, split);
-            int bad = 0;
-            double run_worst = 0.0;
-            for (size_t i = 0; i < total; ++i) {
-              const double err = std::fabs(out[i] - want[i]) / (kEps24 * scale[i]);
-              run_worst = std::fmax(run_worst, err);
-              bad += !(err <= kStepTol);  // NaN (an unwritten element) counts as bad
+            const bool exact_across_isas = noise_case != NoiseCase::kDrawn || with_nu;
+            std::vector<StepRun> runs;
+            for (Isa isa : isas) {
+              // split 5: the AVX2 body starts mid-sample; split 16: at a multiple of its 16-group width
+              for (int64_t split : {int64_t{0}, int64_t{5}, int64_t{16}}) {
+                const StepRun run = run_step(args, batch, isa, split, with_state ? state_in : nullptr);
+                int bad = 0;
+                double run_worst = 0.0;
+                for (size_t i = 0; i < total; ++i) {
+                  double err = units(run.out[i], want[i].z_next, want[i].z_scale);
+                  if (with_state) err = worst_of(err, units(run.x_prev[i], want[i].x, want[i].x_scale));
+                  run_worst = worse(err, run_worst) ? err : run_worst;
+                  bad += !(err <= kStepTol);  // NaN (an unwritten element, a leaked NaN) counts as bad
+                }
+                const bool guards = guard_intact(run.out, static_cast<int64_t>(total)) &&
+                                    (!with_state || guard_intact(run.x_prev, static_cast<int64_t>(total)));
+                worst[isa == Isa::kAvx2] = worse(run_worst, worst[isa == Isa::kAvx2]) ? run_worst : worst[isa == Isa::kAvx2];
+                CHECK(bad == 0 && guards,
+                      "step_groups[%s] %s numel %lld clip %d noise %s state %s nu %d split %lld: %d values off the "
+                      "formula (worst %.2f)%s",
+                      cfgfast::cpu::isa_name(isa), eps_name(type), static_cast<long long>(numel), has_clip,
+                      noise_case_name(noise_case), state_case_name(state_case), with_nu, static_cast<long long>(split),
+                      bad, run_worst, guards ? "" : ", wrote past the end");
+                if (split == 0) {
+                  runs.push_back(run);
+                } else if (isa == Isa::kScalar || split % 16 == 0 || exact_across_isas) {
+                  // Splitting a sample's groups changes nothing, bit for bit, unless it moves drawn normals between
+                  // the AVX2 body and the scalar tail: then they are only both within SPEC.
+                  CHECK(bits_equal(run.out, runs.back().out) && bits_equal(run.x_prev, runs.back().x_prev),
+                        "step_groups[%s] %s numel %lld noise %s: a run split at group %lld differs from the whole run",
+                        cfgfast::cpu::isa_name(isa), eps_name(type), static_cast<long long>(numel),
+                        noise_case_name(noise_case), static_cast<long long>(split));
+                }
+              }
             }
-            worst[isa == Isa::kAvx2] = std::fmax(worst[isa == Isa::kAvx2], run_worst);
-            CHECK(bad == 0 && guard_intact(out, static_cast<int64_t>(total)),
-                  "step_groups[%s] %s numel %lld clip %d last %d noise %s split %lld: %d values off SPEC (worst %.2f)%s",
-                  cfgfast::cpu::isa_name(isa), eps_name(type), static_cast<long long>(numel), has_clip, last,
-                  explicit_noise ? "explicit" : "drawn", static_cast<long long>(split), bad, run_worst,
-                  guard_intact(out, static_cast<int64_t>(total)) ? "" : ", wrote past the end");
-            if (split == 0) {
-              outs.push_back(out);
-            } else if (isa == Isa::kScalar || split % 16 == 0) {
-              // Splitting a sample's groups changes nothing, bit for bit, unless it moves elements between
-              // the AVX2 body (FMA-contracted) and the scalar tail: then they are only both within SPEC.
-              CHECK(std::memcmp(out.data(), outs.back().data(), sizeof(float) * total) == 0,
-                    "step_groups[%s] %s numel %lld: a run split at group %lld differs from the whole run",
-                    cfgfast::cpu::isa_name(isa), eps_name(type), static_cast<long long>(numel),
-                    static_cast<long long>(split));
+            for (size_t k = 1; k < runs.size(); ++k) {
+              CHECK(bits_equal(runs[0].x_prev, runs[k].x_prev), "%s: x~_prev of scalar and AVX2 differ",
+                    eps_name(type));
+              if (exact_across_isas) {
+                CHECK(bits_equal(runs[0].out, runs[k].out),
+                      "step_groups %s numel %lld clip %d noise %s state %s nu %d: scalar and AVX2 differ", eps_name(type),
+                      static_cast<long long>(numel), has_clip, noise_case_name(noise_case), state_case_name(state_case),
+                      with_nu);
+              } else {
+                for (size_t i = 0; i < total; ++i) {
+                  const double d = units(runs[0].out[i], runs[k].out[i], want[i].z_scale);
+                  worst_cross = worse(d, worst_cross) ? d : worst_cross;
+                }
+              }
             }
-          }
-        }
-        for (size_t k = 1; k < outs.size(); ++k) {
-          for (size_t i = 0; i < total; ++i) {
-            worst_cross = std::fmax(worst_cross, std::fabs(outs[0][i] - outs[k][i]) / (kEps24 * scale[i]));
           }
         }
       }
     }
   }
-  CHECK(worst_cross <= 2 * kStepTol, "scalar and AVX2 steps differ by %.2f * 2^-24 scale", worst_cross);
-  std::printf("  step_groups: %d cases; worst %.3f (scalar), %.3f (AVX2) * 2^-24 scale against SPEC; "
-              "scalar vs AVX2 %.3f\n",
+  CHECK(worst_cross <= 2 * kStepTol, "scalar and AVX2 steps with drawn noise differ by %.2f * 2^-24 scale", worst_cross);
+  std::printf("  step_groups: %d cases; worst %.3f (scalar), %.3f (AVX2) * 2^-24 scale against the formula; "
+              "scalar vs AVX2 with drawn noise %.3f, bit for bit otherwise\n",
               combos, worst[0], worst[1], worst_cross);
 
-  // The step's own draw is SPEC §3 stream 1 at t = step: with z = eps = 0 and noise_std = 1 the step
-  // returns its noise, equal bit for bit to noise_groups (same ISA).
+  const int64_t numel = 4097;
+  const size_t total = static_cast<size_t>(batch * numel);
+  const std::vector<float> zeros(total, 0.0f);
+  std::vector<float> z(total), oc(total), ou(total);
+  for (size_t i = 0; i < total; ++i) {
+    z[i] = static_cast<float>(rng.uniform(-2.0, 2.0));
+    oc[i] = static_cast<float>(rng.uniform(-2.0, 2.0));
+    ou[i] = static_cast<float>(rng.uniform(-2.0, 2.0));
+  }
+  cfgfast::cpu::StepArgs plain{};
+  plain.z = z.data();
+  plain.pred_cond = oc.data();
+  plain.pred_uncond = ou.data();
+  plain.eps_type = EpsType::kFloat32;
+  plain.weights = weights;
+  plain.numel_per_sample = numel;
+  plain.coef = base;
+  plain.key = cfgfast::NoiseKey{cfgfast::seed_key0(seed), cfgfast::seed_key1(seed), step, 1u};
+  plain.index_offset = offset;
   for (Isa isa : isas) {
-    const int64_t numel = 4097;
-    const std::vector<float> zeros(static_cast<size_t>(batch * numel), 0.0f);
-    cfgfast::cpu::StepArgs args{};
+    // The step's own draw is SPEC §3 stream 1 at t = step: with every coefficient 0 but noise_std = 1 the step
+    // returns its noise, equal bit for bit to noise_groups (same ISA).
+    cfgfast::cpu::StepArgs args = plain;
     args.z = zeros.data();
-    args.eps_cond = zeros.data();
-    args.eps_uncond = zeros.data();
-    args.eps_type = EpsType::kFloat32;
-    args.w = w;
-    args.numel_per_sample = numel;
-    args.coef = cfgfast::StepCoef{1.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 1.0f};
-    args.key = cfgfast::NoiseKey{cfgfast::seed_key0(seed), cfgfast::seed_key1(seed), step, 1u};
-    args.index_offset = offset;
-    const std::vector<float> stepped = run_step(args, batch, isa, 0);
+    args.pred_cond = args.pred_uncond = zeros.data();
+    args.coef = cfgfast::StepCoef{0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 1.0f, 0.f};
+    const StepRun stepped = run_step(args, batch, isa, 0);
     const std::vector<float> drawn = run_noise({nullptr, numel, args.key, offset}, batch, isa);
-    CHECK(std::memcmp(stepped.data(), drawn.data(), sizeof(float) * batch * numel) == 0,
-          "step_groups[%s] noise differs from noise_groups(stream 1, t = step)", cfgfast::cpu::isa_name(isa));
+    CHECK(bits_equal(stepped.out, drawn), "step_groups[%s] noise differs from noise_groups(stream 1, t = step)",
+          cfgfast::cpu::isa_name(isa));
+
+    // noise_std = 0 draws nothing: the seed, the step and an explicit noise or nu (NaN) change nothing
+    args = plain;
+    args.coef.noise_std = 0.0f;
+    args.coef.noise_nu = 1.0f;
+    const StepRun deterministic = run_step(args, batch, isa, 0);
+    const std::vector<float> nans(total, std::numeric_limits<float>::quiet_NaN());
+    args.key = cfgfast::NoiseKey{cfgfast::seed_key0(~seed), cfgfast::seed_key1(~seed), step + 1, 1u};
+    const StepRun other_seed = run_step(args, batch, isa, 0);
+    args.noise = nans.data();
+    args.nu = nans.data();
+    const StepRun with_nans = run_step(args, batch, isa, 0);
+    int nan_count = 0;
+    for (size_t i = 0; i < total; ++i) nan_count += std::isnan(deterministic.out[i]);
+    CHECK(nan_count == 0 && bits_equal(deterministic.out, other_seed.out) && bits_equal(deterministic.out, with_nans.out),
+          "step_groups[%s] with noise_std = 0 depends on the seed, the noise or nu (%d NaNs)",
+          cfgfast::cpu::isa_name(isa), nan_count);
+    // (and with noise, the seed matters: the comparison above can fail)
+    args = plain;
+    const StepRun noisy = run_step(args, batch, isa, 0);
+    args.key = cfgfast::NoiseKey{cfgfast::seed_key0(~seed), cfgfast::seed_key1(~seed), step, 1u};
+    CHECK(!bits_equal(noisy.out, run_step(args, batch, isa, 0).out), "step_groups[%s]: the seed changes nothing",
+          cfgfast::cpu::isa_name(isa));
+
+    // the last step's row returns x~ itself, the value it writes into the state
+    for (bool has_clip : {false, true}) {
+      args = plain;
+      args.coef = ddpm_row(spec_coef(-1.0, 0.5, 0.3), true);
+      args.has_clip = has_clip;
+      args.clip = 1.0f;
+      const StepRun last = run_step(args, batch, isa, 0, &zeros);
+      int differ = 0;
+      for (size_t i = 0; i < total; ++i) differ += !(last.out[i] == last.x_prev[i]);
+      CHECK(differ == 0, "step_groups[%s] last row clip %d: %d elements differ from x~", cfgfast::cpu::isa_name(isa),
+            has_clip, differ);
+    }
   }
 
-  // NaN in eps propagates through the clip (torch.clamp does), in every ISA
+  // NaN in the model's output propagates through the clip (torch.clamp does), in every ISA
   for (Isa isa : isas) {
-    const int64_t numel = 64;
-    std::vector<float> zs(static_cast<size_t>(numel), 0.5f), ecs(zs.size(), 0.1f), eus(zs.size(), 0.2f);
-    ecs[3] = ecs[40] = std::numeric_limits<float>::quiet_NaN();
-    cfgfast::cpu::StepArgs args{};
+    const int64_t n64 = 64;
+    std::vector<float> zs(static_cast<size_t>(n64), 0.5f), ocs(zs.size(), 0.1f), ous(zs.size(), 0.2f);
+    ocs[3] = ocs[40] = std::numeric_limits<float>::quiet_NaN();
+    cfgfast::cpu::StepArgs args = plain;
     args.z = zs.data();
-    args.eps_cond = ecs.data();
-    args.eps_uncond = eus.data();
-    args.eps_type = EpsType::kFloat32;
-    args.w = w;
-    args.numel_per_sample = numel;
-    args.coef = coef;
+    args.pred_cond = ocs.data();
+    args.pred_uncond = ous.data();
+    args.numel_per_sample = n64;
     args.clip = clip;
     args.has_clip = true;
-    args.key = cfgfast::NoiseKey{1u, 2u, 3u, 1u};
     for (bool last : {false, true}) {
-      args.last = last;
-      const std::vector<float> out = run_step(args, 1, isa, 0);
-      int nans = 0;
-      for (int64_t i = 0; i < numel; ++i) nans += std::isnan(out[static_cast<size_t>(i)]);
-      CHECK(std::isnan(out[3]) && std::isnan(out[40]) && nans == 2, "step_groups[%s] clip last %d: NaN eps gave %d NaNs",
-            cfgfast::cpu::isa_name(isa), last, nans);
+      args.coef = ddpm_row(spec_coef(-1.0, 0.5, 0.3), last);
+      const StepRun run = run_step(args, 1, isa, 0, &zs);
+      int nans = 0, state_nans = 0;
+      for (int64_t i = 0; i < n64; ++i) {
+        nans += std::isnan(run.out[static_cast<size_t>(i)]);
+        state_nans += std::isnan(run.x_prev[static_cast<size_t>(i)]);
+      }
+      CHECK(std::isnan(run.out[3]) && std::isnan(run.out[40]) && nans == 2 && state_nans == 2,
+            "step_groups[%s] clip last %d: NaN output gave %d NaNs (%d in x~)", cfgfast::cpu::isa_name(isa), last, nans,
+            state_nans);
     }
   }
   cfgfast::cpu::set_active_isa(cfgfast::cpu::best_isa());
@@ -838,280 +1084,6 @@ void test_group_cursor() {
 
 }  // namespace
 
-// ---------------------------------------------------------------- the CUDA kernels' threads, run on the CPU
-
-// Exactly `bytes` bytes starting at a 16-byte boundary (AddressSanitizer knows where they end), whatever alignment
-// the allocator gives a std::vector.
-struct Aligned16 {
-  struct Free {
-    void operator()(unsigned char* p) const { ::operator delete[](p, std::align_val_t{16}); }
-  };
-  std::unique_ptr<unsigned char[], Free> mem;
-  explicit Aligned16(size_t bytes)
-      : mem(static_cast<unsigned char*>(::operator new[](bytes, std::align_val_t{16}))) {}
-};
-
-// `count` values of `size` bytes copied `shift` values after a 16-byte boundary, in a buffer that ends right after
-// them: a read past the end is a read outside the buffer (the sanitized build stops at it).
-struct Placed {
-  Aligned16 buf;
-  const void* at;
-  Placed(const void* src, size_t size, int64_t count, int shift)
-      : buf(size * static_cast<size_t>(count + shift)), at(buf.mem.get() + size * static_cast<size_t>(shift)) {
-    std::memcpy(buf.mem.get() + size * static_cast<size_t>(shift), src, size * static_cast<size_t>(count));
-  }
-};
-
-// Every thread of a grid of `threads` threads of the CUDA step kernel (csrc/cuda/step_kernel.h), one after another:
-// the threads write disjoint groups, so their order does not matter.
-// prefetch_rounds > 0 (vectorised path): the kernels with the L2 prefetch, set up as step_cuda.cu does.
-template <class EpsT>
-void run_step_grid(cfgfast::DeviceStepArgs a, bool vec, int groups, uint64_t threads, uint32_t prefetch_rounds) {
-  cfgfast::set_prefetch(a, prefetch_rounds, groups, threads);
-  for (uint64_t t = 0; t < threads; ++t) {
-    if (prefetch_rounds > 0) {
-      groups == 2 ? cfgfast::step_thread<EpsT, true, 2, true>(a, t, threads)
-                  : cfgfast::step_thread<EpsT, true, 1, true>(a, t, threads);
-    } else if (groups == 2) {
-      vec ? cfgfast::step_thread<EpsT, true, 2>(a, t, threads) : cfgfast::step_thread<EpsT, false, 2>(a, t, threads);
-    } else {
-      vec ? cfgfast::step_thread<EpsT, true, 1>(a, t, threads) : cfgfast::step_thread<EpsT, false, 1>(a, t, threads);
-    }
-  }
-}
-
-void run_step_grid(const cfgfast::DeviceStepArgs& a, EpsType type, bool vec, int groups, uint64_t threads,
-                   uint32_t prefetch_rounds) {
-  switch (type) {
-    case EpsType::kBFloat16: return run_step_grid<cfgfast::cpu::bf16_t>(a, vec, groups, threads, prefetch_rounds);
-    case EpsType::kFloat16: return run_step_grid<cfgfast::cpu::f16_t>(a, vec, groups, threads, prefetch_rounds);
-    default: return run_step_grid<float>(a, vec, groups, threads, prefetch_rounds);
-  }
-}
-
-// The addresses that the step kernels asked L2 for, in order (cfgfast::prefetch_hook on the host).
-std::vector<const void*> prefetched;
-
-// Whether the prefetches of a grid of `threads` threads with `groups` groups a thread, `rounds` rounds ahead, are
-// exactly the group starts [rounds * groups * threads, total_groups) of each input read (z, ε_c, ε_u, and the explicit
-// noise where read), once each: every address inside the inputs, every later round's group asked for, none twice.
-bool prefetches_as_expected(const std::vector<const void*>& got, const cfgfast::DeviceStepArgs& a, size_t eps_size,
-                            bool read_noise, uint64_t threads, int groups, uint32_t rounds) {
-  const uint64_t total = static_cast<uint64_t>(a.total_groups);
-  const uint64_t ahead = rounds * static_cast<uint64_t>(groups) * threads;
-  const uint64_t first = rounds == 0 ? total : std::min<uint64_t>(total, ahead);
-  const struct {
-    const void* base;
-    size_t group_bytes;
-  } inputs[] = {{a.z, 16}, {a.eps_cond, 4 * eps_size}, {a.eps_uncond, 4 * eps_size}, {read_noise ? a.noise : nullptr, 16}};
-  std::vector<std::vector<int>> seen(4, std::vector<int>(static_cast<size_t>(total), 0));
-  for (const void* p : got) {
-    bool placed = false;
-    for (size_t k = 0; k < 4 && !placed; ++k) {
-      if (inputs[k].base == nullptr) continue;
-      const auto* base = static_cast<const unsigned char*>(inputs[k].base);
-      const auto* at = static_cast<const unsigned char*>(p);
-      if (at < base || at >= base + inputs[k].group_bytes * total) continue;
-      const size_t offset = static_cast<size_t>(at - base);
-      if (offset % inputs[k].group_bytes != 0) return false;  // not a group's start
-      ++seen[k][offset / inputs[k].group_bytes];
-      placed = true;
-    }
-    if (!placed) return false;  // outside every input
-  }
-  for (size_t k = 0; k < 4; ++k) {
-    for (uint64_t g = 0; g < total; ++g) {
-      const int want = inputs[k].base != nullptr && g >= first ? 1 : 0;
-      if (seen[k][static_cast<size_t>(g)] != want) return false;
-    }
-  }
-  return true;
-}
-
-// Grids of 1 thread (every group in its loop), a few, one or two blocks, half the groups (with 2 groups a thread: a
-// second group past the end for some threads), and as many threads as groups or more (some with none).
-std::vector<uint64_t> grid_sizes(int64_t total_groups) {
-  const auto g = static_cast<uint64_t>(total_groups);
-  return {1, 3, 256, 257, (g + 1) / 2, g, g + 5};
-}
-
-// The CUDA kernels' code (csrc/cuda/step_kernel.h) run on the CPU, thread by thread, over grids of many sizes,
-// against the scalar CPU kernel (test_kernel_step holds it to SPEC §2 in double): bit for bit, since both compile
-// the same formulas here without fused multiply-adds. Covers the vectorised and scalar paths, 1 and 2 groups a thread,
-// tails, misaligned pointers (all, or one at a time), each ε type, clip / last / explicit noise, and the coefficient table (rows, the last
-// step, indices outside it); and the noise kernel against noise_groups.
-void test_cuda_kernels_on_host() {
-  cfgfast::cpu::set_active_isa(Isa::kScalar);
-  const uint64_t seed = 0xfedcba9876543210ull, offset = 7;
-  const uint32_t step = 11;
-  const float clip = 1.0f;
-  const float w[] = {0.0f, 1.5f, 7.25f, -0.5f};
-  const cfgfast::StepCoef coef = to_step_coef(spec_coef(-1.0, 0.5, 0.3));
-  // a table of 4 steps with different rows, for the graph-replayable variant
-  constexpr int64_t kTableLen = 4;
-  std::vector<double> table;
-  std::vector<cfgfast::StepCoef> rows;
-  for (int64_t t = 0; t < kTableLen; ++t) {
-    rows.push_back(to_step_coef(spec_coef(-3.0 + 1.5 * t, -1.5 + 1.5 * t, 0.3)));
-    const cfgfast::StepCoef& c = rows.back();
-    for (float x : {c.alpha, c.sigma, c.mean_z, c.mean_eps, c.mean_z_clip, c.mean_x_clip, c.noise_std}) table.push_back(x);
-  }
-  const struct {
-    int64_t batch, numel;
-  } shapes[] = {{1, 1}, {3, 7}, {2, 8}, {4, 37}, {2, 64}, {3, 65}, {2, 4097}};
-  Rng rng{77};
-  int runs = 0, vec_runs = 0, prefetch_runs = 0;
-  const float kUnwritten = 4321.0f;
-  cfgfast::prefetch_hook = [](const void* p) { prefetched.push_back(p); };
-  for (const auto& shape : shapes) {
-    const int64_t batch = shape.batch, numel = shape.numel, total = batch * numel;
-    const int64_t groups_per_sample = (numel + 3) / 4;
-    std::vector<float> z(static_cast<size_t>(total)), noise(static_cast<size_t>(total));
-    for (auto& v : z) v = static_cast<float>(rng.uniform(-2.0, 2.0));
-    for (auto& v : noise) v = static_cast<float>(rng.uniform(-3.0, 3.0));
-    for (EpsType type : {EpsType::kFloat32, EpsType::kBFloat16, EpsType::kFloat16}) {
-      const EpsData ec = make_eps(type, static_cast<size_t>(total), rng);
-      const EpsData eu = make_eps(type, static_cast<size_t>(total), rng);
-      const size_t eps_size = type == EpsType::kFloat32 ? 4 : 2;
-      // mode 0-7: clip, last and explicit noise as bits (the last step with noise is skipped);
-      // mode 8-17: the table at t = 0, 2, 3 (its last row), 4 and -1 (outside: NaN), without and with clip
-      for (int mode = 0; mode < 18; ++mode) {
-        const bool table_mode = mode >= 8;
-        const int64_t t = table_mode ? std::vector<int64_t>{0, 2, 3, 4, -1}[(mode - 8) / 2] : 0;
-        const bool has_clip = table_mode ? mode % 2 == 1 : (mode & 1) != 0;
-        const bool last = table_mode ? t == kTableLen - 1 : (mode & 2) != 0;
-        const bool explicit_noise = !table_mode && (mode & 4) != 0;
-        if (!table_mode && last && explicit_noise) continue;
-        const bool valid = !table_mode || (t >= 0 && t < kTableLen);
-        // which of z, eps_cond, eps_uncond, noise and out start one element past a 16-byte boundary: none (pattern
-        // 0), all (1), or one (2 + its position in that list)
-        for (int pattern = 0; pattern < 7; ++pattern) {
-          if (pattern == 5 && !explicit_noise) continue;  // the noise shifted, and not read
-          const auto shifted = [pattern](int k) { return pattern == 1 || pattern == k + 2 ? 1 : 0; };
-          const Placed zp(z.data(), sizeof(float), total, shifted(0));
-          const Placed ecp(ec.data(), eps_size, total, shifted(1)), eup(eu.data(), eps_size, total, shifted(2));
-          const Placed np(noise.data(), sizeof(float), total, shifted(3));
-          const void* ec_ptr = ecp.at;
-          const void* eu_ptr = eup.at;
-          // what the scalar CPU kernel writes
-          cfgfast::cpu::StepArgs c{};
-          c.z = static_cast<const float*>(zp.at);
-          c.eps_cond = ec_ptr;
-          c.eps_uncond = eu_ptr;
-          c.eps_type = type;
-          c.w = w;
-          c.noise = explicit_noise ? static_cast<const float*>(np.at) : nullptr;
-          c.numel_per_sample = numel;
-          c.coef = table_mode && valid ? rows[static_cast<size_t>(t)] : coef;
-          c.clip = clip;
-          c.has_clip = has_clip;
-          c.last = last;
-          c.key = cfgfast::NoiseKey{cfgfast::seed_key0(seed), cfgfast::seed_key1(seed),
-                                    table_mode ? static_cast<uint32_t>(t) : step, 1u};
-          c.index_offset = offset;
-          std::vector<float> want = run_step(c, batch, Isa::kScalar, 0);
-          // the CUDA kernels' arguments, as step_cuda.cu fills them
-          const Aligned16 out_mem(sizeof(float) * static_cast<size_t>(total + 1 + kGuard));
-          float* const out_buf = reinterpret_cast<float*>(out_mem.mem.get());
-          cfgfast::DeviceStepArgs a{};
-          a.z = c.z;
-          a.eps_cond = ec_ptr;
-          a.eps_uncond = eu_ptr;
-          a.w = w;
-          a.noise = c.noise;
-          a.numel_per_sample = numel;
-          a.groups_per_sample = groups_per_sample;
-          a.total_groups = batch * groups_per_sample;
-          a.coef = coef;
-          a.key = cfgfast::NoiseKey{cfgfast::seed_key0(seed), cfgfast::seed_key1(seed), table_mode ? 0u : step, 1u};
-          a.keys = cfgfast::philox_keys(a.key.k0, a.key.k1);
-          a.index_offset = offset;
-          a.clip = has_clip ? clip : 0.0f;
-          a.has_clip = has_clip;
-          a.last = table_mode ? false : last;
-          a.table = table_mode ? table.data() : nullptr;
-          a.step_ptr = table_mode ? &t : nullptr;
-          a.table_len = table_mode ? kTableLen : 0;
-          for (const bool vec : {false, true}) {
-            a.out = out_buf + shifted(4);
-            if (vec && !cfgfast::step_vectorisable(a, 4 * eps_size)) continue;
-            CHECK(!vec || (pattern == 0 && numel % 4 == 0), "vectorisable with pointer pattern %d numel %lld", pattern,
-                  static_cast<long long>(numel));
-            vec_runs += vec;
-            // (groups a thread, L2 prefetch rounds ahead): 1 and 2 groups, and on the vectorised path each with the
-            // prefetch 1, 2 and 3 rounds ahead
-            std::vector<std::pair<int, uint32_t>> settings = {{1, 0}, {2, 0}};
-            if (vec) settings.insert(settings.end(), {{1, 1}, {1, 2}, {1, 3}, {2, 1}, {2, 2}, {2, 3}});
-            for (const auto& [groups, rounds] : settings) {
-              for (uint64_t threads : grid_sizes(a.total_groups)) {
-                // a finite poison: an element left unwritten differs from the CPU kernel's, and is not the NaN that
-                // an index outside the table must write
-                std::fill(out_buf, out_buf + total + 1 + kGuard, kGuardValue);
-                for (int64_t i = 0; i < total; ++i) a.out[i] = kUnwritten;
-                prefetched.clear();
-                run_step_grid(a, type, vec, groups, threads, rounds);
-                ++runs;
-                // grids with a prefetch due: some thread has a group `rounds` rounds on
-                prefetch_runs += rounds > 0 && rounds * groups * threads < static_cast<uint64_t>(a.total_groups);
-                const bool read_noise = a.noise != nullptr && !last;
-                CHECK(prefetches_as_expected(prefetched, a, eps_size, read_noise, threads, groups, rounds),
-                      "CUDA step on the host: %s batch %lld numel %lld mode %d groups %d prefetch %u threads %llu: "
-                      "%zu prefetches, not each later group's inputs once",
-                      eps_name(type), static_cast<long long>(batch), static_cast<long long>(numel), mode, groups,
-                      rounds, static_cast<unsigned long long>(threads), prefetched.size());
-                const std::vector<float> got(a.out, a.out + total + kGuard);
-                int bad = 0;
-                for (int64_t i = 0; i < total; ++i) {
-                  const size_t k = static_cast<size_t>(i);
-                  bad += valid ? std::memcmp(&got[k], &want[k], sizeof(float)) != 0 : !std::isnan(got[k]);
-                }
-                CHECK(bad == 0 && guard_intact(got, total),
-                      "CUDA step on the host: %s batch %lld numel %lld mode %d pointers %d vec %d groups %d prefetch %u "
-                      "threads %llu: %d of %lld elements differ from the CPU kernel%s",
-                      eps_name(type), static_cast<long long>(batch), static_cast<long long>(numel), mode, pattern, vec,
-                      groups, rounds, static_cast<unsigned long long>(threads), bad, static_cast<long long>(total),
-                      guard_intact(got, total) ? "" : ", wrote past the end");
-              }
-            }
-          }
-        }
-      }
-    }
-    // the noise kernel
-    const cfgfast::NoiseKey key{cfgfast::seed_key0(seed), cfgfast::seed_key1(seed), step, 2u};
-    const std::vector<float> want = run_noise(cfgfast::cpu::NoiseArgs{nullptr, numel, key, offset}, batch, Isa::kScalar);
-    const Aligned16 out_mem(sizeof(float) * static_cast<size_t>(total + 1 + kGuard));
-    for (int shift = 0; shift < 2; ++shift) {  // out at a 16-byte boundary, and one element past it
-      float* const out = reinterpret_cast<float*>(out_mem.mem.get()) + shift;
-      for (const bool vec : {false, true}) {
-        if (vec && !cfgfast::noise_vectorisable(out, numel)) continue;
-        CHECK(!vec || (shift == 0 && numel % 4 == 0), "noise vectorisable with shift %d numel %lld", shift,
-              static_cast<long long>(numel));
-        vec_runs += vec;
-        for (uint64_t threads : grid_sizes(batch * groups_per_sample)) {
-          std::fill(out, out + total, std::numeric_limits<float>::quiet_NaN());
-          std::fill(out + total, out + total + kGuard, kGuardValue);
-          for (uint64_t t = 0; t < threads; ++t) {
-            cfgfast::noise_thread(out, numel, groups_per_sample, batch * groups_per_sample, key,
-                                  cfgfast::philox_keys(key.k0, key.k1), offset, vec, t, threads);
-          }
-          ++runs;
-          const std::vector<float> got(out, out + total + kGuard);
-          CHECK(std::memcmp(got.data(), want.data(), sizeof(float) * static_cast<size_t>(total)) == 0 &&
-                    guard_intact(got, total),
-                "CUDA noise on the host: batch %lld numel %lld shift %d vec %d threads %llu differs from noise_groups",
-                static_cast<long long>(batch), static_cast<long long>(numel), shift, vec,
-                static_cast<unsigned long long>(threads));
-        }
-      }
-    }
-  }
-  cfgfast::prefetch_hook = nullptr;
-  std::printf("  %d grids run, %d settings on the vectorised paths, %d grids with a prefetch due\n", runs, vec_runs,
-              prefetch_runs);
-  CHECK(vec_runs > 0 && prefetch_runs > 0, "the vectorised paths or the prefetch never ran");
-}
-
 // test_shared_header [NAME ...]: the tests named (all without names); the sanitized build runs the kernels' tests
 // only (the exhaustive ones would take minutes there).
 int main(int argc, char** argv) {
@@ -1131,7 +1103,6 @@ int main(int argc, char** argv) {
       {"kernel_noise", test_kernel_noise},
       {"kernel_step", test_kernel_step},
       {"group_cursor", test_group_cursor},
-      {"cuda_kernels_on_host", test_cuda_kernels_on_host},
   };
   std::printf("cpu isa: best %s\n", cfgfast::cpu::isa_name(cfgfast::cpu::best_isa()));
   int ran = 0;
