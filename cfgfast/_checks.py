@@ -185,15 +185,16 @@ def _check_finite_w(w: torch.Tensor) -> None:
         _FINITE_W = (weakref.ref(w), w._version)
 
 
-def guidance(w, batch: int, device: torch.device) -> torch.Tensor:
+def guidance(w, batch: int, device: torch.device, name: str = "w") -> torch.Tensor:
     """w as a float32 tensor [batch] on device: a number, a 0-d tensor or one value per sample."""
     if isinstance(w, torch.Tensor):
         if w.dim() != 0 and w.shape != (batch,):
-            raise ValueError(f"w must be a number or a tensor of shape [{batch}] (one per sample), got {tuple(w.shape)}")
+            raise ValueError(f"{name} must be a number or a tensor of shape [{batch}] (one per sample), got "
+                             f"{tuple(w.shape)}")
         if w.is_complex() or w.dtype == torch.bool:
-            raise TypeError(f"w must be a real tensor, got {w.dtype}")
+            raise TypeError(f"{name} must be a real tensor, got {w.dtype}")
         if w.device.type == "meta":
-            raise ValueError("w must have values, got a tensor on the meta device")
+            raise ValueError(f"{name} must have values, got a tensor on the meta device")
         # The check reads w on the host: not possible while torch.compile traces or a CUDA graph captures
         # (there w was checked when it was made, or the caller's loop checks it once before capture).
         # (is_compiling first: is_current_stream_capturing returns a bool, which torch.compile cannot trace)
@@ -202,9 +203,9 @@ def guidance(w, batch: int, device: torch.device) -> torch.Tensor:
         if w.dim() == 0:
             w = w.reshape(1).expand(batch)
         return w.to(device=device, dtype=torch.float32).contiguous()
-    value = real("w", w)
+    value = real(name, w)
     if abs(value) > torch.finfo(torch.float32).max:
-        raise ValueError(f"w must be finite in float32, got {value}")
+        raise ValueError(f"{name} must be finite in float32, got {value}")
     return torch.full((batch,), value, dtype=torch.float32, device=device)
 
 

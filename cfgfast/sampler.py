@@ -111,17 +111,33 @@ def _classifier_uncond(classifier, z, lam, labels, out_cond, step: int, predicti
     return out_cond.float() + (k * sigma) * grad.float()
 
 
-def _predict(model, z, lam, labels, null_labels, guided: bool, step: int, learned_variance: bool = False):
-    """(out_cond, out_uncond, nu) from one forward pass of batch 2B, or of batch B when unguided (out_uncond is
-    then out_cond). A learned-variance model returns 2C channels on dim 1, C of prediction then C of nu; nu is
-    the conditional pass's (None for other models)."""
+def _forward(model, z, lam_b, labels, max_batch: int | None):
+    """model(z, lam_b, labels), in passes of at most max_batch rows (None: one pass)."""
+    rows = z.shape[0]
+    if max_batch is None or rows <= max_batch:
+        return model(z, lam_b, labels)
+    parts = []
+    for start in range(0, rows, max_batch):
+        part = model(z[start:start + max_batch], lam_b[start:start + max_batch], labels[start:start + max_batch])
+        if not isinstance(part, torch.Tensor):
+            return part  # named by the caller's check
+        parts.append(part)
+    return torch.cat(parts)
+
+
+def _predict(model, z, lam, labels, null_labels, guided: bool, step: int, learned_variance: bool = False,
+             max_batch: int | None = None):
+    """(out_cond, out_uncond, nu) from the forward pass of batch 2B, or of batch B when unguided (out_uncond is
+    then out_cond), in parts of at most max_batch rows. A learned-variance model returns 2C channels on dim 1, C of
+    prediction then C of nu; nu is the conditional pass's (None for other models)."""
     batch = z.shape[0]
     lam_b = torch.full((batch,), lam, dtype=torch.float32, device=z.device)
     if guided:
-        out = model(torch.cat([z, z]), torch.cat([lam_b, lam_b]), torch.cat([labels, null_labels]))
+        out = _forward(model, torch.cat([z, z]), torch.cat([lam_b, lam_b]), torch.cat([labels, null_labels]),
+                       max_batch)
         rows = 2 * batch
     else:
-        out = model(z, lam_b, labels)
+        out = _forward(model, z, lam_b, labels, max_batch)
         rows = batch
     expected = (rows,) + tuple(z.shape[1:])
     if learned_variance:
@@ -168,6 +184,37 @@ def _label_top(model, model_null, default):
     return default if model_null is None else _checks.integer("model.null_label", model_null)
 
 
+def _guidance_table(w, grid: list[float], batch: int, device: torch.device, interval) -> torch.Tensor:
+    """float32 [T, B]: w at every step and sample, 0 outside the guidance interval. w: a number or a tensor [B] (the
+    same at every step), a callable w(lam) -> number or [B], or a tensor [T] or [T, B] (a row a step; where T = B a
+    1-D tensor is one w per sample: give a per-step schedule as [T, 1])."""
+    steps = len(grid)
+    if callable(w) and not isinstance(w, torch.Tensor):
+        table = torch.stack([_checks.guidance(w(lam), batch, device, name=f"w(lam) at step {t} (lam={lam:.4g})")
+                             for t, lam in enumerate(grid)])
+    elif isinstance(w, torch.Tensor) and (w.dim() == 2 or (w.dim() == 1 and w.shape[0] == steps != batch)):
+        if w.dim() == 2 and w.shape not in ((steps, batch), (steps, 1)):
+            raise ValueError(f"w as a tensor of two dimensions must be [steps, B] = [{steps}, {batch}] or "
+                             f"[{steps}, 1] (a row a step), got {tuple(w.shape)}")
+        # one row a step, checked as one per-sample w (number or [B]) of all steps at once
+        table = _checks.guidance(w.reshape(-1), w.numel(), device).reshape(steps, -1).expand(steps, batch)
+    else:
+        table = _checks.guidance(w, batch, device).expand(steps, batch)
+    lo, hi = interval
+    inside = torch.tensor([lo <= lam <= hi for lam in grid], dtype=torch.float32, device=device)
+    return (table * inside[:, None]).contiguous()
+
+
+# Rows of one forward pass by default, per device: on the development CPU (2 cores), two passes of batch B of the
+# bundled digits model took ... of one pass of batch 2B; on a GPU one pass of 2B is the faster.
+def _max_batch(max_batch, device: torch.device, batch: int) -> int | None:
+    if isinstance(max_batch, str) and max_batch == "auto":
+        return max(batch, 1) if device.type == "cpu" else None
+    if max_batch is None:
+        return None
+    return _checks.integer("max_batch", max_batch, low=1)
+
+
 @dataclass
 class _Plan:
     """What sample() checked and derived, once, for its loops."""
@@ -176,9 +223,9 @@ class _Plan:
     classifier: object
     labels: torch.Tensor
     null_labels: torch.Tensor | None
-    w: torch.Tensor  # float32 [B]
+    weights: torch.Tensor  # float32 [T, B, 2]: (1 + w, w) per step and sample, w = 0 outside the guidance interval
     grid: list[float]
-    guided: list[bool]  # per step: guidance on (some w != 0 and lam inside the guidance interval)
+    guided: list[bool]  # per step: some w != 0 (the unconditional pass runs)
     table: torch.Tensor  # float64 [T, 10] on the host: the sampler's coefficient rows
     stepper: Backend
     seed: int
@@ -188,6 +235,7 @@ class _Plan:
     learned_variance: bool  # the model returns nu, and the step reads it
     model_learned_variance: bool  # the model returns nu (read or not)
     multistep: bool
+    max_batch: int | None  # rows of one forward pass (None: all at once)
 
 
 def _model_clip(model):
@@ -200,12 +248,13 @@ def _model_clip(model):
 def sample(model, labels, w, steps=DEFAULT_STEPS, *, sampler="ddpm", eta=0.0, v=None, prediction_type=None, seed=0,
            shape=None, null_label=None, lambda_min=LAMBDA_MIN, lambda_max=LAMBDA_MAX, clip="auto", index_offset=0,
            backend="auto", progress=None, guidance_interval=None, classifier=None, cuda_graph=False,
-           lambdas=None) -> torch.Tensor:
+           lambdas=None, max_batch="auto") -> torch.Tensor:
     """Samples x [B, *shape] of a class-conditional model with classifier-free guidance (SPEC §4, §6).
 
     model(z, lam, labels) -> output with lam float32 [B] and labels int64 [B]; `null_label` (default
-    model.null_label) means "no class". w: a number or one per sample; 0 everywhere skips the
-    unconditional pass. A module in training mode whose dropout or batch norm acts there is refused (call
+    model.null_label) means "no class". w: a number or one per sample [B]; or varying by step: a callable
+    w(lam) -> number or [B], or a tensor [T] or [T, B] (a row a step; where T = B, give [T, 1]). A step whose w is
+    0 for every sample skips the unconditional pass. A module in training mode whose dropout or batch norm acts there is refused (call
     .eval()): its samples would depend on more than the seed. The state starts as the noise of stream 0 and stays
     float32 (the model may return bfloat16 or float16, e.g. under autocast).
 
@@ -220,8 +269,11 @@ def sample(model, labels, w, steps=DEFAULT_STEPS, *, sampler="ddpm", eta=0.0, v=
     ddim, "uniform" for the DPM-Solver++ samplers), or lambdas=: any increasing sequence inside
     [lambda_min, lambda_max] (by default the paper's [-20, 20]: widen them, up to +-80, for a grid beyond; +-inf:
     no bound); steps is then its length (leave steps out, or give that length). guidance_interval=(lam_lo, lam_hi)
-    guides only where lam_lo <= lam <= lam_hi. Sample i is global sample index_offset + i: the same seed gives the
-    same samples for any batch split and batch size, and on any backend to float32 rounding.
+    guides only where lam_lo <= lam <= lam_hi (w = 0 elsewhere). Sample i is global sample index_offset + i: the
+    same seed gives the same samples for any batch split and batch size, and on any backend to float32 rounding.
+    max_batch: the most rows of one forward pass (the 2B rows of a guided step are split into passes of at most
+    that many; None: one pass); "auto" is B on the CPU, where two passes of B ran faster than one of 2B, and one pass
+    on a GPU. It also bounds the model's peak memory.
 
     classifier(z, lam) -> logits [B, num_classes] switches to classifier guidance (Dhariwal & Nichol):
     only the model's conditional pass runs (an unconditional model simply ignores the labels) and
@@ -232,7 +284,8 @@ def sample(model, labels, w, steps=DEFAULT_STEPS, *, sampler="ddpm", eta=0.0, v=
     a CUDA graph and replayed for every step, removing the per-step launch overhead. Same samples as without.
     """
     plan, z = _plan(model, labels, w, steps, sampler, eta, v, prediction_type, seed, shape, null_label, lambda_min,
-                    lambda_max, clip, index_offset, backend, guidance_interval, classifier, cuda_graph, lambdas)
+                    lambda_max, clip, index_offset, backend, guidance_interval, classifier, cuda_graph, lambdas,
+                    max_batch)
     if progress is None:  # a bar when stderr is a terminal
         progress = sys.stderr is not None and sys.stderr.isatty()
     else:
@@ -254,7 +307,7 @@ def sample(model, labels, w, steps=DEFAULT_STEPS, *, sampler="ddpm", eta=0.0, v=
 
 
 def _plan(model, labels, w, steps, sampler, eta, v, prediction_type, seed, shape, null_label, lambda_min, lambda_max,
-          clip, index_offset, backend, guidance_interval, classifier, cuda_graph, lambdas):
+          clip, index_offset, backend, guidance_interval, classifier, cuda_graph, lambdas, max_batch="auto"):
     """sample()'s arguments checked once: the plan its loops take, and the initial state z."""
     if not callable(model):
         raise TypeError(f"model must be callable as model(z, lam, labels), got {type(model).__name__}")
@@ -304,9 +357,6 @@ def _plan(model, labels, w, steps, sampler, eta, v, prediction_type, seed, shape
     if not isinstance(shape, (tuple, list, torch.Size)):
         raise TypeError(f"shape must be a tuple of ints (one sample's shape), got {type(shape).__name__}")
     shape = tuple(_checks.integer("shape", s, low=1) for s in shape)
-    w = _checks.guidance(w, batch, device)
-    if classifier is not None and batch and bool((w < 0).any()):
-        raise ValueError("w must be >= 0 with a classifier (a negative w would push samples away from their class)")
     sampler = check_sampler(sampler)
     eta = check_eta(sampler, eta)
     prediction_type = check_prediction_type(getattr(model, "prediction_type", "epsilon") if prediction_type is None
@@ -325,7 +375,10 @@ def _plan(model, labels, w, steps, sampler, eta, v, prediction_type, seed, shape
     if lambdas is not None and steps not in (None, DEFAULT_STEPS, len(grid)):  # a steps= that the grid overrides
         raise ValueError(f"steps must be left out with lambdas= (the grid's length, {len(grid)}, is the number of "
                          f"steps), got steps={steps!r}")
-    lam_lo, lam_hi = _interval(guidance_interval)
+    w_table = _guidance_table(w, grid, batch, device, _interval(guidance_interval))
+    if classifier is not None and batch and bool((w_table < 0).any()):
+        raise ValueError("w must be >= 0 with a classifier (a negative w would push samples away from their class)")
+    max_batch = _max_batch(max_batch, device, batch)
     seed = _checks.seed(seed)
     cuda_graph = _checks.flag("cuda_graph", cuda_graph)
     if isinstance(clip, str) and clip == "auto":
@@ -337,25 +390,23 @@ def _plan(model, labels, w, steps, sampler, eta, v, prediction_type, seed, shape
         _check_cuda_graph(device, stepper, classifier)
     table = step_table(sampler, grid, prediction_type=prediction_type, eta=eta,
                        v=DEFAULT_V if v is None else v, learned_variance=learned)
-    any_guidance = bool((w != 0).any()) if batch else False
-    guided = [any_guidance and lam_lo <= lam <= lam_hi for lam in grid]
+    guided = (w_table != 0).any(dim=1).tolist() if batch else [False] * len(grid)
     null_labels = None if classifier is not None else torch.full_like(labels, null_label)
     z = normal_noise((batch,) + shape, seed, step=0, stream=0, index_offset=index_offset, device=device)
     if classifier is not None and batch:
         # the classifier's class count bounds the labels: checked before any model pass, even where w = 0
         _classifier_uncond(classifier, z, grid[0], labels, torch.zeros_like(z), 0)
-    plan = _Plan(model=model, classifier=classifier, labels=labels, null_labels=null_labels, w=w, grid=grid,
-                 guided=guided, table=table, stepper=stepper, seed=seed, index_offset=index_offset, clip=clip,
+    plan = _Plan(model=model, classifier=classifier, labels=labels, null_labels=null_labels,
+                 weights=guidance_weights(w_table.reshape(-1)).reshape(len(grid), batch, 2), grid=grid, guided=guided,
+                 table=table, stepper=stepper, seed=seed, index_offset=index_offset, clip=clip,
                  prediction_type=prediction_type, learned_variance=learned, model_learned_variance=model_learned,
-                 multistep=sampler in MULTISTEP)
+                 multistep=sampler in MULTISTEP, max_batch=max_batch)
     return plan, z
 
 
 def _loop(plan: _Plan, z: torch.Tensor, bar) -> torch.Tensor:
     """The sampler's steps on a checked plan; returns x~ of the last step."""
     grid = plan.grid
-    weights = guidance_weights(plan.w)
-    unguided = guidance_weights(torch.zeros_like(plan.w))
     rows = plan.table.tolist()
     x_prev = torch.empty_like(z) if plan.multistep else None  # read from the second step on
     # The first step whose state is non-finite, kept on the device (no sync per step), checked at the end.
@@ -363,13 +414,14 @@ def _loop(plan: _Plan, z: torch.Tensor, bar) -> torch.Tensor:
     for t, lam in enumerate(grid):
         guided = plan.guided[t]
         if plan.classifier is not None:
-            out_cond, _, nu = _predict(plan.model, z, lam, plan.labels, None, False, t, plan.model_learned_variance)
+            out_cond, _, nu = _predict(plan.model, z, lam, plan.labels, None, False, t, plan.model_learned_variance,
+                                       plan.max_batch)
             out_cond = out_cond.float()
             out_uncond = _classifier_uncond(plan.classifier, z, lam, plan.labels, out_cond, t,
                                             plan.prediction_type) if guided else out_cond
         else:
             out_cond, out_uncond, nu = _predict(plan.model, z, lam, plan.labels, plan.null_labels, guided, t,
-                                                plan.model_learned_variance)
+                                                plan.model_learned_variance, plan.max_batch)
         if not plan.learned_variance:
             nu = None
         elif nu.dtype != out_cond.dtype:
@@ -377,8 +429,8 @@ def _loop(plan: _Plan, z: torch.Tensor, bar) -> torch.Tensor:
         # Inputs were checked once above; per step only the model's output is (in _predict). Each step writes a
         # new tensor: the model may keep the z it was given.
         out = torch.empty_like(z)
-        plan.stepper.guided_step(out, z, out_cond, out_uncond, weights if guided else unguided, x_prev, nu, None,
-                                 rows[t], plan.seed, t, plan.index_offset, plan.clip)
+        plan.stepper.guided_step(out, z, out_cond, out_uncond, plan.weights[t], x_prev, nu, None, rows[t], plan.seed,
+                                 t, plan.index_offset, plan.clip)
         z = out
         first_bad = torch.where(torch.isfinite(z).all(), first_bad, first_bad.clamp(max=t))
         if bar is not None:
@@ -407,45 +459,54 @@ def _check_cuda_graph(device, stepper, classifier) -> None:
 
 
 def _loop_table(plan: _Plan, z: torch.Tensor, bar, capture: bool) -> torch.Tensor:
-    """The sampler with every per-step quantity on the device: lambda, the guidance mask and the step's coefficient
-    row are looked up at a step counter that the step itself advances, and the multistep state is a static buffer,
-    so one recorded step replays them all. With capture=True (CUDA) the step is captured as a CUDA graph after a
-    warm-up; capture=False runs the same step eagerly (the CPU tests of this path)."""
+    """The sampler with every per-step quantity on the device: lambda, the step's weights and coefficient row are
+    looked up at a step counter that the step itself advances, and the multistep state is a static buffer, so a
+    recorded step replays them all. Two steps are recorded where the run has guided and unguided steps, one with the
+    forward pass of batch 2B and one of batch B, and each step replays the one it needs: an unguided step does not
+    pay for the unconditional pass. With capture=True (CUDA) each is captured as a CUDA graph after a warm-up;
+    capture=False runs the same steps eagerly (the CPU tests of this path)."""
     model, labels, grid = plan.model, plan.labels, plan.grid
     device, batch, steps = z.device, z.shape[0], len(grid)
-    any_guided = any(plan.guided)
     table = plan.table.to(device)
+    weights = plan.weights.to(device)
     lam_table = torch.tensor(grid, dtype=torch.float32, device=device)
-    guided_table = torch.tensor(plan.guided, dtype=torch.float32, device=device)
     counter = torch.zeros(1, dtype=torch.int64, device=device)
     first_bad = torch.full((), steps, dtype=torch.int64, device=device)
     z_state, z_next = z.clone(), torch.empty_like(z)
     x_prev = torch.zeros_like(z) if plan.multistep else None
-    both_labels = torch.cat([labels, plan.null_labels]) if any_guided else labels
     channels = z.shape[1] if plan.model_learned_variance else None
 
-    def step():
-        z_in = torch.cat([z_state, z_state]) if any_guided else z_state
-        lam_b = lam_table.index_select(0, counter).expand(z_in.shape[0])
-        out = model(z_in, lam_b, both_labels)
-        nu = None
-        if channels is not None:
-            nu = out[:batch, channels:] if plan.learned_variance else None
-            out = out[:, :channels]
-        out_cond, out_uncond = (out[:batch], out[batch:]) if any_guided else (out, out)
-        if out_cond.dtype not in _checks.EPS_DTYPES:
-            out_cond, out_uncond = out_cond.float(), out_uncond.float()
-        if nu is not None and nu.dtype != out_cond.dtype:
-            nu = nu.to(out_cond.dtype)
-        w_t = plan.w * guided_table.index_select(0, counter)  # w = 0 outside the guidance interval
-        plan.stepper.guided_step_table(z_next, z_state, out_cond, out_uncond, guidance_weights(w_t), x_prev, nu,
-                                       table, counter, plan.seed, plan.index_offset, plan.clip)
-        first_bad.copy_(torch.where(torch.isfinite(z_next).all(), first_bad, torch.minimum(first_bad, counter[0])))
-        z_state.copy_(z_next)
-        counter.add_(1)
+    def make_step(guided: bool):
+        both_labels = torch.cat([labels, plan.null_labels]) if guided else labels
 
-    # one eager step checks what the model returns (no errors can be raised from inside a replay)
-    _predict(model, z, grid[0], labels, plan.null_labels, any_guided, 0, plan.model_learned_variance)
+        def step():
+            z_in = torch.cat([z_state, z_state]) if guided else z_state
+            lam_b = lam_table.index_select(0, counter).expand(z_in.shape[0])
+            out = _forward(model, z_in, lam_b, both_labels, plan.max_batch)
+            nu = None
+            if channels is not None:
+                nu = out[:batch, channels:] if plan.learned_variance else None
+                out = out[:, :channels]
+            out_cond, out_uncond = (out[:batch], out[batch:]) if guided else (out, out)
+            if out_cond.dtype not in _checks.EPS_DTYPES:
+                out_cond, out_uncond = out_cond.float(), out_uncond.float()
+            if nu is not None and nu.dtype != out_cond.dtype:
+                nu = nu.to(out_cond.dtype)
+            weights_t = weights.index_select(0, counter)[0]
+            plan.stepper.guided_step_table(z_next, z_state, out_cond, out_uncond, weights_t, x_prev, nu, table,
+                                           counter, plan.seed, plan.index_offset, plan.clip)
+            first_bad.copy_(torch.where(torch.isfinite(z_next).all(), first_bad,
+                                        torch.minimum(first_bad, counter[0])))
+            z_state.copy_(z_next)
+            counter.add_(1)
+
+        return step
+
+    kinds = sorted(set(plan.guided))  # the steps this run needs: unguided (False), guided (True)
+    # one eager forward pass of each kind checks what the model returns (no errors can be raised inside a replay)
+    for guided in kinds:
+        _predict(model, z, grid[0], labels, plan.null_labels, guided, 0, plan.model_learned_variance, plan.max_batch)
+    runs = {guided: make_step(guided) for guided in kinds}
     # The model's device made current for the capture and the replays: torch.cuda.graph captures on a stream of
     # the current device, and a replay launches on the current device's stream.
     with torch.cuda.device(device) if capture else contextlib.nullcontext():
@@ -454,22 +515,23 @@ def _loop_table(plan: _Plan, z: torch.Tensor, bar, capture: bool) -> torch.Tenso
             side = torch.cuda.Stream(device)
             side.wait_stream(torch.cuda.current_stream(device))
             with torch.cuda.stream(side):  # warm-up on a side stream, as torch.cuda.graphs asks; state reset below
-                for _ in range(2):
-                    step()
+                for step in runs.values():
+                    for _ in range(2):
+                        step()
             torch.cuda.current_stream(device).wait_stream(side)
+            graphs = {}
+            for guided, step in runs.items():
+                graphs[guided] = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graphs[guided], stream=side):
+                    step()
             z_state.copy_(z0)
             counter.zero_()
             first_bad.fill_(steps)
             if x_prev is not None:
                 x_prev.zero_()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, stream=side):
-                step()
-            run_step = graph.replay
-        else:
-            run_step = step
-        for _ in range(steps):
-            run_step()
+            runs = {guided: graph.replay for guided, graph in graphs.items()}
+        for t in range(steps):
+            runs[plan.guided[t]]()
             if bar is not None:
                 bar.update(1)
     _check_finite(first_bad, grid)

@@ -55,10 +55,10 @@ def test_guidance_pushes_classes_apart():
 def test_one_forward_pass_of_2b_per_guided_step_and_b_when_unguided():
     model = Counting(three_classes())
     labels = torch.tensor([0, 1, 2, 0])
-    cfgfast.sample(model, labels, 2.0, steps=10)
+    cfgfast.sample(model, labels, 2.0, steps=10, max_batch=None)
     assert model.batches == [8] * 10
     model.batches.clear()
-    cfgfast.sample(model, labels, 0.0, steps=10)
+    cfgfast.sample(model, labels, 0.0, steps=10, max_batch=None)
     assert model.batches == [4] * 10
 
 
@@ -66,7 +66,7 @@ def test_guidance_interval_skips_the_unconditional_pass_outside_it():
     model = Counting(three_classes())
     grid = cfgfast.sampling_lambdas(20)
     lo, hi = grid[5].item(), grid[12].item()  # grid points: the interval's ends are inside it (lam_lo <= lam <= lam_hi)
-    x = cfgfast.sample(model, torch.tensor([0, 1]), 3.0, steps=20, guidance_interval=(lo, hi))
+    x = cfgfast.sample(model, torch.tensor([0, 1]), 3.0, steps=20, guidance_interval=(lo, hi), max_batch=None)
     inside = [lo <= lam <= hi for lam in grid.tolist()]
     assert model.batches == [4 if g else 2 for g in inside] and 0 < sum(inside) < 20
     # equal to guidance given per step by hand: w where lam is inside, 0 elsewhere
@@ -376,3 +376,74 @@ def test_toy_checks_its_inputs():
     for labels in (torch.tensor([-1]), torch.tensor([3])):
         with pytest.raises(ValueError, match=r"labels must lie in \[0, 2\]"):
             model.sample_data(labels)
+
+
+# ---- guidance that varies by step, and the forward pass in parts
+
+def _hand_loop(model, labels, w_of_step, steps, seed, backend="reference"):
+    """A loop with cfgfast's public step: w_of_step(t) -> a number or [B]; the unconditional pass only where some w
+    is not 0."""
+    lams = cfgfast.sampling_lambdas(steps).tolist()
+    table = cfgfast.step_table("ddpm", lams)
+    z = cfgfast.normal_noise((labels.shape[0], *model.sample_shape), seed, step=0, stream=0)
+    null = torch.full_like(labels, model.null_label)
+    for t, lam in enumerate(lams):
+        lam_b = torch.full((labels.shape[0],), lam)
+        w = torch.as_tensor(w_of_step(t), dtype=torch.float32).expand(labels.shape[0])
+        o_c = model(z, lam_b, labels)
+        o_u = model(z, lam_b, null) if bool((w != 0).any()) else o_c
+        z = cfgfast.guided_step(z, o_c, o_u, table[t], w, seed=seed, step=t, backend=backend)
+    return z
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_a_guidance_schedule_equals_a_hand_loop_with_the_same_w_per_step(backend):
+    model = Counting(three_classes())
+    labels = torch.tensor([0, 1, 2, 0])
+    steps = 12
+    lams = cfgfast.sampling_lambdas(steps).tolist()
+    per_step = [0.0 if t % 3 == 0 else 0.5 * t for t in range(steps)]
+    expected = _hand_loop(model.model, labels, lambda t: per_step[t], steps, 3, backend)
+    by_tensor = cfgfast.sample(model, labels, torch.tensor(per_step), steps, seed=3, backend=backend, max_batch=None)
+    torch.testing.assert_close(by_tensor, expected, rtol=1e-6, atol=1e-6)
+    # the unguided steps ran the conditional pass alone (one pass a step: max_batch=None)
+    assert model.batches == [4 if w == 0 else 8 for w in per_step]
+    by_callable = cfgfast.sample(model, labels, lambda lam: per_step[lams.index(lam)], steps, seed=3, backend=backend)
+    torch.testing.assert_close(by_callable, by_tensor, rtol=0, atol=0)
+    # [T, B]: one row a step, one w per sample
+    per_sample = torch.tensor(per_step)[:, None] * torch.tensor([1.0, 0.0, 2.0, 0.5])
+    expected = _hand_loop(model.model, labels, lambda t: per_sample[t], steps, 3, backend)
+    got = cfgfast.sample(model, labels, per_sample, steps, seed=3, backend=backend)
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+    # the interval is a schedule that is 0 outside it
+    inside = cfgfast.sample(model, labels, 2.0, steps, seed=3, guidance_interval=(-3.0, 3.0), backend=backend)
+    as_schedule = cfgfast.sample(model, labels, lambda lam: 2.0 if -3.0 <= lam <= 3.0 else 0.0, steps, seed=3,
+                                 backend=backend)
+    torch.testing.assert_close(inside, as_schedule, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("max_batch", [1, 3, 5, 8, None])
+def test_the_forward_pass_in_parts_gives_the_same_samples(max_batch):
+    model = Counting(three_classes())
+    labels = torch.tensor([0, 1, 2, 0])
+    whole = cfgfast.sample(model.model, labels, 1.5, 6, seed=2, backend="cpu" if "cpu" in CPU_BACKENDS else
+                           "reference", max_batch=None)
+    parts = cfgfast.sample(model, labels, 1.5, 6, seed=2, backend="cpu" if "cpu" in CPU_BACKENDS else "reference",
+                           max_batch=max_batch)
+    torch.testing.assert_close(parts, whole, rtol=0, atol=0)  # bit for bit
+    assert max(model.batches) == (8 if max_batch is None else min(max_batch, 8))
+
+
+@pytest.mark.parametrize("kwargs, exc, message", [
+    (dict(w=torch.ones(5, 2)), ValueError, r"w as a tensor of two dimensions must be \[steps, B\] = \[6, 2\]"),
+    (dict(w=torch.tensor([1.0, float("nan"), 1.0, 1.0, 1.0, 1.0])), ValueError, "w must be finite"),
+    (dict(w=lambda lam: "x"), TypeError, r"w\(lam\) at step 0 \(lam=-20\) must be a real number"),
+    (dict(w=lambda lam: torch.ones(3)), ValueError, r"w\(lam\) at step 0 .* must be a number or a tensor of shape \[2\]"),
+    (dict(max_batch=0), ValueError, "max_batch must be"),
+    (dict(max_batch="all"), TypeError, "max_batch must be an int"),
+])
+def test_bad_schedules_are_named(kwargs, exc, message):
+    args = dict(w=1.0)
+    args.update(kwargs)
+    with pytest.raises(exc, match=message):
+        cfgfast.sample(three_classes(), torch.tensor([0, 1]), args.pop("w"), 6, **args)
