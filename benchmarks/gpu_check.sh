@@ -97,6 +97,8 @@ backends = [b for b in ("cuda", "triton") if b in cfgfast.available_backends()]
 # both CUDA settings (1 and 2 groups of four a thread), each in the default grid and in 1 block an SM; (3, 1000003)
 # in the latter: several grid-stride rounds, a partial last
 blocks_knob = getattr(module, "set_cuda_blocks_per_sm", lambda n: 0)
+sde = cfgfast.step_table("dpmpp_2m_sde", cfgfast.sampling_lambdas(8))
+ddpm_lv = cfgfast.step_table("ddpm", cfgfast.sampling_lambdas(8), learned_variance=True)
 for groups, blocks, shape, dt in itertools.product((1, 2), (0, 1), [(3, 7), (5, 4097), (2, 3, 64, 64), (3, 1_000_003)],
                                                    (torch.float32, torch.bfloat16, torch.float16)):
     knob(groups)
@@ -113,41 +115,20 @@ for groups, blocks, shape, dt in itertools.product((1, 2), (0, 1), [(3, 7), (5, 
         cfgfast.reverse_step(zu, eu, eu, -1.0, 0.0, 2.0, backend=backend, **kw)
     for backend in here:
         cfgfast.normal_noise(shape, 3, device="cuda", backend=backend)
-if hasattr(module, "set_cuda_prefetch_rounds"):
-    # the L2 prefetch, 2 rounds ahead, on the vectorised path in a grid of 1 block an SM, so that most groups are
-    # prefetched (in the default grid a shape this small is one round): the same bits as without it. An address
-    # outside may not be reported (a prefetch does not fault): the C++ unit tests check every address
-    module.set_cuda_blocks_per_sm(1)
-    z = torch.randn(2, 3, 512, 512, device="cuda")
-    for groups, dt in itertools.product((1, 2), (torch.float32, torch.bfloat16)):
-        knob(groups)
-        e = torch.randn_like(z).to(dt)
-        for kw in ({}, {"clip": 1.0}, {"last": True}, {"noise": torch.randn_like(z)}):
-            got = []
-            for rounds in (0, 2):
-                module.set_cuda_prefetch_rounds(rounds)
-                got.append(cfgfast.reverse_step(z, e, e, -1.0, 0.0, 2.0, backend="cuda", **kw))
-            assert torch.equal(got[0], got[1]), (groups, dt, kw)
-    module.set_cuda_prefetch_rounds(0)
-    module.set_cuda_blocks_per_sm(0)
-if "triton" in backends:
-    # the Triton step's L2 prefetch (1 program an SM ahead; 3 samples of 128 programs): the same bits as without it
-    from cfgfast import triton_step
-    zt = torch.randn(3, 128 * 4 * triton_step.BLOCK_GROUPS, device="cuda")
-    for dt, kw in itertools.product((torch.float32, torch.bfloat16), ({}, {"noise": torch.randn_like(zt)})):
-        e = torch.randn_like(zt).to(dt)
-        got = []
-        for per_sm in (0, 1):
-            triton_step.PREFETCH_PER_SM = per_sm
-            got.append(cfgfast.reverse_step(zt, e, e, -1.0, 0.0, 2.0, backend="triton", **kw))
-        assert torch.equal(got[0], got[1]), (dt, kw)
-    triton_step.PREFETCH_PER_SM = 0
+    # the optional inputs (on CUDA the kernel with x_prev and nu, or the scalar one): a multistep sampler's state
+    # with noise, and a learned variance; both the state aligned and one element past a 16-byte boundary
+    nu = (2 * torch.rand(shape, device="cuda") - 1).to(dt)
+    xp = torch.zeros_like(z)
+    xpu = torch.zeros(z.numel() + 1, device="cuda")[1:].view(shape)
+    for row, backend in itertools.product((sde[3], ddpm_lv[3]), here):
+        cfgfast.guided_step(z, e, e, row, 2.0, x_prev=xp, nu=nu, backend=backend)
+        cfgfast.guided_step(zu, eu, eu, row, 2.0, x_prev=xpu, nu=nu, backend=backend)
 knob(0)
 blocks_knob(0)
 if "cuda" in backends:
-    table = cfgfast.coefficient_table(cfgfast.sampling_lambdas(4), 0.3).cuda()
+    table = cfgfast.step_table("ddpm", cfgfast.sampling_lambdas(4), v=0.3).cuda()
     for t in range(5):  # t = 4 is outside the table: NaN, not a wild read
-        out = cfgfast.reverse_step_table(z, z, z, table, torch.tensor([t], device="cuda"), 1.0, backend="cuda")
+        out = cfgfast.guided_step_table(z, z, z, table, torch.tensor([t], device="cuda"), 1.0, backend="cuda")
         assert torch.isnan(out).all() == (t == 4), t
 torch.cuda.synchronize()
 print("memcheck script done")
@@ -181,10 +162,10 @@ torch.cuda.synchronize()
 print("profile script done")
 PY
 if want profile && command -v ncu > /dev/null; then
-  stage profile 150 0 ncu --clock-control none -k regex:reverse_step --launch-count 3 \
+  stage profile 150 0 ncu --clock-control none -k regex:guided_step --launch-count 3 \
     --section SpeedOfLight --section ComputeWorkloadAnalysis --section Occupancy --section WarpStateStats \
     --section SchedulerStats --section LaunchStats "$py" ncu_profile.py
-  grep -E "reverse_step|Throughput|Pipe|pipeline|Issue|Eligible|Occupancy|Registers|Stall|Warp Cycles|Duration|Executed Ipc|Block Limit|Waves" \
+  grep -E "guided_step|Throughput|Pipe|pipeline|Issue|Eligible|Occupancy|Registers|Stall|Warp Cycles|Duration|Executed Ipc|Block Limit|Waves" \
     "$LOG/profile.log" 2> /dev/null | grep -v "^==PROF==" | head -90
 elif want profile; then
   echo "(ncu not found: no profile)"

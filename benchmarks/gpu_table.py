@@ -21,9 +21,7 @@ from typing import Callable
 import torch
 
 import cfgfast
-from cfgfast.reference import reverse_step_reference
-
-from .utils import make_step_inputs
+from .utils import eager_step, make_step_inputs
 
 
 ROUNDS = 3  # interleaved rounds per measurement; each variant's best round is reported
@@ -86,11 +84,11 @@ def _step(x, backend, out, setting=None, last=False):
     return run
 
 
-def triton_step_setting() -> tuple[int, int, bool, int]:
-    """The Triton kernel's (BLOCK_GROUPS, NUM_WARPS, LOADS_FIRST, PREFETCH_PER_SM) in force now."""
+def triton_step_setting() -> tuple[int, int]:
+    """The Triton kernel's (BLOCK_GROUPS, NUM_WARPS) in force now."""
     from cfgfast import triton_step
 
-    return triton_step.BLOCK_GROUPS, triton_step.NUM_WARPS, triton_step.LOADS_FIRST, triton_step.PREFETCH_PER_SM
+    return triton_step.BLOCK_GROUPS, triton_step.NUM_WARPS
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -111,8 +109,7 @@ def rows(sizes_m: list[int], bf16_size_m: int | None = None) -> list[dict]:
         step_bytes = (8 + 2 * x.eps_cond.element_size()) * elements  # z, eps_cond, eps_uncond read; z' written
         variants = {
             "copy": lambda: out.copy_(x.z),
-            "eager": lambda: reverse_step_reference(x.z, x.eps_cond, x.eps_uncond, x.w, x.coefficients,
-                                                    torch.randn_like(x.z)),
+            "eager": lambda: eager_step(x.z, x.eps_cond, x.eps_uncond, x.w, x.coefficients, torch.randn_like(x.z)),
         }
         for backend in backends:
             variants[backend] = _step(x, backend, out)
@@ -138,38 +135,30 @@ def rows(sizes_m: list[int], bf16_size_m: int | None = None) -> list[dict]:
 
 # 0: the default, 128 (several waves); 4 and 6: one full wave of the 2-group and 1-group kernels (their launch bounds)
 CUDA_BLOCKS_PER_SM = (0, 4, 6, 32, 64, 256)
-CUDA_ONE_WAVE = {1: 6, 2: 4}  # blocks an SM holds at once, by groups per thread
-CUDA_PREFETCH_ROUNDS = (1, 2)  # the L2 prefetch's distance, in the one-wave grid
-TRITON_PREFETCH_PER_SM = (4, 8, 16)  # the Triton step's L2 prefetch: programs ahead per SM
 
 
-def cuda_settings() -> list[tuple[int, int, int]]:
-    """The (groups per thread, blocks per SM, prefetch rounds) settings that cuda_sweep times: 1 and 2 groups under
-    each grid without the L2 prefetch, and with it in the one-wave grid only, where a round ahead is the fewest bytes
-    (with more blocks than an SM holds, a round ahead would be more than L2 keeps)."""
-    return ([(groups, blocks, 0) for groups in (1, 2) for blocks in CUDA_BLOCKS_PER_SM]
-            + [(groups, CUDA_ONE_WAVE[groups], rounds) for groups in (1, 2) for rounds in CUDA_PREFETCH_ROUNDS])
+def cuda_settings() -> list[tuple[int, int]]:
+    """The (groups per thread, blocks per SM) settings that cuda_sweep times: 1 and 2 groups under each grid."""
+    return [(groups, blocks) for groups in (1, 2) for blocks in CUDA_BLOCKS_PER_SM]
 
 
 def cuda_sweep(millions: int) -> list[dict]:
     """The CUDA step kernel at one size (float32 and bfloat16 eps) under each of cuda_settings(): the data behind
-    the kernel's defaults (groups 0: chosen by eps dtype; blocks 0: 128 an SM; no prefetch)."""
+    the kernel's defaults (groups 0: chosen by eps dtype; blocks 0: 128 an SM)."""
     from cfgfast import _ext
 
     module = _ext.load()
-    if "cuda" not in cfgfast.available_backends() or not hasattr(module, "set_cuda_prefetch_rounds"):
+    if "cuda" not in cfgfast.available_backends() or not hasattr(module, "set_cuda_blocks_per_sm"):
         return []
     shape = (millions * 16, 65536)
     settings = cuda_settings()
 
-    def use(groups, blocks, rounds):
+    def use(groups, blocks):
         module.set_cuda_groups_per_thread(groups)
         module.set_cuda_blocks_per_sm(blocks)
-        module.set_cuda_prefetch_rounds(rounds)
 
     result = []
-    saved = (module.set_cuda_groups_per_thread(0), module.set_cuda_blocks_per_sm(0),
-             module.set_cuda_prefetch_rounds(0))
+    saved = (module.set_cuda_groups_per_thread(0), module.set_cuda_blocks_per_sm(0))
     try:
         for eps_dtype in (torch.float32, torch.bfloat16):
             x = make_step_inputs(shape, eps_dtype, "cuda", seed=0)
@@ -180,20 +169,19 @@ def cuda_sweep(millions: int) -> list[dict]:
                 variants[setting] = _step(x, "cuda", out, functools.partial(use, *setting))
             ms = best_of_rounds(variants)
             copy_gbs = 8 * out.numel() / ms["copy"] / 1e6
-            for groups, blocks, rounds in settings:
-                gbs = step_bytes / ms[(groups, blocks, rounds)] / 1e6
+            for groups, blocks in settings:
+                gbs = step_bytes / ms[(groups, blocks)] / 1e6
                 result.append(dict(eps=_dtype_name(eps_dtype), groups_per_thread=groups, blocks_per_sm=blocks,
-                                   prefetch_rounds=rounds, gb_per_s=gbs, of_copy=gbs / copy_gbs))
+                                   gb_per_s=gbs, of_copy=gbs / copy_gbs))
             del x, out, variants
     finally:
         use(*saved)
     return result
 
 
-def sweep(millions: int, settings: list[tuple[int, int, bool, int]]) -> list[dict]:
-    """The Triton kernel at one size under each (groups per program, warps, loads first, prefetch per SM) setting:
-    the data for choosing triton_step.BLOCK_GROUPS, NUM_WARPS, LOADS_FIRST and PREFETCH_PER_SM. The module's
-    settings are restored after."""
+def sweep(millions: int, settings: list[tuple[int, int]]) -> list[dict]:
+    """The Triton kernel at one size under each (groups per program, warps) setting: the data for choosing
+    triton_step.BLOCK_GROUPS and NUM_WARPS. The module's settings are restored after."""
     from cfgfast import triton_step
 
     if "triton" not in cfgfast.available_backends():
@@ -203,9 +191,8 @@ def sweep(millions: int, settings: list[tuple[int, int, bool, int]]) -> list[dic
     out = torch.empty_like(x.z)
     saved = triton_step_setting()
 
-    def use(groups, warps, loads_first, prefetch):
-        triton_step.BLOCK_GROUPS, triton_step.NUM_WARPS, triton_step.LOADS_FIRST = groups, warps, loads_first
-        triton_step.PREFETCH_PER_SM = prefetch
+    def use(groups, warps):
+        triton_step.BLOCK_GROUPS, triton_step.NUM_WARPS = groups, warps
 
     variants = {"copy": lambda: out.copy_(x.z)}
     variants.update({setting: _step(x, "triton", out, functools.partial(use, *setting)) for setting in settings})
@@ -216,10 +203,9 @@ def sweep(millions: int, settings: list[tuple[int, int, bool, int]]) -> list[dic
     copy_gbs = 8 * out.numel() / ms["copy"] / 1e6
     result = []
     for setting in settings:
-        groups, warps, loads_first, prefetch = setting
+        groups, warps = setting
         gbs = 16 * out.numel() / ms[setting] / 1e6
-        result.append(dict(block_groups=groups, num_warps=warps, loads_first=loads_first, prefetch_per_sm=prefetch,
-                           gb_per_s=gbs, of_copy=gbs / copy_gbs))
+        result.append(dict(block_groups=groups, num_warps=warps, gb_per_s=gbs, of_copy=gbs / copy_gbs))
     return result
 
 
@@ -244,21 +230,15 @@ def main() -> None:
     if args.sweep:
         cuda_swept = cuda_sweep(max(args.sizes))
         print(f"cuda settings at {max(args.sizes)}M elements (groups of 4 per thread and round; blocks per SM, "
-              "0: the default, 128; L2 prefetch, rounds ahead):")
+              "0: the default, 128):")
         for r in cuda_swept:
-            print(f"  {r['eps']:8} eps, {r['groups_per_thread']} per thread, {r['blocks_per_sm']:2d} blocks/SM, "
-                  f"prefetch {r['prefetch_rounds']}: {r['gb_per_s']:7.0f} GB/s, {100 * r['of_copy']:5.1f}% of copy")
-        settings = [(g, w, False, 0) for g in (128, 256, 512, 1024) for w in (4, 8)]
-        # loads above the noise where a thread has at most two groups (more would cost too many registers)
-        settings += [(g, w, True, 0) for g, w in ((128, 4), (256, 4), (256, 8), (512, 8))]
-        # the L2 prefetch of the program 4, 8 or 16 programs an SM later (64M elements: 65536 programs of 256 groups)
-        settings += [(256, 4, False, p) for p in TRITON_PREFETCH_PER_SM]
+            print(f"  {r['eps']:8} eps, {r['groups_per_thread']} per thread, {r['blocks_per_sm']:3d} blocks/SM: "
+                  f"{r['gb_per_s']:7.0f} GB/s, {100 * r['of_copy']:5.1f}% of copy")
+        settings = [(g, w) for g in (128, 256, 512, 1024) for w in (4, 8)]
         swept = sweep(max(args.sizes), settings)
         print(f"triton settings at {max(args.sizes)}M float32 elements (groups of 4 per program, warps):")
         for r in swept:
-            print(f"  BLOCK_GROUPS {r['block_groups']:5d} num_warps {r['num_warps']} "
-                  f"loads first {str(r['loads_first']):5} prefetch {r['prefetch_per_sm']:2d}/SM: "
-                  f"{r['gb_per_s']:7.0f} GB/s, "
+            print(f"  BLOCK_GROUPS {r['block_groups']:5d} num_warps {r['num_warps']}: {r['gb_per_s']:7.0f} GB/s, "
                   f"{100 * r['of_copy']:5.1f}% of copy")
     if args.out:
         with open(args.out, "w") as f:

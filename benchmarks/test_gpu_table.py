@@ -40,13 +40,11 @@ def test_the_whole_table_runs(monkeypatch, tmp_path, capsys):
 
     def cuda_setting():
         """The CUDA knobs in force (each read by setting it and putting it back), or None without them."""
-        if not hasattr(module, "set_cuda_prefetch_rounds"):
+        if not hasattr(module, "set_cuda_blocks_per_sm"):
             return None
         groups, blocks = module.set_cuda_groups_per_thread(0), module.set_cuda_blocks_per_sm(0)
-        rounds = module.set_cuda_prefetch_rounds(0)
         module.set_cuda_groups_per_thread(groups), module.set_cuda_blocks_per_sm(blocks)
-        module.set_cuda_prefetch_rounds(rounds)
-        return groups, blocks, rounds
+        return groups, blocks
 
     def fake_step(*args, backend, out, last=False, **kwargs):
         setting = gpu_table.triton_step_setting() if backend == "triton" else cuda_setting()
@@ -82,27 +80,22 @@ def test_the_whole_table_runs(monkeypatch, tmp_path, capsys):
     assert [(r["noise_ms"], r["last_ms"]) for r in result["rows"][:4]] == [(2.0, 2.0)] * 4
     assert all(r["noise_ms"] != r["noise_ms"] and r["last_ms"] != r["last_ms"] for r in result["rows"][4:])  # NaN
     assert {c[1] for c in calls if c[0] == "last"} == {"cuda", "triton"}
-    if hasattr(module, "set_cuda_prefetch_rounds"):  # built with the CUDA kernels (CI is)
-        settings = [(g, b, 0) for g in (1, 2) for b in gpu_table.CUDA_BLOCKS_PER_SM]
-        settings += [(g, {1: 6, 2: 4}[g], r) for g in (1, 2) for r in gpu_table.CUDA_PREFETCH_ROUNDS]
-        assert len(settings) == 16 and gpu_table.cuda_settings() == settings
-        assert [(r["eps"], r["groups_per_thread"], r["blocks_per_sm"], r["prefetch_rounds"])
-                for r in result["cuda_sweep"]] == [(eps, *setting) for eps in ("float32", "bfloat16")
-                                                  for setting in settings]
+    if hasattr(module, "set_cuda_blocks_per_sm"):  # built with the CUDA kernels (CI is)
+        settings = [(g, b) for g in (1, 2) for b in gpu_table.CUDA_BLOCKS_PER_SM]
+        assert len(settings) == 12 and gpu_table.cuda_settings() == settings
+        assert [(r["eps"], r["groups_per_thread"], r["blocks_per_sm"]) for r in result["cuda_sweep"]] == [
+            (eps, *setting) for eps in ("float32", "bfloat16") for setting in settings]
         # each CUDA setting was in force while its own variant ran, and the knobs are back at their defaults after
         swept_cuda = {c[2] for c in calls if c[:2] == ("step", "cuda")}
         assert set(settings) <= swept_cuda
-        assert cuda_setting() == (0, 0, 0)
+        assert cuda_setting() == (0, 0)
     else:
         assert result["cuda_sweep"] == []
-    assert len(result["triton_sweep"]) == 15
+    assert len(result["triton_sweep"]) == 8
     # each Triton setting was in force while its own variant ran, and the module's setting is restored after
     swept = {c[2] for c in calls if c[:2] == ("step", "triton")}
-    assert {(r["block_groups"], r["num_warps"], r["loads_first"], r["prefetch_per_sm"])
-            for r in result["triton_sweep"]} <= swept
-    assert sum(r["loads_first"] for r in result["triton_sweep"]) == 4
-    assert [r["prefetch_per_sm"] for r in result["triton_sweep"] if r["prefetch_per_sm"]] == [4, 8, 16]
-    assert gpu_table.triton_step_setting() == (256, 4, False, 0)
+    assert {(r["block_groups"], r["num_warps"]) for r in result["triton_sweep"]} <= swept
+    assert gpu_table.triton_step_setting() == (256, 4)
     assert "Stand-in GPU" in capsys.readouterr().out
     assert cfgfast.reverse_step is fake_step  # the stand-ins were the ones called
 

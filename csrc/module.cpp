@@ -97,13 +97,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       "set_cuda_groups_per_thread",
       [](int n) {
         if (n < 0 || n > 2) {
-          throw py::value_error("cfgfast: groups per thread must be 1 or 2 (or 0: chosen by eps dtype), got " +
-                                std::to_string(n));
+          throw py::value_error(
+              "cfgfast: groups per thread must be 1 or 2 (or 0: chosen by the model outputs' dtype), got " +
+              std::to_string(n));
         }
         return cfgfast::set_cuda_groups_per_thread(n);
       },
       "The CUDA step kernel's groups of four elements per thread and round: 1 or 2, or 0 (the default) to choose "
-      "by eps dtype. A tuning knob for benchmarks; returns the previous setting.");
+      "by the model outputs' dtype. A tuning knob for benchmarks; returns the previous setting.");
   m.def(
       "set_cuda_blocks_per_sm",
       [](int n) {
@@ -114,20 +115,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         return cfgfast::set_cuda_blocks_per_sm(n);
       },
       "The CUDA kernels' grids: at most n blocks of 256 threads per SM, or 0 for the defaults, 128 for the step "
-      "kernel and 32 for the noise kernel (several waves of the blocks an SM holds at once). A tuning knob for benchmarks; returns the previous setting.");
-  m.def(
-      "set_cuda_prefetch_rounds",
-      [](int n) {
-        if (n < 0 || n > cfgfast::kMaxPrefetchRounds) {
-          throw py::value_error("cfgfast: prefetch rounds must be in [1, " + std::to_string(cfgfast::kMaxPrefetchRounds) +
-                                "] (or 0: no prefetch), got " + std::to_string(n));
-        }
-        return cfgfast::set_cuda_prefetch_rounds(n);
-      },
-      "The CUDA step kernel's L2 prefetch of its inputs n rounds of its grid-stride loop ahead (vectorised path), or 0 "
-      "(the default) for none. Meant for one-wave grids (set_cuda_blocks_per_sm 6 for one group a thread, 4 for two; in "
-      "the default grid a round ahead is more than L2 holds), and slower in every setting measured on an H100. A "
-      "tuning knob for benchmarks; returns the previous setting.");
+      "kernel and 32 for the noise kernel (several waves of the blocks an SM holds at once). A tuning knob for "
+      "benchmarks; returns the previous setting.");
 #endif
 
   m.def(

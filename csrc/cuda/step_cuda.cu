@@ -1,8 +1,8 @@
-// CUDA implementations of the cfgfast ops: the fused reverse step (SPEC §2) and the noise (SPEC §3),
-// compiled from the same shared header as the CPU kernel (Philox, Box–Muller, the step formulas).
+// CUDA implementations of the cfgfast ops: the fused guided step (SPEC §6, cfgfast/step.h) and the noise
+// (SPEC §3), compiled from the same shared header as the CPU kernel (Philox, Box–Muller, the step formulas).
 //
 // What each thread does is in step_kernel.h (host-and-device code, run on the CPU by the C++ unit tests); this
-// file launches it: grid sizes, the choice of path, streams and device guards.
+// file launches it: grid sizes, the choice of kernel, streams and device guards.
 // Only c10/cuda headers: ATen/cuda/CUDAContext.h would need cuSPARSE's headers at build time.
 #include <ATen/core/Tensor.h>
 #include <c10/cuda/CUDAException.h>
@@ -27,14 +27,16 @@ namespace {
 
 constexpr int kThreads = 256;
 
-// The vectorised kernels are held to the registers that 6 blocks (1 group a thread) or 4 blocks (2 groups) of 256
-// threads per SM leave them (40 and 64; tests/test_codegen.py checks both, and that nothing spills). With 32-bit
-// cursors and the round keys in the parameters they fit unbounded (39 and 61-63 on sm_90), so the bound is a guard
-// against a change that would cost a block per SM. The scalar kernels are not bounded (0).
-template <class EpsT, bool kVec, int kGroups, bool kPrefetch = false>
-__global__ void __launch_bounds__(kThreads, kVec ? (kGroups == 1 ? 6 : 4) : 0) reverse_step_kernel(DeviceStepArgs a) {
-  step_thread<EpsT, kVec, kGroups, kPrefetch>(a, static_cast<uint64_t>(blockIdx.x) * blockDim.x + threadIdx.x,
-                                              static_cast<uint64_t>(gridDim.x) * blockDim.x);
+// The vectorised kernels are held to the registers that 6 blocks (1 group a thread), 4 blocks (2 groups) or 5 blocks
+// (kPrevNu) of 256 threads per SM leave them (40, 64 and 48; tests/test_codegen.py checks them, and that nothing
+// spills). They fit unbounded (39, 61 and 46-48 on sm_90), so the bound is a guard against a change that would cost a
+// block per SM. kPrevNu's two more streams a group take one group a thread: two spilled under 64 registers, and one
+// under 40. The scalar kernels are not bounded (0).
+template <class PredT, bool kVec, int kGroups, bool kPrevNu>
+__global__ void __launch_bounds__(kThreads, kVec ? (kPrevNu ? 5 : (kGroups == 1 ? 6 : 4)) : 0)
+    guided_step_kernel(DeviceStepArgs a) {
+  step_thread<PredT, kVec, kGroups, kPrevNu>(a, static_cast<uint64_t>(blockIdx.x) * blockDim.x + threadIdx.x,
+                                             static_cast<uint64_t>(gridDim.x) * blockDim.x);
 }
 
 __global__ void __launch_bounds__(kThreads)
@@ -45,19 +47,17 @@ __global__ void __launch_bounds__(kThreads)
                static_cast<uint64_t>(gridDim.x) * blockDim.x);
 }
 
-// Groups per thread and round of the step kernel: 1 or 2, or 0 for the choice by ε's dtype: 2 for float32 ε, 1 for
-// bfloat16 and float16 ε (an H200, a fixed grid of 8 blocks an SM: 2 was 5% faster for float32 and 23% slower for
-// bfloat16). On
-// an H100 with grids of 32 and 128 blocks an SM the two were within 1% for float32 and bfloat16 ε (gpu_table.py
-// --sweep, 2026-11-26). set_cuda_groups_per_thread forces one.
+// Groups per thread and round of the step kernel: 1 or 2, or 0 for the choice by the model outputs' dtype: 2 for
+// float32, 1 for bfloat16 and float16 (an H200, a fixed grid of 8 blocks an SM: 2 was 5% faster for float32 and 23%
+// slower for bfloat16; an H100 with grids of 32 and 128 blocks an SM: the two within 1% for both, gpu_table.py
+// --sweep, 2026-11-26). set_cuda_groups_per_thread forces one. With x_prev or nu: 1 (step_kernel_for).
 std::atomic<int> groups_per_thread{0};
 
 // Blocks per SM that the grids are capped at: 0 (the default) for kDefaultBlocksPerSm (the step kernels) or
-// kNoiseBlocksPerSm (the noise kernel), or a number set by
-// set_cuda_blocks_per_sm (gpu_table.py's sweep compares them). More blocks than an SM holds at once (4 to 6) run in
-// waves, and each thread loops fewer rounds. On an H100 at 64M elements, against one full wave (the default before):
-// 96% of the copy bandwidth for float32 ε at 128 blocks an SM, 94% at 32 and 92-93% in one wave; for bfloat16 ε 93%,
-// 90% and 81% (gpu_table.py --sweep, 2026-11-26).
+// kNoiseBlocksPerSm (the noise kernel), or a number set by set_cuda_blocks_per_sm (gpu_table.py's sweep compares
+// them). More blocks than an SM holds at once (4 to 6) run in waves, and each thread loops fewer rounds. On an H100
+// at 64M elements: 96% of the copy bandwidth for float32 model outputs at 128 blocks an SM, 94% at 32 and 92-93% in
+// one full wave; for bfloat16 93%, 90% and 81% (gpu_table.py --sweep, 2026-11-26).
 constexpr int kDefaultBlocksPerSm = 128;
 // The noise kernel's default, apart: not swept. At 64M elements it took 0.154 ms with one full wave and 0.153 ms at
 // 32 blocks an SM, 0.161 ms at 128 (three runs on one H100, 2026-11-26: across runs, so suggestive only).
@@ -77,63 +77,66 @@ int grid_for(int64_t total_groups, c10::DeviceIndex device, int groups_per_threa
   return static_cast<int>(needed < cap ? needed : cap);
 }
 
-// Rounds ahead that the vectorised step kernels prefetch their inputs into L2 (set_prefetch): 0 (the default) for
-// none, or a number set by set_cuda_prefetch_rounds (gpu_table.py's sweep compares them: on an H100 every setting
-// was slower, one round ahead 78-87% of the copy against 81-93% without, in the one-wave grids, 2026-11-26). Meant
-// for one-wave grids (set_cuda_blocks_per_sm(6) for one group a thread, 4 for two): in the default grid a round
-// ahead is hundreds of MB, more than L2 holds.
-std::atomic<int> prefetch_rounds{0};
-
-template <class EpsT, bool kVec, int kGroups, bool kPrefetch = false>
-void launch_step_kernel(DeviceStepArgs a, c10::DeviceIndex device, cudaStream_t stream, int rounds = 0) {
-  constexpr auto kernel = &reverse_step_kernel<EpsT, kVec, kGroups, kPrefetch>;
+template <class PredT, bool kVec, int kGroups, bool kPrevNu>
+void launch_step_kernel(const DeviceStepArgs& a, c10::DeviceIndex device, cudaStream_t stream) {
   const int grid = grid_for(a.total_groups, device, kGroups);
-  if (kPrefetch) set_prefetch(a, static_cast<uint32_t>(rounds), kGroups, static_cast<uint64_t>(grid) * kThreads);
-  kernel<<<grid, kThreads, 0, stream>>>(a);
+  guided_step_kernel<PredT, kVec, kGroups, kPrevNu><<<grid, kThreads, 0, stream>>>(a);
 }
 
-void launch_step(DeviceStepArgs& a, at::ScalarType eps_type, const at::Tensor& like) {
+void launch_step(const DeviceStepArgs& a, at::ScalarType pred_type, const at::Tensor& like) {
   if (a.total_groups == 0) return;
-  const size_t eps_bytes = eps_type == at::kFloat ? 16 : 8;
-  const bool vec = step_vectorisable(a, eps_bytes);
   const int setting = groups_per_thread.load(std::memory_order_relaxed);
-  const int per_thread = setting != 0 ? setting : (eps_type == at::kFloat ? 2 : 1);
+  const int per_thread = setting != 0 ? setting : (pred_type == at::kFloat ? 2 : 1);
+  const StepKernel k = step_kernel_for(a, pred_type == at::kFloat ? 16 : 8, per_thread);
   const c10::DeviceIndex device = like.device().index();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device).stream();
-  const int rounds = prefetch_rounds.load(std::memory_order_relaxed);
-  auto go = [&](auto eps_tag) {
-    using E = decltype(eps_tag);
-    if (!vec) {
-      per_thread == 2 ? launch_step_kernel<E, false, 2>(a, device, stream)
-                      : launch_step_kernel<E, false, 1>(a, device, stream);
-    } else if (rounds > 0) {
-      per_thread == 2 ? launch_step_kernel<E, true, 2, true>(a, device, stream, rounds)
-                      : launch_step_kernel<E, true, 1, true>(a, device, stream, rounds);
+  auto go = [&](auto pred_tag) {
+    using P = decltype(pred_tag);
+    if (!k.vec) {
+      k.groups == 2 ? launch_step_kernel<P, false, 2, true>(a, device, stream)
+                    : launch_step_kernel<P, false, 1, true>(a, device, stream);
+    } else if (k.prev_nu) {
+      launch_step_kernel<P, true, 1, true>(a, device, stream);
     } else {
-      per_thread == 2 ? launch_step_kernel<E, true, 2>(a, device, stream)
-                      : launch_step_kernel<E, true, 1>(a, device, stream);
+      k.groups == 2 ? launch_step_kernel<P, true, 2, false>(a, device, stream)
+                    : launch_step_kernel<P, true, 1, false>(a, device, stream);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
-  switch (eps_type) {
+  switch (pred_type) {
     case at::kBFloat16: go(c10::BFloat16{}); break;
     case at::kHalf: go(c10::Half{}); break;
     default: go(float{}); break;
   }
 }
 
-DeviceStepArgs step_args(at::Tensor& out, const at::Tensor& z, const at::Tensor& ec, const at::Tensor& eu,
-                         const at::Tensor& w, const at::Tensor& noise, int64_t seed, int64_t index_offset,
-                         c10::optional<double> clip) {
-  const int64_t batch = z.size(0);
+// The inputs made contiguous (logical C order: SPEC §3's element index), kept alive through the launch.
+struct StepInputs {
+  at::Tensor z, pred_cond, pred_uncond, weights, nu, noise;
+};
+
+StepInputs contiguous_inputs(const at::Tensor& z, const at::Tensor& pred_cond, const at::Tensor& pred_uncond,
+                             const at::Tensor& weights, const c10::optional<at::Tensor>& nu,
+                             const c10::optional<at::Tensor>& noise) {
+  return StepInputs{z.contiguous(), pred_cond.contiguous(), pred_uncond.contiguous(), weights.contiguous(),
+                    nu.has_value() ? nu->contiguous() : at::Tensor(),
+                    noise.has_value() ? noise->contiguous() : at::Tensor()};
+}
+
+DeviceStepArgs step_args(at::Tensor& out, const StepInputs& in, const c10::optional<at::Tensor>& x_prev,
+                         int64_t seed, int64_t index_offset, c10::optional<double> clip) {
+  const int64_t batch = in.z.size(0);
   DeviceStepArgs a{};
   a.out = out.data_ptr<float>();
-  a.z = z.const_data_ptr<float>();
-  a.eps_cond = ec.const_data_ptr();
-  a.eps_uncond = eu.const_data_ptr();
-  a.w = w.const_data_ptr<float>();
-  a.noise = noise.defined() ? noise.const_data_ptr<float>() : nullptr;
-  a.numel_per_sample = batch == 0 ? 0 : z.numel() / batch;
+  a.z = in.z.const_data_ptr<float>();
+  a.pred_cond = in.pred_cond.const_data_ptr();
+  a.pred_uncond = in.pred_uncond.const_data_ptr();
+  a.weights = in.weights.const_data_ptr<float>();
+  // (checked contiguous: written in place)
+  a.x_prev = x_prev.has_value() ? x_prev->data_ptr<float>() : nullptr;
+  a.nu = in.nu.defined() ? in.nu.const_data_ptr() : nullptr;
+  a.noise = in.noise.defined() ? in.noise.const_data_ptr<float>() : nullptr;
+  a.numel_per_sample = batch == 0 ? 0 : in.z.numel() / batch;
   a.groups_per_sample = (a.numel_per_sample + 3) / 4;
   a.total_groups = batch * a.groups_per_sample;
   a.key = noise_key(seed, 0, /*stream=*/1);
@@ -144,38 +147,45 @@ DeviceStepArgs step_args(at::Tensor& out, const at::Tensor& z, const at::Tensor&
   return a;
 }
 
-void reverse_step_cuda(at::Tensor& out, const at::Tensor& z, const at::Tensor& eps_cond, const at::Tensor& eps_uncond,
-                       const at::Tensor& w, const c10::optional<at::Tensor>& noise, c10::ArrayRef<double> coef,
-                       int64_t seed, int64_t step, int64_t index_offset, c10::optional<double> clip, bool last) {
-  check_step_args(out, z, eps_cond, eps_uncond, w, noise, coef, step, index_offset);
-  check_clip(clip);
-  TORCH_CHECK_VALUE(z.device().is_cuda(), "cfgfast: the cuda kernel needs CUDA tensors, got ", z.device());
-  const c10::cuda::CUDAGuard guard(z.device());
-  const at::Tensor zc = z.contiguous(), ec = eps_cond.contiguous(), eu = eps_uncond.contiguous(), wc = w.contiguous();
-  const at::Tensor nc = noise.has_value() ? noise->contiguous() : at::Tensor();
-  DeviceStepArgs a = step_args(out, zc, ec, eu, wc, nc, seed, index_offset, clip);
-  a.coef = step_coef_from(coef);
-  a.key.step = static_cast<uint32_t>(step);
-  a.last = last;
+void mark_outputs_written(at::Tensor& out, const c10::optional<at::Tensor>& x_prev) {
   mark_written(out);
-  launch_step(a, ec.scalar_type(), z);
+  if (x_prev.has_value()) mark_written(*x_prev);
 }
 
-void reverse_step_table_cuda(at::Tensor& out, const at::Tensor& z, const at::Tensor& eps_cond,
-                             const at::Tensor& eps_uncond, const at::Tensor& w, const at::Tensor& coef_table,
-                             const at::Tensor& step, int64_t seed, int64_t index_offset, c10::optional<double> clip) {
-  check_table_args(out, z, eps_cond, eps_uncond, w, coef_table, step, index_offset);
+void guided_step_cuda(at::Tensor& out, const at::Tensor& z, const at::Tensor& pred_cond, const at::Tensor& pred_uncond,
+                      const at::Tensor& weights, const c10::optional<at::Tensor>& x_prev,
+                      const c10::optional<at::Tensor>& nu, const c10::optional<at::Tensor>& noise,
+                      c10::ArrayRef<double> coef, int64_t seed, int64_t step, int64_t index_offset,
+                      c10::optional<double> clip) {
+  check_guided_step_args(out, z, pred_cond, pred_uncond, weights, x_prev, nu, noise, coef, step, index_offset);
   check_clip(clip);
   TORCH_CHECK_VALUE(z.device().is_cuda(), "cfgfast: the cuda kernel needs CUDA tensors, got ", z.device());
   const c10::cuda::CUDAGuard guard(z.device());
-  const at::Tensor zc = z.contiguous(), ec = eps_cond.contiguous(), eu = eps_uncond.contiguous(), wc = w.contiguous();
+  const StepInputs in = contiguous_inputs(z, pred_cond, pred_uncond, weights, nu, noise);
+  DeviceStepArgs a = step_args(out, in, x_prev, seed, index_offset, clip);
+  a.coef = step_coef_from(coef);
+  a.key.step = static_cast<uint32_t>(step);
+  mark_outputs_written(out, x_prev);
+  launch_step(a, in.pred_cond.scalar_type(), z);
+}
+
+void guided_step_table_cuda(at::Tensor& out, const at::Tensor& z, const at::Tensor& pred_cond,
+                            const at::Tensor& pred_uncond, const at::Tensor& weights,
+                            const c10::optional<at::Tensor>& x_prev, const c10::optional<at::Tensor>& nu,
+                            const at::Tensor& coef_table, const at::Tensor& step, int64_t seed, int64_t index_offset,
+                            c10::optional<double> clip) {
+  check_guided_table_args(out, z, pred_cond, pred_uncond, weights, x_prev, nu, coef_table, step, index_offset);
+  check_clip(clip);
+  TORCH_CHECK_VALUE(z.device().is_cuda(), "cfgfast: the cuda kernel needs CUDA tensors, got ", z.device());
+  const c10::cuda::CUDAGuard guard(z.device());
+  const StepInputs in = contiguous_inputs(z, pred_cond, pred_uncond, weights, nu, c10::nullopt);
   const at::Tensor table = coef_table.contiguous();
-  DeviceStepArgs a = step_args(out, zc, ec, eu, wc, at::Tensor(), seed, index_offset, clip);
+  DeviceStepArgs a = step_args(out, in, x_prev, seed, index_offset, clip);
   a.table = table.const_data_ptr<double>();
   a.step_ptr = step.const_data_ptr<int64_t>();
   a.table_len = table.size(0);
-  mark_written(out);
-  launch_step(a, ec.scalar_type(), z);
+  mark_outputs_written(out, x_prev);
+  launch_step(a, in.pred_cond.scalar_type(), z);
 }
 
 void normal_noise_cuda(at::Tensor& out, int64_t seed, int64_t step, int64_t stream, int64_t index_offset) {
@@ -202,13 +212,9 @@ int set_cuda_groups_per_thread(int n) { return groups_per_thread.exchange(n == 1
 
 int set_cuda_blocks_per_sm(int n) { return blocks_per_sm.exchange(n > 0 && n <= kMaxBlocksPerSm ? n : 0); }
 
-int set_cuda_prefetch_rounds(int n) {
-  return prefetch_rounds.exchange(n > 0 && n <= kMaxPrefetchRounds ? n : 0);
-}
-
 TORCH_LIBRARY_IMPL(cfgfast, CUDA, m) {
-  m.impl("reverse_step_", &reverse_step_cuda);
-  m.impl("reverse_step_table_", &reverse_step_table_cuda);
+  m.impl("guided_step_", &guided_step_cuda);
+  m.impl("guided_step_table_", &guided_step_table_cuda);
   m.impl("normal_noise_", &normal_noise_cuda);
 }
 

@@ -4,8 +4,8 @@
 namespace cfgfast {
 
 // The step kernel's groups of four elements per thread and round of its grid-stride loop: 1 or 2, or 0 (the
-// default) for the choice by ε's dtype; returns the previous setting. A tuning knob for benchmarks/gpu_table.py;
-// the samples do not depend on it.
+// default) for the choice by the model outputs' dtype; returns the previous setting. A tuning knob for
+// benchmarks/gpu_table.py; the samples do not depend on it.
 int set_cuda_groups_per_thread(int n);
 
 // The CUDA kernels' grids: at most n blocks of 256 threads per SM (1 to kMaxBlocksPerSm), or 0 (the default) for
@@ -13,11 +13,5 @@ int set_cuda_groups_per_thread(int n);
 // previous setting. A tuning knob for benchmarks/gpu_table.py; the samples do not depend on it.
 constexpr int kMaxBlocksPerSm = 1024;
 int set_cuda_blocks_per_sm(int n);
-
-// The vectorised step kernels' L2 prefetch of their inputs n rounds of the grid-stride loop ahead (1 to
-// kMaxPrefetchRounds), or 0 (the default) for none. Returns the previous setting. A tuning knob for
-// benchmarks/gpu_table.py; the samples do not depend on it.
-constexpr int kMaxPrefetchRounds = 8;
-int set_cuda_prefetch_rounds(int n);
 
 }  // namespace cfgfast
