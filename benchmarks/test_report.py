@@ -48,3 +48,26 @@ def test_main_without_matplotlib(tmp_path, monkeypatch, capsys):
     text = (out / report.MARKDOWN_NAME).read_text()
     assert "fused cpu, out=" in text and "![" not in text
     assert not (out / report.PLOT_NAME).exists()
+
+
+def test_ratio_lines_state_the_targets():
+    """The summary's ratios: each sampler against ddpm (>= 2x for the steps without noise), the eager dpmpp_2m
+    composition against the fused one (>= 10x), and each step against the copy floor of its own bytes."""
+    from .conftest import Record, _ratio_lines
+    from .utils import COPY_MULTISTEP_LABEL, DPM_DIFFUSERS_LABEL, EAGER_LABEL, sampler_label
+
+    def record(ms):
+        return Record(median_s=ms / 1e3, min_s=ms / 1e3, rounds=5, gb_per_s=1.0)
+
+    rows = {EAGER_LABEL: record(40.0), COPY_LABEL: record(1.0), COPY_MULTISTEP_LABEL: record(1.5),
+            sampler_label("cpu", "ddpm"): record(3.0), sampler_label("cpu", "ddim"): record(1.0),
+            sampler_label("cpu", "dpmpp_2m"): record(2.0), sampler_label("cpu", "dpmpp_2m_sde"): record(3.0),
+            DPM_DIFFUSERS_LABEL: record(10.0)}
+    lines = {line.split("  ")[1].strip(): line for line in _ratio_lines(rows)[1:]}
+    assert lines["eager / fused cpu guided_step ddpm"].endswith("13.33x   target >= 10x: met")
+    assert lines["cpu ddpm / ddim eta=0"].endswith("3.00x   target >= 2x: met")
+    assert lines["cpu ddpm / dpmpp_2m"].endswith("1.50x   target >= 2x: NOT met")
+    assert lines["cpu ddpm / dpmpp_2m_sde"].endswith("1.00x")  # it draws noise: no target
+    assert lines["eager dpmpp_2m (diffusers) / fused cpu"].endswith("5.00x   target >= 10x: NOT met")
+    assert "2.00x" in lines["cpu dpmpp_2m_sde / copy floor of its bytes"]  # against the three-copy floor
+    assert "3.00x" in lines["cpu ddpm / copy floor of its bytes"]  # against the two-copy floor

@@ -17,7 +17,6 @@ import torch
 
 import cfgfast
 from cfgfast.models import UNet, UNetConfig
-from cfgfast.reference import reverse_step_reference
 from cfgfast.toy import three_classes
 
 from .utils import (
@@ -27,6 +26,8 @@ from .utils import (
     SAMPLE_LABEL,
     SAMPLE_MODELS,
     SEED,
+    coefficients,
+    eager_step,
     require_device,
     sample_size,
     step_bytes,
@@ -56,15 +57,15 @@ def _hand_loop(model, labels, w, steps, v, generator):
     batch, device = labels.shape[0], labels.device
     null_labels = torch.full_like(labels, model.null_label)
     w = torch.full((batch,), w, device=device)
-    grid = cfgfast.sampling_lambdas(steps).tolist()
+    grid = cfgfast.sampling_lambdas(steps)
+    table = cfgfast.step_table("ddpm", grid, v=v)
     z = torch.randn((batch,) + tuple(model.sample_shape), generator=generator, device=device)
-    for t, lam in enumerate(grid):
+    for t, lam in enumerate(grid.tolist()):
         last = t == len(grid) - 1
         lam_b = torch.full((batch,), lam, device=device)
         eps_cond, eps_uncond = model(z, lam_b, labels), model(z, lam_b, null_labels)
-        coef = cfgfast.step_coefficients(lam, lam if last else grid[t + 1], v)
         noise = None if last else torch.randn(z.shape, generator=generator, device=device)
-        z = reverse_step_reference(z, eps_cond, eps_uncond, w, coef, noise, last=last)
+        z = eager_step(z, eps_cond, eps_uncond, w, coefficients(table[t]), noise)
     return z
 
 
@@ -99,8 +100,10 @@ def test_sample_end_to_end(step_benchmark, device, model_name, variant):
     if variant in ("sample", "sample_graph"):
         graph = variant == "sample_graph"
 
+        # clip=None: the hand loop does not clip (the U-Nets declare data_range, which sample clips to by default)
         def run():
-            return cfgfast.sample(model, labels, W, steps, v=V, seed=SEED, progress=False, cuda_graph=graph)
+            return cfgfast.sample(model, labels, W, steps, v=V, seed=SEED, clip=None, progress=False,
+                                  cuda_graph=graph)
         label = SAMPLE_GRAPH_LABEL if graph else SAMPLE_LABEL
     elif variant == "hand_loop":
         generator = torch.Generator(device).manual_seed(SEED)

@@ -4,11 +4,13 @@
     CFGFAST_BENCH_QUICK=1 pytest benchmarks/ --benchmark-disable      # CI smoke run, one small size
 
 Variants per size: the fused step (in-kernel noise, into out=; allocating; with noise=; bfloat16 eps at
-the small size), the eager step as users write it (the reference twin imported from cfgfast.reference,
-noise from torch.randn_like), that eager step under torch.compile (--benchmark-only runs; compiling is
+the small size), the eager step as users write it (utils.eager_step: the paper's formulas in torch ops,
+noise from torch.randn_like; checked against the reference twin of cfgfast.reference), the reference twin
+itself with the same noise, that eager step under torch.compile (--benchmark-only runs; compiling is
 too slow for the CI smoke run), diffusers' DDPMScheduler.step configured to the same transition (where
 diffusers is installed), the reference backend (spec noise in plain torch, small size only), and the
-floors: drawing the noise alone (cfgfast and torch.randn) and moving the bytes.
+floors: drawing the noise alone (cfgfast and torch.randn) and moving the bytes. The other samplers' steps
+are in test_sampler_step_speed.py.
 
 The copy floor is two out.copy_(z): a copy reads one float32 array and writes one, so two copies move
 the four float32 arrays the step must (read z, eps_cond, eps_uncond; write z'), with the same
@@ -23,7 +25,7 @@ import pytest
 import torch
 
 import cfgfast
-from cfgfast.reference import reverse_step_reference
+from cfgfast.reference import guided_step_reference
 
 from .utils import (
     COMPILED_FALLBACK_LABEL,
@@ -39,7 +41,9 @@ from .utils import (
     SIZES,
     SMALL_SIZE,
     STEPS,
+    TWIN_LABEL,
     StepInputs,
+    eager_step,
     fused_label,
     noise_label,
     require_backend,
@@ -78,23 +82,46 @@ def test_fused_step(step_benchmark, step_inputs, size, mode, backend):
                    bytes_moved=step_bytes(x.z.shape, eps_dtype, explicit_noise=noise is not None))
 
 
+def _twin_step(x: StepInputs, noise):
+    """The reference twin's z' for the benchmarked "ddpm" row with the given noise."""
+    weights = torch.stack([1 + x.w, x.w], 1)
+    return guided_step_reference(x.z, x.eps_cond, x.eps_uncond, weights, x.coefficients, noise)[0]
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("size", SIZES)
 def test_eager_step(step_benchmark, step_inputs, size, device):
-    """The bar: the step's formulas in plain torch ops with torch.randn noise, as users write it today."""
+    """The bar: the step's formulas in plain torch ops with torch.randn noise, as users write it."""
     require_device(device)
     x = step_inputs(size, torch.float32, device)
+    torch.testing.assert_close(eager_step(x.z, x.eps_cond, x.eps_uncond, x.w, x.coefficients, x.noise),
+                               _twin_step(x, x.noise), rtol=1e-5, atol=1e-5, msg="eager_step is not the reference's")
 
     def step():
-        return reverse_step_reference(x.z, x.eps_cond, x.eps_uncond, x.w, x.coefficients, torch.randn_like(x.z))
+        return eager_step(x.z, x.eps_cond, x.eps_uncond, x.w, x.coefficients, torch.randn_like(x.z))
 
     step_benchmark(step, device=device, size=size, label=EAGER_LABEL,
                    bytes_moved=step_bytes(x.z.shape, explicit_noise=True))
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("size", SIZES)
+def test_reference_twin_step(step_benchmark, step_inputs, size, device):
+    """The reference twin with torch.randn noise: the kernels' general order in torch ops (x~ formed and the
+    unconditional term added where they are not needed), the price of that generality beside the eager step."""
+    require_device(device)
+    x = step_inputs(size, torch.float32, device)
+
+    def step():
+        return _twin_step(x, torch.randn_like(x.z))
+
+    step_benchmark(step, device=device, size=size, label=TWIN_LABEL,
+                   bytes_moved=step_bytes(x.z.shape, explicit_noise=True))
+
+
 def _eager_step(x: StepInputs):
     def step(z, eps_cond, eps_uncond, w):
-        return reverse_step_reference(z, eps_cond, eps_uncond, w, x.coefficients, torch.randn_like(z))
+        return eager_step(z, eps_cond, eps_uncond, w, x.coefficients, torch.randn_like(z))
 
     return step
 
@@ -146,7 +173,7 @@ def test_diffusers_step(step_benchmark, step_inputs, size, device):
     = 1 - alphabar_t / alphabar_(t-1) equals the paper's sigma^2_(lam|lam') = (1 - e^(lam - lam')) sigma^2,
     its posterior variance the paper's sigma~^2, and learned_range with the model's variance output
     fixed at 2v - 1 interpolates their logs with weight v: the paper's step. The step is checked
-    against reverse_step_reference with diffusers' own noise before it is timed (float32 tolerance:
+    against the reference twin with diffusers' own noise before it is timed (float32 tolerance:
     diffusers forms alphas_cumprod by a float32 cumprod of the betas).
     Not equivalent: the guided eps (paper Eq. 6) is computed in torch beforehand, untimed, so diffusers
     is spared the read of two eps tensors; in return it reads a model output of 2C channels (eps and
@@ -170,7 +197,7 @@ def test_diffusers_step(step_benchmark, step_inputs, size, device):
     generator = torch.Generator(device).manual_seed(SEED)
     got = scheduler.step(model_output, timestep, x.z, generator=generator).prev_sample
     noise = torch.randn(x.z.shape, generator=torch.Generator(device).manual_seed(SEED), device=device)
-    want = reverse_step_reference(x.z, x.eps_cond, x.eps_uncond, x.w, x.coefficients, noise)
+    want = _twin_step(x, noise)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg="the diffusers scheduler is not our step")
 
     def step():

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import cfgfast
-from cfgfast.schedule import StepCoefficients
+from cfgfast.samplers import DEFAULT_SPACING, MULTISTEP, StepCoefficients
 
 # CFGFAST_BENCH_QUICK=1: one small size, so CI can smoke-run `pytest benchmarks/ --benchmark-disable`.
 QUICK = os.environ.get("CFGFAST_BENCH_QUICK", "") not in ("", "0")
@@ -52,7 +52,7 @@ class StepInputs(NamedTuple):
     lam: float
     lam_next: float
     v: float
-    coefficients: StepCoefficients  # step_coefficients(lam, lam_next, v), for the reference twin
+    coefficients: StepCoefficients  # the "ddpm" row of lam -> lam_next at v (cfgfast.step_table), for eager_step
     step: int  # index of lam in the grid: the noise's t of SPEC §3
     noise: torch.Tensor  # float32 standard normals like z, for the variants that take noise= explicitly
 
@@ -74,17 +74,44 @@ def make_step_inputs(shape, eps_dtype=torch.float32, device="cpu", seed=0) -> St
         lam=lam,
         lam_next=lam_next,
         v=v,
-        coefficients=cfgfast.step_coefficients(lam, lam_next, v),
+        coefficients=coefficients(cfgfast.step_table("ddpm", [lam, lam_next], v=v)[0]),
         step=step,
         noise=noise.to(device),
     )
 
 
-def step_bytes(shape, eps_dtype=torch.float32, explicit_noise=False) -> int:
+def coefficients(row: torch.Tensor) -> StepCoefficients:
+    """A row of cfgfast.step_table as the StepCoefficients that the reference twin and eager_step take."""
+    return StepCoefficients(*row.tolist())
+
+
+def sampler_row(sampler: str, eta: float = 0.0) -> torch.Tensor:
+    """Row STEPS // 2 of `sampler`'s table on its default grid (SPEC §6): a middle step, so the multistep
+    samplers' row is second order (it reads x~_prev)."""
+    lambdas = cfgfast.sampling_lambdas(STEPS, spacing=DEFAULT_SPACING[sampler])
+    return cfgfast.step_table(sampler, lambdas, eta=eta)[STEPS // 2]
+
+
+def eager_step(z, eps_cond, eps_uncond, w, coef: StepCoefficients, noise):
+    """The paper's step (SPEC §2, a "ddpm" row) in plain torch, as users write it: the guided eps (Eq. 6), then
+    z' = mu + std n with mu affine in (z, eps); noise=None on the last row (x~ alone).
+
+    The baseline of the speed bar. It is not cfgfast.reference.guided_step_reference, which follows the kernels'
+    general order (it forms x~ and adds the unconditional term, zero here, on every call: 13 passes over the batch
+    for a "ddpm" row to these 8); test_step_speed checks the two agree before timing either."""
+    w = w.reshape((-1,) + (1,) * (z.dim() - 1))
+    eps = (1 + w) * eps_cond.float() - w * eps_uncond.float()  # paper Eq. 6
+    z_next = coef.direct_z * z + coef.direct_g * eps
+    return z_next if noise is None else z_next + coef.noise_std * noise
+
+
+def step_bytes(shape, eps_dtype=torch.float32, explicit_noise=False, sampler="ddpm") -> int:
     """Bytes one step must move at least: read z (f32), eps_cond and eps_uncond (their dtype), write z'
-    (f32), and read the noise when it comes from outside. Temporaries of the eager step are not counted."""
+    (f32), read the noise when it comes from outside, and for the multistep samplers read x~_prev and write x~
+    (f32). Temporaries of the eager step are not counted."""
     itemsize = torch.empty((), dtype=eps_dtype).element_size()
-    return math.prod(shape) * (4 + 2 * itemsize + 4 + (4 if explicit_noise else 0))
+    state = 8 if sampler in MULTISTEP else 0
+    return math.prod(shape) * (4 + 2 * itemsize + 4 + (4 if explicit_noise else 0) + state)
 
 
 @functools.cache
@@ -150,14 +177,27 @@ def fused_label(backend: str, mode: str = "out") -> str:
     }[mode]
 
 
+# The samplers timed through cfgfast.guided_step: (sampler, eta). "ddim" at eta 0 and "dpmpp_2m" draw no noise.
+SAMPLER_CASES = (("ddpm", 0.0), ("ddim", 0.0), ("dpmpp_2m", 0.0), ("dpmpp_2m_sde", 0.0))
+SAMPLER_SIZES = (SMALL_SIZE,) if QUICK else ("256x3x64x64", "1024x3x64x64")
+DPM_DIFFUSERS_LABEL = "eager dpmpp_2m: torch CFG + diffusers DPMSolverMultistep.step"
+
+
+def sampler_label(backend: str, sampler: str, eta: float = 0.0) -> str:
+    name = f"ddim eta={eta:g}" if sampler == "ddim" else sampler
+    return f"fused {backend} guided_step, {name}"
+
+
 def noise_label(backend: str, mode: str = "out") -> str:
     return {"out": f"noise {backend}, in place", "alloc": f"noise {backend}, normal_noise()"}[mode]
 
 
-EAGER_LABEL = "eager torch (reference twin + randn_like)"
+EAGER_LABEL = "eager torch (paper's step + randn_like)"
+TWIN_LABEL = "reference twin guided_step_reference + randn_like"
 REFERENCE_LABEL = "reference backend (spec noise)"
 RANDN_LABEL = "torch.randn, in place"
 COPY_LABEL = "copy floor: 2 x out.copy_(z)"
+COPY_MULTISTEP_LABEL = "copy floor: 3 x out.copy_(z)"  # the bytes of a multistep step (x~_prev read and written)
 COMPILED_LABEL = "torch.compile(eager step), inductor randn"
 COMPILED_FALLBACK_LABEL = "torch.compile(eager step), torch.randn"
 DIFFUSERS_LABEL = "diffusers DDPMScheduler.step, eps given"
