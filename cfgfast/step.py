@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import math
+import weakref
 
 import numpy as np
 import torch
@@ -26,6 +28,32 @@ def guidance_weights(w: torch.Tensor) -> torch.Tensor:
     return torch.stack([1.0 + w, w], dim=1)
 
 
+# The weights of the last w seen: a loop passes the same w (a number, or a tensor it does not change) at every
+# step, and making them costs more host time than the rest of a small step's call. A tensor w is matched by
+# identity and version counter (every in-place change of it advances the counter).
+_LAST_WEIGHTS: tuple | None = None
+
+
+def _weights(w, batch: int, device: torch.device) -> torch.Tensor:
+    global _LAST_WEIGHTS
+    if torch.compiler.is_compiling():  # (a traced graph holds its own weights; dynamo cannot trace the cache)
+        return guidance_weights(_checks.guidance(w, batch, device))
+    if isinstance(w, torch.Tensor):
+        # an inference tensor has no version counter: never cached
+        key = None if w.is_inference() else ("tensor", id(w), w._version, batch, device)
+    elif isinstance(w, float) or (isinstance(w, int) and not isinstance(w, bool) and abs(w) < 2**53):
+        key = ("number", float(w), batch, device)
+    else:
+        key = None
+    last = _LAST_WEIGHTS
+    if key is not None and last is not None and last[0] == key and (key[0] == "number" or last[2]() is w):
+        return last[1]
+    weights = guidance_weights(_checks.guidance(w, batch, device))
+    if key is not None:
+        _LAST_WEIGHTS = (key, weights, weakref.ref(w) if key[0] == "tensor" else None)
+    return weights
+
+
 def _check_common(z, pred_cond, pred_uncond, w, seed, index_offset, clip, out, names=("pred_cond", "pred_uncond")):
     """The checks every step call shares; returns (weights [B, 2] float32, seed, index_offset, clip, out)."""
     z = _checks.tensor("z", z)
@@ -41,7 +69,7 @@ def _check_common(z, pred_cond, pred_uncond, w, seed, index_offset, clip, out, n
         raise TypeError(f"{names[1]} must have {names[0]}'s dtype {pred_cond.dtype}, got {pred_uncond.dtype}")
     batch = z.shape[0]
     index_offset = _checks.index_offset(index_offset, batch, "z's batch")  # (first: w below has batch elements)
-    w = _checks.guidance(w, batch, z.device)
+    weights = _weights(w, batch, z.device)
     seed = _checks.seed(seed)
     clip = _checks.clip(clip)
     if out is None:
@@ -51,8 +79,8 @@ def _check_common(z, pred_cond, pred_uncond, w, seed, index_offset, clip, out, n
         raise ValueError(f"out must be a contiguous float32 tensor of z's shape {tuple(z.shape)} on {z.device}")
     else:
         _checks.writable_out(out)
-        _checks.out_may_alias(out, z=z, **{names[0]: pred_cond, names[1]: pred_uncond}, w=w)
-    return guidance_weights(w), seed, index_offset, clip, out
+        _checks.out_may_alias(out, z=z, **{names[0]: pred_cond, names[1]: pred_uncond}, w=weights)
+    return weights, seed, index_offset, clip, out
 
 
 def _check_state(x_prev, nu, z, pred_cond, out, inputs):
@@ -79,15 +107,15 @@ def _coefficient_row(coef) -> list[float]:
         if coef.shape != (NUM_COEFFICIENTS,) or not coef.is_floating_point() or coef.device.type == "meta":
             raise ValueError(f"coef must be a row of cfgfast.step_table (a float tensor of {NUM_COEFFICIENTS}), got "
                              f"{coef.dtype} of shape {tuple(coef.shape)} on {coef.device}")
-        row = coef.double().tolist()
+        row = coef.tolist()  # Python floats: float64 (a float32 row's values are exact in it)
     elif isinstance(coef, (list, tuple)) and len(coef) == NUM_COEFFICIENTS:
         row = [_checks.real(f"coef[{k}]", c) for k, c in enumerate(coef)]
     else:
         raise TypeError("coef must be a cfgfast.StepCoefficients or a row of cfgfast.step_table, got "
                         f"{type(coef).__name__}")
-    for k, c in enumerate(row):
-        if not np.isfinite(c):
-            raise ValueError(f"coef must be finite, got coef[{k}]={c}")
+    if not all(map(math.isfinite, row)):
+        k = next(k for k, c in enumerate(row) if not math.isfinite(c))
+        raise ValueError(f"coef must be finite, got coef[{k}]={row[k]}")
     return row
 
 

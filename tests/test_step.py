@@ -370,3 +370,23 @@ def test_reverse_step_is_the_ddpm_row(backend):
     b = cfgfast.guided_step(z, ec, eu, cfgfast.step_table("ddpm", lams, v=0.4)[0], 1.5, seed=7, step=2,
                             backend=backend)
     torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_a_w_changed_in_place_between_calls_is_read_again():
+    """The step keeps the weights of the last w it saw: a w changed in place is read again (and checked)."""
+    z, o_c, o_u = make_inputs((2, 9), torch.float32, seed=16)
+    row = cfgfast.step_table("ddim", [-1.0, 0.0])[0]
+    w = torch.tensor([1.0, 2.0])
+    first = cfgfast.guided_step(z, o_c, o_u, row, w, backend="reference")
+    w.mul_(3.0)
+    torch.testing.assert_close(cfgfast.guided_step(z, o_c, o_u, row, w, backend="reference"),
+                               cfgfast.guided_step(z, o_c, o_u, row, torch.tensor([3.0, 6.0]), backend="reference"))
+    assert not torch.equal(first, cfgfast.guided_step(z, o_c, o_u, row, w, backend="reference"))
+    w[1] = float("nan")
+    with pytest.raises(ValueError, match="w must be finite"):
+        cfgfast.guided_step(z, o_c, o_u, row, w, backend="reference")
+    # a number, then another
+    a = cfgfast.guided_step(z, o_c, o_u, row, 2.0, backend="reference")
+    b = cfgfast.guided_step(z, o_c, o_u, row, 5.0, backend="reference")
+    torch.testing.assert_close(b, cfgfast.guided_step(z, o_c, o_u, row, torch.full((2,), 5.0), backend="reference"))
+    assert not torch.equal(a, b)
