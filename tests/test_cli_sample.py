@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import cfgfast
-from cfgfast._png import read_png
+from cfgfast._images import read_image
 from cfgfast.cli import main
 from cfgfast.data import to_uint8
 from cfgfast.models import checkpoint
@@ -66,7 +66,7 @@ def test_writes_adm_npz_and_grid_and_nothing_else(tiny, tmp_path, capsys):
     assert labels.dtype == np.int64 and labels.tolist() == [i % 10 for i in range(12)]
     x = cfgfast.sample(checkpoint.load_model(tiny), torch.arange(12) % 10, 2.0, 4, clip=1.0, progress=False)
     assert np.array_equal(images, to_uint8(x))
-    picture = read_png(str(grid))
+    picture = read_image(str(grid))
     assert picture.shape == (10 * 66 + 2, 66 + 2, 3)  # one row per class, 8x8 drawn 8x larger, 2-pixel gaps
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s.npz", "s.png"]  # no parts folder, no temp file
     printed = capsys.readouterr().out
@@ -84,7 +84,7 @@ def test_writes_adm_npz_and_grid_and_nothing_else(tiny, tmp_path, capsys):
 def test_a_run_stopped_after_writing_its_file_finishes_with_resume(tiny, tmp_path, monkeypatch, capsys):
     """Stopped while drawing the grid, after the .npz was written, the run said "rerun with --resume"; --resume
     then refused the existing file."""
-    import cfgfast._png
+    import cfgfast._images
 
     out, grid = tmp_path / "s.npz", tmp_path / "s.png"
 
@@ -92,11 +92,26 @@ def test_a_run_stopped_after_writing_its_file_finishes_with_resume(tiny, tmp_pat
         raise KeyboardInterrupt
 
     with monkeypatch.context() as patch:
-        patch.setattr(cfgfast._png, "write_png", interrupted)
+        patch.setattr(cfgfast._images, "save_png", interrupted)
         assert main(args(tiny, out, "--grid", str(grid))) == 130
     assert "rerun with --resume" in capsys.readouterr().err and out.exists()
     assert main(args(tiny, out, "--grid", str(grid), "--resume")) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s.npz", "s.png"]
+
+
+def test_sampler_options_reach_sample(tiny, tmp_path, monkeypatch):
+    seen = {}
+    sample = cfgfast.sample
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        return sample(*args, **kwargs)
+
+    monkeypatch.setattr(cfgfast, "sample", spy)
+    assert main(args(tiny, tmp_path / "s.npz", "--sampler", "ddim", "--eta", "0.5", "--max-batch", "3",
+                     "--guidance-interval", "-5", "5")) == 0
+    assert (seen["sampler"], seen["eta"], seen["max_batch"], seen["guidance_interval"]) == ("ddim", 0.5, 3, [-5.0, 5.0])
+    assert seen["v"] is None  # the model's learned variance, else 0.3
 
 
 def test_labels_cycle(tiny, tmp_path):
@@ -122,6 +137,12 @@ def test_labels_cycle(tiny, tmp_path):
     (["--clip", "inf"], "--clip must be positive and finite"),
     (["--clip", "1e39"], "--clip must be positive and finite in float32 (or 0 for no clipping), got 1e+39"),
     (["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+    (["--sampler", "euler"], "invalid choice: 'euler'"),
+    (["--eta", "2"], "--eta must be in [0, 1], got 2.0"),
+    (["--sampler", "dpmpp_2m", "--eta", "0.5"], "--eta is a setting of --sampler ddim only"),
+    (["--sampler", "ddim", "--v", "0.3"], "--v is a setting of --sampler ddpm only"),
+    (["--max-batch", "0"], "--max-batch must be at least 1, got 0"),
+    (["--guidance-interval", "3", "1"], "--guidance-interval must be two finite numbers LAM_LO <= LAM_HI"),
     (["--backend", "fast"], "backend must be 'auto' or one of"),
     (["--out", "OUT/s.txt"], "--out must name a .npz file"),
     (["--out", "OUT/missing/s.npz"], "does not exist"),

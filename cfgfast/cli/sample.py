@@ -40,7 +40,7 @@ SHARD_NAME = re.compile(r"^\d{10}-\d{10}\.npy$")
 # manifest key -> the option it comes from, to name what differs on a refused --resume
 MANIFEST_OPTIONS = {"model_sha256": "--model", "num": "--num", "w": "--w", "steps": "--steps",
                     "sampler": "--sampler", "eta": "--eta", "v": "--v", "seed": "--seed", "clip": "--clip",
-                    "labels": "--labels", "batch_size": "--batch-size",
+                    "labels": "--labels", "batch_size": "--batch-size", "guidance_interval": "--guidance-interval",
                     "shape": "image shape"}
 GRID_MAX = 16  # at most 16 classes x 16 samples in the PNG grid
 GRID_PIXELS = 64  # small images are enlarged to about this many pixels a side
@@ -112,6 +112,12 @@ def _check_options(args) -> None:
     """Everything about the options that needs no model or file, so a mistake stops the run at once."""
     if not 1 <= args.num <= 2**32:
         raise ValueError(f"--num must be in [1, 2^32] (a sample's index is a 32-bit counter word), got {args.num}")
+    if args.max_batch is not None and args.max_batch < 1:
+        raise ValueError(f"--max-batch must be at least 1, got {args.max_batch}")
+    if args.guidance_interval is not None:
+        lo, hi = args.guidance_interval
+        if not (math.isfinite(lo) and math.isfinite(hi) and lo <= hi):
+            raise ValueError(f"--guidance-interval must be two finite numbers LAM_LO <= LAM_HI, got {lo} {hi}")
     if args.batch_size is not None and args.batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
     _checks.steps(args.steps)
@@ -137,6 +143,10 @@ def _check_options(args) -> None:
         raise ValueError(f"--out must name a .npz file (the ADM sample format), got {args.out}")
     if args.grid is not None and not args.grid.lower().endswith(".png"):
         raise ValueError(f"--grid must name a .png file, got {args.grid}")
+    if args.grid is not None:
+        from cfgfast._images import pillow
+
+        pillow()  # a missing Pillow is told before sampling, not after it
 
 
 def _model_sha256(spec: str) -> str:
@@ -259,7 +269,7 @@ def _write_npz(path: str, **arrays: np.ndarray) -> None:
 
 def _grid_picture(images: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """One row per class (the first 16 classes, up to 16 samples each); a single class fills a square."""
-    from cfgfast._png import image_grid
+    from cfgfast._images import image_grid
 
     classes = np.unique(labels)[:GRID_MAX]
     scale = max(1, GRID_PIXELS // max(images.shape[1:3]))
@@ -301,7 +311,7 @@ def _prepare(args, world: _World):
     manifest = {"format": PARTS_FORMAT, "version": PARTS_VERSION, "model": args.model,
                 "model_sha256": _model_sha256(args.model), "num": args.num, "w": args.w, "steps": args.steps,
                 "sampler": args.sampler, "eta": args.eta, "v": args.v, "seed": args.seed, "clip": args.clip,
-                "labels": args.labels,
+                "labels": args.labels, "guidance_interval": args.guidance_interval,
                 "batch_size": args.batch_size, "shape": [height, width, channels]}
     finished = _finished(args, args.out + ".parts", manifest)
     return model, manifest, (_shards(args.num, manifest["batch_size"]), finished)
@@ -334,7 +344,7 @@ class _Progress:
 def run(args) -> int:
     import cfgfast
     from cfgfast._io import atomic_open
-    from cfgfast._png import write_png
+    from cfgfast._images import save_png
     from cfgfast.data import to_uint8
 
     _check_options(args)
@@ -371,7 +381,10 @@ def run(args) -> int:
                 if mine is not None:
                     x = cfgfast.sample(model, label_of(*mine), args.w, args.steps, sampler=args.sampler,
                                        eta=args.eta, v=args.v, seed=args.seed, clip=args.clip, index_offset=mine[0],
-                                       backend=args.backend, progress=False)
+                                       backend=args.backend, progress=False,
+                                       guidance_interval=args.guidance_interval,
+                                       max_batch="auto" if args.max_batch is None else args.max_batch,
+                                       cuda_graph=args.cuda_graph)
                     images = to_uint8(x)
                 for (start, end), received in zip(round_shards, world.gather(images, shards[0][1]) or []):
                     with atomic_open(os.path.join(parts, _shard_name(start, end))) as f:
@@ -394,7 +407,7 @@ def run(args) -> int:
         print(f"wrote {args.out}: arr_0 uint8 {list(images.shape)}, arr_1 int64 labels "
               f"({time.perf_counter() - progress.start:.1f} s)")
         if args.grid is not None:
-            write_png(args.grid, _grid_picture(images, labels))
+            save_png(args.grid, _grid_picture(images, labels))
             print(f"wrote {args.grid}")
         # out of the way in one step, then deleted: stopped midway, it leaves a hidden folder, not a half-deleted parts
         # folder that a rerun would take for an interrupted run
@@ -440,6 +453,12 @@ def add_parser(sub, name: str) -> None:
     p.add_argument("--batch-size", type=int, metavar="B",
                    help=f"samples per model call and per shard file, on each process (default {DEFAULT_BATCH_SIZE}; "
                         "with --resume, the interrupted run's)")
+    p.add_argument("--guidance-interval", type=float, nargs=2, metavar=("LAM_LO", "LAM_HI"),
+                   help="guide only where LAM_LO <= lambda <= LAM_HI (w = 0 and no unconditional pass elsewhere)")
+    p.add_argument("--max-batch", type=int, metavar="ROWS",
+                   help="the most rows of one forward pass (default: the batch on the CPU, all 2B rows on a GPU)")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="replay each step as a captured CUDA graph (a CUDA model; cuda or triton backend)")
     p.add_argument("--backend", default="auto", help="auto, reference, cpu, triton or cuda")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                    help="auto: CUDA when available (one GPU per torchrun process), else CPU")
