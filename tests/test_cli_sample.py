@@ -137,7 +137,7 @@ def test_labels_cycle(tiny, tmp_path):
     (["--clip", "inf"], "--clip must be positive and finite"),
     (["--clip", "1e39"], "--clip must be positive and finite in float32 (or 0 for no clipping), got 1e+39"),
     (["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
-    (["--sampler", "euler"], "invalid choice: 'euler'"),
+    (["--sampler", "euler"], "--sampler must be one of ddpm, ddim, dpmpp_2m, dpmpp_2m_sde, got euler"),
     (["--eta", "2"], "--eta must be in [0, 1], got 2.0"),
     (["--sampler", "dpmpp_2m", "--eta", "0.5"], "--eta is a setting of --sampler ddim only"),
     (["--sampler", "ddim", "--v", "0.3"], "--v is a setting of --sampler ddpm only"),

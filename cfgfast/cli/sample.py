@@ -121,6 +121,8 @@ def _check_options(args) -> None:
     if args.batch_size is not None and args.batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
     _checks.steps(args.steps)
+    if args.sampler not in SAMPLERS:
+        raise ValueError(f"--sampler must be one of {', '.join(SAMPLERS)}, got {args.sampler}")
     if args.v is not None and not 0.0 <= args.v <= 1.0:
         raise ValueError(f"--v must be in [0, 1], got {args.v}")
     if args.v is not None and args.sampler != "ddpm":
@@ -441,7 +443,7 @@ def add_parser(sub, name: str) -> None:
                         "every sample that class (default: sample i gets class i mod num_classes)")
     p.add_argument("--steps", type=int, default=256,
                    help="sampling steps, one model evaluation each (default 256; 20-30 with dpmpp_2m)")
-    p.add_argument("--sampler", default="ddpm", choices=SAMPLERS,
+    p.add_argument("--sampler", default="ddpm",
                    help="ddpm (the paper's, default), ddim, dpmpp_2m or dpmpp_2m_sde (DPM-Solver++(2M))")
     p.add_argument("--eta", type=float, default=0.0, help="ddim's noise, in [0, 1] (default 0: deterministic)")
     p.add_argument("--v", type=float, default=None,
