@@ -58,9 +58,9 @@ template <int N> inline VF<N> fmadd(VF<N> a, VF<N> b, VF<N> c) {
 template <int N> inline VF<N> select(VM<N> m, VF<N> a, VF<N> b) {
   CFGFAST_LANEWISE(VF<N>, _mm256_blendv_ps(b.v[r], a.v[r], m.v[r]));
 }
-template <int N> inline VF<N> sqrt_(VF<N> a) { CFGFAST_LANEWISE(VF<N>, _mm256_sqrt_ps(a.v[r])); }
+template <int N> inline VF<N> sqrt_rn(VF<N> a) { CFGFAST_LANEWISE(VF<N>, _mm256_sqrt_ps(a.v[r])); }
 // max/min return their second operand when either is NaN: NaN propagates like torch.clamp.
-template <int N> inline VF<N> clamp_(VF<N> x, float lo, float hi) {
+template <int N> inline VF<N> clamp_nan(VF<N> x, float lo, float hi) {
   CFGFAST_LANEWISE(VF<N>, _mm256_min_ps(_mm256_set1_ps(hi), _mm256_max_ps(_mm256_set1_ps(lo), x.v[r])));
 }
 

@@ -57,7 +57,7 @@ CFGFAST_HOST_DEVICE float widen(T x) {
 }
 
 // (CUDA's expf on the device; the host's is the one the CPU kernel calls, so the host run matches it bit for bit)
-CFGFAST_HOST_DEVICE float exp_(float x) {
+CFGFAST_HOST_DEVICE float expf_host_device(float x) {
 #if defined(__CUDA_ARCH__)
   return expf(x);
 #else
@@ -217,7 +217,7 @@ CFGFAST_HOST_DEVICE void step_thread(const DeviceStepArgs& a, uint64_t first, ui
       for (int k = 0; k < 4; ++k) {
         // scale = 0 where no noise is drawn (n = 0 there too), noise_std where the variance is not learned
         float scale = draw ? coef.noise_std : 0.0f;
-        if (read_nu) scale = coef.noise_std * exp_(coef.noise_nu * nus[u][k]);
+        if (read_nu) scale = coef.noise_std * expf_host_device(coef.noise_nu * nus[u][k]);
         r[k] = element(zs[u][k], cs[u][k], us[u][k], wc[u], wu[u], ps[u][k], scale, n[u][k], coef, a.has_clip,
                        a.clip, x[k]);
       }

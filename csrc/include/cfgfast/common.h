@@ -41,7 +41,8 @@ CFGFAST_HOST_DEVICE float bits_float(uint32_t u) {
 #endif
 }
 
-CFGFAST_HOST_DEVICE float sqrt_(float x) {
+// The correctly rounded square root
+CFGFAST_HOST_DEVICE float sqrt_rn(float x) {
 #if defined(__CUDA_ARCH__)
   return __fsqrt_rn(x);
 #else
@@ -61,7 +62,7 @@ CFGFAST_HOST_DEVICE float sqrt_radius(float x) {
   const float y = __fmaf_rn(__fmaf_rn(-s, s, x), __fmul_rn(r, 0.5f), s);
   return x == 0.0f ? x : y;  // rsqrt(+-0) is inf: +-0 itself, as sqrt gives
 #else
-  return sqrt_(x);
+  return sqrt_rn(x);
 #endif
 }
 
@@ -93,7 +94,7 @@ struct GroupCursor {
 };
 
 // clamp that propagates NaN, as torch.clamp does
-CFGFAST_HOST_DEVICE float clamp_(float x, float lo, float hi) { return x < lo ? lo : (x > hi ? hi : x); }
+CFGFAST_HOST_DEVICE float clamp_nan(float x, float lo, float hi) { return x < lo ? lo : (x > hi ? hi : x); }
 
 // bfloat16 and IEEE half stored as raw 16-bit words, widened exactly to float.
 CFGFAST_HOST_DEVICE float bf16_to_float(uint16_t h) { return bits_float(static_cast<uint32_t>(h) << 16); }

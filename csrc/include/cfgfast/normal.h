@@ -45,7 +45,7 @@ CFGFAST_HOST_DEVICE F box_muller_radius(U x) {
   if constexpr (kBranchFreeSqrt) {
     return sqrt_radius(two_ln_u);
   } else {
-    return sqrt_(two_ln_u);
+    return sqrt_rn(two_ln_u);
   }
 }
 

@@ -45,7 +45,7 @@ CFGFAST_HOST_DEVICE F guided_output(F out_cond, F out_uncond, F w_cond, F w_unco
 template <bool kClip, class F>
 CFGFAST_HOST_DEVICE F predicted_x(F z, F g, const StepCoef& c, float clip) {
   F x = F(c.pred_z) * z + F(c.pred_g) * g;
-  if (kClip) x = clamp_(x, -clip, clip);
+  if (kClip) x = clamp_nan(x, -clip, clip);
   return x;
 }
 
