@@ -3,8 +3,8 @@
     pytest benchmarks/test_sample_speed.py --benchmark-only
 
 Three models: the exact toy (cfgfast.toy.three_classes, 2-D samples), the bundled digits model at batch 256
-(the issue's target: sample >= 1.5x the hand loop), and an untrained 3x64x64 U-Net (the issue's
-target: under 5% of each step spent outside the model's forward). On a GPU the digits model and the U-Net also
+(target: sample >= 1.5x the hand loop), and an untrained 3x64x64 U-Net (target:
+under 5% of each step spent outside the model's forward). On a GPU the digits model and the U-Net also
 run there, with sample(cuda_graph=True) beside the eager sample(). The hand loop is Algorithm 2 as people write
 it: a conditional and an unconditional forward pass of batch B, then the eager PyTorch step with torch.randn
 noise. The summary prints hand loop / sample and the share of sample's time outside the forward passes.

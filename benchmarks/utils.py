@@ -211,7 +211,7 @@ FORWARD_LABEL = "model forward alone (one pass of 2B per step)"
 
 # sample() end to end, per device and model: (batch, steps). Every step of the grid costs the same, so a few steps
 # give the per-step ratio of a 256-step run (and keep the CPU suite under 5 minutes). The toy is exact (2-D, analytic
-# eps, CPU only); "digits" is the bundled model at the batch 256; "unet64" an untrained 3x64x64 U-Net
+# eps, CPU only); "digits" is the bundled model at batch 256; "unet64" an untrained 3x64x64 U-Net
 # (benchmarks/test_sample_speed.py).
 # On a GPU the digits model runs the paper's 256 steps: a CUDA graph's capture is paid once per sample() call.
 SAMPLE_MODELS: dict[str, dict[str, tuple[int, int]]] = (
