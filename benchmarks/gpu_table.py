@@ -21,7 +21,7 @@ from typing import Callable
 import torch
 
 import cfgfast
-from .utils import eager_step, make_step_inputs
+from .utils import eager_step, make_step_inputs, sampler_row, step_bytes
 
 
 ROUNDS = 3  # interleaved rounds per measurement; each variant's best round is reported
@@ -29,9 +29,8 @@ ROUNDS = 3  # interleaved rounds per measurement; each variant's best round is r
 
 # Calls timed back to back between two events, behind one untimed call, so that the first event is stamped when
 # the GPU gets to it and each call's host time (Python, the launcher) overlaps the kernels queued before it, as in
-# a sampling loop: it is hidden wherever the kernel takes longer. Until 2026-11-26 each call was timed alone from an
-# idle GPU (one call a timing, 50 timings), which counted its host time too: the H100 figures in the README were
-# measured so (a Triton call's ~0.1 ms more than a CUDA call's weighed on it).
+# a sampling loop: it is hidden wherever the kernel takes longer. (docs/performance.md's H100 figures of 2026-11-26
+# timed each call alone from an idle GPU, which counted its host time too.)
 CALLS_PER_TIMING = 10
 
 
@@ -133,6 +132,33 @@ def rows(sizes_m: list[int], bf16_size_m: int | None = None) -> list[dict]:
     return out_rows
 
 
+def sampler_rows(millions: int) -> list[dict]:
+    """Per backend and sampler (SPEC §6) at one size, float32 eps: the step of a middle row of the sampler's table
+    (the multistep samplers with their x~_prev state, read and written), GB/s of the bytes that sampler moves and
+    its share of the copy's bandwidth measured in the same run."""
+    backends = [b for b in ("cuda", "triton") if b in cfgfast.available_backends()]
+    shape = (max(1, millions * 16), 65536)
+    x = make_step_inputs(shape, torch.float32, "cuda", seed=0)
+    out, x_prev = torch.empty_like(x.z), torch.zeros_like(x.z)
+    variants = {"copy": lambda: out.copy_(x.z)}
+    for sampler in cfgfast.SAMPLERS:
+        row = sampler_row(sampler)
+        state = x_prev if sampler in ("dpmpp_2m", "dpmpp_2m_sde") else None
+        for backend in backends:
+            variants[(sampler, backend)] = functools.partial(
+                cfgfast.guided_step, x.z, x.eps_cond, x.eps_uncond, row, x.w, x_prev=state, seed=1, step=x.step,
+                backend=backend, out=out)
+    ms = best_of_rounds(variants)
+    copy_gbs = 8 * out.numel() / ms["copy"] / 1e6
+    result = []
+    for sampler in cfgfast.SAMPLERS:
+        for backend in backends:
+            gbs = step_bytes(shape, torch.float32, sampler=sampler) / ms[(sampler, backend)] / 1e6
+            result.append(dict(sampler=sampler, backend=backend, elements=out.numel(), ms=ms[(sampler, backend)],
+                               gb_per_s=gbs, of_copy=gbs / copy_gbs))
+    return result
+
+
 # 0: the default, 128 (several waves); 4 and 6: one full wave of the 2-group and 1-group kernels (their launch bounds)
 CUDA_BLOCKS_PER_SM = (0, 4, 6, 32, 64, 256)
 
@@ -226,6 +252,11 @@ def main() -> None:
         print(f"{r['backend']:8} {r['eps']:9} {r['elements'] / 2**20:8.0f}M {r['ms']:8.3f} {r['gb_per_s']:7.0f} "
               f"{r['copy_gb_per_s']:9.0f} {100 * r['of_copy']:7.1f}% {r['eager_ms']:9.3f} {r['speedup']:8.1f}x "
               f"{r['noise_ms']:9.3f} {r['last_ms']:11.3f}")
+    per_sampler = sampler_rows(max(args.sizes))
+    print(f"per sampler at {max(args.sizes)}M float32 elements (bytes each sampler moves):")
+    for r in per_sampler:
+        print(f"  {r['sampler']:13} {r['backend']:7} {r['ms']:8.3f} ms {r['gb_per_s']:7.0f} GB/s "
+              f"{100 * r['of_copy']:5.1f}% of copy")
     swept, cuda_swept = [], []
     if args.sweep:
         cuda_swept = cuda_sweep(max(args.sizes))
@@ -242,7 +273,8 @@ def main() -> None:
                   f"{100 * r['of_copy']:5.1f}% of copy")
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"rows": table, "cuda_sweep": cuda_swept, "triton_sweep": swept}, f, indent=1)
+            json.dump({"rows": table, "samplers": per_sampler, "cuda_sweep": cuda_swept, "triton_sweep": swept},
+                      f, indent=1)
 
 
 if __name__ == "__main__":
