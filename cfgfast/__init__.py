@@ -10,7 +10,7 @@ from .backends import available_backends
 from .models.checkpoint import load_pretrained
 from .noise import normal_noise
 from .sampler import sample
-from .samplers import PREDICTION_TYPES, SAMPLERS, StepCoefficients, step_table
+from .samplers import PREDICTION_TYPES, SAMPLERS, StepCoefficients, default_lambdas, step_table
 from .schedule import alpha_sigma, sampling_lambdas, training_lambdas
 from .step import guided_step, guided_step_table, reverse_step
 
@@ -26,6 +26,7 @@ __all__ = [
     "alpha_sigma",
     "available_backends",
     "build_info",
+    "default_lambdas",
     "guided_step",
     "guided_step_table",
     "load_pretrained",

@@ -15,9 +15,9 @@ import torch
 from . import _checks
 from .backends import Backend, choose
 from .noise import normal_noise
-from .samplers import (DEFAULT_SPACING, DEFAULT_V, MULTISTEP, check_eta, check_prediction_type, check_sampler,
+from .samplers import (DEFAULT_V, MULTISTEP, check_eta, check_prediction_type, check_sampler, default_lambdas,
                        step_table)
-from .schedule import LAMBDA_MAX, LAMBDA_MIN, alpha_sigma, sampling_lambdas
+from .schedule import LAMBDA_MAX, LAMBDA_MIN, alpha_sigma
 from .step import guidance_weights
 
 
@@ -44,10 +44,12 @@ def _bound(name: str, value) -> float:
         raise
 
 
-def _grid(steps, lambdas, lambda_min, lambda_max, spacing) -> list[float]:
+def _grid(steps, lambdas, lambda_min, lambda_max, sampler) -> list[float]:
     if lambdas is None:
-        return sampling_lambdas(steps, lambda_min, lambda_max, spacing).tolist()
-    # a given grid: lambda_min and lambda_max only bound it (infinite bounds: no bound)
+        return default_lambdas(steps, sampler, lambda_min, lambda_max).tolist()
+    # a given grid: lambda_min and lambda_max only bound it (by default SPEC §1's [-20, 20]; infinite: no bound)
+    lambda_min = LAMBDA_MIN if lambda_min is None else lambda_min
+    lambda_max = LAMBDA_MAX if lambda_max is None else lambda_max
     lambda_min, lambda_max = _bound("lambda_min", lambda_min), _bound("lambda_max", lambda_max)
     if not lambda_min < lambda_max:
         raise ValueError(f"lambda_min must be below lambda_max, got {lambda_min} >= {lambda_max}")
@@ -246,7 +248,7 @@ def _model_clip(model):
 
 @torch.no_grad()
 def sample(model, labels, w, steps=DEFAULT_STEPS, *, sampler="ddpm", eta=0.0, v=None, prediction_type=None, seed=0,
-           shape=None, null_label=None, lambda_min=LAMBDA_MIN, lambda_max=LAMBDA_MAX, clip="auto", index_offset=0,
+           shape=None, null_label=None, lambda_min=None, lambda_max=None, clip="auto", index_offset=0,
            backend="auto", progress=None, guidance_interval=None, classifier=None, cuda_graph=False,
            lambdas=None, max_batch="auto") -> torch.Tensor:
     """Samples x [B, *shape] of a class-conditional model with classifier-free guidance (SPEC §4, §6).
@@ -265,10 +267,10 @@ def sample(model, labels, w, steps=DEFAULT_STEPS, *, sampler="ddpm", eta=0.0, v=
     else the paper's 0.3. clip="auto" clamps x~ to the model's data range (model.data_range: [-1, 1] for the
     bundled U-Net), if it declares one; a number clamps to [-clip, clip]; None never clamps.
 
-    The grid: sampling_lambdas(steps, lambda_min, lambda_max) with the sampler's spacing ("paper" for ddpm and
-    ddim, "uniform" for the DPM-Solver++ samplers), or lambdas=: any increasing sequence inside
-    [lambda_min, lambda_max] (by default the paper's [-20, 20]: widen them, up to +-80, for a grid beyond; +-inf:
-    no bound); steps is then its length (leave steps out, or give that length). guidance_interval=(lam_lo, lam_hi)
+    The grid: default_lambdas(steps, sampler, lambda_min, lambda_max), the paper's spacing on [-20, 20] for ddpm and
+    ddim, even spacing in lambda on [-10, 10] for the DPM-Solver++ samplers (a bound given replaces the sampler's);
+    or lambdas=: any increasing sequence inside [lambda_min, lambda_max] (by default [-20, 20]: widen them, up to
+    +-80, for a grid beyond; +-inf: no bound); steps is then its length (leave steps out, or give that length). guidance_interval=(lam_lo, lam_hi)
     guides only where lam_lo <= lam <= lam_hi (w = 0 elsewhere). Sample i is global sample index_offset + i: the
     same seed gives the same samples for any batch split and batch size, and on any backend to float32 rounding.
     max_batch: the most rows of one forward pass (the 2B rows of a guided step are split into passes of at most
@@ -371,7 +373,7 @@ def _plan(model, labels, w, steps, sampler, eta, v, prediction_type, seed, shape
     learned = model_learned and sampler == "ddpm" and v is None
     if lambdas is None:
         steps = _checks.steps(DEFAULT_STEPS if steps is None else steps)
-    grid = _grid(steps, lambdas, lambda_min, lambda_max, DEFAULT_SPACING[sampler])
+    grid = _grid(steps, lambdas, lambda_min, lambda_max, sampler)
     if lambdas is not None and steps not in (None, DEFAULT_STEPS, len(grid)):  # a steps= that the grid overrides
         raise ValueError(f"steps must be left out with lambdas= (the grid's length, {len(grid)}, is the number of "
                          f"steps), got steps={steps!r}")

@@ -230,3 +230,16 @@ def test_bad_sampler_arguments():
         cfgfast.sample(learned_wrong, LABELS, 1.0, 4)
     with pytest.raises(ValueError, match=r"spacing must be one of \['paper', 'uniform'\]"):
         cfgfast.sampling_lambdas(4, spacing="karras")
+
+
+def test_default_grids():
+    """sample walks default_lambdas(steps, sampler): the paper's spacing on [-20, 20] for ddpm and ddim, even
+    spacing on [-10, 10] for the DPM-Solver++ samplers; a bound given replaces the sampler's."""
+    assert cfgfast.default_lambdas(5, "dpmpp_2m").tolist() == [-10.0, -5.0, 0.0, 5.0, 10.0]
+    torch.testing.assert_close(cfgfast.default_lambdas(7, "ddim"), cfgfast.sampling_lambdas(7), rtol=0, atol=0)
+    assert cfgfast.default_lambdas(3, "dpmpp_2m_sde", lambda_min=-4.0).tolist() == [-4.0, 3.0, 10.0]
+    model = three_classes()
+    for sampler in SAMPLERS:
+        a = cfgfast.sample(model, LABELS, W, 7, sampler=sampler, seed=1)
+        b = cfgfast.sample(model, LABELS, W, sampler=sampler, seed=1, lambdas=cfgfast.default_lambdas(7, sampler))
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
