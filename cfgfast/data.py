@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ._images import read_image
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 # class ids index the model's label embedding (one row each): an .npz label beyond this is a wrong array, not a class
 MAX_CLASSES = 100_000
@@ -48,41 +50,6 @@ def digits() -> Dataset:
                    [str(k) for k in range(10)], "digits")
 
 
-def _read_image(path: str) -> np.ndarray:
-    if path.lower().endswith(".png"):
-        from ._png import UnsupportedPNG, read_png
-
-        try:
-            image = read_png(path)  # a damaged file: its ValueError, naming it
-        except UnsupportedPNG:
-            image = None  # a PNG flavour our reader does not handle: Pillow may
-        if image is not None:
-            return image[..., :3] if image.shape[2] == 4 else (image[..., :1] if image.shape[2] == 2 else image)
-    try:
-        from PIL import Image
-    except ImportError:
-        raise ValueError(f"{path}: cannot read this image without Pillow (pip install pillow); 8-bit PNGs need "
-                         "nothing") from None
-    try:
-        return _read_with_pillow(Image, path)
-    except (OSError, ValueError, Image.DecompressionBombError) as exc:  # Pillow's own errors do not name the file
-        message = str(exc)
-        raise ValueError(message if path in message else f"{path}: {message}") from None
-
-
-def _read_with_pillow(Image, path: str) -> np.ndarray:
-    with Image.open(path) as im:
-        if im.mode.startswith("I;16") or im.mode == "I":
-            # 16-bit greyscale (Pillow's convert("L") would saturate it at 255, not rescale): to 8 bits, rounded
-            wide = np.asarray(im).astype(np.int64)
-            if wide.min() < 0 or wide.max() > 65535:
-                raise ValueError(f"{path}: a greyscale image of mode {im.mode} with values outside 0..65535")
-            return ((wide * 255 + 32767) // 65535).astype(np.uint8)[..., None]
-        im = im.convert("L" if im.mode in ("L", "LA", "1") else "RGB")
-        array = np.asarray(im, dtype=np.uint8)
-    return array[..., None] if array.ndim == 2 else array
-
-
 def image_folder(root: str) -> Dataset:
     """root/<class name>/<image>: classes in sorted order; all images must share one size and channel count."""
     names = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)) and not d.startswith("."))
@@ -95,7 +62,7 @@ def image_folder(root: str) -> Dataset:
             raise ValueError(f"--dataset {root}: class folder {name!r} holds no images ({', '.join(IMAGE_SUFFIXES)})")
         for f in files:
             path = os.path.join(root, name, f)
-            image = _read_image(path)
+            image = read_image(path)
             if first is None:
                 first = (path, image.shape)
             elif image.shape != first[1]:

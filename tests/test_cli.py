@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import zlib
+import sys
 
 import pytest
 
@@ -19,16 +19,32 @@ def test_info_prints_build_facts(capsys):
 
 
 def test_toy_writes_a_png_with_one_panel_per_w(tmp_path, capsys):
+    from PIL import Image
+
     out = tmp_path / "toy.png"
-    assert main(["toy", "--out", str(out), "--num", "100", "--steps", "16", "--w", "0", "2", "--size", "64"]) == 0
-    data = out.read_bytes()
-    assert data[:8] == b"\x89PNG\r\n\x1a\n"
-    width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
-    assert (width, height) == (3 * 64 + 2 * 8, 64)  # the classes, w=0, w=2
-    raw = zlib.decompress(data[data.index(b"IDAT") + 4:data.index(b"IEND") - 8])
-    assert len(raw) == height * (1 + 3 * width)
+    assert main(["toy", "--out", str(out), "--num", "100", "--steps", "16", "--w", "0", "2", "--size", "100"]) == 0
+    with Image.open(out) as im:
+        assert im.format == "PNG" and im.mode in ("RGB", "RGBA")
+        # three panels (the classes, w=0, w=2) of 100 pixels side by side, with titles and a legend
+        assert 300 <= im.width <= 330 and 100 <= im.height <= 150
     assert "w=2" in capsys.readouterr().out
     assert [p.name for p in tmp_path.iterdir()] == ["toy.png"]  # no temporary file left
+
+
+def test_a_missing_pillow_or_matplotlib_is_named_with_its_install_command(tmp_path, capsys, monkeypatch):
+    from cfgfast._images import read_image
+
+    # (an import raises ImportError where its module is None in sys.modules: submodules too, as they may be loaded)
+    for module in ("PIL", "PIL.Image", "matplotlib", "matplotlib.figure", "matplotlib.backends.backend_agg"):
+        monkeypatch.setitem(sys.modules, module, None)
+    with pytest.raises(ImportError, match="Pillow, which is not installed: pip install pillow"):
+        read_image(str(tmp_path / "any.png"))
+    for command in (["toy", "--out", str(tmp_path / "t.png")], ["demo", "--out", str(tmp_path)]):
+        assert main(command + ["--steps", "4"]) == 2
+        printed = capsys.readouterr()  # before sampling: no banner
+        assert printed.err == ("cfgfast: error: cfgfast draws its plots with matplotlib, which is not installed: "
+                               "pip install matplotlib\n") and printed.out == ""
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_unwritable_output_fails_before_sampling(tmp_path, capsys):
@@ -89,13 +105,14 @@ def test_bad_toy_arguments_are_named_before_sampling(tmp_path, capsys):
     for argv, message in (
         (["--out", str(tmp_path)], "is a folder"),
         (["--num", "0"], "--num must be at least 1"),
-        (["--size", "0"], "--size must be at least 8"),
+        (["--size", "99"], "--size must be at least 100"),
         (["--extent", "-1"], "--extent must lie in [1e-6, 1e6], got -1.0"),
         (["--extent", "inf"], "--extent must lie in [1e-6, 1e6], got inf"),
         (["--extent", "1e308"], "--extent must lie in [1e-6, 1e6], got 1e+308"),  # it drew empty panels
         (["--extent", "1e-320"], "--extent must lie in [1e-6, 1e6]"),
         (["--seed", str(2**64)], f"--seed must be at least 0, below {2**64}, got {2**64}"),  # an overflow before
         (["--size", "100000"], "--size must be at most 4096"),
+        (["--size", "4096", "--w"] + ["1"] * 8, "--size 4096 x 9 panels (the classes and each --w) is wider than"),
         (["--out", str(tmp_path / "t.txt")], "--out must name a .png file"),
         (["--steps", "1"], "--steps must be at least 2"),  # before the banner that states the settings
         (["--backend", "fast"], "--backend must be 'auto' or one of"),

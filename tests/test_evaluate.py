@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+import cfgfast
 import cfgfast.evaluate
 from cfgfast.cli import main
 from cfgfast.data import load_dataset
@@ -110,7 +111,7 @@ def test_evaluate_refuses_a_dataset_with_a_class_of_no_images(tmp_path, capsys):
     np.savez(tmp_path / "d.npz", arr_0=pictures, arr_1=np.arange(20) % 2 * 9)  # classes 0 and 9 of 10
     assert main(["evaluate", "--model", tiny_model_file(tmp_path), "--dataset", str(tmp_path / "d.npz"),
                  "--out", str(tmp_path / "eval")]) == 2
-    assert (f"error: --dataset must hold images of each of its 10 classes to evaluate on; dataset d.npz has none of "
+    assert ("error: --dataset must hold images of each of its 10 classes to evaluate on; dataset d.npz has none of "
             "classes 1, 2, 3, 4, 5, 6, 7, 8") in capsys.readouterr().err
     assert not (tmp_path / "eval").exists()
 
@@ -174,7 +175,7 @@ def test_evaluate_end_to_end_writes_its_files(tmp_path, capsys, monkeypatch):
     assert (out / "notes.txt").read_text() == "the user's"
     (out / "notes.txt").unlink()
     printed = capsys.readouterr().out
-    assert "[3/3] classifier w=1" in printed
+    assert "[3/3] classifier ddpm 3 steps w=1" in printed
     names = sorted(p.name for p in out.iterdir())
     assert names == ["fd_is.png", "grid_w0.png", "grid_w1.png", "grid_w1_classifier.png", "metrics.json",
                      "results.md"]  # and no temporary file
@@ -187,7 +188,10 @@ def test_evaluate_end_to_end_writes_its_files(tmp_path, capsys, monkeypatch):
     assert "Incomplete" not in table
     assert "| real held-out (360 images) |" in table
     assert "| real, seen by the feature classifier (360 images) |" in table
-    assert "| w | FD (20 samples) | FD (first 20) | IS | accuracy | seconds |" in table and "| 1 |" in table
+    assert "| w | sampler | steps | FD (20 samples) | FD (first 20) | IS | accuracy | seconds |" in table
+    assert "| 1 | ddpm | 3 |" in table
+    assert [(p["sampler"], p["steps"]) for p in metrics["points"]] == [("ddpm", 3)] * 3
+    assert metrics["runs"] == [{"sampler": "ddpm", "steps": 3}] and metrics["eta"] == 0
     assert (out / "fd_is.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -228,5 +232,82 @@ def test_evaluate_refuses_a_classifier_for_other_images(tmp_path, capsys):
                                            "--device cuda:.* is not available")])
 def test_evaluate_refuses_bad_arguments_before_any_work(tmp_path, capsys, argv, message):
     assert main(["evaluate", "--model", tiny_model_file(tmp_path), "--out", str(tmp_path / "eval")] + argv) == 2
+    assert re.search(message, capsys.readouterr().err)
+    assert not (tmp_path / "eval").exists()
+
+
+def test_evaluate_sweeps_samplers_and_step_counts(tmp_path, capsys):
+    """Each sampler at each of its step counts, at each w: the points, the table rows, a grid per point and the plot
+    against model evaluations (an earlier single-run sweep's fd_is.png and grid_w<w>.png removed)."""
+    model_path, out = tiny_model_file(tmp_path), tmp_path / "eval"
+    out.mkdir()
+    for name in ("fd_is.png", "grid_w1.png"):
+        (out / name).write_bytes(b"an earlier sweep's")
+    assert main(["evaluate", "--model", model_path, "--classifier", "none", "--num", "10", "--w", "0", "1",
+                 "--sampler", "ddpm,ddim,dpmpp_2m_sde", "--steps", "2,3", "ddpm=4", "--eta", "0.5",
+                 "--feature-steps", "2", "--batch-size", "6", "--out", str(out)]) == 0
+    assert "ddpm 4, ddim 2, ddim 3, dpmpp_2m_sde 2, dpmpp_2m_sde 3 steps" in capsys.readouterr().out
+    metrics = json.loads((out / "metrics.json").read_text())
+    runs = [("ddpm", 4), ("ddim", 2), ("ddim", 3), ("dpmpp_2m_sde", 2), ("dpmpp_2m_sde", 3)]
+    assert [(r["sampler"], r["steps"]) for r in metrics["runs"]] == runs and metrics["eta"] == 0.5
+    assert [(p["sampler"], p["steps"], p["w"]) for p in metrics["points"]] == [(*r, w) for r in runs for w in (0, 1)]
+    assert metrics["complete"] and all(math.isfinite(p["fd"]) for p in metrics["points"])
+    names = sorted(p.name for p in out.iterdir())
+    assert names == sorted(["fd_is_evaluations.png", "metrics.json", "results.md"]
+                           + [f"grid_{s}_{n}_w{w}.png" for s, n in runs for w in (0, 1)])
+    table = (out / "results.md").read_text()
+    for row in ("| 0 | ddpm | 4 |", "| 1 | ddim (η = 0.5) | 3 |", "| 1 | dpmpp_2m_sde | 2 |"):
+        assert row in table
+    assert table.index("| 0 | dpmpp_2m_sde | 3 |") < table.index("| 1 | ddpm | 4 |")  # by w, then by run
+    assert "![FD and IS](fd_is_evaluations.png)" in table
+    assert (out / "fd_is_evaluations.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_sweep_gives_each_sampler_its_own_settings(tmp_path, monkeypatch):
+    """v goes to ddpm, eta to ddim, neither to the DPM-Solver++ samplers (sample() refuses a setting its sampler
+    ignores); steps is the run's own."""
+    calls = []
+
+    def recording_sample(model, labels, w, steps, **kwargs):
+        calls.append((kwargs["sampler"], steps, {k: kwargs[k] for k in ("v", "eta") if k in kwargs}))
+        return cfgfast.sample(model, labels, w, steps, **kwargs)
+
+    monkeypatch.setattr(cfgfast.evaluate, "sample", recording_sample)
+    sweep(checkpoint.load_model(tiny_model_file(tmp_path)), load_dataset("digits"), str(tmp_path / "eval"), ws=[1.0],
+          num=4, steps={"ddpm": 3, "ddim": [2], "dpmpp_2m": 2}, samplers=["ddpm", "ddim", "dpmpp_2m"], eta=0.25,
+          v=0.5, batch_size=4, feature_steps=2, log=lambda line: None)
+    assert calls == [("ddpm", 3, {"v": 0.5}), ("ddim", 2, {"eta": 0.25}), ("dpmpp_2m", 2, {})]
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--sampler", "ddpm,euler"], "argument --sampler: must be comma-separated names from ddpm, ddim, dpmpp_2m, "
+                                  "dpmpp_2m_sde, got 'euler'"),
+    (["--sampler", "ddpm,ddpm"], r"error: --sampler must be distinct names from \['ddpm', 'ddim', 'dpmpp_2m', "
+                                 r"'dpmpp_2m_sde'\], got \['ddpm', 'ddpm'\]"),
+    (["--sampler", "ddim", "--eta", "1.5"], r"error: --eta must be in \[0, 1\], got 1.5"),
+    (["--sampler", "ddpm,dpmpp_2m", "--steps", "10", "--eta", "0.5"],
+     r"error: --eta must be 0 unless 'ddim' is among the samplers \(eta is ddim's setting\), got eta=0.5 with "
+     r"samplers \['ddpm', 'dpmpp_2m'\]"),
+    (["--steps", "10,x"], "argument --steps: must be comma-separated step counts, optionally after SAMPLER=, such as "
+                          "10,20,50 or ddpm=256, got '10,x'"),
+    (["--steps", "euler=10"], "argument --steps: must name a sampler from ddpm, ddim, dpmpp_2m, dpmpp_2m_sde before "
+                              "'=', got 'euler'"),
+    (["--sampler", "ddpm,ddim", "--steps", "ddpm=10"], r"error: --steps must give step counts for each sampler of "
+                                                        r"--sampler \(ddpm, ddim\) and no other, got none beyond them "
+                                                        "and none for ddim"),
+    (["--steps", "10", "ddim=10"], r"error: --steps must give step counts for each sampler of --sampler \(ddpm\) "
+                                   "and no other, got ddim beyond them"),
+    (["--steps", "10", "20"], "error: --steps must give one list for all samplers and at most one SAMPLER=list for "
+                              "each, got 2 lists"),
+    (["--steps", "10,10"], r"error: --steps must be distinct step counts for each sampler, got \[10, 10\] for 'ddpm'"),
+    (["--sampler", "dpmpp_2m", "--steps", "1"], "error: --steps must be an int of at least 2 and below 4294967296, "
+                                                "got 1"),
+])
+def test_evaluate_refuses_bad_sampler_options_before_any_work(tmp_path, capsys, argv, message):
+    try:
+        code = main(["evaluate", "--model", tiny_model_file(tmp_path), "--out", str(tmp_path / "eval")] + argv)
+    except SystemExit as exit:  # argparse's own refusal of a value its type does not parse
+        code = exit.code
+    assert code == 2
     assert re.search(message, capsys.readouterr().err)
     assert not (tmp_path / "eval").exists()

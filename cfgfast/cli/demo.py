@@ -18,7 +18,7 @@ DEMO_W = (0.0, 0.3, 1.0, 3.0)
 def run(args) -> int:
     import cfgfast
     from cfgfast import _checks
-    from cfgfast._png import image_grid, write_png
+    from cfgfast._images import image_grid, matplotlib_agg, save_figure
     from cfgfast.backends import choose
     from cfgfast.data import to_uint8
 
@@ -32,6 +32,7 @@ def run(args) -> int:
     _checks.seed(args.seed)
     if not 1 <= args.scale <= 64:
         raise ValueError(f"--scale must be in [1, 64] (pixels per image pixel), got {args.scale}")
+    matplotlib_agg()  # a missing matplotlib is told before sampling, not after it
     model = cfgfast.load_pretrained("digits")
     classes, k, ws = model.config.num_classes, args.per_cell, args.w
     # one batch in picture order: class-major rows, then w blocks, then k samples per cell
@@ -50,10 +51,41 @@ def run(args) -> int:
     blank = np.full((classes, len(ws), 1, h, wd, c), 255, dtype=np.uint8)
     cols = len(ws) * (k + 1) - 1
     cells = np.concatenate([blocks, blank], axis=2).reshape(classes, cols + 1, h, wd, c)[:, :cols]
-    write_png(out, image_grid(cells.reshape(-1, h, wd, c), classes, cols, scale=args.scale, pad=1))
+    grid = image_grid(cells.reshape(-1, h, wd, c), classes, cols, scale=args.scale, pad=1)
+    save_figure(out, _labelled(grid, ws, k, wd * args.scale + 1, h * args.scale + 1))
     print(f"sampled in {seconds:.1f} s ({seconds / args.steps * 1e3:.0f} ms per step of batch {2 * len(labels)})")
     print(f"wrote {out}: rows = classes 0-9, column blocks = w " + ", ".join(format(x, "g") for x in ws))
     return 0
+
+
+def _labelled(grid: np.ndarray, ws, k: int, cell_width: int, cell_height: int):
+    """The grid drawn pixel for pixel (matplotlib's figimage: no resampling), a class number left of each row and
+    a "w = ..." title over each block of k columns."""
+    from cfgfast._images import figure
+
+    dpi = 100
+    font = float(np.clip(0.45 * cell_height, 9, 20))  # text height in pixels, following the images' size
+    titles = [f"w = {w:g}" for w in ws]
+    # a title wider than its block and the blank beside it would run into the next one: stood on end instead
+    upright = (k + 1) * cell_width >= 0.65 * font * max(map(len, titles))
+    top = round(2.4 * font) if upright else round(0.65 * font * max(map(len, titles)) + font)
+    left, bottom, right = round(4.5 * font), round(0.6 * font), round(0.6 * font)
+    height, width = grid.shape[:2]
+    fig_width, fig_height = left + width + right, top + height + bottom
+    fig = figure(fig_width / dpi, fig_height / dpi, dpi)
+    fig.figimage(grid, xo=left, yo=bottom, origin="upper")
+    points = font * 72 / dpi
+
+    def text(x, y, label, **options):  # x, y: pixels from the top left
+        fig.text(x / fig_width, 1 - y / fig_height, label, fontsize=points, **options)
+
+    for row in range(height // cell_height):
+        text(left - 0.4 * font, top + (row + 0.5) * cell_height, str(row), ha="right", va="center")
+    text(1.2 * font, top + height / 2, "class", rotation=90, ha="center", va="center")
+    for block, title in enumerate(titles):
+        centre = left + (block * (k + 1) + k / 2) * cell_width
+        text(centre, top - 0.5 * font, title, ha="center", va="bottom", rotation=0 if upright else 90)
+    return fig
 
 
 def add_parser(sub, name: str) -> None:

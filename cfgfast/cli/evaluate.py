@@ -1,18 +1,61 @@
 """`cfgfast evaluate`: the w sweep (the paper's Figure 4 and Table 1 at digits scale). FD, IS and class accuracy
 of guided samples, in the feature space of a classifier trained here on real images, for classifier-free guidance
-and (with a noise-conditional classifier) classifier guidance; writes results.md, metrics.json, fd_is.png and a
-sample grid per w into --out."""
+and (with a noise-conditional classifier) classifier guidance, for each sampler at each step count; writes
+results.md, metrics.json, the plot (fd_is.png against w, or fd_is_evaluations.png against steps when several
+samplers or step counts are swept) and a sample grid per point into --out."""
 
 from __future__ import annotations
 
+import argparse
 import os
 
 from cfgfast.cli.common import finite_float
 from cfgfast.evaluate import DEFAULT_WS, FEATURE_STEPS
+from cfgfast.samplers import SAMPLERS
 
 
 # names in the library's errors that differ from this command's flags
-ERROR_NAMES = {"ws": "--w", "data": "--dataset"}
+ERROR_NAMES = {"ws": "--w", "data": "--dataset", "samplers": "--sampler"}
+
+
+def sampler_list(text: str) -> list[str]:
+    """An argparse type: comma-separated sampler names, each one of cfgfast's."""
+    names = [name.strip() for name in text.split(",")]
+    unknown = [name for name in names if name not in SAMPLERS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"must be comma-separated names from {', '.join(SAMPLERS)}, got "
+                                         f"{', '.join(map(repr, unknown))}")
+    return names
+
+
+def step_counts(text: str) -> tuple[str | None, list[int]]:
+    """An argparse type: "10,20,50" (for every sampler) or "SAMPLER=10,20,50" (for that one): (sampler, counts)."""
+    sampler, _, counts = text.rpartition("=")
+    try:
+        values = [int(c) for c in counts.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be comma-separated step counts, optionally after SAMPLER=, such as "
+                                         f"10,20,50 or ddpm=256, got {text!r}") from None
+    if sampler and sampler not in SAMPLERS:
+        raise argparse.ArgumentTypeError(f"must name a sampler from {', '.join(SAMPLERS)} before '=', got "
+                                         f"{sampler!r}")
+    return sampler or None, values
+
+
+def steps_by_sampler(samplers: list[str], items: list[tuple[str | None, list[int]]]) -> dict[str, list[int]]:
+    """--steps' items as {sampler: counts}: a SAMPLER= item for that sampler, the bare list for the others."""
+    bare = [counts for sampler, counts in items if sampler is None]
+    named = {sampler: counts for sampler, counts in items if sampler is not None}
+    if len(bare) > 1 or len(named) + len(bare) != len(items):
+        raise ValueError("--steps must give one list for all samplers and at most one SAMPLER=list for each, got "
+                         f"{len(bare)} lists and {len(items) - len(bare)} SAMPLER=lists")
+    extra = [sampler for sampler in named if sampler not in samplers]
+    missing = [sampler for sampler in samplers if sampler not in named and not bare]
+    if extra or missing:
+        raise ValueError(f"--steps must give step counts for each sampler of --sampler ({', '.join(samplers)}) "
+                         f"and no other, got {', '.join(extra) or 'none'} beyond them"
+                         f"{' and none for ' + ', '.join(missing) if missing else ''}")
+    return {sampler: named.get(sampler, bare[0] if bare else None) for sampler in samplers}
 
 
 def run(args) -> int:
@@ -23,7 +66,9 @@ def run(args) -> int:
     from cfgfast.models.checkpoint import load_model
     from cfgfast.models.classifier import load_classifier
 
-    check_options(args.w, args.num, args.steps, args.batch_size, args.feature_steps, args.v, args.seed)
+    steps = steps_by_sampler(args.sampler, args.steps)
+    _, _, _, runs, _ = check_options(args.w, args.num, steps, args.batch_size, args.feature_steps, args.v, args.seed,
+                                     args.sampler, args.eta)
     out = os.path.abspath(args.out)
     if os.path.exists(out) and not os.path.isdir(out):
         raise ValueError(f"--out must be a folder, got the file {args.out}")
@@ -45,11 +90,14 @@ def run(args) -> int:
     classifier = None if classifier_spec == "none" else load_classifier(classifier_spec)
     data = load_dataset(args.dataset)
     print(f"cfgfast evaluate: model {args.model}, classifier {classifier_spec}, {args.num} samples per point, "
-          f"{args.steps} steps, w = {' '.join(format(w, 'g') for w in args.w)}, on {device}")
-    sweep(model, data, out, ws=args.w, num=args.num, steps=args.steps, classifier=classifier,
-          model_name=args.model, classifier_name=None if classifier is None else classifier_spec, seed=args.seed,
+          f"{', '.join(f'{sampler} {count}' for sampler, count in runs)} steps, "
+          f"w = {' '.join(format(w, 'g') for w in args.w)}, on {device}")
+    sweep(model, data, out, ws=args.w, num=args.num, steps=steps, samplers=args.sampler, eta=args.eta,
+          classifier=classifier, model_name=args.model,
+          classifier_name=None if classifier is None else classifier_spec, seed=args.seed,
           batch_size=args.batch_size, feature_steps=args.feature_steps, v=args.v)
-    print(f"wrote {os.path.join(args.out, 'results.md')}, metrics.json, fd_is.png and grid_w*.png")
+    plot = "fd_is.png" if len(runs) == 1 else "fd_is_evaluations.png"
+    print(f"wrote {os.path.join(args.out, 'results.md')}, metrics.json, {plot} and grid_*.png")
     return 0
 
 
@@ -61,15 +109,22 @@ def add_parser(sub, name: str) -> None:
                                         "digits, else none)")
     p.add_argument("--dataset", default="digits", help="the real images the model was trained on (default digits)")
     p.add_argument("--num", type=int, default=1000, help="samples per point, labels i mod K (default 1000)")
-    p.add_argument("--steps", type=int, default=256, help="sampling steps (default 256)")
+    p.add_argument("--sampler", type=sampler_list, default=["ddpm"],
+                   help=f"comma-separated samplers to compare, from {', '.join(SAMPLERS)} (default ddpm)")
+    p.add_argument("--steps", type=step_counts, nargs="+", default=[(None, [256])],
+                   help="comma-separated step counts (model evaluations) for every sampler, and SAMPLER=counts for "
+                        "one, e.g. --steps 10,20,50 ddpm=256 (default 256)")
+    p.add_argument("--eta", type=finite_float, default=0.0,
+                   help="ddim's noise eta in [0, 1] (default 0: deterministic); needs ddim in --sampler")
     p.add_argument("--w", type=finite_float, nargs="+", default=list(DEFAULT_WS),
                    help="guidance strengths (default " + " ".join(format(w, "g") for w in DEFAULT_WS) + ")")
-    p.add_argument("--v", type=finite_float, default=0.3, help="variance interpolation (default 0.3)")
+    p.add_argument("--v", type=finite_float, default=0.3, help="ddpm's variance interpolation (default 0.3)")
     p.add_argument("--seed", type=int, default=0, help="sampling noise and the feature classifier (default 0)")
     p.add_argument("--batch-size", type=int, default=500, help="samples per sampling batch (default 500)")
     p.add_argument("--feature-steps", type=int, default=FEATURE_STEPS,
                    help=f"training steps of the feature classifier (default {FEATURE_STEPS})")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--out", required=True,
-                   help="folder to write (created if missing; an earlier sweep's grid_w*.png there are removed)")
+                   help="folder to write (created if missing; an earlier sweep's grid_*.png and plot there are "
+                        "removed)")
     p.set_defaults(run=run)
