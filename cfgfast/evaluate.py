@@ -28,7 +28,7 @@ import torch
 
 from . import _checks
 from ._io import atomic_open
-from ._images import image_grid, save_png
+from ._images import figure, image_grid, matplotlib_agg, save_figure, save_png
 from .data import Dataset, to_uint8
 from .models.classifier import Classifier, ClassifierConfig, accuracy, heldout_split, train_classifier
 from .sampler import sample
@@ -205,6 +205,7 @@ def sweep(model, data: Dataset, out: str, *, ws=DEFAULT_WS, num: int = 1000, ste
             raise ValueError(f"classifier must be noise-conditional for {data.num_classes} classes of shape {shape}, "
                              f"got noise_conditional={config.noise_conditional}, {config.num_classes} classes of "
                              f"shape {(config.in_channels, config.image_size, config.image_size)}")
+    matplotlib_agg()  # a missing matplotlib is told before sampling, not after it
     os.makedirs(out, exist_ok=True)
     start = time.perf_counter()
     log(f"training the feature classifier on real {data.name} ({feature_steps} steps, seed {seed}) ...")
@@ -333,7 +334,7 @@ def results_markdown(metrics: dict) -> str:
     else:
         caption = (f"FD ({metrics['num']} samples, top) and IS (bottom) against model evaluations (steps, log "
                    "scale), one line per sampler, one column per w"
-                   + (" (classifier guidance: the columns marked C)" if with_classifier else "")
+                   + (" (classifier guidance: the columns titled so)" if with_classifier else "")
                    + "; grey dashes: IS of real held-out images.")
     grids = "grid_w<w>" if len(runs) == 1 else "grid_<sampler>_<steps>_w<w>"
     lines += ["", f"![FD and IS]({_plot_name(metrics)})", "",
@@ -348,153 +349,112 @@ def write_results(out: str, metrics: dict) -> None:
         f.write((json.dumps(metrics, indent=2) + "\n").encode())
     with atomic_open(os.path.join(out, "results.md")) as f:
         f.write(results_markdown(metrics).encode())
+    plot_metrics(metrics, out)
+
+
+# --- the plot ---------------------------------------------------------------------------------------------------
+
+GUIDANCE_STYLE = {"classifier-free": ("C0", "o"), "classifier": ("C1", "s")}
+SAMPLER_STYLE = {"ddpm": ("C0", "o"), "ddim": ("C1", "s"), "dpmpp_2m": ("C2", "^"), "dpmpp_2m_sde": ("C3", "D")}
+
+
+def plot_metrics(metrics: dict, out_folder: str) -> str:
+    """Draw a sweep's metrics (metrics.json's dict) into out_folder: fd_is.png (FD and IS against w) for a sweep of
+    one run, fd_is_evaluations.png (against model evaluations, one line per sampler, one column per w) for several.
+    Written atomically; returns the path."""
+    if "runs" not in metrics:
+        # a single-run metrics.json may name its steps at the top and its points without sampler or steps
+        metrics = {"eta": 0.0, **metrics, "runs": [{"sampler": "ddpm", "steps": metrics["steps"]}],
+                   "points": [{"sampler": "ddpm", "steps": metrics["steps"], **p} for p in metrics["points"]]}
+    fig = _plot_w(metrics) if len(metrics["runs"]) == 1 else _plot_evaluations(metrics)
+    path = os.path.join(out_folder, _plot_name(metrics))
+    save_figure(path, fig)
+    return path
+
+
+def _plot_w(metrics: dict):
+    """FD and IS against w side by side, a line per guidance kind."""
     rows = _rows(metrics)
-    real_is = metrics["reference"]["heldout"]["is"]
-    # no real line in the FD panels: the held-out FD holds fewer images than the samples, so it is not comparable
-    if len(metrics["runs"]) == 1:
-        panels = [[plot_panel(key.upper(), {kind: sorted((w, p[key]) for (_, _, w), p in rows[kind].items())
-                                            for kind in rows}, floor)
-                   for key, floor in (("fd", None), ("is", real_is))]]
-    else:
-        samplers = list(dict.fromkeys(run["sampler"] for run in metrics["runs"]))
-        columns = sorted({(kind, w) for kind in rows for (_, _, w) in rows[kind]},
-                         key=lambda c: (GUIDANCE_KINDS.index(c[0]), c[1]))
-        panels = [[plot_panel(f"{key.upper()} W={_w_name(w)}{'' if kind == 'classifier-free' else ' C'}",
-                              {s: sorted((n, p[key]) for (s2, n, w2), p in rows[kind].items() if s2 == s and w2 == w)
-                               for s in samplers}, floor, colors=SAMPLER_COLORS, x_label="MODEL EVALUATIONS",
-                              log_x=True)
-                   for kind, w in columns] for key, floor in (("fd", None), ("is", real_is))]
-    save_png(os.path.join(out, _plot_name(metrics)), _tile(panels))
+    run = metrics["runs"][0]
+    fig = figure(10, 4.2, 110, layout="constrained")
+    axes = fig.subplots(1, 2)
+    for ax, key in zip(axes, ("fd", "is")):
+        for i, (kind, (color, marker)) in enumerate(GUIDANCE_STYLE.items()):
+            points = sorted((w, p[key]) for (_, _, w), p in rows[kind].items())
+            if points:  # the shared w = 0 point: classifier-free on top, smaller, so both show
+                ax.plot(*zip(*points), color=color, marker=marker, markersize=5 + 1.5 * i, zorder=3 - i,
+                        label=f"{kind} guidance")
+        ax.set(xlabel="guidance strength w", ylabel=_y_label(metrics, key), title=key.upper())
+        ax.grid(color="0.92")
+    _real_is_line(axes[1], metrics)
+    fig.legend(*_legend_entries(axes), loc="outside lower center", ncols=3, frameon=False)
+    fig.suptitle(f"FD and IS against w on {metrics['dataset']}: model {metrics['model']}, "
+                 f"{_sampler_name(run['sampler'], metrics['eta'])} {run['steps']} steps, "
+                 f"{metrics['num']} samples per point, seed {metrics['seed']}")
+    return fig
 
 
-def _tile(panels: list[list[np.ndarray]]) -> np.ndarray:
-    """Rows of equal-sized panels, 12 white pixels between them."""
-    height, width = panels[0][0].shape[:2]
-    gap_x = np.full((height, 12, 3), 255, dtype=np.uint8)
-    rows = [np.concatenate([part for panel in row for part in (panel, gap_x)][:-1], axis=1) for row in panels]
-    gap_y = np.full((12, rows[0].shape[1], 3), 255, dtype=np.uint8)
-    return np.concatenate([part for row in rows for part in (row, gap_y)][:-1], axis=0)
+def _plot_evaluations(metrics: dict):
+    """FD (top row) and IS (bottom row) against model evaluations on a log axis, a line per sampler, a column per
+    (guidance kind, w)."""
+    rows = _rows(metrics)
+    samplers = list(dict.fromkeys(run["sampler"] for run in metrics["runs"]))
+    # classifier guidance at w = 0 is classifier-free's w = 0 column over again
+    columns = sorted({(kind, w) for kind in rows for (_, _, w) in rows[kind] if kind == "classifier-free" or w},
+                     key=lambda c: (GUIDANCE_KINDS.index(c[0]), c[1]))
+    steps = sorted({run["steps"] for run in metrics["runs"]})
+    fig = figure(max(6.5, 1.2 + 3.3 * len(columns)), 7.5, 110, layout="constrained")
+    axes = fig.subplots(2, len(columns), sharex=True, sharey="row", squeeze=False)  # columns compared at a glance
+    for row, key in enumerate(("fd", "is")):
+        for col, (kind, w) in enumerate(columns):
+            ax = axes[row, col]
+            # the first sampler drawn on top with the smallest marker, so coinciding points all stay visible
+            for i, sampler in enumerate(samplers):
+                points = sorted((n, p[key]) for (s, n, w2), p in rows[kind].items() if s == sampler and w2 == w)
+                color, marker = SAMPLER_STYLE.get(sampler, (f"C{i}", "o"))
+                if points:
+                    ax.plot(*zip(*points), color=color, marker=marker, markersize=5 + 1.5 * i,
+                            zorder=3 + len(samplers) - i, label=_sampler_name(sampler, metrics["eta"]))
+            ax.set_xscale("log")
+            ax.set_xticks(steps, [str(n) for n in steps])
+            ax.minorticks_off()  # ticked at the step counts swept alone
+            ax.grid(color="0.92")
+            if row == 0:
+                ax.set_title(f"w = {_w_name(w)}" + ("" if kind == "classifier-free" else ", classifier guidance"))
+            else:
+                ax.set_xlabel("model evaluations (steps)")
+            if col == 0:
+                ax.set_ylabel(_y_label(metrics, key))
+    for ax in axes[1]:
+        _real_is_line(ax, metrics)
+    handles, labels = _legend_entries(axes.flat)
+    fig.legend(handles, labels, loc="outside lower center", ncols=2 if len(columns) == 1 else len(labels),
+               frameon=False)
+    fig.suptitle(f"FD and IS against model evaluations on {metrics['dataset']}\nmodel {metrics['model']}, "
+                 f"{metrics['num']} samples per point, seed {metrics['seed']}")
+    return fig
 
 
-# --- the plot: drawn with numpy (no matplotlib), text in a 3x5 bitmap font --------------------------------------
-
-GLYPHS = {
-    "0": "111101101101111", "1": "010110010010111", "2": "111001111100111", "3": "111001111001111",
-    "4": "101101111001001", "5": "111100111001111", "6": "111100111101111", "7": "111001001001001",
-    "8": "111101111101111", "9": "111101111001111", ".": "000000000000010", "-": "000000111000000",
-    " ": "000000000000000", "A": "010101111101101", "C": "111100100100111", "D": "110101101101110",
-    "E": "111100110100111", "F": "111100110100100", "I": "111010010010111", "L": "100100100100111",
-    "R": "110101110101101", "S": "011100010001110", "W": "101101101111101", "M": "101111111101101",
-    "N": "110101101101101", "O": "010101101101010", "P": "110101110100100", "T": "111010010010010",
-    "U": "101101101101111", "V": "101101101101010", "_": "000000000000111", "=": "000111000111000",
-}
-COLORS = {"classifier-free": (31, 119, 180), "classifier": (255, 127, 14)}
-SAMPLER_COLORS = {"ddpm": (31, 119, 180), "ddim": (255, 127, 14), "dpmpp_2m": (44, 160, 44),
-                  "dpmpp_2m_sde": (214, 39, 40)}
-GREY, INK = (150, 150, 150), (0, 0, 0)
+def _y_label(metrics: dict, key: str) -> str:
+    return f"FD ({metrics['num']} samples; lower is closer)" if key == "fd" else "IS (higher is better)"
 
 
-def draw_text(canvas: np.ndarray, text: str, x: int, y: int, scale: int = 2, color=INK) -> int:
-    """Draw text with its top-left corner at (x, y); returns the x after it."""
-    for ch in text.upper():
-        glyph = np.array([int(b) for b in GLYPHS[ch]], dtype=bool).reshape(5, 3)
-        block = glyph.repeat(scale, 0).repeat(scale, 1)
-        region = canvas[y:y + 5 * scale, x:x + 3 * scale]
-        region[block[:region.shape[0], :region.shape[1]]] = color
-        x += 4 * scale
-    return x
+def _real_is_line(ax, metrics: dict) -> None:
+    """The IS of the real held-out images as a grey dashed line; the axis keeps to the samples' range, so a line
+    outside it is said so in its legend entry. (No such line in the FD panels: the held-out FD holds fewer images
+    than the samples, so the two are not comparable.)"""
+    real = metrics["reference"]["heldout"]
+    low, high = ax.get_ylim()
+    where = "" if low <= real["is"] <= high else " (below the axis)" if real["is"] < low else " (above the axis)"
+    ax.axhline(real["is"], color="0.5", linestyle="--", linewidth=1.2,
+               label=f"real held-out images: IS {real['is']:.3f}{where}")
+    ax.set_ylim(low, high)
 
 
-def _ticks(lo: float, hi: float, count: int = 5) -> list[float]:
-    """Round-numbered ticks covering [lo, hi] (steps of 1, 2 or 5 times a power of ten)."""
-    raw = (hi - lo) / count
-    step = min(m * 10 ** math.floor(math.log10(raw)) for m in (1, 2, 5, 10)
-               if m * 10 ** math.floor(math.log10(raw)) >= raw)
-    first = math.floor(lo / step)
-    return [round(k * step, 10) for k in range(first, math.ceil(hi / step) + 1)]
-
-
-def _number(t: float) -> str:
-    """A tick label without exponent (the bitmap font has no 'e' or '+')."""
-    text = f"{t:.6f}".rstrip("0").rstrip(".")
-    return "0" if text in ("-0", "") else text
-
-
-def _line(canvas: np.ndarray, p: tuple, q: tuple, color, dashed: bool = False) -> None:
-    n = int(max(abs(q[0] - p[0]), abs(q[1] - p[1]))) + 1
-    for t in range(n):
-        if dashed and (t // 6) % 2:
-            continue
-        x = round(p[0] + (q[0] - p[0]) * t / max(n - 1, 1))
-        y = round(p[1] + (q[1] - p[1]) * t / max(n - 1, 1))
-        canvas[y:y + 2, x:x + 2] = color
-
-
-def plot_panel(title: str, series: dict, floor: float | None, width: int = 420, height: int = 300, *,
-               colors=COLORS, x_label: str = "W", log_x: bool = False) -> np.ndarray:
-    """One panel: series {name: [(x, value), ...]} as lines with markers (colors[name]) against x; floor (real
-    held-out images), if given, as a grey dashed line where it falls inside the series' range, and its value in the
-    legend. log_x: x on a log scale, ticked at the series' x values."""
-    canvas = np.full((height, width, 3), 255, dtype=np.uint8)
-    legend = [(name, colors[name]) for name in colors if series.get(name)]
-    legend += [] if floor is None else [(f"real {floor:.3f}", GREY)]
-    legend_lines, x = [[]], 8
-    for text, color in legend:  # wrapped to the panel's width
-        item = 12 + 8 * len(text) + 14
-        if legend_lines[-1] and x + item > width:
-            legend_lines.append([])
-            x = 8
-        legend_lines[-1].append((text, color))
-        x += item
-    left, right, top, bottom = 56, width - 16, 30, height - 46 - 12 * len(legend_lines)
-    series = {name: [(a, val) for a, val in pts if math.isfinite(val)] for name, pts in series.items()}
-    points = [pt for pts in series.values() for pt in pts] or [(1.0, 0.0), (2.0, 1.0)]
-    xs, values = [a for a, _ in points], [val for _, val in points]
-    if log_x:
-        at = sorted(set(xs))
-        lo, hi = math.log10(at[0]), math.log10(at[-1])
-        pad = 0.08 * (hi - lo) or 0.3
-        x_ticks, x_range = [(math.log10(a), _number(a)) for a in at], (lo - pad, hi + pad)
-    else:
-        ticks = _ticks(min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1)
-        x_ticks, x_range = [(t, _number(t)) for t in ticks], (ticks[0], ticks[-1])
-    # the axis spans the series, not zero: the trend is the point, and the tick labels give the scale
-    pad = 0.1 * (max(values) - min(values)) or 0.1 * max(abs(max(values)), 1e-3)
-    y_ticks = _ticks(min(values) - pad, max(values) + pad)
-
-    def px(a, val):
-        a = math.log10(a) if log_x else a
-        return (left + (a - x_range[0]) / (x_range[1] - x_range[0]) * (right - left),
-                bottom - (val - y_ticks[0]) / (y_ticks[-1] - y_ticks[0]) * (bottom - top))
-
-    for t, label in x_ticks:
-        x = round(left + (t - x_range[0]) / (x_range[1] - x_range[0]) * (right - left))
-        canvas[bottom:bottom + 5, x] = INK
-        draw_text(canvas, label, x - 4 * len(label) + 1, bottom + 8)
-    for t in y_ticks:
-        y = round(px(1.0, t)[1])
-        canvas[y, left - 5:left] = INK
-        canvas[y, left + 1:right:4] = (225, 225, 225)  # light grid line
-        label = _number(t)
-        draw_text(canvas, label, max(0, left - 8 - 8 * len(label)), y - 5)
-    canvas[top:bottom + 1, left] = canvas[bottom, left:right + 1] = INK
-    draw_text(canvas, title, (left + right) // 2 - 8 * len(title) // 2, 8)
-    draw_text(canvas, x_label, right + 2 - 8 * len(x_label), bottom + 24)
-    if floor is not None and y_ticks[0] <= floor <= y_ticks[-1]:
-        y_floor = px(1.0, floor)[1]
-        _line(canvas, (left, y_floor), (right, y_floor), GREY, dashed=True)
-    names = [name for name, _ in legend if name in colors]
-    for i in reversed(range(len(names))):  # the first series on top, with the smallest marker: all stay visible
-        pts = series[names[i]]
-        for a, b in zip(pts, pts[1:]):
-            _line(canvas, px(*a), px(*b), colors[names[i]])
-        half = 3 + i
-        for pt in pts:
-            x, y = (round(c) for c in px(*pt))
-            canvas[max(y - half, 0):y + half + 1, max(x - half, 0):x + half + 1] = colors[names[i]]
-    for row, items in enumerate(legend_lines):  # under the axis
-        x, y = 8, height - 21 - 12 * (len(legend_lines) - 1 - row)
-        for text, color in items:
-            canvas[y + 1:y + 9, x:x + 8] = color
-            x = draw_text(canvas, text, x + 12, y) + 14
-    return canvas
+def _legend_entries(axes) -> tuple[list, list]:
+    """Each label once, over all the axes."""
+    entries = {}
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            entries.setdefault(label, handle)
+    return list(entries.values()), list(entries.keys())

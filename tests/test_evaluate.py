@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
+import sys
 
 import numpy as np
 import pytest
@@ -14,7 +16,8 @@ import cfgfast
 import cfgfast.evaluate
 from cfgfast.cli import main
 from cfgfast.data import load_dataset
-from cfgfast.evaluate import feature_classifier, frechet_distance, gaussian_fit, inception_score, sweep
+from cfgfast.evaluate import (feature_classifier, frechet_distance, gaussian_fit, inception_score, plot_metrics,
+                              sweep)
 from cfgfast.models import checkpoint
 from cfgfast.models.classifier import Classifier, ClassifierConfig, save_classifier
 from cfgfast.models.unet import UNet, UNetConfig
@@ -310,4 +313,49 @@ def test_evaluate_refuses_bad_sampler_options_before_any_work(tmp_path, capsys, 
         code = exit.code
     assert code == 2
     assert re.search(message, capsys.readouterr().err)
+    assert not (tmp_path / "eval").exists()
+
+
+DOCS = os.path.join(os.path.dirname(__file__), "..", "docs", "evaluation")
+
+
+def sweep_metrics(runs, ws, classifier: bool) -> dict:
+    """A metrics dict as sweep writes it, with made-up scores."""
+    kinds = ("classifier-free", "classifier") if classifier else ("classifier-free",)
+    points = [{"guidance": kind, "sampler": s, "steps": n, "w": w, "fd": 0.05 + 0.01 * w + 1 / n,
+               "fd_matched": 0.06, "is": 9.8 + 0.01 * w - 1 / n, "accuracy": 1.0, "seconds": 1.0}
+              for kind in kinds for s, n in runs for w in ws if not (kind == "classifier" and w == 0)]
+    real = {"images": 360, "fd": 0.07, "is": 9.6, "accuracy": 0.99}
+    return {"dataset": "digits", "model": "m", "num": 100, "seed": 0, "eta": 0.5,
+            "runs": [{"sampler": s, "steps": n} for s, n in runs], "reference": {"heldout": real, "train": real},
+            "points": points}
+
+
+@pytest.mark.parametrize("runs,name,size", [([("ddpm", 8)], "fd_is.png", (1100, 462)),
+                                            ([("ddpm", 8), ("ddim", 4), ("ddim", 8), ("dpmpp_2m", 4)],
+                                             "fd_is_evaluations.png", (1947, 825))])
+def test_plot_metrics_draws_the_sweeps_plot(tmp_path, runs, name, size):
+    """Against w for one run, against model evaluations for several (a column per guidance kind and w): one PNG,
+    written whole, named as results.md names it."""
+    from PIL import Image
+
+    path = plot_metrics(sweep_metrics(runs, [0.0, 1.0, 3.0], classifier=True), str(tmp_path))
+    assert path == str(tmp_path / name) and [p.name for p in tmp_path.iterdir()] == [name]  # no temporary file
+    with Image.open(path) as im:
+        assert im.format == "PNG" and im.size == size
+
+
+def test_plot_metrics_redraws_a_single_run_metrics_json_that_names_its_steps_at_the_top(tmp_path):
+    with open(os.path.join(DOCS, "metrics.json")) as f:
+        metrics = json.load(f)
+    assert "runs" not in metrics and "sampler" not in metrics["points"][0]
+    assert plot_metrics(metrics, str(tmp_path)) == str(tmp_path / "fd_is.png")
+
+
+def test_a_missing_matplotlib_is_told_before_any_work(tmp_path, capsys, monkeypatch):
+    model_path = tiny_model_file(tmp_path)
+    for module in ("matplotlib", "matplotlib.figure", "matplotlib.backends.backend_agg"):
+        monkeypatch.setitem(sys.modules, module, None)
+    assert main(["evaluate", "--model", model_path, "--out", str(tmp_path / "eval"), "--steps", "2"]) == 2
+    assert "draws its plots with matplotlib, which is not installed: pip install matplotlib" in capsys.readouterr().err
     assert not (tmp_path / "eval").exists()
