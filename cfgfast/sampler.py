@@ -130,17 +130,37 @@ def _forward(model, z, lam_b, labels, max_batch: int | None):
 def _predict(model, z, lam, labels, null_labels, guided: bool, step: int, learned_variance: bool = False,
              max_batch: int | None = None):
     """(out_cond, out_uncond, nu) from the forward pass of batch 2B, or of batch B when unguided (out_uncond is
-    then out_cond), in parts of at most max_batch rows. A learned-variance model returns 2C channels on dim 1, C of
+    then out_cond), in parts of at most max_batch rows (where max_batch < 2B, the conditional and unconditional
+    rows are passed apart, as a hand loop passes them). A learned-variance model returns 2C channels on dim 1, C of
     prediction then C of nu; nu is the conditional pass's (None for other models)."""
     batch = z.shape[0]
     lam_b = torch.full((batch,), lam, dtype=torch.float32, device=z.device)
-    if guided:
-        out = _forward(model, torch.cat([z, z]), torch.cat([lam_b, lam_b]), torch.cat([labels, null_labels]),
-                       max_batch)
+    halves = guided and max_batch is not None and max_batch < 2 * batch
+    if halves:
+        outs = (_forward(model, z, lam_b, labels, max_batch), _forward(model, z, lam_b, null_labels, max_batch))
+        rows = batch
+    elif guided:
+        outs = (_forward(model, torch.cat([z, z]), torch.cat([lam_b, lam_b]), torch.cat([labels, null_labels]),
+                         max_batch),)
         rows = 2 * batch
     else:
-        out = _forward(model, z, lam_b, labels, max_batch)
+        outs = (_forward(model, z, lam_b, labels, max_batch),)
         rows = batch
+    out = tuple(_checked_output(o, z, rows, lam, step, learned_variance) for o in outs)
+    nu = None
+    if learned_variance:
+        channels = z.shape[1]
+        nu = out[0][:batch, channels:]
+        out = tuple(o[:, :channels] for o in out)
+    if halves:
+        return out[0], out[1], nu
+    if guided:
+        return out[0][:batch], out[0][batch:], nu
+    return out[0], out[0], nu
+
+
+def _checked_output(out, z, rows: int, lam: float, step: int, learned_variance: bool):
+    """The model's output of `rows` rows, checked (shape, device, floating point) and in an eps dtype."""
     expected = (rows,) + tuple(z.shape[1:])
     if learned_variance:
         expected = (rows, 2 * z.shape[1]) + tuple(z.shape[2:])
@@ -155,14 +175,7 @@ def _predict(model, z, lam, labels, null_labels, guided: bool, step: int, learne
         raise TypeError(f"model must return a floating-point output at step {step}, got {out.dtype}")
     if out.dtype not in _checks.EPS_DTYPES:
         out = out.float()
-    nu = None
-    if learned_variance:
-        channels = z.shape[1]
-        nu = out[:batch, channels:]
-        out = out[:, :channels]
-    if guided:
-        return out[:batch], out[batch:], nu
-    return out, out, nu
+    return out
 
 
 def _check_eval_mode(model, name: str = "model") -> None:
@@ -207,16 +220,14 @@ def _guidance_table(w, grid: list[float], batch: int, device: torch.device, inte
     return (table * inside[:, None]).contiguous()
 
 
-# Rows of one forward pass by default on the CPU. The bundled digits model on 2 cores of an AMD EPYC (AVX2),
-# 2026-12-07, medians of 7 interleaved rounds of the forward passes alone:
-# 512 rows took 249 ms in passes of 256, 264 ms in one pass, 279 ms in passes of 128; 1024 rows 451 ms in passes
-# of 256 and 557 ms in one; 128 rows the same either way. On a GPU one pass of 2B is the faster.
-CPU_MAX_BATCH = 256
-
-
+# The forward pass on the CPU by default: the conditional and the unconditional pass apart (two passes of B rows),
+# as a hand-written loop runs them. One pass of 2B rows was slower there for the bundled digits model at batch 256
+# (302 ms against 266 for two of 256, medians of 6 interleaved rounds, 2 cores of an AMD EPYC, 2026-12-07) and
+# level at batch 64 (75 against 80 ms); passes of a fixed 256 rows were slower again for a model with a cost per
+# call (the toy at batch 4096: 3x the hand loop). On a GPU one pass of 2B is the faster.
 def _max_batch(max_batch, device: torch.device, batch: int) -> int | None:
     if isinstance(max_batch, str) and max_batch == "auto":
-        return CPU_MAX_BATCH if device.type == "cpu" else None
+        return max(batch, 1) if device.type == "cpu" else None
     if max_batch is None:
         return None
     return _checks.integer("max_batch", max_batch, low=1)
@@ -279,8 +290,8 @@ def sample(model, labels, w, steps=DEFAULT_STEPS, *, sampler="ddpm", eta=0.0, v=
     guides only where lam_lo <= lam <= lam_hi (w = 0 elsewhere). Sample i is global sample index_offset + i: the
     same seed gives the same samples for any batch split and batch size, and on any backend to float32 rounding.
     max_batch: the most rows of one forward pass (the 2B rows of a guided step are split into passes of at most
-    that many; None: one pass); "auto" is 256 rows on the CPU, where passes of 256 ran faster than one of 512 or
-    1024 rows, and one pass on a GPU. It also bounds the model's peak memory.
+    that many; None: one pass); "auto" is B on the CPU (the conditional and unconditional passes apart, as a hand
+    loop runs them: one pass of 2B was slower there) and one pass on a GPU. It also bounds the model's peak memory.
 
     classifier(z, lam) -> logits [B, num_classes] switches to classifier guidance (Dhariwal & Nichol):
     only the model's conditional pass runs (an unconditional model simply ignores the labels) and

@@ -124,7 +124,7 @@ def test_custom_lambda_grid():
         return toy(z, lam, labels)
 
     grid = torch.linspace(-10, 10, 7, dtype=torch.float64)
-    cfgfast.sample(model, torch.tensor([0]), 1.0, lambdas=grid, null_label=3, shape=(2,))
+    cfgfast.sample(model, torch.tensor([0]), 1.0, lambdas=grid, null_label=3, shape=(2,), max_batch=None)
     torch.testing.assert_close(torch.tensor(seen, dtype=torch.float64), grid, rtol=0, atol=1e-6)  # float32 lam
 
 
@@ -178,7 +178,7 @@ def test_a_model_that_keeps_its_input_sees_every_state():
         (dict(cuda_graph="no"), TypeError, "cuda_graph must be True or False"),
         (dict(progress="x"), TypeError, "progress must be True or False"),
         (dict(lambdas=[-1.0, 0.0, 100.0]), ValueError, r"lambdas\[2\] must lie in \[-80, 80\]"),
-        (dict(model=lambda z, lam, labels: z[:, :1]), ValueError, r"model must return an output of shape \(4, 2\) at step 0"),
+        (dict(model=lambda z, lam, labels: z[:, :1]), ValueError, r"model must return an output of shape \(2, 2\) at step 0"),
         (dict(model=lambda z, lam, labels: z * float("nan")), ValueError, "non-finite at step 0"),
         (dict(model=object()), TypeError, "model must be callable"),
         (dict(labels=torch.tensor([0, 1], device="meta")), ValueError, r"got the meta device \(labels\)"),
@@ -299,7 +299,7 @@ def test_device_table_loop_equals_sample(backend, sampler_name, interval, learne
     expected = cfgfast.sample(model, labels, w, 6, **kwargs)
     with torch.no_grad():
         plan, z = sampler._plan(model, labels, w, 6, kwargs["sampler"], kwargs["eta"], None, None, 5, None, None,
-                                -20.0, 20.0, 1.5, 3, backend, interval, None, False, None)
+                                None, None, 1.5, 3, backend, interval, None, False, None)
         got = sampler._loop_table(plan, z, None, capture=False)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
@@ -431,7 +431,8 @@ def test_the_forward_pass_in_parts_gives_the_same_samples(max_batch):
     parts = cfgfast.sample(model, labels, 1.5, 6, seed=2, backend="cpu" if "cpu" in CPU_BACKENDS else "reference",
                            max_batch=max_batch)
     torch.testing.assert_close(parts, whole, rtol=0, atol=0)  # bit for bit
-    assert max(model.batches) == (8 if max_batch is None else min(max_batch, 8))
+    # below 2B rows the conditional and unconditional rows are passed apart
+    assert max(model.batches) == (8 if max_batch is None or max_batch >= 8 else min(max_batch, 4))
 
 
 @pytest.mark.parametrize("kwargs, exc, message", [
@@ -447,3 +448,11 @@ def test_bad_schedules_are_named(kwargs, exc, message):
     args.update(kwargs)
     with pytest.raises(exc, match=message):
         cfgfast.sample(three_classes(), torch.tensor([0, 1]), args.pop("w"), 6, **args)
+
+
+def test_on_the_cpu_the_conditional_and_unconditional_passes_run_apart_by_default():
+    """max_batch="auto" on the CPU: two passes of B a guided step, as a hand loop runs them."""
+    model = Counting(three_classes())
+    labels = torch.tensor([0, 1, 2, 0, 1])
+    cfgfast.sample(model, labels, 2.0, steps=4)
+    assert model.batches == [5] * 8

@@ -458,7 +458,7 @@ def add_parser(sub, name: str) -> None:
     p.add_argument("--guidance-interval", type=float, nargs=2, metavar=("LAM_LO", "LAM_HI"),
                    help="guide only where LAM_LO <= lambda <= LAM_HI (w = 0 and no unconditional pass elsewhere)")
     p.add_argument("--max-batch", type=int, metavar="ROWS",
-                   help="the most rows of one forward pass (default: 256 on the CPU, all 2B rows on a GPU)")
+                   help="the most rows of one forward pass (default: the batch on the CPU, all 2B rows on a GPU)")
     p.add_argument("--cuda-graph", action="store_true",
                    help="replay each step as a captured CUDA graph (a CUDA model; cuda or triton backend)")
     p.add_argument("--backend", default="auto", help="auto, reference, cpu, triton or cuda")
