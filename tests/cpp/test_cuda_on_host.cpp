@@ -17,26 +17,11 @@
 #include "cfgfast/normal.h"
 #include "cfgfast/philox.h"
 #include "cfgfast/step.h"
+#include "check.h"
 #include "cpu/kernel.h"
 #include "cuda/step_kernel.h"
 
 namespace {
-
-int g_passed = 0;
-int g_failed = 0;
-
-// CHECK(condition, printf-style context): counts, and prints the failures only.
-#define CHECK(cond, ...)                                          \
-  do {                                                            \
-    if (cond) {                                                   \
-      ++g_passed;                                                 \
-    } else {                                                      \
-      ++g_failed;                                                 \
-      std::printf("FAIL %s:%d: %s: ", __FILE__, __LINE__, #cond); \
-      std::printf(__VA_ARGS__);                                   \
-      std::printf("\n");                                          \
-    }                                                             \
-  } while (0)
 
 using cfgfast::StepCoef;
 using cfgfast::cpu::EpsType;

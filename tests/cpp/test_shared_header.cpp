@@ -17,25 +17,10 @@
 #include "cfgfast/normal.h"
 #include "cfgfast/philox.h"
 #include "cfgfast/step.h"
+#include "check.h"
 #include "cpu/kernel.h"
 
 namespace {
-
-int g_passed = 0;
-int g_failed = 0;
-
-// CHECK(condition, printf-style context): counts, and prints the failures only.
-#define CHECK(cond, ...)                                      \
-  do {                                                        \
-    if (cond) {                                               \
-      ++g_passed;                                             \
-    } else {                                                  \
-      ++g_failed;                                             \
-      std::printf("FAIL %s:%d: %s: ", __FILE__, __LINE__, #cond); \
-      std::printf(__VA_ARGS__);                               \
-      std::printf("\n");                                      \
-    }                                                         \
-  } while (0)
 
 constexpr double kTwoPi = 6.283185307179586476925286766559;
 constexpr double kEps24 = 5.9604644775390625e-8;  // 2^-24
