@@ -15,8 +15,8 @@ import torch
 from . import _checks
 from .backends import Backend, choose
 from .noise import normal_noise
-from .samplers import (DEFAULT_V, MULTISTEP, check_eta, check_prediction_type, check_sampler, default_lambdas,
-                       step_table)
+from .samplers import (DEFAULT_V, MULTISTEP, check_eta, check_guidance, check_prediction_type, check_sampler,
+                       default_lambdas, step_table)
 from .schedule import LAMBDA_MAX, LAMBDA_MIN, alpha_sigma
 from .step import guidance_weights
 
@@ -199,7 +199,7 @@ def _label_top(model, model_null, default):
     return default if model_null is None else _checks.integer("model.null_label", model_null)
 
 
-def _guidance_table(w, grid: list[float], batch: int, device: torch.device, interval) -> torch.Tensor:
+def _guidance_table(w, grid: list[float], batch: int, device: torch.device, inside: list[bool]) -> torch.Tensor:
     """float32 [T, B]: w at every step and sample, 0 outside the guidance interval. w: a number or a tensor [B] (the
     same at every step), a callable w(lam) -> number or [B], or a tensor [T] or [T, B] (a row a step; where T = B a
     1-D tensor is one w per sample: give a per-step schedule as [T, 1])."""
@@ -215,8 +215,7 @@ def _guidance_table(w, grid: list[float], batch: int, device: torch.device, inte
         table = _checks.guidance(w.reshape(-1), w.numel(), device).reshape(steps, -1).expand(steps, batch)
     else:
         table = _checks.guidance(w, batch, device).expand(steps, batch)
-    lo, hi = interval
-    inside = torch.tensor([lo <= lam <= hi for lam in grid], dtype=torch.float32, device=device)
+    inside = torch.tensor(inside, dtype=torch.float32, device=device)
     return (table * inside[:, None]).contiguous()
 
 
@@ -266,7 +265,7 @@ def _model_clip(model):
 def sample(model, labels, w, steps=DEFAULT_STEPS, *, sampler="ddpm", eta=0.0, v=None, prediction_type=None, seed=0,
            shape=None, null_label=None, lambda_min=None, lambda_max=None, clip="auto", index_offset=0,
            backend="auto", progress=None, guidance_interval=None, classifier=None, cuda_graph=False,
-           lambdas=None, max_batch="auto") -> torch.Tensor:
+           lambdas=None, max_batch="auto", guidance="cfg") -> torch.Tensor:
     """Samples x [B, *shape] of a class-conditional model with classifier-free guidance (SPEC §4, §6).
 
     model(z, lam, labels) -> output with lam float32 [B] and labels int64 [B]; `null_label` (default
@@ -293,6 +292,10 @@ def sample(model, labels, w, steps=DEFAULT_STEPS, *, sampler="ddpm", eta=0.0, v=
     that many; None: one pass); "auto" is B on the CPU (the conditional and unconditional passes apart, as a hand
     loop runs them: one pass of 2B was slower there) and one pass on a GPU. It also bounds the model's peak memory.
 
+    guidance: "cfg" (the paper's g = (1 + w) o_c - w o_u) or "cfgpp" (CFG++, with sampler "ddim": x~ from g, the
+    direction term from the unconditional prediction; the unconditional pass runs at w = 0 too, and outside a
+    guidance interval the step is plain ddim).
+
     classifier(z, lam) -> logits [B, num_classes] switches to classifier guidance (Dhariwal & Nichol):
     only the model's conditional pass runs (an unconditional model simply ignores the labels) and
     eps~ = eps(z, c) - w sigma grad_z log softmax(logits)[c], the gradient taken with autograd; w >= 0.
@@ -303,7 +306,7 @@ def sample(model, labels, w, steps=DEFAULT_STEPS, *, sampler="ddpm", eta=0.0, v=
     """
     plan, z = _plan(model, labels, w, steps, sampler, eta, v, prediction_type, seed, shape, null_label, lambda_min,
                     lambda_max, clip, index_offset, backend, guidance_interval, classifier, cuda_graph, lambdas,
-                    max_batch)
+                    max_batch, guidance)
     if progress is None:  # a bar when stderr is a terminal
         progress = sys.stderr is not None and sys.stderr.isatty()
     else:
@@ -325,7 +328,8 @@ def sample(model, labels, w, steps=DEFAULT_STEPS, *, sampler="ddpm", eta=0.0, v=
 
 
 def _plan(model, labels, w, steps, sampler, eta, v, prediction_type, seed, shape, null_label, lambda_min, lambda_max,
-          clip, index_offset, backend, guidance_interval, classifier, cuda_graph, lambdas, max_batch="auto"):
+          clip, index_offset, backend, guidance_interval, classifier, cuda_graph, lambdas, max_batch="auto",
+          guidance="cfg"):
     """sample()'s arguments checked once: the plan its loops take, and the initial state z."""
     if not callable(model):
         raise TypeError(f"model must be callable as model(z, lam, labels), got {type(model).__name__}")
@@ -393,7 +397,9 @@ def _plan(model, labels, w, steps, sampler, eta, v, prediction_type, seed, shape
     if lambdas is not None and steps not in (None, DEFAULT_STEPS, len(grid)):  # a steps= that the grid overrides
         raise ValueError(f"steps must be left out with lambdas= (the grid's length, {len(grid)}, is the number of "
                          f"steps), got steps={steps!r}")
-    w_table = _guidance_table(w, grid, batch, device, _interval(guidance_interval))
+    lam_lo, lam_hi = _interval(guidance_interval)
+    inside = [lam_lo <= lam <= lam_hi for lam in grid]
+    w_table = _guidance_table(w, grid, batch, device, inside)
     if classifier is not None and batch and bool((w_table < 0).any()):
         raise ValueError("w must be >= 0 with a classifier (a negative w would push samples away from their class)")
     max_batch = _max_batch(max_batch, device, batch)
@@ -406,9 +412,18 @@ def _plan(model, labels, w, steps, sampler, eta, v, prediction_type, seed, shape
     stepper = choose(backend, device)
     if cuda_graph:
         _check_cuda_graph(device, stepper, classifier)
+    guidance = check_guidance(sampler, guidance)
+    if guidance == "cfgpp" and classifier is not None:
+        raise ValueError("guidance='cfgpp' needs the model's unconditional pass; classifier guidance has none")
     table = step_table(sampler, grid, prediction_type=prediction_type, eta=eta,
                        v=DEFAULT_V if v is None else v, learned_variance=learned)
-    guided = (w_table != 0).any(dim=1).tolist() if batch else [False] * len(grid)
+    if guidance == "cfgpp":  # CFG++'s rows inside the guidance interval, plain ddim outside it
+        cfgpp_rows = step_table(sampler, grid, prediction_type=prediction_type, eta=eta, guidance="cfgpp")
+        table = torch.where(torch.tensor(inside)[:, None], cfgpp_rows, table)
+    if guidance == "cfgpp":  # its step reads o_u at w = 0 too
+        guided = list(inside) if batch else [False] * len(grid)
+    else:
+        guided = (w_table != 0).any(dim=1).tolist() if batch else [False] * len(grid)
     null_labels = None if classifier is not None else torch.full_like(labels, null_label)
     z = normal_noise((batch,) + shape, seed, step=0, stream=0, index_offset=index_offset, device=device)
     if classifier is not None and batch:

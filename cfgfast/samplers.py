@@ -124,7 +124,14 @@ def _ddim(lam, lam_next, prediction_type, eta, cfgpp=False):
     # 1 - q = (1 - r)(1 + eta^2 r) / (1 + q) without the cancellation
     q = math.sqrt(r * (1.0 - eta * eta * one_minus_r))
     mean_x = alpha_next * one_minus_r * (1.0 + eta * eta * r) / (1.0 + q)
-    return _affine_step(prediction_type, lam, k / sigma, mean_x, noise_std=s)
+    if not cfgpp:
+        return _affine_step(prediction_type, lam, k / sigma, mean_x, noise_std=s)
+    # CFG++ (SPEC §7): the direction is the unconditional noise eps^_u = (z - alpha x~_u) / sigma, x~_u = p z + q o_u
+    # unclipped: z' = alpha' x~ + (k / sigma)(1 - alpha p) z - (k alpha q / sigma) o_u + s n
+    pred_z, pred_g = prediction_coefficients(prediction_type, lam)
+    one_minus_alpha_p = {"epsilon": 0.0, "v_prediction": sigma * sigma, "sample": 1.0}[prediction_type]
+    return _affine_step(prediction_type, lam, k / sigma * one_minus_alpha_p, alpha_next,
+                        uncond=-k * alpha * pred_g / sigma, noise_std=s)
 
 
 def _dpmpp_2m(lam, lam_next, lam_prev, prediction_type, sde):
@@ -172,6 +179,18 @@ def check_prediction_type(prediction_type) -> str:
     return prediction_type
 
 
+GUIDANCES = ("cfg", "cfgpp")
+
+
+def check_guidance(sampler: str, guidance) -> str:
+    """"cfg" (the paper's combination, every sampler) or "cfgpp" (CFG++, with "ddim" only)."""
+    if not isinstance(guidance, str) or guidance not in GUIDANCES:
+        raise ValueError(f"guidance must be one of {list(GUIDANCES)}, got {guidance!r}")
+    if guidance == "cfgpp" and sampler != "ddim":
+        raise ValueError(f"guidance='cfgpp' (CFG++) is a form of sampler 'ddim' only, got sampler {sampler!r}")
+    return guidance
+
+
 def check_eta(sampler: str, eta) -> float:
     """eta in [0, 1] for "ddim"; the samplers that ignore it take only 0."""
     eta = _checks.unit_interval("eta", eta)
@@ -181,9 +200,10 @@ def check_eta(sampler: str, eta) -> float:
 
 
 def sampler_step(sampler: str, lambdas, t: int, *, prediction_type: str = "epsilon", eta: float = 0.0,
-                 v: float = DEFAULT_V, learned_variance: bool = False) -> StepCoefficients:
+                 v: float = DEFAULT_V, learned_variance: bool = False, guidance: str = "cfg") -> StepCoefficients:
     """The coefficients of step t of `sampler` on the increasing grid `lambdas` (a list of floats): the transition
-    lambdas[t] -> lambdas[t + 1], or for t = len(lambdas) - 1 the last step, which returns x~."""
+    lambdas[t] -> lambdas[t + 1], or for t = len(lambdas) - 1 the last step, which returns x~. guidance="cfgpp":
+    CFG++'s "ddim" step (SPEC §7), which reads the unconditional output o_u."""
     lam = lambdas[t]
     if t == len(lambdas) - 1:
         return final_coefficients(prediction_type, lam)
@@ -191,22 +211,24 @@ def sampler_step(sampler: str, lambdas, t: int, *, prediction_type: str = "epsil
     if sampler == "ddpm":
         return _ddpm(lam, lam_next, prediction_type, v, learned_variance)
     if sampler == "ddim":
-        return _ddim(lam, lam_next, prediction_type, eta)
+        return _ddim(lam, lam_next, prediction_type, eta, cfgpp=guidance == "cfgpp")
     lam_prev = lambdas[t - 1] if t > 0 else None
     return _dpmpp_2m(lam, lam_next, lam_prev, prediction_type, sde=sampler == "dpmpp_2m_sde")
 
 
 def step_table(sampler: str, lambdas, *, prediction_type: str = "epsilon", eta: float = 0.0, v: float = DEFAULT_V,
-               learned_variance: bool = False) -> torch.Tensor:
+               learned_variance: bool = False, guidance: str = "cfg") -> torch.Tensor:
     """float64 [T, 10]: row t holds the coefficients of step t of `sampler` on the increasing grid `lambdas`
     (T = len(lambdas)); the last row returns x~. Read by cfgfast.guided_step (one row a step) and by
-    cfgfast.guided_step_table (the whole table on the device, for CUDA graphs)."""
+    cfgfast.guided_step_table (the whole table on the device, for CUDA graphs). guidance="cfgpp" (with "ddim"):
+    CFG++'s rows, whose step reads the unconditional output at every step, w = 0 included."""
     sampler = check_sampler(sampler)
     prediction_type = check_prediction_type(prediction_type)
     eta = check_eta(sampler, eta)
     v = _checks.unit_interval("v", v)
     learned_variance = _checks.flag("learned_variance", learned_variance)
+    guidance = check_guidance(sampler, guidance)
     grid = _checks.increasing_grid("lambdas", lambdas)
     rows = [sampler_step(sampler, grid, t, prediction_type=prediction_type, eta=eta, v=v,
-                         learned_variance=learned_variance).as_list() for t in range(len(grid))]
+                         learned_variance=learned_variance, guidance=guidance).as_list() for t in range(len(grid))]
     return torch.tensor(rows, dtype=torch.float64)

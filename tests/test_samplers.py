@@ -21,7 +21,7 @@ def alpha_sigma64(lam: float) -> tuple[float, float]:
 
 
 def sample_float64(model, labels, w, lams, sampler, *, prediction_type="epsilon", eta=0.0, v=0.3, clip=None,
-                   seed=0, nu_of=None):
+                   seed=0, nu_of=None, cfgpp=False, inside=None):
     """SPEC §6 in float64: the model called in float32 (as the toy computes), everything else float64.
     nu_of(z, lam) gives a learned variance per element for "ddpm" (None: v)."""
     batch = labels.shape[0]
@@ -35,7 +35,10 @@ def sample_float64(model, labels, w, lams, sampler, *, prediction_type="epsilon"
         o_u = model(z.float(), lam_b, null).double()
         g = (1 + w) * o_c - w * o_u
         alpha, sigma = alpha_sigma64(lam)
-        x = {"epsilon": (z - sigma * g) / alpha, "v_prediction": alpha * z - sigma * g, "sample": g}[prediction_type]
+        x_of = {"epsilon": lambda o: (z - sigma * o) / alpha, "v_prediction": lambda o: alpha * z - sigma * o,
+                "sample": lambda o: o}[prediction_type]
+        x = x_of(g)
+        x_u = x_of(o_u)  # CFG++: the unclipped x-prediction of the unconditional output
         if clip is not None:
             x = x.clamp(-clip, clip)
         if t == len(lams) - 1:
@@ -52,7 +55,7 @@ def sample_float64(model, labels, w, lams, sampler, *, prediction_type="epsilon"
             z = r * alpha_n / alpha * z + (1 - r) * alpha_n * x + std * n
         elif sampler == "ddim":
             s2 = eta**2 * (1 - r) * sigma_n**2
-            eps_hat = (z - alpha * x) / sigma
+            eps_hat = (z - alpha * (x_u if cfgpp and (inside is None or inside[t]) else x)) / sigma
             z = alpha_n * x + math.sqrt(sigma_n**2 - s2) * eps_hat + math.sqrt(s2) * n
         else:
             h = (lam_next - lam) / 2
@@ -87,6 +90,64 @@ def test_sampler_matches_float64_spec(sampler, prediction_type, clip):
         got = cfgfast.sample(model, LABELS, W, sampler=sampler, eta=eta, lambdas=lams, clip=clip, seed=5,
                              backend=backend)
         torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("clip", [None, 1.5], ids=["noclip", "clip"])
+@pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
+def test_cfgpp_matches_float64_spec(prediction_type, clip):
+    """CFG++ (SPEC §7) with "ddim": x~ from g, the direction from the unconditional output's unclipped x-prediction;
+    w = 0 still runs the unconditional pass; outside a guidance interval the step is plain ddim."""
+    model = three_classes(prediction_type)
+    lams = cfgfast.sampling_lambdas(16).tolist()
+    w = W.clone()
+    w[0] = 0.0
+    for eta, interval in ((0.0, None), (0.5, (-6.0, 6.0))):
+        inside = None if interval is None else [interval[0] <= lam <= interval[1] for lam in lams]
+        w_steps = None if inside is None else torch.stack([w * float(i) for i in inside])
+        expected = sample_float64(model, LABELS, w if w_steps is None else w_steps[0], lams, "ddim",
+                                  prediction_type=prediction_type, eta=eta, clip=clip, seed=7, cfgpp=True,
+                                  inside=inside) if inside is None else None
+        if inside is not None:  # w = 0 outside the interval: the float64 loop takes w per step
+            expected = _sample_float64_schedule(model, w_steps, lams, prediction_type, eta, clip, inside)
+        for backend in ["reference"] + (["cpu"] if "cpu" in cfgfast.available_backends() else []):
+            got = cfgfast.sample(model, LABELS, w, sampler="ddim", eta=eta, lambdas=lams, clip=clip, seed=7,
+                                 guidance="cfgpp", guidance_interval=interval, backend=backend)
+            # an epsilon model's first steps scale float32 rounding by alpha'/alpha (150 from lam = -20 on this
+            # grid): plain ddim's own error here is 3.6e-4
+            atol = 5e-4 if prediction_type == "epsilon" else 1e-4
+            torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=atol)
+    plain = cfgfast.sample(model, LABELS, w, sampler="ddim", lambdas=lams, clip=clip, seed=7)
+    assert not torch.allclose(plain, got)
+
+
+def _sample_float64_schedule(model, w_steps, lams, prediction_type, eta, clip, inside):
+    """sample_float64 with w and CFG++ per step: each step run as the last of a grid cut at t + 1, from its z."""
+    import cfgfast.toy  # noqa: F401  (the toy is the model here)
+
+    batch = LABELS.shape[0]
+    null = torch.full_like(LABELS, model.null_label)
+    z = cfgfast.normal_noise((batch,) + tuple(model.sample_shape), 7, step=0, stream=0, backend="reference").double()
+    for t, lam in enumerate(lams):
+        w = w_steps[t].double().reshape(-1, 1)
+        lam_b = torch.full((batch,), lam)
+        o_c = model(z.float(), lam_b, LABELS).double()
+        o_u = model(z.float(), lam_b, null).double()
+        g = (1 + w) * o_c - w * o_u
+        alpha, sigma = alpha_sigma64(lam)
+        x_of = {"epsilon": lambda o: (z - sigma * o) / alpha, "v_prediction": lambda o: alpha * z - sigma * o,
+                "sample": lambda o: o}[prediction_type]
+        x, x_u = x_of(g), x_of(o_u)
+        if clip is not None:
+            x = x.clamp(-clip, clip)
+        if t == len(lams) - 1:
+            return x
+        alpha_n, sigma_n = alpha_sigma64(lams[t + 1])
+        r = math.exp(lam - lams[t + 1])
+        n = cfgfast.normal_noise(z.shape, 7, step=t, stream=1, backend="reference").double()
+        s2 = eta**2 * (1 - r) * sigma_n**2
+        eps_hat = (z - alpha * (x_u if inside[t] else x)) / sigma
+        z = alpha_n * x + math.sqrt(sigma_n**2 - s2) * eps_hat + math.sqrt(s2) * n
+    raise AssertionError("unreachable")
 
 
 def test_prediction_types_give_the_same_samples():
@@ -227,6 +288,12 @@ def test_bad_sampler_arguments():
     learned_wrong.learned_variance, learned_wrong.null_label, learned_wrong.sample_shape = True, 3, (2,)
     with pytest.raises(ValueError, match="twice the sample's channels"):
         cfgfast.sample(learned_wrong, LABELS, 1.0, 4)
+    with pytest.raises(ValueError, match="guidance='cfgpp' \\(CFG\\+\\+\\) is a form of sampler 'ddim' only"):
+        cfgfast.sample(model, LABELS, 1.0, 4, sampler="dpmpp_2m", guidance="cfgpp")
+    with pytest.raises(ValueError, match=r"guidance must be one of \['cfg', 'cfgpp'\]"):
+        cfgfast.sample(model, LABELS, 1.0, 4, guidance="apg")
+    with pytest.raises(ValueError, match="classifier guidance has none"):
+        cfgfast.sample(model, LABELS, 1.0, 4, sampler="ddim", guidance="cfgpp", classifier=model.log_posterior)
     with pytest.raises(ValueError, match=r"spacing must be one of \['paper', 'uniform'\]"):
         cfgfast.sampling_lambdas(4, spacing="karras")
 

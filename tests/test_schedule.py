@@ -179,7 +179,7 @@ def test_alpha_sigma_tensor(dtype):
 # ---------------------------------------------------------------- the samplers' coefficient rows (SPEC §6)
 
 
-def sampler_row_mp(sampler, prediction_type, lam_prev, lam, lam_next, v, eta, dps=50):
+def sampler_row_mp(sampler, prediction_type, lam_prev, lam, lam_next, v, eta, dps=50, cfgpp=False):
     """The coefficients of one step straight from SPEC §6's definitions, at 50 digits (no log-space tricks)."""
     with mpmath.workdps(dps):
         lam, lam_next, v, eta = (mpmath.mpf(x) for x in (lam, lam_next, v, eta))
@@ -189,7 +189,7 @@ def sampler_row_mp(sampler, prediction_type, lam_prev, lam, lam_next, v, eta, dp
         r = mpmath.exp(lam - lam_next)
         pred_z, pred_g = {"epsilon": (1 / alpha, -sigma / alpha), "v_prediction": (alpha, -sigma),
                           "sample": (mpmath.mpf(0), mpmath.mpf(1))}[prediction_type]
-        prev = noise_std = mpmath.mpf(0)
+        prev = noise_std = uncond = mpmath.mpf(0)
         if sampler == "ddpm":
             mean_z, mean_x = r * alpha_next / alpha, (1 - r) * alpha_next
             noise_std = mpmath.sqrt(((1 - r) * sigma_next**2) ** (1 - v) * ((1 - r) * sigma**2) ** v)
@@ -197,6 +197,9 @@ def sampler_row_mp(sampler, prediction_type, lam_prev, lam, lam_next, v, eta, dp
             noise_std = eta * mpmath.sqrt(1 - r) * sigma_next
             k = mpmath.sqrt(sigma_next**2 - noise_std**2)
             mean_z, mean_x = k / sigma, alpha_next - k * alpha / sigma
+            if cfgpp:  # the direction from the unconditional output: (z - alpha (pred_z z + pred_g o_u)) / sigma
+                mean_z, mean_x = k / sigma * (1 - alpha * pred_z), alpha_next
+                uncond = -k * alpha * pred_g / sigma
         else:
             h = (lam_next - lam) / 2
             sde = sampler == "dpmpp_2m_sde"
@@ -210,7 +213,7 @@ def sampler_row_mp(sampler, prediction_type, lam_prev, lam, lam_next, v, eta, dp
                 rho = ((lam - mpmath.mpf(lam_prev)) / 2) / h
                 mean_x, prev = gain * (1 + 1 / (2 * rho)), -gain / (2 * rho)
         values = dict(pred_z=pred_z, pred_g=pred_g, mean_z=mean_z, mean_x=mean_x, direct_z=mean_z + mean_x * pred_z,
-                      direct_g=mean_x * pred_g, prev=prev, uncond=0, noise_std=noise_std, noise_nu=0)
+                      direct_g=mean_x * pred_g, prev=prev, uncond=uncond, noise_std=noise_std, noise_nu=0)
         return {k: float(x) for k, x in values.items()}
 
 
@@ -240,6 +243,15 @@ def test_sampler_rows_high_precision(sampler, lam, lam_next, v):
                 assert abs(got - value) <= 1e-12 * scale, \
                     f"{name} of {sampler}/{prediction_type} at ({lam_prev}, {lam}, {lam_next}, {v}): {got} vs {value}"
             assert coef.as_list() == [getattr(coef, k) for k in exact]  # the kernels' order
+    if sampler == "ddim":  # CFG++'s rows
+        for prediction_type in cfgfast.PREDICTION_TYPES:
+            coef = sampler_step("ddim", [lam, lam_next], 0, prediction_type=prediction_type, eta=eta, guidance="cfgpp")
+            exact = sampler_row_mp("ddim", prediction_type, None, lam, lam_next, v, eta, cfgpp=True)
+            for name, value in exact.items():
+                got = getattr(coef, name)
+                scale = abs(value) if name != "direct_z" else abs(exact["mean_z"]) + abs(exact["mean_x"] * exact["pred_z"])
+                # (epsilon: mean_z is k/sigma (1 - alpha / alpha) = 0, 1e-51 at 50 digits)
+                assert abs(got - value) <= 1e-12 * scale + 1e-40, f"cfgpp {name} of {prediction_type}: {got} vs {value}"
 
 
 @pytest.mark.parametrize("prediction_type", cfgfast.PREDICTION_TYPES)

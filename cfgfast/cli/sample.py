@@ -31,7 +31,7 @@ import torch
 
 from cfgfast import _checks
 from cfgfast.cli.common import FLOAT32_MAX, refuse_existing, writable_path
-from cfgfast.samplers import SAMPLERS
+from cfgfast.samplers import GUIDANCES, SAMPLERS
 
 PARTS_FORMAT = "cfgfast-sample-parts"
 PARTS_VERSION = 1
@@ -39,7 +39,7 @@ DEFAULT_BATCH_SIZE = 64
 SHARD_NAME = re.compile(r"^\d{10}-\d{10}\.npy$")
 # manifest key -> the option it comes from, to name what differs on a refused --resume
 MANIFEST_OPTIONS = {"model_sha256": "--model", "num": "--num", "w": "--w", "steps": "--steps",
-                    "sampler": "--sampler", "eta": "--eta", "v": "--v", "seed": "--seed", "clip": "--clip",
+                    "sampler": "--sampler", "guidance": "--guidance", "eta": "--eta", "v": "--v", "seed": "--seed", "clip": "--clip",
                     "labels": "--labels", "batch_size": "--batch-size", "guidance_interval": "--guidance-interval",
                     "shape": "image shape"}
 GRID_MAX = 16  # at most 16 classes x 16 samples in the PNG grid
@@ -123,6 +123,10 @@ def _check_options(args) -> None:
     _checks.steps(args.steps)
     if args.sampler not in SAMPLERS:
         raise ValueError(f"--sampler must be one of {', '.join(SAMPLERS)}, got {args.sampler}")
+    if args.guidance not in GUIDANCES:
+        raise ValueError(f"--guidance must be one of {', '.join(GUIDANCES)}, got {args.guidance}")
+    if args.guidance == "cfgpp" and args.sampler != "ddim":
+        raise ValueError(f"--guidance cfgpp (CFG++) is a form of --sampler ddim only, got --sampler {args.sampler}")
     if args.v is not None and not 0.0 <= args.v <= 1.0:
         raise ValueError(f"--v must be in [0, 1], got {args.v}")
     if args.v is not None and args.sampler != "ddpm":
@@ -312,7 +316,7 @@ def _prepare(args, world: _World):
         return model, None, None
     manifest = {"format": PARTS_FORMAT, "version": PARTS_VERSION, "model": args.model,
                 "model_sha256": _model_sha256(args.model), "num": args.num, "w": args.w, "steps": args.steps,
-                "sampler": args.sampler, "eta": args.eta, "v": args.v, "seed": args.seed, "clip": args.clip,
+                "sampler": args.sampler, "guidance": args.guidance, "eta": args.eta, "v": args.v, "seed": args.seed, "clip": args.clip,
                 "labels": args.labels, "guidance_interval": args.guidance_interval,
                 "batch_size": args.batch_size, "shape": [height, width, channels]}
     finished = _finished(args, args.out + ".parts", manifest)
@@ -386,7 +390,7 @@ def run(args) -> int:
                                        backend=args.backend, progress=False,
                                        guidance_interval=args.guidance_interval,
                                        max_batch="auto" if args.max_batch is None else args.max_batch,
-                                       cuda_graph=args.cuda_graph)
+                                       cuda_graph=args.cuda_graph, guidance=args.guidance)
                     images = to_uint8(x)
                 for (start, end), received in zip(round_shards, world.gather(images, shards[0][1]) or []):
                     with atomic_open(os.path.join(parts, _shard_name(start, end))) as f:
@@ -445,6 +449,8 @@ def add_parser(sub, name: str) -> None:
                    help="sampling steps, one model evaluation each (default 256; 20-30 with dpmpp_2m)")
     p.add_argument("--sampler", default="ddpm",
                    help="ddpm (the paper's, default), ddim, dpmpp_2m or dpmpp_2m_sde (DPM-Solver++(2M))")
+    p.add_argument("--guidance", default="cfg",
+                   help="cfg (the paper's, default) or cfgpp (CFG++, with --sampler ddim)")
     p.add_argument("--eta", type=float, default=0.0, help="ddim's noise, in [0, 1] (default 0: deterministic)")
     p.add_argument("--v", type=float, default=None,
                    help="ddpm's variance interpolation in [0, 1] (default: the model's learned variance, else 0.3)")
