@@ -173,6 +173,8 @@ def available_backends() -> list[str]:
 # "auto"'s choice per device and extension state: what the backends accept on a device does not change while
 # the process runs (the extension, triton and the GPUs are found once), and choosing costs more than a small step.
 _AUTO_CHOICE: dict[tuple[torch.device, str | None], Backend] = {}
+# A backend named explicitly that accepted a device, likewise (its refusals are only asked once).
+_NAMED_CHOICE: dict[tuple[str, torch.device, str | None], Backend] = {}
 
 
 def choose(backend: str, device: torch.device) -> Backend:
@@ -187,6 +189,10 @@ def choose(backend: str, device: torch.device) -> Backend:
                            if name in _BACKENDS and not _BACKENDS[name].refusals(device)), _BACKENDS["reference"])
             _AUTO_CHOICE[key] = chosen
         return chosen
+    key = (backend, device, _ext.error())
+    chosen = _NAMED_CHOICE.get(key)
+    if chosen is not None:
+        return chosen
     if backend not in BACKEND_NAMES:
         raise ValueError(f"backend must be 'auto' or one of {list(BACKEND_NAMES)}, got {backend!r}")
     if backend not in _BACKENDS:
@@ -195,4 +201,5 @@ def choose(backend: str, device: torch.device) -> Backend:
     reasons = chosen.refusals(device)
     if reasons:
         raise RuntimeError(f"cfgfast: backend {backend!r} cannot run here: " + "; ".join(reasons))
+    _NAMED_CHOICE[key] = chosen
     return chosen
