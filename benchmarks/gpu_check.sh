@@ -2,7 +2,8 @@
 # On a fresh GPU machine with its own torch and no network (the device tool's machines), in one call: build
 # cfgfast from this tree, run the tests of the GPU backends, print the table of the GPU step (with a sweep of the
 # CUDA and Triton block settings), run the kernels under compute-sanitizer memcheck, the step kernels at 64M
-# elements under Nsight Compute (where ncu can read the counters), and the GPU part of the benchmark suite. Each stage has its own time limit, so one that hangs costs only its own stage.
+# elements under Nsight Compute (where ncu can read the counters), cfgfast.sample against DiTPipeline on a
+# DiT-XL/2-shaped model, and the GPU part of the benchmark suite. Each stage has its own time limit, so one that hangs costs only its own stage.
 #   bash benchmarks/gpu_check.sh            (logs under $OUT when set, else ./gpu-check/)
 #   GPU_CHECK_STAGES="tests table" bash benchmarks/gpu_check.sh     (some stages only; the build always runs)
 #   GPU_CHECK_SWEEP=0 ...                                           (the table without the block-setting sweeps)
@@ -21,7 +22,7 @@ py=$(command -v python3)
 status=0
 skipped=""
 t0=$(date +%s)
-stages=" ${GPU_CHECK_STAGES:-table tests memcheck profile benchmarks} "
+stages=" ${GPU_CHECK_STAGES:-table tests memcheck profile dit benchmarks} "
 want() { [[ "$stages" == *" $1 "* ]]; }
 # The whole script keeps within GPU_CHECK_BUDGET seconds (default 570: the device tool stops a command at 600 s
 # and then returns only what is under $OUT): a stage gets at most what is left, and one with under 30 s left is
@@ -171,12 +172,32 @@ elif want profile; then
   echo "(ncu not found: no profile)"
 fi
 
+# cfgfast.sample (eager and CUDA graph) against DiTPipeline's loop on DiT-XL/2 in float16, batch 4 and 32, 50 steps,
+# with the transformer's passes alone (benchmarks/test_dit_speed.py); before the benchmarks stage, which the budget
+# cuts first. diffusers is not in the machines' image: it comes as wheels in $REPO/.whl (diffusers and
+# importlib_metadata, `pip download --no-deps`), carried with the call.
+if want dit && ! "$py" -c "import diffusers" 2> /dev/null && ls "$REPO"/.whl/diffusers-*.whl > /dev/null 2>&1; then
+  "$py" -m pip install -q --no-index --no-deps --no-compile --target /tmp/gpu-check/site "$REPO"/.whl/*.whl \
+    && export PYTHONPATH="/tmp/gpu-check/site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+if want dit && ! "$py" -c "import diffusers" 2> /dev/null; then
+  echo "!! dit: diffusers is not installed here and no wheel of it is in $REPO/.whl"; skipped="$skipped dit"
+elif want dit; then
+  stage dit 90 12 "$py" -m pytest -q -p no:cacheprovider --tb=short "$REPO"/benchmarks/test_dit_speed.py \
+    --benchmark-only --benchmark-min-rounds 3 --benchmark-max-time 0.5
+  sed -n '/against DiTPipeline/,/^---/p' "$LOG/dit.log" | grep -v "^---"
+fi
+
 # (torch.compile with torch.randn, the "fallback" variant, and compiles at the 16M / 64M sizes are left out here:
 # each compile costs half a minute; gpu_table covers those sizes)
 want benchmarks && stage benchmarks 300 0 "$py" -m pytest -q -p no:cacheprovider "$REPO"/benchmarks/test_{step,sample}_speed.py \
   --benchmark-only -k "(cuda or triton) and not fallback and not (compiled and (16M or 64M))" \
   --benchmark-max-time 0.3 --benchmark-json "$LOG/benchmarks.json"
 want benchmarks && sed -n '/cfgfast step speed/,$p' "$LOG/benchmarks.log"
+# (the device tool brings back 8 files at most: with every stage run, the DiT log goes inside benchmarks.log)
+if [ -f "$LOG/dit.log" ] && [ -f "$LOG/benchmarks.log" ]; then
+  { echo; echo "==== dit"; cat "$LOG/dit.log"; } >> "$LOG/benchmarks.log" && rm "$LOG/dit.log"
+fi
 if [ -n "$skipped" ]; then
   echo "!! not run, or cut, for lack of time or a tool that cannot run here:$skipped (GPU_CHECK_STAGES=\"${skipped# }\" bash benchmarks/gpu_check.sh runs them)"
   [ "$status" -eq 0 ] && status=3

@@ -153,7 +153,7 @@ def sampler_rows(millions: int) -> list[dict]:
     result = []
     for sampler in cfgfast.SAMPLERS:
         for backend in backends:
-            gbs = step_bytes(shape, torch.float32, sampler=sampler) / ms[(sampler, backend)] / 1e6
+            gbs = step_bytes(tuple(out.shape), torch.float32, sampler=sampler) / ms[(sampler, backend)] / 1e6
             result.append(dict(sampler=sampler, backend=backend, elements=out.numel(), ms=ms[(sampler, backend)],
                                gb_per_s=gbs, of_copy=gbs / copy_gbs))
     return result

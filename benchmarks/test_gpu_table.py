@@ -51,6 +51,10 @@ def test_the_whole_table_runs(monkeypatch, tmp_path, capsys):
         calls.append(("last" if last else "step", backend, setting))
         return out
 
+    def fake_guided_step(z, pred_cond, pred_uncond, coef, w, *, x_prev=None, backend, out, **kwargs):
+        calls.append(("sampler", backend, x_prev is not None))
+        return out
+
     def fake_noise(shape, seed, step, *, device, backend, out):
         calls.append(("noise", backend))
         return out
@@ -64,6 +68,7 @@ def test_the_whole_table_runs(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(gpu_table, "time_ms", fake_timer)
     monkeypatch.setattr(gpu_table.cfgfast, "reverse_step", fake_step)
     monkeypatch.setattr(gpu_table.cfgfast, "normal_noise", fake_noise)
+    monkeypatch.setattr(gpu_table.cfgfast, "guided_step", fake_guided_step)
     monkeypatch.setattr(gpu_table.cfgfast, "available_backends", lambda: ["reference", "cpu", "triton", "cuda"])
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Stand-in GPU")
@@ -80,6 +85,12 @@ def test_the_whole_table_runs(monkeypatch, tmp_path, capsys):
     assert [(r["noise_ms"], r["last_ms"]) for r in result["rows"][:4]] == [(2.0, 2.0)] * 4
     assert all(r["noise_ms"] != r["noise_ms"] and r["last_ms"] != r["last_ms"] for r in result["rows"][4:])  # NaN
     assert {c[1] for c in calls if c[0] == "last"} == {"cuda", "triton"}
+    # every sampler on both backends, the multistep ones with their state; GB/s of the bytes each moves
+    assert [(r["sampler"], r["backend"]) for r in result["samplers"]] == [
+        (s, b) for s in cfgfast.SAMPLERS for b in ("cuda", "triton")]
+    assert [r["of_copy"] for r in result["samplers"]] == [2.0, 2.0, 2.0, 2.0, 3.0, 3.0, 3.0, 3.0]
+    assert {c for c in calls if c[0] == "sampler"} == {("sampler", b, m) for b in ("cuda", "triton")
+                                                       for m in (False, True)}
     if hasattr(module, "set_cuda_blocks_per_sm"):  # built with the CUDA kernels (CI is)
         settings = [(g, b) for g in (1, 2) for b in gpu_table.CUDA_BLOCKS_PER_SM]
         assert len(settings) == 12 and gpu_table.cuda_settings() == settings

@@ -155,6 +155,11 @@ def _data_range(config: Mapping) -> float | None:
                          f"got {value!r}") from None
 
 
+def _capturing(t: torch.Tensor) -> bool:
+    """Whether a CUDA graph is being captured on t's device, where nothing may be read back to the host."""
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
 class DDPMLambdas:
     """The log-SNRs of a scheduler's discrete DDPM schedule, the map between them and continuous timesteps, and
     the scheduler's grid (`model_lambdas`), prediction type and data range.
@@ -221,7 +226,9 @@ class DDPMLambdas:
         lam = _checks.tensor("lam", lam)
         if not lam.is_floating_point():
             raise TypeError(f"lam must be a floating-point tensor, got {lam.dtype}")
-        if bool(torch.isnan(lam).any()):  # +-inf is the nearest end; NaN has none
+        # (+-inf is the nearest end; NaN has none.) The check reads lam on the host: not while a CUDA graph captures
+        # (sample(cuda_graph=True) checked the model's output at the grid's lambdas eagerly first)
+        if not _capturing(lam) and bool(torch.isnan(lam).any()):
             raise ValueError("lam must not be NaN")
         knots = self._knots(lam.device)
         lam = lam.double().clamp(knots[0], knots[-1])
@@ -324,7 +331,7 @@ class _DiffusersAdapter(torch.nn.Module):
                 raise ValueError(f"{name} must have shape [{batch}] (one per sample of z), got {tuple(value.shape)}")
         if labels.dtype != torch.int64:
             raise TypeError(f"labels must be int64, got {labels.dtype}")
-        if batch:
+        if batch and not _capturing(labels):  # (the labels are read on the host: not inside a graph's capture)
             low, high = (int(x) for x in torch.aminmax(labels))
             if low < 0 or high >= self.num_labels:
                 raise ValueError(f"labels must lie in [0, {self.num_labels - 1}] (the model's {self.num_labels} "
