@@ -36,17 +36,22 @@ def main(path):
     assert torch.equal(batch[2:3], single)
     assert batch.isfinite().all() and abs(batch.mean().item()) < 0.2 and abs(batch.std().item() - 1) < 0.2
 
-    # one step with explicit noise against SPEC §2's second form in float64
+    # one guided step with explicit noise and a multistep state against the formula of cfgfast/step.h in float64
     gen = torch.Generator().manual_seed(0)
-    z, eps_cond, eps_uncond, noise = (torch.randn(3, 2, 5, 7, generator=gen) for _ in range(4))
+    z, pred_cond, pred_uncond, noise, x_prev = (torch.randn(3, 2, 5, 7, generator=gen) for _ in range(5))
     w = torch.tensor([0.0, 1.5, 4.0])
-    coef = [0.6, 0.8, 1.1, 0.3, 0.5, 0.4, 0.2]  # StepCoef order: alpha, sigma, mean_z, mean_eps, ..., noise_std
+    weights = torch.stack([1 + w, w], dim=1)
+    # StepCoef order: pred_z, pred_g, mean_z, mean_x, direct_z, direct_g, prev, uncond, noise_std, noise_nu
+    coef = [1.25, -0.75, 0.6, 0.5, 1.225, -0.375, -0.2, 0.1, 0.3, 0.0]
     out = torch.full_like(z, float("nan"))
-    torch.ops.cfgfast.reverse_step_(out, z, eps_cond, eps_uncond, w, noise, coef, 0, 0, 0, None, False)
+    state = x_prev.clone()
+    torch.ops.cfgfast.guided_step_(out, z, pred_cond, pred_uncond, weights, state, None, noise, coef, 0, 0, 0, None)
     wb = w.double().view(-1, 1, 1, 1)
-    eps = (1 + wb) * eps_cond.double() - wb * eps_uncond.double()
-    want = coef[2] * z.double() - coef[3] * eps + coef[6] * noise.double()
+    g = (1 + wb) * pred_cond.double() - wb * pred_uncond.double()
+    want = (coef[4] * z.double() + coef[5] * g + coef[6] * x_prev.double() + coef[7] * pred_uncond.double()
+            + coef[8] * noise.double())
     torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(state.double(), coef[0] * z.double() + coef[1] * g, rtol=1e-5, atol=1e-5)
     print("smoke test of", path, "passed")
 
 
