@@ -45,7 +45,7 @@ def real(name: str, value) -> float:
         if torch.compiler.is_compiling():
             # torch.compile makes a float argument symbolic once it has seen two values (automatic dynamic floats),
             # and neither math.isfinite nor the float64 step coefficients computed from it can be traced: specialize
-            # on its value, a guard (one graph per value; reverse_step_table takes the step as a tensor, one graph)
+            # on its value, a guard (one graph per value; guided_step_table takes the step as a tensor, one graph)
             value = guard_scalar(value)
         if math.isfinite(value):  # the usual case, fast
             return value
