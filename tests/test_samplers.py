@@ -23,13 +23,16 @@ def alpha_sigma64(lam: float) -> tuple[float, float]:
 def sample_float64(model, labels, w, lams, sampler, *, prediction_type="epsilon", eta=0.0, v=0.3, clip=None,
                    seed=0, nu_of=None, cfgpp=False, inside=None):
     """SPEC §6 in float64: the model called in float32 (as the toy computes), everything else float64.
-    nu_of(z, lam) gives a learned variance per element for "ddpm" (None: v)."""
+    w: one per sample [B], or one row a step [T, B]. nu_of(z, lam) gives a learned variance per element for "ddpm"
+    (None: v). cfgpp: CFG++'s ddim (SPEC §7), at the steps where inside[t] (every step for inside=None)."""
     batch = labels.shape[0]
     null = torch.full_like(labels, model.null_label)
     z = cfgfast.normal_noise((batch,) + tuple(model.sample_shape), seed, step=0, stream=0, backend="reference").double()
-    w = torch.as_tensor(w, dtype=torch.float64).reshape(-1, *([1] * (z.dim() - 1)))
+    w_steps = torch.as_tensor(w, dtype=torch.float64)
+    w_steps = w_steps.expand(len(lams), batch) if w_steps.dim() == 1 else w_steps
     x_prev = h_prev = None
     for t, lam in enumerate(lams):
+        w = w_steps[t].reshape(-1, *([1] * (z.dim() - 1)))
         lam_b = torch.full((batch,), lam)
         o_c = model(z.float(), lam_b, labels).double()
         o_u = model(z.float(), lam_b, null).double()
@@ -103,12 +106,9 @@ def test_cfgpp_matches_float64_spec(prediction_type, clip):
     w[0] = 0.0
     for eta, interval in ((0.0, None), (0.5, (-6.0, 6.0))):
         inside = None if interval is None else [interval[0] <= lam <= interval[1] for lam in lams]
-        w_steps = None if inside is None else torch.stack([w * float(i) for i in inside])
-        expected = sample_float64(model, LABELS, w if w_steps is None else w_steps[0], lams, "ddim",
-                                  prediction_type=prediction_type, eta=eta, clip=clip, seed=7, cfgpp=True,
-                                  inside=inside) if inside is None else None
-        if inside is not None:  # w = 0 outside the interval: the float64 loop takes w per step
-            expected = _sample_float64_schedule(model, w_steps, lams, prediction_type, eta, clip, inside)
+        w_steps = w if inside is None else torch.stack([w * float(i) for i in inside])  # w = 0 outside
+        expected = sample_float64(model, LABELS, w_steps, lams, "ddim", prediction_type=prediction_type, eta=eta,
+                                  clip=clip, seed=7, cfgpp=True, inside=inside)
         for backend in ["reference"] + (["cpu"] if "cpu" in cfgfast.available_backends() else []):
             got = cfgfast.sample(model, LABELS, w, sampler="ddim", eta=eta, lambdas=lams, clip=clip, seed=7,
                                  guidance="cfgpp", guidance_interval=interval, backend=backend)
@@ -118,36 +118,6 @@ def test_cfgpp_matches_float64_spec(prediction_type, clip):
             torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=atol)
     plain = cfgfast.sample(model, LABELS, w, sampler="ddim", lambdas=lams, clip=clip, seed=7)
     assert not torch.allclose(plain, got)
-
-
-def _sample_float64_schedule(model, w_steps, lams, prediction_type, eta, clip, inside):
-    """sample_float64 with w and CFG++ per step: each step run as the last of a grid cut at t + 1, from its z."""
-    import cfgfast.toy  # noqa: F401  (the toy is the model here)
-
-    batch = LABELS.shape[0]
-    null = torch.full_like(LABELS, model.null_label)
-    z = cfgfast.normal_noise((batch,) + tuple(model.sample_shape), 7, step=0, stream=0, backend="reference").double()
-    for t, lam in enumerate(lams):
-        w = w_steps[t].double().reshape(-1, 1)
-        lam_b = torch.full((batch,), lam)
-        o_c = model(z.float(), lam_b, LABELS).double()
-        o_u = model(z.float(), lam_b, null).double()
-        g = (1 + w) * o_c - w * o_u
-        alpha, sigma = alpha_sigma64(lam)
-        x_of = {"epsilon": lambda o: (z - sigma * o) / alpha, "v_prediction": lambda o: alpha * z - sigma * o,
-                "sample": lambda o: o}[prediction_type]
-        x, x_u = x_of(g), x_of(o_u)
-        if clip is not None:
-            x = x.clamp(-clip, clip)
-        if t == len(lams) - 1:
-            return x
-        alpha_n, sigma_n = alpha_sigma64(lams[t + 1])
-        r = math.exp(lam - lams[t + 1])
-        n = cfgfast.normal_noise(z.shape, 7, step=t, stream=1, backend="reference").double()
-        s2 = eta**2 * (1 - r) * sigma_n**2
-        eps_hat = (z - alpha * (x_u if inside[t] else x)) / sigma
-        z = alpha_n * x + math.sqrt(sigma_n**2 - s2) * eps_hat + math.sqrt(s2) * n
-    raise AssertionError("unreachable")
 
 
 def test_prediction_types_give_the_same_samples():
