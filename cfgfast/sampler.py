@@ -18,7 +18,7 @@ from .noise import normal_noise
 from .samplers import (DEFAULT_V, MULTISTEP, check_eta, check_guidance, check_prediction_type, check_sampler,
                        default_lambdas, step_table)
 from .schedule import LAMBDA_MAX, LAMBDA_MIN, alpha_sigma
-from .step import guidance_weights
+from .step import guidance_weights, rescaled_weights
 
 
 def _model_device(model, labels: torch.Tensor) -> torch.device:
@@ -253,6 +253,7 @@ class _Plan:
     model_learned_variance: bool  # the model returns nu (read or not)
     multistep: bool
     max_batch: int | None  # rows of one forward pass (None: all at once)
+    guidance_rescale: float  # phi of SPEC §7 (0: none)
 
 
 def _model_clip(model):
@@ -265,7 +266,7 @@ def _model_clip(model):
 def sample(model, labels, w, steps=DEFAULT_STEPS, *, sampler="ddpm", eta=0.0, v=None, prediction_type=None, seed=0,
            shape=None, null_label=None, lambda_min=None, lambda_max=None, clip="auto", index_offset=0,
            backend="auto", progress=None, guidance_interval=None, classifier=None, cuda_graph=False,
-           lambdas=None, max_batch="auto", guidance="cfg") -> torch.Tensor:
+           lambdas=None, max_batch="auto", guidance="cfg", guidance_rescale=0.0) -> torch.Tensor:
     """Samples x [B, *shape] of a class-conditional model with classifier-free guidance (SPEC §4, §6).
 
     model(z, lam, labels) -> output with lam float32 [B] and labels int64 [B]; `null_label` (default
@@ -294,7 +295,8 @@ def sample(model, labels, w, steps=DEFAULT_STEPS, *, sampler="ddpm", eta=0.0, v=
 
     guidance: "cfg" (the paper's g = (1 + w) o_c - w o_u) or "cfgpp" (CFG++, with sampler "ddim": x~ from g, the
     direction term from the unconditional prediction; the unconditional pass runs at w = 0 too, and outside a
-    guidance interval the step is plain ddim).
+    guidance interval the step is plain ddim). guidance_rescale=phi in [0, 1] (SPEC §7; diffusers' guidance_rescale):
+    g <- phi g std(o_c)/std(g) + (1 - phi) g per sample, with either.
 
     classifier(z, lam) -> logits [B, num_classes] switches to classifier guidance (Dhariwal & Nichol):
     only the model's conditional pass runs (an unconditional model simply ignores the labels) and
@@ -306,7 +308,7 @@ def sample(model, labels, w, steps=DEFAULT_STEPS, *, sampler="ddpm", eta=0.0, v=
     """
     plan, z = _plan(model, labels, w, steps, sampler, eta, v, prediction_type, seed, shape, null_label, lambda_min,
                     lambda_max, clip, index_offset, backend, guidance_interval, classifier, cuda_graph, lambdas,
-                    max_batch, guidance)
+                    max_batch, guidance, guidance_rescale)
     if progress is None:  # a bar when stderr is a terminal
         progress = sys.stderr is not None and sys.stderr.isatty()
     else:
@@ -329,7 +331,7 @@ def sample(model, labels, w, steps=DEFAULT_STEPS, *, sampler="ddpm", eta=0.0, v=
 
 def _plan(model, labels, w, steps, sampler, eta, v, prediction_type, seed, shape, null_label, lambda_min, lambda_max,
           clip, index_offset, backend, guidance_interval, classifier, cuda_graph, lambdas, max_batch="auto",
-          guidance="cfg"):
+          guidance="cfg", guidance_rescale=0.0):
     """sample()'s arguments checked once: the plan its loops take, and the initial state z."""
     if not callable(model):
         raise TypeError(f"model must be callable as model(z, lam, labels), got {type(model).__name__}")
@@ -413,6 +415,7 @@ def _plan(model, labels, w, steps, sampler, eta, v, prediction_type, seed, shape
     if cuda_graph:
         _check_cuda_graph(device, stepper, classifier)
     guidance = check_guidance(sampler, guidance)
+    guidance_rescale = _checks.unit_interval("guidance_rescale", guidance_rescale)
     if guidance == "cfgpp" and classifier is not None:
         raise ValueError("guidance='cfgpp' needs the model's unconditional pass; classifier guidance has none")
     table = step_table(sampler, grid, prediction_type=prediction_type, eta=eta,
@@ -433,7 +436,7 @@ def _plan(model, labels, w, steps, sampler, eta, v, prediction_type, seed, shape
                  weights=guidance_weights(w_table.reshape(-1)).reshape(len(grid), batch, 2), grid=grid, guided=guided,
                  table=table, stepper=stepper, seed=seed, index_offset=index_offset, clip=clip,
                  prediction_type=prediction_type, learned_variance=learned, model_learned_variance=model_learned,
-                 multistep=sampler in MULTISTEP, max_batch=max_batch)
+                 multistep=sampler in MULTISTEP, max_batch=max_batch, guidance_rescale=guidance_rescale)
     return plan, z
 
 
@@ -462,8 +465,11 @@ def _loop(plan: _Plan, z: torch.Tensor, bar) -> torch.Tensor:
         # Inputs were checked once above; per step only the model's output is (in _predict). Each step writes a
         # new tensor: the model may keep the z it was given.
         out = torch.empty_like(z)
-        plan.stepper.guided_step(out, z, out_cond, out_uncond, plan.weights[t], x_prev, nu, None, rows[t], plan.seed,
-                                 t, plan.index_offset, plan.clip)
+        weights = plan.weights[t]
+        if plan.guidance_rescale and guided:
+            weights = rescaled_weights(out_cond, out_uncond, weights, plan.guidance_rescale)
+        plan.stepper.guided_step(out, z, out_cond, out_uncond, weights, x_prev, nu, None, rows[t], plan.seed, t,
+                                 plan.index_offset, plan.clip)
         z = out
         first_bad = torch.where(torch.isfinite(z).all(), first_bad, first_bad.clamp(max=t))
         if bar is not None:
@@ -526,6 +532,8 @@ def _loop_table(plan: _Plan, z: torch.Tensor, bar, capture: bool) -> torch.Tenso
             if nu is not None and nu.dtype != out_cond.dtype:
                 nu = nu.to(out_cond.dtype)
             weights_t = weights.index_select(0, counter)[0]
+            if plan.guidance_rescale and guided:
+                weights_t = rescaled_weights(out_cond, out_uncond, weights_t, plan.guidance_rescale)
             plan.stepper.guided_step_table(z_next, z_state, out_cond, out_uncond, weights_t, x_prev, nu, table,
                                            counter, plan.seed, plan.index_offset, plan.clip)
             first_bad.copy_(torch.where(torch.isfinite(z_next).all(), first_bad,

@@ -28,6 +28,22 @@ def guidance_weights(w: torch.Tensor) -> torch.Tensor:
     return torch.stack([1.0 + w, w], dim=1)
 
 
+def rescaled_weights(pred_cond: torch.Tensor, pred_uncond: torch.Tensor, weights: torch.Tensor,
+                     guidance_rescale: float) -> torch.Tensor:
+    """Guidance rescale (SPEC §7; Lin et al. 2023, diffusers' rescale_noise_cfg) as per-sample weights:
+    g <- phi g std(o_c) / std(g) + (1 - phi) g is g scaled by k = phi std(o_c) / std(g) + 1 - phi per sample, so the
+    fused step reads (k w_cond, k w_uncond). Population standard deviations over each sample, in float32; a sample's
+    k reads that sample alone."""
+    per_sample = (-1,) + (1,) * (pred_cond.dim() - 1)
+    dims = tuple(range(1, pred_cond.dim()))
+    out_cond, out_uncond = pred_cond.float(), pred_uncond.float()
+    g = weights[:, 0].reshape(per_sample) * out_cond - weights[:, 1].reshape(per_sample) * out_uncond
+    std_cond = out_cond.std(dim=dims, correction=0)
+    std_g = g.std(dim=dims, correction=0)
+    k = guidance_rescale * std_cond / std_g + (1.0 - guidance_rescale)
+    return weights * k[:, None]
+
+
 # The weights of the last w seen: a loop passes the same w (a number, or a tensor it does not change) at every
 # step, and making them costs more host time than the rest of a small step's call. A tensor w is matched by
 # identity and version counter (every in-place change of it advances the counter).
@@ -120,7 +136,7 @@ def _coefficient_row(coef) -> list[float]:
 
 
 def guided_step(z, pred_cond, pred_uncond, coef, w, *, x_prev=None, nu=None, noise=None, seed=0, step=0,
-                index_offset=0, clip=None, backend="auto", out=None) -> torch.Tensor:
+                index_offset=0, clip=None, guidance_rescale=0.0, backend="auto", out=None) -> torch.Tensor:
     """One step of any sampler of SPEC §6: z' from z and the model's outputs with and without the label.
 
     coef: the step's coefficients, row t of cfgfast.step_table(sampler, lambdas, ...) (or a StepCoefficients);
@@ -130,9 +146,14 @@ def guided_step(z, pred_cond, pred_uncond, coef, w, *, x_prev=None, nu=None, noi
     a learned_variance table). The noise is SPEC §3's (stream 1, t = step, samples index_offset ...) unless
     `noise` is given; a step whose row has no noise draws none. clip=c clamps x~ to [-c, c]. out: an optional
     contiguous float32 tensor of z's shape to write into (may be z). The row of the last step returns x~.
+    guidance_rescale=phi in [0, 1] rescales g towards the conditional output's standard deviation per sample
+    (SPEC §7, diffusers' rescale_noise_cfg).
     """
     weights, seed, index_offset, clip, out = _check_common(z, pred_cond, pred_uncond, w, seed, index_offset, clip,
                                                            out)
+    guidance_rescale = _checks.unit_interval("guidance_rescale", guidance_rescale)
+    if guidance_rescale:
+        weights = rescaled_weights(pred_cond, pred_uncond, weights, guidance_rescale)
     row = _coefficient_row(coef)
     x_prev, nu = _check_state(x_prev, nu, z, pred_cond, out, dict(z=z, pred_cond=pred_cond, pred_uncond=pred_uncond,
                                                                   out=out, nu=nu, noise=noise))

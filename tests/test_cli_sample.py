@@ -109,7 +109,8 @@ def test_sampler_options_reach_sample(tiny, tmp_path, monkeypatch):
 
     monkeypatch.setattr(cfgfast, "sample", spy)
     assert main(args(tiny, tmp_path / "s.npz", "--sampler", "ddim", "--eta", "0.5", "--max-batch", "3",
-                     "--guidance-interval", "-5", "5", "--guidance", "cfgpp")) == 0
+                     "--guidance-interval", "-5", "5", "--guidance", "cfgpp", "--guidance-rescale", "0.5")) == 0
+    assert seen["guidance_rescale"] == 0.5
     assert (seen["sampler"], seen["eta"], seen["max_batch"], seen["guidance_interval"], seen["guidance"]) == \
         ("ddim", 0.5, 3, [-5.0, 5.0], "cfgpp")
     assert seen["v"] is None  # the model's learned variance, else 0.3
@@ -144,6 +145,7 @@ def test_labels_cycle(tiny, tmp_path):
     (["--sampler", "ddim", "--v", "0.3"], "--v is a setting of --sampler ddpm only"),
     (["--max-batch", "0"], "--max-batch must be at least 1, got 0"),
     (["--guidance", "apg"], "--guidance must be one of cfg, cfgpp, got apg"),
+    (["--guidance-rescale", "2"], "--guidance-rescale must be in [0, 1], got 2.0"),
     (["--guidance", "cfgpp"], "--guidance cfgpp (CFG++) is a form of --sampler ddim only"),
     (["--guidance-interval", "3", "1"], "--guidance-interval must be two finite numbers LAM_LO <= LAM_HI"),
     (["--backend", "fast"], "backend must be 'auto' or one of"),

@@ -21,7 +21,7 @@ def alpha_sigma64(lam: float) -> tuple[float, float]:
 
 
 def sample_float64(model, labels, w, lams, sampler, *, prediction_type="epsilon", eta=0.0, v=0.3, clip=None,
-                   seed=0, nu_of=None, cfgpp=False, inside=None):
+                   seed=0, nu_of=None, cfgpp=False, inside=None, rescale=0.0):
     """SPEC §6 in float64: the model called in float32 (as the toy computes), everything else float64.
     w: one per sample [B], or one row a step [T, B]. nu_of(z, lam) gives a learned variance per element for "ddpm"
     (None: v). cfgpp: CFG++'s ddim (SPEC §7), at the steps where inside[t] (every step for inside=None)."""
@@ -37,6 +37,10 @@ def sample_float64(model, labels, w, lams, sampler, *, prediction_type="epsilon"
         o_c = model(z.float(), lam_b, labels).double()
         o_u = model(z.float(), lam_b, null).double()
         g = (1 + w) * o_c - w * o_u
+        if rescale:  # SPEC §7: g <- phi g std(o_c) / std(g) + (1 - phi) g, population std per sample
+            dims = tuple(range(1, g.dim()))
+            std_c, std_g = (t.std(dim=dims, correction=0, keepdim=True) for t in (o_c, g))
+            g = rescale * g * std_c / std_g + (1 - rescale) * g
         alpha, sigma = alpha_sigma64(lam)
         x_of = {"epsilon": lambda o: (z - sigma * o) / alpha, "v_prediction": lambda o: alpha * z - sigma * o,
                 "sample": lambda o: o}[prediction_type]
@@ -118,6 +122,69 @@ def test_cfgpp_matches_float64_spec(prediction_type, clip):
             torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=atol)
     plain = cfgfast.sample(model, LABELS, w, sampler="ddim", lambdas=lams, clip=clip, seed=7)
     assert not torch.allclose(plain, got)
+
+
+@pytest.mark.parametrize("sampler, guidance", [("ddpm", "cfg"), ("dpmpp_2m_sde", "cfg"), ("ddim", "cfgpp")])
+def test_guidance_rescale_matches_float64_spec(sampler, guidance):
+    # 16-D classes: a standard deviation over a sample's elements means something (over the 2-D toy's two, a
+    # near-zero std(g) makes k ill-conditioned)
+    from cfgfast.toy import GaussianClasses
+
+    g = torch.Generator().manual_seed(6)
+    a = torch.randn(3, 16, 16, generator=g, dtype=torch.float64) / 8
+    model = GaussianClasses(torch.randn(3, 16, generator=g, dtype=torch.float64),
+                            a @ a.mT + 0.3 * torch.eye(16, dtype=torch.float64))
+    lams = cfgfast.default_lambdas(12, sampler).tolist()
+    expected = sample_float64(model, LABELS, W, lams, sampler, seed=3, cfgpp=guidance == "cfgpp", rescale=0.7)
+    for backend in ["reference"] + (["cpu"] if "cpu" in cfgfast.available_backends() else []):
+        got = cfgfast.sample(model, LABELS, W, sampler=sampler, lambdas=lams, seed=3, guidance=guidance,
+                             guidance_rescale=0.7, backend=backend)
+        # (ddim on the paper's grid from lam = -20 scales float32 rounding by alpha'/alpha: without rescale its
+        # error against the same float64 loop is 1.4e-3 here)
+        torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=2e-3 if sampler == "ddim" else 5e-4)
+    plain = cfgfast.sample(model, LABELS, W, sampler=sampler, lambdas=lams, seed=3, guidance=guidance)
+    assert not torch.allclose(plain, got, atol=1e-3)
+
+
+def test_guidance_rescale_equals_diffusers_rescale_noise_cfg():
+    pytest.importorskip("diffusers")
+    from diffusers.guiders.guider_utils import rescale_noise_cfg
+
+    from cfgfast.step import guidance_weights, rescaled_weights
+
+    g = torch.Generator().manual_seed(4)
+    o_c, o_u = torch.randn(5, 3, 8, 8, generator=g), torch.randn(5, 3, 8, 8, generator=g)
+    w = torch.tensor([0.0, 1.0, 2.5, 4.0, 9.0])
+    wb = w.reshape(-1, 1, 1, 1)
+    noise_cfg = o_u + (1 + wb) * (o_c - o_u)  # diffusers' guidance scale is 1 + w
+    for phi in (0.0, 0.3, 0.7, 1.0):
+        weights = rescaled_weights(o_c, o_u, guidance_weights(w), phi)
+        ours = weights[:, 0].reshape(-1, 1, 1, 1) * o_c - weights[:, 1].reshape(-1, 1, 1, 1) * o_u
+        torch.testing.assert_close(ours, rescale_noise_cfg(noise_cfg, o_c, guidance_rescale=phi), rtol=1e-5,
+                                   atol=1e-5)
+    # one sample's weights read that sample alone: a batch split gives the same bits
+    whole = rescaled_weights(o_c, o_u, guidance_weights(w), 0.7)
+    parts = torch.cat([rescaled_weights(o_c[i:j], o_u[i:j], guidance_weights(w[i:j]), 0.7)
+                       for i, j in ((0, 2), (2, 5))])
+    torch.testing.assert_close(parts, whole, rtol=0, atol=0)
+
+
+def test_guided_step_rescale_on_every_backend():
+    from cfgfast.step import guidance_weights, rescaled_weights
+
+    g = torch.Generator().manual_seed(5)
+    z, o_c, o_u = (torch.randn(3, 2, 17, generator=g) for _ in range(3))
+    row = cfgfast.step_table("dpmpp_2m_sde", [-2.0, 0.0, 1.0])[1]
+    w = torch.tensor([0.5, 2.0, 6.0])
+    expected = cfgfast.guided_step(z, o_c, o_u, row, w, seed=1, step=1, backend="reference",
+                                   guidance_rescale=0.5)
+    by_hand = cfgfast.reference.guided_step_reference(
+        z, o_c, o_u, rescaled_weights(o_c, o_u, guidance_weights(w), 0.5), cfgfast.StepCoefficients(*row.tolist()),
+        cfgfast.normal_noise(z.shape, 1, step=1, backend="reference"))[0]
+    torch.testing.assert_close(expected, by_hand, rtol=0, atol=0)
+    for backend in cfgfast.available_backends():
+        got = cfgfast.guided_step(z, o_c, o_u, row, w, seed=1, step=1, backend=backend, guidance_rescale=0.5)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_prediction_types_give_the_same_samples():
@@ -260,6 +327,11 @@ def test_bad_sampler_arguments():
         cfgfast.sample(learned_wrong, LABELS, 1.0, 4)
     with pytest.raises(ValueError, match="guidance='cfgpp' \\(CFG\\+\\+\\) is a form of sampler 'ddim' only"):
         cfgfast.sample(model, LABELS, 1.0, 4, sampler="dpmpp_2m", guidance="cfgpp")
+    with pytest.raises(ValueError, match=r"guidance_rescale must be in \[0, 1\]"):
+        cfgfast.sample(model, LABELS, 1.0, 4, guidance_rescale=1.5)
+    with pytest.raises(ValueError, match=r"guidance_rescale must be in \[0, 1\]"):
+        cfgfast.guided_step(torch.zeros(2, 2), torch.zeros(2, 2), torch.zeros(2, 2), cfgfast.step_table(
+            "ddim", [0.0, 1.0])[0], 1.0, guidance_rescale=-0.1)
     with pytest.raises(ValueError, match=r"guidance must be one of \['cfg', 'cfgpp'\]"):
         cfgfast.sample(model, LABELS, 1.0, 4, guidance="apg")
     with pytest.raises(ValueError, match="classifier guidance has none"):

@@ -39,7 +39,8 @@ DEFAULT_BATCH_SIZE = 64
 SHARD_NAME = re.compile(r"^\d{10}-\d{10}\.npy$")
 # manifest key -> the option it comes from, to name what differs on a refused --resume
 MANIFEST_OPTIONS = {"model_sha256": "--model", "num": "--num", "w": "--w", "steps": "--steps",
-                    "sampler": "--sampler", "guidance": "--guidance", "eta": "--eta", "v": "--v", "seed": "--seed", "clip": "--clip",
+                    "sampler": "--sampler", "guidance": "--guidance", "guidance_rescale": "--guidance-rescale",
+                    "eta": "--eta", "v": "--v", "seed": "--seed", "clip": "--clip",
                     "labels": "--labels", "batch_size": "--batch-size", "guidance_interval": "--guidance-interval",
                     "shape": "image shape"}
 GRID_MAX = 16  # at most 16 classes x 16 samples in the PNG grid
@@ -131,6 +132,8 @@ def _check_options(args) -> None:
         raise ValueError(f"--v must be in [0, 1], got {args.v}")
     if args.v is not None and args.sampler != "ddpm":
         raise ValueError(f"--v is a setting of --sampler ddpm only, got --sampler {args.sampler}")
+    if not 0.0 <= args.guidance_rescale <= 1.0:
+        raise ValueError(f"--guidance-rescale must be in [0, 1], got {args.guidance_rescale}")
     if not 0.0 <= args.eta <= 1.0:
         raise ValueError(f"--eta must be in [0, 1], got {args.eta}")
     if args.eta != 0.0 and args.sampler != "ddim":
@@ -316,7 +319,8 @@ def _prepare(args, world: _World):
         return model, None, None
     manifest = {"format": PARTS_FORMAT, "version": PARTS_VERSION, "model": args.model,
                 "model_sha256": _model_sha256(args.model), "num": args.num, "w": args.w, "steps": args.steps,
-                "sampler": args.sampler, "guidance": args.guidance, "eta": args.eta, "v": args.v, "seed": args.seed, "clip": args.clip,
+                "sampler": args.sampler, "guidance": args.guidance, "guidance_rescale": args.guidance_rescale,
+                "eta": args.eta, "v": args.v, "seed": args.seed, "clip": args.clip,
                 "labels": args.labels, "guidance_interval": args.guidance_interval,
                 "batch_size": args.batch_size, "shape": [height, width, channels]}
     finished = _finished(args, args.out + ".parts", manifest)
@@ -390,7 +394,8 @@ def run(args) -> int:
                                        backend=args.backend, progress=False,
                                        guidance_interval=args.guidance_interval,
                                        max_batch="auto" if args.max_batch is None else args.max_batch,
-                                       cuda_graph=args.cuda_graph, guidance=args.guidance)
+                                       cuda_graph=args.cuda_graph, guidance=args.guidance,
+                                       guidance_rescale=args.guidance_rescale)
                     images = to_uint8(x)
                 for (start, end), received in zip(round_shards, world.gather(images, shards[0][1]) or []):
                     with atomic_open(os.path.join(parts, _shard_name(start, end))) as f:
@@ -451,6 +456,8 @@ def add_parser(sub, name: str) -> None:
                    help="ddpm (the paper's, default), ddim, dpmpp_2m or dpmpp_2m_sde (DPM-Solver++(2M))")
     p.add_argument("--guidance", default="cfg",
                    help="cfg (the paper's, default) or cfgpp (CFG++, with --sampler ddim)")
+    p.add_argument("--guidance-rescale", type=float, default=0.0, metavar="PHI",
+                   help="guidance rescale phi in [0, 1] (default 0: none)")
     p.add_argument("--eta", type=float, default=0.0, help="ddim's noise, in [0, 1] (default 0: deterministic)")
     p.add_argument("--v", type=float, default=None,
                    help="ddpm's variance interpolation in [0, 1] (default: the model's learned variance, else 0.3)")
