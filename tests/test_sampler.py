@@ -456,3 +456,19 @@ def test_on_the_cpu_the_conditional_and_unconditional_passes_run_apart_by_defaul
     labels = torch.tensor([0, 1, 2, 0, 1])
     cfgfast.sample(model, labels, 2.0, steps=4)
     assert model.batches == [5] * 8
+
+
+def test_device_table_loop_with_guidance_rescale_equals_sample():
+    """cuda_graph=True's loop (run eagerly) computes the rescale on the device at every step, as sample() does."""
+    from cfgfast import sampler
+
+    model = _tiny_unet()
+    labels = torch.tensor([0, 1, 2, 1])
+    w = torch.tensor([0.0, 1.0, 3.0, 0.5])
+    expected = cfgfast.sample(model, labels, w, 5, seed=2, guidance_rescale=0.6, clip=1.5, backend="reference")
+    with torch.no_grad():
+        plan, z = sampler._plan(model, labels, w, 5, "ddpm", 0.0, None, None, 2, None, None, None, None, 1.5, 0,
+                                "reference", None, None, False, None, guidance_rescale=0.6)
+        got = sampler._loop_table(plan, z, None, capture=False)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(got, cfgfast.sample(model, labels, w, 5, seed=2, clip=1.5, backend="reference"))
