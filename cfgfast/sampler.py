@@ -132,9 +132,13 @@ def _predict(model, z, lam, labels, null_labels, guided: bool, step: int, learne
     """(out_cond, out_uncond, nu) from the forward pass of batch 2B, or of batch B when unguided (out_uncond is
     then out_cond), in parts of at most max_batch rows (where max_batch < 2B, the conditional and unconditional
     rows are passed apart, as a hand loop passes them). A learned-variance model returns 2C channels on dim 1, C of
-    prediction then C of nu; nu is the conditional pass's (None for other models)."""
+    prediction then C of nu; nu is the conditional pass's (None for other models). lam: a number, or a float32
+    tensor of one element on z's device (a captured step's, looked up at its device-side counter)."""
     batch = z.shape[0]
-    lam_b = torch.full((batch,), lam, dtype=torch.float32, device=z.device)
+    if isinstance(lam, torch.Tensor):
+        lam_b = lam.expand(batch)
+    else:
+        lam_b = torch.full((batch,), lam, dtype=torch.float32, device=z.device)
     halves = guided and max_batch is not None and max_batch < 2 * batch
     if halves:
         outs = (_forward(model, z, lam_b, labels, max_batch), _forward(model, z, lam_b, null_labels, max_batch))
@@ -505,7 +509,7 @@ def _loop_table(plan: _Plan, z: torch.Tensor, bar, capture: bool) -> torch.Tenso
     pay for the unconditional pass. With capture=True (CUDA) each is captured as a CUDA graph after a warm-up;
     capture=False runs the same steps eagerly (the CPU tests of this path)."""
     model, labels, grid = plan.model, plan.labels, plan.grid
-    device, batch, steps = z.device, z.shape[0], len(grid)
+    device, steps = z.device, len(grid)
     table = plan.table.to(device)
     weights = plan.weights.to(device)
     lam_table = torch.tensor(grid, dtype=torch.float32, device=device)
@@ -513,24 +517,14 @@ def _loop_table(plan: _Plan, z: torch.Tensor, bar, capture: bool) -> torch.Tenso
     first_bad = torch.full((), steps, dtype=torch.int64, device=device)
     z_state, z_next = z.clone(), torch.empty_like(z)
     x_prev = torch.zeros_like(z) if plan.multistep else None
-    channels = z.shape[1] if plan.model_learned_variance else None
 
     def make_step(guided: bool):
-        both_labels = torch.cat([labels, plan.null_labels]) if guided else labels
-
         def step():
-            z_in = torch.cat([z_state, z_state]) if guided else z_state
-            lam_b = lam_table.index_select(0, counter).expand(z_in.shape[0])
-            out = _forward(model, z_in, lam_b, both_labels, plan.max_batch)
-            nu = None
-            if channels is not None:
-                nu = out[:batch, channels:] if plan.learned_variance else None
-                out = out[:, :channels]
-            out_cond, out_uncond = (out[:batch], out[batch:]) if guided else (out, out)
-            if out_cond.dtype not in _checks.EPS_DTYPES:
-                out_cond, out_uncond = out_cond.float(), out_uncond.float()
-            if nu is not None and nu.dtype != out_cond.dtype:
-                nu = nu.to(out_cond.dtype)
+            # (the model's output was checked by an eager pass first: nothing here raises inside a capture)
+            out_cond, out_uncond, nu = _predict(model, z_state, lam_table.index_select(0, counter), labels,
+                                                plan.null_labels, guided, "of the captured loop",
+                                                plan.model_learned_variance, plan.max_batch)
+            nu = nu if plan.learned_variance else None
             weights_t = weights.index_select(0, counter)[0]
             if plan.guidance_rescale and guided:
                 weights_t = rescaled_weights(out_cond, out_uncond, weights_t, plan.guidance_rescale)

@@ -347,6 +347,18 @@ if triton is not None:
             if t is not None and overlaps(x_prev, t):
                 raise ValueError(f"cfgfast: x_prev must not overlap {name} (it is written)")
 
+    def _ready(out: torch.Tensor, x_prev: Optional[torch.Tensor], **inputs: Optional[torch.Tensor]) -> bool:
+        """The checks both step ops make after the contract's: inputs contiguous, a launch the grid can take, out and
+        x_prev apart from the inputs; False where there is nothing to compute."""
+        _check_contiguous(**inputs)
+        _check_launch(out)
+        if out.numel() == 0 or out.device.type == "meta":  # (meta tensors: shapes only, nothing to compute)
+            return False
+        if not is_fake(out):  # (traced by torch.compile, the op's fake tensors have no addresses)
+            out_may_alias(out, **inputs)
+            _x_prev_disjoint(x_prev, out=out, **inputs)
+        return True
+
     @torch.library.triton_op("cfgfast::triton_guided_step_", mutates_args=("out", "x_prev"))
     def _guided_step_op(
         out: torch.Tensor,
@@ -365,14 +377,9 @@ if triton is not None:
     ) -> None:
         op_guided_step_args(out, z, pred_cond, pred_uncond, weights, x_prev, nu, noise, coef, step, index_offset)
         op_clip(clip)
-        _check_contiguous(z=z, pred_cond=pred_cond, pred_uncond=pred_uncond, weights=weights, nu=nu, noise=noise)
-        _check_launch(out)
-        if out.numel() == 0 or out.device.type == "meta":  # (meta tensors: shapes only, nothing to compute)
+        if not _ready(out, x_prev, z=z, pred_cond=pred_cond, pred_uncond=pred_uncond, weights=weights, nu=nu,
+                      noise=noise):
             return
-        if not is_fake(out):  # (traced by torch.compile, the op's fake tensors have no addresses)
-            out_may_alias(out, z=z, pred_cond=pred_cond, pred_uncond=pred_uncond, weights=weights, nu=nu, noise=noise)
-            _x_prev_disjoint(x_prev, out=out, z=z, pred_cond=pred_cond, pred_uncond=pred_uncond, weights=weights,
-                             nu=nu, noise=noise)
         # what the row needs, decided here so that each kernel holds only that (no Philox where nothing is drawn)
         draw = _nonzero_f32(coef[8])
         per_sample, blocks, grid = _launch_shape(out)
@@ -404,16 +411,9 @@ if triton is not None:
     ) -> None:
         op_guided_table_args(out, z, pred_cond, pred_uncond, weights, x_prev, nu, coef_table, step, index_offset)
         op_clip(clip)
-        _check_contiguous(z=z, pred_cond=pred_cond, pred_uncond=pred_uncond, weights=weights, nu=nu,
-                          coef_table=coef_table, step=step)
-        _check_launch(out)
-        if out.numel() == 0 or out.device.type == "meta":
+        if not _ready(out, x_prev, z=z, pred_cond=pred_cond, pred_uncond=pred_uncond, weights=weights, nu=nu,
+                      coef_table=coef_table, step=step):
             return
-        if not is_fake(out):
-            out_may_alias(out, z=z, pred_cond=pred_cond, pred_uncond=pred_uncond, weights=weights, nu=nu,
-                          coef_table=coef_table, step=step)
-            _x_prev_disjoint(x_prev, out=out, z=z, pred_cond=pred_cond, pred_uncond=pred_uncond, weights=weights,
-                             nu=nu, coef_table=coef_table, step=step)
         per_sample, blocks, grid = _launch_shape(out)
         # t and its row stay on the device (a CUDA graph replays the launch): the row's needs are decided there
         with _on_device(out):

@@ -60,6 +60,12 @@ inline void check_no_partial_overlap(const at::Tensor& out, const at::Tensor& t,
 // (and x_prev) as modified, as after any in-place op.
 inline void mark_written(const at::Tensor& out) { out.unsafeGetTensorImpl()->bump_version(); }
 
+// The step ops write out and, where given, x_prev.
+inline void mark_step_outputs_written(const at::Tensor& out, const c10::optional<at::Tensor>& x_prev) {
+  mark_written(out);
+  if (x_prev.has_value()) mark_written(*x_prev);
+}
+
 // (as the Python API: beyond float32's largest value the kernels' float clip would be infinite, no clip)
 inline void check_clip(c10::optional<double> clip) {
   TORCH_CHECK_VALUE(!clip.has_value() || (*clip > 0 && *clip <= std::numeric_limits<float>::max()),

@@ -69,8 +69,7 @@ void guided_step_cpu(at::Tensor& out, const at::Tensor& z, const at::Tensor& pre
   args.clip = clip.has_value() ? static_cast<float>(*clip) : 0.0f;
   args.key = noise_key(seed, step, /*stream=*/1);
   args.index_offset = static_cast<uint64_t>(index_offset);
-  mark_written(out);
-  if (x_prev.has_value()) mark_written(*x_prev);
+  mark_step_outputs_written(out, x_prev);
   for_each_block(batch, args.numel_per_sample,
                  [&](int64_t b, int64_t g0, int64_t g1) { cpu::step_groups(args, b, g0, g1); });
 }

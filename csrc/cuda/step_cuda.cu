@@ -147,11 +147,6 @@ DeviceStepArgs step_args(at::Tensor& out, const StepInputs& in, const c10::optio
   return a;
 }
 
-void mark_outputs_written(at::Tensor& out, const c10::optional<at::Tensor>& x_prev) {
-  mark_written(out);
-  if (x_prev.has_value()) mark_written(*x_prev);
-}
-
 void guided_step_cuda(at::Tensor& out, const at::Tensor& z, const at::Tensor& pred_cond, const at::Tensor& pred_uncond,
                       const at::Tensor& weights, const c10::optional<at::Tensor>& x_prev,
                       const c10::optional<at::Tensor>& nu, const c10::optional<at::Tensor>& noise,
@@ -165,7 +160,7 @@ void guided_step_cuda(at::Tensor& out, const at::Tensor& z, const at::Tensor& pr
   DeviceStepArgs a = step_args(out, in, x_prev, seed, index_offset, clip);
   a.coef = step_coef_from(coef);
   a.key.step = static_cast<uint32_t>(step);
-  mark_outputs_written(out, x_prev);
+  mark_step_outputs_written(out, x_prev);
   launch_step(a, in.pred_cond.scalar_type(), z);
 }
 
@@ -184,7 +179,7 @@ void guided_step_table_cuda(at::Tensor& out, const at::Tensor& z, const at::Tens
   a.table = table.const_data_ptr<double>();
   a.step_ptr = step.const_data_ptr<int64_t>();
   a.table_len = table.size(0);
-  mark_outputs_written(out, x_prev);
+  mark_step_outputs_written(out, x_prev);
   launch_step(a, in.pred_cond.scalar_type(), z);
 }
 

@@ -460,28 +460,9 @@ void test_noise_on_host() {
 }  // namespace
 
 int main(int argc, char** argv) {
-  const struct {
-    const char* name;
-    void (*fn)();
-  } tests[] = {
+  const TestCase tests[] = {
       {"step_on_host", test_step_on_host},
       {"noise_on_host", test_noise_on_host},
   };
-  int ran = 0;
-  for (const auto& t : tests) {
-    bool wanted = argc < 2;
-    for (int k = 1; k < argc; ++k) wanted = wanted || std::strcmp(argv[k], t.name) == 0;
-    if (!wanted) continue;
-    ++ran;
-    const int failed_before = g_failed;
-    std::printf("%s\n", t.name);
-    t.fn();
-    std::printf("%s: %s\n", t.name, g_failed == failed_before ? "ok" : "FAILED");
-  }
-  std::printf("%d passed, %d failed\n", g_passed, g_failed);
-  if (ran != (argc < 2 ? static_cast<int>(sizeof tests / sizeof tests[0]) : argc - 1)) {
-    std::printf("FAIL: %d tests ran; a name given is not a test's (or was given twice)\n", ran);
-    return 1;
-  }
-  return g_failed == 0 ? 0 : 1;
+  return run_tests(tests, argc, argv);
 }

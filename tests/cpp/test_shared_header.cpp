@@ -1072,10 +1072,7 @@ void test_group_cursor() {
 // test_shared_header [NAME ...]: the tests named (all without names); the sanitized build runs the kernels' tests
 // only (the exhaustive ones would take minutes there).
 int main(int argc, char** argv) {
-  const struct {
-    const char* name;
-    void (*fn)();
-  } tests[] = {
+  const TestCase tests[] = {
       {"philox_known_answers", test_philox_known_answers},
       {"log_positive_exhaustive", test_log_positive_exhaustive},
       {"sincos_turns_exhaustive", test_sincos_turns_exhaustive},
@@ -1090,21 +1087,5 @@ int main(int argc, char** argv) {
       {"group_cursor", test_group_cursor},
   };
   std::printf("cpu isa: best %s\n", cfgfast::cpu::isa_name(cfgfast::cpu::best_isa()));
-  int ran = 0;
-  for (const auto& t : tests) {
-    bool wanted = argc < 2;
-    for (int k = 1; k < argc; ++k) wanted = wanted || std::strcmp(argv[k], t.name) == 0;
-    if (!wanted) continue;
-    ++ran;
-    const int failed_before = g_failed;
-    std::printf("%s\n", t.name);
-    t.fn();
-    std::printf("%s: %s\n", t.name, g_failed == failed_before ? "ok" : "FAILED");
-  }
-  std::printf("%d passed, %d failed\n", g_passed, g_failed);
-  if (ran != (argc < 2 ? static_cast<int>(sizeof tests / sizeof tests[0]) : argc - 1)) {
-    std::printf("FAIL: %d tests ran; a name given is not a test's (or was given twice)\n", ran);
-    return 1;
-  }
-  return g_failed == 0 ? 0 : 1;
+  return run_tests(tests, argc, argv);
 }
