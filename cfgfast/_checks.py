@@ -1,15 +1,16 @@
-"""Argument checks of the public API (SPEC §5): a ValueError or TypeError naming the argument, what
-was expected and what was given."""
+"""Argument checks (SPEC §5): a ValueError or TypeError naming the argument, what was expected and what was given.
+The public API's conversions of numbers and sequences come first; the ops' checks of their tensors (csrc/op_checks.h's
+Python twin) at the end."""
 
 from __future__ import annotations
 
 import math
 import numbers
-import weakref
 from collections.abc import Mapping, Set
 
 import numpy as np
 import torch
+from torch._subclasses.fake_tensor import is_fake
 from torch.fx.experimental.symbolic_shapes import guard_scalar
 
 EPS_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -127,22 +128,6 @@ def tensor(name: str, value) -> torch.Tensor:
     return value
 
 
-def like_z(name: str, value, z: torch.Tensor) -> torch.Tensor:
-    """A tensor with z's shape and device."""
-    value = tensor(name, value)
-    if value.shape != z.shape:
-        raise ValueError(f"{name} must have the shape of z {tuple(z.shape)}, got {tuple(value.shape)}")
-    return like_device(name, value, z)
-
-
-def like_device(name: str, value, z: torch.Tensor) -> torch.Tensor:
-    """A tensor on z's device."""
-    value = tensor(name, value)
-    if value.device != z.device:
-        raise ValueError(f"{name} must be on z's device {z.device}, got {value.device}")
-    return value
-
-
 def resolve_device(device) -> torch.device:
     """torch.device(device), with the current GPU's index where none is named ("cuda" is cuda:0 there), so that
     it compares equal to the device of a tensor on it. A CUDA device that this machine lacks is refused here,
@@ -164,27 +149,6 @@ def resolve_device(device) -> torch.device:
     return device
 
 
-# The last w tensor found finite and its version counter (which every in-place change of it or of a view of it
-# advances): a sampling loop that passes the same w at every step pays for one check, and on a GPU one
-# host-device synchronisation, not one per step (on the CPU the check costs ~30 us a call, most of a small
-# step's Python). Writes that bypass the counter (through .data, a NumPy view, a CUDA graph's replay) are not
-# seen: such a w is not checked again, and a non-finite value there gives non-finite samples.
-_FINITE_W: tuple[weakref.ref, int] | None = None
-
-
-def _check_finite_w(w: torch.Tensor) -> None:
-    global _FINITE_W
-    last = _FINITE_W
-    if last is not None and last[0]() is w and last[1] == w._version:
-        return
-    # in float32, as the kernels read it: 1e300 in float64 is not finite there
-    if not bool(torch.isfinite(w.to(torch.float32)).all()):
-        raise ValueError("w must be finite (in float32), got a non-finite value")
-    # an inference tensor (made under torch.inference_mode) has no version counter: checked at every call
-    if not w.is_inference():
-        _FINITE_W = (weakref.ref(w), w._version)
-
-
 def guidance(w, batch: int, device: torch.device, name: str = "w") -> torch.Tensor:
     """w as a float32 tensor [batch] on device: a number, a 0-d tensor or one value per sample."""
     if isinstance(w, torch.Tensor):
@@ -198,8 +162,10 @@ def guidance(w, batch: int, device: torch.device, name: str = "w") -> torch.Tens
         # The check reads w on the host: not possible while torch.compile traces or a CUDA graph captures
         # (there w was checked when it was made, or the caller's loop checks it once before capture).
         # (is_compiling first: is_current_stream_capturing returns a bool, which torch.compile cannot trace)
-        if not torch.compiler.is_compiling() and not (w.is_cuda and torch.cuda.is_current_stream_capturing()):
-            _check_finite_w(w)
+        # (in float32, as the kernels read it: 1e300 in float64 is not finite there)
+        if not torch.compiler.is_compiling() and not (w.is_cuda and torch.cuda.is_current_stream_capturing()) \
+                and not bool(torch.isfinite(w.to(torch.float32)).all()):
+            raise ValueError("w must be finite (in float32), got a non-finite value")
         if w.dim() == 0:
             w = w.reshape(1).expand(batch)
         return w.to(device=device, dtype=torch.float32).contiguous()
@@ -244,133 +210,144 @@ def seed_as_int64(value: int) -> int:
     return value - 2**64 if value >= 2**63 else value
 
 
-def _byte_range(t: torch.Tensor) -> tuple[int, int]:
-    n = t.numel()
-    if n == 0:
-        return 0, 0
-    start = t.data_ptr()
-    if t.is_contiguous():  # the usual case, without walking the strides in Python
-        return start, start + n * t.element_size()
-    size = t.element_size()
-    low = start + size * sum(min(0, st * (sz - 1)) for st, sz in zip(t.stride(), t.shape))
-    return low, start + size * (1 + sum(max(0, st * (sz - 1)) for st, sz in zip(t.stride(), t.shape)))
 
-
-def overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether the memory of a and b overlaps at all (by address ranges; never under torch.compile's fake tensors)."""
-    if torch.compiler.is_compiling():
-        return False
-    a_lo, a_hi = _byte_range(a)
-    b_lo, b_hi = _byte_range(b)
-    return a_lo < b_hi and b_lo < a_hi
-
-
-def writable_out(out: torch.Tensor) -> None:
-    """torch refuses in-place writes to a tensor made under inference_mode once outside it; say so by name."""
-    if torch.compiler.is_compiling():  # dynamo cannot trace is_inference (a graph break under fullgraph=True)
-        return
-    if out.is_inference() and not torch.is_inference_mode_enabled():
-        raise ValueError("out was made under torch.inference_mode() and cannot be written outside it (torch refuses "
-                         "in-place updates of inference tensors there): call inside inference_mode, or pass an out "
-                         "made outside it")
-
-
-def out_may_alias(out: torch.Tensor, **inputs: torch.Tensor | None) -> None:
-    """out may be one of the inputs exactly (an in-place step) but must not partly overlap any."""
-    if torch.compiler.is_compiling():
-        # fake tensors have no addresses; the compiled graph runs the op, whose own check compares them (and
-        # torch.compile makes a mutated graph input's writes its own). Not the Triton op: its body, this check
-        # included, is traced, and the compiled graph launches its kernel without it.
-        return
-    lo, hi = _byte_range(out)
-    for name, t in inputs.items():
-        if t is None or t is out:
-            continue
-        t_lo, t_hi = _byte_range(t)
-        if not (t_lo < hi and lo < t_hi):  # disjoint: the usual case, decided by the address ranges alone
-            continue
-        if t.device != out.device:  # addresses on two devices say nothing
-            continue
-        if (t.data_ptr() == out.data_ptr() and t.stride() == out.stride() and t.shape == out.shape
-                and t.dtype == out.dtype):
-            continue  # the same elements: an in-place step (a 16-bit view of out's bytes is not)
-        raise ValueError(f"out must not partly overlap {name} (it may be {name} itself, for an in-place step)")
-
-
-# ---- the ops' own checks, as torch._check (they hold under torch.compile's fake tensors): shared by the fake
-# kernels of the compiled ops (cfgfast/_ops.py) and the Triton ops; csrc/op_checks.h is their C++ twin.
+# ---- the ops' own checks: csrc/op_checks.h's twin, in its order and words, for the fake kernels of the compiled
+# ops (cfgfast/_ops.py), the Triton ops and the reference backend. As torch._check they hold under torch.compile's
+# fake tensors, and cost nothing where the condition is a plain True (torch._check's own cost is several µs a call:
+# the Triton op's two dozen checks were most of its Python); the memory checks need addresses: real tensors only.
 
 def check(condition, message) -> None:
-    """torch._check(condition, message), whose own cost (several µs a call: the Triton op's two dozen checks were
-    most of its Python) is paid only where the condition is not a plain True: a symbolic condition under
+    """torch._check (a RuntimeError), paid only where the condition is not a plain True: a symbolic condition under
     torch.compile, which torch._check defers, or a failure."""
     if condition is not True:
         torch._check(condition, message)
 
 
 def check_value(condition, message) -> None:
-    """torch._check_value (a ValueError), paid only where the condition is not a plain True."""
+    """torch._check_value (a ValueError, as TORCH_CHECK_VALUE), paid only where the condition is not a plain True."""
     if condition is not True:
         torch._check_value(condition, message)
 
 
+def check_type(condition, message) -> None:
+    """torch._check_type (a TypeError, as TORCH_CHECK_TYPE), paid only where the condition is not a plain True."""
+    if condition is not True:
+        torch._check_type(condition, message)
+
+
+def _real(t: torch.Tensor) -> bool:
+    # (is_compiling first: dynamo cannot trace is_fake)
+    return not torch.compiler.is_compiling() and not is_fake(t) and t.device.type != "meta"
+
+
+def _extent(t: torch.Tensor) -> int:
+    """The elements from t's first to its last, inclusive (strides are non-negative for every tensor torch makes)."""
+    return 1 + sum(st * (sz - 1) for st, sz in zip(t.stride(), t.shape))
+
+
+def _byte_range(t: torch.Tensor) -> tuple[int, int]:
+    if t.numel() == 0:
+        return 0, 0
+    n = t.numel() if t.is_contiguous() else _extent(t)  # (contiguous, the usual case: without walking the strides)
+    return t.data_ptr(), t.data_ptr() + n * t.element_size()
+
+
+def _storage(t: torch.Tensor, name: str) -> None:
+    if t.numel() and _real(t):
+        needed, held = t.element_size() * (t.storage_offset() + _extent(t)), t.untyped_storage().nbytes()
+        check_value(needed <= held, lambda: f"cfgfast: {name} needs {needed} bytes of its storage, which holds {held}")
+
+
+def _writable(t: torch.Tensor, name: str) -> None:
+    # (is_compiling first: dynamo cannot trace is_inference)
+    check_value(torch.compiler.is_compiling() or not t.is_inference() or torch.is_inference_mode_enabled(),
+                lambda: f"cfgfast: {name} was made under torch.inference_mode() and cannot be written outside it "
+                        "(torch refuses in-place updates of inference tensors there): call inside inference_mode, or "
+                        "pass one made outside it")
+
+
+def op_step_memory(out, x_prev, /, **inputs) -> None:
+    """check_step_memory: out may be one of the inputs exactly but must not partly overlap any; x_prev, written while
+    every other tensor is read, shares no byte with any."""
+    if not _real(out):
+        return
+    lo, hi = _byte_range(out)
+    x_lo, x_hi = (0, 0) if x_prev is None else _byte_range(x_prev)
+    if x_prev is not None:
+        _storage(x_prev, "x_prev")
+    for name, t in inputs.items():
+        if t is not None:
+            t_lo, t_hi = _byte_range(t)
+            same = (t.data_ptr() == out.data_ptr() and t.stride() == out.stride() and t.shape == out.shape
+                    and t.dtype == out.dtype)  # (a 16-bit view of out's bytes is not the same elements)
+            check_value(same or t_lo >= hi or lo >= t_hi, lambda: f"cfgfast: out must not partly overlap {name} (it "
+                                                                  f"may be {name} itself, for an in-place step)")
+            _storage(t, name)
+            check_value(x_prev is None or t_lo >= x_hi or x_lo >= t_hi,
+                        lambda: f"cfgfast: x_prev must not overlap {name} (it is written)")
+
+
 def op_noise_out(out, step, stream, index_offset) -> None:
-    check(out.dtype == torch.float32, lambda: f"cfgfast: out must be float32, got {out.dtype}")
-    check(out.dim() >= 1, lambda: "cfgfast: out needs a batch dimension")
-    check(out.is_contiguous(), lambda: "cfgfast: out must be contiguous")
-    check(0 <= step < MAX_WORD, lambda: f"cfgfast: step must be in [0, 2^32), got {step}")
-    check(0 <= stream < MAX_WORD, lambda: f"cfgfast: stream must be in [0, 2^32), got {stream}")
-    check(0 <= index_offset and index_offset + out.shape[0] <= MAX_WORD,
-          lambda: f"cfgfast: index_offset + batch must be in [0, 2^32], got index_offset={index_offset}")
-    check(out.numel() <= out.shape[0] * 2**34, lambda: "cfgfast: at most 2^34 elements per sample")
+    check_type(out.dtype == torch.float32, lambda: f"cfgfast: out must be float32, got {out.dtype}")
+    check_value(out.dim() >= 1, lambda: "cfgfast: out needs a batch dimension, got a 0-d tensor")
+    check_value(out.is_contiguous(), lambda: "cfgfast: out must be contiguous")
+    _writable(out, "out")
+    check_value(0 <= step < MAX_WORD, lambda: f"cfgfast: step must be in [0, 2^32), got {step}")
+    check_value(0 <= stream < MAX_WORD, lambda: f"cfgfast: stream must be in [0, 2^32), got {stream}")
+    check_value(0 <= index_offset <= MAX_WORD - out.shape[0],
+                lambda: f"cfgfast: index_offset + batch must be in [0, 2^32], got index_offset={index_offset}")
+    check_value(out.numel() <= out.shape[0] * 2**34, lambda: "cfgfast: at most 2^34 elements per sample")
+    _storage(out, "out")
 
 
-def op_guided_step_args(out, z, pred_cond, pred_uncond, weights, x_prev, nu, noise, coef, step, index_offset) -> None:
-    """The checks of csrc/op_checks.h's check_guided_step_args that fake tensors allow (no addresses or storage)."""
-    check(z.dtype == torch.float32, lambda: f"cfgfast: z must be float32, got {z.dtype}")
-    check(z.dim() >= 1, lambda: "cfgfast: z needs a batch dimension, got a 0-d tensor")
-    check(pred_cond.dtype in EPS_DTYPES,
-          lambda: f"cfgfast: pred_cond must be float32, bfloat16 or float16, got {pred_cond.dtype}")
-    check(pred_uncond.dtype == pred_cond.dtype,
-          lambda: f"cfgfast: pred_uncond must have the dtype of pred_cond ({pred_cond.dtype}), got {pred_uncond.dtype}")
-    for name, t in (("pred_cond", pred_cond), ("pred_uncond", pred_uncond)):
-        check(t.shape == z.shape, lambda: f"cfgfast: {name} must have the shape of z {tuple(z.shape)}, got "
-                                          f"{tuple(t.shape)}")
-    check(weights.dtype == torch.float32, lambda: f"cfgfast: weights must be float32, got {weights.dtype}")
-    check(weights.shape == (z.shape[0], 2), lambda: f"cfgfast: weights must have shape [{z.shape[0]}, 2], got "
-                                                    f"{tuple(weights.shape)}")
-    check(x_prev is None or (x_prev.dtype == torch.float32 and x_prev.shape == z.shape and x_prev.is_contiguous()),
-          lambda: f"cfgfast: x_prev must be a contiguous float32 tensor of shape {tuple(z.shape)}")
-    check(nu is None or (nu.dtype == pred_cond.dtype and nu.shape == z.shape),
-          lambda: f"cfgfast: nu must have the dtype of pred_cond ({pred_cond.dtype}) and the shape of z "
-                  f"{tuple(z.shape)}")
-    check(noise is None or (noise.shape == z.shape and noise.dtype == torch.float32),
-          lambda: f"cfgfast: noise must be a float32 tensor of shape {tuple(z.shape)}")
-    check(out.shape == z.shape and out.dtype == torch.float32 and out.is_contiguous(),
-          lambda: f"cfgfast: out must be a contiguous float32 tensor of shape {tuple(z.shape)}")
-    check(len(coef) == NUM_COEFFICIENTS, lambda: f"cfgfast: coef must hold {NUM_COEFFICIENTS} numbers, got {len(coef)}")
-    # one device: a direct call with one meta tensor among CPU ones reaches the fake kernel, which must not pass
-    # for the real one (under torch.compile, fake tensors carry their real devices)
-    for name, t in (("pred_cond", pred_cond), ("pred_uncond", pred_uncond), ("weights", weights),
-                    ("x_prev", x_prev), ("nu", nu), ("noise", noise), ("out", out)):
-        check(t is None or t.device == z.device,
-              lambda: f"cfgfast: all tensors must be on {z.device}, got {name} on {t.device}")
+def op_guided_step_args(out, z, pred_cond, pred_uncond, weights, x_prev, nu, noise, coef, step, index_offset,
+                        clip) -> None:
+    check_type(z.dtype == torch.float32, lambda: f"cfgfast: z must be float32, got {z.dtype}")
+    check_value(z.dim() >= 1, lambda: "cfgfast: z needs a batch dimension, got a 0-d tensor")
+    check_type(pred_cond.dtype in EPS_DTYPES,
+               lambda: f"cfgfast: pred_cond must be float32, bfloat16 or float16, got {pred_cond.dtype}")
+    # the inputs of z's shape, with the argument whose dtype each must have
+    for name, t, like, like_t in (("pred_cond", pred_cond, "pred_cond", pred_cond),
+                                  ("pred_uncond", pred_uncond, "pred_cond", pred_cond),
+                                  ("nu", nu, "pred_cond", pred_cond), ("noise", noise, "z", z)):
+        if t is not None:
+            check_type(t.dtype == like_t.dtype,
+                       lambda: f"cfgfast: {name} must have the dtype of {like} ({like_t.dtype}), got {t.dtype}")
+            check_value(t.shape == z.shape, lambda: f"cfgfast: {name} must have the shape of z {list(z.shape)}, got "
+                                                    f"{list(t.shape)}")
+            check_value(t.device == z.device, lambda: f"cfgfast: {name} must be on z's device {z.device}, got "
+                                                      f"{t.device}")
+    check_type(weights.dtype == torch.float32, lambda: f"cfgfast: weights must be float32, got {weights.dtype}")
+    check_value(weights.shape == (z.shape[0], 2),
+                lambda: f"cfgfast: weights must have shape [{z.shape[0]}, 2], got {list(weights.shape)}")
+    check_value(weights.device == z.device,
+                lambda: f"cfgfast: weights must be on z's device {z.device}, got {weights.device}")
+    for name, t in (("out", out), ("x_prev", x_prev)):  # the written tensors
+        if t is not None:
+            check_value(t.shape == z.shape and t.dtype == torch.float32 and t.is_contiguous() and t.device == z.device,
+                        lambda: f"cfgfast: {name} must be a contiguous float32 tensor of z's shape {list(z.shape)} on "
+                                f"{z.device}")
+            _writable(t, name)
+    check_value(len(coef) == NUM_COEFFICIENTS,
+                lambda: f"cfgfast: coef must hold {NUM_COEFFICIENTS} numbers, got {len(coef)}")
+    check_value(clip is None or 0 < clip <= torch.finfo(torch.float32).max,
+                lambda: f"cfgfast: clip must be positive and finite in float32 (clip=None: no clipping), got {clip}")
     op_noise_out(out, step, 1, index_offset)
+    op_step_memory(out, x_prev, z=z, pred_cond=pred_cond, pred_uncond=pred_uncond, weights=weights, nu=nu,
+                   noise=noise, out=out)
 
 
-def op_guided_table_args(out, z, pred_cond, pred_uncond, weights, x_prev, nu, coef_table, step, index_offset) -> None:
-    check(coef_table.dtype == torch.float64, lambda: f"cfgfast: coef_table must be float64, got {coef_table.dtype}")
-    check(coef_table.dim() == 2 and coef_table.shape[1] == NUM_COEFFICIENTS and coef_table.shape[0] >= 1,
-          lambda: f"cfgfast: coef_table must have shape [T, {NUM_COEFFICIENTS}], got {tuple(coef_table.shape)}")
-    check(coef_table.shape[0] <= MAX_WORD, lambda: "cfgfast: at most 2^32 steps")
-    check(step.dtype == torch.int64, lambda: f"cfgfast: step must be an int64 tensor, got {step.dtype}")
-    check(step.numel() == 1, lambda: f"cfgfast: step must hold one number, got shape {tuple(step.shape)}")
-    check(coef_table.device == z.device and step.device == z.device,
-          lambda: f"cfgfast: coef_table and step must be on {z.device}")
+def op_guided_table_args(out, z, pred_cond, pred_uncond, weights, x_prev, nu, coef_table, step, index_offset,
+                         clip) -> None:
+    check_value(coef_table.dtype == torch.float64 and coef_table.dim() == 2 and coef_table.shape[1] == NUM_COEFFICIENTS
+                and 1 <= coef_table.shape[0] <= MAX_WORD,
+                lambda: f"cfgfast: coef_table must be a float64 tensor of shape [T, {NUM_COEFFICIENTS}] (T at most "
+                        f"2^32; cfgfast.step_table), got {coef_table.dtype} {list(coef_table.shape)}")
+    check_value(step.dtype == torch.int64 and step.numel() == 1,
+                lambda: f"cfgfast: step must be an int64 tensor holding one number, got {step.dtype} "
+                        f"{list(step.shape)}")
+    check_value(coef_table.device == z.device and step.device == z.device,
+                lambda: f"cfgfast: coef_table and step must be on z's device {z.device}")
     op_guided_step_args(out, z, pred_cond, pred_uncond, weights, x_prev, nu, None, [1.0] * NUM_COEFFICIENTS, 0,
-                        index_offset)
-
-
-def op_clip(clip) -> None:
-    check(clip is None or 0 < clip <= torch.finfo(torch.float32).max,
-          lambda: f"cfgfast: clip must be positive and finite in float32, got {clip}")
+                        index_offset, clip)
+    op_step_memory(out, x_prev, coef_table=coef_table, step=step)  # (read by other threads while those are written)

@@ -5,21 +5,19 @@ from __future__ import annotations
 
 import torch
 
-from ._checks import op_clip, op_guided_step_args, op_guided_table_args, op_noise_out
+from ._checks import op_guided_step_args, op_guided_table_args, op_noise_out
 
 
 @torch.library.register_fake("cfgfast::guided_step_")
 def _guided_step_fake(out, z, pred_cond, pred_uncond, weights, x_prev, nu, noise, coef, seed, step, index_offset,
                       clip):
-    op_guided_step_args(out, z, pred_cond, pred_uncond, weights, x_prev, nu, noise, coef, step, index_offset)
-    op_clip(clip)
+    op_guided_step_args(out, z, pred_cond, pred_uncond, weights, x_prev, nu, noise, coef, step, index_offset, clip)
 
 
 @torch.library.register_fake("cfgfast::guided_step_table_")
 def _guided_step_table_fake(out, z, pred_cond, pred_uncond, weights, x_prev, nu, coef_table, step, seed,
                             index_offset, clip):
-    op_guided_table_args(out, z, pred_cond, pred_uncond, weights, x_prev, nu, coef_table, step, index_offset)
-    op_clip(clip)
+    op_guided_table_args(out, z, pred_cond, pred_uncond, weights, x_prev, nu, coef_table, step, index_offset, clip)
 
 
 @torch.library.register_fake("cfgfast::normal_noise_")

@@ -327,7 +327,9 @@ class _DiffusersAdapter(torch.nn.Module):
             raise ValueError(f"z must be [B, {self.in_channels}, H, W], got shape {tuple(z.shape)}")
         batch = z.shape[0]
         for name, value in (("lam", lam), ("labels", labels)):
-            if _checks.like_device(name, value, z).shape != (batch,):
+            if _checks.tensor(name, value).device != z.device:
+                raise ValueError(f"{name} must be on z's device {z.device}, got {value.device}")
+            if value.shape != (batch,):
                 raise ValueError(f"{name} must have shape [{batch}] (one per sample of z), got {tuple(value.shape)}")
         if labels.dtype != torch.int64:
             raise TypeError(f"labels must be int64, got {labels.dtype}")

@@ -12,7 +12,7 @@ import os
 import torch
 
 from . import _ext
-from ._checks import seed_as_int64
+from ._checks import check_value, op_guided_step_args, op_guided_table_args, op_noise_out, op_step_memory, seed_as_int64
 from .reference import guided_step_reference, normal_noise_reference
 from .samplers import StepCoefficients
 
@@ -38,10 +38,9 @@ class Backend:
     def guided_step_table(self, out, z, pred_cond, pred_uncond, weights, x_prev, nu, coef_table, step, seed,
                           index_offset, clip) -> None:
         """The step whose coefficients are row step[0] of coef_table (float64 [T, 10]), read here on the host."""
-        t = int(step.reshape(-1)[0])
-        steps = coef_table.shape[0]
-        if not 0 <= t < steps:
-            raise ValueError(f"step must index coef_table's {steps} rows, got {t}")
+        op_guided_table_args(out, z, pred_cond, pred_uncond, weights, x_prev, nu, coef_table, step, index_offset, clip)
+        t, steps = int(step.reshape(-1)[0]), coef_table.shape[0]
+        check_value(0 <= t < steps, lambda: f"cfgfast: step {t} is outside the table of {steps} steps")
         self.guided_step(out, z, pred_cond, pred_uncond, weights, x_prev, nu, None, coef_table[t].tolist(), seed, t,
                          index_offset, clip)
 
@@ -62,6 +61,7 @@ class ReferenceBackend(Backend):
 
     def guided_step(self, out, z, pred_cond, pred_uncond, weights, x_prev, nu, noise, coef, seed, step, index_offset,
                     clip):
+        op_guided_step_args(out, z, pred_cond, pred_uncond, weights, x_prev, nu, noise, coef, step, index_offset, clip)
         coef = StepCoefficients(*coef)
         if noise is None and coef.noise_std != 0.0:
             noise = normal_noise_reference(z.shape, seed, step, 1, index_offset, device=z.device)
@@ -71,6 +71,7 @@ class ReferenceBackend(Backend):
             x_prev.copy_(x)
 
     def normal_noise(self, out, seed, step, stream, index_offset):
+        op_noise_out(out, step, stream, index_offset)
         out.copy_(normal_noise_reference(out.shape, seed, step, stream, index_offset, device=out.device))
 
 
@@ -79,16 +80,27 @@ class CompiledOpsBackend(Backend):
 
     def guided_step(self, out, z, pred_cond, pred_uncond, weights, x_prev, nu, noise, coef, seed, step, index_offset,
                     clip):
-        torch.ops.cfgfast.guided_step_(out, z, pred_cond, pred_uncond, weights, x_prev, nu, noise, coef,
-                                       seed_as_int64(seed), step, index_offset, clip)
+        try:
+            torch.ops.cfgfast.guided_step_(out, z, pred_cond, pred_uncond, weights, x_prev, nu, noise, coef,
+                                           seed_as_int64(seed), step, index_offset, clip)
+        except RuntimeError:
+            # ATen's overlap check, the op's first, refuses an out over part of an input without naming it
+            op_step_memory(out, x_prev, z=z, pred_cond=pred_cond, pred_uncond=pred_uncond, weights=weights, nu=nu,
+                           noise=noise, out=out)
+            raise
 
     def normal_noise(self, out, seed, step, stream, index_offset):
         torch.ops.cfgfast.normal_noise_(out, seed_as_int64(seed), step, stream, index_offset)
 
     def guided_step_table(self, out, z, pred_cond, pred_uncond, weights, x_prev, nu, coef_table, step, seed,
                           index_offset, clip):
-        torch.ops.cfgfast.guided_step_table_(out, z, pred_cond, pred_uncond, weights, x_prev, nu, coef_table, step,
-                                             seed_as_int64(seed), index_offset, clip)
+        try:
+            torch.ops.cfgfast.guided_step_table_(out, z, pred_cond, pred_uncond, weights, x_prev, nu, coef_table, step,
+                                                 seed_as_int64(seed), index_offset, clip)
+        except RuntimeError:  # (as guided_step)
+            op_step_memory(out, x_prev, z=z, pred_cond=pred_cond, pred_uncond=pred_uncond, weights=weights, nu=nu,
+                           coef_table=coef_table, step=step, out=out)
+            raise
 
 
 class CpuBackend(CompiledOpsBackend):

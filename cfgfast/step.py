@@ -1,9 +1,13 @@
-"""One guided sampler step (SPEC §6) on any backend: the public calls a user's own sampling loop makes."""
+"""One guided sampler step (SPEC §6) on any backend: the public calls a user's own sampling loop makes.
+
+They convert their arguments (numbers to the op's scalars, w to per-sample weights, the coefficient row) and pass
+the tensors on as given: the op checks them by name (csrc/op_checks.h, or its twin in cfgfast/_checks.py)."""
 
 from __future__ import annotations
 
 import functools
 import math
+import re
 import weakref
 
 import numpy as np
@@ -13,14 +17,26 @@ from . import _checks
 from .backends import choose
 from .samplers import NUM_COEFFICIENTS, StepCoefficients, final_coefficients, sampler_step
 
-# A loop that samples batch after batch asks for the same (lam, lam_next, v) again: the float64 formulas cost
-# more Python time than the rest of a small step's checks. (Not while torch.compile traces: it would graph-break
-# on the cache.)
-@functools.lru_cache(maxsize=4096)
-def _ddpm_row(lam: float, lam_next: float, v: float, last: bool) -> list[float]:
+
+def _ddpm_row(lam, lam_next, v, last) -> list[float]:
+    """reverse_step's coefficient row (sampler "ddpm", or x~ on the last step) from its arguments."""
+    lam = _checks.log_snr("lam", lam)
+    lam_next = _checks.log_snr("lam_next", lam_next)
+    if not isinstance(last, (bool, np.bool_)):
+        raise TypeError(f"last must be a bool, got {type(last).__name__}")
+    if not last and not lam < lam_next:
+        raise ValueError(f"lam must be below lam_next on a non-last step, got lam={lam} >= lam_next={lam_next}")
+    v = _checks.unit_interval("v", v)
     if last:
         return final_coefficients("epsilon", lam).as_list()
     return sampler_step("ddpm", [lam, lam_next], 0, v=v).as_list()
+
+
+# A loop that samples batch after batch asks for the same (lam, lam_next, v, last) again: the float64 formulas cost
+# more host time than the rest of a small step's call. Plain numbers only (typed: last=1 is not last=True), and not
+# while torch.compile traces (it would graph-break on the cache).
+_cached_ddpm_row = functools.lru_cache(maxsize=4096, typed=True)(_ddpm_row)
+_PLAIN_NUMBERS = (float, int, bool)
 
 
 def guidance_weights(w: torch.Tensor) -> torch.Tensor:
@@ -45,8 +61,10 @@ def rescaled_weights(pred_cond: torch.Tensor, pred_uncond: torch.Tensor, weights
 
 
 # The weights of the last w seen: a loop passes the same w (a number, or a tensor it does not change) at every
-# step, and making them costs more host time than the rest of a small step's call. A tensor w is matched by
-# identity and version counter (every in-place change of it advances the counter).
+# step, and making them costs more host time than the rest of a small step's call (a tensor w is checked finite
+# there: a host read, on a GPU a synchronisation). A tensor w is matched by identity and version counter (every
+# in-place change of it, also through a view, advances it); writes that bypass the counter (through .data, a NumPy
+# view, a CUDA graph's replay) are not seen, and a non-finite value there gives non-finite samples.
 _LAST_WEIGHTS: tuple | None = None
 
 
@@ -70,50 +88,29 @@ def _weights(w, batch: int, device: torch.device) -> torch.Tensor:
     return weights
 
 
-def _check_common(z, pred_cond, pred_uncond, w, seed, index_offset, clip, out, names=("pred_cond", "pred_uncond")):
-    """The checks every step call shares; returns (weights [B, 2] float32, seed, index_offset, clip, out)."""
-    z = _checks.tensor("z", z)
-    if z.dtype != torch.float32:
-        raise TypeError(f"z must be float32, got {z.dtype}")
-    if z.dim() < 1:
-        raise ValueError("z must have a batch dimension [B, ...], got a 0-d tensor")
-    for name, pred in zip(names, (pred_cond, pred_uncond)):
-        _checks.like_z(name, pred, z)
-        if pred.dtype not in _checks.EPS_DTYPES:
-            raise TypeError(f"{name} must be float32, bfloat16 or float16, got {pred.dtype}")
-    if pred_uncond.dtype != pred_cond.dtype:
-        raise TypeError(f"{names[1]} must have {names[0]}'s dtype {pred_cond.dtype}, got {pred_uncond.dtype}")
-    batch = z.shape[0]
+def _arguments(z, w, seed, index_offset, clip, out, **tensors):
+    """What every step call converts: (weights [B, 2] float32, seed, index_offset, clip, out). The tensors (None: not
+    given) are passed on as they are: their dtypes, shapes, devices and memory are the op's to check."""
+    for name, t in (("z", z), ("out", out), *tensors.items()):
+        if t is not None and not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    batch = z.shape[0] if z.dim() else 0  # (a 0-d z is the op's to refuse)
     index_offset = _checks.index_offset(index_offset, batch, "z's batch")  # (first: w below has batch elements)
     weights = _weights(w, batch, z.device)
     seed = _checks.seed(seed)
-    clip = _checks.clip(clip)
+    clip = None if clip is None else _checks.real("clip", clip)
     if out is None:
         out = torch.empty(z.shape, dtype=torch.float32, device=z.device)
-    elif not (isinstance(out, torch.Tensor) and out.dtype == torch.float32 and out.shape == z.shape
-              and out.device == z.device and out.is_contiguous()):
-        raise ValueError(f"out must be a contiguous float32 tensor of z's shape {tuple(z.shape)} on {z.device}")
-    else:
-        _checks.writable_out(out)
-        _checks.out_may_alias(out, z=z, **{names[0]: pred_cond, names[1]: pred_uncond}, w=weights)
     return weights, seed, index_offset, clip, out
 
 
-def _check_state(x_prev, nu, z, pred_cond, out, inputs):
-    """x_prev: float32 contiguous like z, written (so apart from every other tensor); nu: pred_cond's dtype."""
-    if x_prev is not None:
-        x_prev = _checks.like_z("x_prev", x_prev, z)
-        if x_prev.dtype != torch.float32 or not x_prev.is_contiguous():
-            raise ValueError(f"x_prev must be a contiguous float32 tensor of z's shape {tuple(z.shape)}")
-        _checks.writable_out(x_prev)
-        for name, t in inputs.items():
-            if t is not None and t.device == x_prev.device and _checks.overlaps(x_prev, t):
-                raise ValueError(f"x_prev must not overlap {name}: the step writes x~ into it")
-    if nu is not None:
-        nu = _checks.like_z("nu", nu, z)
-        if nu.dtype != pred_cond.dtype:
-            raise TypeError(f"nu must have pred_cond's dtype {pred_cond.dtype}, got {nu.dtype}")
-    return x_prev, nu
+def _noise(noise):
+    """Explicit noise as float32, as the op reads it."""
+    if noise is None or noise.dtype == torch.float32:
+        return noise
+    if not noise.is_floating_point():
+        raise TypeError(f"noise must be a floating-point tensor, got {noise.dtype}")
+    return noise.float()
 
 
 def _coefficient_row(coef) -> list[float]:
@@ -149,30 +146,19 @@ def guided_step(z, pred_cond, pred_uncond, coef, w, *, x_prev=None, nu=None, noi
     guidance_rescale=phi in [0, 1] rescales g towards the conditional output's standard deviation per sample
     (SPEC §7, diffusers' rescale_noise_cfg).
     """
-    weights, seed, index_offset, clip, out = _check_common(z, pred_cond, pred_uncond, w, seed, index_offset, clip,
-                                                           out)
+    weights, seed, index_offset, clip, out = _arguments(z, w, seed, index_offset, clip, out, pred_cond=pred_cond,
+                                                        pred_uncond=pred_uncond, x_prev=x_prev, nu=nu, noise=noise)
     guidance_rescale = _checks.unit_interval("guidance_rescale", guidance_rescale)
-    if guidance_rescale:
-        weights = rescaled_weights(pred_cond, pred_uncond, weights, guidance_rescale)
     row = _coefficient_row(coef)
-    x_prev, nu = _check_state(x_prev, nu, z, pred_cond, out, dict(z=z, pred_cond=pred_cond, pred_uncond=pred_uncond,
-                                                                  out=out, nu=nu, noise=noise))
-    noise = _check_noise(noise, z, out)
+    noise = _noise(noise)
     step = _checks.integer("step", step, high=_checks.MAX_WORD)
-    choose(backend, z.device).guided_step(out, z, pred_cond, pred_uncond, weights, x_prev, nu, noise, row, seed,
-                                          step, index_offset, clip)
+    stepper = choose(backend, z.device)
+    if guidance_rescale:  # (it reads pred_cond and pred_uncond before the op: checked first, by the op's twin)
+        _checks.op_guided_step_args(out, z, pred_cond, pred_uncond, weights, x_prev, nu, noise, row, step,
+                                    index_offset, clip)
+        weights = rescaled_weights(pred_cond, pred_uncond, weights, guidance_rescale)
+    stepper.guided_step(out, z, pred_cond, pred_uncond, weights, x_prev, nu, noise, row, seed, step, index_offset, clip)
     return out
-
-
-def _check_noise(noise, z, out):
-    if noise is None:
-        return None
-    noise = _checks.like_z("noise", noise, z)
-    if not noise.is_floating_point():
-        raise TypeError(f"noise must be a floating-point tensor, got {noise.dtype}")
-    noise = noise.float()
-    _checks.out_may_alias(out, noise=noise)
-    return noise
 
 
 def guided_step_table(z, pred_cond, pred_uncond, coef_table, step, w, *, x_prev=None, nu=None, seed=0,
@@ -183,20 +169,16 @@ def guided_step_table(z, pred_cond, pred_uncond, coef_table, step, w, *, x_prev=
     on z's device holding t. On CUDA, t is read by the kernel, so a captured CUDA graph that also advances `step`
     (step += 1) replays every step of a sampling loop. The noise is that of SPEC §3 at t.
     """
-    weights, seed, index_offset, clip, out = _check_common(z, pred_cond, pred_uncond, w, seed, index_offset, clip,
-                                                           out)
-    coef_table = _checks.like_device("coef_table", coef_table, z)
-    if coef_table.dtype != torch.float64 or coef_table.dim() != 2 or coef_table.shape[1] != NUM_COEFFICIENTS:
-        raise ValueError(f"coef_table must be a float64 tensor [T, {NUM_COEFFICIENTS}] (cfgfast.step_table), got "
-                         f"{coef_table.dtype} {tuple(coef_table.shape)}")
-    step = _checks.like_device("step", step, z)
-    if step.dtype != torch.int64 or step.numel() != 1:
-        raise ValueError(f"step must be an int64 tensor holding one number, got {step.dtype} {tuple(step.shape)}")
-    x_prev, nu = _check_state(x_prev, nu, z, pred_cond, out, dict(z=z, pred_cond=pred_cond, pred_uncond=pred_uncond,
-                                                                  out=out, nu=nu, coef_table=coef_table, step=step))
+    weights, seed, index_offset, clip, out = _arguments(z, w, seed, index_offset, clip, out, pred_cond=pred_cond,
+                                                        pred_uncond=pred_uncond, coef_table=coef_table, step=step,
+                                                        x_prev=x_prev, nu=nu)
     choose(backend, z.device).guided_step_table(out, z, pred_cond, pred_uncond, weights, x_prev, nu, coef_table, step,
                                                 seed, index_offset, clip)
     return out
+
+
+# The op names the model's outputs pred_cond and pred_uncond; reverse_step's arguments are eps_cond and eps_uncond.
+_EPS_NAMES = re.compile(r"\bpred_(cond|uncond)\b")
 
 
 def reverse_step(z, eps_cond, eps_uncond, lam, lam_next, w, v=0.3, *, noise=None, seed=0, step=0, index_offset=0,
@@ -210,20 +192,19 @@ def reverse_step(z, eps_cond, eps_uncond, lam, lam_next, w, v=0.3, *, noise=None
     `noise` is given. last=True returns x~ = (z - sigma eps~) / alpha with no noise. clip=c clamps x~
     to [-c, c] first. out: an optional contiguous float32 tensor of z's shape to write into (may be z).
     """
-    weights, seed, index_offset, clip, out = _check_common(z, eps_cond, eps_uncond, w, seed, index_offset, clip, out,
-                                                           names=("eps_cond", "eps_uncond"))
-    lam = _checks.log_snr("lam", lam)
-    lam_next = _checks.log_snr("lam_next", lam_next)
-    if not isinstance(last, (bool, np.bool_)):
-        raise TypeError(f"last must be a bool, got {type(last).__name__}")
-    last = bool(last)
-    if not last and not lam < lam_next:
-        raise ValueError(f"lam must be below lam_next on a non-last step, got lam={lam} >= lam_next={lam_next}")
-    v = _checks.unit_interval("v", v)
-    noise = _check_noise(noise, z, out)
+    weights, seed, index_offset, clip, out = _arguments(z, w, seed, index_offset, clip, out, eps_cond=eps_cond,
+                                                        eps_uncond=eps_uncond, noise=noise)
+    if type(lam) in _PLAIN_NUMBERS and type(lam_next) in _PLAIN_NUMBERS and type(v) in _PLAIN_NUMBERS \
+            and type(last) in _PLAIN_NUMBERS and not torch.compiler.is_compiling():
+        row = _cached_ddpm_row(lam, lam_next, v, last)
+    else:
+        row = _ddpm_row(lam, lam_next, v, last)
+    noise = _noise(noise)
     step = _checks.integer("step", step, high=_checks.MAX_WORD)
-    row = _ddpm_row.__wrapped__(lam, lam_next, v, last) if torch.compiler.is_compiling() else \
-        _ddpm_row(lam, lam_next, v, last)
-    choose(backend, z.device).guided_step(out, z, eps_cond, eps_uncond, weights, None, None, noise, row, seed, step,
-                                          index_offset, clip)
+    stepper = choose(backend, z.device)
+    try:
+        stepper.guided_step(out, z, eps_cond, eps_uncond, weights, None, None, noise, row, seed, step, index_offset,
+                            clip)
+    except (TypeError, ValueError) as error:
+        raise type(error)(_EPS_NAMES.sub(r"eps_\1", str(error))) from None
     return out

@@ -19,8 +19,7 @@ from typing import Optional
 import torch
 from torch._subclasses.fake_tensor import is_fake
 
-from ._checks import (check, check_value, op_clip, op_guided_step_args, op_guided_table_args, op_noise_out,
-                      out_may_alias, overlaps, seed_as_int64)
+from ._checks import check, check_value, op_guided_step_args, op_guided_table_args, op_noise_out, seed_as_int64
 
 try:
     import triton
@@ -333,31 +332,14 @@ if triton is not None:
         to 2^-150 round to zero; NaN is nonzero."""
         return not abs(value) <= 2.0**-150
 
-    def _check_contiguous(**tensors: Optional[torch.Tensor]) -> None:
-        for name, t in tensors.items():
+    def _ready(out: torch.Tensor, **inputs: Optional[torch.Tensor]) -> bool:
+        """The checks both step ops make after the contract's: inputs contiguous, a launch the grid can take; False
+        where there is nothing to compute."""
+        for name, t in inputs.items():
             check(t is None or t.is_contiguous(),
                   lambda: f"cfgfast: the triton kernels take contiguous tensors, got {name} with strides {t.stride()}")
-
-    def _x_prev_disjoint(x_prev: Optional[torch.Tensor], **tensors: Optional[torch.Tensor]) -> None:
-        """x_prev is written while every other tensor is read, by other programs too: no byte of it may be shared,
-        not even as a whole-tensor alias (check_disjoint in csrc/op_checks.h)."""
-        if x_prev is None:
-            return
-        for name, t in tensors.items():
-            if t is not None and overlaps(x_prev, t):
-                raise ValueError(f"cfgfast: x_prev must not overlap {name} (it is written)")
-
-    def _ready(out: torch.Tensor, x_prev: Optional[torch.Tensor], **inputs: Optional[torch.Tensor]) -> bool:
-        """The checks both step ops make after the contract's: inputs contiguous, a launch the grid can take, out and
-        x_prev apart from the inputs; False where there is nothing to compute."""
-        _check_contiguous(**inputs)
         _check_launch(out)
-        if out.numel() == 0 or out.device.type == "meta":  # (meta tensors: shapes only, nothing to compute)
-            return False
-        if not is_fake(out):  # (traced by torch.compile, the op's fake tensors have no addresses)
-            out_may_alias(out, **inputs)
-            _x_prev_disjoint(x_prev, out=out, **inputs)
-        return True
+        return out.numel() != 0 and out.device.type != "meta"  # (meta tensors: shapes only, nothing to compute)
 
     @torch.library.triton_op("cfgfast::triton_guided_step_", mutates_args=("out", "x_prev"))
     def _guided_step_op(
@@ -375,9 +357,8 @@ if triton is not None:
         index_offset: int,
         clip: Optional[float],
     ) -> None:
-        op_guided_step_args(out, z, pred_cond, pred_uncond, weights, x_prev, nu, noise, coef, step, index_offset)
-        op_clip(clip)
-        if not _ready(out, x_prev, z=z, pred_cond=pred_cond, pred_uncond=pred_uncond, weights=weights, nu=nu,
+        op_guided_step_args(out, z, pred_cond, pred_uncond, weights, x_prev, nu, noise, coef, step, index_offset, clip)
+        if not _ready(out, z=z, pred_cond=pred_cond, pred_uncond=pred_uncond, weights=weights, nu=nu,
                       noise=noise):
             return
         # what the row needs, decided here so that each kernel holds only that (no Philox where nothing is drawn)
@@ -409,9 +390,9 @@ if triton is not None:
         index_offset: int,
         clip: Optional[float],
     ) -> None:
-        op_guided_table_args(out, z, pred_cond, pred_uncond, weights, x_prev, nu, coef_table, step, index_offset)
-        op_clip(clip)
-        if not _ready(out, x_prev, z=z, pred_cond=pred_cond, pred_uncond=pred_uncond, weights=weights, nu=nu,
+        op_guided_table_args(out, z, pred_cond, pred_uncond, weights, x_prev, nu, coef_table, step, index_offset,
+                             clip)
+        if not _ready(out, z=z, pred_cond=pred_cond, pred_uncond=pred_uncond, weights=weights, nu=nu,
                       coef_table=coef_table, step=step):
             return
         per_sample, blocks, grid = _launch_shape(out)

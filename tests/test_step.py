@@ -390,3 +390,44 @@ def test_a_w_changed_in_place_between_calls_is_read_again():
     b = cfgfast.guided_step(z, o_c, o_u, row, 5.0, backend="reference")
     torch.testing.assert_close(b, cfgfast.guided_step(z, o_c, o_u, row, torch.full((2,), 5.0), backend="reference"))
     assert not torch.equal(a, b)
+
+
+def _cpu_backends():
+    """The backends that run on CPU tensors here (triton: under TRITON_INTERPRET=1)."""
+    from cfgfast.backends import _BACKENDS
+
+    return {name: b for name, b in _BACKENDS.items() if not b.refusals(torch.device("cpu"))}
+
+
+def _bad_memory_cases():
+    """Inputs only the memory checks refuse: (name, out, z, x_prev)."""
+    shrunk = torch.randn(16)
+    z_shrunk = shrunk.view(2, 8)
+    shrunk.untyped_storage().resize_(32)  # the view needs 64 bytes
+    buffer = torch.randn(40)
+    with torch.inference_mode():
+        frozen = torch.empty(2, 8)
+    z = torch.randn(2, 8)
+    return [
+        ("z's storage shrunk", torch.empty(2, 8), z_shrunk, None),
+        ("out over part of z", buffer[2:18].view(2, 8), buffer[:16].view(2, 8), None),
+        ("x_prev is z", torch.empty(2, 8), z, z),
+        ("x_prev over out", buffer[24:40].view(2, 8), z, buffer[20:36].view(2, 8)),
+        ("out made under inference_mode", frozen, z, None),
+    ]
+
+
+@pytest.mark.parametrize("case", range(5))
+def test_every_backend_refuses_alike(case):
+    """One contract for the step's tensors (csrc/op_checks.h, and its twin in cfgfast/_checks.py for the reference
+    and Triton backends): every backend refuses the same input with the same error and words, memory included."""
+    what, out, z, x_prev = _bad_memory_cases()[case]
+    row = cfgfast.step_table("ddpm", [-1.0, 0.0, 1.0])[0].tolist()
+    errors = {}
+    for name, backend in _cpu_backends().items():
+        with pytest.raises((TypeError, ValueError)) as error:
+            backend.guided_step(out, z, torch.randn(2, 8), torch.randn(2, 8), torch.ones(2, 2), x_prev, None, None,
+                                row, 0, 0, 0, None)
+        errors[name] = (type(error.value), str(error.value))
+    assert len(set(errors.values())) == 1, (what, errors)
+    assert next(iter(errors.values()))[1].startswith("cfgfast: "), (what, errors)

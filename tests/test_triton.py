@@ -440,28 +440,32 @@ def test_empty_tensors(device):
 def test_op_checks_refuse_bad_input(device):
     z, pc, pu, weights, x_prev, nu = make_inputs((2, 8), torch.float32, device)
     out = torch.empty_like(z)
-    bad_calls = {  # the op's own words (cfgfast/_checks.py), each naming what is wrong
-        "pred_uncond must have the dtype of pred_cond": lambda: run_step(z, pc, pu.half(), weights, COEF, out=out),
-        r"weights must have shape \[2, 2\]": lambda: run_step(z, pc, pu, weights[:, :1], COEF, out=out),
-        "out must be a contiguous float32": lambda: run_step(z, pc, pu, weights, COEF, out=out.double()),
-        "x_prev must be a contiguous float32": lambda: run_step(z, pc, pu, weights, COEF, x_prev=x_prev.t().t()[:, ::1]
-                                                                 .double(), out=out),
-        "nu must have the dtype of pred_cond": lambda: run_step(z, pc, pu, weights, COEF, nu=nu.half(), out=out),
-        r"index_offset \+ batch must be in": lambda: run_step(z, pc, pu, weights, COEF, index_offset=2**32 - 1,
-                                                              out=out),
-        "step must be in": lambda: run_step(z, pc, pu, weights, COEF, step=2**32, out=out),
-        "clip must be positive and finite in float32": lambda: run_step(z, pc, pu, weights, COEF, clip=-1.0, out=out),
-        "coef must hold 10 numbers": lambda: triton_step.guided_step_triton(out, z, pc, pu, weights, None, None, None,
-                                                                             [1.0] * 7, 0, 0, 0, None),
-        "coef_table must have shape": lambda: triton_step.guided_step_table_triton(
+    bad_calls = {  # the op's own words and errors (cfgfast/_checks.py, as csrc/op_checks.h), each naming what is wrong
+        "pred_uncond must have the dtype of pred_cond": (TypeError, lambda: run_step(z, pc, pu.half(), weights, COEF,
+                                                                                     out=out)),
+        r"weights must have shape \[2, 2\]": (ValueError, lambda: run_step(z, pc, pu, weights[:, :1], COEF, out=out)),
+        "out must be a contiguous float32": (ValueError, lambda: run_step(z, pc, pu, weights, COEF, out=out.double())),
+        "x_prev must be a contiguous float32": (ValueError, lambda: run_step(z, pc, pu, weights, COEF,
+                                                                             x_prev=x_prev.t().t()[:, ::1].double(),
+                                                                             out=out)),
+        "nu must have the dtype of pred_cond": (TypeError, lambda: run_step(z, pc, pu, weights, COEF, nu=nu.half(),
+                                                                            out=out)),
+        r"index_offset \+ batch must be in": (ValueError, lambda: run_step(z, pc, pu, weights, COEF,
+                                                                            index_offset=2**32 - 1, out=out)),
+        "step must be in": (ValueError, lambda: run_step(z, pc, pu, weights, COEF, step=2**32, out=out)),
+        "clip must be positive and finite in float32": (ValueError, lambda: run_step(z, pc, pu, weights, COEF,
+                                                                                     clip=-1.0, out=out)),
+        "coef must hold 10 numbers": (ValueError, lambda: triton_step.guided_step_triton(
+            out, z, pc, pu, weights, None, None, None, [1.0] * 7, 0, 0, 0, None)),
+        "coef_table must be a float64 tensor of shape": (ValueError, lambda: triton_step.guided_step_table_triton(
             out, z, pc, pu, weights, None, None, torch.zeros(3, 7, dtype=torch.float64, device=device),
-            torch.tensor([0], device=device), 0, 0, None),
-        "step must be an int64 tensor": lambda: triton_step.guided_step_table_triton(
+            torch.tensor([0], device=device), 0, 0, None)),
+        "step must be an int64 tensor": (ValueError, lambda: triton_step.guided_step_table_triton(
             out, z, pc, pu, weights, None, None, torch.zeros(3, 10, dtype=torch.float64, device=device),
-            torch.tensor([0], dtype=torch.int32, device=device), 0, 0, None),
+            torch.tensor([0], dtype=torch.int32, device=device), 0, 0, None)),
     }
-    for message, call in bad_calls.items():
-        with pytest.raises(RuntimeError, match="cfgfast: " + message):
+    for message, (error, call) in bad_calls.items():
+        with pytest.raises(error, match="cfgfast: " + message):
             call()
     # out over part of an input: the C++ ops refuse it too (an in-place step into z itself is allowed); x_prev,
     # written, shares no byte with any other tensor

@@ -43,8 +43,7 @@ void guided_step_cpu(at::Tensor& out, const at::Tensor& z, const at::Tensor& pre
                      const c10::optional<at::Tensor>& nu, const c10::optional<at::Tensor>& noise,
                      c10::ArrayRef<double> coef, int64_t seed, int64_t step, int64_t index_offset,
                      c10::optional<double> clip) {
-  check_guided_step_args(out, z, pred_cond, pred_uncond, weights, x_prev, nu, noise, coef, step, index_offset);
-  check_clip(clip);
+  check_guided_step_args(out, z, pred_cond, pred_uncond, weights, x_prev, nu, noise, coef, step, index_offset, clip);
   TORCH_CHECK_VALUE(z.device().is_cpu(), "cfgfast: the cpu kernel needs CPU tensors, got ", z.device());
   // Logical C order everywhere: the noise index j does not depend on the memory format.
   const at::Tensor zc = z.contiguous(), pc = pred_cond.contiguous(), pu = pred_uncond.contiguous(),
@@ -80,8 +79,7 @@ void guided_step_table_cpu(at::Tensor& out, const at::Tensor& z, const at::Tenso
                            const c10::optional<at::Tensor>& x_prev, const c10::optional<at::Tensor>& nu,
                            const at::Tensor& coef_table, const at::Tensor& step, int64_t seed, int64_t index_offset,
                            c10::optional<double> clip) {
-  check_guided_table_args(out, z, pred_cond, pred_uncond, weights, x_prev, nu, coef_table, step, index_offset);
-  check_clip(clip);
+  check_guided_table_args(out, z, pred_cond, pred_uncond, weights, x_prev, nu, coef_table, step, index_offset, clip);
   const int64_t t = step.item<int64_t>(), steps = coef_table.size(0);
   TORCH_CHECK_VALUE(t >= 0 && t < steps, "cfgfast: step ", t, " is outside the table of ", steps, " steps");
   const at::Tensor row = coef_table[t].contiguous();

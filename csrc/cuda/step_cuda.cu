@@ -152,8 +152,7 @@ void guided_step_cuda(at::Tensor& out, const at::Tensor& z, const at::Tensor& pr
                       const c10::optional<at::Tensor>& nu, const c10::optional<at::Tensor>& noise,
                       c10::ArrayRef<double> coef, int64_t seed, int64_t step, int64_t index_offset,
                       c10::optional<double> clip) {
-  check_guided_step_args(out, z, pred_cond, pred_uncond, weights, x_prev, nu, noise, coef, step, index_offset);
-  check_clip(clip);
+  check_guided_step_args(out, z, pred_cond, pred_uncond, weights, x_prev, nu, noise, coef, step, index_offset, clip);
   TORCH_CHECK_VALUE(z.device().is_cuda(), "cfgfast: the cuda kernel needs CUDA tensors, got ", z.device());
   const c10::cuda::CUDAGuard guard(z.device());
   const StepInputs in = contiguous_inputs(z, pred_cond, pred_uncond, weights, nu, noise);
@@ -169,8 +168,7 @@ void guided_step_table_cuda(at::Tensor& out, const at::Tensor& z, const at::Tens
                             const c10::optional<at::Tensor>& x_prev, const c10::optional<at::Tensor>& nu,
                             const at::Tensor& coef_table, const at::Tensor& step, int64_t seed, int64_t index_offset,
                             c10::optional<double> clip) {
-  check_guided_table_args(out, z, pred_cond, pred_uncond, weights, x_prev, nu, coef_table, step, index_offset);
-  check_clip(clip);
+  check_guided_table_args(out, z, pred_cond, pred_uncond, weights, x_prev, nu, coef_table, step, index_offset, clip);
   TORCH_CHECK_VALUE(z.device().is_cuda(), "cfgfast: the cuda kernel needs CUDA tensors, got ", z.device());
   const c10::cuda::CUDAGuard guard(z.device());
   const StepInputs in = contiguous_inputs(z, pred_cond, pred_uncond, weights, nu, c10::nullopt);
