@@ -159,10 +159,9 @@ def guidance(w, batch: int, device: torch.device, name: str = "w") -> torch.Tens
             raise TypeError(f"{name} must be a real tensor, got {w.dtype}")
         if w.device.type == "meta":
             raise ValueError(f"{name} must have values, got a tensor on the meta device")
-        # The check reads w on the host: not possible while torch.compile traces or a CUDA graph captures
-        # (there w was checked when it was made, or the caller's loop checks it once before capture).
-        # (is_compiling first: is_current_stream_capturing returns a bool, which torch.compile cannot trace)
-        # (in float32, as the kernels read it: 1e300 in float64 is not finite there)
+        # The check reads w on the host, in float32 as the kernels read it (1e300 in float64 is not finite there):
+        # not while torch.compile traces or a CUDA graph captures (w was checked when it was made, or the caller's
+        # loop checks it once before capture). is_compiling first: torch.compile cannot trace the capture's bool.
         if not torch.compiler.is_compiling() and not (w.is_cuda and torch.cuda.is_current_stream_capturing()) \
                 and not bool(torch.isfinite(w.to(torch.float32)).all()):
             raise ValueError("w must be finite (in float32), got a non-finite value")
@@ -208,7 +207,6 @@ def seed(value) -> int:
 def seed_as_int64(value: int) -> int:
     """The op schema carries the seed as int64: two's complement of a seed in [0, 2^64)."""
     return value - 2**64 if value >= 2**63 else value
-
 
 
 # ---- the ops' own checks: csrc/op_checks.h's twin, in its order and words, for the fake kernels of the compiled
