@@ -222,6 +222,18 @@ SAMPLE_MODELS: dict[str, dict[str, tuple[int, int]]] = (
 )
 
 
+# The host time of one public step call: tiny tensors, so that what is timed is the Python and the dispatch between
+# the call and the kernel, which a sampling loop of a small model pays at every step (benchmarks/test_host_speed.py).
+HOST_SHAPE = (2, 4)
+HOST_SIZE = "host time, z [2, 4]"
+
+
+def host_label(backend: str, call: str) -> str:
+    return {"reverse_step": f"cfgfast.reverse_step {backend}, out=",
+            "guided_step": f"cfgfast.guided_step {backend}, out=",
+            "op": f"bare op torch.ops.cfgfast.guided_step_ ({backend})"}[call]
+
+
 def sample_size(device: str, model: str) -> str:
     batch, steps = SAMPLE_MODELS[device][model]
     return f"sample {model}, batch {batch}, {steps} steps"
