@@ -265,8 +265,9 @@ def _writable(t: torch.Tensor, name: str) -> None:
 
 
 def op_step_memory(out, x_prev, /, **inputs) -> None:
-    """check_step_memory: out may be one of the inputs exactly but must not partly overlap any; x_prev, written while
-    every other tensor is read, shares no byte with any."""
+    """check_step_memory: out may be one of the inputs exactly but must not partly overlap a contiguous one (a
+    non-contiguous input is copied before anything is written); x_prev, written while every other tensor is read,
+    shares no byte with any."""
     if not _real(out):
         return
     lo, hi = _byte_range(out)
@@ -278,8 +279,9 @@ def op_step_memory(out, x_prev, /, **inputs) -> None:
             t_lo, t_hi = _byte_range(t)
             same = (t.data_ptr() == out.data_ptr() and t.stride() == out.stride() and t.shape == out.shape
                     and t.dtype == out.dtype)  # (a 16-bit view of out's bytes is not the same elements)
-            check_value(same or t_lo >= hi or lo >= t_hi, lambda: f"cfgfast: out must not partly overlap {name} (it "
-                                                                  f"may be {name} itself, for an in-place step)")
+            check_value(same or not t.is_contiguous() or t_lo >= hi or lo >= t_hi,
+                        lambda: f"cfgfast: out must not partly overlap {name} (it may be {name} itself, for an "
+                                "in-place step)")
             _storage(t, name)
             check_value(x_prev is None or t_lo >= x_hi or x_lo >= t_hi,
                         lambda: f"cfgfast: x_prev must not overlap {name} (it is written)")
@@ -331,6 +333,7 @@ def op_guided_step_args(out, z, pred_cond, pred_uncond, weights, x_prev, nu, noi
     check_value(clip is None or 0 < clip <= torch.finfo(torch.float32).max,
                 lambda: f"cfgfast: clip must be positive and finite in float32 (clip=None: no clipping), got {clip}")
     op_noise_out(out, step, 1, index_offset)
+    # (out among the inputs: x_prev must not overlap it either)
     op_step_memory(out, x_prev, z=z, pred_cond=pred_cond, pred_uncond=pred_uncond, weights=weights, nu=nu,
                    noise=noise, out=out)
 

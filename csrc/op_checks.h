@@ -63,10 +63,11 @@ inline void check_writable(const at::Tensor& t, const char* name) {
 }
 
 // The memory of a step's tensors. out may be an input itself (the same elements) but must not partly overlap
-// one: the kernels read each element just before writing it, never another one. ATen's overlap check compares
-// storages; two storages over the same memory (from_numpy, frombuffer) are caught by address. x_prev, written
-// (with x~) while every other tensor is read, by other threads too, shares no byte with any, not even as a
-// whole-tensor alias.
+// one: the kernels read each element just before writing it, never another one. A non-contiguous input is copied
+// before anything is written, so its memory may lie anywhere (but ATen's check, first, refuses a dense one, such as
+// a permutation, over part of out in the same storage). ATen's overlap check compares storages; two storages over
+// the same memory (from_numpy, frombuffer) are caught by address. x_prev, written (with x~) while every other
+// tensor is read, by other threads too, shares no byte with any, not even as a whole-tensor alias.
 inline void check_step_memory(const at::Tensor& out, const c10::optional<at::Tensor>& x_prev,
                               std::initializer_list<Arg> inputs) {
   const auto o = byte_span(out), x = x_prev.has_value() ? byte_span(*x_prev) : std::pair<uintptr_t, uintptr_t>{};
@@ -77,8 +78,9 @@ inline void check_step_memory(const at::Tensor& out, const c10::optional<at::Ten
     const auto b = byte_span(*t);
     const bool same = out.const_data_ptr() == t->const_data_ptr() && out.sizes() == t->sizes() &&
                       out.strides() == t->strides() && out.scalar_type() == t->scalar_type();
-    TORCH_CHECK_VALUE(same || b.first >= o.second || o.first >= b.second, "cfgfast: out must not partly overlap ",
-                      name, " (it may be ", name, " itself, for an in-place step)");
+    TORCH_CHECK_VALUE(same || !t->is_contiguous() || b.first >= o.second || o.first >= b.second,
+                      "cfgfast: out must not partly overlap ", name, " (it may be ", name,
+                      " itself, for an in-place step)");
     check_storage(*t, name);
     TORCH_CHECK_VALUE(!x_prev.has_value() || b.first >= x.second || x.first >= b.second,
                       "cfgfast: x_prev must not overlap ", name, " (it is written)");
@@ -156,6 +158,7 @@ inline void check_guided_step_args(const at::Tensor& out, const at::Tensor& z, c
                     "cfgfast: clip must be positive and finite in float32 (clip=None: no clipping), got ",
                     clip.has_value() ? *clip : 0.0);
   check_noise_out(out, step, /*stream=*/1, index_offset);
+  // (out among the inputs: x_prev must not overlap it either)
   check_step_memory(out, x_prev, {{"z", &z}, {"pred_cond", &pred_cond}, {"pred_uncond", &pred_uncond},
                                   {"weights", &weights}, {"nu", given(nu)}, {"noise", given(noise)}, {"out", &out}});
 }

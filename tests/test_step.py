@@ -431,3 +431,22 @@ def test_every_backend_refuses_alike(case):
         errors[name] = (type(error.value), str(error.value))
     assert len(set(errors.values())) == 1, (what, errors)
     assert next(iter(errors.values()))[1].startswith("cfgfast: "), (what, errors)
+
+
+def test_every_backend_takes_a_strided_input_over_out():
+    """A non-contiguous input is copied before out is written: every backend takes one whose memory spans out's,
+    gives the step of its copy and writes nothing but out."""
+    generator = torch.Generator().manual_seed(3)
+    base = torch.randn(3, 2, 8, generator=generator)
+    o_c, o_u = torch.randn(2, 8, generator=generator), torch.randn(2, 8, generator=generator)
+    weights = torch.tensor([[2.5, 1.5], [1.0, 0.0]])
+    row = cfgfast.step_table("ddpm", [-1.0, 0.0, 1.0])[0].tolist()
+    want = torch.empty(2, 8)
+    cfgfast.backends.choose("reference", torch.device("cpu")).guided_step(
+        want, base[::2, 0].clone(), o_c, o_u, weights, None, None, None, row, 5, 0, 0, None)
+    for name, backend in _cpu_backends().items():
+        buffer = base.clone()
+        out, z = buffer[1], buffer[::2, 0]  # z: rows 0 and 2 of the buffer, on both sides of out
+        backend.guided_step(out, z, o_c, o_u, weights, None, None, None, row, 5, 0, 0, None)
+        torch.testing.assert_close(out, want, msg=name)
+        assert torch.equal(buffer[::2], base[::2]), name
