@@ -215,6 +215,21 @@ if triton is not None:
             total += tl.load(partials_ptr + (b * chunks + c) * SIZE + offsets, mask=mask, other=0.0)
         tl.store(out_ptr + b * SIZE + offsets, total, mask=mask)
 
+    # The combos a device has seen, as float64 tensors there: a host-to-device copy cannot run while a CUDA graph
+    # captures, and a sampling loop's warm-up (before its capture) asks for the combos its captured steps use.
+    _COMBOS: dict[tuple, torch.Tensor] = {}
+
+    def _combos_on(device: torch.device, combos: list[float]) -> torch.Tensor:
+        if torch.compiler.is_compiling():  # (traced: the graph holds its own tensor, and a fake one is never kept)
+            return torch.tensor(combos, dtype=torch.float64).to(device)
+        key = (device, tuple(combos))
+        found = _COMBOS.get(key)
+        if found is None:
+            if len(_COMBOS) >= 64:
+                _COMBOS.clear()
+            found = _COMBOS[key] = torch.tensor(combos, dtype=torch.float64).to(device)
+        return found
+
     @torch.library.triton_op("cfgfast::triton_sample_moments", mutates_args=())
     def _sample_moments_op(inputs: list[torch.Tensor], combos: list[float], num_vectors: int) -> torch.Tensor:
         _op_moments_args(inputs, combos, num_vectors)
@@ -237,7 +252,7 @@ if triton is not None:
         full = first.new_zeros((batch, vpad, vpad + 1), dtype=torch.float64)
         if batch * chunks > 0 and first.device.type != "meta":
             padded = inputs + [first] * (MAX_INPUTS - len(inputs))  # (unused pointers: any)
-            combos_t = torch.tensor(combos, dtype=torch.float64).to(first.device)
+            combos_t = _combos_on(first.device, combos)
             with _on_device(first):
                 _wrapped(_moments_chunk_kernel)[(batch * chunks,)](
                     *padded, combos_t, partials, per_sample, chunks, K=len(inputs), V=v, VPAD=vpad,
