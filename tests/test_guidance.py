@@ -204,3 +204,31 @@ def test_bad_guidance_arguments():
         cfgfast.sample(model, labels, 1.0, 4, guidance=APG(), classifier=classifier)
     with pytest.raises(ValueError, match="APG with momentum needs its running value"):
         Guide(APG(momentum=0.5))
+
+
+def test_ddpm_with_threshold_equals_diffusers_ddpm_scheduler(monkeypatch):
+    """DDPMScheduler(thresholding=True) thresholds its x0 before the posterior mean, as the ddpm row's x~ here."""
+    diffusers = pytest.importorskip("diffusers")
+    from diffusers.schedulers import scheduling_ddpm
+
+    p, bound = 0.9, 1.6
+    scheduler = diffusers.DDPMScheduler(variance_type="fixed_small", clip_sample=False, thresholding=True,
+                                        dynamic_thresholding_ratio=p, sample_max_value=bound)
+    scheduler.set_timesteps(25)
+    alphas = scheduler.alphas_cumprod.double()[scheduler.timesteps]
+    lams = torch.log(alphas / (1 - alphas)).tolist()
+    model = classes16()
+    batch = LABELS.shape[0]
+    null = torch.full_like(LABELS, model.null_label)
+    z = cfgfast.normal_noise((batch, 16), 8, step=0, stream=0, backend="reference")
+    w = W.reshape(-1, 1)
+    for t, timestep in enumerate(scheduler.timesteps):
+        lam_b = torch.full((batch,), lams[t])
+        eps = (1 + w) * model(z, lam_b, LABELS) - w * model(z, lam_b, null)
+        noise = cfgfast.normal_noise(z.shape, 8, step=t, stream=1, backend="reference")
+        monkeypatch.setattr(scheduling_ddpm, "randn_tensor", lambda *a, noise=noise[..., None], **k: noise)
+        # (as [B, 16, 1]: diffusers' thresholding takes a channel dimension and at least one more)
+        z = scheduler.step(eps[..., None], timestep, z[..., None]).prev_sample[..., 0]
+    for backend in BACKENDS:
+        ours = cfgfast.sample(model, LABELS, W, lambdas=lams, seed=8, v=0.0, threshold=(p, bound), backend=backend)
+        torch.testing.assert_close(ours, z, rtol=1e-4, atol=1e-4)
