@@ -115,6 +115,47 @@ def test_cpu_sums_do_not_depend_on_threads_or_instruction_set():
         assert torch.equal(got, first), f"{key} differs from {next(iter(results))}"
 
 
+def _bits_on_every_isa(inputs, combos):
+    """{isa: the moments' bits (int64, so that NaNs compare too)} with one thread."""
+    threads = torch.get_num_threads()
+    results = {}
+    try:
+        torch.set_num_threads(1)
+        for isa in CPU_ISAS:
+            previous = _ext.load().set_cpu_isa(isa)
+            try:
+                results[isa] = sample_moments(inputs, combos, backend="cpu").view(torch.int64)
+            finally:
+                _ext.load().set_cpu_isa(previous)
+    finally:
+        torch.set_num_threads(threads)
+    return results
+
+
+@pytest.mark.needs_extension
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
+@pytest.mark.parametrize("combos", [RESCALE, APG, [[1.0, 0.0], [0.0, 1.0]], [[1.0, 0.0], [2.0, 0.0]]],
+                         ids=["rescale", "apg", "identity", "second-input-unread"])
+def test_inputs_of_one_type_give_the_same_bits_on_every_instruction_set(dtype, combos):
+    """Inputs of one type are widened in registers (AVX2), and where the first row is (1, 0, ...), v_0 = x_0 is
+    taken as it is: the same bits as the scalar code, also with signed zeros, infinities and NaNs (where 0 x_i is
+    NaN), and where a product overflows float64."""
+    k = len(combos[0])
+    inputs = make_inputs((6, 2 * 8192 + 7), (dtype,) * k, seed=8)
+    inputs[0][0, :100] = -0.0  # v_0 = -0 where x_1 is 0 (0 x_1 = +0 would make it +0)
+    inputs[-1][0, :50] = 0.0
+    inputs[-1][1, 9000] = float("inf")
+    inputs[-1][2, 3] = float("nan")
+    inputs[0][3, 8200] = float("-inf")
+    inputs[-1][3, 8201] = float("inf")
+    if dtype == torch.float64:
+        inputs[-1][4, 17] = 1e300  # finite, but its square is not
+    results = _bits_on_every_isa(inputs, combos)
+    first = next(iter(results.values()))
+    for isa, got in results.items():
+        assert torch.equal(got, first), f"{isa} differs from {next(iter(results))}"
+
+
 def test_views_are_read_in_logical_order(backend):
     fast(backend)
     device = backend_device(backend)

@@ -2,11 +2,12 @@
 // v_j = sum_i c_ji t_i of K tensors (cfgfast/moments.py holds the float64 torch reference and the definition).
 //
 // One pass over the inputs, in float64. A sample is cut into chunks of kChunk elements at fixed offsets; a chunk is
-// one task (any thread), read in pieces of kPiece elements widened exactly to float64; element n of a piece is added
-// into lane n mod 4 of each moment's four accumulators (AVX2: one register; scalar: the same four doubles, the same
-// additions, so both give the same bits), and the lanes are combined as (l0 + l1) + (l2 + l3). The chunks' partial
-// sums are then added in chunk order. So a sample's moments depend on that sample alone: not on the batch, its
-// split, the number of threads or the instruction set.
+// one task (any thread); its elements are widened exactly to float64 (AVX2: in registers, where all inputs have one
+// type; otherwise, and in the scalar code, in pieces of kPiece elements into a buffer) and element n of the chunk is
+// added into lane n mod 4 of each moment's four accumulators (AVX2: one register; scalar: the same four doubles, the
+// same additions, so both give the same bits), and the lanes are combined as (l0 + l1) + (l2 + l3). The chunks'
+// partial sums are then added in chunk order. So a sample's moments depend on that sample alone: not on the batch,
+// its split, the number of threads or the instruction set.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -31,9 +32,9 @@ namespace cpu {
 enum class MomentsDtype : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2, kFloat64 = 3 };
 
 #if defined(CFGFAST_HAVE_AVX2)
-// moments_avx2.cpp: whole groups of four from 0 on; they return where they stopped.
-int64_t moments_widen_avx2(const void* src, int dtype, int64_t count, double* dst);
-int64_t moments_accumulate_avx2(const double* const* x, int k, const double* combos, int v, int64_t count,
+// moments_avx2.cpp: elements [0, count) of inputs all of type `dtype`, whole groups of four from 0 on; it returns
+// where it stopped.
+int64_t moments_accumulate_avx2(const void* const* src, int dtype, int k, const double* combos, int v, int64_t count,
                                 double* acc);
 #endif
 
@@ -45,7 +46,7 @@ constexpr int kMaxMoments = kMaxVectors + kMaxVectors * (kMaxVectors + 1) / 2;  
 // Chunk boundaries are part of the result's definition (the order of the additions): never derived from the
 // thread count or the batch. 8192 elements: tens of microseconds of work a task.
 constexpr int64_t kChunk = 8192;
-constexpr int64_t kPiece = 512;  // widened to float64 at once: K x 4 KiB, in L1
+constexpr int64_t kPiece = 512;  // widened to float64 into a buffer at once: K x 4 KiB, in L1
 static_assert(kChunk % kPiece == 0 && kPiece % 4 == 0, "pieces start at a lane-0 element");
 // Below about this many elements a second thread costs more than it saves (as ops_cpu.cpp).
 constexpr int64_t kMinElementsPerThread = 65536;
@@ -53,23 +54,17 @@ constexpr int64_t kMinElementsPerThread = 65536;
 inline double widen(double x) { return x; }
 
 template <class T>
-void widen_scalar(const void* src, int64_t n0, int64_t count, double* dst) {
+void widen_scalar(const void* src, int64_t count, double* dst) {
   const auto* p = static_cast<const T*>(src);
-  for (int64_t n = n0; n < count; ++n) dst[n] = static_cast<double>(widen(p[n]));
+  for (int64_t n = 0; n < count; ++n) dst[n] = static_cast<double>(widen(p[n]));
 }
 
-void widen_piece(const void* src, MomentsDtype dtype, int64_t count, double* dst, bool avx2) {
-  int64_t n = 0;
-#if defined(CFGFAST_HAVE_AVX2)
-  if (avx2) n = moments_widen_avx2(src, static_cast<int>(dtype), count, dst);
-#else
-  (void)avx2;
-#endif
+void widen_piece(const void* src, MomentsDtype dtype, int64_t count, double* dst) {
   switch (dtype) {
-    case MomentsDtype::kBFloat16: return widen_scalar<bf16_t>(src, n, count, dst);
-    case MomentsDtype::kFloat16: return widen_scalar<f16_t>(src, n, count, dst);
-    case MomentsDtype::kFloat64: return widen_scalar<double>(src, n, count, dst);
-    default: return widen_scalar<float>(src, n, count, dst);
+    case MomentsDtype::kBFloat16: return widen_scalar<bf16_t>(src, count, dst);
+    case MomentsDtype::kFloat16: return widen_scalar<f16_t>(src, count, dst);
+    case MomentsDtype::kFloat64: return widen_scalar<double>(src, count, dst);
+    default: return widen_scalar<float>(src, count, dst);
   }
 }
 
@@ -164,10 +159,12 @@ at::Tensor sample_moments_cpu(at::TensorList inputs, c10::ArrayRef<double> combo
   std::vector<at::Tensor> data;
   const void* src[cpu::kMaxInputs] = {};
   cpu::MomentsDtype dtype[cpu::kMaxInputs] = {};
+  int64_t element_size[cpu::kMaxInputs] = {};
   for (int i = 0; i < k; ++i) {
     data.push_back(inputs[i].contiguous());
     src[i] = data.back().const_data_ptr();
     dtype[i] = cpu::moments_dtype_of(data.back());
+    element_size[i] = data.back().element_size();
   }
   const int64_t chunks = (n_per + cpu::kChunk - 1) / cpu::kChunk;
   std::vector<double> partials(static_cast<size_t>(batch * chunks * moments));
@@ -175,25 +172,36 @@ at::Tensor sample_moments_cpu(at::TensorList inputs, c10::ArrayRef<double> combo
   const cpu::AccumulateScalar scalar = cpu::scalar_for(k, v);
   const int64_t per_task = std::min(n_per, cpu::kChunk);
   const int64_t grain = per_task == 0 ? 1 : (cpu::kMinElementsPerThread + per_task - 1) / per_task;
+  const bool one_dtype = std::all_of(dtype, dtype + k, [&](cpu::MomentsDtype d) { return d == dtype[0]; });
   at::parallel_for(0, batch * chunks, grain, [&](int64_t begin, int64_t end) {
     alignas(32) double piece[cpu::kMaxInputs][cpu::kPiece];
     const double* x[cpu::kMaxInputs] = {piece[0], piece[1], piece[2], piece[3]};
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / chunks, n0 = (task % chunks) * cpu::kChunk;
       const int64_t n1 = std::min(n0 + cpu::kChunk, n_per);
+      const void* at_n0[cpu::kMaxInputs] = {};
+      for (int i = 0; i < k; ++i) at_n0[i] = static_cast<const char*>(src[i]) + (b * n_per + n0) * element_size[i];
       double acc[4 * cpu::kMaxMoments] = {};
-      for (int64_t p0 = n0; p0 < n1; p0 += cpu::kPiece) {
-        const int64_t count = std::min(cpu::kPiece, n1 - p0);
-        for (int i = 0; i < k; ++i) {
-          const int64_t offset = b * n_per + p0;
-          const void* at_offset = static_cast<const char*>(src[i]) + offset * data[i].element_size();
-          cpu::widen_piece(at_offset, dtype[i], count, piece[i], avx2);
-        }
-        int64_t done = 0;
+      int64_t done = 0;  // elements of the chunk added up (a multiple of 4: the pieces below keep the lanes)
 #if defined(CFGFAST_HAVE_AVX2)
-        if (avx2) done = cpu::moments_accumulate_avx2(x, k, combos.data(), v, count, acc);
+      if (avx2 && one_dtype) {
+        done = cpu::moments_accumulate_avx2(at_n0, static_cast<int>(dtype[0]), k, combos.data(), v, n1 - n0, acc);
+      }
 #endif
-        scalar(x, combos.data(), done, count, acc);
+      for (int64_t p0 = done; p0 < n1 - n0; p0 += cpu::kPiece) {
+        const int64_t count = std::min(cpu::kPiece, n1 - n0 - p0);
+        for (int i = 0; i < k; ++i) {
+          cpu::widen_piece(static_cast<const char*>(at_n0[i]) + p0 * element_size[i], dtype[i], count, piece[i]);
+        }
+        int64_t piece_done = 0;
+#if defined(CFGFAST_HAVE_AVX2)
+        if (avx2) {
+          const void* widened[cpu::kMaxInputs] = {piece[0], piece[1], piece[2], piece[3]};
+          piece_done = cpu::moments_accumulate_avx2(widened, static_cast<int>(cpu::MomentsDtype::kFloat64), k,
+                                                    combos.data(), v, count, acc);
+        }
+#endif
+        scalar(x, combos.data(), piece_done, count, acc);
       }
       double* partial = partials.data() + task * moments;
       for (int m = 0; m < moments; ++m) {
