@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import TRITON_INTERPRETED
 from test_samplers import LABELS, W, sample_float64
 
 import cfgfast
@@ -14,7 +15,10 @@ from cfgfast.moments import sample_moments
 from cfgfast.step import guidance_weights
 from cfgfast.toy import GaussianClasses
 
-BACKENDS = ["reference"] + [b for b in ("cpu", "triton") if b in cfgfast.available_backends()]
+# The backends of CPU tensors: Triton under the interpreter where there is no GPU (its kernels then see these
+# tests' tensors; on a GPU they run in tests/test_step.py's battery)
+BACKENDS = ["reference"] + (["cpu"] if "cpu" in cfgfast.available_backends() else []) \
+    + (["triton"] if TRITON_INTERPRETED else [])
 
 
 def classes16(seed=6):
@@ -233,3 +237,4 @@ def test_ddpm_with_threshold_equals_diffusers_ddpm_scheduler(monkeypatch):
     for backend in BACKENDS:
         ours = cfgfast.sample(model, LABELS, W, lambdas=lams, seed=8, v=0.0, threshold=(p, bound), backend=backend)
         torch.testing.assert_close(ours, z, rtol=1e-4, atol=1e-4)
+
