@@ -190,7 +190,7 @@ fi
 
 # (torch.compile with torch.randn, the "fallback" variant, and compiles at the 16M / 64M sizes are left out here:
 # each compile costs half a minute; gpu_table covers those sizes)
-want benchmarks && stage benchmarks 300 0 "$py" -m pytest -q -p no:cacheprovider "$REPO"/benchmarks/test_{step,sample}_speed.py \
+want benchmarks && stage benchmarks 300 0 "$py" -m pytest -q -p no:cacheprovider "$REPO"/benchmarks/test_{step,sample,guidance,moments}_speed.py \
   --benchmark-only -k "(cuda or triton) and not fallback and not (compiled and (16M or 64M))" \
   --benchmark-max-time 0.3 --benchmark-json "$LOG/benchmarks.json"
 want benchmarks && sed -n '/cfgfast step speed/,$p' "$LOG/benchmarks.log"

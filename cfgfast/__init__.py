@@ -7,6 +7,7 @@ import torch
 from . import _ext
 from ._version import __version__
 from .backends import available_backends
+from .guidance import APG
 from .models.checkpoint import load_pretrained
 from .noise import normal_noise
 from .sampler import sample
@@ -19,6 +20,7 @@ from .step import guided_step, guided_step_table, reverse_step
 _ext.load()
 
 __all__ = [
+    "APG",
     "PREDICTION_TYPES",
     "SAMPLERS",
     "StepCoefficients",

@@ -23,3 +23,11 @@ def _guided_step_table_fake(out, z, pred_cond, pred_uncond, weights, x_prev, nu,
 @torch.library.register_fake("cfgfast::normal_noise_")
 def _normal_noise_fake(out, seed, step, stream, index_offset):
     op_noise_out(out, step, stream, index_offset)
+
+
+@torch.library.register_fake("cfgfast::sample_moments")
+def _sample_moments_fake(inputs, combos, num_vectors):
+    # (imported here, not above: cfgfast.moments imports triton, which `import cfgfast` does without)
+    from .moments import moments_fake
+
+    return moments_fake(inputs, combos, num_vectors)

@@ -12,7 +12,10 @@ a model that copies its training images would score). FD is biased upward at sma
 also reports fd_matched, the FD of its first samples as many as the held-out images, to compare with them.
 
 The same scores at several samplers and step counts (one model evaluation a step) compare the samplers' cost to
-quality: each (sampler, steps) pair is a run, and each run is swept over w."""
+quality: each (sampler, steps) pair is a run, and each run is swept over w.
+
+Given guidance methods (SPEC §7: "cfg", guidance rescale, APG, CFG++, dynamic thresholding), the sweep compares
+them instead: each method at each w, at one sampler and step count, from the same initial noise."""
 
 from __future__ import annotations
 
@@ -30,6 +33,7 @@ from . import _checks
 from ._io import atomic_open
 from ._images import figure, image_grid, matplotlib_agg, save_figure, save_png
 from .data import Dataset, to_uint8
+from .guidance import APG, check_threshold
 from .models.classifier import Classifier, ClassifierConfig, accuracy, heldout_split, train_classifier
 from .sampler import sample
 from .samplers import SAMPLERS
@@ -37,6 +41,17 @@ from .samplers import SAMPLERS
 DEFAULT_WS = (0.0, 0.1, 0.3, 0.5, 1.0, 2.0, 3.0, 4.0)
 FEATURE_STEPS = 500  # the feature classifier's training steps (batch 128): 99.4% held-out on digits
 GUIDANCE_KINDS = ("classifier-free", "classifier")
+# The guidance methods a sweep can compare (SPEC §7) and the settings each runs at unless told others: rescale at
+# diffusers' recommended phi; APG at its paper's momentum, with a norm threshold that bites early: on digits at w = 3
+# (ddim, 50 steps) |x~_c - x~_u| per sample falls from about 2.7 to 0.1 over the run, and is above 1 for about the
+# first third of it; dynamic thresholding at Imagen's quantile with M = 1.5 (M = 1 would be clipping to [-1, 1]).
+GUIDANCE_METHODS = {
+    "cfg": {},
+    "rescale": {"guidance_rescale": 0.7},
+    "apg": {"eta_parallel": 0.0, "norm_threshold": 1.0, "momentum": -0.5},
+    "cfgpp": {},
+    "threshold": {"threshold": (0.995, 1.5)},
+}
 
 
 def gaussian_fit(features) -> tuple[np.ndarray, np.ndarray]:
@@ -119,15 +134,19 @@ def _w_name(w: float) -> str:
     return format(w, "g")
 
 
-def _grid_name(kind: str, w: float, run: tuple[str, int] | None = None) -> str:
-    """grid_w<w>.png for a sweep of one run; grid_<sampler>_<steps>_w<w>.png for a sweep of several."""
-    prefix = "" if run is None else f"{run[0]}_{run[1]}_"
+def _grid_name(kind: str, w: float, run: tuple[str, int] | None = None, method: str | None = None) -> str:
+    """grid_w<w>.png for a sweep of one run; grid_<sampler>_<steps>_w<w>.png for a sweep of several;
+    grid_<method>_w<w>.png for a comparison of guidance methods."""
+    prefix = f"{method}_" if method is not None else "" if run is None else f"{run[0]}_{run[1]}_"
     return f"grid_{prefix}w{_w_name(w)}{'' if kind == 'classifier-free' else '_classifier'}.png"
 
 
 def _plot_name(metrics: dict) -> str:
     """fd_is.png (against w) for a sweep of one run; fd_is_evaluations.png (against model evaluations, one line per
-    sampler) for a sweep of several."""
+    sampler) for a sweep of several; fd_is_methods.png (against w, one line per guidance method) for a comparison
+    of guidance methods."""
+    if metrics.get("methods"):
+        return "fd_is_methods.png"
     return "fd_is.png" if len(metrics["runs"]) == 1 else "fd_is_evaluations.png"
 
 
@@ -178,16 +197,89 @@ def check_options(ws, num, steps, batch_size, feature_steps, v, seed, samplers="
     return ws, _checks.unit_interval("v", v), _checks.seed(seed), runs, eta
 
 
+def check_methods(methods, runs: list[tuple[str, int]]) -> dict[str, dict]:
+    """The guidance methods to compare as {name: settings}: methods a list of names from GUIDANCE_METHODS (each at
+    its settings there), or {name: settings} whose settings replace some of that method's; at one (sampler, steps)
+    run, and "cfgpp" only with sampler "ddim"."""
+    names = [methods] if isinstance(methods, str) else list(methods)
+    if not names or any(name not in GUIDANCE_METHODS for name in names) or len(set(names)) != len(names):
+        raise ValueError(f"methods must be distinct names from {list(GUIDANCE_METHODS)}, got {names}")
+    if len(runs) != 1:
+        raise ValueError(f"samplers must be one sampler at one step count when guidance methods are compared, got "
+                         f"{', '.join(f'{sampler} {count}' for sampler, count in runs)}")
+    sampler = runs[0][0]
+    if "cfgpp" in names and sampler != "ddim":
+        others = [name for name in GUIDANCE_METHODS if name != "cfgpp"]
+        raise ValueError(f"methods must hold 'cfgpp' (CFG++, a form of ddim) only with sampler 'ddim', got sampler "
+                         f"{sampler!r}; with it, choose from {others}")
+    given = methods if isinstance(methods, Mapping) else {}
+    checked = {}
+    for name in names:
+        settings = dict(given.get(name) or {})
+        unknown = [key for key in settings if key not in GUIDANCE_METHODS[name]]
+        if unknown:
+            raise ValueError(f"methods[{name!r}] must hold settings from {list(GUIDANCE_METHODS[name])}, got "
+                             f"{unknown}")
+        checked[name] = {key: _method_setting(name, key, settings.get(key, default))
+                         for key, default in GUIDANCE_METHODS[name].items()}
+    return checked
+
+
+def _method_setting(method: str, key: str, value):
+    """One setting of a guidance method, checked as sample() and cfgfast.APG check it, named as methods[...][...]."""
+    name = f"methods[{method!r}][{key!r}]"
+    if key == "guidance_rescale":
+        return _checks.unit_interval(name, value)
+    if key == "threshold":
+        try:
+            return list(check_threshold(value, None))
+        except (TypeError, ValueError):
+            raise ValueError(f"{name} must be a pair (p, M) with p in (0, 1] and M at least 1, finite in float32, "
+                             f"got {value!r}") from None
+    try:  # APG's own checks, each setting alone
+        return getattr(APG(**{key: value}), key)
+    except (TypeError, ValueError) as error:
+        raise type(error)(str(error).replace(f"APG {key}", name)) from None
+
+
+def method_options(name: str, settings: dict) -> dict:
+    """sample()'s guidance keywords for a method of check_methods at its settings: the clip of [-1, 1] for all but
+    "threshold", which replaces it."""
+    return {"guidance": "cfgpp" if name == "cfgpp" else APG(**settings) if name == "apg" else "cfg",
+            "guidance_rescale": settings.get("guidance_rescale", 0.0),
+            "threshold": None if name != "threshold" else tuple(settings["threshold"]),
+            "clip": None if name == "threshold" else 1.0}
+
+
+def _options_json(options: dict) -> dict:
+    """method_options as metrics.json records it."""
+    apg = options["guidance"] if isinstance(options["guidance"], APG) else None
+    return {"guidance": "apg" if apg else options["guidance"],
+            "apg": None if apg is None else {"eta_parallel": apg.eta_parallel, "norm_threshold": apg.norm_threshold,
+                                             "momentum": apg.momentum},
+            "guidance_rescale": options["guidance_rescale"],
+            "threshold": None if options["threshold"] is None else list(options["threshold"]),
+            "clip": options["clip"]}
+
+
 def sweep(model, data: Dataset, out: str, *, ws=DEFAULT_WS, num: int = 1000, steps=256, samplers="ddpm",
           eta: float = 0.0, classifier=None, model_name: str = "model", classifier_name: str | None = None,
           seed: int = 0, batch_size: int = 500, feature_steps: int = FEATURE_STEPS, v: float = 0.3,
-          log=print) -> dict:
+          methods=None, log=print) -> dict:
     """Score num samples (labels i mod num_classes) at each w in ws, with classifier-free guidance and, given a
     noise-conditional classifier(z, lam), classifier guidance, for each sampler at each step count (steps: an int, a
     list, or {sampler: list}; eta for "ddim", v for "ddpm"); write out/results.md, metrics.json, the plot
     (fd_is.png against w for one run, fd_is_evaluations.png against steps for several) and a sample grid per
-    point, rewritten after every point. Returns the metrics dict."""
+    point, rewritten after every point. Returns the metrics dict.
+
+    methods (names from GUIDANCE_METHODS, or {name: settings}; see check_methods): compare those guidance methods
+    at each w instead, at one sampler and step count and without a classifier; the plot is fd_is_methods.png and
+    the grids grid_<method>_w<w>.png."""
     ws, v, seed, runs, eta = check_options(ws, num, steps, batch_size, feature_steps, v, seed, samplers, eta)
+    methods = None if methods is None else check_methods(methods, runs)
+    if methods is not None and classifier is not None:
+        raise ValueError("classifier must be None when guidance methods are compared (every method is "
+                         "classifier-free guidance)")
     shape = tuple(data.images.shape[1:])
     if tuple(model.sample_shape) != shape or model.null_label != data.num_classes:
         raise ValueError(f"the model samples {tuple(model.sample_shape)} with {model.null_label} classes but dataset "
@@ -224,6 +316,7 @@ def sweep(model, data: Dataset, out: str, *, ws=DEFAULT_WS, num: int = 1000, ste
         "model": model_name, "classifier": classifier_name, "dataset": data.name, "num": num,
         "runs": [{"sampler": sampler, "steps": count} for sampler, count in runs], "eta": eta, "v": v,
         "seed": seed, "clip": 1.0, "matched": min(num, len(heldout)),
+        **({} if methods is None else {"methods": methods}),
         "feature_classifier": {"steps": feature_steps, "seed": seed, "train_images": len(train),
                                "heldout_images": len(heldout), "heldout_accuracy": heldout_accuracy,
                                "feature_dim": clf.feature_dim},
@@ -233,36 +326,45 @@ def sweep(model, data: Dataset, out: str, *, ws=DEFAULT_WS, num: int = 1000, ste
     device = next(model.parameters()).device
     guide = None if classifier is None else classifier.to(device)
     kinds = GUIDANCE_KINDS if classifier is not None else GUIDANCE_KINDS[:1]
-    plan = [(kind, run, w) for kind in kinds for run in runs for w in ws if not (kind == "classifier" and w == 0)]
+    if methods is None:
+        plan = [(kind, None, run, w) for kind in kinds for run in runs for w in ws
+                if not (kind == "classifier" and w == 0)]
+    else:  # by w, the methods side by side: a stopped comparison still compares the methods at its first w
+        plan = [("classifier-free", method, runs[0], w) for w in ws for method in methods]
     grid_run = (lambda run: None) if len(runs) == 1 else (lambda run: run)
     # the files are rewritten after every point: until the last, they say how many of the planned points they hold
     metrics.update(planned=len(plan), complete=False)
     labels = torch.arange(num) % data.num_classes
-    for i, (kind, (sampler, count), w) in enumerate(plan):
+    for i, (kind, method, (sampler, count), w) in enumerate(plan):
         # v and eta go to the sampler that reads them (sample() refuses them elsewhere)
         options = {"v": v} if sampler == "ddpm" else {"eta": eta} if sampler == "ddim" else {}
+        guidance = {"clip": 1.0} if method is None else method_options(method, methods[method])
         tic = time.perf_counter()
         x = torch.cat([sample(model, labels[s:s + batch_size].to(device), w, count, sampler=sampler, seed=seed,
-                              clip=1.0, index_offset=s, classifier=guide if kind == "classifier" else None,
+                              index_offset=s, classifier=guide if kind == "classifier" else None, **guidance,
                               **options).cpu()
                        for s in range(0, num, batch_size)])
         seconds = time.perf_counter() - tic
-        point = {"guidance": kind, "sampler": sampler, "steps": count, "w": w,
+        named = {} if method is None else {"method": method, "settings": _options_json(guidance)}
+        point = {"guidance": kind, **named, "sampler": sampler, "steps": count, "w": w,
                  **score(clf, x, labels, reference, metrics["matched"]), "seconds": seconds}
         metrics["points"].append(point)
         metrics["complete"] = i + 1 == len(plan)
-        save_png(os.path.join(out, _grid_name(kind, w, grid_run((sampler, count)))),
-                  _sample_grid(x, data.num_classes))
+        save_png(os.path.join(out, _grid_name(kind, w, grid_run((sampler, count)), method)),
+                 _sample_grid(x, data.num_classes))
         write_results(out, metrics)
         if i == 0:  # an earlier sweep's files that this one does not make, once its own results replaced that one's
-            planned = {_grid_name(kind, w, grid_run(run)) for kind, run, w in plan} | {_plot_name(metrics)}
+            planned = {_grid_name(kind, w, grid_run(run), method) for kind, method, run, w in plan} \
+                | {_plot_name(metrics)}
+            prefixes = "|".join([r"[a-z0-9_]+_[0-9]+", *GUIDANCE_METHODS])
             for name in os.listdir(out):
-                if (re.fullmatch(r"grid_([a-z0-9_]+_[0-9]+_)?w[0-9.e+-]+(_classifier)?\.png", name)
-                        or name in ("fd_is.png", "fd_is_evaluations.png")) and name not in planned:
+                if (re.fullmatch(rf"grid_(({prefixes})_)?w[0-9.e+-]+(_classifier)?\.png", name)
+                        or name in ("fd_is.png", "fd_is_evaluations.png", "fd_is_methods.png")) \
+                        and name not in planned:
                     os.remove(os.path.join(out, name))
-        log(f"[{i + 1}/{len(plan)}] {kind} {sampler} {count} steps w={_w_name(w)}: FD {point['fd']:.3f} (first "
-            f"{metrics['matched']}: {point['fd_matched']:.3f})  IS {point['is']:.3f}  accuracy "
-            f"{point['accuracy']:.1%}  ({seconds:.0f} s)")
+        log(f"[{i + 1}/{len(plan)}] {kind if method is None else method} {sampler} {count} steps w={_w_name(w)}: "
+            f"FD {point['fd']:.3f} (first {metrics['matched']}: {point['fd_matched']:.3f})  IS {point['is']:.3f}  "
+            f"accuracy {point['accuracy']:.1%}  ({seconds:.0f} s)")
     return metrics
 
 
@@ -280,9 +382,41 @@ def _sampler_name(sampler: str, eta: float) -> str:
     return f"ddim (η = {eta:g})" if sampler == "ddim" else sampler
 
 
-def results_markdown(metrics: dict) -> str:
-    rows = _rows(metrics)
+def _scoring_lines(metrics: dict) -> list[str]:
+    """How the points are scored, and the note on FD's bias (results.md's opening, after the sampling)."""
     fc, matched = metrics["feature_classifier"], metrics["matched"]
+    return [
+        f"Features: a small CNN trained on {fc['train_images']} real images ({fc['steps']} steps, seed {fc['seed']}; "
+        f"held-out accuracy {fc['heldout_accuracy']:.2%} on {fc['heldout_images']}). FD: Fréchet distance of its "
+        f"{fc['feature_dim']}-d penultimate features to those of its training images (lower is closer); IS: "
+        "exp E KL(p(y|x) || p(y)) of its softmax (higher is more confident and balanced, at most K); accuracy: "
+        "samples assigned to their intended class.",
+        f"FD is biased upward at small sample counts: compare the real rows with `FD (first {matched})`, the FD of "
+        f"as many samples as they hold. The seen real images belong to the set FD compares with, so their FD is "
+        "almost all bias; the held-out ones are new to the feature classifier, as new digits from a model would be.",
+    ]
+
+
+def _incomplete_lines(metrics: dict) -> list[str]:
+    if metrics.get("complete", True):
+        return []
+    return ["", f"**Incomplete: {len(metrics['points'])} of the {metrics['planned']} planned points** (the sweep was "
+                "stopped, or is still running)."]
+
+
+def _real_rows(metrics: dict, blanks: int) -> list[str]:
+    """The table rows of the real held-out and seen images, with `blanks` empty cells after the first."""
+    return [f"| {name} ({ref['images']} images) |{' |' * blanks} – | {ref['fd']:.3f} | {ref['is']:.3f} | "
+            f"{ref['accuracy']:.1%} | – |"
+            for name, ref in (("real held-out", metrics["reference"]["heldout"]),
+                              ("real, seen by the feature classifier", metrics["reference"]["train"]))]
+
+
+def results_markdown(metrics: dict) -> str:
+    if metrics.get("methods"):
+        return _methods_markdown(metrics)
+    rows = _rows(metrics)
+    matched = metrics["matched"]
     runs = metrics["runs"]
     order = {(run["sampler"], run["steps"]): i for i, run in enumerate(runs)}
     if len(runs) == 1:
@@ -297,18 +431,9 @@ def results_markdown(metrics: dict) -> str:
         f"Model `{metrics['model']}`, {metrics['num']} samples per point (labels i mod K), {sampling}; "
         f"v = {metrics['v']} (ddpm), seed {metrics['seed']}, x̃ clipped to [-1, 1]; every point shares the same "
         "initial noise.",
-        f"Features: a small CNN trained on {fc['train_images']} real images ({fc['steps']} steps, seed {fc['seed']}; "
-        f"held-out accuracy {fc['heldout_accuracy']:.2%} on {fc['heldout_images']}). FD: Fréchet distance of its "
-        f"{fc['feature_dim']}-d penultimate features to those of its training images (lower is closer); IS: "
-        "exp E KL(p(y|x) || p(y)) of its softmax (higher is more confident and balanced, at most K); accuracy: "
-        "samples assigned to their intended class.",
-        f"FD is biased upward at small sample counts: compare the real rows with `FD (first {matched})`, the FD of "
-        f"as many samples as they hold. The seen real images belong to the set FD compares with, so their FD is "
-        "almost all bias; the held-out ones are new to the feature classifier, as new digits from a model would be.",
+        *_scoring_lines(metrics),
+        *_incomplete_lines(metrics),
     ]
-    if not metrics.get("complete", True):
-        lines += ["", f"**Incomplete: {len(metrics['points'])} of the {metrics['planned']} planned points** (the sweep "
-                      "was stopped, or is still running)."]
     for kind in GUIDANCE_KINDS:
         if not rows[kind]:
             continue
@@ -318,10 +443,7 @@ def results_markdown(metrics: dict) -> str:
                   f"| w | sampler | steps | FD ({metrics['num']} samples) | FD (first {matched}) | IS | accuracy | "
                   "seconds |",
                   "|---:|:---|---:|---:|---:|---:|---:|---:|"]
-        for name, ref in (("real held-out", metrics["reference"]["heldout"]),
-                          ("real, seen by the feature classifier", metrics["reference"]["train"])):
-            lines.append(f"| {name} ({ref['images']} images) | | | – | {ref['fd']:.3f} | {ref['is']:.3f} | "
-                         f"{ref['accuracy']:.1%} | – |")
+        lines += _real_rows(metrics, 2)
         # by w, then in the order the runs were given: each w's samplers side by side
         for (sampler, count, w), p in sorted(rows[kind].items(), key=lambda kv: (kv[0][2], order[kv[0][:2]])):
             lines.append(f"| {_w_name(w)} | {_sampler_name(sampler, metrics['eta'])} | {count} | {p['fd']:.3f} | "
@@ -343,6 +465,71 @@ def results_markdown(metrics: dict) -> str:
     return "\n".join(lines)
 
 
+def _method_settings(name: str, settings: dict) -> str:
+    """A method's sample() keywords, as results.md lists them."""
+    options = method_options(name, settings)
+    given = [f"guidance={options['guidance']!r}" if name != "apg" else
+             "guidance=cfgfast.APG(" + ", ".join(f"{key}={value:g}" for key, value in settings.items()) + ")"]
+    if options["guidance_rescale"]:
+        given.append(f"guidance_rescale={options['guidance_rescale']:g}")
+    if options["threshold"] is not None:
+        given.append(f"threshold=({', '.join(format(t, 'g') for t in options['threshold'])}), clip=None")
+    return ", ".join(given)
+
+
+METHOD_NOTES = {
+    "cfg": "the paper's: x̃ from g = (1 + w) ε_c − w ε_u",
+    "rescale": "g scaled per sample towards the standard deviation of ε_c (Lin et al. 2023; diffusers' "
+               "rescale_noise_cfg)",
+    "apg": "adaptive projected guidance (Sadat et al. 2024) on x̃_c − x̃_u: running value, norm limit, the part "
+           "along x̃_c dropped",
+    "cfgpp": "CFG++ (Chung et al. 2024): cfg's x̃, ddim's direction term from ε_u; its λ is 1 + w (the paper's "
+             "range: λ in [0, 1])",
+    "threshold": "dynamic thresholding (Imagen): x̃ clamped to [−s, s] and divided by s, s the p-quantile of "
+                 "abs(x̃) clamped to [1, M] per sample, instead of the clip",
+}
+
+
+def _methods_markdown(metrics: dict) -> str:
+    """results.md of a comparison of guidance methods: the methods' settings, then a row per (w, method)."""
+    matched, run = metrics["matched"], metrics["runs"][0]
+    methods = metrics["methods"]
+    order = {name: i for i, name in enumerate(methods)}
+    lines = [
+        f"# Guidance methods against w on {metrics['dataset']}: FD, IS and accuracy",
+        "",
+        f"Model `{metrics['model']}`, {metrics['num']} samples per point (labels i mod K), sampler "
+        f"{_sampler_name(run['sampler'], metrics['eta'])}, {run['steps']} steps"
+        + (f", v = {metrics['v']}" if run["sampler"] == "ddpm" else "")
+        + f", seed {metrics['seed']}; x̃ clipped to [-1, 1]"
+        + (" but by `threshold`, which replaces the clip" if "threshold" in methods else "")
+        + "; every point shares the same initial noise.",
+        *_scoring_lines(metrics),
+        *_incomplete_lines(metrics),
+        "",
+        "## The methods",
+        "",
+        "| method | `cfgfast.sample` settings | what it does |",
+        "|:---|:---|:---|",
+        *(f"| {name} | `{_method_settings(name, settings)}` | {METHOD_NOTES[name]} |"
+          for name, settings in methods.items()),
+        "",
+        "## Scores",
+        "",
+        f"| w | method | FD ({metrics['num']} samples) | FD (first {matched}) | IS | accuracy | seconds |",
+        "|---:|:---|---:|---:|---:|---:|---:|",
+        *_real_rows(metrics, 1),
+    ]
+    # by w, then in the order the methods were given: each w's methods side by side
+    for p in sorted(metrics["points"], key=lambda p: (p["w"], order[p["method"]])):
+        lines.append(f"| {_w_name(p['w'])} | {p['method']} | {p['fd']:.3f} | {p['fd_matched']:.3f} | "
+                     f"{p['is']:.3f} | {p['accuracy']:.1%} | {p['seconds']:.0f} |")
+    lines += ["", f"![FD, IS and accuracy]({_plot_name(metrics)})", "",
+              f"FD ({metrics['num']} samples), IS and accuracy against w, one line per method; grey dashes: real "
+              "held-out images. Sample grids: `grid_<method>_w<w>.png` (rows = classes).", ""]
+    return "\n".join(lines)
+
+
 def write_results(out: str, metrics: dict) -> None:
     """results.md, metrics.json and the plot in out, each written atomically."""
     with atomic_open(os.path.join(out, "metrics.json")) as f:
@@ -356,17 +543,23 @@ def write_results(out: str, metrics: dict) -> None:
 
 GUIDANCE_STYLE = {"classifier-free": ("C0", "o"), "classifier": ("C1", "s")}
 SAMPLER_STYLE = {"ddpm": ("C0", "o"), "ddim": ("C1", "s"), "dpmpp_2m": ("C2", "^"), "dpmpp_2m_sde": ("C3", "D")}
+METHOD_STYLE = {"cfg": ("C0", "o"), "rescale": ("C1", "s"), "apg": ("C2", "^"), "cfgpp": ("C3", "D"),
+                "threshold": ("C4", "v")}
 
 
 def plot_metrics(metrics: dict, out_folder: str) -> str:
     """Draw a sweep's metrics (metrics.json's dict) into out_folder: fd_is.png (FD and IS against w) for a sweep of
-    one run, fd_is_evaluations.png (against model evaluations, one line per sampler, one column per w) for several.
+    one run, fd_is_evaluations.png (against model evaluations, one line per sampler, one column per w) for several,
+    fd_is_methods.png (FD, IS and accuracy against w, one line per guidance method) for a comparison of methods.
     Written atomically; returns the path."""
     if "runs" not in metrics:
         # a single-run metrics.json may name its steps at the top and its points without sampler or steps
         metrics = {"eta": 0.0, **metrics, "runs": [{"sampler": "ddpm", "steps": metrics["steps"]}],
                    "points": [{"sampler": "ddpm", "steps": metrics["steps"], **p} for p in metrics["points"]]}
-    fig = _plot_w(metrics) if len(metrics["runs"]) == 1 else _plot_evaluations(metrics)
+    if metrics.get("methods"):
+        fig = _plot_methods(metrics)
+    else:
+        fig = _plot_w(metrics) if len(metrics["runs"]) == 1 else _plot_evaluations(metrics)
     path = os.path.join(out_folder, _plot_name(metrics))
     save_figure(path, fig)
     return path
@@ -435,7 +628,48 @@ def _plot_evaluations(metrics: dict):
     return fig
 
 
+def _plot_methods(metrics: dict):
+    """FD, IS and accuracy against w side by side, a line per guidance method."""
+    run = metrics["runs"][0]
+    methods = list(metrics["methods"])
+    fig = figure(14, 4.4, 110, layout="constrained")
+    axes = fig.subplots(1, 3)
+    for ax, key in zip(axes, ("fd", "is", "accuracy")):
+        # the first method drawn on top with the smallest marker, so coinciding points all stay visible
+        for i, method in enumerate(methods):
+            points = sorted((p["w"], 100 * p[key] if key == "accuracy" else p[key])
+                            for p in metrics["points"] if p["method"] == method)
+            color, marker = METHOD_STYLE.get(method, (f"C{i}", "o"))
+            if points:
+                ax.plot(*zip(*points), color=color, marker=marker, markersize=5 + 1.5 * i,
+                        zorder=3 + len(methods) - i, label=method)
+        ax.set(xlabel="guidance strength w", ylabel=_y_label(metrics, key),
+               title="accuracy" if key == "accuracy" else key.upper())
+        ax.set_xticks(sorted({p["w"] for p in metrics["points"]}))
+        ax.grid(color="0.92")
+    _real_is_line(axes[1], metrics)
+    _real_accuracy_line(axes[2], metrics)
+    fig.legend(*_legend_entries(axes), loc="outside lower center", ncols=len(methods) + 2, frameon=False)
+    fig.suptitle(f"Guidance methods: FD, IS and accuracy against w on {metrics['dataset']}: model {metrics['model']}, "
+                 f"{_sampler_name(run['sampler'], metrics['eta'])} {run['steps']} steps, {metrics['num']} samples "
+                 f"per point, seed {metrics['seed']}")
+    return fig
+
+
+def _real_accuracy_line(ax, metrics: dict) -> None:
+    """The accuracy of the real held-out images as a grey dashed line (the feature classifier's own held-out
+    accuracy), the axis kept to the samples' range as _real_is_line keeps IS's."""
+    real = 100 * metrics["reference"]["heldout"]["accuracy"]
+    low, high = ax.get_ylim()
+    where = "" if low <= real <= high else " (below the axis)" if real < low else " (above the axis)"
+    ax.axhline(real, color="0.5", linestyle="--", linewidth=1.2,
+               label=f"real held-out images: accuracy {real:.1f}%{where}")
+    ax.set_ylim(low, high)
+
+
 def _y_label(metrics: dict, key: str) -> str:
+    if key == "accuracy":
+        return "accuracy, % (samples of their intended class)"
     return f"FD ({metrics['num']} samples; lower is closer)" if key == "fd" else "IS (higher is better)"
 
 

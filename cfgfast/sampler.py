@@ -15,10 +15,11 @@ import torch
 from . import _checks
 from .backends import Backend, choose
 from .noise import normal_noise
-from .samplers import (DEFAULT_V, MULTISTEP, check_eta, check_guidance, check_prediction_type, check_sampler,
-                       default_lambdas, step_table)
+from .guidance import APG, Guide, check_method, check_rescale, check_threshold, given_x_rows
+from .samplers import (DEFAULT_V, MULTISTEP, check_eta, check_prediction_type, check_sampler, default_lambdas,
+                       step_table)
 from .schedule import LAMBDA_MAX, LAMBDA_MIN, alpha_sigma
-from .step import guidance_weights, rescaled_weights
+from .step import guidance_weights
 
 
 def _model_device(model, labels: torch.Tensor) -> torch.device:
@@ -248,16 +249,16 @@ class _Plan:
     grid: list[float]
     guided: list[bool]  # per step: some w != 0 (the unconditional pass runs)
     table: torch.Tensor  # float64 [T, 10] on the host: the sampler's coefficient rows
+    table_x: torch.Tensor  # the same rows in their "given x~" form (guidance that forms x~ itself: APG, threshold)
     stepper: Backend
     seed: int
     index_offset: int
-    clip: float | None
     prediction_type: str
     learned_variance: bool  # the model returns nu, and the step reads it
     model_learned_variance: bool  # the model returns nu (read or not)
     multistep: bool
     max_batch: int | None  # rows of one forward pass (None: all at once)
-    guidance_rescale: float  # phi of SPEC §7 (0: none)
+    guide: Guide  # SPEC §7's guidance method, rescale, threshold and clip, with APG's running value
 
 
 def _model_clip(model):
@@ -270,7 +271,7 @@ def _model_clip(model):
 def sample(model, labels, w, steps=DEFAULT_STEPS, *, sampler="ddpm", eta=0.0, v=None, prediction_type=None, seed=0,
            shape=None, null_label=None, lambda_min=None, lambda_max=None, clip="auto", index_offset=0,
            backend="auto", progress=None, guidance_interval=None, classifier=None, cuda_graph=False,
-           lambdas=None, max_batch="auto", guidance="cfg", guidance_rescale=0.0) -> torch.Tensor:
+           lambdas=None, max_batch="auto", guidance="cfg", guidance_rescale=0.0, threshold=None) -> torch.Tensor:
     """Samples x [B, *shape] of a class-conditional model with classifier-free guidance (SPEC §4, §6).
 
     model(z, lam, labels) -> output with lam float32 [B] and labels int64 [B]; `null_label` (default
@@ -297,10 +298,13 @@ def sample(model, labels, w, steps=DEFAULT_STEPS, *, sampler="ddpm", eta=0.0, v=
     that many; None: one pass); "auto" is B on the CPU (the conditional and unconditional passes apart, as a hand
     loop runs them: one pass of 2B was slower there) and one pass on a GPU. It also bounds the model's peak memory.
 
-    guidance: "cfg" (the paper's g = (1 + w) o_c - w o_u) or "cfgpp" (CFG++, with sampler "ddim": x~ from g, the
-    direction term from the unconditional prediction; the unconditional pass runs at w = 0 too, and outside a
-    guidance interval the step is plain ddim). guidance_rescale=phi in [0, 1] (SPEC §7; diffusers' guidance_rescale):
-    g <- phi g std(o_c)/std(g) + (1 - phi) g per sample, with either.
+    guidance (SPEC §7): "cfg" (the paper's g = (1 + w) o_c - w o_u); "cfgpp" (CFG++, with sampler "ddim": x~ from
+    g, the direction term from the unconditional prediction; the unconditional pass runs at w = 0 too, and outside a
+    guidance interval the step is plain ddim); or cfgfast.APG(eta_parallel, norm_threshold, momentum) (adaptive
+    projected guidance on the x-predictions; its running value starts at zero and changes only at guided steps).
+    guidance_rescale=phi in [0, 1] (diffusers' guidance_rescale): g <- phi g std(o_c)/std(g) + (1 - phi) g per
+    sample, with any method (APG's x~ with std(x~_c)). threshold=(p, M): Imagen's dynamic thresholding instead of
+    clip, x~ <- clamp(x~, -s, s) / s with s = clamp(quantile_p(|x~|), 1, M) per sample, at every step.
 
     classifier(z, lam) -> logits [B, num_classes] switches to classifier guidance (Dhariwal & Nichol):
     only the model's conditional pass runs (an unconditional model simply ignores the labels) and
@@ -312,7 +316,7 @@ def sample(model, labels, w, steps=DEFAULT_STEPS, *, sampler="ddpm", eta=0.0, v=
     """
     plan, z = _plan(model, labels, w, steps, sampler, eta, v, prediction_type, seed, shape, null_label, lambda_min,
                     lambda_max, clip, index_offset, backend, guidance_interval, classifier, cuda_graph, lambdas,
-                    max_batch, guidance, guidance_rescale)
+                    max_batch, guidance, guidance_rescale, threshold)
     if progress is None:  # a bar when stderr is a terminal
         progress = sys.stderr is not None and sys.stderr.isatty()
     else:
@@ -335,7 +339,7 @@ def sample(model, labels, w, steps=DEFAULT_STEPS, *, sampler="ddpm", eta=0.0, v=
 
 def _plan(model, labels, w, steps, sampler, eta, v, prediction_type, seed, shape, null_label, lambda_min, lambda_max,
           clip, index_offset, backend, guidance_interval, classifier, cuda_graph, lambdas, max_batch="auto",
-          guidance="cfg", guidance_rescale=0.0):
+          guidance="cfg", guidance_rescale=0.0, threshold=None):
     """sample()'s arguments checked once: the plan its loops take, and the initial state z."""
     if not callable(model):
         raise TypeError(f"model must be callable as model(z, lam, labels), got {type(model).__name__}")
@@ -412,16 +416,18 @@ def _plan(model, labels, w, steps, sampler, eta, v, prediction_type, seed, shape
     seed = _checks.seed(seed)
     cuda_graph = _checks.flag("cuda_graph", cuda_graph)
     if isinstance(clip, str) and clip == "auto":
-        clip = _model_clip(model)
+        clip = None if threshold is not None else _model_clip(model)  # (a threshold clamps x~ itself)
     else:
         clip = _checks.clip(clip)
+    threshold = check_threshold(threshold, clip)
     stepper = choose(backend, device)
     if cuda_graph:
         _check_cuda_graph(device, stepper, classifier)
-    guidance = check_guidance(sampler, guidance)
-    guidance_rescale = _checks.unit_interval("guidance_rescale", guidance_rescale)
-    if guidance == "cfgpp" and classifier is not None:
-        raise ValueError("guidance='cfgpp' needs the model's unconditional pass; classifier guidance has none")
+    guidance = check_method(sampler, guidance)
+    guidance_rescale = check_rescale(guidance_rescale)
+    if guidance != "cfg" and classifier is not None:
+        raise ValueError(f"guidance={guidance!r} needs the model's unconditional pass; classifier guidance has none "
+                         "(use guidance='cfg')")
     table = step_table(sampler, grid, prediction_type=prediction_type, eta=eta,
                        v=DEFAULT_V if v is None else v, learned_variance=learned)
     if guidance == "cfgpp":  # CFG++'s rows inside the guidance interval, plain ddim outside it
@@ -436,18 +442,20 @@ def _plan(model, labels, w, steps, sampler, eta, v, prediction_type, seed, shape
     if classifier is not None and batch:
         # the classifier's class count bounds the labels: checked before any model pass, even where w = 0
         _classifier_uncond(classifier, z, grid[0], labels, torch.zeros_like(z), 0)
+    momentum = isinstance(guidance, APG) and guidance.momentum != 0.0
+    guide = Guide(guidance, guidance_rescale, threshold, clip, torch.zeros_like(z) if momentum else None)
     plan = _Plan(model=model, classifier=classifier, labels=labels, null_labels=null_labels,
                  weights=guidance_weights(w_table.reshape(-1)).reshape(len(grid), batch, 2), grid=grid, guided=guided,
-                 table=table, stepper=stepper, seed=seed, index_offset=index_offset, clip=clip,
+                 table=table, table_x=given_x_rows(table), stepper=stepper, seed=seed, index_offset=index_offset,
                  prediction_type=prediction_type, learned_variance=learned, model_learned_variance=model_learned,
-                 multistep=sampler in MULTISTEP, max_batch=max_batch, guidance_rescale=guidance_rescale)
+                 multistep=sampler in MULTISTEP, max_batch=max_batch, guide=guide)
     return plan, z
 
 
 def _loop(plan: _Plan, z: torch.Tensor, bar) -> torch.Tensor:
     """The sampler's steps on a checked plan; returns x~ of the last step."""
     grid = plan.grid
-    rows = plan.table.tolist()
+    rows, rows_x = plan.table.tolist(), plan.table_x.tolist()
     x_prev = torch.empty_like(z) if plan.multistep else None  # read from the second step on
     # The first step whose state is non-finite, kept on the device (no sync per step), checked at the end.
     first_bad = torch.full((), len(grid), dtype=torch.int64, device=z.device)
@@ -469,11 +477,8 @@ def _loop(plan: _Plan, z: torch.Tensor, bar) -> torch.Tensor:
         # Inputs were checked once above; per step only the model's output is (in _predict). Each step writes a
         # new tensor: the model may keep the z it was given.
         out = torch.empty_like(z)
-        weights = plan.weights[t]
-        if plan.guidance_rescale and guided:
-            weights = rescaled_weights(out_cond, out_uncond, weights, plan.guidance_rescale)
-        plan.stepper.guided_step(out, z, out_cond, out_uncond, weights, x_prev, nu, None, rows[t], plan.seed, t,
-                                 plan.index_offset, plan.clip)
+        plan.guide.step(plan.stepper, out, z, out_cond, out_uncond, plan.weights[t], x_prev, nu, None, rows[t],
+                        rows_x[t], plan.seed, t, plan.index_offset, guided)
         z = out
         first_bad = torch.where(torch.isfinite(z).all(), first_bad, first_bad.clamp(max=t))
         if bar is not None:
@@ -510,7 +515,7 @@ def _loop_table(plan: _Plan, z: torch.Tensor, bar, capture: bool) -> torch.Tenso
     capture=False runs the same steps eagerly (the CPU tests of this path)."""
     model, labels, grid = plan.model, plan.labels, plan.grid
     device, steps = z.device, len(grid)
-    table = plan.table.to(device)
+    table, table_x = plan.table.to(device), plan.table_x.to(device)
     weights = plan.weights.to(device)
     lam_table = torch.tensor(grid, dtype=torch.float32, device=device)
     counter = torch.zeros(1, dtype=torch.int64, device=device)
@@ -525,11 +530,9 @@ def _loop_table(plan: _Plan, z: torch.Tensor, bar, capture: bool) -> torch.Tenso
                                                 plan.null_labels, guided, "of the captured loop",
                                                 plan.model_learned_variance, plan.max_batch)
             nu = nu if plan.learned_variance else None
-            weights_t = weights.index_select(0, counter)[0]
-            if plan.guidance_rescale and guided:
-                weights_t = rescaled_weights(out_cond, out_uncond, weights_t, plan.guidance_rescale)
-            plan.stepper.guided_step_table(z_next, z_state, out_cond, out_uncond, weights_t, x_prev, nu, table,
-                                           counter, plan.seed, plan.index_offset, plan.clip)
+            plan.guide.step_table(plan.stepper, z_next, z_state, out_cond, out_uncond,
+                                  weights.index_select(0, counter)[0], x_prev, nu, table, table_x, counter, plan.seed,
+                                  plan.index_offset, guided)
             first_bad.copy_(torch.where(torch.isfinite(z_next).all(), first_bad,
                                         torch.minimum(first_bad, counter[0])))
             z_state.copy_(z_next)
@@ -564,6 +567,8 @@ def _loop_table(plan: _Plan, z: torch.Tensor, bar, capture: bool) -> torch.Tenso
             first_bad.fill_(steps)
             if x_prev is not None:
                 x_prev.zero_()
+            if plan.guide.buffer is not None:  # APG's running value, moved by the warm-up
+                plan.guide.buffer.zero_()
             runs = {guided: graph.replay for guided, graph in graphs.items()}
         for t in range(steps):
             runs[plan.guided[t]]()

@@ -22,4 +22,7 @@ TORCH_LIBRARY(cfgfast, m) {
       "float? clip) -> ()");
   // The normals of SPEC §3 for samples index_offset .. index_offset + out.size(0) - 1.
   m.def("normal_noise_(Tensor(a!) out, int seed, int step, int stream, int index_offset) -> ()");
+  // Per sample b the float64 [V, V + 1] of cfgfast/moments.py: the Gram matrix and the sums of the V = num_vectors
+  // vectors v_j = sum_i combos[j * K + i] inputs[i][b] (K = len(inputs) <= 4 tensors of one shape, V <= 4).
+  m.def("sample_moments(Tensor[] inputs, float[] combos, int num_vectors) -> Tensor");
 }

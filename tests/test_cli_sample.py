@@ -114,6 +114,12 @@ def test_sampler_options_reach_sample(tiny, tmp_path, monkeypatch):
     assert (seen["sampler"], seen["eta"], seen["max_batch"], seen["guidance_interval"], seen["guidance"]) == \
         ("ddim", 0.5, 3, [-5.0, 5.0], "cfgpp")
     assert seen["v"] is None  # the model's learned variance, else 0.3
+    apg = args(tiny, tmp_path / "a.npz", "--sampler", "dpmpp_2m", "--guidance", "apg", "--apg-eta-parallel", "0.5",
+               "--apg-momentum", "-0.5", "--threshold", "0.99", "1.5")
+    del apg[apg.index("--clip"):apg.index("--clip") + 2]  # (--threshold replaces it)
+    assert main(apg) == 0
+    assert seen["guidance"] == cfgfast.APG(eta_parallel=0.5, norm_threshold=0.0, momentum=-0.5)
+    assert seen["threshold"] == [0.99, 1.5] and seen["clip"] == "auto"
 
 
 def test_labels_cycle(tiny, tmp_path):
@@ -144,7 +150,14 @@ def test_labels_cycle(tiny, tmp_path):
     (["--sampler", "dpmpp_2m", "--eta", "0.5"], "--eta is a setting of --sampler ddim only"),
     (["--sampler", "ddim", "--v", "0.3"], "--v is a setting of --sampler ddpm only"),
     (["--max-batch", "0"], "--max-batch must be at least 1, got 0"),
-    (["--guidance", "apg"], "--guidance must be one of cfg, cfgpp, got apg"),
+    (["--guidance", "pag"], "--guidance must be one of cfg, cfgpp, apg, got pag"),
+    (["--apg-momentum", "0.5"], "--apg-momentum is a setting of --guidance apg, got --guidance cfg"),
+    (["--guidance", "apg", "--apg-momentum", "1"], "--apg-momentum must lie in (-1, 1) (0: none), got 1.0"),
+    (["--guidance", "apg", "--apg-eta-parallel", "2"], "--apg-eta-parallel must be in [0, 1], got 2.0"),
+    (["--guidance", "apg", "--apg-norm-threshold", "-1"], "--apg-norm-threshold must be >= 0"),
+    (["--threshold", "0", "1"], "--threshold's P (the quantile of |x~|) must lie in (0, 1], got 0.0"),
+    (["--threshold", "0.9", "0.5"], "--threshold's M (the largest s) must be at least 1"),
+    (["--threshold", "0.9", "1", "--clip", "1"], "--threshold replaces --clip"),
     (["--guidance-rescale", "2"], "--guidance-rescale must be in [0, 1], got 2.0"),
     (["--guidance", "cfgpp"], "--guidance cfgpp (CFG++) is a form of --sampler ddim only"),
     (["--guidance-interval", "3", "1"], "--guidance-interval must be two finite numbers LAM_LO <= LAM_HI"),

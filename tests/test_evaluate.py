@@ -26,11 +26,17 @@ from cfgfast.models.unet import UNet, UNetConfig
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
 
 
-def tiny_model_file(tmp_path) -> str:
-    """A checkpoint of a tiny random U-Net for 8x8 digits."""
+def tiny_model_file(tmp_path, varied: bool = False) -> str:
+    """A checkpoint of a tiny random U-Net for 8x8 digits; varied: its zero-initialised parameters drawn at random
+    too, so that its output is not zero (guidance rescale divides by the output's standard deviation)."""
     torch.manual_seed(0)
     model = UNet(UNetConfig(image_size=8, in_channels=1, num_classes=10, base_channels=8, channel_mult=(1,),
                             num_res_blocks=1, attention_resolutions=(), num_heads=1, groups=4))
+    if varied:
+        with torch.no_grad():
+            for p in model.parameters():
+                if not p.any():
+                    p.normal_(0.0, 0.1)
     path = str(tmp_path / "model.pt")
     checkpoint.save(path, {"config": model.config.to_dict(), "ema": model.state_dict()})
     return path
@@ -359,3 +365,156 @@ def test_a_missing_matplotlib_is_told_before_any_work(tmp_path, capsys, monkeypa
     assert main(["evaluate", "--model", model_path, "--out", str(tmp_path / "eval"), "--steps", "2"]) == 2
     assert "draws its plots with matplotlib, which is not installed: pip install matplotlib" in capsys.readouterr().err
     assert not (tmp_path / "eval").exists()
+
+
+METHODS = ["cfg", "rescale", "apg", "cfgpp", "threshold"]
+
+
+def test_evaluate_compares_guidance_methods(tmp_path, capsys):
+    """--guidance: each method at each w (by w, the methods side by side), a grid per point, the methods' settings
+    in metrics.json and results.md, and the plot against w (an earlier sweep's fd_is.png and grids removed)."""
+    model_path, out = tiny_model_file(tmp_path, varied=True), tmp_path / "eval"
+    out.mkdir()
+    for name in ("fd_is.png", "grid_w1.png", "grid_ddim_2_w1.png"):
+        (out / name).write_bytes(b"an earlier sweep's")
+    assert main(["evaluate", "--model", model_path, "--guidance", ",".join(METHODS), "--sampler", "ddim",
+                 "--steps", "2", "--w", "0", "1", "--num", "10", "--feature-steps", "2", "--batch-size", "6",
+                 "--apg-momentum", "-0.25", "--threshold", "0.9", "2", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "guidance cfg, rescale, apg, cfgpp, threshold" in printed and "[10/10] threshold ddim 2 steps w=1" in printed
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [(p["w"], p["method"]) for p in metrics["points"]] == [(w, m) for w in (0, 1) for m in METHODS]
+    assert all(p["guidance"] == "classifier-free" and (p["sampler"], p["steps"]) == ("ddim", 2)
+               and math.isfinite(p["fd"]) for p in metrics["points"])
+    assert metrics["methods"] == {"cfg": {}, "rescale": {"guidance_rescale": 0.7},
+                                  "apg": {"eta_parallel": 0.0, "norm_threshold": 1.0, "momentum": -0.25},
+                                  "cfgpp": {}, "threshold": {"threshold": [0.9, 2.0]}}
+    settings = {p["method"]: p["settings"] for p in metrics["points"]}
+    assert settings["apg"] == {"guidance": "apg", "apg": {"eta_parallel": 0.0, "norm_threshold": 1.0,
+                                                          "momentum": -0.25},
+                               "guidance_rescale": 0.0, "threshold": None, "clip": 1.0}
+    assert settings["threshold"] == {"guidance": "cfg", "apg": None, "guidance_rescale": 0.0,
+                                     "threshold": [0.9, 2.0], "clip": None}
+    assert (settings["rescale"]["guidance_rescale"], settings["cfgpp"]["guidance"]) == (0.7, "cfgpp")
+    assert metrics["complete"] and metrics["planned"] == 10 and metrics["classifier"] is None
+    names = sorted(p.name for p in out.iterdir())
+    assert names == sorted(["fd_is_methods.png", "metrics.json", "results.md"]
+                           + [f"grid_{m}_w{w}.png" for m in METHODS for w in (0, 1)])
+    table = (out / "results.md").read_text()
+    assert "| w | method | FD (10 samples) | FD (first 10) | IS | accuracy | seconds |" in table
+    assert "| real held-out (360 images) | | – |" in table
+    assert "| apg | `guidance=cfgfast.APG(eta_parallel=0, norm_threshold=1, momentum=-0.25)` |" in table
+    assert "| threshold | `guidance='cfg', threshold=(0.9, 2), clip=None` |" in table
+    rows = [line for line in table.splitlines() if re.match(r"\| [01] \| ", line)]
+    assert [row.split(" | ")[:2] for row in rows] == [[f"| {w}", m] for w in (0, 1) for m in METHODS]
+    assert "![FD, IS and accuracy](fd_is_methods.png)" in table
+    assert (out / "fd_is_methods.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_sweep_gives_each_guidance_method_its_settings_and_the_same_noise(tmp_path, monkeypatch):
+    """Every method samples with the sweep's seed (the same initial noise), the run's sampler and steps, and its
+    own guidance keywords: the clip of [-1, 1] for all but threshold, which replaces it."""
+    calls = []
+
+    def recording_sample(model, labels, w, steps, **kwargs):
+        calls.append((w, steps, kwargs["sampler"], kwargs["seed"], kwargs["index_offset"],
+                      *(kwargs[key] for key in ("guidance", "guidance_rescale", "threshold", "clip"))))
+        return cfgfast.sample(model, labels, w, steps, **kwargs)
+
+    monkeypatch.setattr(cfgfast.evaluate, "sample", recording_sample)
+    sweep(checkpoint.load_model(tiny_model_file(tmp_path, varied=True)), load_dataset("digits"), str(tmp_path / "eval"),
+          ws=[2.0],
+          num=6, steps=3, samplers="ddim", seed=5, batch_size=4, feature_steps=2, log=lambda line: None,
+          methods={"cfg": {}, "rescale": {"guidance_rescale": 0.5}, "apg": {"norm_threshold": 0.0},
+                   "cfgpp": None, "threshold": {}})
+    apg = cfgfast.APG(eta_parallel=0.0, norm_threshold=0.0, momentum=-0.5)
+    expected = [("cfg", 0.0, None, 1.0), ("cfg", 0.5, None, 1.0), (apg, 0.0, None, 1.0), ("cfgpp", 0.0, None, 1.0),
+                ("cfg", 0.0, (0.995, 1.5), None)]
+    assert calls == [(2.0, 3, "ddim", 5, offset, *options) for options in expected for offset in (0, 4)]
+
+
+def test_guidance_methods_at_w_0_that_reduce_to_cfg_give_its_samples(tmp_path):
+    # rescale (k = 1 where g = eps_c) and APG (x~ = x~_c) at w = 0 are cfg's samples from the same noise, to rounding
+    model = checkpoint.load_model(tiny_model_file(tmp_path, varied=True))
+    metrics = sweep(model, load_dataset("digits"), str(tmp_path / "eval"), ws=[0.0], num=10, steps=3, samplers="ddim",
+                    batch_size=10, feature_steps=2, methods=["cfg", "rescale", "apg"], log=lambda line: None)
+    fd = [p["fd"] for p in metrics["points"]]
+    assert fd[1] == pytest.approx(fd[0], rel=1e-4) and fd[2] == pytest.approx(fd[0], rel=1e-4)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--guidance", "cfg,cfg2"], "argument --guidance: must be distinct comma-separated names from cfg, rescale, apg, "
+                                 "cfgpp, threshold, got 'cfg2'"),
+    (["--guidance", "apg,cfg,apg"], "argument --guidance: must be distinct comma-separated names from cfg, rescale, "
+                                    "apg, cfgpp, threshold, got 'apg' 2 times"),
+    (["--guidance", "cfg,cfgpp", "--sampler", "ddpm"], r"error: --guidance cfgpp \(CFG\+\+\) is a form of --sampler "
+                                                       "ddim only, got --sampler ddpm: give --sampler ddim, or "
+                                                       "--guidance cfg"),
+    (["--guidance", "cfg", "--sampler", "ddim", "--steps", "2,3"],
+     "error: --sampler must be one sampler at one step count when guidance methods are compared, got ddim 2, ddim 3"),
+    (["--guidance", "cfg", "--apg-momentum", "-0.5"], r"error: --apg-momentum is a setting of the apg method: give "
+                                                      "--guidance with apg among its methods, got --guidance cfg"),
+    (["--threshold", "0.9", "2"], r"error: --threshold is a setting of the threshold method: give --guidance with "
+                                  r"threshold among its methods, got --guidance \(none\)"),
+    (["--guidance", "apg", "--apg-momentum", "1"], r"error: --apg-momentum must lie in \(-1, 1\) \(0: none\), got 1.0"),
+    (["--guidance", "apg", "--apg-norm-threshold", "-1"], "error: --apg-norm-threshold must be >= 0"),
+    (["--guidance", "rescale", "--guidance-rescale", "2"], r"error: --guidance-rescale must be in \[0, 1\], got 2.0"),
+    (["--guidance", "threshold", "--threshold", "0.9", "0.5"],
+     r"error: --threshold must be a pair \(p, M\) with p in \(0, 1\] and M at least 1, finite in float32, got "
+     r"\[0.9, 0.5\]"),
+    (["--guidance", "cfg", "--classifier", "digits"], "error: --classifier must be none with --guidance"),
+])
+def test_evaluate_refuses_bad_guidance_options_before_any_work(tmp_path, capsys, argv, message):
+    try:
+        code = main(["evaluate", "--model", tiny_model_file(tmp_path), "--out", str(tmp_path / "eval")] + argv)
+    except SystemExit as exit:  # argparse's own refusal of a value its type does not parse
+        code = exit.code
+    assert code == 2
+    assert re.search(message, capsys.readouterr().err)
+    assert not (tmp_path / "eval").exists()
+
+
+def test_sweep_refuses_bad_guidance_methods(tmp_path):
+    from cfgfast.evaluate import check_methods
+
+    with pytest.raises(ValueError, match=r"methods\['apg'\] must hold settings from \['eta_parallel', "
+                                         r"'norm_threshold', 'momentum'\], got \['guidance_rescale'\]"):
+        check_methods({"apg": {"guidance_rescale": 0.7}}, [("ddim", 10)])
+    with pytest.raises(ValueError, match=r"methods must hold 'cfgpp' \(CFG\+\+, a form of ddim\) only with sampler "
+                                         r"'ddim', got sampler 'dpmpp_2m'; with it, choose from \['cfg', 'rescale', "
+                                         r"'apg', 'threshold'\]"):
+        check_methods(["cfgpp"], [("dpmpp_2m", 10)])
+    with pytest.raises(TypeError, match=r"methods\['apg'\]\['momentum'\] must be a real number, got str"):
+        check_methods({"apg": {"momentum": "-0.5"}}, [("ddim", 10)])
+    for bad in ([], ["cfg", "cfg"], ["cfg", "pag"]):
+        with pytest.raises(ValueError, match="methods must be distinct names from"):
+            check_methods(bad, [("ddim", 10)])
+    with pytest.raises(ValueError, match=r"classifier must be None when guidance methods are compared"):
+        sweep(checkpoint.load_model(tiny_model_file(tmp_path)), load_dataset("digits"), str(tmp_path / "eval"),
+              ws=[1.0], num=4, steps=2, samplers="ddim", classifier=Classifier(ClassifierConfig(width=8, groups=4)),
+              methods=["cfg"], log=lambda line: None)
+    assert not (tmp_path / "eval").exists()
+
+
+def methods_metrics(ws) -> dict:
+    """A metrics dict of a comparison of guidance methods as sweep writes it, with made-up scores."""
+    metrics = sweep_metrics([("ddim", 50)], [], classifier=False)
+    from cfgfast.evaluate import GUIDANCE_METHODS
+
+    metrics["methods"] = {name: {key: list(value) if isinstance(value, tuple) else value
+                                 for key, value in settings.items()} for name, settings in GUIDANCE_METHODS.items()}
+    metrics["points"] = [{"guidance": "classifier-free", "method": m, "sampler": "ddim", "steps": 50, "w": w,
+                          "fd": 0.05 + 0.01 * w + 0.002 * i, "fd_matched": 0.06, "is": 9.8 - 0.01 * i,
+                          "accuracy": 1.0 - 0.002 * i * w, "seconds": 1.0}
+                         for w in ws for i, m in enumerate(METHODS)]
+    return metrics
+
+
+def test_plot_metrics_draws_a_comparison_of_guidance_methods(tmp_path):
+    from PIL import Image
+
+    path = plot_metrics(methods_metrics([3.0, 6.0, 10.0]), str(tmp_path))
+    assert path == str(tmp_path / "fd_is_methods.png") and [p.name for p in tmp_path.iterdir()] == [
+        "fd_is_methods.png"]
+    with Image.open(path) as im:
+        assert im.format == "PNG" and im.size == (1540, 484)

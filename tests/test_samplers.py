@@ -21,31 +21,55 @@ def alpha_sigma64(lam: float) -> tuple[float, float]:
 
 
 def sample_float64(model, labels, w, lams, sampler, *, prediction_type="epsilon", eta=0.0, v=0.3, clip=None,
-                   seed=0, nu_of=None, cfgpp=False, inside=None, rescale=0.0):
+                   seed=0, nu_of=None, cfgpp=False, inside=None, rescale=0.0, apg=None, threshold=None):
     """SPEC §6 in float64: the model called in float32 (as the toy computes), everything else float64.
     w: one per sample [B], or one row a step [T, B]. nu_of(z, lam) gives a learned variance per element for "ddpm"
-    (None: v). cfgpp: CFG++'s ddim (SPEC §7), at the steps where inside[t] (every step for inside=None)."""
+    (None: v). cfgpp: CFG++'s ddim (SPEC §7), at the steps where inside[t] (every step for inside=None). SPEC §7:
+    rescale phi; apg (eta_parallel, norm_threshold, momentum) at the steps where some w != 0; threshold (p, M)."""
     batch = labels.shape[0]
     null = torch.full_like(labels, model.null_label)
     z = cfgfast.normal_noise((batch,) + tuple(model.sample_shape), seed, step=0, stream=0, backend="reference").double()
     w_steps = torch.as_tensor(w, dtype=torch.float64)
     w_steps = w_steps.expand(len(lams), batch) if w_steps.dim() == 1 else w_steps
     x_prev = h_prev = None
+    running = torch.zeros_like(z)  # APG's M
+    dims = tuple(range(1, z.dim()))
+
+    def dot(a, b):
+        return (a * b).sum(dim=dims, keepdim=True)
+
+    def std_of(a):
+        return a.std(dim=dims, correction=0, keepdim=True)
+
     for t, lam in enumerate(lams):
         w = w_steps[t].reshape(-1, *([1] * (z.dim() - 1)))
         lam_b = torch.full((batch,), lam)
         o_c = model(z.float(), lam_b, labels).double()
         o_u = model(z.float(), lam_b, null).double()
         g = (1 + w) * o_c - w * o_u
-        if rescale:  # SPEC §7: g <- phi g std(o_c) / std(g) + (1 - phi) g, population std per sample
-            dims = tuple(range(1, g.dim()))
-            std_c, std_g = (t.std(dim=dims, correction=0, keepdim=True) for t in (o_c, g))
-            g = rescale * g * std_c / std_g + (1 - rescale) * g
+        if rescale and apg is None:  # SPEC §7: g <- phi g std(o_c) / std(g) + (1 - phi) g, population std per sample
+            g = rescale * g * std_of(o_c) / std_of(g) + (1 - rescale) * g
         alpha, sigma = alpha_sigma64(lam)
         x_of = {"epsilon": lambda o: (z - sigma * o) / alpha, "v_prediction": lambda o: alpha * z - sigma * o,
                 "sample": lambda o: o}[prediction_type]
         x = x_of(g)
         x_u = x_of(o_u)  # CFG++: the unclipped x-prediction of the unconditional output
+        if apg is not None and bool((w_steps[t] != 0).any()):
+            eta_parallel, rho, beta = apg
+            x_c = x_of(o_c)
+            delta = x_c - x_u + beta * running
+            running = delta
+            if rho > 0:
+                delta = delta * torch.clamp(rho / dot(delta, delta).sqrt(), max=1.0)
+            parallel = dot(delta, x_c) / dot(x_c, x_c) * x_c
+            x = x_c + w * (delta - parallel + eta_parallel * parallel)
+            if rescale:
+                x = rescale * x * std_of(x_c) / std_of(x) + (1 - rescale) * x
+        if threshold is not None:
+            p, bound = threshold
+            s = torch.quantile(x.abs().reshape(batch, -1), p, dim=1).clamp(1.0, bound)
+            s = s.reshape(-1, *([1] * (z.dim() - 1)))
+            x = x.clamp(-s, s) / s
         if clip is not None:
             x = x.clamp(-clip, clip)
         if t == len(lams) - 1:
@@ -332,7 +356,7 @@ def test_bad_sampler_arguments():
     with pytest.raises(ValueError, match=r"guidance_rescale must be in \[0, 1\]"):
         cfgfast.guided_step(torch.zeros(2, 2), torch.zeros(2, 2), torch.zeros(2, 2), cfgfast.step_table(
             "ddim", [0.0, 1.0])[0], 1.0, guidance_rescale=-0.1)
-    with pytest.raises(ValueError, match=r"guidance must be one of \['cfg', 'cfgpp'\]"):
+    with pytest.raises(ValueError, match=r"guidance must be one of \['cfg', 'cfgpp', 'cfgfast.APG\(...\)'\]"):
         cfgfast.sample(model, LABELS, 1.0, 4, guidance="apg")
     with pytest.raises(ValueError, match="classifier guidance has none"):
         cfgfast.sample(model, LABELS, 1.0, 4, sampler="ddim", guidance="cfgpp", classifier=model.log_posterior)

@@ -31,15 +31,18 @@ import torch
 
 from cfgfast import _checks
 from cfgfast.cli.common import FLOAT32_MAX, refuse_existing, writable_path
-from cfgfast.samplers import GUIDANCES, SAMPLERS
+from cfgfast.guidance import APG
+from cfgfast.samplers import SAMPLERS
 
 PARTS_FORMAT = "cfgfast-sample-parts"
 PARTS_VERSION = 1
 DEFAULT_BATCH_SIZE = 64
+GUIDANCES = ("cfg", "cfgpp", "apg")
 SHARD_NAME = re.compile(r"^\d{10}-\d{10}\.npy$")
 # manifest key -> the option it comes from, to name what differs on a refused --resume
 MANIFEST_OPTIONS = {"model_sha256": "--model", "num": "--num", "w": "--w", "steps": "--steps",
                     "sampler": "--sampler", "guidance": "--guidance", "guidance_rescale": "--guidance-rescale",
+                    "apg": "--apg-eta-parallel, --apg-norm-threshold, --apg-momentum", "threshold": "--threshold",
                     "eta": "--eta", "v": "--v", "seed": "--seed", "clip": "--clip",
                     "labels": "--labels", "batch_size": "--batch-size", "guidance_interval": "--guidance-interval",
                     "shape": "image shape"}
@@ -126,6 +129,31 @@ def _check_options(args) -> None:
         raise ValueError(f"--sampler must be one of {', '.join(SAMPLERS)}, got {args.sampler}")
     if args.guidance not in GUIDANCES:
         raise ValueError(f"--guidance must be one of {', '.join(GUIDANCES)}, got {args.guidance}")
+    apg_given = [name for name in ("apg_eta_parallel", "apg_norm_threshold", "apg_momentum")
+                 if getattr(args, name) is not None]
+    if apg_given and args.guidance != "apg":
+        raise ValueError(f"--{apg_given[0].replace('_', '-')} is a setting of --guidance apg, got --guidance "
+                         f"{args.guidance}")
+    args.apg = None
+    if args.guidance == "apg":
+        try:
+            args.apg = APG(*(0.0 if getattr(args, name) is None else getattr(args, name)
+                             for name in ("apg_eta_parallel", "apg_norm_threshold", "apg_momentum")))
+        except ValueError as error:  # name the option, not the argument of cfgfast.APG
+            option = {"eta_parallel": "--apg-eta-parallel", "norm_threshold": "--apg-norm-threshold",
+                      "momentum": "--apg-momentum"}
+            message = str(error)
+            for name, flag in option.items():
+                message = message.replace(f"APG {name}", flag)
+            raise ValueError(message) from None
+    if args.threshold is not None:
+        p, bound = args.threshold
+        if not 0.0 < p <= 1.0:
+            raise ValueError(f"--threshold's P (the quantile of |x~|) must lie in (0, 1], got {p}")
+        if not (1.0 <= bound <= FLOAT32_MAX):
+            raise ValueError(f"--threshold's M (the largest s) must be at least 1 and finite in float32, got {bound}")
+        if args.clip is not None:
+            raise ValueError("--threshold replaces --clip (dynamic thresholding clamps x~ itself): give one")
     if args.guidance == "cfgpp" and args.sampler != "ddim":
         raise ValueError(f"--guidance cfgpp (CFG++) is a form of --sampler ddim only, got --sampler {args.sampler}")
     if args.v is not None and not 0.0 <= args.v <= 1.0:
@@ -320,7 +348,9 @@ def _prepare(args, world: _World):
     manifest = {"format": PARTS_FORMAT, "version": PARTS_VERSION, "model": args.model,
                 "model_sha256": _model_sha256(args.model), "num": args.num, "w": args.w, "steps": args.steps,
                 "sampler": args.sampler, "guidance": args.guidance, "guidance_rescale": args.guidance_rescale,
-                "eta": args.eta, "v": args.v, "seed": args.seed, "clip": args.clip,
+                "apg": None if args.apg is None else [args.apg.eta_parallel, args.apg.norm_threshold,
+                                                      args.apg.momentum],
+                "threshold": args.threshold, "eta": args.eta, "v": args.v, "seed": args.seed, "clip": args.clip,
                 "labels": args.labels, "guidance_interval": args.guidance_interval,
                 "batch_size": args.batch_size, "shape": [height, width, channels]}
     finished = _finished(args, args.out + ".parts", manifest)
@@ -394,8 +424,9 @@ def run(args) -> int:
                                        backend=args.backend, progress=False,
                                        guidance_interval=args.guidance_interval,
                                        max_batch="auto" if args.max_batch is None else args.max_batch,
-                                       cuda_graph=args.cuda_graph, guidance=args.guidance,
-                                       guidance_rescale=args.guidance_rescale)
+                                       cuda_graph=args.cuda_graph,
+                                       guidance=args.apg if args.apg is not None else args.guidance,
+                                       guidance_rescale=args.guidance_rescale, threshold=args.threshold)
                     images = to_uint8(x)
                 for (start, end), received in zip(round_shards, world.gather(images, shards[0][1]) or []):
                     with atomic_open(os.path.join(parts, _shard_name(start, end))) as f:
@@ -455,9 +486,19 @@ def add_parser(sub, name: str) -> None:
     p.add_argument("--sampler", default="ddpm",
                    help="ddpm (the paper's, default), ddim, dpmpp_2m or dpmpp_2m_sde (DPM-Solver++(2M))")
     p.add_argument("--guidance", default="cfg",
-                   help="cfg (the paper's, default) or cfgpp (CFG++, with --sampler ddim)")
+                   help="cfg (the paper's, default), cfgpp (CFG++, with --sampler ddim) or apg (adaptive projected "
+                        "guidance; --apg-* set it)")
     p.add_argument("--guidance-rescale", type=float, default=0.0, metavar="PHI",
                    help="guidance rescale phi in [0, 1] (default 0: none)")
+    p.add_argument("--apg-eta-parallel", type=float, metavar="ETA",
+                   help="APG: the weight of the update's part along the conditional prediction, in [0, 1] (default 0)")
+    p.add_argument("--apg-norm-threshold", type=float, metavar="RHO",
+                   help="APG: the largest norm of the update per sample (default 0: none)")
+    p.add_argument("--apg-momentum", type=float, metavar="BETA",
+                   help="APG: momentum of the running update, in (-1, 1) (default 0: none; the paper uses -0.5)")
+    p.add_argument("--threshold", type=float, nargs=2, metavar=("P", "M"),
+                   help="dynamic thresholding instead of --clip: x is clamped to [-s, s] and divided by s, s the "
+                        "P-quantile of |x| per sample, clamped to [1, M] (Imagen: 0.995 1)")
     p.add_argument("--eta", type=float, default=0.0, help="ddim's noise, in [0, 1] (default 0: deterministic)")
     p.add_argument("--v", type=float, default=None,
                    help="ddpm's variance interpolation in [0, 1] (default: the model's learned variance, else 0.3)")

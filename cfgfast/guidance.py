@@ -1,0 +1,274 @@
+"""Guidance beyond the paper's combination (SPEC §7): guidance rescale, adaptive projected guidance (APG) and
+dynamic thresholding, as per-sample reductions followed by the fused step of SPEC §6.
+
+Each method needs statistics of one sample (standard deviations, dot products, a quantile) before the step can
+run. They come from one reduction (cfgfast.moments.sample_moments: sums and dot products in float64), and the
+step's per-sample inputs follow from them:
+- guidance rescale scales g by one number per sample: the fused step reads the scaled weights (w_c k, w_u k)
+  and nothing else changes;
+- APG and dynamic thresholding change x~ per sample in ways the step's per-step row cannot hold (x~_c scaled, a
+  running value added, x~ divided by s): x~ is formed here, and the fused step reads it through the row's
+  "given x~" form (GivenX: pred_z = 0, pred_g = 1), which keeps every sampler, the multistep state, CFG++'s
+  unconditional term, learned variance and SPEC §3's noise in the kernel.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from . import _checks
+from .moments import sample_moments
+
+
+@dataclass(frozen=True)
+class APG:
+    """Adaptive projected guidance (Sadat et al. 2024; SPEC §7), on the x-predictions x~_c, x~_u:
+
+        Delta = x~_c - x~_u;  Delta <- Delta + momentum M, M <- Delta    (M: the running value, zero at first)
+        Delta <- Delta min(1, norm_threshold / |Delta|)                  (where norm_threshold > 0)
+        x~ = x~_c + w (Delta_orthogonal + eta_parallel Delta_parallel)   (the parts along and across x~_c)
+
+    eta_parallel in [0, 1] (0: only the part of Delta orthogonal to x~_c), norm_threshold >= 0 (0: none),
+    momentum in (-1, 1) (0: none; the paper uses negative values such as -0.5). Equal to diffusers'
+    normalized_guidance with use_original_formulation=True and guidance_scale w.
+    """
+
+    eta_parallel: float = 0.0
+    norm_threshold: float = 0.0
+    momentum: float = 0.0
+
+    def __post_init__(self):
+        eta = _checks.unit_interval("APG eta_parallel", self.eta_parallel)
+        rho = _checks.real("APG norm_threshold", self.norm_threshold)
+        if rho < 0:
+            raise ValueError(f"APG norm_threshold must be >= 0 (0: no threshold), got {rho}")
+        beta = _checks.real("APG momentum", self.momentum)
+        if not -1.0 < beta < 1.0:
+            raise ValueError(f"APG momentum must lie in (-1, 1) (0: none), got {beta}")
+        object.__setattr__(self, "eta_parallel", eta)
+        object.__setattr__(self, "norm_threshold", rho)
+        object.__setattr__(self, "momentum", beta)
+
+
+def check_method(sampler: str | None, guidance):
+    """"cfg", "cfgpp" (with "ddim" only; sampler None: a step call, where CFG++ is its table's rows) or an APG."""
+    if isinstance(guidance, APG):
+        return guidance
+    names = ["cfg", "cfgpp", "cfgfast.APG(...)"] if sampler is not None else ["cfg", "cfgfast.APG(...)"]
+    if not isinstance(guidance, str) or guidance not in ("cfg", "cfgpp") or (sampler is None and guidance == "cfgpp"):
+        hint = (" (CFG++ is a step table of its own: cfgfast.step_table('ddim', ..., guidance='cfgpp'))"
+                if sampler is None and guidance == "cfgpp" else "")
+        raise ValueError(f"guidance must be one of {names}, got {guidance!r}{hint}")
+    if guidance == "cfgpp" and sampler != "ddim":
+        raise ValueError(f"guidance='cfgpp' (CFG++) is a form of sampler 'ddim' only, got sampler {sampler!r}")
+    return guidance
+
+
+def check_threshold(threshold, clip) -> tuple[float, float] | None:
+    """None or dynamic thresholding's (p, M): p in (0, 1], M >= 1 finite; not together with clip."""
+    if threshold is None:
+        return None
+    try:
+        p, bound = threshold
+    except (TypeError, ValueError):
+        raise TypeError(f"threshold must be a pair (p, M) such as (0.995, 1.0), got {threshold!r}") from None
+    p = _checks.real("threshold's p", p)
+    bound = _checks.real("threshold's M", bound)
+    if not 0.0 < p <= 1.0:
+        raise ValueError(f"threshold's p (the quantile of |x~|) must lie in (0, 1], got {p}")
+    if not 1.0 <= bound <= torch.finfo(torch.float32).max:
+        raise ValueError(f"threshold's M (the largest s) must be at least 1 and finite in float32, got {bound}")
+    if clip is not None:
+        raise ValueError(f"threshold replaces clip (dynamic thresholding clamps x~ to [-s, s] itself): give one, "
+                         f"got threshold={threshold!r} and clip={clip!r} (pass clip=None)")
+    return p, bound
+
+
+def check_rescale(guidance_rescale) -> float:
+    return _checks.unit_interval("guidance_rescale", guidance_rescale)
+
+
+def given_x_rows(rows: torch.Tensor) -> torch.Tensor:
+    """The rows (float64 [..., 10]) in their "given x~" form: x~ = g, z' = mean_z z + mean_x x~ + the rest, for a
+    step whose x~ was formed (and clipped) before it, passed as pred_cond with weights (1, 0)."""
+    rows = rows.clone()
+    rows[..., 0], rows[..., 1] = 0.0, 1.0  # x~ = pred_z z + pred_g g
+    rows[..., 4], rows[..., 5] = rows[..., 2], rows[..., 3]  # z' = direct_z z + direct_g g
+    return rows
+
+
+def _per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return values.reshape((-1,) + (1,) * (like.dim() - 1))
+
+
+def _moments(a: torch.Tensor, b: torch.Tensor):
+    """Per sample, in float64: (<a, a>, <a, b>, <b, b>, sum a, sum b, number of elements)."""
+    m = sample_moments([a, b], [[1.0, 0.0], [0.0, 1.0]])
+    count = a[0].numel() if a.shape[0] else 1
+    return m[:, 0, 0], m[:, 0, 1], m[:, 1, 1], m[:, 0, 2], m[:, 1, 2], count
+
+
+def _rescale_factor(phi: float, a_coef, b_coef, ref, moments) -> torch.Tensor:
+    """k = phi std(ref) / std(y) + 1 - phi per sample (float64), for y = a_coef a + b_coef b and ref one of a, b
+    ("a" or "b"), from the moments of (a, b)."""
+    aa, ab, bb, sa, sb, n = moments
+    var_y = (a_coef * a_coef * aa + 2.0 * a_coef * b_coef * ab + b_coef * b_coef * bb) / n \
+        - ((a_coef * sa + b_coef * sb) / n) ** 2
+    var_ref = aa / n - (sa / n) ** 2 if ref == "a" else bb / n - (sb / n) ** 2
+    # (variances from sums: a rounding below zero is zero)
+    return phi * var_ref.clamp(min=0.0).sqrt() / var_y.clamp(min=0.0).sqrt() + (1.0 - phi)
+
+
+def rescaled_weights(pred_cond, pred_uncond, weights, guidance_rescale: float) -> torch.Tensor:
+    """Guidance rescale of "cfg" and "cfgpp" (SPEC §7; diffusers' rescale_noise_cfg) as per-sample weights:
+    g <- phi g std(o_c) / std(g) + (1 - phi) g is g scaled by k = phi std(o_c) / std(g) + 1 - phi, so the fused
+    step reads (k w_cond, k w_uncond). Population standard deviations over each sample, from float64 sums."""
+    moments = _moments(pred_cond, pred_uncond)
+    w64 = weights.double()
+    k = _rescale_factor(guidance_rescale, w64[:, 0], -w64[:, 1], "a", moments)
+    return (w64 * k[:, None]).float()
+
+
+def _quantile_abs(x: torch.Tensor, p: float, work: torch.Tensor | None = None) -> torch.Tensor:
+    """torch.quantile(|x| per sample, p) (linear interpolation), from the two order statistics it interpolates:
+    one topk of the few values at or above them where p is near 1 (Imagen's 0.995: 62 of 12288), else two
+    selections, instead of a sort. work: a tensor of x's shape for |x| (else a new one)."""
+    flat = torch.abs(x, out=work).reshape(x.shape[0], -1) if work is not None else x.abs().reshape(x.shape[0], -1)
+    n = flat.shape[1]
+    rank = p * (n - 1)
+    below = math.floor(rank)
+    above = min(below + 1, n - 1)
+    if n - below <= 1024:  # the order statistics below and above are the last two of the n - below largest
+        top = flat.topk(n - below, dim=1).values
+        low, high = top[:, -1], top[:, -2 if above > below else -1]
+    else:
+        low = flat.kthvalue(below + 1, dim=1).values
+        high = flat.kthvalue(above + 1, dim=1).values if above > below else low
+    return low if rank == below else torch.lerp(low, high, rank - below)
+
+
+def dynamic_threshold(x: torch.Tensor, threshold: tuple[float, float], work: torch.Tensor | None = None):
+    """x~ <- clamp(x~, -s, s) / s with s = clamp(quantile_p(|x~|), 1, M) per sample (Imagen; diffusers'
+    _threshold_sample), in place. x: float32 [B, ...]; work: a tensor of x's shape to use (else a new one)."""
+    p, bound = threshold
+    s = _per_sample(_quantile_abs(x, p, work).clamp(min=1.0, max=bound), x)
+    return x.clamp_(-s, s).div_(s)
+
+
+def _add_scaled_(y: torch.Tensor, x: torch.Tensor, a) -> torch.Tensor:
+    """y += a x, for a number a or a 0-d tensor (a coefficient read on the device)."""
+    return y.add_(x, alpha=a) if isinstance(a, (int, float)) else y.addcmul_(x, a)
+
+
+class Guide:
+    """How one sampling run turns (o_c, o_u) into what the fused step reads (SPEC §7), with APG's running value.
+
+    method: "cfg", "cfgpp" or an APG; rescale: phi; threshold: (p, M) or None; clip: the step's clip (None with a
+    threshold); buffer: APG's running value M where its momentum is not 0, updated in place at each guided step.
+    The tensors it forms (x~_c, Delta, x~) live in buffers kept from step to step: a new tensor of a large batch
+    costs more in page faults than its arithmetic, and a captured CUDA graph needs fixed addresses.
+    """
+
+    def __init__(self, method, rescale: float = 0.0, threshold=None, clip=None, buffer: torch.Tensor | None = None):
+        self.method = method
+        self.rescale = rescale
+        self.threshold = threshold
+        self.clip = clip
+        self.apg = method if isinstance(method, APG) else None
+        self.buffer = buffer  # APG's running value M (float32, z's shape; zero before the first guided step)
+        if self.apg is not None and self.apg.momentum and buffer is None:
+            raise ValueError("APG with momentum needs its running value: a float32 tensor of z's shape, zero before "
+                             "the first guided step (momentum_buffer=)")
+        self._work: dict[str, torch.Tensor] = {}
+
+    def _buffer(self, name: str, like: torch.Tensor) -> torch.Tensor:
+        found = self._work.get(name)
+        if found is None or found.shape != like.shape or found.device != like.device:
+            found = self._work[name] = torch.empty(like.shape, dtype=torch.float32, device=like.device)
+        return found
+
+    def forms_x(self, guided: bool) -> bool:
+        """Whether x~ is formed before the fused step (which then reads its "given x~" row)."""
+        return self.threshold is not None or (guided and self.apg is not None)
+
+    def inputs(self, z, pred_cond, pred_uncond, weights, pred_z, pred_g, guided: bool):
+        """(pred_cond, pred_uncond, weights, clip) for the fused step: the model's outputs with (rescaled) weights
+        and the step's row as it is, or, where forms_x, x~ itself with weights (1, 0) for the given-x~ row.
+        pred_z, pred_g: the row's prediction coefficients (numbers, or 0-d tensors on z's device)."""
+        if not self.forms_x(guided):
+            if guided and self.rescale:
+                weights = rescaled_weights(pred_cond, pred_uncond, weights, self.rescale)
+            return pred_cond, pred_uncond, weights, self.clip
+        x = self._buffer("x", z)
+        if self.apg is not None and guided:
+            self._apg(x, z, pred_cond, pred_uncond, weights[:, 1], pred_z, pred_g)
+        else:
+            if guided and self.rescale:
+                weights = rescaled_weights(pred_cond, pred_uncond, weights, self.rescale)
+            # x~ = pred_z z + pred_g (w_c o_c - w_u o_u)
+            x.copy_(pred_cond).mul_(_per_sample(weights[:, 0], z)).addcmul_(pred_uncond, _per_sample(-weights[:, 1], z))
+            _add_scaled_(x.mul_(pred_g), z, pred_z)
+        if self.threshold is not None:
+            dynamic_threshold(x, self.threshold, self._buffer("abs", z))
+        elif self.clip is not None:
+            x.clamp_(-self.clip, self.clip)
+        unit = torch.zeros_like(weights)
+        unit[:, 0] = 1.0
+        if self.method == "cfgpp":  # its step reads o_u (the row's uncond term), in x~'s dtype
+            uncond = pred_uncond if pred_uncond.dtype == torch.float32 else \
+                self._buffer("uncond", z).copy_(pred_uncond)
+            return x, uncond, unit, None
+        return x, x, unit, None  # (weights (1, 0): g = x~; the row reads no o_u)
+
+    def _apg(self, x, z, pred_cond, pred_uncond, w, pred_z, pred_g) -> None:
+        """x <- APG's x~ (SPEC §7)."""
+        apg = self.apg
+        x_cond = self._buffer("x_cond", z)
+        _add_scaled_(x_cond.copy_(pred_cond).mul_(pred_g), z, pred_z)  # x~_c = pred_z z + pred_g o_c
+        delta = self._buffer("delta", z)
+        delta.copy_(pred_cond).sub_(pred_uncond).mul_(pred_g)  # x~_c - x~_u
+        if apg.momentum:
+            self.buffer.copy_(delta.add_(self.buffer, alpha=apg.momentum))
+        dd, dx, xx, sd, sx, n = _moments(delta, x_cond)
+        w64 = w.double()
+        scale = torch.ones_like(dd)
+        if apg.norm_threshold > 0:
+            # (a zero Delta: rho / 0 = inf, scale 1, as diffusers' torch.minimum(1, rho / |Delta|))
+            scale = torch.minimum(scale, apg.norm_threshold / dd.sqrt())
+        # Delta_parallel = (<Delta, x~_c> / <x~_c, x~_c>) x~_c (|x~_c| floored at 1e-12, as F.normalize)
+        along = dx / xx.clamp(min=1e-24)
+        # x~ = x~_c + w s (Delta - (1 - eta) along x~_c) = a x~_c + b Delta
+        a = 1.0 - w64 * scale * (1.0 - apg.eta_parallel) * along
+        b = w64 * scale
+        if self.rescale:
+            k = _rescale_factor(self.rescale, b, a, "b", (dd, dx, xx, sd, sx, n))
+            a, b = a * k, b * k
+        torch.mul(x_cond, _per_sample(a.float(), z), out=x).addcmul_(delta, _per_sample(b.float(), z))
+
+    def step(self, stepper, out, z, pred_cond, pred_uncond, weights, x_prev, nu, noise, row, row_x, seed, t,
+             index_offset, guided: bool) -> None:
+        """One step on host rows (row: the sampler's, row_x: its given-x~ form)."""
+        forms_x = self.forms_x(guided)
+        pred_cond, pred_uncond, weights, clip = self.inputs(z, pred_cond, pred_uncond, weights, row[0], row[1],
+                                                            guided)
+        if forms_x and nu is not None:
+            nu = nu.float()
+        stepper.guided_step(out, z, pred_cond, pred_uncond, weights, x_prev, nu, noise, row_x if forms_x else row,
+                            seed, t, index_offset, clip)
+
+    def step_table(self, stepper, out, z, pred_cond, pred_uncond, weights, x_prev, nu, table, table_x, counter,
+                   seed, index_offset, guided: bool) -> None:
+        """One step on device tables read at `counter` (no host read: capturable)."""
+        forms_x = self.forms_x(guided)
+        pz = pg = None
+        if forms_x:
+            row = table.index_select(0, counter)[0].float()
+            pz, pg = row[0], row[1]
+        pred_cond, pred_uncond, weights, clip = self.inputs(z, pred_cond, pred_uncond, weights, pz, pg, guided)
+        if forms_x and nu is not None:
+            nu = nu.float()
+        stepper.guided_step_table(out, z, pred_cond, pred_uncond, weights, x_prev, nu, table_x if forms_x else table,
+                                  counter, seed, index_offset, clip)

@@ -1,0 +1,240 @@
+"""Guidance beyond the paper's combination (SPEC §7): APG, dynamic thresholding and guidance rescale, against the
+float64 loop of tests/test_samplers.py (written from the SPEC's text), against diffusers' own functions, across
+backends, batch splits and the device-table loop of cuda_graph=True."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import TRITON_INTERPRETED
+from test_samplers import LABELS, W, sample_float64
+
+import cfgfast
+from cfgfast.guidance import APG, Guide, dynamic_threshold, rescaled_weights
+from cfgfast.moments import sample_moments
+from cfgfast.step import guidance_weights
+from cfgfast.toy import GaussianClasses
+
+# The backends of CPU tensors: Triton under the interpreter where there is no GPU (its kernels then see these
+# tests' tensors; on a GPU they run in tests/test_step.py's battery)
+BACKENDS = ["reference"] + (["cpu"] if "cpu" in cfgfast.available_backends() else []) \
+    + (["triton"] if TRITON_INTERPRETED else [])
+
+
+def classes16(seed=6):
+    """Three Gaussian classes in 16 dimensions: per-sample statistics over 16 elements mean something."""
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(3, 16, 16, generator=g, dtype=torch.float64) / 8
+    return GaussianClasses(1.5 * torch.randn(3, 16, generator=g, dtype=torch.float64),
+                           a @ a.mT + 0.3 * torch.eye(16, dtype=torch.float64))
+
+
+APG_CASES = [  # (sampler, (eta_parallel, norm_threshold, momentum), rescale, guidance_interval)
+    ("ddpm", (0.0, 0.0, 0.0), 0.0, None),
+    ("dpmpp_2m", (0.5, 3.0, -0.5), 0.0, None),
+    ("ddim", (1.0, 2.0, 0.5), 0.6, (-5.0, 5.0)),
+    ("dpmpp_2m_sde", (0.0, 0.0, -0.75), 0.0, (-3.0, 8.0)),
+]
+
+
+@pytest.mark.parametrize("sampler, apg, rescale, interval", APG_CASES, ids=[c[0] for c in APG_CASES])
+def test_apg_matches_float64_spec(sampler, apg, rescale, interval):
+    model = classes16()
+    lams = cfgfast.default_lambdas(12, sampler).tolist()
+    inside = [True] * len(lams) if interval is None else [interval[0] <= lam <= interval[1] for lam in lams]
+    w_steps = torch.stack([W * float(i) for i in inside])
+    expected = sample_float64(model, LABELS, w_steps, lams, sampler, seed=4, rescale=rescale, apg=apg)
+    plain = sample_float64(model, LABELS, w_steps, lams, sampler, seed=4)
+    assert (expected - plain).abs().max() > 0.05  # APG changes these samples
+    for backend in BACKENDS:
+        got = cfgfast.sample(model, LABELS, W, sampler=sampler, lambdas=lams, seed=4, guidance=APG(*apg),
+                             guidance_rescale=rescale, guidance_interval=interval, backend=backend)
+        # (ddim on the paper's grid from lam = -20 scales float32 rounding by alpha'/alpha)
+        torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=2e-3 if sampler == "ddim" else 5e-4)
+
+
+@pytest.mark.parametrize("sampler, guidance", [("ddpm", "cfg"), ("ddim", "cfgpp"), ("dpmpp_2m", "cfg"),
+                                               ("dpmpp_2m_sde", "cfg")])
+def test_threshold_matches_float64_spec(sampler, guidance):
+    model = classes16()
+    lams = cfgfast.default_lambdas(12, sampler).tolist()
+    threshold = (0.9, 1.6)
+    expected = sample_float64(model, LABELS, W, lams, sampler, seed=8, cfgpp=guidance == "cfgpp",
+                              threshold=threshold)
+    clipped = sample_float64(model, LABELS, W, lams, sampler, seed=8, cfgpp=guidance == "cfgpp", clip=1.0)
+    assert (expected - clipped).abs().max() > 0.05  # thresholding is not clipping to [-1, 1] here
+    for backend in BACKENDS:
+        got = cfgfast.sample(model, LABELS, W, sampler=sampler, lambdas=lams, seed=8, guidance=guidance,
+                             threshold=threshold, backend=backend)
+        torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=2e-3 if sampler == "ddim" else 5e-4)
+    assert got.abs().max() <= 1.0  # the last x~ is thresholded too: within [-1, 1]
+
+
+def test_apg_with_threshold_and_v_prediction_matches_float64_spec():
+    model = classes16()
+    model.prediction_type = "v_prediction"
+    lams = cfgfast.default_lambdas(10, "dpmpp_2m").tolist()
+    apg, threshold = (0.3, 4.0, -0.5), (0.95, 2.0)
+    expected = sample_float64(model, LABELS, W, lams, "dpmpp_2m", prediction_type="v_prediction", seed=1, apg=apg,
+                              threshold=threshold, rescale=0.3)
+    got = cfgfast.sample(model, LABELS, W, sampler="dpmpp_2m", lambdas=lams, seed=1, guidance=APG(*apg),
+                         threshold=threshold, guidance_rescale=0.3, backend="reference")
+    torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=5e-4)
+
+
+def test_apg_equals_diffusers_normalized_guidance():
+    """On x-predictions (prediction type "sample": x~_c = o_c), three steps with diffusers' MomentumBuffer."""
+    pytest.importorskip("diffusers")
+    from diffusers.guiders.adaptive_projected_guidance import MomentumBuffer, normalized_guidance
+
+    g = torch.Generator().manual_seed(3)
+    for eta, rho, beta in ((0.0, 0.0, 0.0), (0.4, 5.0, -0.5), (1.0, 0.5, 0.7)):
+        batch, w = 3, 4.0
+        z = torch.randn(batch, 3, 5, 5, generator=g)
+        ours = torch.zeros_like(z)
+        guide = Guide(APG(eta, rho, beta), buffer=ours if beta else None)
+        buffer = MomentumBuffer(beta) if beta else None
+        weights = guidance_weights(torch.full((batch,), w))
+        for _ in range(3):
+            o_c, o_u = torch.randn(2, batch, 3, 5, 5, generator=g)
+            x, _, unit, clip = guide.inputs(z, o_c, o_u, weights, 0.0, 1.0, True)
+            expected = normalized_guidance(o_c, o_u, w, buffer, eta=eta, norm_threshold=rho,
+                                           use_original_formulation=True)
+            torch.testing.assert_close(x, expected, rtol=1e-5, atol=1e-5)
+            assert unit.tolist() == [[1.0, 0.0]] * batch and clip is None
+            if beta:
+                torch.testing.assert_close(ours, buffer.running_average, rtol=1e-6, atol=1e-6)
+
+
+def test_threshold_equals_diffusers_threshold_sample():
+    pytest.importorskip("diffusers")
+    from diffusers import DDPMScheduler
+
+    x = 2.5 * torch.randn(5, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    # p near 1 (a topk of the largest values), p = 0.5 (two selections), p = 1 (the largest)
+    for p, bound in ((0.995, 1.0), (0.995, 1.5), (0.9, 2.0), (0.5, 3.0), (1.0, 10.0)):
+        scheduler = DDPMScheduler(thresholding=True, dynamic_thresholding_ratio=p, sample_max_value=bound)
+        torch.testing.assert_close(dynamic_threshold(x.clone(), (p, bound)), scheduler._threshold_sample(x.clone()),
+                                   rtol=1e-6, atol=1e-6)
+
+
+def test_rescaled_weights_equal_diffusers_rescale_noise_cfg():
+    pytest.importorskip("diffusers")
+    from diffusers.guiders.guider_utils import rescale_noise_cfg
+
+    g = torch.Generator().manual_seed(1)
+    o_c, o_u = torch.randn(2, 4, 3, 6, 6, generator=g)
+    w = torch.tensor([0.0, 1.0, 3.0, 7.5])
+    for phi in (0.0, 0.3, 0.7, 1.0):
+        weights = rescaled_weights(o_c, o_u, guidance_weights(w), phi)
+        ours = weights[:, 0, None, None, None] * o_c - weights[:, 1, None, None, None] * o_u
+        noise_cfg = o_u + (1 + w)[:, None, None, None] * (o_c - o_u)
+        torch.testing.assert_close(ours, rescale_noise_cfg(noise_cfg, o_c, guidance_rescale=phi), rtol=1e-5,
+                                   atol=1e-5)
+
+
+def test_per_sample_statistics_ignore_the_rest_of_the_batch():
+    g = torch.Generator().manual_seed(2)
+    a, b = torch.randn(2, 7, 3, 9, 9, generator=g)
+    whole = sample_moments([a, b], [[1.0, 0.0], [0.5, -2.0]])
+    for i, j in ((0, 1), (1, 4), (4, 7)):
+        assert torch.equal(sample_moments([a[i:j], b[i:j]], [[1.0, 0.0], [0.5, -2.0]]), whole[i:j])
+        assert torch.equal(dynamic_threshold(a[i:j].clone(), (0.9, 2.0)), dynamic_threshold(a.clone(), (0.9, 2.0))[i:j])
+    weights = guidance_weights(torch.linspace(0, 5, 7))
+    assert torch.equal(torch.cat([rescaled_weights(a[i:j], b[i:j], weights[i:j], 0.7) for i, j in ((0, 3), (3, 7))]),
+                       rescaled_weights(a, b, weights, 0.7))
+
+
+@pytest.mark.parametrize("backend", [b for b in ("cpu", "reference") if b in cfgfast.available_backends()])
+def test_batch_split_gives_the_same_samples(backend):
+    model = classes16()
+    kwargs = dict(sampler="dpmpp_2m", seed=3, guidance=APG(0.2, 3.0, -0.5), threshold=(0.9, 1.5),
+                  guidance_rescale=0.4, backend=backend)
+    whole = cfgfast.sample(model, LABELS, W, 8, **kwargs)
+    parts = [cfgfast.sample(model, LABELS[i:j], W[i:j], 8, index_offset=i, **kwargs) for i, j in ((0, 5), (5, 12))]
+    assert torch.equal(torch.cat(parts), whole)
+
+
+@pytest.mark.parametrize("guidance, threshold, rescale", [(APG(0.5, 2.0, -0.5), None, 0.0),
+                                                          ("cfg", (0.9, 1.5), 0.5),
+                                                          (APG(0.0, 0.0, 0.6), (0.8, 2.0), 0.3)])
+def test_device_table_loop_equals_sample(guidance, threshold, rescale):
+    """cuda_graph=True's loop (run eagerly here): the rows read on the device, APG's running value a static buffer
+    left unchanged outside the guidance interval."""
+    from cfgfast import sampler
+
+    model = classes16()
+    interval = (-4.0, 6.0)
+    kwargs = dict(guidance=guidance, threshold=threshold, guidance_rescale=rescale)
+    expected = cfgfast.sample(model, LABELS, W, 10, sampler="dpmpp_2m", seed=2, guidance_interval=interval,
+                              backend="reference", **kwargs)
+    with torch.no_grad():
+        plan, z = sampler._plan(model, LABELS, W, 10, "dpmpp_2m", 0.0, None, None, 2, None, None, None, None, "auto",
+                                0, "reference", interval, None, False, None, **kwargs)
+        assert plan.guided != [True] * 10 and any(plan.guided)
+        got = sampler._loop_table(plan, z, None, capture=False)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_bad_guidance_arguments():
+    model = classes16()
+    labels = torch.arange(3)
+    with pytest.raises(ValueError, match=r"APG eta_parallel must be in \[0, 1\], got 1.5"):
+        APG(eta_parallel=1.5)
+    with pytest.raises(ValueError, match=r"APG norm_threshold must be >= 0"):
+        APG(norm_threshold=-1.0)
+    with pytest.raises(ValueError, match=r"APG momentum must lie in \(-1, 1\)"):
+        APG(momentum=1.0)
+    with pytest.raises(TypeError, match="APG momentum must be a real number"):
+        APG(momentum="0.5")
+    with pytest.raises(ValueError, match=r"guidance must be one of \['cfg', 'cfgpp', 'cfgfast.APG\(...\)'\], got "
+                                         r"'apg'"):
+        cfgfast.sample(model, labels, 1.0, 4, guidance="apg")
+    with pytest.raises(ValueError, match="guidance='cfgpp' \\(CFG\\+\\+\\) is a form of sampler 'ddim' only"):
+        cfgfast.sample(model, labels, 1.0, 4, sampler="dpmpp_2m", guidance="cfgpp")
+    with pytest.raises(ValueError, match=r"guidance_rescale must be in \[0, 1\], got 1.5"):
+        cfgfast.sample(model, labels, 1.0, 4, guidance=APG(), guidance_rescale=1.5)
+    for threshold, message in (((0.0, 1.0), r"threshold's p .* must lie in \(0, 1\], got 0.0"),
+                               ((1.2, 1.0), r"threshold's p .* must lie in \(0, 1\], got 1.2"),
+                               ((0.9, 0.5), r"threshold's M .* must be at least 1 .*, got 0.5"),
+                               ((0.9, float("inf")), "threshold's M must be finite, got inf")):
+        with pytest.raises(ValueError, match=message):
+            cfgfast.sample(model, labels, 1.0, 4, threshold=threshold)
+    with pytest.raises(TypeError, match=r"threshold must be a pair \(p, M\)"):
+        cfgfast.sample(model, labels, 1.0, 4, threshold=0.995)
+    with pytest.raises(ValueError, match="threshold replaces clip .* got threshold=\\(0.9, 1.0\\) and clip=1.0"):
+        cfgfast.sample(model, labels, 1.0, 4, threshold=(0.9, 1.0), clip=1.0)
+    classifier = torch.nn.Linear(16, 3)
+    with pytest.raises(ValueError, match="guidance=APG.* needs the model's unconditional pass"):
+        cfgfast.sample(model, labels, 1.0, 4, guidance=APG(), classifier=classifier)
+    with pytest.raises(ValueError, match="APG with momentum needs its running value"):
+        Guide(APG(momentum=0.5))
+
+
+def test_ddpm_with_threshold_equals_diffusers_ddpm_scheduler(monkeypatch):
+    """DDPMScheduler(thresholding=True) thresholds its x0 before the posterior mean, as the ddpm row's x~ here."""
+    diffusers = pytest.importorskip("diffusers")
+    from diffusers.schedulers import scheduling_ddpm
+
+    p, bound = 0.9, 1.6
+    scheduler = diffusers.DDPMScheduler(variance_type="fixed_small", clip_sample=False, thresholding=True,
+                                        dynamic_thresholding_ratio=p, sample_max_value=bound)
+    scheduler.set_timesteps(25)
+    alphas = scheduler.alphas_cumprod.double()[scheduler.timesteps]
+    lams = torch.log(alphas / (1 - alphas)).tolist()
+    model = classes16()
+    batch = LABELS.shape[0]
+    null = torch.full_like(LABELS, model.null_label)
+    z = cfgfast.normal_noise((batch, 16), 8, step=0, stream=0, backend="reference")
+    w = W.reshape(-1, 1)
+    for t, timestep in enumerate(scheduler.timesteps):
+        lam_b = torch.full((batch,), lams[t])
+        eps = (1 + w) * model(z, lam_b, LABELS) - w * model(z, lam_b, null)
+        noise = cfgfast.normal_noise(z.shape, 8, step=t, stream=1, backend="reference")
+        monkeypatch.setattr(scheduling_ddpm, "randn_tensor", lambda *a, noise=noise[..., None], **k: noise)
+        # (as [B, 16, 1]: diffusers' thresholding takes a channel dimension and at least one more)
+        z = scheduler.step(eps[..., None], timestep, z[..., None]).prev_sample[..., 0]
+    for backend in BACKENDS:
+        ours = cfgfast.sample(model, LABELS, W, lambdas=lams, seed=8, v=0.0, threshold=(p, bound), backend=backend)
+        torch.testing.assert_close(ours, z, rtol=1e-4, atol=1e-4)
+
