@@ -352,3 +352,27 @@ def op_guided_table_args(out, z, pred_cond, pred_uncond, weights, x_prev, nu, co
     op_guided_step_args(out, z, pred_cond, pred_uncond, weights, x_prev, nu, None, [1.0] * NUM_COEFFICIENTS, 0,
                         index_offset, clip)
     op_step_memory(out, x_prev, coef_table=coef_table, step=step)  # (read by other threads while those are written)
+
+
+MAX_MOMENT_INPUTS = MAX_MOMENT_VECTORS = 4  # cfgfast::sample_moments: kMaxMomentInputs, kMaxMomentVectors
+
+
+def op_moments_args(inputs, combos, num_vectors) -> None:
+    k = len(inputs)
+    check_value(1 <= k <= MAX_MOMENT_INPUTS,
+                lambda: f"cfgfast: inputs must hold 1 to {MAX_MOMENT_INPUTS} tensors, got {k}")
+    check_value(1 <= num_vectors <= MAX_MOMENT_VECTORS,
+                lambda: f"cfgfast: num_vectors must be in [1, {MAX_MOMENT_VECTORS}], got {num_vectors}")
+    check_value(len(combos) == k * num_vectors,
+                lambda: f"cfgfast: combos must hold num_vectors x len(inputs) = {num_vectors} x {k} numbers, got "
+                        f"{len(combos)}")
+    first = inputs[0]
+    check_value(first.dim() >= 1, lambda: "cfgfast: inputs need a batch dimension, got a 0-d inputs[0]")
+    for i, t in enumerate(inputs):
+        check_type(t.dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64),
+                   lambda: f"cfgfast: inputs[{i}] must be float32, bfloat16, float16 or float64, got {t.dtype}")
+        check_value(t.shape == first.shape, lambda: f"cfgfast: inputs[{i}] must have the shape of inputs[0] "
+                                                    f"{list(first.shape)}, got {list(t.shape)}")
+        check_value(t.device == first.device,
+                    lambda: f"cfgfast: inputs[{i}] must be on {first.device} like inputs[0], got {t.device}")
+        _storage(t, f"inputs[{i}]")

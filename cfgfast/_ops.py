@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from ._checks import op_guided_step_args, op_guided_table_args, op_noise_out
+from ._checks import op_guided_step_args, op_guided_table_args, op_moments_args, op_noise_out
 
 
 @torch.library.register_fake("cfgfast::guided_step_")
@@ -27,7 +27,5 @@ def _normal_noise_fake(out, seed, step, stream, index_offset):
 
 @torch.library.register_fake("cfgfast::sample_moments")
 def _sample_moments_fake(inputs, combos, num_vectors):
-    # (imported here, not above: cfgfast.moments imports triton, which `import cfgfast` does without)
-    from .moments import moments_fake
-
-    return moments_fake(inputs, combos, num_vectors)
+    op_moments_args(inputs, combos, num_vectors)
+    return inputs[0].new_empty((inputs[0].shape[0], num_vectors, num_vectors + 1), dtype=torch.float64)

@@ -21,7 +21,8 @@ from numbers import Real
 import torch
 
 from . import _ext
-from ._checks import check, check_value
+from ._checks import MAX_MOMENT_INPUTS as MAX_INPUTS, MAX_MOMENT_VECTORS as MAX_VECTORS
+from ._checks import check, check_value, op_moments_args
 from .triton_step import INTERPRETED
 from .triton_step import refusals as triton_refusals
 
@@ -31,8 +32,6 @@ try:
 except Exception:  # noqa: BLE001  (missing or broken: triton_step's refusals say why)
     triton = None
 
-MAX_INPUTS = 4
-MAX_VECTORS = 4
 MOMENTS_BACKENDS = ("auto", "reference", "cpu", "triton")
 
 # One program per (sample, chunk) of TRITON_CHUNK elements, read TRITON_BLOCK at a time with a float64 accumulator
@@ -80,9 +79,10 @@ def sample_moments(inputs: Sequence[torch.Tensor], combos: Sequence[Sequence[flo
             backend = "triton"
         else:
             backend = "reference"
-    if backend == "reference":
-        return sample_moments_reference(inputs, combos)
     flat = [c for row in combos for c in row]
+    if backend == "reference":
+        op_moments_args(inputs, flat, len(combos))
+        return sample_moments_reference(inputs, combos)
     if backend == "cpu":
         reasons = ([] if device.type == "cpu" else [f"it runs on CPU tensors, got {device}"])
         if _ext.error() is not None:
@@ -97,8 +97,8 @@ def sample_moments(inputs: Sequence[torch.Tensor], combos: Sequence[Sequence[flo
 
 
 def _moments_arguments(inputs, combos) -> tuple[list[torch.Tensor], list[list[float]]]:
-    """inputs as a list of tensors and combos as V rows of K floats, checked (ValueError or TypeError naming the
-    argument)."""
+    """inputs as a list of tensors and combos as V rows of K floats (ValueError or TypeError naming the argument);
+    the tensors' dtypes, shapes and devices are the op's to check (op_moments_args, csrc/op_checks.h)."""
     if isinstance(inputs, torch.Tensor) or not isinstance(inputs, Sequence):
         raise TypeError(f"inputs must be a sequence of tensors, got {type(inputs).__name__}")
     inputs = list(inputs)
@@ -107,16 +107,6 @@ def _moments_arguments(inputs, combos) -> tuple[list[torch.Tensor], list[list[fl
     for i, t in enumerate(inputs):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"inputs[{i}] must be a tensor, got {type(t).__name__}")
-        if t.dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
-            raise TypeError(f"inputs[{i}] must be float32, bfloat16, float16 or float64, got {t.dtype}")
-    first = inputs[0]
-    if first.dim() < 1:
-        raise ValueError("inputs need a batch dimension, got a 0-d inputs[0]")
-    for i, t in enumerate(inputs[1:], 1):
-        if t.shape != first.shape:
-            raise ValueError(f"inputs[{i}] must have the shape of inputs[0] {tuple(first.shape)}, got {tuple(t.shape)}")
-        if t.device != first.device:
-            raise ValueError(f"inputs[{i}] must be on {first.device} like inputs[0], got {t.device}")
     if isinstance(combos, torch.Tensor):
         combos = combos.tolist()
     if isinstance(combos, (str, bytes)) or not isinstance(combos, Sequence) or not 1 <= len(combos) <= MAX_VECTORS:
@@ -131,34 +121,6 @@ def _moments_arguments(inputs, combos) -> tuple[list[torch.Tensor], list[list[fl
                 raise TypeError(f"combos[{j}] must hold real numbers, got {type(c).__name__}")
         rows.append([float(c) for c in row])
     return inputs, rows
-
-
-def _op_moments_args(inputs, combos, num_vectors) -> None:
-    """The checks of check_moments_args in csrc/cpu/moments_cpu.cpp that fake tensors allow (the fake kernel of
-    cfgfast::sample_moments and the Triton op run them)."""
-    k = len(inputs)
-    check_value(1 <= k <= MAX_INPUTS, lambda: f"cfgfast: inputs must hold 1 to {MAX_INPUTS} tensors, got {k}")
-    check_value(1 <= num_vectors <= MAX_VECTORS,
-                lambda: f"cfgfast: num_vectors must be in [1, {MAX_VECTORS}], got {num_vectors}")
-    check_value(len(combos) == k * num_vectors,
-                lambda: f"cfgfast: combos must hold num_vectors x len(inputs) = {num_vectors} x {k} numbers, got "
-                        f"{len(combos)}")
-    first = inputs[0]
-    check_value(first.dim() >= 1, lambda: "cfgfast: inputs need a batch dimension, got a 0-d inputs[0]")
-    for i, t in enumerate(inputs):
-        check(t.dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64),
-              lambda i=i, t=t: f"cfgfast: inputs[{i}] must be float32, bfloat16, float16 or float64, got {t.dtype}")
-        check_value(t.shape == first.shape,
-                    lambda i=i, t=t: f"cfgfast: inputs[{i}] must have the shape of inputs[0] {tuple(first.shape)}, got "
-                            f"{tuple(t.shape)}")
-        check_value(t.device == first.device,
-                    lambda i=i, t=t: f"cfgfast: inputs[{i}] must be on {first.device} like inputs[0], got {t.device}")
-
-
-def moments_fake(inputs, combos, num_vectors) -> torch.Tensor:
-    """The op's output for fake tensors: checks, then an empty float64 [B, V, V + 1]."""
-    _op_moments_args(inputs, combos, num_vectors)
-    return inputs[0].new_empty((inputs[0].shape[0], num_vectors, num_vectors + 1), dtype=torch.float64)
 
 
 if triton is not None:
@@ -232,7 +194,7 @@ if triton is not None:
 
     @torch.library.triton_op("cfgfast::triton_sample_moments", mutates_args=())
     def _sample_moments_op(inputs: list[torch.Tensor], combos: list[float], num_vectors: int) -> torch.Tensor:
-        _op_moments_args(inputs, combos, num_vectors)
+        op_moments_args(inputs, combos, num_vectors)
         first = inputs[0]
         check(first.device.type in ("cuda", "meta") or (INTERPRETED and first.device.type == "cpu"),
               lambda: f"cfgfast: the triton kernels take CUDA tensors (CPU tensors under TRITON_INTERPRET=1), got "

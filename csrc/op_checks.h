@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <initializer_list>
 #include <limits>
+#include <string>
 #include <utility>
 #include <vector>
 
@@ -185,6 +186,34 @@ inline void check_guided_table_args(const at::Tensor& out, const at::Tensor& z, 
                          clip);
   // (read by other threads while out and x_prev are written)
   check_step_memory(out, x_prev, {{"coef_table", &coef_table}, {"step", &step}});
+}
+
+// cfgfast::sample_moments: 1 to 4 tensors of one shape [B, ...] on one device (float32, bfloat16, float16 or
+// float64), and the num_vectors x len(inputs) numbers of the combinations.
+constexpr int kMaxMomentInputs = 4;
+constexpr int kMaxMomentVectors = 4;
+
+inline void check_moments_args(at::TensorList inputs, c10::ArrayRef<double> combos, int64_t num_vectors) {
+  const int64_t k = static_cast<int64_t>(inputs.size());
+  TORCH_CHECK_VALUE(k >= 1 && k <= kMaxMomentInputs, "cfgfast: inputs must hold 1 to ", kMaxMomentInputs,
+                    " tensors, got ", k);
+  TORCH_CHECK_VALUE(num_vectors >= 1 && num_vectors <= kMaxMomentVectors, "cfgfast: num_vectors must be in [1, ",
+                    kMaxMomentVectors, "], got ", num_vectors);
+  TORCH_CHECK_VALUE(static_cast<int64_t>(combos.size()) == k * num_vectors, "cfgfast: combos must hold num_vectors x ",
+                    "len(inputs) = ", num_vectors, " x ", k, " numbers, got ", combos.size());
+  const at::Tensor& first = inputs[0];
+  TORCH_CHECK_VALUE(first.dim() >= 1, "cfgfast: inputs need a batch dimension, got a 0-d inputs[0]");
+  for (int64_t i = 0; i < k; ++i) {
+    const at::Tensor& t = inputs[i];
+    const auto dtype = t.scalar_type();
+    TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf || dtype == at::kDouble,
+                     "cfgfast: inputs[", i, "] must be float32, bfloat16, float16 or float64, got ", dtype);
+    TORCH_CHECK_VALUE(t.sizes() == first.sizes(), "cfgfast: inputs[", i, "] must have the shape of inputs[0] ",
+                      first.sizes(), ", got ", t.sizes());
+    TORCH_CHECK_VALUE(t.device() == first.device(), "cfgfast: inputs[", i, "] must be on ", first.device(),
+                      " like inputs[0], got ", t.device());
+    check_storage(t, ("inputs[" + std::to_string(i) + "]").c_str());
+  }
 }
 
 inline StepCoef step_coef_from(c10::ArrayRef<double> coef) {

@@ -260,6 +260,15 @@ def test_op_reads_a_storage_too_small_for_its_view_nowhere():
         torch.ops.cfgfast.sample_moments([view], [1.0], 1)
 
 
+def test_reference_reads_a_storage_too_small_for_its_view_nowhere():
+    """The reference backend makes the op's checks (cfgfast/_checks.py's twin of csrc/op_checks.h), storage too."""
+    t = torch.zeros(4, 100)
+    view = t[:, :50]
+    t.untyped_storage().resize_(16)
+    with pytest.raises(ValueError, match=r"cfgfast: inputs\[0\] needs 1400 bytes of its storage, which holds 16"):
+        sample_moments([view], [[1.0]], backend="reference")
+
+
 @pytest.mark.needs_extension
 @pytest.mark.parametrize("shape", [(3, 5, 7), (2, 8192 + 1), (1, 0)], ids=str)
 def test_opcheck(shape):

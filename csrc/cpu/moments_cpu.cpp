@@ -15,7 +15,6 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <string>
 #include <vector>
 
 #include "kernel.h"
@@ -40,8 +39,8 @@ int64_t moments_accumulate_avx2(const void* const* src, int dtype, int k, const 
 
 namespace {
 
-constexpr int kMaxInputs = 4;
-constexpr int kMaxVectors = 4;
+constexpr int kMaxInputs = kMaxMomentInputs;
+constexpr int kMaxVectors = kMaxMomentVectors;
 constexpr int kMaxMoments = kMaxVectors + kMaxVectors * (kMaxVectors + 1) / 2;  // sums, then the products j <= l
 // Chunk boundaries are part of the result's definition (the order of the additions): never derived from the
 // thread count or the batch. 8192 elements: tens of microseconds of work a task.
@@ -122,30 +121,6 @@ MomentsDtype moments_dtype_of(const at::Tensor& t) {
 }  // namespace cpu
 
 namespace {
-
-// (mirrored by _op_moments_args in cfgfast/moments.py, which the fake kernel and the Triton op run)
-void check_moments_args(at::TensorList inputs, c10::ArrayRef<double> combos, int64_t num_vectors) {
-  const int64_t k = static_cast<int64_t>(inputs.size());
-  TORCH_CHECK_VALUE(k >= 1 && k <= cpu::kMaxInputs, "cfgfast: inputs must hold 1 to ", cpu::kMaxInputs,
-                    " tensors, got ", k);
-  TORCH_CHECK_VALUE(num_vectors >= 1 && num_vectors <= cpu::kMaxVectors, "cfgfast: num_vectors must be in [1, ",
-                    cpu::kMaxVectors, "], got ", num_vectors);
-  TORCH_CHECK_VALUE(static_cast<int64_t>(combos.size()) == k * num_vectors, "cfgfast: combos must hold num_vectors x ",
-                    "len(inputs) = ", num_vectors, " x ", k, " numbers, got ", combos.size());
-  const at::Tensor& first = inputs[0];
-  TORCH_CHECK_VALUE(first.dim() >= 1, "cfgfast: inputs need a batch dimension, got a 0-d inputs[0]");
-  for (int64_t i = 0; i < k; ++i) {
-    const at::Tensor& t = inputs[i];
-    const auto dtype = t.scalar_type();
-    TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf || dtype == at::kDouble,
-                     "cfgfast: inputs[", i, "] must be float32, bfloat16, float16 or float64, got ", dtype);
-    TORCH_CHECK_VALUE(t.sizes() == first.sizes(), "cfgfast: inputs[", i, "] must have the shape of inputs[0] ",
-                      first.sizes(), ", got ", t.sizes());
-    TORCH_CHECK_VALUE(t.device() == first.device(), "cfgfast: inputs[", i, "] must be on ", first.device(),
-                      " like inputs[0], got ", t.device());
-    check_storage(t, ("inputs[" + std::to_string(i) + "]").c_str());
-  }
-}
 
 at::Tensor sample_moments_cpu(at::TensorList inputs, c10::ArrayRef<double> combos, int64_t num_vectors) {
   check_moments_args(inputs, combos, num_vectors);
