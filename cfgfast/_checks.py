@@ -250,6 +250,15 @@ def _byte_range(t: torch.Tensor) -> tuple[int, int]:
     return t.data_ptr(), t.data_ptr() + n * t.element_size()
 
 
+def disjoint(written: torch.Tensor, name: str, **others) -> None:
+    """A tensor the caller writes (`name`) shares no byte with any of the others (None: not given)."""
+    lo, hi = _byte_range(written)
+    for other, t in others.items():
+        if t is not None and _real(t) and t.numel():
+            t_lo, t_hi = _byte_range(t)
+            check_value(t_lo >= hi or lo >= t_hi, lambda: f"cfgfast: {name} must not overlap {other} (it is written)")
+
+
 def _storage(t: torch.Tensor, name: str) -> None:
     if t.numel() and _real(t):
         needed, held = t.element_size() * (t.storage_offset() + _extent(t)), t.untyped_storage().nbytes()

@@ -15,6 +15,7 @@ import torch
 
 from . import _checks
 from .backends import choose
+from .guidance import APG, Guide, check_method, check_rescale, check_threshold, given_x_rows
 from .samplers import NUM_COEFFICIENTS, StepCoefficients, final_coefficients, sampler_step
 
 
@@ -42,22 +43,6 @@ _PLAIN_NUMBERS = (float, int, bool)
 def guidance_weights(w: torch.Tensor) -> torch.Tensor:
     """float32 [B, 2]: (1 + w, w) per sample, so that g = (1 + w) o_c - w o_u (the paper's Eq. 6)."""
     return torch.stack([1.0 + w, w], dim=1)
-
-
-def rescaled_weights(pred_cond: torch.Tensor, pred_uncond: torch.Tensor, weights: torch.Tensor,
-                     guidance_rescale: float) -> torch.Tensor:
-    """Guidance rescale (SPEC §7; Lin et al. 2023, diffusers' rescale_noise_cfg) as per-sample weights:
-    g <- phi g std(o_c) / std(g) + (1 - phi) g is g scaled by k = phi std(o_c) / std(g) + 1 - phi per sample, so the
-    fused step reads (k w_cond, k w_uncond). Population standard deviations over each sample, in float32; a sample's
-    k reads that sample alone."""
-    per_sample = (-1,) + (1,) * (pred_cond.dim() - 1)
-    dims = tuple(range(1, pred_cond.dim()))
-    out_cond, out_uncond = pred_cond.float(), pred_uncond.float()
-    g = weights[:, 0].reshape(per_sample) * out_cond - weights[:, 1].reshape(per_sample) * out_uncond
-    std_cond = out_cond.std(dim=dims, correction=0)
-    std_g = g.std(dim=dims, correction=0)
-    k = guidance_rescale * std_cond / std_g + (1.0 - guidance_rescale)
-    return weights * k[:, None]
 
 
 # The weights of the last w seen: a loop passes the same w (a number, or a tensor it does not change) at every
@@ -133,7 +118,8 @@ def _coefficient_row(coef) -> list[float]:
 
 
 def guided_step(z, pred_cond, pred_uncond, coef, w, *, x_prev=None, nu=None, noise=None, seed=0, step=0,
-                index_offset=0, clip=None, guidance_rescale=0.0, backend="auto", out=None) -> torch.Tensor:
+                index_offset=0, clip=None, guidance="cfg", guidance_rescale=0.0, threshold=None,
+                momentum_buffer=None, backend="auto", out=None) -> torch.Tensor:
     """One step of any sampler of SPEC §6: z' from z and the model's outputs with and without the label.
 
     coef: the step's coefficients, row t of cfgfast.step_table(sampler, lambdas, ...) (or a StepCoefficients);
@@ -143,22 +129,56 @@ def guided_step(z, pred_cond, pred_uncond, coef, w, *, x_prev=None, nu=None, noi
     a learned_variance table). The noise is SPEC §3's (stream 1, t = step, samples index_offset ...) unless
     `noise` is given; a step whose row has no noise draws none. clip=c clamps x~ to [-c, c]. out: an optional
     contiguous float32 tensor of z's shape to write into (may be z). The row of the last step returns x~.
-    guidance_rescale=phi in [0, 1] rescales g towards the conditional output's standard deviation per sample
-    (SPEC §7, diffusers' rescale_noise_cfg).
+
+    SPEC §7, as in cfgfast.sample: guidance "cfg" or cfgfast.APG(...) (CFG++ is a table of its own:
+    step_table("ddim", ..., guidance="cfgpp")); guidance_rescale=phi in [0, 1] (diffusers' rescale_noise_cfg);
+    threshold=(p, M): dynamic thresholding of x~ instead of clip. momentum_buffer: APG's running value where its
+    momentum is not 0, a contiguous float32 tensor of z's shape, zero before the first guided step and updated in
+    place by each call.
     """
     weights, seed, index_offset, clip, out = _arguments(z, w, seed, index_offset, clip, out, pred_cond=pred_cond,
-                                                        pred_uncond=pred_uncond, x_prev=x_prev, nu=nu, noise=noise)
-    guidance_rescale = _checks.unit_interval("guidance_rescale", guidance_rescale)
+                                                        pred_uncond=pred_uncond, x_prev=x_prev, nu=nu, noise=noise,
+                                                        momentum_buffer=momentum_buffer)
+    guide = _guide(guidance, guidance_rescale, threshold, clip, momentum_buffer, z)
     row = _coefficient_row(coef)
     noise = _noise(noise)
     step = _checks.integer("step", step, high=_checks.MAX_WORD)
     stepper = choose(backend, z.device)
-    if guidance_rescale:  # (it reads pred_cond and pred_uncond before the op: checked first, by the op's twin)
-        _checks.op_guided_step_args(out, z, pred_cond, pred_uncond, weights, x_prev, nu, noise, row, step,
-                                    index_offset, clip)
-        weights = rescaled_weights(pred_cond, pred_uncond, weights, guidance_rescale)
-    stepper.guided_step(out, z, pred_cond, pred_uncond, weights, x_prev, nu, noise, row, seed, step, index_offset, clip)
+    if guide is None:
+        stepper.guided_step(out, z, pred_cond, pred_uncond, weights, x_prev, nu, noise, row, seed, step,
+                            index_offset, clip)
+        return out
+    # (the guide reads pred_cond and pred_uncond, and moves APG's running value, before the op: checked first, by
+    # the op's twin, and the running value against every tensor the step reads or writes)
+    _checks.op_guided_step_args(out, z, pred_cond, pred_uncond, weights, x_prev, nu, noise, row, step, index_offset,
+                                clip)
+    if momentum_buffer is not None:
+        _checks.disjoint(momentum_buffer, "momentum_buffer", z=z, pred_cond=pred_cond, pred_uncond=pred_uncond,
+                         out=out, x_prev=x_prev, nu=nu, noise=noise)
+    row_x = given_x_rows(torch.tensor(row, dtype=torch.float64)).tolist()
+    guide.step(stepper, out, z, pred_cond, pred_uncond, weights, x_prev, nu, noise, row, row_x, seed, step,
+               index_offset, guided=True)
     return out
+
+
+def _guide(guidance, guidance_rescale, threshold, clip, momentum_buffer, z) -> Guide | None:
+    """guided_step's SPEC §7 settings as a Guide, or None for the paper's combination alone (the op as it is)."""
+    if isinstance(guidance, str) and guidance == "cfg" and threshold is None and momentum_buffer is None \
+            and type(guidance_rescale) in _PLAIN_NUMBERS and guidance_rescale == 0:
+        return None
+    method = check_method(None, guidance)
+    rescale = check_rescale(guidance_rescale)
+    threshold = check_threshold(threshold, clip)
+    if momentum_buffer is not None:
+        if not isinstance(method, APG):
+            raise ValueError("momentum_buffer is APG's running value: give it with guidance=cfgfast.APG(momentum=...) "
+                             f"only, got guidance={guidance!r}")
+        if momentum_buffer.dtype != torch.float32 or momentum_buffer.shape != z.shape \
+                or momentum_buffer.device != z.device or not momentum_buffer.is_contiguous():
+            raise ValueError(f"momentum_buffer must be a contiguous float32 tensor of z's shape {list(z.shape)} on "
+                             f"{z.device}, got {momentum_buffer.dtype} {list(momentum_buffer.shape)} on "
+                             f"{momentum_buffer.device}")
+    return Guide(method, rescale, threshold, clip, momentum_buffer)
 
 
 def guided_step_table(z, pred_cond, pred_uncond, coef_table, step, w, *, x_prev=None, nu=None, seed=0,

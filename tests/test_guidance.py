@@ -118,21 +118,6 @@ def test_threshold_equals_diffusers_threshold_sample():
                                    rtol=1e-6, atol=1e-6)
 
 
-def test_rescaled_weights_equal_diffusers_rescale_noise_cfg():
-    pytest.importorskip("diffusers")
-    from diffusers.guiders.guider_utils import rescale_noise_cfg
-
-    g = torch.Generator().manual_seed(1)
-    o_c, o_u = torch.randn(2, 4, 3, 6, 6, generator=g)
-    w = torch.tensor([0.0, 1.0, 3.0, 7.5])
-    for phi in (0.0, 0.3, 0.7, 1.0):
-        weights = rescaled_weights(o_c, o_u, guidance_weights(w), phi)
-        ours = weights[:, 0, None, None, None] * o_c - weights[:, 1, None, None, None] * o_u
-        noise_cfg = o_u + (1 + w)[:, None, None, None] * (o_c - o_u)
-        torch.testing.assert_close(ours, rescale_noise_cfg(noise_cfg, o_c, guidance_rescale=phi), rtol=1e-5,
-                                   atol=1e-5)
-
-
 def test_per_sample_statistics_ignore_the_rest_of_the_batch():
     g = torch.Generator().manual_seed(2)
     a, b = torch.randn(2, 7, 3, 9, 9, generator=g)
@@ -238,3 +223,88 @@ def test_ddpm_with_threshold_equals_diffusers_ddpm_scheduler(monkeypatch):
         ours = cfgfast.sample(model, LABELS, W, lambdas=lams, seed=8, v=0.0, threshold=(p, bound), backend=backend)
         torch.testing.assert_close(ours, z, rtol=1e-4, atol=1e-4)
 
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_own_loop_with_guided_step_equals_sample(backend):
+    """A loop over guided_step with APG (the caller keeps its running value), rescale and thresholding is sample()
+    with the same settings."""
+    model = classes16()
+    sampler, steps, seed = "dpmpp_2m", 10, 5
+    settings = dict(guidance=APG(0.3, 2.0, -0.5), threshold=(0.9, 1.5), guidance_rescale=0.3)
+    expected = cfgfast.sample(model, LABELS, W, steps, sampler=sampler, seed=seed, backend=backend, **settings)
+    lams = cfgfast.default_lambdas(steps, sampler).tolist()
+    table = cfgfast.step_table(sampler, lams)
+    z = cfgfast.normal_noise((len(LABELS), *model.sample_shape), seed=seed, step=0, stream=0)
+    x_prev, running = torch.empty_like(z), torch.zeros_like(z)
+    null_labels = torch.full_like(LABELS, model.null_label)
+    with torch.no_grad():
+        for t, lam in enumerate(lams):
+            lam_b = torch.full((len(LABELS),), lam)
+            o_c, o_u = model(z, lam_b, LABELS), model(z, lam_b, null_labels)
+            z = cfgfast.guided_step(z, o_c, o_u, table[t], W, x_prev=x_prev, seed=seed, step=t,
+                                    momentum_buffer=running, backend=backend, **settings)
+    assert running.abs().max() > 0
+    torch.testing.assert_close(z, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_guided_step_apg_equals_diffusers_normalized_guidance(backend):
+    """guided_step(guidance=APG(...)) on an x-predicting model's ddim row is the plain step on diffusers'
+    normalized_guidance of the two outputs (w = 0: x~ = pred_cond), three steps with its MomentumBuffer."""
+    pytest.importorskip("diffusers")
+    from diffusers.guiders.adaptive_projected_guidance import MomentumBuffer, normalized_guidance
+
+    g = torch.Generator().manual_seed(7)
+    table = cfgfast.step_table("ddim", [-2.0, 0.0, 1.0, 3.0], prediction_type="sample")
+    eta, rho, beta, w = 0.3, 4.0, -0.5, 5.0
+    z = torch.randn(4, 2, 6, 6, generator=g)
+    running, buffer = torch.zeros_like(z), MomentumBuffer(beta)
+    for t in range(3):
+        o_c, o_u = torch.randn(2, 4, 2, 6, 6, generator=g)
+        x = normalized_guidance(o_c, o_u, w, buffer, eta=eta, norm_threshold=rho, use_original_formulation=True)
+        expected = cfgfast.guided_step(z, x, x, table[t], 0.0, backend="reference")
+        got = cfgfast.guided_step(z, o_c, o_u, table[t], w, guidance=APG(eta, rho, beta), momentum_buffer=running,
+                                  backend=backend)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(running, buffer.running_average, rtol=1e-6, atol=1e-6)
+        z = got
+
+
+def test_guided_step_threshold_equals_diffusers_threshold_sample():
+    """guided_step(threshold=(p, M)) thresholds x~ as DDPMScheduler._threshold_sample before the step reads it."""
+    pytest.importorskip("diffusers")
+    from diffusers import DDPMScheduler
+
+    g = torch.Generator().manual_seed(8)
+    row = cfgfast.step_table("ddim", [-1.0, 0.5], prediction_type="sample")[0]
+    z, o_c, o_u = torch.randn(3, 5, 3, 4, 4, generator=g)
+    w = torch.tensor([0.0, 1.0, 2.0, 4.0, 8.0])
+    p, bound = 0.9, 1.8
+    g_x = (1 + w)[:, None, None, None] * o_c - w[:, None, None, None] * o_u
+    x = DDPMScheduler(thresholding=True, dynamic_thresholding_ratio=p, sample_max_value=bound)._threshold_sample(g_x)
+    for backend in BACKENDS:
+        torch.testing.assert_close(cfgfast.guided_step(z, o_c, o_u, row, w, threshold=(p, bound), backend=backend),
+                                   cfgfast.guided_step(z, x, x, row, 0.0, backend="reference"), rtol=1e-5, atol=1e-5)
+
+
+def test_guided_step_bad_guidance_arguments():
+    z = torch.randn(2, 8)
+    row = cfgfast.step_table("ddim", [-1.0, 1.0])[0]
+    with pytest.raises(ValueError, match=r"guidance must be one of \['cfg', 'cfgfast.APG\(...\)'\], got 'cfgpp' "
+                                         r"\(CFG\+\+ is a step table of its own"):
+        cfgfast.guided_step(z, z, z, row, 1.0, guidance="cfgpp")
+    with pytest.raises(ValueError, match="APG with momentum needs its running value.*momentum_buffer="):
+        cfgfast.guided_step(z, z, z, row, 1.0, guidance=APG(momentum=0.5))
+    with pytest.raises(ValueError, match="momentum_buffer must be a contiguous float32 tensor of z's shape"):
+        cfgfast.guided_step(z, z, z, row, 1.0, guidance=APG(momentum=0.5), momentum_buffer=torch.zeros(2, 7))
+    with pytest.raises(ValueError, match="momentum_buffer must be a contiguous float32 tensor of z's shape"):
+        cfgfast.guided_step(z, z, z, row, 1.0, guidance=APG(momentum=0.5), momentum_buffer=torch.zeros(2, 8).double())
+    with pytest.raises(ValueError, match="momentum_buffer is APG's running value: give it with "
+                                         r"guidance=cfgfast.APG\(momentum=...\) only"):
+        cfgfast.guided_step(z, z, z, row, 1.0, momentum_buffer=torch.zeros(2, 8))
+    with pytest.raises(ValueError, match="momentum_buffer must not overlap z"):
+        cfgfast.guided_step(z, z.clone(), z.clone(), row, 1.0, guidance=APG(momentum=0.5), momentum_buffer=z)
+    with pytest.raises(ValueError, match="threshold replaces clip"):
+        cfgfast.guided_step(z, z, z, row, 1.0, threshold=(0.9, 1.0), clip=1.0)
+    with pytest.raises(ValueError, match=r"guidance_rescale must be in \[0, 1\], got -0.5"):
+        cfgfast.guided_step(z, z, z, row, 1.0, guidance=APG(), guidance_rescale=-0.5)
