@@ -8,7 +8,7 @@ Variants at SMALL_SIZE (256x3x64x64), every one a "ddim" step (eta 0) of the sam
 a "ddpm" step (its diffusers peer is DDPMScheduler):
 - cfgfast: the plain fused step; with guidance_rescale 0.7 (the moments, then the fused step on scaled weights);
   with APG (momentum -0.5, norm threshold 5: the moments of Delta and x~_c, x~ formed, the fused step's given-x~
-  row); ddpm plain and with dynamic thresholding (0.995, 1.5) (x~ formed, two selections per sample);
+  row); ddpm plain and with dynamic thresholding (0.995, 1.5) (x~ formed, its quantile from one topk per sample);
 - eager, as users write them: torch CFG + diffusers' rescale_noise_cfg + DDIMScheduler.step; diffusers'
   normalized_guidance (with its MomentumBuffer, on the x-predictions) + DDIMScheduler.step on x0
   (prediction_type "sample"); torch CFG + DDPMScheduler(thresholding=True).step.
