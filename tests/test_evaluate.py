@@ -240,7 +240,16 @@ def test_evaluate_refuses_a_classifier_for_other_images(tmp_path, capsys):
                                           (["--device", f"cuda:{torch.cuda.device_count()}"],
                                            "--device cuda:.* is not available")])
 def test_evaluate_refuses_bad_arguments_before_any_work(tmp_path, capsys, argv, message):
-    assert main(["evaluate", "--model", tiny_model_file(tmp_path), "--out", str(tmp_path / "eval")] + argv) == 2
+    _assert_refused_before_any_work(tmp_path, capsys, argv, message)
+
+
+def _assert_refused_before_any_work(tmp_path, capsys, argv, message):
+    """evaluate with these arguments exits with status 2, the message on stderr, and writes nothing."""
+    try:
+        code = main(["evaluate", "--model", tiny_model_file(tmp_path), "--out", str(tmp_path / "eval")] + argv)
+    except SystemExit as exit:  # argparse's own refusal of a value its type does not parse
+        code = exit.code
+    assert code == 2
     assert re.search(message, capsys.readouterr().err)
     assert not (tmp_path / "eval").exists()
 
@@ -313,13 +322,7 @@ def test_sweep_gives_each_sampler_its_own_settings(tmp_path, monkeypatch):
                                                 "got 1"),
 ])
 def test_evaluate_refuses_bad_sampler_options_before_any_work(tmp_path, capsys, argv, message):
-    try:
-        code = main(["evaluate", "--model", tiny_model_file(tmp_path), "--out", str(tmp_path / "eval")] + argv)
-    except SystemExit as exit:  # argparse's own refusal of a value its type does not parse
-        code = exit.code
-    assert code == 2
-    assert re.search(message, capsys.readouterr().err)
-    assert not (tmp_path / "eval").exists()
+    _assert_refused_before_any_work(tmp_path, capsys, argv, message)
 
 
 DOCS = os.path.join(os.path.dirname(__file__), "..", "docs", "evaluation")
@@ -465,13 +468,7 @@ def test_guidance_methods_at_w_0_that_reduce_to_cfg_give_its_samples(tmp_path):
     (["--guidance", "cfg", "--classifier", "digits"], "error: --classifier must be none with --guidance"),
 ])
 def test_evaluate_refuses_bad_guidance_options_before_any_work(tmp_path, capsys, argv, message):
-    try:
-        code = main(["evaluate", "--model", tiny_model_file(tmp_path), "--out", str(tmp_path / "eval")] + argv)
-    except SystemExit as exit:  # argparse's own refusal of a value its type does not parse
-        code = exit.code
-    assert code == 2
-    assert re.search(message, capsys.readouterr().err)
-    assert not (tmp_path / "eval").exists()
+    _assert_refused_before_any_work(tmp_path, capsys, argv, message)
 
 
 def test_sweep_refuses_bad_guidance_methods(tmp_path):
