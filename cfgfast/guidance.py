@@ -226,10 +226,15 @@ class Guide:
     def _apg(self, x, z, pred_cond, pred_uncond, w, pred_z, pred_g) -> None:
         """x <- APG's x~ (SPEC §7)."""
         apg = self.apg
-        x_cond = self._buffer("x_cond", z)
-        _add_scaled_(x_cond.copy_(pred_cond).mul_(pred_g), z, pred_z)  # x~_c = pred_z z + pred_g o_c
-        delta = self._buffer("delta", z)
-        delta.copy_(pred_cond).sub_(pred_uncond).mul_(pred_g)  # x~_c - x~_u
+        x_cond, delta = self._buffer("x_cond", z), self._buffer("delta", z)
+        if pred_cond.dtype == torch.float32:  # (one pass fewer each; a 16-bit output is widened by the copy first)
+            torch.mul(pred_cond, pred_g, out=x_cond)
+            torch.sub(pred_cond, pred_uncond, out=delta)
+        else:
+            x_cond.copy_(pred_cond).mul_(pred_g)
+            delta.copy_(pred_cond).sub_(pred_uncond)
+        _add_scaled_(x_cond, z, pred_z)  # x~_c = pred_z z + pred_g o_c
+        delta.mul_(pred_g)  # x~_c - x~_u = pred_g (o_c - o_u)
         if apg.momentum:
             self.buffer.copy_(delta.add_(self.buffer, alpha=apg.momentum))
         dd, dx, xx, sd, sx, n = _moments(delta, x_cond)
