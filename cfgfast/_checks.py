@@ -327,8 +327,9 @@ def op_guided_step_args(out, z, pred_cond, pred_uncond, weights, x_prev, nu, noi
             check_value(t.device == z.device, lambda: f"cfgfast: {name} must be on z's device {z.device}, got "
                                                       f"{t.device}")
     check_type(weights.dtype == torch.float32, lambda: f"cfgfast: weights must be float32, got {weights.dtype}")
-    check_value(weights.shape == (z.shape[0], 2),
-                lambda: f"cfgfast: weights must have shape [{z.shape[0]}, 2], got {list(weights.shape)}")
+    check_value(weights.dim() == 2 and weights.shape[0] == z.shape[0] and weights.shape[1] in (2, 3),
+                lambda: f"cfgfast: weights must have shape [{z.shape[0]}, 2] or [{z.shape[0]}, 3], "
+                        f"got {list(weights.shape)}")
     check_value(weights.device == z.device,
                 lambda: f"cfgfast: weights must be on z's device {z.device}, got {weights.device}")
     for name, t in (("out", out), ("x_prev", x_prev)):  # the written tensors

@@ -77,7 +77,8 @@ def guided_step_reference(
     nu: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One guided sampler step (SPEC §6) in plain float32 PyTorch, in the kernels' order (csrc/include/cfgfast/
-    step.h): returns (z', x~). weights: float32 [B, 2], (w_cond, w_uncond) per sample; noise: float32 like z (read
+    step.h): returns (z', x~). weights: float32 [B, 2], (w_cond, w_uncond) per sample, or [B, 3] with w_z (g plus
+    w_z z); noise: float32 like z (read
     only where coef.noise_std != 0); x_prev: read only where coef.prev != 0; nu: learned variance."""
     per_sample = (-1,) + (1,) * (z.dim() - 1)
     w_cond, w_uncond = weights[:, 0].reshape(per_sample), weights[:, 1].reshape(per_sample)
@@ -85,6 +86,8 @@ def guided_step_reference(
     c = [torch.tensor(x, dtype=torch.float32) for x in coef.as_list()]  # rounded to float32 once, as the kernels
     pred_z, pred_g, mean_z, mean_x, direct_z, direct_g, prev, uncond, noise_std, noise_nu = c
     g = w_cond * out_cond - w_uncond * out_uncond
+    if weights.shape[1] == 3:
+        g = g + weights[:, 2].reshape(per_sample) * z
     x = pred_z * z + pred_g * g
     if clip is not None:
         x = x.clamp(-clip, clip)

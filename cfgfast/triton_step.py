@@ -188,7 +188,8 @@ if triton is not None:
         step_ptr, pred_z, pred_g, mean_z, mean_x, direct_z, direct_g, prev, uncond, noise_std, noise_nu, clip,
         seed_lo, seed_hi, step, index_offset, per_sample, blocks_per_sample, table_len,
         CLIP: tl.constexpr, READ_PREV: tl.constexpr, WRITE_PREV: tl.constexpr, DRAW: tl.constexpr,
-        EXPLICIT_NOISE: tl.constexpr, NU: tl.constexpr, TABLE: tl.constexpr, BLOCK: tl.constexpr,
+        EXPLICIT_NOISE: tl.constexpr, NU: tl.constexpr, TABLE: tl.constexpr, WITH_Z: tl.constexpr,
+        BLOCK: tl.constexpr,
     ):
         """One guided step (csrc/include/cfgfast/step.h, in its order, float32) of 4 BLOCK elements of one sample.
         out may alias z: each element is read before it is written; x_prev is read before x~ is written over it.
@@ -197,7 +198,7 @@ if triton is not None:
         (float64), read here so that a CUDA graph replays the step with a new t; t outside the table gives NaN.
         READ_PREV: x_prev given and (a host row) prev != 0; DRAW: (a host row) noise_std != 0. With TABLE they say
         what the row may need, and the row decides by branches uniform over the grid. Without DRAW the kernel has no
-        Philox."""
+        Philox. WITH_Z: weights [B, 3], whose third column w_z adds w_z z to g."""
         if TABLE:
             t = tl.load(step_ptr)
             valid = (t >= 0) & (t < table_len)
@@ -233,9 +234,12 @@ if triton is not None:
         z = tl.load(z_ptr + offset, mask=mask, other=0.0)
         out_cond = tl.load(pred_cond_ptr + offset, mask=mask, other=0.0).to(tl.float32)
         out_uncond = tl.load(pred_uncond_ptr + offset, mask=mask, other=0.0).to(tl.float32)
-        w_cond = tl.load(weights_ptr + 2 * b)
-        w_uncond = tl.load(weights_ptr + 2 * b + 1)
+        columns = 3 if WITH_Z else 2
+        w_cond = tl.load(weights_ptr + columns * b)
+        w_uncond = tl.load(weights_ptr + columns * b + 1)
         g = w_cond * out_cond - w_uncond * out_uncond  # guided_output
+        if WITH_Z:
+            g = g + tl.load(weights_ptr + columns * b + 2) * z
         x = pred_z * z + pred_g * g  # predicted_x
         if CLIP:
             x = tl.where(x < -clip, -clip, tl.where(x > clip, clip, x))  # NaN passes, as torch.clamp
@@ -372,7 +376,8 @@ if triton is not None:
                 per_sample, blocks, 0,
                 CLIP=clip is not None, READ_PREV=x_prev is not None and _nonzero_f32(coef[6]),
                 WRITE_PREV=x_prev is not None, DRAW=draw, EXPLICIT_NOISE=draw and noise is not None,
-                NU=draw and nu is not None, TABLE=False, BLOCK=BLOCK_GROUPS, num_warps=NUM_WARPS,
+                NU=draw and nu is not None, TABLE=False, WITH_Z=weights.shape[1] == 3, BLOCK=BLOCK_GROUPS,
+                num_warps=NUM_WARPS,
             )
 
     @torch.library.triton_op("cfgfast::triton_guided_step_table_", mutates_args=("out", "x_prev"))
@@ -404,7 +409,8 @@ if triton is not None:
                 *([0.0] * NUM_COEFFICIENTS), 0.0 if clip is None else clip, *_seed_words(seed), 0,
                 _word(index_offset), per_sample, blocks, coef_table.shape[0],
                 CLIP=clip is not None, READ_PREV=x_prev is not None, WRITE_PREV=x_prev is not None, DRAW=True,
-                EXPLICIT_NOISE=False, NU=nu is not None, TABLE=True, BLOCK=BLOCK_GROUPS, num_warps=NUM_WARPS,
+                EXPLICIT_NOISE=False, NU=nu is not None, TABLE=True, WITH_Z=weights.shape[1] == 3,
+                BLOCK=BLOCK_GROUPS, num_warps=NUM_WARPS,
             )
 
     @torch.library.triton_op("cfgfast::triton_normal_noise_", mutates_args=("out",))

@@ -140,8 +140,9 @@ inline void check_guided_step_args(const at::Tensor& out, const at::Tensor& z, c
   }
   TORCH_CHECK_TYPE(weights.scalar_type() == at::kFloat, "cfgfast: weights must be float32, got ",
                    weights.scalar_type());
-  TORCH_CHECK_VALUE(weights.dim() == 2 && weights.size(0) == z.size(0) && weights.size(1) == 2,
-                    "cfgfast: weights must have shape [", z.size(0), ", 2], got ", weights.sizes());
+  TORCH_CHECK_VALUE(weights.dim() == 2 && weights.size(0) == z.size(0) && (weights.size(1) == 2 || weights.size(1) == 3),
+                    "cfgfast: weights must have shape [", z.size(0), ", 2] or [", z.size(0), ", 3], got ",
+                    weights.sizes());
   TORCH_CHECK_VALUE(weights.device() == z.device(), "cfgfast: weights must be on z's device ", z.device(), ", got ",
                     weights.device());
   for (const auto& [name, t] : {Arg{"out", &out}, Arg{"x_prev", given(x_prev)}}) {  // the written tensors

@@ -5,7 +5,8 @@
 TORCH_LIBRARY(cfgfast, m) {
   // z' of one guided sampler step (SPEC §6, the formula of cfgfast/step.h) written into `out`.
   // pred_cond, pred_uncond: the model's outputs o_c, o_u (float32, bfloat16 or float16, z's shape);
-  // weights: float32 [B, 2], per sample (w_cond, w_uncond) with g = w_cond o_c - w_uncond o_u;
+  // weights: float32 [B, 2], per sample (w_cond, w_uncond) with g = w_cond o_c - w_uncond o_u, or [B, 3],
+  // (w_cond, w_uncond, w_z) with g = (w_cond o_c - w_uncond o_u) + w_z z;
   // x_prev: the multistep state (float32, z's shape), read where coef's prev != 0 and overwritten with x~;
   // nu: learned variance (the conditional pass's nu, pred_cond's dtype, z's shape), scales the noise;
   // noise: explicit noise instead of SPEC §3's (stream 1, t = step), used only where coef's noise_std != 0;

@@ -469,7 +469,7 @@ def test_direct_op_calls_are_checked_as_the_public_api_is():
     x_prev_words = r"cfgfast: x_prev must be a contiguous float32 tensor of z's shape \[2, 4\] on cpu"
     bad_calls = [
         (TypeError, "cfgfast: weights must be float32", dict(weights=w2.double())),
-        (ValueError, r"cfgfast: weights must have shape \[2, 2\], got \[2\]", dict(weights=torch.ones(2))),
+        (ValueError, r"cfgfast: weights must have shape \[2, 2\] or \[2, 3\], got \[2\]", dict(weights=torch.ones(2))),
         (ValueError, x_prev_words, dict(x_prev=e.double())),
         (ValueError, x_prev_words, dict(x_prev=torch.zeros(2, 5))),
         (ValueError, x_prev_words, dict(x_prev=torch.zeros(4, 2).t())),

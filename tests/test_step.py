@@ -275,13 +275,18 @@ def test_table_step_bad_input():
 # ---- the generalised step of every sampler: each backend against the affine formula of
 # csrc/include/cfgfast/step.h evaluated in float64 from the float64 coefficient row
 
-def affine_float64(z, o_c, o_u, w, row, x_prev, nu, noise, clip):
-    """(z', x~, magnitude of the terms summed) in float64; arrays as float64 numpy, row the 10 coefficients."""
+def affine_float64(z, o_c, o_u, w, row, x_prev, nu, noise, clip, w_z=None):
+    """(z', x~, magnitude of the terms summed) in float64; arrays as float64 numpy, row the 10 coefficients; w_z:
+    the weights' third column (g + w_z z), per sample."""
     pred_z, pred_g, mean_z, mean_x, direct_z, direct_g, prev, uncond, noise_std, noise_nu = row
     shape = (-1,) + (1,) * (z.ndim - 1)
     w = np.broadcast_to(np.asarray(w, dtype=np.float64).reshape(shape), z.shape)
     g = (1 + w) * o_c - w * o_u
     g_mag = np.abs(1 + w) * np.abs(o_c) + np.abs(w) * np.abs(o_u)
+    if w_z is not None:
+        w_z = np.asarray(w_z, dtype=np.float64).reshape(shape)
+        g = g + w_z * z
+        g_mag = g_mag + np.abs(w_z) * np.abs(z)
     x = pred_z * z + pred_g * g
     x_mag = abs(pred_z) * np.abs(z) + abs(pred_g) * g_mag
     if clip is not None:
@@ -341,6 +346,33 @@ def test_guided_step_matches_float64_formula(backend, row, clip):
     x_err = np.abs(as64(state) - x)
     x_mag = np.abs(x) + abs(row[0]) * np.abs(as64(z)) + abs(row[1]) * 10 * (np.abs(as64(o_c)) + np.abs(as64(o_u)))
     assert np.all(x_err <= ULP_BUDGET * x_mag + 1e-30)
+
+
+@pytest.mark.parametrize("row", [r for r in _rows() if r.id.endswith("t4") and "-x0-" not in r.id])
+@pytest.mark.parametrize("clip", [None, 1.5], ids=["noclip", "clip"])
+def test_third_weight_column_adds_a_multiple_of_z(backend, row, clip):
+    """The op's weights [B, 3]: g = (w_cond o_c - w_uncond o_u) + w_z z (APG's per-sample x~_c term), every
+    backend against the float64 formula; w_z = 0 gives the two-column step."""
+    shape = (4, 203)
+    z, o_c, o_u = on(backend, *make_inputs(shape, torch.float32, seed=14))
+    g = torch.Generator().manual_seed(15)
+    x_prev = on(backend, torch.randn(shape, generator=g))
+    nu = on(backend, torch.rand(shape, generator=g) * 2 - 1) if row[9] != 0 else None
+    w = torch.tensor([0.0, 0.5, 2.0, 7.0])
+    w_z = torch.tensor([0.25, -1.5, 0.0, 3.0])
+    weights = on(backend, torch.stack([1 + w, w, w_z], dim=1))
+    stepper = cfgfast.backends.choose(backend, z.device)
+    state, out = x_prev.clone(), torch.full_like(z, float("nan"))
+    stepper.guided_step(out, z, o_c, o_u, weights, state, nu, None, row, 21, 6, 1, clip)
+    noise = cfgfast.normal_noise(shape, 21, step=6, stream=1, index_offset=1, backend="reference")
+    expected, x, mag = affine_float64(as64(z), as64(o_c), as64(o_u), as64(w), row, as64(x_prev),
+                                      None if nu is None else as64(nu), as64(noise), clip, w_z=as64(w_z))
+    err = np.abs(as64(out) - expected)
+    assert np.all(err <= ULP_BUDGET * mag), f"max relative error {np.max(err / mag):.3g}"
+    # sample 2 (w_z = 0) as the two-column step gives it
+    two = torch.full_like(z, float("nan"))
+    stepper.guided_step(two, z, o_c, o_u, weights[:, :2].contiguous(), x_prev.clone(), nu, None, row, 21, 6, 1, clip)
+    assert torch.equal(two[2], out[2])
 
 
 @pytest.mark.parametrize("sampler", ["ddim", "dpmpp_2m"])

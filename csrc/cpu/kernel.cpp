@@ -20,7 +20,9 @@ struct ScalarStep {
     const auto* pu = static_cast<const EpsT*>(a.pred_uncond);
     const auto* pnu = static_cast<const EpsT*>(a.nu);
     const StepCoef& c = a.coef;
-    const float w_cond = a.weights[2 * b], w_uncond = a.weights[2 * b + 1];
+    const float* const w = a.weights + a.weight_columns * b;
+    const bool with_z = a.weight_columns == 3;
+    const float w_cond = w[0], w_uncond = w[1], w_z = with_z ? w[2] : 0.0f;
     // the state is not read where prev == 0: it may be uninitialised at a multistep sampler's first step
     const float* const prev_in = c.prev != 0.0f ? a.x_prev : nullptr;
     const bool read_nu = kNoise != NoiseMode::kNone && pnu != nullptr;
@@ -33,7 +35,8 @@ struct ScalarStep {
       for (int64_t k = 0; k < count; ++k) {
         const int64_t i = base + j0 + k;
         const float z = a.z[i], ou = widen(pu[i]);
-        const float gd = guided_output(widen(pc[i]), ou, w_cond, w_uncond);
+        const float gd = with_z ? guided_output(widen(pc[i]), ou, z, w_cond, w_uncond, w_z)
+                                : guided_output(widen(pc[i]), ou, w_cond, w_uncond);
         const float x = predicted_x<kClip>(z, gd, c, a.clip);
         const float xp = prev_in != nullptr ? prev_in[i] : 0.0f;
         float scale = 0.0f, nk = 0.0f;

@@ -36,7 +36,8 @@ struct StepArgs {
   const void* pred_cond;   // o_c, of eps_type
   const void* pred_uncond; // o_u, of eps_type
   EpsType eps_type;
-  const float* weights;    // [B, 2]: (w_cond, w_uncond) per sample
+  const float* weights;    // [B, 2] (w_cond, w_uncond) or [B, 3] (w_cond, w_uncond, w_z) per sample
+  int64_t weight_columns;  // 2 or 3
   float* x_prev;           // the multistep state (read where coef.prev != 0, written with x~), or nullptr
   const void* nu;          // learned variance, of eps_type, or nullptr
   const float* noise;      // explicit noise (C order, like z) or nullptr for the in-kernel draw

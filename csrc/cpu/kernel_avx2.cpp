@@ -158,7 +158,9 @@ struct Avx2Step {
     const auto* pc = static_cast<const EpsT*>(a.pred_cond);
     const auto* pu = static_cast<const EpsT*>(a.pred_uncond);
     const StepCoef& c = a.coef;
-    const F8 w_cond(a.weights[2 * b]), w_uncond(a.weights[2 * b + 1]);
+    const float* const w = a.weights + a.weight_columns * b;
+    const bool with_z = a.weight_columns == 3;
+    const F8 w_cond(w[0]), w_uncond(w[1]), w_z(with_z ? w[2] : 0.0f);
     // the state is not read where prev == 0: it may be uninitialised at a multistep sampler's first step
     const float* const prev_in = c.prev != 0.0f ? a.x_prev : nullptr;
     const F8 zero(0.0f), scale(kNoise == NoiseMode::kNone ? 0.0f : c.noise_std);
@@ -171,7 +173,8 @@ struct Avx2Step {
       for (int k = 0; k < 4 * kRegs; ++k) {
         const int64_t i = i0 + 8 * k;
         const F8 z = load(a.z + i), ou = load(pu + i);
-        const F8 gd = guided_output(load(pc + i), ou, w_cond, w_uncond);
+        const F8 gd = with_z ? guided_output(load(pc + i), ou, z, w_cond, w_uncond, w_z)
+                             : guided_output(load(pc + i), ou, w_cond, w_uncond);
         const F8 x = predicted_x<kClip>(z, gd, c, a.clip);
         const F8 xp = prev_in != nullptr ? load(prev_in + i) : zero;
         const F8 nk = kNoise == NoiseMode::kExplicit ? load(a.noise + i) : kNoise == NoiseMode::kDrawn ? n[k] : zero;

@@ -59,6 +59,7 @@ void guided_step_cpu(at::Tensor& out, const at::Tensor& z, const at::Tensor& pre
   args.pred_uncond = pu.const_data_ptr();
   args.eps_type = eps_type_of(pc);
   args.weights = wc.const_data_ptr<float>();
+  args.weight_columns = wc.size(1);
   args.x_prev = x_prev.has_value() ? x_prev->data_ptr<float>() : nullptr;
   args.nu = nu.has_value() ? nuc.const_data_ptr() : nullptr;
   args.noise = noise.has_value() ? nc.const_data_ptr<float>() : nullptr;

@@ -132,6 +132,7 @@ DeviceStepArgs step_args(at::Tensor& out, const StepInputs& in, const c10::optio
   a.pred_cond = in.pred_cond.const_data_ptr();
   a.pred_uncond = in.pred_uncond.const_data_ptr();
   a.weights = in.weights.const_data_ptr<float>();
+  a.weight_columns = in.weights.size(1);
   // (checked contiguous: written in place)
   a.x_prev = x_prev.has_value() ? x_prev->data_ptr<float>() : nullptr;
   a.nu = in.nu.defined() ? in.nu.const_data_ptr() : nullptr;

@@ -31,7 +31,8 @@ struct DeviceStepArgs {
   const float* z;
   const void* pred_cond;
   const void* pred_uncond;
-  const float* weights;     // [B, 2]: (w_cond, w_uncond) per sample
+  const float* weights;     // [B, 2] (w_cond, w_uncond) or [B, 3] (w_cond, w_uncond, w_z) per sample
+  int64_t weight_columns;   // 2 or 3
   float* x_prev;            // the multistep state (read where coef.prev != 0, written with x~), or nullptr
   const void* nu;           // learned variance, pred_cond's type, or nullptr
   const float* noise;       // explicit noise or nullptr
@@ -80,10 +81,11 @@ inline bool step_vectorisable(const DeviceStepArgs& a, size_t pred_bytes) {
          (a.nu == nullptr || aligned(a.nu, pred_bytes)) && (a.noise == nullptr || aligned(a.noise, 16));
 }
 
-// x~ and z' of one element; x_prev, scale and n are 0 where not read or drawn (step_value).
-CFGFAST_HOST_DEVICE float element(float z, float oc, float ou, float w_cond, float w_uncond, float x_prev,
-                                  float scale, float n, const StepCoef& c, bool has_clip, float clip, float& x) {
-  const float g = guided_output(oc, ou, w_cond, w_uncond);
+// x~ and z' of one element; x_prev, scale and n are 0 where not read or drawn (step_value); w_z read where with_z.
+CFGFAST_HOST_DEVICE float element(float z, float oc, float ou, float w_cond, float w_uncond, bool with_z, float w_z,
+                                  float x_prev, float scale, float n, const StepCoef& c, bool has_clip, float clip,
+                                  float& x) {
+  const float g = with_z ? guided_output(oc, ou, z, w_cond, w_uncond, w_z) : guided_output(oc, ou, w_cond, w_uncond);
   if (has_clip) {
     x = predicted_x<true>(z, g, c, clip);
     return step_value<true>(z, g, x, ou, x_prev, scale, n, c);
@@ -124,6 +126,7 @@ CFGFAST_HOST_DEVICE void step_thread(const DeviceStepArgs& a, uint64_t first, ui
   const bool read_nu = kPrevNu && draw && a.nu != nullptr;
   const bool read_prev = kPrevNu && a.x_prev != nullptr && coef.prev != 0.0f;
   const bool write_prev = kPrevNu && a.x_prev != nullptr;
+  const bool with_z = a.weight_columns == 3;
   const auto* pc = static_cast<const PredT*>(a.pred_cond);
   const auto* pu = static_cast<const PredT*>(a.pred_uncond);
   const auto* pnu = static_cast<const PredT*>(a.nu);
@@ -137,13 +140,13 @@ CFGFAST_HOST_DEVICE void step_thread(const DeviceStepArgs& a, uint64_t first, ui
   for (int u = 0; u < kGroups; ++u) at[u] = GroupCursor::at(first + u * stride, per_sample);
   for (uint64_t task = first; task < total; task += kGroups * stride) {
     float zs[kGroups][4], cs[kGroups][4], us[kGroups][4], ps[kGroups][4], nus[kGroups][4], n[kGroups][4];
-    float wc[kGroups], wu[kGroups];
+    float wc[kGroups], wu[kGroups], wz[kGroups];
     int64_t i0[kGroups], count[kGroups];
     CFGFAST_UNROLL
     for (int u = 0; u < kGroups; ++u) {
       if (u > 0 && task + u * stride >= total) {  // past the end (u = 0 never is: the loop's condition)
         count[u] = i0[u] = 0;
-        wc[u] = wu[u] = 0.f;
+        wc[u] = wu[u] = wz[u] = 0.f;
         CFGFAST_UNROLL
         for (int k = 0; k < 4; ++k) zs[u][k] = cs[u][k] = us[u][k] = ps[u][k] = nus[u][k] = n[u][k] = 0.f;
         continue;
@@ -151,8 +154,10 @@ CFGFAST_HOST_DEVICE void step_thread(const DeviceStepArgs& a, uint64_t first, ui
       // with kVec every sample is a whole number of groups, so element 4 task starts the group
       i0[u] = kVec ? static_cast<int64_t>(4 * (task + u * stride))
                    : static_cast<int64_t>(at[u].b) * a.numel_per_sample + 4 * static_cast<int64_t>(at[u].g);
-      wc[u] = a.weights[2 * static_cast<int64_t>(at[u].b)];
-      wu[u] = a.weights[2 * static_cast<int64_t>(at[u].b) + 1];
+      const float* const w = a.weights + a.weight_columns * static_cast<int64_t>(at[u].b);
+      wc[u] = w[0];
+      wu[u] = w[1];
+      wz[u] = with_z ? w[2] : 0.f;
       if (kVec) {
         count[u] = 4;
         const Vec4<float> z4 = *reinterpret_cast<const Vec4<float>*>(a.z + i0[u]);
@@ -218,8 +223,8 @@ CFGFAST_HOST_DEVICE void step_thread(const DeviceStepArgs& a, uint64_t first, ui
         // scale = 0 where no noise is drawn (n = 0 there too), noise_std where the variance is not learned
         float scale = draw ? coef.noise_std : 0.0f;
         if (read_nu) scale = coef.noise_std * expf_host_device(coef.noise_nu * nus[u][k]);
-        r[k] = element(zs[u][k], cs[u][k], us[u][k], wc[u], wu[u], ps[u][k], scale, n[u][k], coef, a.has_clip,
-                       a.clip, x[k]);
+        r[k] = element(zs[u][k], cs[u][k], us[u][k], wc[u], wu[u], with_z, wz[u], ps[u][k], scale, n[u][k], coef,
+                       a.has_clip, a.clip, x[k]);
       }
       if (kVec) {
         if (count[u] > 0) {

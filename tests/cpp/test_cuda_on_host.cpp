@@ -208,6 +208,7 @@ struct Case {
   const StepCoef* coef;  // the row of the call (nullptr: an index outside the table)
   bool clip, x_prev, nu, noise;
   int64_t t;             // with table: the step counter; else -2
+  bool with_z;           // weights [B, 3]: a third column w_z (g + w_z z)
 };
 
 // which of z, pred_cond, pred_uncond, noise, x_prev, nu and out start one element past a 16-byte boundary: none
@@ -240,8 +241,10 @@ int run_case(const Case& cs, const Inputs& in, int pattern, const std::vector<do
   for (int64_t b = 0; b < cs.batch; ++b) {
     weights.push_back(1.0f + 0.75f * static_cast<float>(b));  // (1 + w, w) with w = 0, 0.75, ...
     weights.push_back(0.75f * static_cast<float>(b));
+    if (cs.with_z) weights.push_back(0.5f - 0.375f * static_cast<float>(b));
   }
   weights[0] = -0.5f;  // and one pair that no sampler makes
+  const int64_t columns = cs.with_z ? 3 : 2;
   const bool table_mode = cs.t != -2;
   const bool valid = cs.coef != nullptr;
   const std::vector<float> x_prev_in = cs.x_prev ? in.x_prev : std::vector<float>();
@@ -254,6 +257,7 @@ int run_case(const Case& cs, const Inputs& in, int pattern, const std::vector<do
     c.pred_uncond = pup.at;
     c.eps_type = cs.type;
     c.weights = weights.data();
+    c.weight_columns = columns;
     c.nu = cs.nu ? nup.at : nullptr;
     c.noise = cs.noise ? static_cast<const float*>(np.at) : nullptr;
     c.numel_per_sample = cs.numel;
@@ -272,6 +276,7 @@ int run_case(const Case& cs, const Inputs& in, int pattern, const std::vector<do
   a.pred_cond = pcp.at;
   a.pred_uncond = pup.at;
   a.weights = weights.data();
+  a.weight_columns = columns;
   a.x_prev = cs.x_prev ? xp.at : nullptr;
   a.nu = cs.nu ? nup.at : nullptr;
   a.noise = cs.noise ? static_cast<const float*>(np.at) : nullptr;
@@ -382,8 +387,9 @@ void test_step_on_host() {
         Inputs nan_noise = in;
         if (c.noise_std == 0.0f) std::fill(nan_noise.noise.begin(), nan_noise.noise.end(), kNaN);
         for (int mode = 0; mode < 16; ++mode) {
+          // (every other call, alternating with the row, with a third weight column)
           const Case cs{type, shape.batch, shape.numel, &c, (mode & 1) != 0, (mode & 2) != 0, (mode & 4) != 0,
-                        (mode & 8) != 0, -2};
+                        (mode & 8) != 0, -2, (mode + row) % 2 == 1};
           const bool all = cs.x_prev && cs.nu && cs.noise;
           for (int pattern = 0; pattern < (all ? 2 + kPointers : 2); ++pattern) {
             runs += run_case(cs, nan_noise, pattern, table, seed, step, seed, step, offset, clip, &vec_runs,
@@ -405,7 +411,7 @@ void test_step_on_host() {
         for (int mode = 0; mode < 4; ++mode) {
           const bool extras = (mode & 2) != 0;
           const Case cs{type, shape.batch, shape.numel, valid ? &kRows[t] : nullptr, (mode & 1) != 0, extras, extras,
-                        false, t};
+                        false, t, (mode + t) % 2 != 0};
           for (int pattern = 0; pattern < 2; ++pattern) {
             runs += run_case(cs, in, pattern, table, seed, step, seed, step, offset, clip, &vec_runs, &prev_nu_runs);
           }

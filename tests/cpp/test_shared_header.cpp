@@ -162,7 +162,7 @@ double spec_step(const CoefD& c, double z, double eps_cond, double eps_uncond, d
 
 // One element's inputs to the guided step (the float inputs, exactly, in double).
 struct Guided {
-  double z, oc, ou, wc, wu;
+  double z, oc, ou, wc, wu, wz;  // wz: the third weight column's (0 where there is none)
   double xp;       // x~_prev (used where a state is given and prev != 0)
   double nu;       // learned variance (used where given and noise_std != 0)
   double n;        // the noise (used where noise_std != 0)
@@ -177,8 +177,8 @@ struct GuidedWant {
 
 GuidedWant spec_guided(const cfgfast::StepCoef& c, const Guided& in, bool clip, double clip_value, bool with_prev,
                        bool with_nu) {
-  const double g = in.wc * in.oc - in.wu * in.ou;
-  const double g_mag = std::fabs(in.wc * in.oc) + std::fabs(in.wu * in.ou);
+  const double g = in.wc * in.oc - in.wu * in.ou + in.wz * in.z;
+  const double g_mag = std::fabs(in.wc * in.oc) + std::fabs(in.wu * in.ou) + std::fabs(in.wz * in.z);
   double x = c.pred_z * in.z + c.pred_g * g;
   const double x_mag = std::fabs(c.pred_z * in.z) + std::fabs(c.pred_g) * g_mag;
   if (clip) x = std::fmin(std::fmax(x, -clip_value), clip_value);
@@ -576,7 +576,7 @@ void test_step_formula() {
       const auto f = [](double x) { return static_cast<float>(x); };
       const float z = f(in.z), oc = f(in.oc), ou = f(in.ou), wc = f(1.0 + in.w), wu = f(in.w), n = f(in.n),
                   xp = f(in.xp), nu = f(in.nu);
-      const Guided g{z, oc, ou, wc, wu, xp, nu, n, std::fabs(n)};
+      const Guided g{z, oc, ou, wc, wu, 0.0, xp, nu, n, std::fabs(n)};
       for (int mode = 0; mode < 8; ++mode) {
         const bool has_clip = mode & 1, with_prev = mode & 2, with_nu = mode & 4;
         float x = 0.0f;
@@ -817,6 +817,7 @@ void test_kernel_step() {
   const uint32_t step = 17;
   const int64_t batch = 3;
   const float weights[2 * batch] = {1.0f, 0.0f, 2.5f, 1.5f, 8.25f, 7.25f};
+  const float weights_z[3 * batch] = {1.0f, 0.0f, 0.5f, 2.5f, 1.5f, -0.75f, 8.25f, 7.25f, 0.25f};  // with w_z
   const float clip = 1.0f;
   const float nan = std::numeric_limits<float>::quiet_NaN();
   double worst[2] = {0.0, 0.0}, worst_cross = 0.0;
@@ -833,8 +834,10 @@ void test_kernel_step() {
       const EpsData pc = make_eps(type, total, rng), pu = make_eps(type, total, rng), nu = make_eps(type, total, rng);
       for (NoiseCase noise_case : {NoiseCase::kNone, NoiseCase::kDrawn, NoiseCase::kExplicit}) {
         for (StateCase state_case : {StateCase::kNone, StateCase::kRead, StateCase::kUnread, StateCase::kMissing}) {
-          for (int flags = 0; flags < 4; ++flags) {
-            const bool has_clip = flags & 1, with_nu = flags & 2;
+          for (int flags = 0; flags < 8; ++flags) {
+            const bool has_clip = flags & 1, with_nu = flags & 2, with_z = flags & 4;
+            const int64_t columns = with_z ? 3 : 2;
+            const float* const w = with_z ? weights_z : weights;
             ++combos;
             cfgfast::StepCoef coef = base;
             coef.prev = state_case == StateCase::kRead || state_case == StateCase::kMissing ? 0.3f : 0.0f;
@@ -848,7 +851,8 @@ void test_kernel_step() {
             args.pred_cond = pc.data();
             args.pred_uncond = pu.data();
             args.eps_type = type;
-            args.weights = weights;
+            args.weights = w;
+            args.weight_columns = columns;
             args.nu = with_nu ? nu.data() : nullptr;
             args.noise = noise_case == NoiseCase::kExplicit ? noise.data()
                                                             : (noise_case == NoiseCase::kNone ? nan_buffer.data() : nullptr);
@@ -872,8 +876,8 @@ void test_kernel_step() {
                   n = ns[j % 4];
                   n_scale = rho[j % 4];
                 }
-                const Guided in{z[i], pc.at(i), pu.at(i), weights[2 * b], weights[2 * b + 1], (*state_in)[i], nu.at(i),
-                                n, n_scale};
+                const Guided in{z[i], pc.at(i), pu.at(i), w[columns * b], w[columns * b + 1],
+                                with_z ? w[columns * b + 2] : 0.0, (*state_in)[i], nu.at(i), n, n_scale};
                 want[i] = spec_guided(coef, in, has_clip, clip, state_case == StateCase::kRead, with_nu);
               }
             }
@@ -896,10 +900,11 @@ void test_kernel_step() {
                                     (!with_state || guard_intact(run.x_prev, static_cast<int64_t>(total)));
                 worst[isa == Isa::kAvx2] = worse(run_worst, worst[isa == Isa::kAvx2]) ? run_worst : worst[isa == Isa::kAvx2];
                 CHECK(bad == 0 && guards,
-                      "step_groups[%s] %s numel %lld clip %d noise %s state %s nu %d split %lld: %d values off the "
-                      "formula (worst %.2f)%s",
+                      "step_groups[%s] %s numel %lld clip %d noise %s state %s nu %d w_z %d split %lld: %d values off "
+                      "the formula (worst %.2f)%s",
                       cfgfast::cpu::isa_name(isa), eps_name(type), static_cast<long long>(numel), has_clip,
-                      noise_case_name(noise_case), state_case_name(state_case), with_nu, static_cast<long long>(split),
+                      noise_case_name(noise_case), state_case_name(state_case), with_nu, with_z,
+                      static_cast<long long>(split),
                       bad, run_worst, guards ? "" : ", wrote past the end");
                 if (split == 0) {
                   runs.push_back(run);
@@ -918,9 +923,9 @@ void test_kernel_step() {
                     eps_name(type));
               if (exact_across_isas) {
                 CHECK(bits_equal(runs[0].out, runs[k].out),
-                      "step_groups %s numel %lld clip %d noise %s state %s nu %d: scalar and AVX2 differ", eps_name(type),
-                      static_cast<long long>(numel), has_clip, noise_case_name(noise_case), state_case_name(state_case),
-                      with_nu);
+                      "step_groups %s numel %lld clip %d noise %s state %s nu %d w_z %d: scalar and AVX2 differ",
+                      eps_name(type), static_cast<long long>(numel), has_clip, noise_case_name(noise_case),
+                      state_case_name(state_case), with_nu, with_z);
               } else {
                 for (size_t i = 0; i < total; ++i) {
                   const double d = units(runs[0].out[i], runs[k].out[i], want[i].z_scale);
@@ -953,6 +958,7 @@ void test_kernel_step() {
   plain.pred_uncond = ou.data();
   plain.eps_type = EpsType::kFloat32;
   plain.weights = weights;
+  plain.weight_columns = 2;
   plain.numel_per_sample = numel;
   plain.coef = base;
   plain.key = cfgfast::NoiseKey{cfgfast::seed_key0(seed), cfgfast::seed_key1(seed), step, 1u};

@@ -4,6 +4,8 @@
 // state z, the guided prediction g, the previous step's x~ and the noise n, so one formula serves them all:
 //
 //   g   = w_cond o_c - w_uncond o_u                    (per sample: 1 + w and w for the paper's Eq. 6)
+//         + w_z z                                      (where the weights have a third column: a per-sample
+//                                                       multiple of z in g, APG's x~_c term, cfgfast/guidance.py)
 //   x~  = pred_z z + pred_g g                          (the prediction type: epsilon, v or x0)
 //   x~ <- clamp(x~, -clip, clip)                       (with clip)
 //   z'  = mean_z z + mean_x x~                         (with clip: the first form of SPEC §2)
@@ -39,6 +41,12 @@ constexpr int kNumStepCoef = 10;
 template <class F>
 CFGFAST_HOST_DEVICE F guided_output(F out_cond, F out_uncond, F w_cond, F w_uncond) {
   return w_cond * out_cond - w_uncond * out_uncond;
+}
+
+// g with the third weight's term, in this order on every backend: (w_cond o_c - w_uncond o_u) + w_z z.
+template <class F>
+CFGFAST_HOST_DEVICE F guided_output(F out_cond, F out_uncond, F z, F w_cond, F w_uncond, F w_z) {
+  return guided_output(out_cond, out_uncond, w_cond, w_uncond) + w_z * z;
 }
 
 // x~ of one element (clipped where kClip).
