@@ -3,9 +3,9 @@
     OMP_NUM_THREADS=1 pytest benchmarks/test_moments_speed.py --benchmark-only        # the timings, side by side
     CFGFAST_BENCH_QUICK=1 pytest benchmarks/test_moments_speed.py --benchmark-disable  # CI smoke run, one small size
 
-Variants at SMALL_SIZE (256x3x64x64): the moments of guidance rescale (2 inputs o_c, o_u; 2 vectors o_c and g;
-float32 and bfloat16 predictions) and of APG (4 inputs z, o_c, o_u and a momentum buffer; 2 vectors Delta and x~_c)
-on each fast backend; the torch reference of the rescale's moments; and the plain fused step (cfgfast.guided_step,
+Variants at SMALL_SIZE (256x3x64x64): the moments as cfgfast.guidance takes them, the inputs' own (identity combos):
+guidance rescale's of o_c, o_u (float32 and bfloat16 predictions) and APG's of z, o_c, o_u; and the general form,
+4 inputs z, o_c, o_u and a momentum buffer into 2 vectors Delta and x~_c, on each fast backend; the torch reference of the rescale's moments; and the plain fused step (cfgfast.guided_step,
 "ddpm" row) on the same inputs. The summary prints each median: the moments / the step is the ratio to read. The
 GB/s column counts the bytes of the inputs read (the step's: z, o_c, o_u read and z' written).
 """
@@ -32,26 +32,30 @@ from .utils import (
 )
 
 W_COND, W_UNCOND = 4.5, 3.5  # g = w_c o_c - w_u o_u
-RESCALE = [[1.0, 0.0], [W_COND, -W_UNCOND]]  # (o_c, o_u) -> o_c, g
-APG = [[0.0, W_COND - 1.0, -(W_COND - 1.0), 0.9], [1.3, -0.7, 0.0, 0.0]]  # (z, o_c, o_u, buffer) -> Delta, x~_c
+IDENTITY_2 = [[1.0, 0.0], [0.0, 1.0]]  # rescale's (o_c, o_u)
+IDENTITY_3 = [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]  # APG's (z, o_c, o_u)
+GENERAL = [[0.0, W_COND - 1.0, -(W_COND - 1.0), 0.9], [1.3, -0.7, 0.0, 0.0]]  # (z, o_c, o_u, buffer) -> Delta, x~_c
 MOMENTS_BACKENDS = tuple(b for b in FAST_BACKENDS if b in ("cpu", "triton"))
 
 
 def moments_label(backend: str, case: str) -> str:
     return {
-        "rescale": f"moments {backend}, 2 inputs 2 vectors (rescale)",
-        "rescale_bf16": f"moments {backend}, 2 bf16 inputs 2 vectors (rescale)",
-        "apg": f"moments {backend}, 4 inputs 2 vectors (APG)",
+        "rescale": f"moments {backend}, 2 inputs (rescale)",
+        "rescale_bf16": f"moments {backend}, 2 bf16 inputs (rescale)",
+        "apg": f"moments {backend}, 3 inputs (APG)",
+        "general": f"moments {backend}, 4 inputs 2 vectors",
     }[case]
 
 
-REFERENCE_MOMENTS_LABEL = "moments torch reference, 2 inputs 2 vectors (rescale)"
+REFERENCE_MOMENTS_LABEL = "moments torch reference, 2 inputs (rescale)"
 
 
 def _case_inputs(x, case: str) -> tuple[list[torch.Tensor], list[list[float]]]:
+    if case == "general":
+        return [x.z, x.eps_cond, x.eps_uncond, x.noise], GENERAL
     if case == "apg":
-        return [x.z, x.eps_cond, x.eps_uncond, x.noise], APG
-    return [x.eps_cond, x.eps_uncond], RESCALE
+        return [x.z, x.eps_cond, x.eps_uncond], IDENTITY_3
+    return [x.eps_cond, x.eps_uncond], IDENTITY_2
 
 
 def _bytes(inputs) -> int:
@@ -59,7 +63,7 @@ def _bytes(inputs) -> int:
 
 
 @pytest.mark.parametrize("backend", MOMENTS_BACKENDS)
-@pytest.mark.parametrize("case", ["rescale", "rescale_bf16", "apg"])
+@pytest.mark.parametrize("case", ["rescale", "rescale_bf16", "apg", "general"])
 @pytest.mark.parametrize("size", [SMALL_SIZE])
 def test_moments(step_benchmark, step_inputs, size, case, backend):
     device = require_backend(backend)

@@ -22,6 +22,7 @@ from cfgfast.moments import sample_moments, sample_moments_reference
 ERROR_BUDGET = 2.0**-36
 RESCALE = [[1.0, 0.0], [4.5, -3.5]]  # o_c and g = w_c o_c - w_u o_u: guidance rescale's two vectors
 APG = [[0.0, 4.0, -4.0, 0.9], [1.3, -0.7, 0.0, 0.0]]  # (z, o_c, o_u, buffer): a momentum Delta and x~_c
+IDENTITY_2, IDENTITY_3, IDENTITY_4 = ([[float(i == j) for i in range(k)] for j in range(k)] for k in (2, 3, 4))
 
 
 def moments_float64(inputs, combos):
@@ -72,8 +73,8 @@ DTYPES = {
 @pytest.mark.parametrize("per_sample", PER_SAMPLE, ids=str)
 @pytest.mark.parametrize("dtypes", list(DTYPES), ids=str)
 @pytest.mark.parametrize("combos", [RESCALE, APG, [[2.0]], [[1.0, -1.0, 0.5], [0.0, 1.0, 0.0], [3.0, 0.0, -2.0],
-                                                              [0.25, 0.25, 0.25]]],
-                         ids=["rescale", "apg", "one", "3-inputs-4-vectors"])
+                                                              [0.25, 0.25, 0.25]], IDENTITY_4],
+                         ids=["rescale", "apg", "one", "3-inputs-4-vectors", "identity-4"])
 def test_matches_float64_formula(backend, per_sample, dtypes, combos):
     k = len(combos[0])
     inputs = make_inputs((3,) + per_sample, DTYPES[dtypes][:k], seed=len(per_sample), device=backend_device(backend))
@@ -134,12 +135,13 @@ def _bits_on_every_isa(inputs, combos):
 
 @pytest.mark.needs_extension
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
-@pytest.mark.parametrize("combos", [RESCALE, APG, [[1.0, 0.0], [0.0, 1.0]], [[1.0, 0.0], [2.0, 0.0]]],
-                         ids=["rescale", "apg", "identity", "second-input-unread"])
+@pytest.mark.parametrize("combos", [RESCALE, APG, IDENTITY_2, IDENTITY_3, IDENTITY_4, [[1.0, 0.0], [2.0, 0.0]]],
+                         ids=["rescale", "apg", "identity", "identity-3", "identity-4", "second-input-unread"])
 def test_inputs_of_one_type_give_the_same_bits_on_every_instruction_set(dtype, combos):
     """Inputs of one type are widened in registers (AVX2), and where the first row is (1, 0, ...), v_0 = x_0 is
-    taken as it is: the same bits as the scalar code, also with signed zeros, infinities and NaNs (where 0 x_i is
-    NaN), and where a product overflows float64."""
+    taken as it is, and where the combos are the identity every v_j = x_j, with fused multiply-adds for the exact
+    products of 32-bit inputs: the same bits as the scalar code, also with signed zeros, infinities and NaNs (where
+    0 x_i is NaN), and where a product overflows float64."""
     k = len(combos[0])
     inputs = make_inputs((6, 2 * 8192 + 7), (dtype,) * k, seed=8)
     inputs[0][0, :100] = -0.0  # v_0 = -0 where x_1 is 0 (0 x_1 = +0 would make it +0)

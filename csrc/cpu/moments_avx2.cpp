@@ -15,6 +15,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 namespace cfgfast::cpu {
 namespace {
@@ -42,12 +43,17 @@ struct Float64 {
   static __m256d load4(const T* p) { return _mm256_loadu_pd(p); }
 };
 
-// X0: v_0 = x_0 taken as it is, for combos whose first row is (1, 0, ..., 0) (guidance rescale's o_c): 1 x_0 is
-// x_0, and 0 x_i is a zero for a finite x_i, which can only change the sign of a zero v_0, and a zero's sign is lost
-// in the sums (they start at +0, never become -0, and s + (+-0) = s). A non-finite x_i makes 0 x_i a NaN: the caller
-// checks for that (moments_accumulate_avx2).
-template <int K, int V, class Load, bool X0>
+// How v_j is formed. kX0: v_0 = x_0 taken as it is, for combos whose first row is (1, 0, ..., 0) (guidance rescale's
+// o_c); kIdentity: every v_j = x_j (combos the identity: the inputs' own moments, APG's). 1 x_j is x_j, and 0 x_i is
+// a zero for a finite x_i, which can only change the sign of a zero v_j, and a zero's sign is lost in the sums (they
+// start at +0, never become -0, and s + (+-0) = s). A non-finite x_i makes 0 x_i a NaN: the caller checks for that
+// (moments_accumulate_avx2). With kIdentity and inputs of 32 bits or fewer, v_j v_l is exact in float64, so a fused
+// multiply-add gives the bits of the product rounded and then added (the scalar code's) in one instruction.
+enum Form { kGeneral, kX0, kIdentity };
+
+template <int K, int V, class Load, Form kForm>
 int64_t accumulate(const void* const* src, const double* combos, int64_t count, double* acc) {
+  constexpr bool kExactProducts = kForm == kIdentity && !std::is_same_v<Load, Float64>;
   constexpr int P = V + V * (V + 1) / 2;
   using T = typename Load::T;
   const T* x[K];
@@ -64,9 +70,9 @@ int64_t accumulate(const void* const* src, const double* combos, int64_t count, 
     for (int i = 0; i < K; ++i) xi[i] = Load::load4(x[i] + n);
     __m256d v[V];
     for (int j = 0; j < V; ++j) {
-      if (X0 && j == 0) {
-        v[0] = xi[0];
-        a[0] = _mm256_add_pd(a[0], v[0]);
+      if ((kForm == kX0 && j == 0) || kForm == kIdentity) {
+        v[j] = xi[j];
+        a[j] = _mm256_add_pd(a[j], v[j]);
         continue;
       }
       v[j] = _mm256_mul_pd(c[j][0], xi[0]);
@@ -75,7 +81,9 @@ int64_t accumulate(const void* const* src, const double* combos, int64_t count, 
     }
     int p = V;
     for (int j = 0; j < V; ++j) {
-      for (int l = j; l < V; ++l, ++p) a[p] = _mm256_add_pd(a[p], _mm256_mul_pd(v[j], v[l]));
+      for (int l = j; l < V; ++l, ++p) {
+        a[p] = kExactProducts ? _mm256_fmadd_pd(v[j], v[l], a[p]) : _mm256_add_pd(a[p], _mm256_mul_pd(v[j], v[l]));
+      }
     }
   }
   for (int p = 0; p < P; ++p) _mm256_storeu_pd(acc + 4 * p, a[p]);
@@ -84,33 +92,37 @@ int64_t accumulate(const void* const* src, const double* combos, int64_t count, 
 
 using Accumulate = int64_t (*)(const void* const*, const double*, int64_t, double*);
 
-template <int K, class Load, bool X0>
+template <int K, class Load, Form kForm>
 Accumulate accumulate_for_v(int v) {
-  switch (v) {
-    case 1: return accumulate<K, 1, Load, X0>;
-    case 2: return accumulate<K, 2, Load, X0>;
-    case 3: return accumulate<K, 3, Load, X0>;
-    default: return accumulate<K, 4, Load, X0>;
+  if constexpr (kForm == kIdentity) {
+    return accumulate<K, K, Load, kIdentity>;  // (v == k)
+  } else {
+    switch (v) {
+      case 1: return accumulate<K, 1, Load, kForm>;
+      case 2: return accumulate<K, 2, Load, kForm>;
+      case 3: return accumulate<K, 3, Load, kForm>;
+      default: return accumulate<K, 4, Load, kForm>;
+    }
   }
 }
 
-template <class Load, bool X0>
+template <class Load, Form kForm>
 Accumulate accumulate_for(int k, int v) {
   switch (k) {
-    case 1: return accumulate_for_v<1, Load, X0>(v);
-    case 2: return accumulate_for_v<2, Load, X0>(v);
-    case 3: return accumulate_for_v<3, Load, X0>(v);
-    default: return accumulate_for_v<4, Load, X0>(v);
+    case 1: return accumulate_for_v<1, Load, kForm>(v);
+    case 2: return accumulate_for_v<2, Load, kForm>(v);
+    case 3: return accumulate_for_v<3, Load, kForm>(v);
+    default: return accumulate_for_v<4, Load, kForm>(v);
   }
 }
 
-template <bool X0>
+template <Form kForm>
 Accumulate accumulate_for(int dtype, int k, int v) {
   switch (dtype) {
-    case 1: return accumulate_for<BFloat16, X0>(k, v);
-    case 2: return accumulate_for<Float16, X0>(k, v);
-    case 3: return accumulate_for<Float64, X0>(k, v);
-    default: return accumulate_for<Float, X0>(k, v);
+    case 1: return accumulate_for<BFloat16, kForm>(k, v);
+    case 2: return accumulate_for<Float16, kForm>(k, v);
+    case 3: return accumulate_for<Float64, kForm>(k, v);
+    default: return accumulate_for<Float, kForm>(k, v);
   }
 }
 
@@ -124,6 +136,16 @@ bool first_row_is_x0(int k, const double* combos, int v) {
     if (combos[i] != 0.0 || !watched) return false;
   }
   return true;
+}
+
+// Whether every v_j = x_j (kIdentity): V = K and the combos the identity. Each input then has a row of its own, so a
+// non-finite x_j makes its own sum non-finite.
+bool identity(int k, const double* combos, int v) {
+  bool unit = v == k;
+  for (int j = 0; j < v && unit; ++j) {
+    for (int i = 0; i < k; ++i) unit = unit && combos[j * k + i] == (i == j ? 1.0 : 0.0);
+  }
+  return unit;
 }
 
 bool all_finite(const double* acc, int count) {
@@ -140,15 +162,18 @@ bool all_finite(const double* acc, int count) {
 int64_t moments_accumulate_avx2(const void* const* src, int dtype, int k, const double* combos, int v, int64_t count,
                                 double* acc) {
   const int moments = 4 * (v + v * (v + 1) / 2);
-  if (first_row_is_x0(k, combos, v)) {
+  const Form form = identity(k, combos, v) ? kIdentity : first_row_is_x0(k, combos, v) ? kX0 : kGeneral;
+  if (form != kGeneral) {
     double before[4 * (4 + 10)];
     std::memcpy(before, acc, sizeof(double) * moments);
-    const int64_t done = accumulate_for<true>(dtype, k, v)(src, combos, count, acc);
-    // all finite: no input was (a sum that meets a non-finite term stays so), and X0 gave the general loop's bits
+    const int64_t done = (form == kIdentity ? accumulate_for<kIdentity>(dtype, k, v)
+                                            : accumulate_for<kX0>(dtype, k, v))(src, combos, count, acc);
+    // all finite: no input was (a sum that meets a non-finite term stays so), and the short form gave the general
+    // loop's bits
     if (all_finite(acc, moments)) return done;
     std::memcpy(acc, before, sizeof(double) * moments);
   }
-  return accumulate_for<false>(dtype, k, v)(src, combos, count, acc);
+  return accumulate_for<kGeneral>(dtype, k, v)(src, combos, count, acc);
 }
 
 }  // namespace cfgfast::cpu
