@@ -7,8 +7,9 @@ compose with diffusers, in one run.
 Variants at SMALL_SIZE (256x3x64x64), every one a "ddim" step (eta 0) of the same transition, except thresholding's,
 a "ddpm" step (its diffusers peer is DDPMScheduler):
 - cfgfast: the plain fused step; with guidance_rescale 0.7 (the moments, then the fused step on scaled weights);
-  with APG (momentum -0.5, norm threshold 5: the moments of Delta and x~_c, x~ formed, the fused step's given-x~
-  row); ddpm plain and with dynamic thresholding (0.995, 1.5) (x~ formed, its quantile from one topk per sample);
+  with APG, norm threshold 5, without momentum (the moments of x~_c and Delta, then the fused step on per-sample
+  weights with a multiple of z) and with momentum -0.5 (the running value updated first, then the same); ddpm
+  plain and with dynamic thresholding (0.995, 1.5) (x~ formed, its quantile from one topk per sample);
 - eager, as users write them: torch CFG + diffusers' rescale_noise_cfg + DDIMScheduler.step; diffusers'
   normalized_guidance (with its MomentumBuffer, on the x-predictions) + DDIMScheduler.step on x0
   (prediction_type "sample"); torch CFG + DDPMScheduler(thresholding=True).step.
@@ -31,13 +32,15 @@ DIFFUSERS_STEPS = 50
 TIMED = DIFFUSERS_STEPS // 2
 RESCALE = 0.7
 APG_SETTINGS = APG(eta_parallel=0.0, norm_threshold=5.0, momentum=-0.5)
+APG_NO_MOMENTUM = APG(eta_parallel=0.0, norm_threshold=5.0)
 THRESHOLD = (0.995, 1.5)
-METHODS = ("plain", "rescale", "apg", "threshold")
+METHODS = ("plain", "rescale", "apg_no_momentum", "apg", "threshold")
 
 
 def guidance_label(backend: str, method: str) -> str:
     return {"plain": f"cfgfast {backend}: ddim step", "rescale": f"cfgfast {backend}: ddim step + rescale 0.7",
-            "apg": f"cfgfast {backend}: ddim step + APG", "plain_ddpm": f"cfgfast {backend}: ddpm step",
+            "apg_no_momentum": f"cfgfast {backend}: ddim step + APG, no momentum",
+            "apg": f"cfgfast {backend}: ddim step + APG, momentum", "plain_ddpm": f"cfgfast {backend}: ddpm step",
             "threshold": f"cfgfast {backend}: ddpm step + threshold"}[method]
 
 
@@ -79,7 +82,8 @@ def test_guided_method_step(step_benchmark, step_inputs, size, method, backend):
     stepper = choose(backend, x.z.device)
     weights = guidance_weights(x.w)
     buffer = torch.zeros_like(x.z) if method == "apg" else None
-    guide = Guide(APG_SETTINGS if method == "apg" else "cfg", RESCALE if method == "rescale" else 0.0,
+    settings = {"apg": APG_SETTINGS, "apg_no_momentum": APG_NO_MOMENTUM}.get(method, "cfg")
+    guide = Guide(settings, RESCALE if method == "rescale" else 0.0,
                   THRESHOLD if method == "threshold" else None, None, buffer)
     out = torch.empty_like(x.z)
 

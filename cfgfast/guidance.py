@@ -6,17 +6,20 @@ run. They come from one reduction (cfgfast.moments.sample_moments: sums and dot 
 step's per-sample inputs follow from them:
 - guidance rescale scales g by one number per sample: the fused step reads the scaled weights (w_c k, w_u k)
   and nothing else changes;
-- APG and dynamic thresholding change x~ per sample in ways the step's per-step row cannot hold (x~_c scaled, a
-  running value added, x~ divided by s): x~ is formed here, and the fused step reads it through the row's
-  "given x~" form (GivenX: pred_z = 0, pred_g = 1), which keeps every sampler, the multistep state, CFG++'s
-  unconditional term, learned variance and SPEC §3's noise in the kernel.
-"""
+- APG's x~ = a x~_c + b Delta, with per-sample a and b, is the step's own x~ = pred_z z + pred_g g for
+  g = w_c o_c - w_u o_u + w_z z: the fused step reads per-sample weights with a third column (w_z), and with
+  momentum reads the running value M in o_u's place, M updated first by the fused step itself (one pass);
+- dynamic thresholding divides x~ by a per-sample quantile, which no weight can hold: x~ is formed here, and the
+  fused step reads it through the row's "given x~" form (GivenX: pred_z = 0, pred_g = 1), which keeps every
+  sampler, the multistep state, CFG++'s unconditional term, learned variance and SPEC §3's noise in the kernel."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from . import _checks
@@ -104,32 +107,100 @@ def _per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return values.reshape((-1,) + (1,) * (like.dim() - 1))
 
 
-def _moments(a: torch.Tensor, b: torch.Tensor):
-    """Per sample, in float64: (<a, a>, <a, b>, <b, b>, sum a, sum b, number of elements)."""
-    m = sample_moments([a, b], [[1.0, 0.0], [0.0, 1.0]])
-    count = a[0].numel() if a.shape[0] else 1
-    return m[:, 0, 0], m[:, 0, 1], m[:, 1, 1], m[:, 0, 2], m[:, 1, 2], count
+class _HostMath:
+    """The per-sample arithmetic (arrays of B float64 numbers) on the host, for CPU tensors: numpy's call on such an
+    array costs about a microsecond, torch's several, and a step with APG makes about thirty."""
+
+    quiet = staticmethod(lambda: np.errstate(divide="ignore", invalid="ignore"))  # (x / 0: inf or NaN, as torch)
+    sqrt = staticmethod(np.sqrt)
+    clamp = staticmethod(lambda x, lo=None, hi=None: np.clip(x, lo, hi))
+
+    @staticmethod
+    def array(t: torch.Tensor):
+        return t.detach().numpy().astype(np.float64, copy=False)
+
+    @staticmethod
+    def number(x):
+        """A coefficient: a number, or a 0-d tensor (of a device table on the CPU) read at once."""
+        return float(x)
+
+    @staticmethod
+    def matrix(rows, like):
+        return np.array([[float(x) for x in row] for row in rows])
+
+    @staticmethod
+    def weights(columns, like: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(np.stack(columns, axis=1).astype(np.float32))
 
 
-def _rescale_factor(phi: float, a_coef, b_coef, ref, moments) -> torch.Tensor:
+class _DeviceMath:
+    """The same in float64 torch on the tensors' device: a GPU step does not wait for the host."""
+
+    quiet = staticmethod(contextlib.nullcontext)
+    sqrt = staticmethod(torch.sqrt)
+    clamp = staticmethod(lambda x, lo=None, hi=None: x.clamp(min=lo, max=hi))
+
+    @staticmethod
+    def array(t: torch.Tensor) -> torch.Tensor:
+        return t.double()
+
+    @staticmethod
+    def number(x):
+        return x if isinstance(x, (int, float)) else x.double()
+
+    @staticmethod
+    def matrix(rows, like: torch.Tensor) -> torch.Tensor:
+        return torch.stack([torch.stack([torch.as_tensor(x, dtype=torch.float64, device=like.device).reshape(())
+                                         for x in row]) for row in rows])
+
+    @staticmethod
+    def weights(columns, like: torch.Tensor) -> torch.Tensor:
+        return torch.stack(columns, dim=1).float()
+
+
+def _arithmetic(t: torch.Tensor):
+    return _HostMath if t.device.type == "cpu" and not torch.compiler.is_compiling() else _DeviceMath
+
+
+def _combined_moments(ops, inputs, combos):
+    """(<v_1, v_1>, <v_1, v_0>, <v_0, v_0>, sum v_1, sum v_0, number of elements) per sample, in float64 arrays of
+    `ops`, for v_j = sum_i combos[j][i] inputs[i] (numbers, or 0-d tensors on the device: a step read from a device
+    table must not wait for the host).
+
+    From the inputs' own moments M (the reduction's cheapest form: products of float32 values are exact in
+    float64), combined as C M C^T. Where v_j cancels (APG's x~_c for epsilon-prediction at high noise: pred_z z and
+    pred_g o_c nearly opposite) this loses about 2 log2(|pred_z z| / |x~_c|) of float64's 53 bits: 29 at
+    lambda = -20, where x~_c formed in float32 would have lost 14 of its 24."""
+    k = len(inputs)
+    raw = ops.array(sample_moments(inputs, [[float(i == j) for i in range(k)] for j in range(k)]))
+    c = ops.matrix(combos, raw)
+    gram = c @ raw[:, :, :k] @ c.T
+    sums = raw[:, :, k] @ c.T
+    count = inputs[0][0].numel() if inputs[0].shape[0] else 1
+    return gram[:, 1, 1], gram[:, 0, 1], gram[:, 0, 0], sums[:, 1], sums[:, 0], count
+
+
+def _rescale_factor(ops, phi: float, a_coef, b_coef, ref, moments):
     """k = phi std(ref) / std(y) + 1 - phi per sample (float64), for y = a_coef a + b_coef b and ref one of a, b
-    ("a" or "b"), from the moments of (a, b)."""
-    aa, ab, bb, sa, sb, n = moments
+    ("a" or "b"), from the moments (<b, b>, <b, a>, <a, a>, sum b, sum a, n) of (a, b)."""
+    bb, ab, aa, sb, sa, n = moments
     var_y = (a_coef * a_coef * aa + 2.0 * a_coef * b_coef * ab + b_coef * b_coef * bb) / n \
         - ((a_coef * sa + b_coef * sb) / n) ** 2
     var_ref = aa / n - (sa / n) ** 2 if ref == "a" else bb / n - (sb / n) ** 2
     # (variances from sums: a rounding below zero is zero)
-    return phi * var_ref.clamp(min=0.0).sqrt() / var_y.clamp(min=0.0).sqrt() + (1.0 - phi)
+    return phi * ops.sqrt(ops.clamp(var_ref, 0.0)) / ops.sqrt(ops.clamp(var_y, 0.0)) + (1.0 - phi)
 
 
 def rescaled_weights(pred_cond, pred_uncond, weights, guidance_rescale: float) -> torch.Tensor:
     """Guidance rescale of "cfg" and "cfgpp" (SPEC §7; diffusers' rescale_noise_cfg) as per-sample weights:
     g <- phi g std(o_c) / std(g) + (1 - phi) g is g scaled by k = phi std(o_c) / std(g) + 1 - phi, so the fused
     step reads (k w_cond, k w_uncond). Population standard deviations over each sample, from float64 sums."""
-    moments = _moments(pred_cond, pred_uncond)
-    w64 = weights.double()
-    k = _rescale_factor(guidance_rescale, w64[:, 0], -w64[:, 1], "a", moments)
-    return (w64 * k[:, None]).float()
+    ops = _arithmetic(pred_cond)
+    with ops.quiet():
+        moments = _combined_moments(ops, [pred_cond, pred_uncond], [(1.0, 0.0), (0.0, 1.0)])
+        w64 = ops.array(weights)
+        k = _rescale_factor(ops, guidance_rescale, w64[:, 0], -w64[:, 1], "a", moments)
+        return ops.weights([w64[:, 0] * k, w64[:, 1] * k], pred_cond)
 
 
 def _quantile_abs(x: torch.Tensor, p: float, work: torch.Tensor | None = None) -> torch.Tensor:
@@ -191,31 +262,30 @@ class Guide:
         return found
 
     def forms_x(self, guided: bool) -> bool:
-        """Whether x~ is formed before the fused step (which then reads its "given x~" row)."""
-        return self.threshold is not None or (guided and self.apg is not None)
+        """Whether x~ is formed before the fused step (which then reads its "given x~" row): dynamic thresholding
+        only. APG and rescale are per-sample weights of the step (APG's with a third column, w_z)."""
+        return self.threshold is not None
 
-    def inputs(self, z, pred_cond, pred_uncond, weights, pred_z, pred_g, guided: bool):
-        """(pred_cond, pred_uncond, weights, clip) for the fused step: the model's outputs with (rescaled) weights
-        and the step's row as it is, or, where forms_x, x~ itself with weights (1, 0) for the given-x~ row.
-        pred_z, pred_g: the row's prediction coefficients (numbers, or 0-d tensors on z's device)."""
+    def inputs(self, stepper, z, pred_cond, pred_uncond, weights, pred_z, pred_g, guided: bool):
+        """(pred_cond, pred_uncond, weights, clip) for the fused step: the model's outputs with per-sample weights
+        (rescaled; APG's) and the step's row as it is, or, where forms_x, x~ itself with weights (1, 0) for the
+        given-x~ row. pred_z, pred_g: the row's prediction coefficients (numbers, or 0-d tensors on z's device);
+        stepper: the backend, whose fused step also updates APG's running value."""
+        if self.apg is not None and guided:
+            pred_cond, pred_uncond, weights = self._apg(stepper, z, pred_cond, pred_uncond, weights[:, 1], pred_z,
+                                                        pred_g)
+        elif guided and self.rescale:
+            weights = rescaled_weights(pred_cond, pred_uncond, weights, self.rescale)
         if not self.forms_x(guided):
-            if guided and self.rescale:
-                weights = rescaled_weights(pred_cond, pred_uncond, weights, self.rescale)
             return pred_cond, pred_uncond, weights, self.clip
         x = self._buffer("x", z)
-        if self.apg is not None and guided:
-            self._apg(x, z, pred_cond, pred_uncond, weights[:, 1], pred_z, pred_g)
-        else:
-            if guided and self.rescale:
-                weights = rescaled_weights(pred_cond, pred_uncond, weights, self.rescale)
-            # x~ = pred_z z + pred_g (w_c o_c - w_u o_u)
-            x.copy_(pred_cond).mul_(_per_sample(weights[:, 0], z)).addcmul_(pred_uncond, _per_sample(-weights[:, 1], z))
-            _add_scaled_(x.mul_(pred_g), z, pred_z)
-        if self.threshold is not None:
-            dynamic_threshold(x, self.threshold, self._buffer("abs", z))
-        elif self.clip is not None:
-            x.clamp_(-self.clip, self.clip)
-        unit = torch.zeros_like(weights)
+        # x~ = pred_z z + pred_g ((w_c o_c - w_u o_u) + w_z z)
+        x.copy_(pred_cond).mul_(_per_sample(weights[:, 0], z)).addcmul_(pred_uncond, _per_sample(-weights[:, 1], z))
+        if weights.shape[1] == 3:
+            x.addcmul_(z, _per_sample(weights[:, 2], z))
+        _add_scaled_(x.mul_(pred_g), z, pred_z)
+        dynamic_threshold(x, self.threshold, self._buffer("abs", z))
+        unit = torch.zeros_like(weights[:, :2])
         unit[:, 0] = 1.0
         if self.method == "cfgpp":  # its step reads o_u (the row's uncond term), in x~'s dtype
             uncond = pred_uncond if pred_uncond.dtype == torch.float32 else \
@@ -223,43 +293,79 @@ class Guide:
             return x, uncond, unit, None
         return x, x, unit, None  # (weights (1, 0): g = x~; the row reads no o_u)
 
-    def _apg(self, x, z, pred_cond, pred_uncond, w, pred_z, pred_g) -> None:
-        """x <- APG's x~ (SPEC §7)."""
+    def _apg(self, stepper, z, pred_cond, pred_uncond, w, pred_z, pred_g):
+        """APG's x~ (SPEC §7) as per-sample weights of the fused step: (pred_cond, pred_uncond, weights [B, 3]).
+
+        With x~_c = pred_z z + pred_g o_c and Delta = pred_g (o_c - o_u) (+ momentum M, then M <- Delta), x~ is
+        a x~_c + b Delta for per-sample a and b from the moments of x~_c and Delta. The step's x~ is
+        pred_z z + pred_g g with g = w_c o_c - w_u o_u + w_z z, so: without momentum (o_c, o_u) with
+        (a + b, b, (a - 1) pred_z / pred_g); with momentum (o_c, M), M updated first, with
+        (a, -b / pred_g, (a - 1) pred_z / pred_g). One pass of the moments, no x~ formed."""
         apg = self.apg
-        x_cond, delta = self._buffer("x_cond", z), self._buffer("delta", z)
-        if pred_cond.dtype == torch.float32:  # (one pass fewer each; a 16-bit output is widened by the copy first)
-            torch.mul(pred_cond, pred_g, out=x_cond)
-            torch.sub(pred_cond, pred_uncond, out=delta)
-        else:
-            x_cond.copy_(pred_cond).mul_(pred_g)
-            delta.copy_(pred_cond).sub_(pred_uncond)
-        _add_scaled_(x_cond, z, pred_z)  # x~_c = pred_z z + pred_g o_c
-        delta.mul_(pred_g)  # x~_c - x~_u = pred_g (o_c - o_u)
         if apg.momentum:
-            self.buffer.copy_(delta.add_(self.buffer, alpha=apg.momentum))
-        dd, dx, xx, sd, sx, n = _moments(delta, x_cond)
-        w64 = w.double()
-        scale = torch.ones_like(dd)
+            self._update_running_value(stepper, pred_cond, pred_uncond, pred_g)
+            if pred_cond.dtype != torch.float32:  # (the step reads o_c beside M, float32: one dtype)
+                pred_cond = self._buffer("x_cond", z).copy_(pred_cond)
+            other, delta_combo = self.buffer, (0.0, 1.0)  # Delta = M
+        else:
+            other, delta_combo = pred_uncond, (pred_g, -pred_g)  # Delta = pred_g o_c - pred_g o_u
+        inputs, combos = [pred_cond, other], [(pred_g, 0.0), delta_combo]
+        if not (isinstance(pred_z, (int, float)) and pred_z == 0):  # (x0-prediction: x~_c does not read z)
+            inputs, combos = [z] + inputs, [(pred_z,) + combos[0], (0.0,) + combos[1]]
+        ops = _arithmetic(z)
+        with ops.quiet():
+            return pred_cond, other, self._apg_weights(ops, inputs, combos, w, pred_z, pred_g)
+
+    def _update_running_value(self, stepper, pred_cond, pred_uncond, pred_g) -> None:
+        """M <- momentum M + pred_g (o_c - o_u), in place: an affine step of the fused kernel's own form (its z is M;
+        z' = direct_z z + direct_g g with g = o_c - o_u), so one pass, in float32, on every backend."""
+        m = self.buffer
+        ones = self._work.get("ones")
+        if ones is None or ones.shape[0] != m.shape[0] or ones.device != m.device:
+            ones = self._work["ones"] = torch.ones(m.shape[0], 2, dtype=torch.float32, device=m.device)
+        if isinstance(pred_g, (int, float)):
+            row = [0.0, 0.0, 0.0, 0.0, self.apg.momentum, pred_g, 0.0, 0.0, 0.0, 0.0]
+            stepper.guided_step(m, m, pred_cond, pred_uncond, ones, None, None, None, row, 0, 0, 0, None)
+        else:  # (pred_g on the device: a one-row table read there)
+            zero = torch.zeros((), dtype=torch.float64, device=m.device)
+            table = torch.stack([zero, zero, zero, zero, zero + self.apg.momentum, pred_g.double()] + [zero] * 4)
+            counter = torch.zeros(1, dtype=torch.int64, device=m.device)
+            stepper.guided_step_table(m, m, pred_cond, pred_uncond, ones, None, None, table[None], counter, 0, 0, None)
+
+    def _apg_weights(self, ops, inputs, combos, w, pred_z, pred_g):
+        apg = self.apg
+        moments = _combined_moments(ops, inputs, combos)
+        dd, dx, xx = moments[:3]
+        dd = ops.clamp(dd, 0.0)  # (|Delta|^2 from the inputs' moments: where o_c ~ o_u, a rounding below 0 is 0)
+        w64 = ops.array(w)
+        scale = 1.0
         if apg.norm_threshold > 0:
             # (a zero Delta: rho / 0 = inf, scale 1, as diffusers' torch.minimum(1, rho / |Delta|))
-            scale = torch.minimum(scale, apg.norm_threshold / dd.sqrt())
+            scale = ops.clamp(apg.norm_threshold / ops.sqrt(dd), hi=1.0)
         # Delta_parallel = (<Delta, x~_c> / <x~_c, x~_c>) x~_c (|x~_c| floored at 1e-12, as F.normalize)
-        along = dx / xx.clamp(min=1e-24)
+        along = dx / ops.clamp(xx, 1e-24)
         # x~ = x~_c + w s (Delta - (1 - eta) along x~_c) = a x~_c + b Delta
         a = 1.0 - w64 * scale * (1.0 - apg.eta_parallel) * along
         b = w64 * scale
         if self.rescale:
-            k = _rescale_factor(self.rescale, b, a, "b", (dd, dx, xx, sd, sx, n))
+            k = _rescale_factor(ops, self.rescale, a, b, "a", moments)  # (x~ = a x~_c + b Delta against x~_c)
             a, b = a * k, b * k
-        torch.mul(x_cond, _per_sample(a.float(), z), out=x).addcmul_(delta, _per_sample(b.float(), z))
+        # (pred_g = 0: x~ = pred_z z whatever the outputs, Delta = 0 and a = 1; the terms in 1 / pred_g are 0)
+        pred_z, pred_g = ops.number(pred_z), ops.number(pred_g)
+        if isinstance(pred_g, (int, float)):
+            inv_g = 1.0 / pred_g if pred_g != 0 else 0.0
+        else:
+            inv_g = torch.where(pred_g != 0, 1.0 / pred_g, 0.0)
+        w_z = (a - 1.0) * (pred_z * inv_g)
+        return ops.weights([a, -b * inv_g, w_z] if apg.momentum else [a + b, b, w_z], w)
 
     def step(self, stepper, out, z, pred_cond, pred_uncond, weights, x_prev, nu, noise, row, row_x, seed, t,
              index_offset, guided: bool) -> None:
         """One step on host rows (row: the sampler's, row_x: its given-x~ form)."""
         forms_x = self.forms_x(guided)
-        pred_cond, pred_uncond, weights, clip = self.inputs(z, pred_cond, pred_uncond, weights, row[0], row[1],
-                                                            guided)
-        if forms_x and nu is not None:
+        pred_cond, pred_uncond, weights, clip = self.inputs(stepper, z, pred_cond, pred_uncond, weights, row[0],
+                                                            row[1], guided)
+        if nu is not None and nu.dtype != pred_cond.dtype:  # (nu has the dtype of what the step reads as o_c)
             nu = nu.float()
         stepper.guided_step(out, z, pred_cond, pred_uncond, weights, x_prev, nu, noise, row_x if forms_x else row,
                             seed, t, index_offset, clip)
@@ -269,11 +375,12 @@ class Guide:
         """One step on device tables read at `counter` (no host read: capturable)."""
         forms_x = self.forms_x(guided)
         pz = pg = None
-        if forms_x:
-            row = table.index_select(0, counter)[0].float()
+        if forms_x or (guided and self.apg is not None):
+            row = table.index_select(0, counter)[0]  # (float64, 0-d tensors on the device)
             pz, pg = row[0], row[1]
-        pred_cond, pred_uncond, weights, clip = self.inputs(z, pred_cond, pred_uncond, weights, pz, pg, guided)
-        if forms_x and nu is not None:
+        pred_cond, pred_uncond, weights, clip = self.inputs(stepper, z, pred_cond, pred_uncond, weights, pz, pg,
+                                                            guided)
+        if nu is not None and nu.dtype != pred_cond.dtype:
             nu = nu.float()
         stepper.guided_step_table(out, z, pred_cond, pred_uncond, weights, x_prev, nu, table_x if forms_x else table,
                                   counter, seed, index_offset, clip)

@@ -10,8 +10,11 @@ from conftest import TRITON_INTERPRETED
 from test_samplers import LABELS, W, sample_float64
 
 import cfgfast
+from cfgfast.backends import choose
 from cfgfast.guidance import APG, Guide, dynamic_threshold, rescaled_weights
 from cfgfast.moments import sample_moments
+from cfgfast.reference import guided_step_reference
+from cfgfast.samplers import StepCoefficients
 from cfgfast.step import guidance_weights
 from cfgfast.toy import GaussianClasses
 
@@ -29,11 +32,15 @@ def classes16(seed=6):
                            a @ a.mT + 0.3 * torch.eye(16, dtype=torch.float64))
 
 
+# x~ = g and z' = x~ (pred_z 0, pred_g 1, z' = direct_g g): what the step makes of its inputs, on x-predictions
+LAST_X_ROW = StepCoefficients(0.0, 1.0, 0.0, 1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0)
+
 APG_CASES = [  # (sampler, (eta_parallel, norm_threshold, momentum), rescale, guidance_interval)
     ("ddpm", (0.0, 0.0, 0.0), 0.0, None),
     ("dpmpp_2m", (0.5, 3.0, -0.5), 0.0, None),
     ("ddim", (1.0, 2.0, 0.5), 0.6, (-5.0, 5.0)),
     ("dpmpp_2m_sde", (0.0, 0.0, -0.75), 0.0, (-3.0, 8.0)),
+    ("dpmpp_2m", (0.2, 3.0, 0.0), 0.4, None),  # (o_c = o_u to float32 rounding at the last steps: Delta ~ 0)
 ]
 
 
@@ -51,6 +58,34 @@ def test_apg_matches_float64_spec(sampler, apg, rescale, interval):
                              guidance_rescale=rescale, guidance_interval=interval, backend=backend)
         # (ddim on the paper's grid from lam = -20 scales float32 rounding by alpha'/alpha)
         torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=2e-3 if sampler == "ddim" else 5e-4)
+
+
+class Rounded:
+    """The model with its outputs rounded to a 16-bit dtype, returned in it or widened back to float32."""
+
+    def __init__(self, model, dtype, widen: bool):
+        self.model, self.dtype, self.widen = model, dtype, widen
+
+    def __getattr__(self, name):  # (prediction_type, null_label, sample_shape: the model's)
+        return getattr(self.model, name)
+
+    def __call__(self, z, lam, labels):
+        out = self.model(z, lam, labels).to(self.dtype)
+        return out.float() if self.widen else out
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("apg", [APG(0.2, 3.0), APG(0.2, 3.0, -0.5)], ids=["no-momentum", "momentum"])
+def test_apg_reads_16_bit_outputs_as_their_float32_values(backend, dtype, apg):
+    """The fused step and the moments widen 16-bit outputs exactly: the same samples as from their float32 values
+    (with momentum o_c is widened into a buffer beside the float32 running value)."""
+    model = classes16()
+    lams = cfgfast.default_lambdas(6, "dpmpp_2m").tolist()
+    kwargs = dict(sampler="dpmpp_2m", lambdas=lams, seed=5, guidance=apg, guidance_rescale=0.4, backend=backend)
+    widened = cfgfast.sample(Rounded(model, dtype, widen=True), LABELS, W, **kwargs)
+    got = cfgfast.sample(Rounded(model, dtype, widen=False), LABELS, W, **kwargs)
+    torch.testing.assert_close(got, widened, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("sampler, guidance", [("ddpm", "cfg"), ("ddim", "cfgpp"), ("dpmpp_2m", "cfg"),
@@ -97,11 +132,14 @@ def test_apg_equals_diffusers_normalized_guidance():
         weights = guidance_weights(torch.full((batch,), w))
         for _ in range(3):
             o_c, o_u = torch.randn(2, batch, 3, 5, 5, generator=g)
-            x, _, unit, clip = guide.inputs(z, o_c, o_u, weights, 0.0, 1.0, True)
+            # the step's inputs, and x~ as the step forms it (the last step's row: z' = x~ = g)
+            pred_cond, pred_uncond, apg_weights, clip = guide.inputs(choose("reference", z.device), z, o_c, o_u,
+                                                                     weights, 0.0, 1.0, True)
+            x, _ = guided_step_reference(z, pred_cond, pred_uncond, apg_weights, LAST_X_ROW, None)
             expected = normalized_guidance(o_c, o_u, w, buffer, eta=eta, norm_threshold=rho,
                                            use_original_formulation=True)
             torch.testing.assert_close(x, expected, rtol=1e-5, atol=1e-5)
-            assert unit.tolist() == [[1.0, 0.0]] * batch and clip is None
+            assert apg_weights.shape == (batch, 3) and clip is None
             if beta:
                 torch.testing.assert_close(ours, buffer.running_average, rtol=1e-6, atol=1e-6)
 
