@@ -199,6 +199,27 @@ def test_device_table_loop_equals_sample(guidance, threshold, rescale):
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("guidance, rescale", [(APG(0.5, 2.0, -0.5), 0.3), (APG(0.2, 0.0), 0.0), ("cfg", 0.6)])
+def test_device_arithmetic_equals_the_hosts(monkeypatch, guidance, rescale):
+    """The per-sample arithmetic in float64 torch on the tensors' device (CUDA tensors; forced here on the CPU, whose
+    tensors take numpy's) gives the host's weights: sample and the device-table loop alike."""
+    from cfgfast import guidance as guidance_module
+    from cfgfast import sampler
+
+    model = classes16()
+    kwargs = dict(guidance=guidance, guidance_rescale=rescale, guidance_interval=(-4.0, 6.0))
+    expected = cfgfast.sample(model, LABELS, W, 10, sampler="dpmpp_2m", seed=2, backend="cpu", **kwargs)
+    monkeypatch.setattr(guidance_module, "_arithmetic", lambda t: guidance_module._DeviceMath)
+    got = cfgfast.sample(model, LABELS, W, 10, sampler="dpmpp_2m", seed=2, backend="cpu", **kwargs)
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+    with torch.no_grad():
+        plan, z = sampler._plan(model, LABELS, W, 10, "dpmpp_2m", 0.0, None, None, 2, None, None, None, None, "auto",
+                                0, "cpu", kwargs["guidance_interval"], None, False, None, guidance=guidance,
+                                threshold=None, guidance_rescale=rescale)
+        got = sampler._loop_table(plan, z, None, capture=False)
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+
+
 def test_bad_guidance_arguments():
     model = classes16()
     labels = torch.arange(3)
