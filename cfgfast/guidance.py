@@ -332,7 +332,9 @@ class Guide:
             counter = torch.zeros(1, dtype=torch.int64, device=m.device)
             stepper.guided_step_table(m, m, pred_cond, pred_uncond, ones, None, None, table[None], counter, 0, 0, None)
 
-    def _apg_weights(self, ops, inputs, combos, w, pred_z, pred_g):
+    def _apg_weights(self, ops, inputs, combos, w, pred_z, pred_g) -> torch.Tensor:
+        """The step's weights [B, 3] for APG's x~ (_apg), from the moments of x~_c and Delta (combos[0], combos[1]
+        of the inputs) and w per sample."""
         apg = self.apg
         moments = _combined_moments(ops, inputs, combos)
         dd, dx, xx = moments[:3]
