@@ -113,7 +113,10 @@ class _HostMath:
 
     quiet = staticmethod(lambda: np.errstate(divide="ignore", invalid="ignore"))  # (x / 0: inf or NaN, as torch)
     sqrt = staticmethod(np.sqrt)
-    clamp = staticmethod(lambda x, lo=None, hi=None: np.clip(x, lo, hi))
+    @staticmethod
+    def clamp(x, lo=None, hi=None):  # (np.maximum / np.minimum: a few times faster than np.clip on small arrays)
+        x = x if lo is None else np.maximum(x, lo)
+        return x if hi is None else np.minimum(x, hi)
 
     @staticmethod
     def array(t: torch.Tensor):
@@ -127,6 +130,10 @@ class _HostMath:
     @staticmethod
     def matrix(rows, like):
         return np.array([[float(x) for x in row] for row in rows])
+
+    @staticmethod
+    def columns(arrays):
+        return np.stack(arrays, axis=1)
 
     @staticmethod
     def weights(columns, like: torch.Tensor) -> torch.Tensor:
@@ -154,6 +161,10 @@ class _DeviceMath:
                                          for x in row]) for row in rows])
 
     @staticmethod
+    def columns(arrays):
+        return torch.stack(arrays, dim=1)
+
+    @staticmethod
     def weights(columns, like: torch.Tensor) -> torch.Tensor:
         return torch.stack(columns, dim=1).float()
 
@@ -173,11 +184,14 @@ def _combined_moments(ops, inputs, combos):
     lambda = -20, where x~_c formed in float32 would have lost 14 of its 24."""
     k = len(inputs)
     raw = ops.array(sample_moments(inputs, [[float(i == j) for i in range(k)] for j in range(k)]))
-    c = ops.matrix(combos, raw)
-    gram = c @ raw[:, :, :k] @ c.T
+    c = ops.matrix(combos, raw)  # [2, K]
+    # <v_j, v_l> = sum_ab c_ja c_lb M_ab: one product of M [B, K * K] with the three outer products (a batch of
+    # small matrix products costs more than the whole arithmetic in numpy)
+    outer = ops.columns([(c[j][:, None] * c[l][None, :]).reshape(-1) for j, l in ((1, 1), (1, 0), (0, 0))])
+    dd_dx_xx = raw[:, :, :k].reshape(raw.shape[0], k * k) @ outer
     sums = raw[:, :, k] @ c.T
     count = inputs[0][0].numel() if inputs[0].shape[0] else 1
-    return gram[:, 1, 1], gram[:, 0, 1], gram[:, 0, 0], sums[:, 1], sums[:, 0], count
+    return dd_dx_xx[:, 0], dd_dx_xx[:, 1], dd_dx_xx[:, 2], sums[:, 1], sums[:, 0], count
 
 
 def _rescale_factor(ops, phi: float, a_coef, b_coef, ref, moments):
