@@ -194,10 +194,16 @@ want benchmarks && stage benchmarks 300 0 "$py" -m pytest -q -p no:cacheprovider
   --benchmark-only -k "(cuda or triton) and not fallback and not (compiled and (16M or 64M))" \
   --benchmark-max-time 0.3 --benchmark-json "$LOG/benchmarks.json"
 want benchmarks && sed -n '/cfgfast step speed/,$p' "$LOG/benchmarks.log"
-# (the device tool brings back 8 files at most: with every stage run, the DiT log goes inside benchmarks.log)
-if [ -f "$LOG/dit.log" ] && [ -f "$LOG/benchmarks.log" ]; then
-  { echo; echo "==== dit"; cat "$LOG/dit.log"; } >> "$LOG/benchmarks.log" && rm "$LOG/dit.log"
-fi
+# the guidance methods against the plain step in alternating rounds, on each GPU backend
+for backend in cuda triton; do
+  want benchmarks && stage "ratio_$backend" 60 7 "$py" "$REPO"/benchmarks/guidance_ratio.py --backend "$backend" --rounds 8
+done
+# (the device tool brings back 8 files at most: with every stage run, the DiT and ratio logs go inside benchmarks.log)
+for extra in dit ratio_cuda ratio_triton; do
+  if [ -f "$LOG/$extra.log" ] && [ -f "$LOG/benchmarks.log" ]; then
+    { echo; echo "==== $extra"; cat "$LOG/$extra.log"; } >> "$LOG/benchmarks.log" && rm "$LOG/$extra.log"
+  fi
+done
 if [ -n "$skipped" ]; then
   echo "!! not run, or cut, for lack of time or a tool that cannot run here:$skipped (GPU_CHECK_STAGES=\"${skipped# }\" bash benchmarks/gpu_check.sh runs them)"
   [ "$status" -eq 0 ] && status=3

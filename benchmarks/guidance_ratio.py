@@ -32,7 +32,8 @@ def main() -> None:
     from cfgfast.guidance import APG, Guide
     from cfgfast.step import guidance_weights
 
-    device = torch.device("cuda" if args.backend in ("cuda", "triton") else "cpu")
+    # (the triton backend takes CPU tensors under TRITON_INTERPRET=1)
+    device = torch.device("cuda" if args.backend in ("cuda", "triton") and torch.cuda.is_available() else "cpu")
     g = torch.Generator().manual_seed(0)
     z, o_c, o_u = (torch.randn(args.batch, 3, 64, 64, generator=g).to(device) for _ in range(3))
     weights = guidance_weights(torch.full((args.batch,), 3.0, device=device))
