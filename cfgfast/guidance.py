@@ -157,8 +157,11 @@ class _DeviceMath:
 
     @staticmethod
     def matrix(rows, like: torch.Tensor) -> torch.Tensor:
-        return torch.stack([torch.stack([torch.as_tensor(x, dtype=torch.float64, device=like.device).reshape(())
-                                         for x in row]) for row in rows])
+        """float64 [len(rows), K] on like's device; a number becomes a fill there, not a copy from the host (which a
+        CUDA graph being captured refuses)."""
+        return torch.stack([torch.stack([x.double().reshape(()) if isinstance(x, torch.Tensor) else
+                                         like.new_full((), float(x), dtype=torch.float64) for x in row])
+                            for row in rows])
 
     @staticmethod
     def columns(arrays):

@@ -220,6 +220,38 @@ def test_device_arithmetic_equals_the_hosts(monkeypatch, guidance, rescale):
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
 
 
+def test_device_arithmetic_makes_no_tensor_from_host_data(monkeypatch):
+    """A CUDA graph being captured refuses a copy from the host: the device-table loop's guidance arithmetic (forced
+    on the CPU's tensors here) makes its constants on the device, so it adds no tensor made from Python data
+    (aten.lift_fresh) to the loop's own."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from cfgfast import guidance as guidance_module
+    from cfgfast import sampler
+
+    class Recorded(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    monkeypatch.setattr(guidance_module, "_arithmetic", lambda t: guidance_module._DeviceMath)
+    model = classes16()
+    lifted = {}
+    for guidance, rescale in (("cfg", 0.0), ("cfg", 0.6), (APG(0.2), 0.0), (APG(0.5, 2.0, -0.5), 0.3)):
+        with torch.no_grad():
+            plan, z = sampler._plan(model, LABELS, W, 6, "dpmpp_2m", 0.0, None, None, 2, None, None, None, None,
+                                    "auto", 0, "cpu", (-4.0, 6.0), None, False, None, guidance=guidance,
+                                    threshold=None, guidance_rescale=rescale)
+            with Recorded() as recorded:
+                sampler._loop_table(plan, z, None, capture=False)
+        lifted[(str(guidance), rescale)] = recorded.ops.count("aten.lift_fresh.default")
+    assert set(lifted.values()) == {lifted[("cfg", 0.0)]}, lifted
+
+
 def test_bad_guidance_arguments():
     model = classes16()
     labels = torch.arange(3)
