@@ -113,6 +113,7 @@ class _HostMath:
 
     quiet = staticmethod(lambda: np.errstate(divide="ignore", invalid="ignore"))  # (x / 0: inf or NaN, as torch)
     sqrt = staticmethod(np.sqrt)
+
     @staticmethod
     def clamp(x, lo=None, hi=None):  # (np.maximum / np.minimum: a few times faster than np.clip on small arrays)
         x = x if lo is None else np.maximum(x, lo)
@@ -197,15 +198,15 @@ def _combined_moments(ops, inputs, combos):
     return dd_dx_xx[:, 0], dd_dx_xx[:, 1], dd_dx_xx[:, 2], sums[:, 1], sums[:, 0], count
 
 
-def _rescale_factor(ops, phi: float, a_coef, b_coef, ref, moments):
-    """k = phi std(ref) / std(y) + 1 - phi per sample (float64), for y = a_coef a + b_coef b and ref one of a, b
-    ("a" or "b"), from the moments (<b, b>, <b, a>, <a, a>, sum b, sum a, n) of (a, b)."""
+def _rescale_factor(ops, phi: float, a_coef, b_coef, moments):
+    """k = phi std(a) / std(y) + 1 - phi per sample (float64), for y = a_coef a + b_coef b, from the moments
+    (<b, b>, <b, a>, <a, a>, sum b, sum a, n) of (a, b) (_combined_moments')."""
     bb, ab, aa, sb, sa, n = moments
     var_y = (a_coef * a_coef * aa + 2.0 * a_coef * b_coef * ab + b_coef * b_coef * bb) / n \
         - ((a_coef * sa + b_coef * sb) / n) ** 2
-    var_ref = aa / n - (sa / n) ** 2 if ref == "a" else bb / n - (sb / n) ** 2
+    var_a = aa / n - (sa / n) ** 2
     # (variances from sums: a rounding below zero is zero)
-    return phi * ops.sqrt(ops.clamp(var_ref, 0.0)) / ops.sqrt(ops.clamp(var_y, 0.0)) + (1.0 - phi)
+    return phi * ops.sqrt(ops.clamp(var_a, 0.0)) / ops.sqrt(ops.clamp(var_y, 0.0)) + (1.0 - phi)
 
 
 def rescaled_weights(pred_cond, pred_uncond, weights, guidance_rescale: float) -> torch.Tensor:
@@ -216,7 +217,7 @@ def rescaled_weights(pred_cond, pred_uncond, weights, guidance_rescale: float) -
     with ops.quiet():
         moments = _combined_moments(ops, [pred_cond, pred_uncond], [(1.0, 0.0), (0.0, 1.0)])
         w64 = ops.array(weights)
-        k = _rescale_factor(ops, guidance_rescale, w64[:, 0], -w64[:, 1], "a", moments)
+        k = _rescale_factor(ops, guidance_rescale, w64[:, 0], -w64[:, 1], moments)
         return ops.weights([w64[:, 0] * k, w64[:, 1] * k], pred_cond)
 
 
@@ -367,7 +368,7 @@ class Guide:
         a = 1.0 - w64 * scale * (1.0 - apg.eta_parallel) * along
         b = w64 * scale
         if self.rescale:
-            k = _rescale_factor(ops, self.rescale, a, b, "a", moments)  # (x~ = a x~_c + b Delta against x~_c)
+            k = _rescale_factor(ops, self.rescale, a, b, moments)  # (x~ = a x~_c + b Delta against x~_c)
             a, b = a * k, b * k
         # (pred_g = 0: x~ = pred_z z whatever the outputs, Delta = 0 and a = 1; the terms in 1 / pred_g are 0)
         pred_z, pred_g = ops.number(pred_z), ops.number(pred_g)
