@@ -37,12 +37,8 @@ class Backend:
 
     def guided_step_table(self, out, z, pred_cond, pred_uncond, weights, x_prev, nu, coef_table, step, seed,
                           index_offset, clip) -> None:
-        """The step whose coefficients are row step[0] of coef_table (float64 [T, 10]), read here on the host."""
-        op_guided_table_args(out, z, pred_cond, pred_uncond, weights, x_prev, nu, coef_table, step, index_offset, clip)
-        t, steps = int(step.reshape(-1)[0]), coef_table.shape[0]
-        check_value(0 <= t < steps, lambda: f"cfgfast: step {t} is outside the table of {steps} steps")
-        self.guided_step(out, z, pred_cond, pred_uncond, weights, x_prev, nu, None, coef_table[t].tolist(), seed, t,
-                         index_offset, clip)
+        """The step whose coefficients are row step[0] of coef_table (float64 [T, 10]), with the noise of step t."""
+        raise NotImplementedError
 
 
 def _extension_refusals() -> list[str]:
@@ -62,6 +58,20 @@ class ReferenceBackend(Backend):
     def guided_step(self, out, z, pred_cond, pred_uncond, weights, x_prev, nu, noise, coef, seed, step, index_offset,
                     clip):
         op_guided_step_args(out, z, pred_cond, pred_uncond, weights, x_prev, nu, noise, coef, step, index_offset, clip)
+        self._step(out, z, pred_cond, pred_uncond, weights, x_prev, nu, noise, coef, seed, step, index_offset, clip)
+
+    def guided_step_table(self, out, z, pred_cond, pred_uncond, weights, x_prev, nu, coef_table, step, seed,
+                          index_offset, clip):
+        """Row step[0] of coef_table, read here on the host."""
+        op_guided_table_args(out, z, pred_cond, pred_uncond, weights, x_prev, nu, coef_table, step, index_offset, clip)
+        t, steps = int(step.reshape(-1)[0]), coef_table.shape[0]
+        check_value(0 <= t < steps, lambda: f"cfgfast: step {t} is outside the table of {steps} steps")
+        self._step(out, z, pred_cond, pred_uncond, weights, x_prev, nu, None, coef_table[t].tolist(), seed, t,
+                   index_offset, clip)
+
+    @staticmethod
+    def _step(out, z, pred_cond, pred_uncond, weights, x_prev, nu, noise, coef, seed, step, index_offset, clip):
+        """The step on checked arguments."""
         coef = StepCoefficients(*coef)
         if noise is None and coef.noise_std != 0.0:
             noise = normal_noise_reference(z.shape, seed, step, 1, index_offset, device=z.device)

@@ -257,8 +257,9 @@ class Guide:
 
     method: "cfg", "cfgpp" or an APG; rescale: phi; threshold: (p, M) or None; clip: the step's clip (None with a
     threshold); buffer: APG's running value M where its momentum is not 0, updated in place at each guided step.
-    The tensors it forms (x~_c, Delta, x~) live in buffers kept from step to step: a new tensor of a large batch
-    costs more in page faults than its arithmetic, and a captured CUDA graph needs fixed addresses.
+    The tensors it forms (thresholding's x~ and |x~|, a 16-bit o_c widened beside APG's running value) live in
+    buffers kept from step to step: a new tensor of a large batch costs more in page faults than its arithmetic, and
+    a captured CUDA graph needs fixed addresses.
     """
 
     def __init__(self, method, rescale: float = 0.0, threshold=None, clip=None, buffer: torch.Tensor | None = None):
@@ -267,6 +268,9 @@ class Guide:
         self.threshold = threshold
         self.clip = clip
         self.apg = method if isinstance(method, APG) else None
+        # Whether x~ is formed before the fused step (which then reads its "given x~" row): dynamic thresholding
+        # only; rescale and APG are per-sample weights of the step (APG's with a third column, w_z).
+        self.forms_x = threshold is not None
         self.buffer = buffer  # APG's running value M (float32, z's shape; zero before the first guided step)
         if self.apg is not None and self.apg.momentum and buffer is None:
             raise ValueError("APG with momentum needs its running value: a float32 tensor of z's shape, zero before "
@@ -279,11 +283,6 @@ class Guide:
             found = self._work[name] = torch.empty(like.shape, dtype=torch.float32, device=like.device)
         return found
 
-    def forms_x(self, guided: bool) -> bool:
-        """Whether x~ is formed before the fused step (which then reads its "given x~" row): dynamic thresholding
-        only. APG and rescale are per-sample weights of the step (APG's with a third column, w_z)."""
-        return self.threshold is not None
-
     def inputs(self, stepper, z, pred_cond, pred_uncond, weights, pred_z, pred_g, guided: bool):
         """(pred_cond, pred_uncond, weights, clip) for the fused step: the model's outputs with per-sample weights
         (rescaled; APG's) and the step's row as it is, or, where forms_x, x~ itself with weights (1, 0) for the
@@ -294,7 +293,7 @@ class Guide:
                                                         pred_g)
         elif guided and self.rescale:
             weights = rescaled_weights(pred_cond, pred_uncond, weights, self.rescale)
-        if not self.forms_x(guided):
+        if not self.forms_x:
             return pred_cond, pred_uncond, weights, self.clip
         x = self._buffer("x", z)
         # x~ = pred_z z + pred_g ((w_c o_c - w_u o_u) + w_z z)
@@ -381,26 +380,25 @@ class Guide:
 
     def step(self, stepper, out, z, pred_cond, pred_uncond, weights, x_prev, nu, noise, row, row_x, seed, t,
              index_offset, guided: bool) -> None:
-        """One step on host rows (row: the sampler's, row_x: its given-x~ form)."""
-        forms_x = self.forms_x(guided)
+        """One step on host rows (row: the sampler's, row_x: its given-x~ form, read where forms_x)."""
         pred_cond, pred_uncond, weights, clip = self.inputs(stepper, z, pred_cond, pred_uncond, weights, row[0],
                                                             row[1], guided)
         if nu is not None and nu.dtype != pred_cond.dtype:  # (nu has the dtype of what the step reads as o_c)
             nu = nu.float()
-        stepper.guided_step(out, z, pred_cond, pred_uncond, weights, x_prev, nu, noise, row_x if forms_x else row,
-                            seed, t, index_offset, clip)
+        stepper.guided_step(out, z, pred_cond, pred_uncond, weights, x_prev, nu, noise,
+                            row_x if self.forms_x else row, seed, t, index_offset, clip)
 
     def step_table(self, stepper, out, z, pred_cond, pred_uncond, weights, x_prev, nu, table, table_x, counter,
                    seed, index_offset, guided: bool) -> None:
         """One step on device tables read at `counter` (no host read: capturable)."""
-        forms_x = self.forms_x(guided)
         pz = pg = None
-        if forms_x or (guided and self.apg is not None):
+        if self.forms_x or (guided and self.apg is not None):
             row = table.index_select(0, counter)[0]  # (float64, 0-d tensors on the device)
             pz, pg = row[0], row[1]
         pred_cond, pred_uncond, weights, clip = self.inputs(stepper, z, pred_cond, pred_uncond, weights, pz, pg,
                                                             guided)
         if nu is not None and nu.dtype != pred_cond.dtype:
             nu = nu.float()
-        stepper.guided_step_table(out, z, pred_cond, pred_uncond, weights, x_prev, nu, table_x if forms_x else table,
+        stepper.guided_step_table(out, z, pred_cond, pred_uncond, weights, x_prev, nu,
+                                  table_x if self.forms_x else table,
                                   counter, seed, index_offset, clip)

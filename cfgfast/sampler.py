@@ -249,7 +249,7 @@ class _Plan:
     grid: list[float]
     guided: list[bool]  # per step: some w != 0 (the unconditional pass runs)
     table: torch.Tensor  # float64 [T, 10] on the host: the sampler's coefficient rows
-    table_x: torch.Tensor  # the same rows in their "given x~" form (guidance that forms x~ itself: APG, threshold)
+    table_x: torch.Tensor  # the same rows in their "given x~" form (dynamic thresholding forms x~ itself)
     stepper: Backend
     seed: int
     index_offset: int

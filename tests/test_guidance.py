@@ -4,6 +4,8 @@ backends, batch splits and the device-table loop of cuda_graph=True."""
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from conftest import TRITON_INTERPRETED
@@ -178,24 +180,32 @@ def test_batch_split_gives_the_same_samples(backend):
     assert torch.equal(torch.cat(parts), whole)
 
 
+INTERVAL = (-4.0, 6.0)
+
+
+def device_table_loop(steps, backend, mode=None, **guidance):
+    """cuda_graph=True's loop run eagerly (no capture; under the dispatch mode `mode` where given): classes16 with
+    "dpmpp_2m", seed 2 and the guidance interval INTERVAL. Returns (its plan, the samples)."""
+    from cfgfast import sampler
+
+    with torch.no_grad():
+        plan, z = sampler._plan(classes16(), LABELS, W, steps, "dpmpp_2m", 0.0, None, None, 2, None, None, None, None,
+                                "auto", 0, backend, INTERVAL, None, False, None, **guidance)
+        with mode if mode is not None else contextlib.nullcontext():
+            return plan, sampler._loop_table(plan, z, None, capture=False)
+
+
 @pytest.mark.parametrize("guidance, threshold, rescale", [(APG(0.5, 2.0, -0.5), None, 0.0),
                                                           ("cfg", (0.9, 1.5), 0.5),
                                                           (APG(0.0, 0.0, 0.6), (0.8, 2.0), 0.3)])
 def test_device_table_loop_equals_sample(guidance, threshold, rescale):
     """cuda_graph=True's loop (run eagerly here): the rows read on the device, APG's running value a static buffer
     left unchanged outside the guidance interval."""
-    from cfgfast import sampler
-
-    model = classes16()
-    interval = (-4.0, 6.0)
     kwargs = dict(guidance=guidance, threshold=threshold, guidance_rescale=rescale)
-    expected = cfgfast.sample(model, LABELS, W, 10, sampler="dpmpp_2m", seed=2, guidance_interval=interval,
+    expected = cfgfast.sample(classes16(), LABELS, W, 10, sampler="dpmpp_2m", seed=2, guidance_interval=INTERVAL,
                               backend="reference", **kwargs)
-    with torch.no_grad():
-        plan, z = sampler._plan(model, LABELS, W, 10, "dpmpp_2m", 0.0, None, None, 2, None, None, None, None, "auto",
-                                0, "reference", interval, None, False, None, **kwargs)
-        assert plan.guided != [True] * 10 and any(plan.guided)
-        got = sampler._loop_table(plan, z, None, capture=False)
+    plan, got = device_table_loop(10, "reference", **kwargs)
+    assert plan.guided != [True] * 10 and any(plan.guided)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
@@ -204,19 +214,15 @@ def test_device_arithmetic_equals_the_hosts(monkeypatch, guidance, rescale):
     """The per-sample arithmetic in float64 torch on the tensors' device (CUDA tensors; forced here on the CPU, whose
     tensors take numpy's) gives the host's weights: sample and the device-table loop alike."""
     from cfgfast import guidance as guidance_module
-    from cfgfast import sampler
 
-    model = classes16()
-    kwargs = dict(guidance=guidance, guidance_rescale=rescale, guidance_interval=(-4.0, 6.0))
-    expected = cfgfast.sample(model, LABELS, W, 10, sampler="dpmpp_2m", seed=2, backend="cpu", **kwargs)
+    kwargs = dict(guidance=guidance, guidance_rescale=rescale)
+    expected = cfgfast.sample(classes16(), LABELS, W, 10, sampler="dpmpp_2m", seed=2, backend="cpu",
+                              guidance_interval=INTERVAL, **kwargs)
     monkeypatch.setattr(guidance_module, "_arithmetic", lambda t: guidance_module._DeviceMath)
-    got = cfgfast.sample(model, LABELS, W, 10, sampler="dpmpp_2m", seed=2, backend="cpu", **kwargs)
+    got = cfgfast.sample(classes16(), LABELS, W, 10, sampler="dpmpp_2m", seed=2, backend="cpu",
+                         guidance_interval=INTERVAL, **kwargs)
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
-    with torch.no_grad():
-        plan, z = sampler._plan(model, LABELS, W, 10, "dpmpp_2m", 0.0, None, None, 2, None, None, None, None, "auto",
-                                0, "cpu", kwargs["guidance_interval"], None, False, None, guidance=guidance,
-                                threshold=None, guidance_rescale=rescale)
-        got = sampler._loop_table(plan, z, None, capture=False)
+    _, got = device_table_loop(10, "cpu", threshold=None, **kwargs)
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
 
 
@@ -227,7 +233,6 @@ def test_device_arithmetic_makes_no_tensor_from_host_data(monkeypatch):
     from torch.utils._python_dispatch import TorchDispatchMode
 
     from cfgfast import guidance as guidance_module
-    from cfgfast import sampler
 
     class Recorded(TorchDispatchMode):
         def __init__(self):
@@ -239,15 +244,10 @@ def test_device_arithmetic_makes_no_tensor_from_host_data(monkeypatch):
             return func(*args, **(kwargs or {}))
 
     monkeypatch.setattr(guidance_module, "_arithmetic", lambda t: guidance_module._DeviceMath)
-    model = classes16()
     lifted = {}
     for guidance, rescale in (("cfg", 0.0), ("cfg", 0.6), (APG(0.2), 0.0), (APG(0.5, 2.0, -0.5), 0.3)):
-        with torch.no_grad():
-            plan, z = sampler._plan(model, LABELS, W, 6, "dpmpp_2m", 0.0, None, None, 2, None, None, None, None,
-                                    "auto", 0, "cpu", (-4.0, 6.0), None, False, None, guidance=guidance,
-                                    threshold=None, guidance_rescale=rescale)
-            with Recorded() as recorded:
-                sampler._loop_table(plan, z, None, capture=False)
+        recorded = Recorded()
+        device_table_loop(6, "cpu", recorded, guidance=guidance, threshold=None, guidance_rescale=rescale)
         lifted[(str(guidance), rescale)] = recorded.ops.count("aten.lift_fresh.default")
     assert set(lifted.values()) == {lifted[("cfg", 0.0)]}, lifted
 

@@ -138,10 +138,9 @@ def _bits_on_every_isa(inputs, combos):
 @pytest.mark.parametrize("combos", [RESCALE, APG, IDENTITY_2, IDENTITY_3, IDENTITY_4, [[1.0, 0.0], [2.0, 0.0]]],
                          ids=["rescale", "apg", "identity", "identity-3", "identity-4", "second-input-unread"])
 def test_inputs_of_one_type_give_the_same_bits_on_every_instruction_set(dtype, combos):
-    """Inputs of one type are widened in registers (AVX2), and where the first row is (1, 0, ...), v_0 = x_0 is
-    taken as it is, and where the combos are the identity every v_j = x_j, with fused multiply-adds for the exact
-    products of 32-bit inputs: the same bits as the scalar code, also with signed zeros, infinities and NaNs (where
-    0 x_i is NaN), and where a product overflows float64."""
+    """Inputs of one type are widened in registers (AVX2), and where the combos are the identity every v_j = x_j is
+    taken as it is, with fused multiply-adds for the exact products of 32-bit inputs: the same bits as the scalar
+    code, also with signed zeros, infinities and NaNs (where 0 x_i is NaN), and where a product overflows float64."""
     k = len(combos[0])
     inputs = make_inputs((6, 2 * 8192 + 7), (dtype,) * k, seed=8)
     inputs[0][0, :100] = -0.0  # v_0 = -0 where x_1 is 0 (0 x_1 = +0 would make it +0)

@@ -9,7 +9,8 @@
 // but the entry point, which moments_cpu.cpp calls only where the CPU has AVX2 and F16C.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #pragma GCC target("avx2,fma,f16c")
-// v_j = c_j0 x_0 + c_j1 x_1 + ... and acc += v_j v_l stay two roundings each, as in the scalar code
+// v_j = c_j0 x_0 + c_j1 x_1 + ... and acc += v_j v_l stay two roundings each, as in the scalar code (an explicit
+// fused multiply-add only where the product is exact: the same bits)
 #pragma GCC optimize("fp-contract=off")
 #include <immintrin.h>
 
@@ -43,17 +44,16 @@ struct Float64 {
   static __m256d load4(const T* p) { return _mm256_loadu_pd(p); }
 };
 
-// How v_j is formed. kX0: v_0 = x_0 taken as it is, for combos whose first row is (1, 0, ..., 0) (guidance rescale's
-// o_c); kIdentity: every v_j = x_j (combos the identity: the inputs' own moments, APG's). 1 x_j is x_j, and 0 x_i is
-// a zero for a finite x_i, which can only change the sign of a zero v_j, and a zero's sign is lost in the sums (they
-// start at +0, never become -0, and s + (+-0) = s). A non-finite x_i makes 0 x_i a NaN: the caller checks for that
-// (moments_accumulate_avx2). With kIdentity and inputs of 32 bits or fewer, v_j v_l is exact in float64, so a fused
-// multiply-add gives the bits of the product rounded and then added (the scalar code's) in one instruction.
-enum Form { kGeneral, kX0, kIdentity };
+// kIdentity: every v_j = x_j taken as it is, for combos that are the identity (the inputs' own moments, as
+// cfgfast.guidance takes them). 1 x_j is x_j, and 0 x_i is a zero for a finite x_i, which can only change the sign of
+// a zero v_j, and a zero's sign is lost in the sums (they start at +0, never become -0, and s + (+-0) = s). A
+// non-finite x_i makes 0 x_i a NaN: the caller checks for that (moments_accumulate_avx2). With inputs of 32 bits or
+// fewer, v_j v_l is then exact in float64, so a fused multiply-add gives the bits of the product rounded and then
+// added (the scalar code's) in one instruction.
+template <int K, int V, class Load, bool kIdentity>
 
-template <int K, int V, class Load, Form kForm>
 int64_t accumulate(const void* const* src, const double* combos, int64_t count, double* acc) {
-  constexpr bool kExactProducts = kForm == kIdentity && !std::is_same_v<Load, Float64>;
+  constexpr bool kExactProducts = kIdentity && !std::is_same_v<Load, Float64>;
   constexpr int P = V + V * (V + 1) / 2;
   using T = typename Load::T;
   const T* x[K];
@@ -70,7 +70,7 @@ int64_t accumulate(const void* const* src, const double* combos, int64_t count, 
     for (int i = 0; i < K; ++i) xi[i] = Load::load4(x[i] + n);
     __m256d v[V];
     for (int j = 0; j < V; ++j) {
-      if ((kForm == kX0 && j == 0) || kForm == kIdentity) {
+      if (kIdentity) {
         v[j] = xi[j];
         a[j] = _mm256_add_pd(a[j], v[j]);
         continue;
@@ -92,54 +92,42 @@ int64_t accumulate(const void* const* src, const double* combos, int64_t count, 
 
 using Accumulate = int64_t (*)(const void* const*, const double*, int64_t, double*);
 
-template <int K, class Load, Form kForm>
+template <int K, class Load, bool kIdentity>
 Accumulate accumulate_for_v(int v) {
-  if constexpr (kForm == kIdentity) {
-    return accumulate<K, K, Load, kIdentity>;  // (v == k)
+  if constexpr (kIdentity) {
+    return accumulate<K, K, Load, true>;  // (v == k)
   } else {
     switch (v) {
-      case 1: return accumulate<K, 1, Load, kForm>;
-      case 2: return accumulate<K, 2, Load, kForm>;
-      case 3: return accumulate<K, 3, Load, kForm>;
-      default: return accumulate<K, 4, Load, kForm>;
+      case 1: return accumulate<K, 1, Load, false>;
+      case 2: return accumulate<K, 2, Load, false>;
+      case 3: return accumulate<K, 3, Load, false>;
+      default: return accumulate<K, 4, Load, false>;
     }
   }
 }
 
-template <class Load, Form kForm>
+template <class Load, bool kIdentity>
 Accumulate accumulate_for(int k, int v) {
   switch (k) {
-    case 1: return accumulate_for_v<1, Load, kForm>(v);
-    case 2: return accumulate_for_v<2, Load, kForm>(v);
-    case 3: return accumulate_for_v<3, Load, kForm>(v);
-    default: return accumulate_for_v<4, Load, kForm>(v);
+    case 1: return accumulate_for_v<1, Load, kIdentity>(v);
+    case 2: return accumulate_for_v<2, Load, kIdentity>(v);
+    case 3: return accumulate_for_v<3, Load, kIdentity>(v);
+    default: return accumulate_for_v<4, Load, kIdentity>(v);
   }
 }
 
-template <Form kForm>
+template <bool kIdentity>
 Accumulate accumulate_for(int dtype, int k, int v) {
   switch (dtype) {
-    case 1: return accumulate_for<BFloat16, kForm>(k, v);
-    case 2: return accumulate_for<Float16, kForm>(k, v);
-    case 3: return accumulate_for<Float64, kForm>(k, v);
-    default: return accumulate_for<Float, kForm>(k, v);
+    case 1: return accumulate_for<BFloat16, kIdentity>(k, v);
+    case 2: return accumulate_for<Float16, kIdentity>(k, v);
+    case 3: return accumulate_for<Float64, kIdentity>(k, v);
+    default: return accumulate_for<Float, kIdentity>(k, v);
   }
-}
-
-// Whether v_0 = x_0 may be taken as it is (X0): the first row is (1, 0, ..., 0), and every other input has a nonzero
-// coefficient in a later row, so a non-finite x_i makes that row's v_j, and so its sum, non-finite.
-bool first_row_is_x0(int k, const double* combos, int v) {
-  if (combos[0] != 1.0) return false;
-  for (int i = 1; i < k; ++i) {
-    bool watched = false;
-    for (int j = 1; j < v; ++j) watched = watched || combos[j * k + i] != 0.0;
-    if (combos[i] != 0.0 || !watched) return false;
-  }
-  return true;
 }
 
 // Whether every v_j = x_j (kIdentity): V = K and the combos the identity. Each input then has a row of its own, so a
-// non-finite x_j makes its own sum non-finite.
+// non-finite x_j makes its own sum non-finite, which the caller sees.
 bool identity(int k, const double* combos, int v) {
   bool unit = v == k;
   for (int j = 0; j < v && unit; ++j) {
@@ -162,18 +150,16 @@ bool all_finite(const double* acc, int count) {
 int64_t moments_accumulate_avx2(const void* const* src, int dtype, int k, const double* combos, int v, int64_t count,
                                 double* acc) {
   const int moments = 4 * (v + v * (v + 1) / 2);
-  const Form form = identity(k, combos, v) ? kIdentity : first_row_is_x0(k, combos, v) ? kX0 : kGeneral;
-  if (form != kGeneral) {
+  if (identity(k, combos, v)) {
     double before[4 * (4 + 10)];
     std::memcpy(before, acc, sizeof(double) * moments);
-    const int64_t done = (form == kIdentity ? accumulate_for<kIdentity>(dtype, k, v)
-                                            : accumulate_for<kX0>(dtype, k, v))(src, combos, count, acc);
-    // all finite: no input was (a sum that meets a non-finite term stays so), and the short form gave the general
-    // loop's bits
+    const int64_t done = accumulate_for<true>(dtype, k, v)(src, combos, count, acc);
+    // all finite: no input was (a sum that meets a non-finite term stays so), and the identity's short form gave the
+    // general loop's bits
     if (all_finite(acc, moments)) return done;
     std::memcpy(acc, before, sizeof(double) * moments);
   }
-  return accumulate_for<kGeneral>(dtype, k, v)(src, combos, count, acc);
+  return accumulate_for<false>(dtype, k, v)(src, combos, count, acc);
 }
 
 }  // namespace cfgfast::cpu
