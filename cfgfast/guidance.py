@@ -223,7 +223,7 @@ def rescaled_weights(pred_cond, pred_uncond, weights, guidance_rescale: float) -
 
 def _quantile_abs(x: torch.Tensor, p: float, work: torch.Tensor | None = None) -> torch.Tensor:
     """torch.quantile(|x| per sample, p) (linear interpolation), from the two order statistics it interpolates:
-    one topk of the few values at or above them where p is near 1 (Imagen's 0.995: 62 of 12288), else two
+    one topk of the few values at or above them where p is near 1 (Imagen's 0.995: 63 of 12288), else two
     selections, instead of a sort. work: a tensor of x's shape for |x| (else a new one)."""
     flat = torch.abs(x, out=work).reshape(x.shape[0], -1) if work is not None else x.abs().reshape(x.shape[0], -1)
     n = flat.shape[1]

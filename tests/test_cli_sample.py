@@ -71,7 +71,7 @@ def test_writes_adm_npz_and_grid_and_nothing_else(tiny, tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s.npz", "s.png"]  # no parts folder, no temp file
     printed = capsys.readouterr().out
     assert "batch 64" in printed and "samples 0-11 done: 12/12" in printed
-    # an existing file is not replaced without --overwrite (a second run with another seed replaced it silently)
+    # an existing file is not replaced without --overwrite (else a second run with another seed would replace it silently)
     before = out.read_bytes()
     assert main(args(tiny, out, "--seed", "1")) == 2
     assert f"--out {out} exists: add --overwrite to replace it" in capsys.readouterr().err

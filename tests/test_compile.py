@@ -59,7 +59,7 @@ def test_compiled_step_writes_out(device, backend):
 @pytest.mark.parametrize("device,backend", CASES)
 def test_compiled_step_over_many_lambdas(device, backend):
     """A step compiled once and called at every step of a grid: torch.compile makes a float argument symbolic from
-    its second value, which fullgraph=True once refused (math.isfinite on a symbolic float); each value is now a
+    its second value, which fullgraph=True must accept (math.isfinite cannot read a symbolic float): each value is a
     guard of its own. The table step takes the step as a tensor: one graph for the whole grid, no recompiles."""
     z = torch.randn(3, 16, device=device)
     eps_cond, eps_uncond = torch.randn_like(z), torch.randn_like(z)
