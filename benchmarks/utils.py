@@ -3,10 +3,8 @@ the device it ran on, and the skips for backends or devices this machine lacks."
 
 from __future__ import annotations
 
-import functools
 import math
 import os
-import platform
 from typing import NamedTuple
 
 import pytest
@@ -114,25 +112,13 @@ def step_bytes(shape, eps_dtype=torch.float32, explicit_noise=False, sampler="dd
     return math.prod(shape) * (4 + 2 * itemsize + 4 + (4 if explicit_noise else 0) + state)
 
 
-@functools.cache
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def device_info(device) -> dict:
     """The device a time was measured on, for extra_info and the summary."""
     device = torch.device(device)
     if device.type == "cuda":
         return {"device": torch.cuda.get_device_name(device), "threads": torch.get_num_threads()}
     return {
-        "device": _cpu_model(),
+        "device": cfgfast.build_info()["cpu"],
         "cpu_count": os.cpu_count(),
         "threads": torch.get_num_threads(),
         "cpu_isa": cfgfast.build_info().get("cpu_isa"),

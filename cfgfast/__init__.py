@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+import platform
+
 import torch
 
 from . import _ext
@@ -42,7 +45,8 @@ __all__ = [
 
 
 def build_info() -> dict:
-    """What this installation can run: the compiled kernels, the CPU instruction set, CUDA arch, triton."""
+    """What this installation can run: the compiled kernels, the CPU (its model and instruction set), CUDA arch,
+    triton."""
     try:
         import triton
 
@@ -52,6 +56,7 @@ def build_info() -> dict:
     info = {
         "version": __version__,
         "torch": torch.__version__,
+        "cpu": _cpu_model(),
         "cpu_kernel": False,
         "cuda_kernel": False,
         "cuda_arch": [],
@@ -63,3 +68,17 @@ def build_info() -> dict:
     else:
         info.update(module.build_info())
     return info
+
+
+@functools.cache
+def _cpu_model() -> str:
+    """The CPU's model name (Linux's /proc/cpuinfo; else what the platform module knows): figures vary between
+    machines that the same instruction set hides (an AMD EPYC and an Intel Xeon both run the AVX2 kernel)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()

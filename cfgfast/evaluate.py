@@ -265,7 +265,7 @@ def _options_json(options: dict) -> dict:
 def sweep(model, data: Dataset, out: str, *, ws=DEFAULT_WS, num: int = 1000, steps=256, samplers="ddpm",
           eta: float = 0.0, classifier=None, model_name: str = "model", classifier_name: str | None = None,
           seed: int = 0, batch_size: int = 500, feature_steps: int = FEATURE_STEPS, v: float = 0.3,
-          methods=None, log=print) -> dict:
+          methods=None, command: str | None = None, log=print) -> dict:
     """Score num samples (labels i mod num_classes) at each w in ws, with classifier-free guidance and, given a
     noise-conditional classifier(z, lam), classifier guidance, for each sampler at each step count (steps: an int, a
     list, or {sampler: list}; eta for "ddim", v for "ddpm"); write out/results.md, metrics.json, the plot
@@ -274,7 +274,9 @@ def sweep(model, data: Dataset, out: str, *, ws=DEFAULT_WS, num: int = 1000, ste
 
     methods (names from GUIDANCE_METHODS, or {name: settings}; see check_methods): compare those guidance methods
     at each w instead, at one sampler and step count and without a classifier; the plot is fd_is_methods.png and
-    the grids grid_<method>_w<w>.png."""
+    the grids grid_<method>_w<w>.png.
+
+    command: the command line that ran the sweep, which results.md quotes with the date and the machine."""
     ws, v, seed, runs, eta = check_options(ws, num, steps, batch_size, feature_steps, v, seed, samplers, eta)
     methods = None if methods is None else check_methods(methods, runs)
     if methods is not None and classifier is not None:
@@ -321,6 +323,7 @@ def sweep(model, data: Dataset, out: str, *, ws=DEFAULT_WS, num: int = 1000, ste
                                "heldout_images": len(heldout), "heldout_accuracy": heldout_accuracy,
                                "feature_dim": clf.feature_dim},
         "reference": references,
+        "ran": _run_facts(next(model.parameters()).device, command),
         "points": [],
     }
     device = next(model.parameters()).device
@@ -382,6 +385,27 @@ def _sampler_name(sampler: str, eta: float) -> str:
     return f"ddim (η = {eta:g})" if sampler == "ddim" else sampler
 
 
+def _run_facts(device: torch.device, command: str | None) -> dict:
+    """When and where a sweep ran (its timings and, through the CPU's or GPU's arithmetic, its last digits depend
+    on both), and the command line where given."""
+    import cfgfast
+
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else \
+        f"{cfgfast.build_info()['cpu']}, {torch.get_num_threads()} threads"
+    facts = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "device": where,
+             "torch": torch.__version__, "cfgfast": cfgfast.__version__}
+    return facts if command is None else {**facts, "command": command}
+
+
+def _ran_lines(metrics: dict) -> list[str]:
+    """results.md's line on when, where and how the sweep ran (a metrics.json written without it: none)."""
+    ran = metrics.get("ran")
+    if ran is None:
+        return []
+    line = f"Ran {ran['date']} on {ran['device']} (torch {ran['torch']}, cfgfast {ran['cfgfast']})"
+    return [line + (f": `{ran['command']}`." if "command" in ran else ".")]
+
+
 def _scoring_lines(metrics: dict) -> list[str]:
     """How the points are scored, and the note on FD's bias (results.md's opening, after the sampling)."""
     fc, matched = metrics["feature_classifier"], metrics["matched"]
@@ -431,6 +455,7 @@ def results_markdown(metrics: dict) -> str:
         f"Model `{metrics['model']}`, {metrics['num']} samples per point (labels i mod K), {sampling}; "
         f"v = {metrics['v']} (ddpm), seed {metrics['seed']}, x̃ clipped to [-1, 1]; every point shares the same "
         "initial noise.",
+        *_ran_lines(metrics),
         *_scoring_lines(metrics),
         *_incomplete_lines(metrics),
     ]
@@ -504,6 +529,7 @@ def _methods_markdown(metrics: dict) -> str:
         + f", seed {metrics['seed']}; x̃ clipped to [-1, 1]"
         + (" but by `threshold`, which replaces the clip" if "threshold" in methods else "")
         + "; every point shares the same initial noise.",
+        *_ran_lines(metrics),
         *_scoring_lines(metrics),
         *_incomplete_lines(metrics),
         "",

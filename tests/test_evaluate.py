@@ -6,6 +6,7 @@ import json
 import math
 import os
 import re
+import shlex
 import sys
 
 import numpy as np
@@ -202,6 +203,14 @@ def test_evaluate_end_to_end_writes_its_files(tmp_path, capsys, monkeypatch):
     assert [(p["sampler"], p["steps"]) for p in metrics["points"]] == [("ddpm", 3)] * 3
     assert metrics["runs"] == [{"sampler": "ddpm", "steps": 3}] and metrics["eta"] == 0
     assert (out / "fd_is.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # when, where and how it ran: the date, this CPU and the command line, which runs the same sweep again
+    ran = metrics["ran"]
+    assert ran["command"] == shlex.join(["cfgfast", *argv])
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d UTC", ran["date"])
+    assert ran["device"] == f"{cfgfast.build_info()['cpu']}, {torch.get_num_threads()} threads"
+    assert ran["torch"] == torch.__version__ and ran["cfgfast"] == cfgfast.__version__
+    assert f"Ran {ran['date']} on {ran['device']} (torch {torch.__version__}, cfgfast {cfgfast.__version__}): " \
+           f"`{ran['command']}`." in table
 
 
 def test_a_stopped_sweep_says_its_files_are_incomplete(tmp_path):
@@ -408,6 +417,7 @@ def test_evaluate_compares_guidance_methods(tmp_path, capsys):
     assert "| real held-out (360 images) | | – |" in table
     assert "| apg | `guidance=cfgfast.APG(eta_parallel=0, norm_threshold=1, momentum=-0.25)` |" in table
     assert "| threshold | `guidance='cfg', threshold=(0.9, 2), clip=None` |" in table
+    assert f"): `cfgfast evaluate --model {model_path} --guidance cfg,rescale,apg,cfgpp,threshold" in table
     rows = [line for line in table.splitlines() if re.match(r"\| [01] \| ", line)]
     assert [row.split(" | ")[:2] for row in rows] == [[f"| {w}", m] for w in (0, 1) for m in METHODS]
     assert "![FD, IS and accuracy](fd_is_methods.png)" in table

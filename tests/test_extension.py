@@ -194,6 +194,7 @@ def test_build_info_reports_the_cpu_kernel():
     info = cfgfast.build_info()
     assert info["cpu_kernel"] is True
     assert info["version"] == cfgfast.__version__
+    assert info["cpu"] and info["cpu"] == cfgfast._cpu_model()  # the model name figures are quoted with
     assert info["torch_built_against"] == torch.__version__.split("+")[0]
     assert info["cpu_isa"] in info["cpu_isa_supported"]
     assert set(info["cpu_isa_supported"]) <= set(info["cpu_isa_compiled"])

@@ -35,6 +35,7 @@ def main(argv=None) -> int:
         print("cfgfast: interrupted", file=sys.stderr)
         return 130
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # (for a command that records how it was run)
     try:
         return args.run(args)
     except (ValueError, TypeError, RuntimeError, OSError, ImportError, OverflowError) as exc:

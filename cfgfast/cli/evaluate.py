@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 
 from cfgfast.cli.common import finite_float
 from cfgfast.evaluate import DEFAULT_WS, FEATURE_STEPS, GUIDANCE_METHODS
@@ -142,7 +143,8 @@ def run(args) -> int:
     sweep(model, data, out, ws=args.w, num=args.num, steps=steps, samplers=args.sampler, eta=args.eta,
           classifier=classifier, model_name=args.model,
           classifier_name=None if classifier is None else classifier_spec, seed=args.seed,
-          batch_size=args.batch_size, feature_steps=args.feature_steps, v=args.v, methods=methods)
+          batch_size=args.batch_size, feature_steps=args.feature_steps, v=args.v, methods=methods,
+          command=shlex.join(["cfgfast", *args.argv]))
     plot = "fd_is_methods.png" if methods is not None else "fd_is.png" if len(runs) == 1 else "fd_is_evaluations.png"
     print(f"wrote {os.path.join(args.out, 'results.md')}, metrics.json, {plot} and grid_*.png")
     return 0
