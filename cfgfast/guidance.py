@@ -189,11 +189,17 @@ def _combined_moments(ops, inputs, combos):
     k = len(inputs)
     raw = ops.array(sample_moments(inputs, [[float(i == j) for i in range(k)] for j in range(k)]))
     c = ops.matrix(combos, raw)  # [2, K]
-    # <v_j, v_l> = sum_ab c_ja c_lb M_ab: one product of M [B, K * K] with the three outer products (a batch of
-    # small matrix products costs more than the whole arithmetic in numpy)
+    # <v_j, v_l> = sum_ab c_ja c_lb M_ab for the three pairs at once: M [B, K * K] against their outer products,
+    # added term by term in one order, so that a sample's numbers do not depend on the batch (a matrix product's
+    # blocking and summation order do, and the cancellation in x~_c magnifies the difference)
     outer = ops.columns([(c[j][:, None] * c[l][None, :]).reshape(-1) for j, l in ((1, 1), (1, 0), (0, 0))])
-    dd_dx_xx = raw[:, :, :k].reshape(raw.shape[0], k * k) @ outer
-    sums = raw[:, :, k] @ c.T
+    flat = raw[:, :, :k].reshape(raw.shape[0], k * k)
+    dd_dx_xx = flat[:, :1] * outer[0]
+    for i in range(1, k * k):
+        dd_dx_xx = dd_dx_xx + flat[:, i:i + 1] * outer[i]
+    sums = raw[:, :1, k] * c[:, 0]
+    for i in range(1, k):
+        sums = sums + raw[:, i:i + 1, k] * c[:, i]
     count = inputs[0][0].numel() if inputs[0].shape[0] else 1
     return dd_dx_xx[:, 0], dd_dx_xx[:, 1], dd_dx_xx[:, 2], sums[:, 1], sums[:, 0], count
 
@@ -243,6 +249,8 @@ def dynamic_threshold(x: torch.Tensor, threshold: tuple[float, float], work: tor
     """x~ <- clamp(x~, -s, s) / s with s = clamp(quantile_p(|x~|), 1, M) per sample (Imagen; diffusers'
     _threshold_sample), in place. x: float32 [B, ...]; work: a tensor of x's shape to use (else a new one)."""
     p, bound = threshold
+    if x.numel() == 0:  # (no sample, or samples of no element: nothing to scale)
+        return x
     s = _per_sample(_quantile_abs(x, p, work).clamp(min=1.0, max=bound), x)
     return x.clamp_(-s, s).div_(s)
 
@@ -250,6 +258,10 @@ def dynamic_threshold(x: torch.Tensor, threshold: tuple[float, float], work: tor
 def _add_scaled_(y: torch.Tensor, x: torch.Tensor, a) -> torch.Tensor:
     """y += a x, for a number a or a 0-d tensor (a coefficient read on the device)."""
     return y.add_(x, alpha=a) if isinstance(a, (int, float)) else y.addcmul_(x, a)
+
+
+# z' = z + g (direct_z 1, direct_g 1, no x~ formed, no noise): the running value's update (Guide._update_running_value)
+_RUNNING_VALUE_ROW = [0.0, 0.0, 0.0, 0.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0]
 
 
 class Guide:
@@ -320,7 +332,7 @@ class Guide:
         (a, -b / pred_g, (a - 1) pred_z / pred_g). One pass of the moments, no x~ formed."""
         apg = self.apg
         if apg.momentum:
-            self._update_running_value(stepper, pred_cond, pred_uncond, pred_g)
+            self._update_running_value(stepper, pred_cond, pred_uncond, pred_g, w)
             if pred_cond.dtype != torch.float32:  # (the step reads o_c beside M, float32: one dtype)
                 pred_cond = self._buffer("x_cond", z).copy_(pred_cond)
             other, delta_combo = self.buffer, (0.0, 1.0)  # Delta = M
@@ -333,21 +345,19 @@ class Guide:
         with ops.quiet():
             return pred_cond, other, self._apg_weights(ops, inputs, combos, w, pred_z, pred_g)
 
-    def _update_running_value(self, stepper, pred_cond, pred_uncond, pred_g) -> None:
-        """M <- momentum M + pred_g (o_c - o_u), in place: an affine step of the fused kernel's own form (its z is M;
-        z' = direct_z z + direct_g g with g = o_c - o_u), so one pass, in float32, on every backend."""
+    def _update_running_value(self, stepper, pred_cond, pred_uncond, pred_g, w) -> None:
+        """M <- momentum M + pred_g (o_c - o_u) for each sample this step guides (w != 0), in place; a sample at
+        w = 0 keeps its M, as it would sampled alone, where the step is not guided at all (and as diffusers' APG
+        guider keeps its buffer at guidance scale 1). One pass of the fused kernel's own affine step, in float32, on
+        every backend: its z is M and z' = z + g, with per-sample weights making g = pred_g o_c - pred_g o_u +
+        (momentum - 1) z where w != 0 and g = 0 (z' = M exactly) where w = 0. pred_g: a number or a 0-d tensor on
+        the device (a weight computed there, not read by the host)."""
         m = self.buffer
-        ones = self._work.get("ones")
-        if ones is None or ones.shape[0] != m.shape[0] or ones.device != m.device:
-            ones = self._work["ones"] = torch.ones(m.shape[0], 2, dtype=torch.float32, device=m.device)
-        if isinstance(pred_g, (int, float)):
-            row = [0.0, 0.0, 0.0, 0.0, self.apg.momentum, pred_g, 0.0, 0.0, 0.0, 0.0]
-            stepper.guided_step(m, m, pred_cond, pred_uncond, ones, None, None, None, row, 0, 0, 0, None)
-        else:  # (pred_g on the device: a one-row table read there)
-            zero = torch.zeros((), dtype=torch.float64, device=m.device)
-            table = torch.stack([zero, zero, zero, zero, zero + self.apg.momentum, pred_g.double()] + [zero] * 4)
-            counter = torch.zeros(1, dtype=torch.int64, device=m.device)
-            stepper.guided_step_table(m, m, pred_cond, pred_uncond, ones, None, None, table[None], counter, 0, 0, None)
+        ops = _arithmetic(m)
+        guided = ops.array(w) != 0
+        pred_g = ops.number(pred_g)
+        weights = ops.weights([pred_g * guided, pred_g * guided, (self.apg.momentum - 1.0) * guided], w)
+        stepper.guided_step(m, m, pred_cond, pred_uncond, weights, None, None, None, _RUNNING_VALUE_ROW, 0, 0, 0, None)
 
     def _apg_weights(self, ops, inputs, combos, w, pred_z, pred_g) -> torch.Tensor:
         """The step's weights [B, 3] for APG's x~ (_apg), from the moments of x~_c and Delta (combos[0], combos[1]

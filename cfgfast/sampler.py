@@ -556,6 +556,7 @@ def _loop_table(plan: _Plan, z: torch.Tensor, bar, capture: bool) -> torch.Tenso
                 for step in runs.values():
                     for _ in range(2):
                         step()
+                        counter.zero_()  # (each warm-up step at the first row: a grid may be shorter than them)
             torch.cuda.current_stream(device).wait_stream(side)
             graphs = {}
             for guided, step in runs.items():

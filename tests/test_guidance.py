@@ -172,12 +172,32 @@ def test_per_sample_statistics_ignore_the_rest_of_the_batch():
 
 @pytest.mark.parametrize("backend", [b for b in ("cpu", "reference") if b in cfgfast.available_backends()])
 def test_batch_split_gives_the_same_samples(backend):
+    """Bit for bit, for any split: also with a sample alone, and with samples at w = 0 for some steps (a step that
+    guides their batch-mates does not guide them, nor move their APG running value, as it would not alone)."""
     model = classes16()
+    w_steps = W.expand(8, -1).clone()
+    w_steps[:3, ::3] = 0.0  # samples 0, 3, 6, 9 unguided at the first three steps
+    w_steps[5, :2] = 0.0
     kwargs = dict(sampler="dpmpp_2m", seed=3, guidance=APG(0.2, 3.0, -0.5), threshold=(0.9, 1.5),
                   guidance_rescale=0.4, backend=backend)
-    whole = cfgfast.sample(model, LABELS, W, 8, **kwargs)
-    parts = [cfgfast.sample(model, LABELS[i:j], W[i:j], 8, index_offset=i, **kwargs) for i, j in ((0, 5), (5, 12))]
-    assert torch.equal(torch.cat(parts), whole)
+    whole = cfgfast.sample(model, LABELS, w_steps, 8, **kwargs)
+    for splits in (((0, 5), (5, 12)), ((0, 1), (1, 2), (2, 12)), ((0, 3), (3, 4), (4, 11), (11, 12))):
+        parts = [cfgfast.sample(model, LABELS[i:j], w_steps[:, i:j], 8, index_offset=i, **kwargs) for i, j in splits]
+        assert torch.equal(torch.cat(parts), whole), splits
+    lams = cfgfast.default_lambdas(8, "dpmpp_2m").tolist()
+    expected = sample_float64(model, LABELS, w_steps, lams, "dpmpp_2m", seed=3, rescale=0.4, apg=(0.2, 3.0, -0.5),
+                              threshold=(0.9, 1.5))
+    torch.testing.assert_close(whole.double(), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_empty_batch_with_every_method():
+    model = classes16()
+    none = torch.zeros(0, dtype=torch.long)
+    for kwargs in (dict(threshold=(0.9, 1.5)), dict(guidance=APG(0.1, 1.0, 0.5), guidance_rescale=0.5)):
+        assert cfgfast.sample(model, none, 2.0, 4, **kwargs).shape == (0, 16)
+    z = torch.zeros(0, 16)
+    row = cfgfast.step_table("ddim", cfgfast.default_lambdas(4, "ddim").tolist())[1]
+    assert cfgfast.guided_step(z, z, z, row, 2.0, threshold=(0.9, 1.5)).shape == (0, 16)
 
 
 INTERVAL = (-4.0, 6.0)
@@ -193,6 +213,34 @@ def device_table_loop(steps, backend, mode=None, **guidance):
                                 "auto", 0, backend, INTERVAL, None, False, None, **guidance)
         with mode if mode is not None else contextlib.nullcontext():
             return plan, sampler._loop_table(plan, z, None, capture=False)
+
+
+def test_capture_warms_up_on_the_grid(monkeypatch):
+    """cuda_graph=True runs each recorded step (guided, unguided) twice before capturing it, every time at the grid's
+    first row: a grid of 3 steps with both kinds has fewer rows than the four warm-up steps. torch.cuda's streams and
+    graphs are stubbed so that the warm-up and the capture run eagerly on the CPU (a replay does nothing here)."""
+    from cfgfast import sampler
+
+    class Stream:
+        def wait_stream(self, other):
+            pass
+
+    class Graph:
+        def replay(self):
+            pass
+
+    for name, fake in (("device", lambda device: contextlib.nullcontext()), ("Stream", lambda device: Stream()),
+                       ("stream", lambda stream: contextlib.nullcontext()), ("current_stream", lambda *a: Stream()),
+                       ("CUDAGraph", Graph), ("graph", lambda graph, stream=None: contextlib.nullcontext())):
+        monkeypatch.setattr(torch.cuda, name, fake)
+    lams = cfgfast.default_lambdas(3, "dpmpp_2m").tolist()
+    with torch.no_grad():
+        plan, z = sampler._plan(classes16(), LABELS, W, 3, "dpmpp_2m", 0.0, None, None, 2, None, None, None, None,
+                                "auto", 0, "reference", (lams[0], lams[0]), None, False, None,
+                                guidance=APG(0.5, 2.0, -0.5), threshold=None, guidance_rescale=0.0)
+        assert plan.guided == [True, False, False]
+        sampler._loop_table(plan, z, None, capture=True)
+    assert torch.equal(plan.guide.buffer, torch.zeros_like(z))  # (reset after the warm-up moved it)
 
 
 @pytest.mark.parametrize("guidance, threshold, rescale", [(APG(0.5, 2.0, -0.5), None, 0.0),

@@ -25,7 +25,8 @@ def sample_float64(model, labels, w, lams, sampler, *, prediction_type="epsilon"
     """SPEC §6 in float64: the model called in float32 (as the toy computes), everything else float64.
     w: one per sample [B], or one row a step [T, B]. nu_of(z, lam) gives a learned variance per element for "ddpm"
     (None: v). cfgpp: CFG++'s ddim (SPEC §7), at the steps where inside[t] (every step for inside=None). SPEC §7:
-    rescale phi; apg (eta_parallel, norm_threshold, momentum) at the steps where some w != 0; threshold (p, M)."""
+    rescale phi; apg (eta_parallel, norm_threshold, momentum) at the steps where some w != 0, a sample's running
+    value M changed only at the steps where its own w != 0; threshold (p, M)."""
     batch = labels.shape[0]
     null = torch.full_like(labels, model.null_label)
     z = cfgfast.normal_noise((batch,) + tuple(model.sample_shape), seed, step=0, stream=0, backend="reference").double()
@@ -58,7 +59,7 @@ def sample_float64(model, labels, w, lams, sampler, *, prediction_type="epsilon"
             eta_parallel, rho, beta = apg
             x_c = x_of(o_c)
             delta = x_c - x_u + beta * running
-            running = delta
+            running = torch.where(w != 0, delta, running)
             if rho > 0:
                 delta = delta * torch.clamp(rho / dot(delta, delta).sqrt(), max=1.0)
             parallel = dot(delta, x_c) / dot(x_c, x_c) * x_c
