@@ -140,6 +140,12 @@ class _HostMath:
     def weights(columns, like: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(np.stack(columns, axis=1).astype(np.float32))
 
+    @staticmethod
+    def rows_times(a, b):
+        """a [B, N] times b [N, Q], each row summed in an order of its own (einsum's loop over N for each output;
+        a matrix product's blocking changes the order with B)."""
+        return np.einsum("bn,nq->bq", a, b)
+
 
 class _DeviceMath:
     """The same in float64 torch on the tensors' device: a GPU step does not wait for the host."""
@@ -172,6 +178,14 @@ class _DeviceMath:
     def weights(columns, like: torch.Tensor) -> torch.Tensor:
         return torch.stack(columns, dim=1).float()
 
+    @staticmethod
+    def rows_times(a, b):
+        """a [B, N] times b [N, Q], term by term (elementwise kernels: a row's sum does not depend on B)."""
+        out = a[:, :1] * b[0]
+        for n in range(1, a.shape[1]):
+            out = out + a[:, n:n + 1] * b[n]
+        return out
+
 
 def _arithmetic(t: torch.Tensor):
     return _HostMath if t.device.type == "cpu" and not torch.compiler.is_compiling() else _DeviceMath
@@ -189,17 +203,12 @@ def _combined_moments(ops, inputs, combos):
     k = len(inputs)
     raw = ops.array(sample_moments(inputs, [[float(i == j) for i in range(k)] for j in range(k)]))
     c = ops.matrix(combos, raw)  # [2, K]
-    # <v_j, v_l> = sum_ab c_ja c_lb M_ab for the three pairs at once: M [B, K * K] against their outer products,
-    # added term by term in one order, so that a sample's numbers do not depend on the batch (a matrix product's
-    # blocking and summation order do, and the cancellation in x~_c magnifies the difference)
+    # <v_j, v_l> = sum_ab c_ja c_lb M_ab for the three pairs at once: M [B, K * K] against their outer products, each
+    # sample's sum in an order that does not depend on the batch (a matrix product's does, and the cancellation in
+    # x~_c magnifies the difference)
     outer = ops.columns([(c[j][:, None] * c[l][None, :]).reshape(-1) for j, l in ((1, 1), (1, 0), (0, 0))])
-    flat = raw[:, :, :k].reshape(raw.shape[0], k * k)
-    dd_dx_xx = flat[:, :1] * outer[0]
-    for i in range(1, k * k):
-        dd_dx_xx = dd_dx_xx + flat[:, i:i + 1] * outer[i]
-    sums = raw[:, :1, k] * c[:, 0]
-    for i in range(1, k):
-        sums = sums + raw[:, i:i + 1, k] * c[:, i]
+    dd_dx_xx = ops.rows_times(raw[:, :, :k].reshape(raw.shape[0], k * k), outer)
+    sums = ops.rows_times(raw[:, :, k], c.T)
     count = inputs[0][0].numel() if inputs[0].shape[0] else 1
     return dd_dx_xx[:, 0], dd_dx_xx[:, 1], dd_dx_xx[:, 2], sums[:, 1], sums[:, 0], count
 

@@ -13,6 +13,7 @@ from test_samplers import LABELS, W, sample_float64
 
 import cfgfast
 from cfgfast.backends import choose
+from cfgfast import guidance as guidance_module
 from cfgfast.guidance import APG, Guide, dynamic_threshold, rescaled_weights
 from cfgfast.moments import sample_moments
 from cfgfast.reference import guided_step_reference
@@ -168,6 +169,16 @@ def test_per_sample_statistics_ignore_the_rest_of_the_batch():
     weights = guidance_weights(torch.linspace(0, 5, 7))
     assert torch.equal(torch.cat([rescaled_weights(a[i:j], b[i:j], weights[i:j], 0.7) for i, j in ((0, 3), (3, 7))]),
                        rescaled_weights(a, b, weights, 0.7))
+    # APG's combination of the inputs' moments, on the host (numpy) and on the device (torch): per sample, also of
+    # a batch of one and where x~_c cancels (pred_z z against pred_g o_c, as for epsilon-prediction near lambda = -20)
+    big = torch.randn(64, 3, 9, 9, generator=g)
+    inputs = [big, big + 1e-3 * torch.randn(64, 3, 9, 9, generator=g), torch.randn(64, 3, 9, 9, generator=g)]
+    combos = [(22026.47, -22026.46, 0.0), (0.0, 22026.46, -22026.46)]
+    for ops in (guidance_module._HostMath, guidance_module._DeviceMath):
+        whole = [torch.as_tensor(m) for m in guidance_module._combined_moments(ops, inputs, combos)[:5]]
+        for i, j in ((0, 1), (1, 2), (2, 9), (9, 64)):
+            part = guidance_module._combined_moments(ops, [t[i:j] for t in inputs], combos)[:5]
+            assert all(torch.equal(torch.as_tensor(p), m[i:j]) for p, m in zip(part, whole)), (ops.__name__, i, j)
 
 
 @pytest.mark.parametrize("backend", [b for b in ("cpu", "reference") if b in cfgfast.available_backends()])
@@ -261,8 +272,6 @@ def test_device_table_loop_equals_sample(guidance, threshold, rescale):
 def test_device_arithmetic_equals_the_hosts(monkeypatch, guidance, rescale):
     """The per-sample arithmetic in float64 torch on the tensors' device (CUDA tensors; forced here on the CPU, whose
     tensors take numpy's) gives the host's weights: sample and the device-table loop alike."""
-    from cfgfast import guidance as guidance_module
-
     kwargs = dict(guidance=guidance, guidance_rescale=rescale)
     expected = cfgfast.sample(classes16(), LABELS, W, 10, sampler="dpmpp_2m", seed=2, backend="cpu",
                               guidance_interval=INTERVAL, **kwargs)
@@ -279,8 +288,6 @@ def test_device_arithmetic_makes_no_tensor_from_host_data(monkeypatch):
     on the CPU's tensors here) makes its constants on the device, so it adds no tensor made from Python data
     (aten.lift_fresh) to the loop's own."""
     from torch.utils._python_dispatch import TorchDispatchMode
-
-    from cfgfast import guidance as guidance_module
 
     class Recorded(TorchDispatchMode):
         def __init__(self):
