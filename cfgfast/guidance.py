@@ -129,22 +129,18 @@ class _HostMath:
         return float(x)
 
     @staticmethod
-    def matrix(rows, like):
-        return np.array([[float(x) for x in row] for row in rows])
-
-    @staticmethod
-    def columns(arrays):
-        return np.stack(arrays, axis=1)
-
-    @staticmethod
     def weights(columns, like: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(np.stack(columns, axis=1).astype(np.float32))
 
     @staticmethod
-    def rows_times(a, b):
-        """a [B, N] times b [N, Q], each row summed in an order of its own (einsum's loop over N for each output;
-        a matrix product's blocking changes the order with B)."""
-        return np.einsum("bn,nq->bq", a, b)
+    def combine(raw, combos):
+        """_combine's C M C^T for numbers: the products of the combos in Python, each sample's sums by einsum (its
+        loop for each output; a matrix product's blocking changes the order of addition with B)."""
+        k = raw.shape[1]
+        c = [[float(x) for x in row] for row in combos]
+        outer = np.array([[c[j][a] * c[l][b] for j, l in _PAIRS] for a in range(k) for b in range(k)])
+        return (np.einsum("bn,nq->bq", raw[:, :, :k].reshape(-1, k * k), outer),
+                np.einsum("bk,jk->bj", raw[:, :, k], np.array(c)))
 
 
 class _DeviceMath:
@@ -163,38 +159,40 @@ class _DeviceMath:
         return x if isinstance(x, (int, float)) else x.double()
 
     @staticmethod
-    def matrix(rows, like: torch.Tensor) -> torch.Tensor:
-        """float64 [len(rows), K] on like's device; a number becomes a fill there, not a copy from the host (which a
-        CUDA graph being captured refuses)."""
-        return torch.stack([torch.stack([x.double().reshape(()) if isinstance(x, torch.Tensor) else
-                                         like.new_full((), float(x), dtype=torch.float64) for x in row])
-                            for row in rows])
-
-    @staticmethod
-    def columns(arrays):
-        return torch.stack(arrays, dim=1)
-
-    @staticmethod
     def weights(columns, like: torch.Tensor) -> torch.Tensor:
         return torch.stack(columns, dim=1).float()
 
     @staticmethod
-    def rows_times(a, b):
-        """a [B, N] times b [N, Q], term by term (elementwise kernels: a row's sum does not depend on B)."""
-        out = a[:, :1] * b[0]
-        for n in range(1, a.shape[1]):
-            out = out + a[:, n:n + 1] * b[n]
-        return out
+    def combine(raw, combos):
+        """_combine's C M C^T on the device: a number among the combos becomes a fill there, not a copy from the host
+        (which a CUDA graph being captured refuses); each sample's sums term by term (elementwise kernels: the
+        order of addition does not depend on B)."""
+        k = raw.shape[1]
+        c = torch.stack([torch.stack([x.double().reshape(()) if isinstance(x, torch.Tensor) else
+                                      raw.new_full((), float(x)) for x in row]) for row in combos])  # [2, K]
+        outer = torch.stack([(c[j][:, None] * c[l][None, :]).reshape(-1) for j, l in _PAIRS], dim=1)  # [K * K, 3]
+
+        def rows_times(a, b):  # a [B, N] b [N, Q]
+            out = a[:, :1] * b[0]
+            for n in range(1, a.shape[1]):
+                out = out + a[:, n:n + 1] * b[n]
+            return out
+
+        return rows_times(raw[:, :, :k].reshape(raw.shape[0], k * k), outer), rows_times(raw[:, :, k], c.T)
 
 
 def _arithmetic(t: torch.Tensor):
     return _HostMath if t.device.type == "cpu" and not torch.compiler.is_compiling() else _DeviceMath
 
 
-def _combined_moments(ops, inputs, combos):
+# the pairs (j, l) of <v_j, v_l> that _combined_moments returns, in its order
+_PAIRS = ((1, 1), (1, 0), (0, 0))
+
+
+def _combined_moments(ops, inputs, combos=None):
     """(<v_1, v_1>, <v_1, v_0>, <v_0, v_0>, sum v_1, sum v_0, number of elements) per sample, in float64 arrays of
     `ops`, for v_j = sum_i combos[j][i] inputs[i] (numbers, or 0-d tensors on the device: a step read from a device
-    table must not wait for the host).
+    table must not wait for the host); combos None: v_j = inputs[j] (two inputs).
 
     From the inputs' own moments M (the reduction's cheapest form: products of float32 values are exact in
     float64), combined as C M C^T. Where v_j cancels (APG's x~_c for epsilon-prediction at high noise: pred_z z and
@@ -202,14 +200,13 @@ def _combined_moments(ops, inputs, combos):
     lambda = -20, where x~_c formed in float32 would have lost 14 of its 24."""
     k = len(inputs)
     raw = ops.array(sample_moments(inputs, [[float(i == j) for i in range(k)] for j in range(k)]))
-    c = ops.matrix(combos, raw)  # [2, K]
+    count = inputs[0][0].numel() if inputs[0].shape[0] else 1
+    if combos is None:
+        return raw[:, 1, 1], raw[:, 1, 0], raw[:, 0, 0], raw[:, 1, 2], raw[:, 0, 2], count
     # <v_j, v_l> = sum_ab c_ja c_lb M_ab for the three pairs at once: M [B, K * K] against their outer products, each
     # sample's sum in an order that does not depend on the batch (a matrix product's does, and the cancellation in
     # x~_c magnifies the difference)
-    outer = ops.columns([(c[j][:, None] * c[l][None, :]).reshape(-1) for j, l in ((1, 1), (1, 0), (0, 0))])
-    dd_dx_xx = ops.rows_times(raw[:, :, :k].reshape(raw.shape[0], k * k), outer)
-    sums = ops.rows_times(raw[:, :, k], c.T)
-    count = inputs[0][0].numel() if inputs[0].shape[0] else 1
+    dd_dx_xx, sums = ops.combine(raw, combos)
     return dd_dx_xx[:, 0], dd_dx_xx[:, 1], dd_dx_xx[:, 2], sums[:, 1], sums[:, 0], count
 
 
@@ -230,7 +227,7 @@ def rescaled_weights(pred_cond, pred_uncond, weights, guidance_rescale: float) -
     step reads (k w_cond, k w_uncond). Population standard deviations over each sample, from float64 sums."""
     ops = _arithmetic(pred_cond)
     with ops.quiet():
-        moments = _combined_moments(ops, [pred_cond, pred_uncond], [(1.0, 0.0), (0.0, 1.0)])
+        moments = _combined_moments(ops, [pred_cond, pred_uncond])
         w64 = ops.array(weights)
         k = _rescale_factor(ops, guidance_rescale, w64[:, 0], -w64[:, 1], moments)
         return ops.weights([w64[:, 0] * k, w64[:, 1] * k], pred_cond)
