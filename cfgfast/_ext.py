@@ -7,6 +7,10 @@ backend then raises one message with the command that rebuilds it (cfgfast.backe
 from __future__ import annotations
 
 import importlib
+import importlib.machinery
+import os
+import sys
+import warnings
 
 REBUILD = "pip install --no-build-isolation ."
 
@@ -24,9 +28,31 @@ def load():
             from cfgfast import _ops  # noqa: F401  (fake kernels for the ops just registered)
         except (ImportError, OSError) as exc:
             _error = f"{type(exc).__name__}: {exc}"
+            installed = shadowed_build(os.path.dirname(os.path.abspath(__file__)), sys.path)
+            if installed is not None:
+                # (the reference backend would run everything, silently and many times slower)
+                _error = (f"this cfgfast is the source folder {os.path.dirname(os.path.abspath(__file__))}, which "
+                          f"has no compiled kernels, imported instead of the installed build in {installed} because "
+                          "Python looks in the current folder first: run from another folder, or build the kernels "
+                          "into this one with pip install --no-build-isolation -e .")
+                warnings.warn(f"cfgfast: {_error}", stacklevel=2)
         else:
             cuda_kernel = bool(_module.build_info()["cuda_kernel"])
     return _module
+
+
+def shadowed_build(package: str, path: list[str]) -> str | None:
+    """Where `package` (the folder of the cfgfast being imported) is a source checkout's (setup.py beside it) and a
+    cfgfast folder further along the import path holds a compiled _C: that folder (the installed build it hides)."""
+    if not os.path.isfile(os.path.join(os.path.dirname(package), "setup.py")):
+        return None
+    names = {"_C" + suffix for suffix in importlib.machinery.EXTENSION_SUFFIXES}
+    for entry in path:
+        folder = os.path.join(entry or os.getcwd(), "cfgfast")
+        if os.path.isdir(folder) and not os.path.samefile(folder, package) \
+                and any(os.path.isfile(os.path.join(folder, name)) for name in names):
+            return folder
+    return None
 
 
 def error() -> str | None:

@@ -77,7 +77,7 @@ def check_threshold(threshold, clip) -> tuple[float, float] | None:
     try:
         p, bound = threshold
     except (TypeError, ValueError):
-        raise TypeError(f"threshold must be a pair (p, M) such as (0.995, 1.0), got {threshold!r}") from None
+        raise TypeError(f"threshold must be a pair (p, M) such as (0.995, 1.5), got {threshold!r}") from None
     p = _checks.real("threshold's p", p)
     bound = _checks.real("threshold's M", bound)
     if not 0.0 < p <= 1.0:

@@ -246,6 +246,31 @@ def test_import_and_reference_work_without_the_extension(tmp_path):
     assert out.stdout.strip() == "ok"
 
 
+@pytest.mark.needs_extension
+def test_a_source_folder_without_kernels_names_the_build_it_hides(tmp_path):
+    """python run in a source checkout imports its cfgfast first: without the kernels built into it, that copy
+    warns at import, and its refusals name the installed build it hides and the two ways out."""
+    import shutil
+
+    package = os.path.dirname(os.path.abspath(cfgfast.__file__))  # a build with the kernels
+    source = tmp_path / "checkout"
+    shutil.copytree(package, source / "cfgfast", ignore=shutil.ignore_patterns("_C*", "__pycache__"))
+    (source / "setup.py").write_text("")
+    code = ("import warnings; warnings.simplefilter('error')\n"
+            "try:\n    import cfgfast\nexcept UserWarning as w:\n    print(w)")
+    env = {**os.environ, "PYTHONPATH": os.path.dirname(package)}
+    out = subprocess.run([sys.executable, "-c", code], cwd=source, capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr
+    assert f"this cfgfast is the source folder {source / 'cfgfast'}, which has no compiled kernels, imported instead " \
+           f"of the installed build in {package}" in out.stdout, out.stdout
+    assert "pip install --no-build-isolation -e ." in out.stdout
+    # not a checkout (no setup.py beside it), or nothing compiled further along the path: nothing hidden
+    assert _ext.shadowed_build(str(source / "cfgfast"), [str(source), os.path.dirname(package)]) == package
+    assert _ext.shadowed_build(str(source / "cfgfast"), [str(source), str(tmp_path)]) is None
+    (source / "setup.py").unlink()
+    assert _ext.shadowed_build(str(source / "cfgfast"), [str(source), os.path.dirname(package)]) is None
+
+
 def test_cuda_backend_states_its_reasons():
     from cfgfast.backends import choose
 

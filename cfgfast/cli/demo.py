@@ -23,7 +23,8 @@ def run(args) -> int:
     from cfgfast.data import to_uint8
 
     if not os.path.isdir(args.out):
-        raise ValueError(f"--out: {args.out} is not a folder")
+        raise ValueError(f"--out: {args.out} " + ("is not a folder" if os.path.exists(args.out) else
+                                                   "does not exist (a folder for cfg_demo.png)"))
     out = writable_path(os.path.join(args.out, "cfg_demo.png"))
     if not 1 <= args.per_cell <= 1000:
         raise ValueError(f"--per-cell must be in [1, 1000] (samples per class and w), got {args.per_cell}")
