@@ -249,16 +249,27 @@ def test_import_and_reference_work_without_the_extension(tmp_path):
 @pytest.mark.needs_extension
 def test_a_source_folder_without_kernels_names_the_build_it_hides(tmp_path):
     """python run in a source checkout imports its cfgfast first: without the kernels built into it, that copy
-    warns at import, and its refusals name the installed build it hides and the two ways out."""
+    warns at import, and its refusals name the installed build it hides and the two ways out. (Under an editable
+    install, `pip install -e`, its finder supplies the installed _C to that copy as well: kernels, no warning. Either
+    way nothing falls back to the reference backend silently.)"""
     import shutil
 
     package = os.path.dirname(os.path.abspath(cfgfast.__file__))  # a build with the kernels
     source = tmp_path / "checkout"
     shutil.copytree(package, source / "cfgfast", ignore=shutil.ignore_patterns("_C*", "__pycache__"))
     (source / "setup.py").write_text("")
-    code = ("import warnings; warnings.simplefilter('error')\n"
-            "try:\n    import cfgfast\nexcept UserWarning as w:\n    print(w)")
     env = {**os.environ, "PYTHONPATH": os.path.dirname(package)}
+    silent = ("import warnings; warnings.simplefilter('error'); import cfgfast\n"
+              "print(cfgfast.available_backends(), cfgfast._ext.error())")
+    out = subprocess.run([sys.executable, "-c", silent], cwd=source, capture_output=True, text=True, env=env)
+    assert out.returncode == 0 and "'cpu'" in out.stdout or "UserWarning: cfgfast: this cfgfast is the source" \
+        in out.stderr, (out.stdout, out.stderr)
+    # a plain install (no editable finder): the warning
+    code = ("import sys, warnings\n"
+            "sys.meta_path[:] = [f for f in sys.meta_path\n"
+            "                    if not getattr(f, '__module__', '').startswith('__editable__')]\n"
+            "warnings.simplefilter('error')\n"
+            "try:\n    import cfgfast\nexcept UserWarning as w:\n    print(w)")
     out = subprocess.run([sys.executable, "-c", code], cwd=source, capture_output=True, text=True, env=env)
     assert out.returncode == 0, out.stderr
     assert f"this cfgfast is the source folder {source / 'cfgfast'}, which has no compiled kernels, imported instead " \
