@@ -28,13 +28,14 @@ def load():
             from cfgfast import _ops  # noqa: F401  (fake kernels for the ops just registered)
         except (ImportError, OSError) as exc:
             _error = f"{type(exc).__name__}: {exc}"
-            installed = shadowed_build(os.path.dirname(os.path.abspath(__file__)), sys.path)
+            here = os.path.dirname(os.path.abspath(__file__))
+            installed = None if _has_build(here) else shadowed_build(here, sys.path)
             if installed is not None:
                 # (the reference backend would run everything, silently and many times slower)
-                _error = (f"this cfgfast is the source folder {os.path.dirname(os.path.abspath(__file__))}, which "
-                          f"has no compiled kernels, imported instead of the installed build in {installed} because "
-                          "Python looks in the current folder first: run from another folder, or build the kernels "
-                          "into this one with pip install --no-build-isolation -e .")
+                _error = (f"this cfgfast is the source folder {here}, which has no compiled kernels, imported instead "
+                          f"of the installed build in {installed} because Python looks in the current folder first: "
+                          "run from another folder, or build the kernels into this one with pip install "
+                          f"--no-build-isolation -e . ({_error})")
                 warnings.warn(f"cfgfast: {_error}", stacklevel=2)
         else:
             cuda_kernel = bool(_module.build_info()["cuda_kernel"])
@@ -46,13 +47,16 @@ def shadowed_build(package: str, path: list[str]) -> str | None:
     cfgfast folder further along the import path holds a compiled _C: that folder (the installed build it hides)."""
     if not os.path.isfile(os.path.join(os.path.dirname(package), "setup.py")):
         return None
-    names = {"_C" + suffix for suffix in importlib.machinery.EXTENSION_SUFFIXES}
     for entry in path:
         folder = os.path.join(entry or os.getcwd(), "cfgfast")
-        if os.path.isdir(folder) and not os.path.samefile(folder, package) \
-                and any(os.path.isfile(os.path.join(folder, name)) for name in names):
+        if os.path.isdir(folder) and not os.path.samefile(folder, package) and _has_build(folder):
             return folder
     return None
+
+
+def _has_build(folder: str) -> bool:
+    """A compiled _C in the folder (whether or not it loads: one that fails has its own error to tell)."""
+    return any(os.path.isfile(os.path.join(folder, "_C" + suffix)) for suffix in importlib.machinery.EXTENSION_SUFFIXES)
 
 
 def error() -> str | None:

@@ -134,7 +134,7 @@ class _HostMath:
 
     @staticmethod
     def combine(raw, combos):
-        """_combine's C M C^T for numbers: the products of the combos in Python, each sample's sums by einsum (its
+        """_combined_moments' C M C^T for numbers: the products of the combos in Python, each sample's sums by einsum (its
         loop for each output; a matrix product's blocking changes the order of addition with B)."""
         k = raw.shape[1]
         c = [[float(x) for x in row] for row in combos]
@@ -164,7 +164,7 @@ class _DeviceMath:
 
     @staticmethod
     def combine(raw, combos):
-        """_combine's C M C^T on the device: a number among the combos becomes a fill there, not a copy from the host
+        """_combined_moments' C M C^T on the device: a number among the combos becomes a fill there, not a copy from the host
         (which a CUDA graph being captured refuses); each sample's sums term by term (elementwise kernels: the
         order of addition does not depend on B)."""
         k = raw.shape[1]
@@ -266,10 +266,6 @@ def _add_scaled_(y: torch.Tensor, x: torch.Tensor, a) -> torch.Tensor:
     return y.add_(x, alpha=a) if isinstance(a, (int, float)) else y.addcmul_(x, a)
 
 
-# z' = z + g (direct_z 1, direct_g 1, no x~ formed, no noise): the running value's update (Guide._update_running_value)
-_RUNNING_VALUE_ROW = [0.0, 0.0, 0.0, 0.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0]
-
-
 class Guide:
     """How one sampling run turns (o_c, o_u) into what the fused step reads (SPEC §7), with APG's running value.
 
@@ -353,17 +349,31 @@ class Guide:
 
     def _update_running_value(self, stepper, pred_cond, pred_uncond, pred_g, w) -> None:
         """M <- momentum M + pred_g (o_c - o_u) for each sample this step guides (w != 0), in place; a sample at
-        w = 0 keeps its M, as it would sampled alone, where the step is not guided at all (and as diffusers' APG
-        guider keeps its buffer at guidance scale 1). One pass of the fused kernel's own affine step, in float32, on
-        every backend: its z is M and z' = z + g, with per-sample weights making g = pred_g o_c - pred_g o_u +
-        (momentum - 1) z where w != 0 and g = 0 (z' = M exactly) where w = 0. pred_g: a number or a 0-d tensor on
-        the device (a weight computed there, not read by the host)."""
+        w = 0 keeps its M, as it would sampled alone, where the step is not guided at all (as diffusers' APG guider
+        keeps its buffer where it does not guide). One pass of the fused kernel's own affine step, in float32, on
+        every backend: its z is M, z' = z + d g with d = pred_g (1 where pred_g = 0) and per-sample weights making
+        g = (o_c - o_u) + ((momentum - 1) / d) z where w != 0 (o_c - o_u formed before the scale: pred_g reaches
+        2e4 at lambda = -20, where pred_g o_c - pred_g o_u would lose the difference), g = 0 (z' = M exactly) where
+        w = 0. pred_g: a number or a 0-d tensor on the device (the row then a one-row table read there)."""
         m = self.buffer
         ops = _arithmetic(m)
-        guided = ops.array(w) != 0
-        pred_g = ops.number(pred_g)
-        weights = ops.weights([pred_g * guided, pred_g * guided, (self.apg.momentum - 1.0) * guided], w)
-        stepper.guided_step(m, m, pred_cond, pred_uncond, weights, None, None, None, _RUNNING_VALUE_ROW, 0, 0, 0, None)
+        on = ops.array(w) != 0
+        beta = self.apg.momentum
+        pred_g = ops.number(pred_g)  # (on the host: a number, read at once from a CPU table)
+        if isinstance(pred_g, (int, float)):
+            d = pred_g if pred_g != 0 else 1.0
+            weights = ops.weights([on * float(pred_g != 0), on * float(pred_g != 0), on * ((beta - 1.0) / d)], w)
+            row = [0.0, 0.0, 0.0, 0.0, 1.0, d, 0.0, 0.0, 0.0, 0.0]
+            stepper.guided_step(m, m, pred_cond, pred_uncond, weights, None, None, None, row, 0, 0, 0, None)
+            return
+        nonzero = pred_g != 0
+        d = torch.where(nonzero, pred_g, 1.0)
+        on = on.double()
+        weights = ops.weights([on * nonzero, on * nonzero, on * ((beta - 1.0) / d)], w)
+        zero = torch.zeros((), dtype=torch.float64, device=m.device)
+        table = torch.stack([zero, zero, zero, zero, zero + 1.0, d] + [zero] * 4)[None]
+        counter = torch.zeros(1, dtype=torch.int64, device=m.device)
+        stepper.guided_step_table(m, m, pred_cond, pred_uncond, weights, None, None, table, counter, 0, 0, None)
 
     def _apg_weights(self, ops, inputs, combos, w, pred_z, pred_g) -> torch.Tensor:
         """The step's weights [B, 3] for APG's x~ (_apg), from the moments of x~_c and Delta (combos[0], combos[1]

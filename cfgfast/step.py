@@ -134,7 +134,7 @@ def guided_step(z, pred_cond, pred_uncond, coef, w, *, x_prev=None, nu=None, noi
     step_table("ddim", ..., guidance="cfgpp")); guidance_rescale=phi in [0, 1] (diffusers' rescale_noise_cfg);
     threshold=(p, M): dynamic thresholding of x~ instead of clip. momentum_buffer: APG's running value where its
     momentum is not 0, a contiguous float32 tensor of z's shape, zero before the first guided step and updated in
-    place by each call.
+    place by each call for the samples whose w is not 0.
     """
     weights, seed, index_offset, clip, out = _arguments(z, w, seed, index_offset, clip, out, pred_cond=pred_cond,
                                                         pred_uncond=pred_uncond, x_prev=x_prev, nu=nu, noise=noise,

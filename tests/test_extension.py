@@ -275,6 +275,13 @@ def test_a_source_folder_without_kernels_names_the_build_it_hides(tmp_path):
     assert f"this cfgfast is the source folder {source / 'cfgfast'}, which has no compiled kernels, imported instead " \
            f"of the installed build in {package}" in out.stdout, out.stdout
     assert "pip install --no-build-isolation -e ." in out.stdout
+    # a build of the folder's own that fails to load (stale, or for another torch) has its own error to tell
+    import importlib.machinery
+
+    (source / "cfgfast" / ("_C" + importlib.machinery.EXTENSION_SUFFIXES[0])).write_bytes(b"not a library")
+    out = subprocess.run([sys.executable, "-c", code + "\nprint(cfgfast._ext.error())"], cwd=source,
+                         capture_output=True, text=True, env=env)
+    assert out.returncode == 0 and "no compiled kernels" not in out.stdout and "ImportError" in out.stdout, out.stdout
     # not a checkout (no setup.py beside it), or nothing compiled further along the path: nothing hidden
     assert _ext.shadowed_build(str(source / "cfgfast"), [str(source), os.path.dirname(package)]) == package
     assert _ext.shadowed_build(str(source / "cfgfast"), [str(source), str(tmp_path)]) is None

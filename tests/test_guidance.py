@@ -201,6 +201,35 @@ def test_batch_split_gives_the_same_samples(backend):
     torch.testing.assert_close(whole.double(), expected, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_running_value_keeps_a_small_difference_at_high_noise(monkeypatch, backend):
+    """M <- momentum M + pred_g (o_c - o_u) where pred_g = -2.2e4 (epsilon-prediction at lambda = -20) and o_u
+    differs from o_c by 1e-4: float32 to about 1e-7 of |M| against float64 (pred_g o_c - pred_g o_u in float32 would
+    be 1e-3 off), on the host's arithmetic and the device's (forced here), whose row is a one-row device table."""
+    g = torch.Generator().manual_seed(0)
+    z, o_c = torch.randn(2, 4, 3, 16, 16, generator=g)
+    o_u = o_c + 1e-4 * torch.randn(4, 3, 16, 16, generator=g)
+    row = cfgfast.step_table("ddim", cfgfast.default_lambdas(50, "ddim").tolist())[0]
+    assert row[1] < -2e4
+    w = torch.tensor([3.0, 0.0, 1.0, 3.0])
+    start = torch.randn(4, 3, 16, 16, generator=g)
+    expected = -0.5 * start.double() + row[1].item() * (o_c.double() - o_u.double())
+    expected[1] = start[1]  # (w = 0: unchanged)
+    for arithmetic in ("host", "device"):
+        if arithmetic == "device":
+            monkeypatch.setattr(guidance_module, "_arithmetic", lambda t: guidance_module._DeviceMath)
+        running = start.clone()
+        cfgfast.guided_step(z, o_c, o_u, row, w, guidance=APG(0.0, 0.0, -0.5), momentum_buffer=running,
+                            backend=backend)
+        assert torch.equal(running[1], start[1])
+        torch.testing.assert_close(running.double(), expected, rtol=0, atol=3e-6 * float(expected.abs().max()))
+    # pred_g read from a device table (a 0-d tensor): the update's row is a one-row table on the device
+    running = start.clone()
+    Guide(APG(0.0, 0.0, -0.5), buffer=running)._update_running_value(choose(backend, z.device), o_c, o_u, row[1], w)
+    assert torch.equal(running[1], start[1])
+    torch.testing.assert_close(running.double(), expected, rtol=0, atol=3e-6 * float(expected.abs().max()))
+
+
 def test_empty_batch_with_every_method():
     model = classes16()
     none = torch.zeros(0, dtype=torch.long)
