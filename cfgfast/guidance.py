@@ -94,9 +94,12 @@ def check_rescale(guidance_rescale) -> float:
     return _checks.unit_interval("guidance_rescale", guidance_rescale)
 
 
-def given_x_rows(rows: torch.Tensor) -> torch.Tensor:
-    """The rows (float64 [..., 10]) in their "given x~" form: x~ = g, z' = mean_z z + mean_x x~ + the rest, for a
-    step whose x~ was formed (and clipped) before it, passed as pred_cond with weights (1, 0)."""
+def given_x_rows(rows):
+    """The rows (float64 [..., 10], or one row as a list of numbers) in their "given x~" form: x~ = g,
+    z' = mean_z z + mean_x x~ + the rest, for a step whose x~ was formed (and clipped) before it, passed as pred_cond
+    with weights (1, 0)."""
+    if isinstance(rows, list):  # (a host row stays numbers: a step under torch.compile cannot read a tensor back)
+        return [0.0, 1.0, rows[2], rows[3], rows[2], rows[3], *rows[6:]]
     rows = rows.clone()
     rows[..., 0], rows[..., 1] = 0.0, 1.0  # x~ = pred_z z + pred_g g
     rows[..., 4], rows[..., 5] = rows[..., 2], rows[..., 3]  # z' = direct_z z + direct_g g

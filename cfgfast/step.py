@@ -155,7 +155,7 @@ def guided_step(z, pred_cond, pred_uncond, coef, w, *, x_prev=None, nu=None, noi
     if momentum_buffer is not None:
         _checks.disjoint(momentum_buffer, "momentum_buffer", z=z, pred_cond=pred_cond, pred_uncond=pred_uncond,
                          out=out, x_prev=x_prev, nu=nu, noise=noise)
-    row_x = given_x_rows(torch.tensor(row, dtype=torch.float64)).tolist() if guide.forms_x else row
+    row_x = given_x_rows(row) if guide.forms_x else row
     guide.step(stepper, out, z, pred_cond, pred_uncond, weights, x_prev, nu, noise, row, row_x, seed, step,
                index_offset, guided=True)
     return out

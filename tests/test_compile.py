@@ -109,6 +109,33 @@ def test_compiled_multistep_sampler_equals_eager(device, backend):
     torch.testing.assert_close(got_prev, want_prev, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("device,backend", CASES)
+def test_compiled_guidance_methods_equal_eager(device, backend):
+    """guided_step with SPEC §7's methods, compiled (their per-sample arithmetic in torch on the device): APG with
+    momentum and rescale (its running value written in place), and dynamic thresholding."""
+    lams = cfgfast.default_lambdas(4, "ddim").tolist()
+    rows = [row.tolist() for row in cfgfast.step_table("ddim", lams)]
+    o_c = torch.randn(3, 2, 8, device=device)
+    o_u = torch.randn_like(o_c)
+    w = torch.tensor([2.0, 0.0, 4.0], device=device)
+
+    def loop(z, running):
+        for t, row in enumerate(rows):
+            z = cfgfast.guided_step(z, torch.tanh(z) + o_c, o_u, row, w, guidance=cfgfast.APG(0.2, 1.0, -0.5),
+                                    guidance_rescale=0.5, momentum_buffer=running, step=t, backend=backend)
+            z = cfgfast.guided_step(z, o_c, torch.tanh(z) + o_u, row, 3.0, threshold=(0.9, 1.5), step=t,
+                                    backend=backend)
+        return z
+
+    z = torch.randn(3, 2, 8, device=device)
+    want_running, got_running = torch.zeros_like(z), torch.zeros_like(z)
+    want = loop(z, want_running)
+    got = torch.compile(loop, fullgraph=True)(z, got_running)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(got_running, want_running, rtol=1e-6, atol=1e-6)
+    assert want_running.abs().sum() > 0
+
+
 def test_a_table_step_read_on_the_host_is_a_graph_break():
     """The reference backend reads the table's step on the host: fullgraph=True refuses it (the compiled backends
     read it on the device)."""
