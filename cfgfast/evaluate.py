@@ -314,6 +314,7 @@ def sweep(model, data: Dataset, out: str, *, ws=DEFAULT_WS, num: int = 1000, ste
         f"({time.perf_counter() - start:.0f} s); real digits, held-out: FD {references['heldout']['fd']:.3f} "
         f"IS {references['heldout']['is']:.3f}; seen in training: FD {references['train']['fd']:.3f} "
         f"IS {references['train']['is']:.3f}")
+    device = next(model.parameters()).device
     metrics = {
         "model": model_name, "classifier": classifier_name, "dataset": data.name, "num": num,
         "runs": [{"sampler": sampler, "steps": count} for sampler, count in runs], "eta": eta, "v": v,
@@ -323,10 +324,9 @@ def sweep(model, data: Dataset, out: str, *, ws=DEFAULT_WS, num: int = 1000, ste
                                "heldout_images": len(heldout), "heldout_accuracy": heldout_accuracy,
                                "feature_dim": clf.feature_dim},
         "reference": references,
-        "ran": _run_facts(next(model.parameters()).device, command),
+        "ran": _run_facts(device, command),
         "points": [],
     }
-    device = next(model.parameters()).device
     guide = None if classifier is None else classifier.to(device)
     kinds = GUIDANCE_KINDS if classifier is not None else GUIDANCE_KINDS[:1]
     if methods is None:

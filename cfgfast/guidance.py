@@ -360,19 +360,17 @@ class Guide:
         w = 0. pred_g: a number or a 0-d tensor on the device (the row then a one-row table read there)."""
         m = self.buffer
         ops = _arithmetic(m)
-        on = ops.array(w) != 0
-        beta = self.apg.momentum
         pred_g = ops.number(pred_g)  # (on the host: a number, read at once from a CPU table)
-        if isinstance(pred_g, (int, float)):
-            d = pred_g if pred_g != 0 else 1.0
-            weights = ops.weights([on * float(pred_g != 0), on * float(pred_g != 0), on * ((beta - 1.0) / d)], w)
+        on_host = isinstance(pred_g, (int, float))
+        nonzero = float(pred_g != 0) if on_host else (pred_g != 0).double()
+        d = (pred_g if pred_g != 0 else 1.0) if on_host else torch.where(pred_g != 0, pred_g, 1.0)
+        guided = ops.array(w) != 0
+        on = guided * nonzero  # (a bool array times a number, or times a float64 0-d tensor: float64 either way)
+        weights = ops.weights([on, on, guided * ((self.apg.momentum - 1.0) / d)], w)
+        if on_host:
             row = [0.0, 0.0, 0.0, 0.0, 1.0, d, 0.0, 0.0, 0.0, 0.0]
             stepper.guided_step(m, m, pred_cond, pred_uncond, weights, None, None, None, row, 0, 0, 0, None)
             return
-        nonzero = pred_g != 0
-        d = torch.where(nonzero, pred_g, 1.0)
-        on = on.double()
-        weights = ops.weights([on * nonzero, on * nonzero, on * ((beta - 1.0) / d)], w)
         zero = torch.zeros((), dtype=torch.float64, device=m.device)
         table = torch.stack([zero, zero, zero, zero, zero + 1.0, d] + [zero] * 4)[None]
         counter = torch.zeros(1, dtype=torch.int64, device=m.device)

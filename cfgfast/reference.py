@@ -78,8 +78,8 @@ def guided_step_reference(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One guided sampler step (SPEC §6) in plain float32 PyTorch, in the kernels' order (csrc/include/cfgfast/
     step.h): returns (z', x~). weights: float32 [B, 2], (w_cond, w_uncond) per sample, or [B, 3] with w_z (g plus
-    w_z z); noise: float32 like z (read
-    only where coef.noise_std != 0); x_prev: read only where coef.prev != 0; nu: learned variance."""
+    w_z z); noise: float32 like z (read only where coef.noise_std != 0); x_prev: read only where coef.prev != 0; nu:
+    learned variance."""
     per_sample = (-1,) + (1,) * (z.dim() - 1)
     w_cond, w_uncond = weights[:, 0].reshape(per_sample), weights[:, 1].reshape(per_sample)
     out_cond, out_uncond = pred_cond.float(), pred_uncond.float()

@@ -51,7 +51,6 @@ struct Float64 {
 // fewer, v_j v_l is then exact in float64, so a fused multiply-add gives the bits of the product rounded and then
 // added (the scalar code's) in one instruction.
 template <int K, int V, class Load, bool kIdentity>
-
 int64_t accumulate(const void* const* src, const double* combos, int64_t count, double* acc) {
   constexpr bool kExactProducts = kIdentity && !std::is_same_v<Load, Float64>;
   constexpr int P = V + V * (V + 1) / 2;
