@@ -6,7 +6,8 @@ each variant to the plain step is taken within the round.
 
 One "ddim" step (eta 0, the transition of a 50-step grid at its middle) of z [B, 3, 64, 64] float32, w = 3, through
 the step cfgfast.sample runs (cfgfast.guidance.Guide): plain; guidance_rescale 0.7; APG with norm threshold 5,
-without momentum and with momentum -0.5. Printed per variant: the median over rounds of the round's time (ms) and
+without momentum and with momentum -0.5; on the cpu backend each method also composed from whole-batch passes
+(", passes": what the backends without the per-sample op run). Printed per variant: the median over rounds of the round's time (ms) and
 of its ratio to the round's plain step, and the smallest ratio.
 """
 
@@ -40,12 +41,15 @@ def main() -> None:
     row = cfgfast.step_table("ddim", cfgfast.default_lambdas(50, "ddim").tolist())[25].tolist()
     stepper = choose(args.backend, device)
     out = torch.empty_like(z)
-    variants = {
-        "plain": Guide("cfg"),
-        "rescale 0.7": Guide("cfg", 0.7),
-        "APG, no momentum": Guide(APG(0.0, 5.0)),
-        "APG, momentum -0.5": Guide(APG(0.0, 5.0, -0.5), buffer=torch.zeros_like(z)),
-    }
+    variants = {"plain": Guide("cfg")}
+    # per_sample=False: the composition of whole-batch passes, which backends without the per-sample op (cuda,
+    # triton) run; on cpu the default runs each sample's reduction and step in one task
+    for per_sample, suffix in ((True, ""), (False, ", passes")) if stepper.per_sample_guidance else ((True, ""),):
+        variants.update({
+            f"rescale 0.7{suffix}": Guide("cfg", 0.7, per_sample=per_sample),
+            f"APG{suffix}": Guide(APG(0.0, 5.0), per_sample=per_sample),
+            f"APG, momentum{suffix}": Guide(APG(0.0, 5.0, -0.5), buffer=torch.zeros_like(z), per_sample=per_sample),
+        })
 
     def run(guide: Guide) -> None:
         guide.step(stepper, out, z, o_c, o_u, weights, None, None, None, row, row, 1, 25, 0, True)
@@ -72,9 +76,9 @@ def main() -> None:
             ratios[name].append(value / this_round["plain"])
     print(f"{args.backend}, z [{args.batch}, 3, 64, 64], {args.rounds} rounds of {args.repeats} repeats, "
           f"{torch.get_num_threads()} thread(s)")
-    print(f"{'variant':<22}{'median ms':>11}{'/ plain, median':>17}{'min':>7}")
+    print(f"{'variant':<26}{'median ms':>11}{'/ plain, median':>17}{'min':>7}")
     for name in variants:
-        print(f"{name:<22}{statistics.median(ms[name]):>11.3f}{statistics.median(ratios[name]):>17.2f}"
+        print(f"{name:<26}{statistics.median(ms[name]):>11.3f}{statistics.median(ratios[name]):>17.2f}"
               f"{min(ratios[name]):>7.2f}")
 
 

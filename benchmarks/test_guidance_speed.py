@@ -9,7 +9,9 @@ a "ddpm" step (its diffusers peer is DDPMScheduler):
 - cfgfast: the plain fused step; with guidance_rescale 0.7 (the moments, then the fused step on scaled weights);
   with APG, norm threshold 5, without momentum (the moments of x~_c and Delta, then the fused step on per-sample
   weights with a multiple of z) and with momentum -0.5 (the running value updated first, then the same); ddpm
-  plain and with dynamic thresholding (0.995, 1.5) (x~ formed, its quantile from one topk per sample);
+  plain and with dynamic thresholding (0.995, 1.5) (x~ formed, its quantile from one topk per sample). On the cpu
+  backend rescale and APG run each sample through every stage in one task; "whole-batch passes" times them composed
+  of one pass over the batch a stage, as the other backends run them;
 - eager, as users write them: torch CFG + diffusers' rescale_noise_cfg + DDIMScheduler.step; diffusers'
   normalized_guidance (with its MomentumBuffer, on the x-predictions) + DDIMScheduler.step on x0
   (prediction_type "sample"); torch CFG + DDPMScheduler(thresholding=True).step.
@@ -35,9 +37,12 @@ APG_SETTINGS = APG(eta_parallel=0.0, norm_threshold=5.0, momentum=-0.5)
 APG_NO_MOMENTUM = APG(eta_parallel=0.0, norm_threshold=5.0)
 THRESHOLD = (0.995, 1.5)
 METHODS = ("plain", "rescale", "apg_no_momentum", "apg", "threshold")
+COMPOSED = ("rescale", "apg_no_momentum", "apg")  # also timed as whole-batch passes where the backend fuses them
 
 
 def guidance_label(backend: str, method: str) -> str:
+    if method.endswith(" passes"):
+        return guidance_label(backend, method.removesuffix(" passes")) + ", whole-batch passes"
     return {"plain": f"cfgfast {backend}: ddim step", "rescale": f"cfgfast {backend}: ddim step + rescale 0.7",
             "apg_no_momentum": f"cfgfast {backend}: ddim step + APG, no momentum",
             "apg": f"cfgfast {backend}: ddim step + APG, momentum", "plain_ddpm": f"cfgfast {backend}: ddpm step",
@@ -71,10 +76,14 @@ def _rows(scheduler, sampler: str):
 
 
 @pytest.mark.parametrize("backend", FAST_BACKENDS)
-@pytest.mark.parametrize("method", METHODS + ("plain_ddpm",))
+@pytest.mark.parametrize("method", METHODS + ("plain_ddpm",) + tuple(f"{m} passes" for m in COMPOSED))
 @pytest.mark.parametrize("size", [SMALL_SIZE])
 def test_guided_method_step(step_benchmark, step_inputs, size, method, backend):
     device = require_backend(backend)
+    per_sample = not method.endswith(" passes")
+    method = method.removesuffix(" passes")
+    if not per_sample and not choose(backend, torch.device(device)).per_sample_guidance:
+        pytest.skip(f"backend {backend!r} runs the methods as whole-batch passes only: timed as {method!r}")
     x = step_inputs(size, torch.float32, device)
     sampler = "ddpm" if method in ("threshold", "plain_ddpm") else "ddim"
     kind = "DDPMScheduler" if sampler == "ddpm" else "DDIMScheduler"
@@ -84,7 +93,7 @@ def test_guided_method_step(step_benchmark, step_inputs, size, method, backend):
     buffer = torch.zeros_like(x.z) if method == "apg" else None
     settings = {"apg": APG_SETTINGS, "apg_no_momentum": APG_NO_MOMENTUM}.get(method, "cfg")
     guide = Guide(settings, RESCALE if method == "rescale" else 0.0,
-                  THRESHOLD if method == "threshold" else None, None, buffer)
+                  THRESHOLD if method == "threshold" else None, None, buffer, per_sample=per_sample)
     out = torch.empty_like(x.z)
 
     def step():
@@ -92,7 +101,8 @@ def test_guided_method_step(step_benchmark, step_inputs, size, method, backend):
                    True)
         return out
 
-    step_benchmark(step, device=device, size=size, label=guidance_label(backend, method),
+    step_benchmark(step, device=device, size=size,
+                   label=guidance_label(backend, method if per_sample else f"{method} passes"),
                    bytes_moved=step_bytes(x.z.shape))
 
 

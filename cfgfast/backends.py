@@ -21,6 +21,8 @@ BACKEND_NAMES = ("reference", "cpu", "triton", "cuda")
 
 class Backend:
     name: str = ""
+    # whether per_sample_guided_step runs here (cfgfast.guidance.Guide composes the step from passes otherwise)
+    per_sample_guidance: bool = False
 
     def refusals(self, device: torch.device) -> list[str]:
         """Why this backend cannot run on `device` (empty: it can)."""
@@ -117,10 +119,19 @@ class CpuBackend(CompiledOpsBackend):
     """The fused C++ kernel (AVX2 where the CPU has it) on CPU tensors."""
 
     name = "cpu"
+    per_sample_guidance = True
 
     def refusals(self, device):
         reasons = [] if device.type == "cpu" else [f"it runs on CPU tensors, got {device}"]
         return reasons + _extension_refusals()
+
+    def per_sample_guided_step(self, out, z, pred_cond, pred_uncond, weights, running, x_prev, nu, noise, coef,
+                               guide: list[float], seed, step, index_offset, clip) -> None:
+        """The step with guidance rescale or APG, each sample's reduction and step in one task
+        (csrc/cpu/guidance_cpu.cpp): weights [B, 2] the paper's; guide [phi] or [phi, eta_parallel, norm_threshold,
+        momentum]; running APG's running value where momentum != 0 (else None)."""
+        torch.ops.cfgfast.per_sample_guided_step_(out, z, pred_cond, pred_uncond, weights, running, x_prev, nu, noise,
+                                                  coef, guide, seed_as_int64(seed), step, index_offset, clip)
 
 
 class CudaBackend(CompiledOpsBackend):

@@ -11,7 +11,13 @@ step's per-sample inputs follow from them:
   momentum reads the running value M in o_u's place, M updated first by the fused step itself (one pass);
 - dynamic thresholding divides x~ by a per-sample quantile, which no weight can hold: x~ is formed here, and the
   fused step reads it through the row's "given x~" form (GivenX: pred_z = 0, pred_g = 1), which keeps every
-  sampler, the multistep state, CFG++'s unconditional term, learned variance and SPEC §3's noise in the kernel."""
+  sampler, the multistep state, CFG++'s unconditional term, learned variance and SPEC §3's noise in the kernel.
+
+So composed, each stage is a pass of its own over the whole batch, which a CPU reads from memory each time (11 tensor
+passes for APG with momentum, against the plain step's 4). The cpu backend runs rescale and APG instead as one op
+(cfgfast::per_sample_guided_step_, csrc/cpu/guidance_cpu.cpp) that takes each sample through every stage while its
+tensors are in cache: the same moments (the same bits), the same float64 arithmetic in the same order, the same fused
+step. Thresholding, CUDA and Triton tensors, and a step traced by torch.compile take the composition."""
 
 from __future__ import annotations
 
@@ -273,13 +279,15 @@ class Guide:
     """How one sampling run turns (o_c, o_u) into what the fused step reads (SPEC §7), with APG's running value.
 
     method: "cfg", "cfgpp" or an APG; rescale: phi; threshold: (p, M) or None; clip: the step's clip (None with a
-    threshold); buffer: APG's running value M where its momentum is not 0, updated in place at each guided step.
+    threshold); buffer: APG's running value M where its momentum is not 0, updated in place at each guided step;
+    per_sample: False takes the composition on every backend (the module's docstring), for comparison.
     The tensors it forms (thresholding's x~ and |x~|, a 16-bit o_c widened beside APG's running value) live in
     buffers kept from step to step: a new tensor of a large batch costs more in page faults than its arithmetic, and
     a captured CUDA graph needs fixed addresses.
     """
 
-    def __init__(self, method, rescale: float = 0.0, threshold=None, clip=None, buffer: torch.Tensor | None = None):
+    def __init__(self, method, rescale: float = 0.0, threshold=None, clip=None, buffer: torch.Tensor | None = None,
+                 per_sample: bool = True):
         self.method = method
         self.rescale = rescale
         self.threshold = threshold
@@ -293,6 +301,9 @@ class Guide:
             raise ValueError("APG with momentum needs its running value: a float32 tensor of z's shape, zero before "
                              "the first guided step (momentum_buffer=)")
         self._work: dict[str, torch.Tensor] = {}
+        self.per_sample = per_sample and not self.forms_x and (self.apg is not None or bool(rescale))
+        self._guide = [rescale] if self.apg is None else \
+            [rescale, self.apg.eta_parallel, self.apg.norm_threshold, self.apg.momentum]
 
     def _buffer(self, name: str, like: torch.Tensor) -> torch.Tensor:
         found = self._work.get(name)
@@ -407,7 +418,15 @@ class Guide:
 
     def step(self, stepper, out, z, pred_cond, pred_uncond, weights, x_prev, nu, noise, row, row_x, seed, t,
              index_offset, guided: bool) -> None:
-        """One step on host rows (row: the sampler's, row_x: its given-x~ form, read where forms_x)."""
+        """One step on host rows (row: the sampler's, row_x: its given-x~ form, read where forms_x). On a backend with
+        the per-sample op, rescale and APG run there (APG's momentum with 16-bit outputs excepted: its step reads
+        o_c widened to float32 beside M)."""
+        if guided and self.per_sample and stepper.per_sample_guidance and not torch.compiler.is_compiling() and \
+                (pred_cond.dtype == torch.float32 or not (self.apg and self.apg.momentum)):
+            running = self.buffer if self.apg is not None and self.apg.momentum else None
+            stepper.per_sample_guided_step(out, z, pred_cond, pred_uncond, weights, running, x_prev, nu, noise, row,
+                                           self._guide, seed, t, index_offset, self.clip)
+            return
         pred_cond, pred_uncond, weights, clip = self.inputs(stepper, z, pred_cond, pred_uncond, weights, row[0],
                                                             row[1], guided)
         if nu is not None and nu.dtype != pred_cond.dtype:  # (nu has the dtype of what the step reads as o_c)

@@ -189,6 +189,44 @@ inline void check_guided_table_args(const at::Tensor& out, const at::Tensor& z, 
   check_step_memory(out, x_prev, {{"coef_table", &coef_table}, {"step", &step}});
 }
 
+// cfgfast::per_sample_guided_step_: the step's arguments with weights [B, 2] (w_cond, w_uncond); guide [phi] or
+// [phi, eta_parallel, norm_threshold, momentum] (APG); running (APG's running value, written) given exactly where
+// momentum != 0, then a contiguous float32 tensor of z's shape sharing no byte with any other, and pred_cond float32
+// (the step reads it beside running).
+inline void check_per_sample_guidance_args(const at::Tensor& out, const at::Tensor& z, const at::Tensor& pred_cond,
+                                           const at::Tensor& pred_uncond, const at::Tensor& weights,
+                                           const c10::optional<at::Tensor>& running,
+                                           const c10::optional<at::Tensor>& x_prev,
+                                           const c10::optional<at::Tensor>& nu,
+                                           const c10::optional<at::Tensor>& noise, c10::ArrayRef<double> coef,
+                                           c10::ArrayRef<double> guide, int64_t step, int64_t index_offset,
+                                           c10::optional<double> clip) {
+  check_guided_step_args(out, z, pred_cond, pred_uncond, weights, x_prev, nu, noise, coef, step, index_offset, clip);
+  TORCH_CHECK_VALUE(weights.size(1) == 2, "cfgfast: weights must have shape [", z.size(0), ", 2], got ",
+                    weights.sizes());
+  TORCH_CHECK_VALUE(guide.size() == 1 || guide.size() == 4, "cfgfast: guide must be [phi] or [phi, eta_parallel, ",
+                    "norm_threshold, momentum], got ", guide.size(), " numbers");
+  const bool momentum = guide.size() == 4 && guide[3] != 0.0;
+  TORCH_CHECK_VALUE(running.has_value() == momentum, "cfgfast: running (APG's running value) is given where momentum ",
+                    "!= 0 and only there");
+  if (!momentum) return;
+  TORCH_CHECK_VALUE(running->sizes() == z.sizes() && running->scalar_type() == at::kFloat &&
+                        running->is_contiguous() && running->device() == z.device() &&
+                        pred_cond.scalar_type() == at::kFloat,
+                    "cfgfast: running must be a contiguous float32 tensor of z's shape ", z.sizes(), " on ",
+                    z.device(), ", with float32 pred_cond");
+  check_writable(*running, "running");
+  const auto r = byte_span(*running);
+  for (const auto& [name, t] : {Arg{"out", &out}, Arg{"z", &z}, Arg{"pred_cond", &pred_cond},
+                                Arg{"pred_uncond", &pred_uncond}, Arg{"weights", &weights}, Arg{"x_prev", given(x_prev)},
+                                Arg{"nu", given(nu)}, Arg{"noise", given(noise)}}) {
+    if (t == nullptr) continue;
+    const auto b = byte_span(*t);
+    TORCH_CHECK_VALUE(b.first >= r.second || r.first >= b.second, "cfgfast: running must not overlap ", name,
+                      " (it is written)");
+  }
+}
+
 // cfgfast::sample_moments: 1 to 4 tensors of one shape [B, ...] on one device (float32, bfloat16, float16 or
 // float64), and the num_vectors x len(inputs) numbers of the combinations.
 constexpr int kMaxMomentInputs = 4;

@@ -23,6 +23,14 @@ TORCH_LIBRARY(cfgfast, m) {
       "float? clip) -> ()");
   // The normals of SPEC §3 for samples index_offset .. index_offset + out.size(0) - 1.
   m.def("normal_noise_(Tensor(a!) out, int seed, int step, int stream, int index_offset) -> ()");
+  // The step with SPEC §7's guidance rescale or APG (cfgfast/guidance.py's Guide), each sample's reduction and
+  // step in one task (the CPU only): weights [B, 2] the paper's (w_cond, w_uncond); guide [phi] (rescale) or
+  // [phi, eta_parallel, norm_threshold, momentum] (APG); running: APG's running value where momentum != 0,
+  // updated first.
+  m.def(
+      "per_sample_guided_step_(Tensor(a!) out, Tensor z, Tensor pred_cond, Tensor pred_uncond, Tensor weights, "
+      "Tensor(b!)? running, Tensor(c!)? x_prev, Tensor? nu, Tensor? noise, float[] coef, float[] guide, int seed, "
+      "int step, int index_offset, float? clip) -> ()");
   // Per sample b the float64 [V, V + 1] of cfgfast/moments.py: the Gram matrix and the sums of the V = num_vectors
   // vectors v_j = sum_i combos[j * K + i] inputs[i][b] (K = len(inputs) <= 4 tensors of one shape, V <= 4).
   m.def("sample_moments(Tensor[] inputs, float[] combos, int num_vectors) -> Tensor");

@@ -195,6 +195,33 @@ def test_direct_op_call_checks_its_arguments(mutate, exc, message):
         torch.ops.cfgfast.guided_step_(*args.values())
 
 
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="cpu backend unavailable")
+@pytest.mark.parametrize(
+    "mutate,exc,message",
+    [
+        (lambda a: a.update(z=a["z"].double()), TypeError, "z must be float32"),  # (the step's own checks first)
+        (lambda a: a.update(weights=torch.ones(3, 3)), ValueError, r"weights must have shape \[3, 2\]"),
+        (lambda a: a.update(guide=[0.5, 0.0]), ValueError, "guide must be"),
+        (lambda a: a.update(running=None), ValueError, "running .* is given where momentum"),
+        (lambda a: a.update(guide=[0.0, 0.0, 1.0, 0.0]), ValueError, "running .* is given where momentum"),
+        (lambda a: a.update(running=a["running"].double()), ValueError, "running must be a contiguous float32"),
+        (lambda a: a.update(running=a["running"].t().contiguous().t()), ValueError, "running must be a contiguous"),
+        (lambda a: a.update(pred_cond=a["pred_cond"].half(), pred_uncond=a["pred_uncond"].half()), ValueError,
+         "with float32 pred_cond"),
+        (lambda a: a.update(running=a["pred_uncond"]), ValueError, "running must not overlap pred_uncond"),
+        (lambda a: a.update(running=a["x_prev"]), ValueError, "running must not overlap x_prev"),
+    ],
+)
+def test_direct_per_sample_op_call_checks_its_arguments(mutate, exc, message):
+    z = torch.randn(3, 8)
+    args = dict(out=torch.empty_like(z), z=z, pred_cond=torch.randn_like(z), pred_uncond=torch.randn_like(z),
+                weights=torch.ones(3, 2), running=torch.zeros_like(z), x_prev=torch.zeros_like(z), nu=None,
+                noise=None, coef=[1.0] * 10, guide=[0.0, 0.0, 1.0, -0.5], seed=0, step=0, index_offset=0, clip=None)
+    mutate(args)
+    with pytest.raises(exc, match=message):
+        torch.ops.cfgfast.per_sample_guided_step_(*args.values())
+
+
 def test_out_must_not_partly_overlap_an_input():
     buf = torch.randn(1, 4097)
     z = buf[:, :4096]

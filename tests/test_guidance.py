@@ -12,7 +12,7 @@ from conftest import TRITON_INTERPRETED
 from test_samplers import LABELS, W, sample_float64
 
 import cfgfast
-from cfgfast.backends import choose
+from cfgfast.backends import CpuBackend, choose
 from cfgfast import guidance as guidance_module
 from cfgfast.guidance import APG, Guide, dynamic_threshold, rescaled_weights
 from cfgfast.moments import sample_moments
@@ -201,6 +201,88 @@ def test_batch_split_gives_the_same_samples(backend):
     torch.testing.assert_close(whole.double(), expected, rtol=1e-4, atol=1e-4)
 
 
+needs_cpu = pytest.mark.skipif("cpu" not in cfgfast.available_backends(), reason="needs the compiled extension")
+
+
+def composed_everywhere(monkeypatch) -> None:
+    """The cpu backend runs guidance rescale and APG through the per-sample op; this sends them through the
+    composition of whole-batch passes (the other backends' path), as Guide(per_sample=False) does."""
+    monkeypatch.setattr(CpuBackend, "per_sample_guidance", False)
+
+
+PER_SAMPLE_CASES = [  # (sampler, prediction_type, guidance, rescale, clip)
+    ("ddim", "epsilon", "cfg", 0.7, None),
+    ("ddim", "v_prediction", "cfgpp", 0.5, None),
+    ("ddpm", "epsilon", APG(0.0, 0.0), 0.0, None),  # (learned variance: the noise scaled by nu)
+    ("dpmpp_2m", "v_prediction", APG(0.3, 5.0), 0.6, 1.0),
+    ("dpmpp_2m_sde", "sample", APG(0.0, 5.0, -0.5), 0.0, None),
+    ("ddim", "epsilon", APG(1.0, 2.0, 0.5), 0.4, None),
+]
+
+
+def per_sample_step(per_sample, sampler, prediction, guidance, rescale, clip, batch, dtype=torch.float32):
+    """One guided step of 3x64x64 samples (two chunks of the moments) on the cpu backend: (z', x~_prev, M)."""
+    g = torch.Generator().manual_seed(0)
+    z, o_c, o_u, start, prev, nu = (torch.randn(batch, 3, 64, 64, generator=g) for _ in range(6))
+    o_c, o_u = o_c.to(dtype), (o_c + 0.3 * o_u).to(dtype)
+    learned = sampler == "ddpm"
+    table = cfgfast.step_table(sampler, cfgfast.default_lambdas(20, sampler).tolist(), prediction_type=prediction,
+                               learned_variance=learned, guidance="cfgpp" if guidance == "cfgpp" else "cfg")
+    weights = guidance_weights(torch.tensor([3.0, 0.0, 7.0, 1.0, 2.0][:batch]))
+    running = start if isinstance(guidance, APG) and guidance.momentum else None
+    x_prev = prev if sampler.startswith("dpmpp") else None
+    out = torch.empty_like(z)
+    row = table[7].tolist()
+    Guide(guidance, rescale, None, clip, running, per_sample=per_sample).step(
+        choose("cpu", z.device), out, z, o_c, o_u, weights, x_prev, nu.to(dtype) if learned else None, None, row, row,
+        5, 7, 0, True)
+    return out, x_prev, running
+
+
+# (APG's momentum with 16-bit outputs takes the composition: its step reads o_c widened to float32 beside M)
+PER_SAMPLE_DTYPE_CASES = [(dtype,) + case for dtype in (torch.float32, torch.bfloat16) for case in PER_SAMPLE_CASES
+                          if dtype == torch.float32 or not (isinstance(case[2], APG) and case[2].momentum)]
+
+
+@needs_cpu
+@pytest.mark.parametrize("batch", [1, 5])  # (with 2 threads or more, a batch of 1 runs the op's batch-wide stages)
+@pytest.mark.parametrize("dtype, sampler, prediction, guidance, rescale, clip", PER_SAMPLE_DTYPE_CASES,
+                         ids=[f"{c[0]}-{c[1]}-{c[3]}".replace("torch.", "") for c in PER_SAMPLE_DTYPE_CASES])
+def test_per_sample_op_equals_the_composition(monkeypatch, dtype, sampler, prediction, guidance, rescale, clip,
+                                              batch):
+    """The cpu backend's per-sample op (each sample's reduction and step in one task) gives the step the composition
+    of whole-batch passes gives, which the other backends run and the float64 tests check: z', the multistep state
+    and APG's running value, to float32 rounding, for every sampler, prediction type and method, 16-bit outputs,
+    learned variance, clip, and a sample at w = 0 beside guided ones."""
+    calls = []
+    op = CpuBackend.per_sample_guided_step
+    monkeypatch.setattr(CpuBackend, "per_sample_guided_step", lambda self, *a: (calls.append(1), op(self, *a)))
+    got = per_sample_step(True, sampler, prediction, guidance, rescale, clip, batch, dtype)
+    assert calls == [1]
+    expected = per_sample_step(False, sampler, prediction, guidance, rescale, clip, batch, dtype)
+    assert calls == [1]
+    for a, b in zip(got, expected):
+        if b is not None:
+            assert torch.isfinite(a).all()
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6 * float(b.abs().max()))
+
+
+@needs_cpu
+def test_per_sample_op_gives_the_same_bits_for_any_thread_count():
+    """One task a sample where the batch has as many samples as threads or more, the stages batch-wide otherwise:
+    the same values."""
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for n in (1, 4):  # (3 samples: one task each, then stages split over 4 threads)
+            torch.set_num_threads(n)
+            results.append(per_sample_step(True, "dpmpp_2m", "epsilon", APG(0.3, 5.0, -0.5), 0.6, None, 3))
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_running_value_keeps_a_small_difference_at_high_noise(monkeypatch, backend):
     """M <- momentum M + pred_g (o_c - o_u) where pred_g = -2.2e4 (epsilon-prediction at lambda = -20) and o_u
@@ -217,6 +299,7 @@ def test_running_value_keeps_a_small_difference_at_high_noise(monkeypatch, backe
     expected[1] = start[1]  # (w = 0: unchanged)
     for arithmetic in ("host", "device"):
         if arithmetic == "device":
+            composed_everywhere(monkeypatch)
             monkeypatch.setattr(guidance_module, "_arithmetic", lambda t: guidance_module._DeviceMath)
         running = start.clone()
         cfgfast.guided_step(z, o_c, o_u, row, w, guidance=APG(0.0, 0.0, -0.5), momentum_buffer=running,
@@ -301,6 +384,7 @@ def test_device_table_loop_equals_sample(guidance, threshold, rescale):
 def test_device_arithmetic_equals_the_hosts(monkeypatch, guidance, rescale):
     """The per-sample arithmetic in float64 torch on the tensors' device (CUDA tensors; forced here on the CPU, whose
     tensors take numpy's) gives the host's weights: sample and the device-table loop alike."""
+    composed_everywhere(monkeypatch)
     kwargs = dict(guidance=guidance, guidance_rescale=rescale)
     expected = cfgfast.sample(classes16(), LABELS, W, 10, sampler="dpmpp_2m", seed=2, backend="cpu",
                               guidance_interval=INTERVAL, **kwargs)

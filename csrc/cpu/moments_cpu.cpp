@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "kernel.h"
+#include "moments.h"
 #include "op_checks.h"
 
 // (after the includes: it applies to the functions below, not to torch's headers) v_j and the products stay two
@@ -26,9 +27,6 @@
 
 namespace cfgfast {
 namespace cpu {
-
-// The element types an input may have: the codes moments_avx2.cpp reads.
-enum class MomentsDtype : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2, kFloat64 = 3 };
 
 #if defined(CFGFAST_HAVE_AVX2)
 // moments_avx2.cpp: elements [0, count) of inputs all of type `dtype`, whole groups of four from 0 on; it returns
@@ -40,11 +38,8 @@ int64_t moments_accumulate_avx2(const void* const* src, int dtype, int k, const 
 namespace {
 
 constexpr int kMaxInputs = kMaxMomentInputs;
-constexpr int kMaxVectors = kMaxMomentVectors;
-constexpr int kMaxMoments = kMaxVectors + kMaxVectors * (kMaxVectors + 1) / 2;  // sums, then the products j <= l
-// Chunk boundaries are part of the result's definition (the order of the additions): never derived from the
-// thread count or the batch. 8192 elements: tens of microseconds of work a task.
-constexpr int64_t kChunk = 8192;
+constexpr int kMaxMoments = kMaxMomentsPerChunk;
+constexpr int64_t kChunk = kMomentsChunk;  // (8192 elements: tens of microseconds of work a task)
 constexpr int64_t kPiece = 512;  // widened to float64 into a buffer at once: K x 4 KiB, in L1
 static_assert(kChunk % kPiece == 0 && kPiece % 4 == 0, "pieces start at a lane-0 element");
 // Below about this many elements a second thread costs more than it saves (as ops_cpu.cpp).
@@ -108,6 +103,8 @@ AccumulateScalar scalar_for(int k, int v) {
   }
 }
 
+}  // namespace
+
 MomentsDtype moments_dtype_of(const at::Tensor& t) {
   switch (t.scalar_type()) {
     case at::kBFloat16: return MomentsDtype::kBFloat16;
@@ -117,7 +114,34 @@ MomentsDtype moments_dtype_of(const at::Tensor& t) {
   }
 }
 
-}  // namespace
+void chunk_moments(const void* const* src, const MomentsDtype* dtype, const int64_t* element_size, int k,
+                   const double* combos, int v, int64_t count, double* partial) {
+  double acc[4 * kMaxMoments] = {};
+  int64_t done = 0;  // elements of the chunk added up (a multiple of 4: the pieces below keep the lanes)
+#if defined(CFGFAST_HAVE_AVX2)
+  const bool avx2 = active_isa() == Isa::kAvx2;
+  const bool one_dtype = std::all_of(dtype, dtype + k, [&](MomentsDtype d) { return d == dtype[0]; });
+  if (avx2 && one_dtype) done = moments_accumulate_avx2(src, static_cast<int>(dtype[0]), k, combos, v, count, acc);
+#endif
+  alignas(32) double piece[kMaxInputs][kPiece];
+  const double* x[kMaxInputs] = {piece[0], piece[1], piece[2], piece[3]};
+  const AccumulateScalar scalar = scalar_for(k, v);
+  for (int64_t p0 = done; p0 < count; p0 += kPiece) {
+    const int64_t n = std::min(kPiece, count - p0);
+    for (int i = 0; i < k; ++i) widen_piece(static_cast<const char*>(src[i]) + p0 * element_size[i], dtype[i], n, piece[i]);
+    int64_t piece_done = 0;
+#if defined(CFGFAST_HAVE_AVX2)
+    if (avx2) {
+      const void* widened[kMaxInputs] = {piece[0], piece[1], piece[2], piece[3]};
+      piece_done = moments_accumulate_avx2(widened, static_cast<int>(MomentsDtype::kFloat64), k, combos, v, n, acc);
+    }
+#endif
+    scalar(x, combos, piece_done, n, acc);
+  }
+  const int moments = v + v * (v + 1) / 2;
+  for (int m = 0; m < moments; ++m) partial[m] = (acc[4 * m] + acc[4 * m + 1]) + (acc[4 * m + 2] + acc[4 * m + 3]);
+}
+
 }  // namespace cpu
 
 namespace {
@@ -143,45 +167,15 @@ at::Tensor sample_moments_cpu(at::TensorList inputs, c10::ArrayRef<double> combo
   }
   const int64_t chunks = (n_per + cpu::kChunk - 1) / cpu::kChunk;
   std::vector<double> partials(static_cast<size_t>(batch * chunks * moments));
-  const bool avx2 = cpu::active_isa() == cpu::Isa::kAvx2;
-  const cpu::AccumulateScalar scalar = cpu::scalar_for(k, v);
   const int64_t per_task = std::min(n_per, cpu::kChunk);
   const int64_t grain = per_task == 0 ? 1 : (cpu::kMinElementsPerThread + per_task - 1) / per_task;
-  const bool one_dtype = std::all_of(dtype, dtype + k, [&](cpu::MomentsDtype d) { return d == dtype[0]; });
   at::parallel_for(0, batch * chunks, grain, [&](int64_t begin, int64_t end) {
-    alignas(32) double piece[cpu::kMaxInputs][cpu::kPiece];
-    const double* x[cpu::kMaxInputs] = {piece[0], piece[1], piece[2], piece[3]};
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / chunks, n0 = (task % chunks) * cpu::kChunk;
-      const int64_t n1 = std::min(n0 + cpu::kChunk, n_per);
       const void* at_n0[cpu::kMaxInputs] = {};
       for (int i = 0; i < k; ++i) at_n0[i] = static_cast<const char*>(src[i]) + (b * n_per + n0) * element_size[i];
-      double acc[4 * cpu::kMaxMoments] = {};
-      int64_t done = 0;  // elements of the chunk added up (a multiple of 4: the pieces below keep the lanes)
-#if defined(CFGFAST_HAVE_AVX2)
-      if (avx2 && one_dtype) {
-        done = cpu::moments_accumulate_avx2(at_n0, static_cast<int>(dtype[0]), k, combos.data(), v, n1 - n0, acc);
-      }
-#endif
-      for (int64_t p0 = done; p0 < n1 - n0; p0 += cpu::kPiece) {
-        const int64_t count = std::min(cpu::kPiece, n1 - n0 - p0);
-        for (int i = 0; i < k; ++i) {
-          cpu::widen_piece(static_cast<const char*>(at_n0[i]) + p0 * element_size[i], dtype[i], count, piece[i]);
-        }
-        int64_t piece_done = 0;
-#if defined(CFGFAST_HAVE_AVX2)
-        if (avx2) {
-          const void* widened[cpu::kMaxInputs] = {piece[0], piece[1], piece[2], piece[3]};
-          piece_done = cpu::moments_accumulate_avx2(widened, static_cast<int>(cpu::MomentsDtype::kFloat64), k,
-                                                    combos.data(), v, count, acc);
-        }
-#endif
-        scalar(x, combos.data(), piece_done, count, acc);
-      }
-      double* partial = partials.data() + task * moments;
-      for (int m = 0; m < moments; ++m) {
-        partial[m] = (acc[4 * m] + acc[4 * m + 1]) + (acc[4 * m + 2] + acc[4 * m + 3]);
-      }
+      cpu::chunk_moments(at_n0, dtype, element_size, k, combos.data(), v, std::min(cpu::kChunk, n_per - n0),
+                         partials.data() + task * moments);
     }
   });
   at::Tensor out = at::empty({batch, num_vectors, num_vectors + 1}, inputs[0].options().dtype(at::kDouble));
