@@ -164,7 +164,7 @@ def guidance(w, batch: int, device: torch.device, name: str = "w") -> torch.Tens
         # loop checks it once before capture). is_compiling first: torch.compile cannot trace the capture's bool.
         if not torch.compiler.is_compiling() and not (w.is_cuda and torch.cuda.is_current_stream_capturing()) \
                 and not bool(torch.isfinite(w.to(torch.float32)).all()):
-            raise ValueError("w must be finite (in float32), got a non-finite value")
+            raise ValueError(f"{name} must be finite (in float32), got a non-finite value")
         if w.dim() == 0:
             w = w.reshape(1).expand(batch)
         return w.to(device=device, dtype=torch.float32).contiguous()

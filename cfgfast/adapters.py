@@ -135,12 +135,10 @@ def _scheduler_config(scheduler) -> tuple[type, dict]:
 
 def _prediction_type(config: Mapping) -> str:
     prediction_type = config.get("prediction_type", "epsilon")
-    if prediction_type == "flow_prediction":
-        raise ValueError(f"scheduler's prediction_type must be one of {list(PREDICTION_TYPES)}, got "
-                         "'flow_prediction' (a flow-matching model: cfgfast samples diffusion models)")
     if not isinstance(prediction_type, str) or prediction_type not in PREDICTION_TYPES:
+        hint = " (a flow-matching model: cfgfast samples diffusion models)" * (prediction_type == "flow_prediction")
         raise ValueError(f"scheduler's prediction_type must be one of {list(PREDICTION_TYPES)}, "
-                         f"got {prediction_type!r}")
+                         f"got {prediction_type!r}{hint}")
     return prediction_type
 
 

@@ -30,6 +30,7 @@ import torch
 
 from . import _checks
 from .moments import sample_moments
+from .samplers import check_guidance
 
 
 @dataclass(frozen=True)
@@ -71,9 +72,7 @@ def check_method(sampler: str | None, guidance):
         hint = (" (CFG++ is a step table of its own: cfgfast.step_table('ddim', ..., guidance='cfgpp'))"
                 if sampler is None and guidance == "cfgpp" else "")
         raise ValueError(f"guidance must be one of {names}, got {guidance!r}{hint}")
-    if guidance == "cfgpp" and sampler != "ddim":
-        raise ValueError(f"guidance='cfgpp' (CFG++) is a form of sampler 'ddim' only, got sampler {sampler!r}")
-    return guidance
+    return check_guidance(sampler, guidance)
 
 
 def check_threshold(threshold, clip) -> tuple[float, float] | None:

@@ -77,8 +77,8 @@ def _arguments(z, w, seed, index_offset, clip, out, **tensors):
     """What every step call converts: (weights [B, 2] float32, seed, index_offset, clip, out). The tensors (None: not
     given) are passed on as they are: their dtypes, shapes, devices and memory are the op's to check."""
     for name, t in (("z", z), ("out", out), *tensors.items()):
-        if t is not None and not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t is not None:
+            _checks.tensor(name, t)
     batch = z.shape[0] if z.dim() else 0  # (a 0-d z is the op's to refuse)
     index_offset = _checks.index_offset(index_offset, batch, "z's batch")  # (first: w below has batch elements)
     weights = _weights(w, batch, z.device)

@@ -183,6 +183,8 @@ def test_a_model_that_keeps_its_input_sees_every_state():
         (dict(model=object()), TypeError, "model must be callable"),
         (dict(labels=torch.tensor([0, 1], device="meta")), ValueError, r"got the meta device \(labels\)"),
         (dict(clip=0.0), ValueError, "clip must be positive"),
+        (dict(w=lambda lam: torch.tensor(float("nan") if lam > 0 else 1.0)), ValueError,
+         r"w\(lam\) at step \d+ \(lam=[\d.]+\) must be finite"),
         (dict(model=lambda z, lam, labels: torch.zeros(z.shape, device="meta")), ValueError,
          "model must return its output on cpu at step 0"),
     ],

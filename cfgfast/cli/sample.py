@@ -116,14 +116,14 @@ def _check_options(args) -> None:
     """Everything about the options that needs no model or file, so a mistake stops the run at once."""
     if not 1 <= args.num <= 2**32:
         raise ValueError(f"--num must be in [1, 2^32] (a sample's index is a 32-bit counter word), got {args.num}")
-    if args.max_batch is not None and args.max_batch < 1:
-        raise ValueError(f"--max-batch must be at least 1, got {args.max_batch}")
+    if args.max_batch is not None:
+        _checks.integer("max_batch", args.max_batch, low=1)
     if args.guidance_interval is not None:
         lo, hi = args.guidance_interval
         if not (math.isfinite(lo) and math.isfinite(hi) and lo <= hi):
             raise ValueError(f"--guidance-interval must be two finite numbers LAM_LO <= LAM_HI, got {lo} {hi}")
-    if args.batch_size is not None and args.batch_size < 1:
-        raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.batch_size is not None:
+        _checks.integer("batch_size", args.batch_size, low=1)
     _checks.steps(args.steps)
     if args.sampler not in SAMPLERS:
         raise ValueError(f"--sampler must be one of {', '.join(SAMPLERS)}, got {args.sampler}")

@@ -25,9 +25,8 @@ def run(args) -> int:
     if not args.out.lower().endswith(".png"):
         raise ValueError(f"--out must name a .png file, got {args.out}")
     # (a smaller panel draws its labels under 4 pixels high; under 1, matplotlib's font renderer refuses them)
-    for name, value, low in (("--num", args.num, 1), ("--size", args.size, 100)):
-        if value < low:
-            raise ValueError(f"{name} must be at least {low}, got {value}")
+    for name, value, low in (("num", args.num, 1), ("size", args.size, 100)):
+        _checks.integer(name, value, low=low)
     if args.size > 4096:
         raise ValueError(f"--size must be at most 4096 (pixels a panel), got {args.size}")
     if (1 + len(args.w)) * args.size > MAX_WIDTH:

@@ -25,8 +25,7 @@ def run(args) -> int:
 
     out = writable_path(args.out)
     for name in ("steps", "width"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+        _checks.integer(name, getattr(args, name), low=1)
     _checks.integer("batch_size", args.batch_size, low=1, high=_checks.MAX_BATCH)
     if args.width % ClassifierConfig.groups:
         raise ValueError(f"--width must be a multiple of {ClassifierConfig.groups} (the group norm's groups), got "
