@@ -21,6 +21,7 @@
 #include "kernel.h"
 #include "moments.h"
 #include "op_checks.h"
+#include "step_args.h"
 
 // (after the includes) the weights' arithmetic rounds each operation as guidance.py's numpy does, also where the
 // baseline target has fused multiply-adds (aarch64)
@@ -151,13 +152,12 @@ void per_sample_guided_step_cpu(at::Tensor& out, const at::Tensor& z, const at::
   check_per_sample_guidance_args(out, z, pred_cond, pred_uncond, weights, running, x_prev, nu, noise, coef, guide,
                                  step, index_offset, clip);
   TORCH_CHECK_VALUE(z.device().is_cpu(), "cfgfast: the cpu kernel needs CPU tensors, got ", z.device());
-  const at::Tensor zc = z.contiguous(), pc = pred_cond.contiguous(), pu = pred_uncond.contiguous(),
-                   wc = weights.contiguous();
-  at::Tensor nuc, nc;
-  if (nu.has_value()) nuc = nu->contiguous();
-  if (noise.has_value()) nc = noise->contiguous();
-  const int64_t batch = z.size(0);
+  cpu::HeldInputs held;
   Plan plan;
+  plan.step = cpu::step_args(out, z, pred_cond, pred_uncond, weights, x_prev, nu, noise, coef, seed, step,
+                             index_offset, clip, held);
+  const at::Tensor &zc = held.z, &pc = held.pred_cond, &pu = held.pred_uncond;
+  const int64_t batch = z.size(0);
   plan.method.phi = guide[0];
   if (guide.size() == 4) plan.method = Method{guide[0], guide[1], guide[2], guide[3], true};
   const bool momentum = plan.method.beta != 0.0;
@@ -165,29 +165,15 @@ void per_sample_guided_step_cpu(at::Tensor& out, const at::Tensor& z, const at::
   plan.chunks = (plan.n_per + cpu::kMomentsChunk - 1) / cpu::kMomentsChunk;
   plan.pred_z = coef[0];
   plan.pred_g = coef[1];
-  plan.cfg = wc.const_data_ptr<float>();
+  plan.cfg = held.weights.const_data_ptr<float>();
   float* m = momentum ? running->data_ptr<float>() : nullptr;
 
+  // the step reads the weights made per sample below, and M in o_u's place with momentum
   cpu::StepArgs& s = plan.step;
-  s.out = out.data_ptr<float>();
-  s.z = zc.const_data_ptr<float>();
-  s.pred_cond = pc.const_data_ptr();
-  s.pred_uncond = momentum ? static_cast<const void*>(m) : pu.const_data_ptr();
-  s.eps_type = pc.scalar_type() == at::kBFloat16 ? cpu::EpsType::kBFloat16
-               : pc.scalar_type() == at::kHalf   ? cpu::EpsType::kFloat16
-                                                 : cpu::EpsType::kFloat32;
+  if (momentum) s.pred_uncond = m;
   s.weight_columns = plan.method.apg ? 3 : 2;
   plan.weights.resize(static_cast<size_t>(batch * s.weight_columns));
   s.weights = plan.weights.data();
-  s.x_prev = x_prev.has_value() ? x_prev->data_ptr<float>() : nullptr;
-  s.nu = nu.has_value() ? nuc.const_data_ptr() : nullptr;
-  s.noise = noise.has_value() ? nc.const_data_ptr<float>() : nullptr;
-  s.numel_per_sample = plan.n_per;
-  s.coef = step_coef_from(coef);
-  s.has_clip = clip.has_value();
-  s.clip = clip.has_value() ? static_cast<float>(*clip) : 0.0f;
-  s.key = noise_key(seed, step, /*stream=*/1);
-  s.index_offset = static_cast<uint64_t>(index_offset);
 
   if (momentum) {  // guidance.py's _update_running_value: per sample (on, on, guided (momentum - 1) / d), row (1, d)
     const double d = plan.pred_g != 0.0 ? plan.pred_g : 1.0;

@@ -6,6 +6,7 @@
 
 #include "kernel.h"
 #include "op_checks.h"
+#include "step_args.h"
 
 namespace cfgfast {
 namespace {
@@ -30,14 +31,6 @@ void for_each_block(int64_t batch, int64_t numel_per_sample, Fn fn) {
   });
 }
 
-cpu::EpsType eps_type_of(const at::Tensor& t) {
-  switch (t.scalar_type()) {
-    case at::kBFloat16: return cpu::EpsType::kBFloat16;
-    case at::kHalf: return cpu::EpsType::kFloat16;
-    default: return cpu::EpsType::kFloat32;
-  }
-}
-
 void guided_step_cpu(at::Tensor& out, const at::Tensor& z, const at::Tensor& pred_cond, const at::Tensor& pred_uncond,
                      const at::Tensor& weights, const c10::optional<at::Tensor>& x_prev,
                      const c10::optional<at::Tensor>& nu, const c10::optional<at::Tensor>& noise,
@@ -45,30 +38,11 @@ void guided_step_cpu(at::Tensor& out, const at::Tensor& z, const at::Tensor& pre
                      c10::optional<double> clip) {
   check_guided_step_args(out, z, pred_cond, pred_uncond, weights, x_prev, nu, noise, coef, step, index_offset, clip);
   TORCH_CHECK_VALUE(z.device().is_cpu(), "cfgfast: the cpu kernel needs CPU tensors, got ", z.device());
-  // Logical C order everywhere: the noise index j does not depend on the memory format.
-  const at::Tensor zc = z.contiguous(), pc = pred_cond.contiguous(), pu = pred_uncond.contiguous(),
-                   wc = weights.contiguous();
-  at::Tensor nuc, nc;
-  if (nu.has_value()) nuc = nu->contiguous();
-  if (noise.has_value()) nc = noise->contiguous();
+  cpu::HeldInputs held;
+  const cpu::StepArgs args =
+      cpu::step_args(out, z, pred_cond, pred_uncond, weights, x_prev, nu, noise, coef, seed, step, index_offset, clip,
+                     held);
   const int64_t batch = z.size(0);
-  cpu::StepArgs args{};
-  args.out = out.data_ptr<float>();
-  args.z = zc.const_data_ptr<float>();
-  args.pred_cond = pc.const_data_ptr();
-  args.pred_uncond = pu.const_data_ptr();
-  args.eps_type = eps_type_of(pc);
-  args.weights = wc.const_data_ptr<float>();
-  args.weight_columns = wc.size(1);
-  args.x_prev = x_prev.has_value() ? x_prev->data_ptr<float>() : nullptr;
-  args.nu = nu.has_value() ? nuc.const_data_ptr() : nullptr;
-  args.noise = noise.has_value() ? nc.const_data_ptr<float>() : nullptr;
-  args.numel_per_sample = batch == 0 ? 0 : z.numel() / batch;
-  args.coef = step_coef_from(coef);
-  args.has_clip = clip.has_value();
-  args.clip = clip.has_value() ? static_cast<float>(*clip) : 0.0f;
-  args.key = noise_key(seed, step, /*stream=*/1);
-  args.index_offset = static_cast<uint64_t>(index_offset);
   mark_step_outputs_written(out, x_prev);
   for_each_block(batch, args.numel_per_sample,
                  [&](int64_t b, int64_t g0, int64_t g1) { cpu::step_groups(args, b, g0, g1); });
