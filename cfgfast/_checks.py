@@ -251,9 +251,11 @@ def _byte_range(t: torch.Tensor) -> tuple[int, int]:
 
 
 def disjoint(written: torch.Tensor, name: str, **others) -> None:
-    """A tensor the caller writes (`name`) shares no byte with any of the others (None: not given)."""
+    """A tensor the caller writes (`name`) lies within its storage and shares no byte with any of the others (None:
+    not given)."""
     if not _real(written):  # (addresses: real tensors only, not torch.compile's fake ones)
         return
+    _storage(written, name)
     lo, hi = _byte_range(written)
     for other, t in others.items():
         if t is not None and _real(t) and t.numel():

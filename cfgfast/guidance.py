@@ -17,7 +17,8 @@ So composed, each stage is a pass of its own over the whole batch, which a CPU r
 passes for APG with momentum, against the plain step's 4). The cpu backend runs rescale and APG instead as one op
 (cfgfast::per_sample_guided_step_, csrc/cpu/guidance_cpu.cpp) that takes each sample through every stage while its
 tensors are in cache: the same moments (the same bits), the same float64 arithmetic in the same order, the same fused
-step. Thresholding, CUDA and Triton tensors, and a step traced by torch.compile take the composition."""
+step. The other backends (cuda, triton, reference), thresholding, APG's momentum with 16-bit outputs, the
+device-table step (step_table) and a step traced by torch.compile take the composition."""
 
 from __future__ import annotations
 

@@ -216,6 +216,7 @@ inline void check_per_sample_guidance_args(const at::Tensor& out, const at::Tens
                     "cfgfast: running must be a contiguous float32 tensor of z's shape ", z.sizes(), " on ",
                     z.device(), ", with float32 pred_cond");
   check_writable(*running, "running");
+  check_storage(*running, "running");
   const auto r = byte_span(*running);
   for (const auto& [name, t] : {Arg{"out", &out}, Arg{"z", &z}, Arg{"pred_cond", &pred_cond},
                                 Arg{"pred_uncond", &pred_uncond}, Arg{"weights", &weights}, Arg{"x_prev", given(x_prev)},

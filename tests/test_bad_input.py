@@ -210,6 +210,8 @@ def test_direct_op_call_checks_its_arguments(mutate, exc, message):
          "with float32 pred_cond"),
         (lambda a: a.update(running=a["pred_uncond"]), ValueError, "running must not overlap pred_uncond"),
         (lambda a: a.update(running=a["x_prev"]), ValueError, "running must not overlap x_prev"),
+        (lambda a: a["running"].untyped_storage().resize_(16), ValueError,
+         "running needs 96 bytes of its storage, which holds 16"),
     ],
 )
 def test_direct_per_sample_op_call_checks_its_arguments(mutate, exc, message):
@@ -220,6 +222,18 @@ def test_direct_per_sample_op_call_checks_its_arguments(mutate, exc, message):
     mutate(args)
     with pytest.raises(exc, match=message):
         torch.ops.cfgfast.per_sample_guided_step_(*args.values())
+
+
+def test_a_momentum_buffer_beyond_its_storage_is_named():
+    """(its storage shrunk after the tensor was made: the running value's update would write past it)"""
+    z = torch.randn(3, 8)
+    row = cfgfast.step_table("ddim", cfgfast.default_lambdas(4, "ddim").tolist())[1]
+    for backend in BACKENDS:
+        buffer = torch.zeros_like(z)
+        buffer.untyped_storage().resize_(16)
+        with pytest.raises(ValueError, match="momentum_buffer needs 96 bytes of its storage, which holds 16"):
+            cfgfast.guided_step(z, z + 1, z, row, 2.0, guidance=cfgfast.APG(0.0, 1.0, -0.5), momentum_buffer=buffer,
+                                backend=backend)
 
 
 def test_out_must_not_partly_overlap_an_input():

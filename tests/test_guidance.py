@@ -220,10 +220,11 @@ PER_SAMPLE_CASES = [  # (sampler, prediction_type, guidance, rescale, clip)
 ]
 
 
-def per_sample_step(per_sample, sampler, prediction, guidance, rescale, clip, batch, dtype=torch.float32):
-    """One guided step of 3x64x64 samples (two chunks of the moments) on the cpu backend: (z', x~_prev, M)."""
+def per_sample_step(per_sample, sampler, prediction, guidance, rescale, clip, batch, dtype=torch.float32,
+                    shape=(3, 64, 64)):
+    """One guided step on the cpu backend (3x64x64 samples: two chunks of the moments): (z', x~_prev, M)."""
     g = torch.Generator().manual_seed(0)
-    z, o_c, o_u, start, prev, nu = (torch.randn(batch, 3, 64, 64, generator=g) for _ in range(6))
+    z, o_c, o_u, start, prev, nu = (torch.randn(batch, *shape, generator=g) for _ in range(6))
     o_c, o_u = o_c.to(dtype), (o_c + 0.3 * o_u).to(dtype)
     learned = sampler == "ddpm"
     table = cfgfast.step_table(sampler, cfgfast.default_lambdas(20, sampler).tolist(), prediction_type=prediction,
@@ -268,8 +269,35 @@ def test_per_sample_op_equals_the_composition(monkeypatch, dtype, sampler, predi
 
 
 @needs_cpu
+@pytest.mark.parametrize("shape", [(8193,), (3, 5, 7), (24577,)], ids=str)
+@pytest.mark.parametrize("guidance, rescale", [(APG(0.3, 5.0, -0.5), 0.6), ("cfg", 0.7)], ids=["apg", "rescale"])
+def test_per_sample_op_on_ragged_samples(monkeypatch, shape, guidance, rescale):
+    """Samples whose size is no multiple of 4 (the step's groups) or of 8192 (the moments' chunks): the last group
+    and the last chunk short, as the composition has them."""
+    calls = []
+    op = CpuBackend.per_sample_guided_step
+    monkeypatch.setattr(CpuBackend, "per_sample_guided_step", lambda self, *a: (calls.append(1), op(self, *a)))
+    for batch in (1, 3):
+        got = per_sample_step(True, "dpmpp_2m", "epsilon", guidance, rescale, None, batch, shape=shape)
+        expected = per_sample_step(False, "dpmpp_2m", "epsilon", guidance, rescale, None, batch, shape=shape)
+        for a, b in zip(got, expected):
+            if b is not None:
+                torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6 * float(b.abs().max()))
+    assert calls == [1, 1]
+
+
+@needs_cpu
+def test_apg_momentum_with_16_bit_outputs_takes_the_composition(monkeypatch):
+    """Its step reads o_c beside the float32 running value, one dtype: the composition widens o_c first."""
+    calls = []
+    monkeypatch.setattr(CpuBackend, "per_sample_guided_step", lambda self, *a: calls.append(1))
+    out, _, running = per_sample_step(True, "ddim", "epsilon", APG(0.3, 5.0, -0.5), 0.0, None, 2, torch.bfloat16)
+    assert calls == [] and torch.isfinite(out).all() and running.abs().max() > 0
+
+
+@needs_cpu
 def test_per_sample_op_gives_the_same_bits_for_any_thread_count():
-    """One task a sample where the batch has as many samples as threads or more, the stages batch-wide otherwise:
+    """One task a sample where the batch makes as many tasks as there are threads, the stages batch-wide otherwise:
     the same values."""
     threads = torch.get_num_threads()
     try:

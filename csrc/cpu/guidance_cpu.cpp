@@ -7,8 +7,8 @@
 // one sample (48 KiB a tensor at 3 x 64 x 64 float32) through all of it: the running value's update (the fused step's
 // own affine form, as guidance.py), the inputs' moments (cfgfast::sample_moments' chunks and additions: the same
 // bits), the weights (guidance.py's float64 arithmetic, in its order), and the fused step of kernel.cpp reading them.
-// Where the batch has fewer samples than threads, the same stages run batch-wide, each split over chunks of every
-// sample: the same values, in another order of tasks.
+// Where the batch makes fewer such tasks than there are threads, the same stages run batch-wide, each split over
+// chunks of every sample: the same values, in another order of tasks.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
@@ -26,9 +26,15 @@
 // (after the includes) the weights' arithmetic rounds each operation as guidance.py's numpy does, also where the
 // baseline target has fused multiply-adds (aarch64)
 #pragma GCC optimize("fp-contract=off")
+#if defined(__clang__)
+#pragma STDC FP_CONTRACT OFF
+#endif
 
 namespace cfgfast {
 namespace {
+
+// Below about this many elements a task costs a second thread more than it saves (as ops_cpu.cpp).
+constexpr int64_t kMinElementsPerThread = 65536;
 
 // numpy's maximum and minimum: a NaN x stays NaN
 inline double at_least(double x, double lo) { return x < lo ? lo : x; }
@@ -217,9 +223,11 @@ void per_sample_guided_step_cpu(at::Tensor& out, const at::Tensor& z, const at::
   if (momentum) mark_written(*running);
   if (batch == 0 || plan.n_per == 0) return;
   const int64_t groups = (plan.n_per + 3) / 4, moments = plan.moments();
-  if (batch >= at::get_num_threads()) {  // one task a sample, in cache from its first stage to its last
-    const int64_t grain = std::max<int64_t>(1, 65536 / plan.n_per);
-    at::parallel_for(0, batch, grain, [&](int64_t begin, int64_t end) {
+  // items a task, for items of `elements` elements
+  const auto grain = [](int64_t elements) { return std::max<int64_t>(1, kMinElementsPerThread / elements); };
+  if ((batch + grain(plan.n_per) - 1) / grain(plan.n_per) >= at::get_num_threads()) {
+    // one task a sample, in cache from its first stage to its last
+    at::parallel_for(0, batch, grain(plan.n_per), [&](int64_t begin, int64_t end) {
       std::vector<double> partials(static_cast<size_t>(plan.chunks * moments));
       for (int64_t b = begin; b < end; ++b) {
         for (int64_t c = 0; c < plan.chunks; ++c) plan.chunk(b, c, partials.data() + c * moments);
@@ -230,13 +238,14 @@ void per_sample_guided_step_cpu(at::Tensor& out, const at::Tensor& z, const at::
     return;
   }
   std::vector<double> partials(static_cast<size_t>(batch * plan.chunks * moments));
-  at::parallel_for(0, batch * plan.chunks, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, batch * plan.chunks, grain(std::min(plan.n_per, cpu::kMomentsChunk)),
+                   [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) plan.chunk(t / plan.chunks, t % plan.chunks, partials.data() + t * moments);
   });
   for (int64_t b = 0; b < batch; ++b) plan.weigh(b, partials.data() + b * plan.chunks * moments);
   const int64_t block = 2048;  // groups a task (ops_cpu.cpp's blocks)
   const int64_t blocks = (groups + block - 1) / block;
-  at::parallel_for(0, batch * blocks, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, batch * blocks, grain(std::min(plan.n_per, 4 * block)), [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const int64_t b = t / blocks, g0 = (t % blocks) * block;
       cpu::step_groups(plan.step, b, g0, std::min(g0 + block, groups));

@@ -24,6 +24,9 @@
 // (after the includes: it applies to the functions below, not to torch's headers) v_j and the products stay two
 // roundings each, as in moments_avx2.cpp, also where the baseline target has fused multiply-adds (aarch64)
 #pragma GCC optimize("fp-contract=off")
+#if defined(__clang__)
+#pragma STDC FP_CONTRACT OFF
+#endif
 
 namespace cfgfast {
 namespace cpu {
