@@ -6,9 +6,9 @@ each variant to the plain step is taken within the round.
 
 One "ddim" step (eta 0, the transition of a 50-step grid at its middle) of z [B, 3, 64, 64] float32, w = 3, through
 the step cfgfast.sample runs (cfgfast.guidance.Guide): plain; guidance_rescale 0.7; APG with norm threshold 5,
-without momentum and with momentum -0.5; on the cpu backend each method also composed from whole-batch passes
-(", passes": what the backends without the per-sample op run). Printed per variant: the median over rounds of the round's time (ms) and
-of its ratio to the round's plain step, and the smallest ratio.
+without momentum and with momentum -0.5; on the cpu backend each method also composed from whole-batch passes (the
+rows ending in "passes": what the backends without the per-sample op run). Printed per variant: the median over
+rounds of the round's time (ms) and of its ratio to the round's plain step, and the smallest ratio.
 """
 
 from __future__ import annotations

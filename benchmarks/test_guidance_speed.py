@@ -80,6 +80,7 @@ def _rows(scheduler, sampler: str):
 @pytest.mark.parametrize("size", [SMALL_SIZE])
 def test_guided_method_step(step_benchmark, step_inputs, size, method, backend):
     device = require_backend(backend)
+    label = guidance_label(backend, method)
     per_sample = not method.endswith(" passes")
     method = method.removesuffix(" passes")
     if not per_sample and not choose(backend, torch.device(device)).per_sample_guidance:
@@ -101,9 +102,7 @@ def test_guided_method_step(step_benchmark, step_inputs, size, method, backend):
                    True)
         return out
 
-    step_benchmark(step, device=device, size=size,
-                   label=guidance_label(backend, method if per_sample else f"{method} passes"),
-                   bytes_moved=step_bytes(x.z.shape))
+    step_benchmark(step, device=device, size=size, label=label, bytes_moved=step_bytes(x.z.shape))
 
 
 @pytest.mark.parametrize("device", DEVICES)

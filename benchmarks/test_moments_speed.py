@@ -3,11 +3,12 @@
     OMP_NUM_THREADS=1 pytest benchmarks/test_moments_speed.py --benchmark-only        # the timings, side by side
     CFGFAST_BENCH_QUICK=1 pytest benchmarks/test_moments_speed.py --benchmark-disable  # CI smoke run, one small size
 
-Variants at SMALL_SIZE (256x3x64x64): the moments as cfgfast.guidance takes them, the inputs' own (identity combos):
-guidance rescale's of o_c, o_u (float32 and bfloat16 predictions) and APG's of z, o_c, o_u; and the general form,
-4 inputs z, o_c, o_u and a momentum buffer into 2 vectors Delta and x~_c, on each fast backend; the torch
-reference of the rescale's moments; and the plain fused step (cfgfast.guided_step, "ddpm" row) on the same
-inputs. The summary prints each median: the moments / the step is the ratio to read. The GB/s column counts the bytes of the inputs read (the step's: z, o_c, o_u read and z' written).
+Variants at SMALL_SIZE (256x3x64x64): the moments as cfgfast.guidance takes them, the inputs' own (identity
+combos): guidance rescale's of o_c, o_u (float32 and bfloat16 predictions) and APG's of z, o_c, o_u; and the
+general form, 4 inputs z, o_c, o_u and a momentum buffer into 2 vectors Delta and x~_c, on each fast backend; the
+torch reference of the rescale's moments; and the plain fused step (cfgfast.guided_step, "ddpm" row) on the same
+inputs. The summary prints each median: the moments / the step is the ratio to read. The GB/s column counts the
+bytes of the inputs read (the step's: z, o_c, o_u read and z' written).
 """
 
 from __future__ import annotations

@@ -302,6 +302,7 @@ class Guide:
                              "the first guided step (momentum_buffer=)")
         self._work: dict[str, torch.Tensor] = {}
         self.per_sample = per_sample and not self.forms_x and (self.apg is not None or bool(rescale))
+        self._running = buffer if self.apg is not None and self.apg.momentum else None  # (what the op writes)
         self._guide = [rescale] if self.apg is None else \
             [rescale, self.apg.eta_parallel, self.apg.norm_threshold, self.apg.momentum]
 
@@ -422,10 +423,9 @@ class Guide:
         the per-sample op, rescale and APG run there (APG's momentum with 16-bit outputs excepted: its step reads
         o_c widened to float32 beside M)."""
         if guided and self.per_sample and stepper.per_sample_guidance and not torch.compiler.is_compiling() and \
-                (pred_cond.dtype == torch.float32 or not (self.apg and self.apg.momentum)):
-            running = self.buffer if self.apg is not None and self.apg.momentum else None
-            stepper.per_sample_guided_step(out, z, pred_cond, pred_uncond, weights, running, x_prev, nu, noise, row,
-                                           self._guide, seed, t, index_offset, self.clip)
+                (pred_cond.dtype == torch.float32 or self._running is None):
+            stepper.per_sample_guided_step(out, z, pred_cond, pred_uncond, weights, self._running, x_prev, nu, noise,
+                                           row, self._guide, seed, t, index_offset, self.clip)
             return
         pred_cond, pred_uncond, weights, clip = self.inputs(stepper, z, pred_cond, pred_uncond, weights, row[0],
                                                             row[1], guided)

@@ -210,6 +210,14 @@ def composed_everywhere(monkeypatch) -> None:
     monkeypatch.setattr(CpuBackend, "per_sample_guidance", False)
 
 
+def count_op_calls(monkeypatch) -> list:
+    """A list that gains an entry at each call of the cpu backend's per-sample op (which still runs)."""
+    calls = []
+    op = CpuBackend.per_sample_guided_step
+    monkeypatch.setattr(CpuBackend, "per_sample_guided_step", lambda self, *a: (calls.append(1), op(self, *a)))
+    return calls
+
+
 PER_SAMPLE_CASES = [  # (sampler, prediction_type, guidance, rescale, clip)
     ("ddim", "epsilon", "cfg", 0.7, None),
     ("ddim", "v_prediction", "cfgpp", 0.5, None),
@@ -255,9 +263,7 @@ def test_per_sample_op_equals_the_composition(monkeypatch, dtype, sampler, predi
     of whole-batch passes gives, which the other backends run and the float64 tests check: z', the multistep state
     and APG's running value, to float32 rounding, for every sampler, prediction type and method, 16-bit outputs,
     learned variance, clip, and a sample at w = 0 beside guided ones."""
-    calls = []
-    op = CpuBackend.per_sample_guided_step
-    monkeypatch.setattr(CpuBackend, "per_sample_guided_step", lambda self, *a: (calls.append(1), op(self, *a)))
+    calls = count_op_calls(monkeypatch)
     got = per_sample_step(True, sampler, prediction, guidance, rescale, clip, batch, dtype)
     assert calls == [1]
     expected = per_sample_step(False, sampler, prediction, guidance, rescale, clip, batch, dtype)
@@ -274,9 +280,7 @@ def test_per_sample_op_equals_the_composition(monkeypatch, dtype, sampler, predi
 def test_per_sample_op_on_ragged_samples(monkeypatch, shape, guidance, rescale):
     """Samples whose size is no multiple of 4 (the step's groups) or of 8192 (the moments' chunks): the last group
     and the last chunk short, as the composition has them."""
-    calls = []
-    op = CpuBackend.per_sample_guided_step
-    monkeypatch.setattr(CpuBackend, "per_sample_guided_step", lambda self, *a: (calls.append(1), op(self, *a)))
+    calls = count_op_calls(monkeypatch)
     for batch in (1, 3):
         got = per_sample_step(True, "dpmpp_2m", "epsilon", guidance, rescale, None, batch, shape=shape)
         expected = per_sample_step(False, "dpmpp_2m", "epsilon", guidance, rescale, None, batch, shape=shape)

@@ -164,10 +164,9 @@ void per_sample_guided_step_cpu(at::Tensor& out, const at::Tensor& z, const at::
                              index_offset, clip, held);
   const at::Tensor &zc = held.z, &pc = held.pred_cond, &pu = held.pred_uncond;
   const int64_t batch = z.size(0);
-  plan.method.phi = guide[0];
-  if (guide.size() == 4) plan.method = Method{guide[0], guide[1], guide[2], guide[3], true};
+  plan.method = guide.size() == 4 ? Method{guide[0], guide[1], guide[2], guide[3], true} : Method{guide[0]};
   const bool momentum = plan.method.beta != 0.0;
-  plan.n_per = batch == 0 ? 0 : z.numel() / batch;
+  plan.n_per = plan.step.numel_per_sample;
   plan.chunks = (plan.n_per + cpu::kMomentsChunk - 1) / cpu::kMomentsChunk;
   plan.pred_z = coef[0];
   plan.pred_g = coef[1];
