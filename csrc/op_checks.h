@@ -47,6 +47,11 @@ inline std::pair<uintptr_t, uintptr_t> byte_span(const at::Tensor& t) {
   return {first, first + static_cast<uintptr_t>(extent(t) * static_cast<int64_t>(t.element_size()))};
 }
 
+// Whether two byte spans share no byte.
+inline bool apart(std::pair<uintptr_t, uintptr_t> a, std::pair<uintptr_t, uintptr_t> b) {
+  return a.first >= b.second || b.first >= a.second;
+}
+
 // A view needing more bytes than its storage holds (a storage shrunk with resize_ after the view was made)
 // would be read or written out of bounds.
 inline void check_storage(const at::Tensor& t, const char* name) {
@@ -79,12 +84,11 @@ inline void check_step_memory(const at::Tensor& out, const c10::optional<at::Ten
     const auto b = byte_span(*t);
     const bool same = out.const_data_ptr() == t->const_data_ptr() && out.sizes() == t->sizes() &&
                       out.strides() == t->strides() && out.scalar_type() == t->scalar_type();
-    TORCH_CHECK_VALUE(same || !t->is_contiguous() || b.first >= o.second || o.first >= b.second,
-                      "cfgfast: out must not partly overlap ", name, " (it may be ", name,
-                      " itself, for an in-place step)");
+    TORCH_CHECK_VALUE(same || !t->is_contiguous() || apart(b, o), "cfgfast: out must not partly overlap ", name,
+                      " (it may be ", name, " itself, for an in-place step)");
     check_storage(*t, name);
-    TORCH_CHECK_VALUE(!x_prev.has_value() || b.first >= x.second || x.first >= b.second,
-                      "cfgfast: x_prev must not overlap ", name, " (it is written)");
+    TORCH_CHECK_VALUE(!x_prev.has_value() || apart(b, x), "cfgfast: x_prev must not overlap ", name,
+                      " (it is written)");
   }
 }
 
@@ -219,12 +223,10 @@ inline void check_per_sample_guidance_args(const at::Tensor& out, const at::Tens
   check_storage(*running, "running");
   const auto r = byte_span(*running);
   for (const auto& [name, t] : {Arg{"out", &out}, Arg{"z", &z}, Arg{"pred_cond", &pred_cond},
-                                Arg{"pred_uncond", &pred_uncond}, Arg{"weights", &weights}, Arg{"x_prev", given(x_prev)},
-                                Arg{"nu", given(nu)}, Arg{"noise", given(noise)}}) {
+                                Arg{"pred_uncond", &pred_uncond}, Arg{"weights", &weights},
+                                Arg{"x_prev", given(x_prev)}, Arg{"nu", given(nu)}, Arg{"noise", given(noise)}}) {
     if (t == nullptr) continue;
-    const auto b = byte_span(*t);
-    TORCH_CHECK_VALUE(b.first >= r.second || r.first >= b.second, "cfgfast: running must not overlap ", name,
-                      " (it is written)");
+    TORCH_CHECK_VALUE(apart(byte_span(*t), r), "cfgfast: running must not overlap ", name, " (it is written)");
   }
 }
 
